@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs, idempotently, what a fresh Debian 12 machine needs to build qemu-tls-migrate and run
+# its tests, demo and benchmarks: QEMU 7.2 (qemu-system-x86 with the matching qemu-utils), and
+# the small tools the tests use. Safe to run again: it does nothing when all is in place.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+# Packages besides QEMU: iproute2 for the two-host tests (network namespaces), libvirt-clients for
+# virt-pki-validate (the PKI checks are compared with it), gnutls-bin for gnutls-cli probes.
+EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin)
+
+have_qemu_72() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
+    qemu-system-x86_64 --version | head -n1 | grep -q 'version 7\.2' || return 1
+    qemu-img --version | head -n1 | grep -q 'version 7\.2' || return 1
+}
+
+have_extras() {
+    for p in "${EXTRA_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || return 1
+    done
+}
+
+if have_qemu_72 && have_extras; then
+    echo "setup: QEMU 7.2 and test tools already installed"
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+
+# Debian 12's qemu-system-x86 is 7.2; the image may carry a newer qemu-utils that conflicts with
+# it, so install both at the same 7.2 version, downgrading qemu-utils in the same call.
+version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    echo "setup: no qemu-system-x86 candidate in the apt sources; is this Debian 12?" >&2
+    exit 1
+fi
+case "$version" in
+    *7.2*) ;;
+    *) echo "setup: qemu-system-x86 candidate is $version, expected 7.2 (Debian 12)" >&2; exit 1 ;;
+esac
+
+$SUDO apt-get install -y -q --allow-downgrades --no-install-recommends \
+    "qemu-system-x86=$version" "qemu-utils=$version" \
+    "${EXTRA_PACKAGES[@]}"
+
+have_qemu_72 || { echo "setup: QEMU 7.2 still missing after install" >&2; exit 1; }
+echo "setup: installed QEMU $version"

@@ -1,0 +1,269 @@
+//! Migration commands and replies (QEMU 7.2).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{Empty, no_args_command};
+use crate::qmp::Command;
+
+/// A migration's status, as in `query-migrate` and the `MIGRATION` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    None,
+    Setup,
+    Cancelling,
+    Cancelled,
+    Active,
+    PostcopyActive,
+    PostcopyPaused,
+    PostcopyRecover,
+    Completed,
+    Failed,
+    Colo,
+    PreSwitchover,
+    Device,
+    WaitUnplug,
+    /// A status newer than QEMU 7.2.
+    #[serde(other)]
+    Unknown,
+}
+
+impl MigrationStatus {
+    /// A status the migration will not leave by itself.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+}
+
+no_args_command!(
+    /// Status and statistics of the current or last migration.
+    QueryMigrate,
+    "query-migrate",
+    MigrationInfo
+);
+no_args_command!(
+    /// Every migration capability and whether it is on.
+    QueryMigrateCapabilities,
+    "query-migrate-capabilities",
+    Vec<CapabilityState>
+);
+no_args_command!(
+    /// Every migration parameter, as a JSON object (kept raw so that saving and restoring
+    /// them never loses a member this tool does not model).
+    QueryMigrateParameters,
+    "query-migrate-parameters",
+    Map<String, Value>
+);
+no_args_command!(
+    /// Cancel the running outgoing migration.
+    MigrateCancel,
+    "migrate_cancel",
+    Empty
+);
+
+/// `query-migrate` reply. Every member is optional: which appear depends on the status.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    pub status: Option<MigrationStatus>,
+    pub ram: Option<RamStats>,
+    pub total_time: Option<u64>,
+    pub expected_downtime: Option<u64>,
+    pub downtime: Option<u64>,
+    pub setup_time: Option<u64>,
+    pub error_desc: Option<String>,
+}
+
+/// RAM counters of `query-migrate`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct RamStats {
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub duplicate: u64,
+    pub normal: u64,
+    pub normal_bytes: u64,
+    pub dirty_pages_rate: u64,
+    /// QEMU's rate over the last iteration, in megabits per second.
+    pub mbps: f64,
+    pub dirty_sync_count: u64,
+    pub pages_per_second: u64,
+    pub precopy_bytes: u64,
+    pub downtime_bytes: u64,
+    pub multifd_bytes: u64,
+}
+
+/// One capability and its state, in queries and in `migrate-set-capabilities`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CapabilityState {
+    /// Kept as a string: 7.2 reports capabilities (such as `compress`) that later QEMUs
+    /// removed, and later QEMUs report ones 7.2 lacks.
+    pub capability: String,
+    pub state: bool,
+}
+
+/// `migrate-set-capabilities`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateSetCapabilities {
+    pub capabilities: Vec<CapabilityState>,
+}
+
+impl Command for MigrateSetCapabilities {
+    const NAME: &'static str = "migrate-set-capabilities";
+    type Output = Empty;
+}
+
+/// `migrate-set-parameters`: only the members set are sent.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateSetParameters {
+    /// Id of a `tls-creds-x509` object; the empty string turns TLS off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The name the destination's certificate must carry; empty: the host part of the URI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
+    /// Id of an `authz-*` object the destination checks the source's certificate against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
+    /// Bytes per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    /// Milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_channels: Option<u8>,
+}
+
+impl MigrateSetParameters {
+    /// The parameters as they were in a `query-migrate-parameters` reply, limited to the ones
+    /// this type models: what to send to put them back.
+    pub fn restore_from(saved: &Map<String, Value>) -> MigrateSetParameters {
+        let s = |k: &str| saved.get(k).and_then(Value::as_str).map(str::to_string);
+        let n = |k: &str| saved.get(k).and_then(Value::as_u64);
+        MigrateSetParameters {
+            // 7.2 reports an unset tls-creds/tls-hostname as "", and omits tls-authz when unset.
+            tls_creds: Some(s("tls-creds").unwrap_or_default()),
+            tls_hostname: Some(s("tls-hostname").unwrap_or_default()),
+            tls_authz: Some(s("tls-authz").unwrap_or_default()),
+            max_bandwidth: n("max-bandwidth"),
+            downtime_limit: n("downtime-limit"),
+            multifd_channels: n("multifd-channels").and_then(|v| u8::try_from(v).ok()),
+        }
+    }
+}
+
+impl Command for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    type Output = Empty;
+}
+
+/// `migrate-incoming` on a destination started with `-incoming defer`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateIncoming {
+    pub uri: String,
+}
+
+impl Command for MigrateIncoming {
+    const NAME: &'static str = "migrate-incoming";
+    type Output = Empty;
+}
+
+/// `migrate` on the source.
+#[derive(Debug, Clone, Serialize)]
+pub struct Migrate {
+    pub uri: String,
+}
+
+impl Command for Migrate {
+    const NAME: &'static str = "migrate";
+    type Output = Empty;
+}
+
+/// `migrate-continue`: leave a paused state (`pre-switchover`) and go on.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateContinue {
+    pub state: MigrationStatus,
+}
+
+impl Command for MigrateContinue {
+    const NAME: &'static str = "migrate-continue";
+    type Output = Empty;
+}
+
+/// The `MIGRATION` event's data.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct MigrationEvent {
+    pub status: MigrationStatus,
+}
+
+/// The migration URI for a TCP (and TLS-over-TCP) stream. IPv6 literals are bracketed.
+pub fn tcp_uri(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("tcp:[{host}]:{port}")
+    } else {
+        format!("tcp:{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn qemu_7_2_capabilities_with_removed_names_decode() {
+        let v = json!([{"capability": "xbzrle", "state": false},
+                       {"capability": "compress", "state": false},
+                       {"capability": "events", "state": true}]);
+        let caps: Vec<CapabilityState> = serde_json::from_value(v).expect("decode");
+        assert_eq!(caps[1].capability, "compress");
+    }
+
+    #[test]
+    fn unknown_migration_status_decodes() {
+        let info: MigrationInfo =
+            serde_json::from_value(json!({"status": "something-new", "ram": {"transferred": 5, "new": 1}}))
+                .expect("decode");
+        assert_eq!(info.status, Some(MigrationStatus::Unknown));
+        assert_eq!(info.ram.map(|r| r.transferred), Some(5));
+    }
+
+    #[test]
+    fn set_parameters_sends_only_what_is_set() {
+        let p = MigrateSetParameters {
+            tls_creds: Some("qtm-1".into()),
+            max_bandwidth: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&p).expect("encode"),
+            json!({"tls-creds": "qtm-1", "max-bandwidth": 0})
+        );
+    }
+
+    #[test]
+    fn restore_puts_back_empty_tls_settings() {
+        let saved: Map<String, Value> = serde_json::from_value(json!({
+            "tls-creds": "", "tls-hostname": "", "max-bandwidth": 134217728,
+            "downtime-limit": 300, "multifd-channels": 2, "compress-level": 1}))
+        .expect("map");
+        let p = MigrateSetParameters::restore_from(&saved);
+        assert_eq!(p.tls_creds.as_deref(), Some(""));
+        assert_eq!(p.tls_authz.as_deref(), Some(""));
+        assert_eq!(p.max_bandwidth, Some(134217728));
+        assert_eq!(p.multifd_channels, Some(2));
+    }
+
+    #[test]
+    fn ipv6_uri_is_bracketed() {
+        assert_eq!(tcp_uri("::1", 49152), "tcp:[::1]:49152");
+        assert_eq!(tcp_uri("host-b", 49153), "tcp:host-b:49153");
+    }
+}

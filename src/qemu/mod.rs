@@ -1,0 +1,120 @@
+//! Typed QMP commands and replies, written against QEMU 7.2's schema.
+//!
+//! Replies are decoded tolerantly: unknown members are ignored, enums carry an `Unknown`
+//! variant, and members newer QEMUs added are optional. (The `qapi` crate's types are generated
+//! from QEMU 9.1 and fail on 7.2 replies, which is why these exist.) Arguments serialise to
+//! exactly what 7.2 accepts.
+//!
+//! The migration code builds every command through this module and never writes raw JSON.
+
+mod block;
+mod migrate;
+mod object;
+
+pub use block::*;
+pub use migrate::*;
+pub use object::*;
+
+use serde::{Deserialize, Serialize};
+
+use crate::qmp::Command;
+
+/// Declares a command with no arguments.
+macro_rules! no_args_command {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $out:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+        pub struct $ty;
+        impl $crate::qmp::Command for $ty {
+            const NAME: &'static str = $name;
+            type Output = $out;
+        }
+    };
+}
+pub(crate) use no_args_command;
+
+/// A `{}` reply, accepting anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Empty {}
+
+no_args_command!(
+    /// The VM's run state.
+    QueryStatus,
+    "query-status",
+    StatusInfo
+);
+no_args_command!(
+    /// Resume guest CPUs.
+    Cont,
+    "cont",
+    Empty
+);
+no_args_command!(
+    /// Pause guest CPUs.
+    Stop,
+    "stop",
+    Empty
+);
+no_args_command!(
+    /// Ask QEMU to exit.
+    Quit,
+    "quit",
+    Empty
+);
+no_args_command!(
+    /// Whether KVM is present and in use.
+    QueryKvm,
+    "query-kvm",
+    KvmInfo
+);
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusInfo {
+    pub running: bool,
+    /// QEMU's RunState (`running`, `paused`, `inmigrate`, `postmigrate`, `finish-migrate`, ...).
+    pub status: String,
+}
+
+impl StatusInfo {
+    /// Waiting for an incoming migration (`-incoming defer` or `-incoming URI`).
+    pub fn is_incoming(&self) -> bool {
+        self.status == "inmigrate"
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct KvmInfo {
+    pub enabled: bool,
+    pub present: bool,
+}
+
+/// `qom-list`: the children of a QOM path (the tool uses `/objects` to find what it added).
+#[derive(Debug, Clone, Serialize)]
+pub struct QomList {
+    pub path: String,
+}
+
+impl Command for QomList {
+    const NAME: &'static str = "qom-list";
+    type Output = Vec<QomProperty>;
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QomProperty {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// An HMP command through QMP (`human-monitor-command`), for the few things only HMP does,
+/// such as `qemu-io` in tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct HumanMonitorCommand {
+    #[serde(rename = "command-line")]
+    pub command_line: String,
+}
+
+impl Command for HumanMonitorCommand {
+    const NAME: &'static str = "human-monitor-command";
+    type Output = String;
+}
