@@ -1,0 +1,104 @@
+//! The `qemu-tls-migrate` command: parses the command line, sets up logging, runs one command
+//! and maps its outcome to the exit code. Everything else lives in the library.
+
+#![allow(clippy::print_stderr)]
+
+mod demo;
+mod host_cmd;
+mod migrate_cmd;
+mod outcome;
+mod output;
+mod pki_cmd;
+
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use outcome::Outcome;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qemu-tls-migrate",
+    version,
+    about = "Live-migrate QEMU VMs over QEMU-native TLS, driving QMP directly",
+    long_about = "Live-migrate QEMU/KVM virtual machines between hosts over QEMU-native TLS, \
+talking QMP to the source and destination QEMU processes (no libvirt tunnel).\n\n\
+Start with `qemu-tls-migrate demo` to see a whole TLS migration on this machine; use \
+`pki check` to see whether a host's certificates are usable, and `migrate` for real work.",
+    after_help = "Every command takes --json for machine-readable output (one JSON object on \
+stdout; progress, where there is any, as JSON lines on stderr).\n\
+Exit codes: 0 success, 1 failed, 2 bad command line, 3 refused before changing anything, \
+4 cancelled."
+)]
+struct Cli {
+    /// More log output on stderr (-v: info, -vv: debug, with QMP traffic).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors on stderr; no progress bar.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Migrate a running VM to a QEMU waiting with -incoming defer.
+    Migrate(Box<migrate_cmd::MigrateArgs>),
+    /// Show a complete TLS migration between two local VMs, with nothing to prepare.
+    Demo(Box<demo::DemoArgs>),
+    /// Check or create PKI directories (QEMU's tls-creds-x509 layout).
+    #[command(subcommand)]
+    Pki(pki_cmd::PkiCommand),
+    /// Secure this host (CloudStack layout, qemu.conf, libvirtd.conf, firewall) or report it.
+    #[command(subcommand)]
+    Host(host_cmd::HostCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match run(cli) {
+        Ok(outcome) => outcome.exit_code(),
+        Err(err) => {
+            let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            Outcome::Failed.exit_code()
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Migrate(args) => runtime()?.block_on(migrate_cmd::run(*args, quiet)),
+        Command::Demo(args) => runtime()?.block_on(demo::run(*args, quiet)),
+        Command::Pki(cmd) => pki_cmd::run(cmd),
+        Command::Host(cmd) => host_cmd::run(cmd),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Logs go to stderr: warnings by default, `-v` info, `-vv` debug; `RUST_LOG` overrides.
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("qemu_tls_migrate={level},{level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

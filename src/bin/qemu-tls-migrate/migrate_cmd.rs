@@ -1,0 +1,256 @@
+//! `qemu-tls-migrate migrate`: arguments, their validation into [`MigrationOptions`], and the
+//! run with progress and signal handling.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use qemu_tls_migrate::migration::{
+    self, Endpoint, FinalStatus, MigrationOptions, Report, TransportChoice, UNLIMITED_BANDWIDTH,
+};
+use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
+use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::Outcome;
+use crate::output::{ProgressOut, print_report};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TransportArg {
+    /// TLS when both PKI directories are usable, TCP when neither is, refuse a mixed pair.
+    Auto,
+    /// QEMU-native TLS; refuse if either side's PKI is unusable.
+    Tls,
+    /// Plain TCP, unencrypted.
+    Tcp,
+}
+
+/// Options shared by every command that runs a migration (`migrate`, `demo`).
+#[derive(Debug, Clone, Args)]
+pub struct TuningArgs {
+    /// tls: native TLS; tcp: plain; auto: TLS between two secured hosts, TCP between two
+    /// unsecured ones (with a warning), refusal for a mixed pair.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportArg,
+    /// Bandwidth cap in bytes per second, with an optional K/M/G suffix (powers of 1024), or
+    /// "unlimited". QEMU 7.2's own default would be 128M.
+    #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
+    pub max_bandwidth: u64,
+    /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
+    /// 300).
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+    /// Send RAM over N parallel connections (multifd), each with its own TLS session.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub multifd: Option<u8>,
+    /// GnuTLS priority string for both ends, to choose ciphers (e.g.
+    /// "NORMAL:-CIPHER-ALL:+AES-128-GCM").
+    #[arg(long, value_name = "PRIORITY")]
+    pub tls_priority: Option<String>,
+    /// Ports for the migration stream are taken from this range (FIRST-LAST).
+    #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
+    pub port_range: PortRange,
+    /// Give up when the migration has not completed after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Give up when no byte has moved for this many seconds (a destination that stopped
+    /// answering).
+    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs())]
+    pub stall_timeout: u64,
+    /// Timeout for each QMP command, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
+    pub qmp_timeout: u64,
+    /// Print progress as JSON lines on stderr and exactly one JSON object on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Live-migrate a running QEMU VM to a QEMU started with `-incoming defer`, over \
+QEMU-native TLS, by talking QMP to both.\n\n\
+Per migration the tool creates tls-creds-x509 objects from each side's PKI directory (client on \
+the source, server on the destination, peer verification on), sets tls-creds and tls-hostname, \
+picks a port from 49152-49215, migrates, resumes the destination, and then removes every object \
+it created and puts the migration capabilities and parameters back as they were. On any failure \
+(bad certificates, dead destination, timeout, Ctrl-C) the source keeps running and the \
+destination is shut down.\n\n\
+A side is *secured* when its PKI directory holds a usable ca-cert.pem and, for the source, \
+client-cert.pem/client-key.pem, for the destination, server-cert.pem/server-key.pem \
+(see `qemu-tls-migrate pki check`).",
+    after_help = "Example (two QEMUs on this host, modelling two hosts):\n  \
+qemu-tls-migrate migrate --source-qmp /run/vm1/qmp.sock --dest-qmp /run/vm1-in/qmp.sock \\\n    \
+--dest-host host-b --dest-address 127.0.0.1 --source-pki-dir /etc/pki/host-a \\\n    \
+--dest-pki-dir /etc/pki/host-b --json\n\n\
+Exit codes: 0 completed, 1 migration failed (rolled back), 2 bad command line, 3 refused before \
+anything was changed, 4 cancelled by SIGINT/SIGTERM (rolled back).\n\
+With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
+\"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \
+\"throughput_mbps\", ...}, \"error\": {\"kind\", \"message\"} (on failure)}."
+)]
+pub struct MigrateArgs {
+    /// QMP socket of the running source QEMU.
+    #[arg(long, value_name = "PATH")]
+    pub source_qmp: PathBuf,
+    /// QMP socket of the destination QEMU (started with -incoming defer).
+    #[arg(long, value_name = "PATH")]
+    pub dest_qmp: PathBuf,
+    /// The destination host's name: its certificate must carry it (see --tls-hostname), and
+    /// the destination listens on it unless --dest-address is given.
+    #[arg(long, value_name = "NAME")]
+    pub dest_host: String,
+    /// Address the destination listens on and the source connects to (default: --dest-host).
+    #[arg(long, value_name = "ADDR")]
+    pub dest_address: Option<String>,
+    /// The name checked against the destination's certificate (default: --dest-host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_hostname: Option<String>,
+    /// PKI directory for both sides (QEMU's layout: ca-cert.pem, server-*.pem, client-*.pem).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PKI_DIR)]
+    pub pki_dir: PathBuf,
+    /// PKI directory of the source only (overrides --pki-dir).
+    #[arg(long, value_name = "DIR")]
+    pub source_pki_dir: Option<PathBuf>,
+    /// PKI directory of the destination only (overrides --pki-dir).
+    #[arg(long, value_name = "DIR")]
+    pub dest_pki_dir: Option<PathBuf>,
+    /// HOST:PORT the source connects to when it differs from where the destination listens
+    /// (NAT, port forwarding, a proxy).
+    #[arg(long, value_name = "HOST:PORT", hide = true)]
+    pub source_connect: Option<String>,
+    /// Leave the destination paused after the migration (like virsh migrate --suspend).
+    #[arg(long)]
+    pub dest_paused: bool,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+impl MigrateArgs {
+    pub fn options(&self) -> MigrationOptions {
+        let source = Endpoint {
+            qmp: self.source_qmp.clone(),
+            pki_dir: self.source_pki_dir.clone().unwrap_or_else(|| self.pki_dir.clone()),
+        };
+        let dest = Endpoint {
+            qmp: self.dest_qmp.clone(),
+            pki_dir: self.dest_pki_dir.clone().unwrap_or_else(|| self.pki_dir.clone()),
+        };
+        let mut o = MigrationOptions::new(source, dest, &self.dest_host);
+        o.dest_address = self.dest_address.clone();
+        o.tls_hostname = self.tls_hostname.clone();
+        o.source_connect = self.source_connect.clone();
+        o.dest_paused = self.dest_paused;
+        self.tuning.apply(&mut o);
+        o
+    }
+}
+
+impl TuningArgs {
+    pub fn apply(&self, o: &mut MigrationOptions) {
+        o.transport = match self.transport {
+            TransportArg::Auto => TransportChoice::Auto,
+            TransportArg::Tls => TransportChoice::Tls,
+            TransportArg::Tcp => TransportChoice::Tcp,
+        };
+        o.max_bandwidth = self.max_bandwidth;
+        o.downtime_limit = self.downtime_limit.map(Duration::from_millis);
+        o.multifd = self.multifd;
+        o.tls_priority = self.tls_priority.clone();
+        o.port_range = self.port_range;
+        o.timeout = self.timeout.map(Duration::from_secs);
+        o.stall_timeout = Duration::from_secs(self.stall_timeout.max(1));
+        o.qmp_timeout = Duration::from_secs(self.qmp_timeout.max(1));
+    }
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(UNLIMITED_BANDWIDTH);
+    }
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown suffix {c:?} in {s:?}: use K, M or G")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte rate like 500M, 1G or unlimited"))?;
+    if n == 0 {
+        return Err("a bandwidth of 0 would stop the migration; use \"unlimited\"".into());
+    }
+    n.checked_mul(mult)
+        .filter(|v| *v <= UNLIMITED_BANDWIDTH)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_range(s: &str) -> Result<PortRange, String> {
+    s.parse().map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
+}
+
+/// Runs a migration with progress output and SIGINT/SIGTERM cancelling it; prints the report.
+pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
+    let out = ProgressOut::new(json, quiet);
+    let cancel = CancellationToken::new();
+    let watcher = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let mut on_progress = |p: &migration::Progress| out.update(p);
+    let report = migration::migrate(options, &mut on_progress, &cancel).await;
+    watcher.abort();
+    out.finish();
+    report
+}
+
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("signal received: cancelling the migration and rolling back");
+    cancel.cancel();
+}
+
+/// The exit outcome for a report.
+pub fn outcome_of(report: &Report) -> Outcome {
+    match (&report.status, &report.error) {
+        (FinalStatus::Completed, _) => Outcome::Success,
+        (FinalStatus::Cancelled, _) => Outcome::Cancelled,
+        (_, Some(e)) if e.is_refusal() => Outcome::Refused,
+        _ => Outcome::Failed,
+    }
+}
+
+pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
+    let options = args.options();
+    let report = run_migration(&options, args.tuning.json, quiet).await;
+    print_report(&report, args.tuning.json);
+    Ok(outcome_of(&report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_accepts_suffixes_and_unlimited() {
+        assert_eq!(parse_bandwidth("500M"), Ok(500 << 20));
+        assert_eq!(parse_bandwidth("1g"), Ok(1 << 30));
+        assert_eq!(parse_bandwidth("4096"), Ok(4096));
+        assert_eq!(parse_bandwidth("unlimited"), Ok(UNLIMITED_BANDWIDTH));
+        assert!(parse_bandwidth("0").is_err());
+        assert!(parse_bandwidth("12X").is_err());
+        assert!(parse_bandwidth("fast").is_err());
+    }
+}

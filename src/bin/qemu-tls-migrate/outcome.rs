@@ -1,0 +1,28 @@
+//! How a command ended, and the process exit code for it: the one place exit codes are mapped.
+
+use std::process::ExitCode;
+
+/// The end of a command, mapped to a stable exit code (documented in `--help` and README.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0: the command did what it was asked (migration completed, PKI usable, ...).
+    Success,
+    /// Exit 1: the command ran and failed (migration failed, PKI check found errors).
+    Failed,
+    /// Exit 3: refused before anything was changed (mixed secured/unsecured pair, unusable PKI,
+    /// bad destination). Exit 2 is clap's, for command-line usage errors.
+    Refused,
+    /// Exit 4: cancelled by SIGINT/SIGTERM, with everything rolled back.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> ExitCode {
+        ExitCode::from(match self {
+            Outcome::Success => 0,
+            Outcome::Failed => 1,
+            Outcome::Refused => 3,
+            Outcome::Cancelled => 4,
+        })
+    }
+}

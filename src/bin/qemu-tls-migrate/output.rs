@@ -1,0 +1,157 @@
+//! What the migration commands print: a progress bar on a terminal, JSON lines on stderr with
+//! `--json`, and the final report (human text, or exactly one JSON object on stdout).
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use qemu_tls_migrate::migration::{Progress, Report};
+use serde_json::{Value, json};
+
+/// Where progress goes.
+pub enum ProgressOut {
+    /// A live bar on stderr (a terminal, no `--json`).
+    Bar(ProgressBar),
+    /// One JSON object per line on stderr.
+    JsonLines,
+    /// Nothing (not a terminal, no `--json`, or `-q`).
+    Silent,
+}
+
+impl ProgressOut {
+    pub fn new(json: bool, quiet: bool) -> ProgressOut {
+        if json {
+            ProgressOut::JsonLines
+        } else if quiet || !std::io::stderr().is_terminal() {
+            ProgressOut::Silent
+        } else {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            ProgressOut::Bar(bar)
+        }
+    }
+
+    pub fn update(&self, p: &Progress) {
+        match self {
+            ProgressOut::Silent => {}
+            ProgressOut::JsonLines => {
+                let line = json!({"progress": p});
+                eprintln!("{line}");
+            }
+            ProgressOut::Bar(bar) => {
+                bar.set_prefix(format!("{:?}", p.phase).to_lowercase());
+                if let Some(ram) = &p.ram {
+                    bar.set_length(ram.total);
+                    bar.set_position(ram.total.saturating_sub(ram.remaining));
+                    let remaining_s = if ram.mbps > 0.0 {
+                        ram.remaining as f64 * 8.0 / (ram.mbps * 1e6)
+                    } else {
+                        0.0
+                    };
+                    bar.set_message(format!(
+                        "{:.0} Mbit/s, ~{remaining_s:.1} s left, dirty {} pages/s, sent {}",
+                        ram.mbps,
+                        ram.dirty_pages_rate,
+                        indicatif::HumanBytes(ram.transferred),
+                    ));
+                } else if let Some(status) = p.status {
+                    bar.set_message(format!("{status:?}").to_lowercase());
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let ProgressOut::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The stable JSON form of a report (documented in README.md).
+pub fn report_json(report: &Report) -> Value {
+    let mut v = json!({
+        "status": report.status,
+        "transport": report.transport,
+        "ram": {
+            "bytes": report.ram.bytes,
+            "total_ms": report.ram.total_ms,
+            "downtime_ms": report.ram.downtime_ms,
+            "throughput_mbps": report.ram.throughput_mbps,
+            "guest_ram_bytes": report.ram.total,
+            "dirty_sync_count": report.ram.dirty_sync_count,
+        },
+        "wall_ms": report.wall.as_millis() as u64,
+        "warnings": report.warnings,
+    });
+    if let Some(err) = &report.error {
+        let chain = error_chain(err);
+        v["error"] = json!({
+            "kind": err.kind(),
+            "message": chain.join(": "),
+            "chain": chain,
+        });
+    }
+    if !report.cleanup_errors.is_empty() {
+        v["cleanup_errors"] = json!(report.cleanup_errors);
+    }
+    v
+}
+
+/// The messages of an error and its sources, outermost first.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push(s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Prints the final report: one JSON object on stdout, or a human summary.
+pub fn print_report(report: &Report, json: bool) {
+    if json {
+        println!("{}", report_json(report));
+        return;
+    }
+    let transport = report
+        .transport
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "migration {:?} over {transport}",
+        report.status
+    );
+    if report.ram.total_ms > 0 {
+        println!(
+            "  RAM: {} sent ({} guest RAM) in {} ms, downtime {} ms, {:.1} Mbit/s, {} dirty syncs",
+            indicatif::HumanBytes(report.ram.bytes),
+            indicatif::HumanBytes(report.ram.total),
+            report.ram.total_ms,
+            report.ram.downtime_ms,
+            report.ram.throughput_mbps,
+            report.ram.dirty_sync_count,
+        );
+    }
+    println!("  wall time: {} ms", report.wall.as_millis());
+    for w in &report.warnings {
+        println!("  warning: {w}");
+    }
+    if let Some(err) = &report.error {
+        let chain = error_chain(err);
+        println!("  error [{}]: {}", err.kind(), chain.join(": "));
+    }
+    for c in &report.cleanup_errors {
+        println!("  clean-up problem: {c}");
+    }
+}

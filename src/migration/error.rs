@@ -1,0 +1,134 @@
+//! Errors of a migration, each naming the side, file, socket or QEMU message that explains it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Side;
+use crate::ports::PortError;
+use crate::qmp::QmpError;
+
+/// Why a migration did not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    #[error(
+        "refusing a mixed pair: the {side} is not secured for TLS ({reason}) while the other side \
+         is; secure it (qemu-tls-migrate pki check --dir {dir}) or migrate between two secured \
+         hosts"
+    )]
+    MixedSecurity {
+        side: Side,
+        dir: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "TLS was asked for but the {side} is not secured ({reason}); fix the PKI directory {dir} \
+         (qemu-tls-migrate pki check --dir {dir})"
+    )]
+    Unsecured {
+        side: Side,
+        dir: PathBuf,
+        reason: String,
+    },
+    #[error("cannot reach the {side} QEMU's QMP socket {socket}")]
+    Connect {
+        side: Side,
+        socket: PathBuf,
+        #[source]
+        source: QmpError,
+    },
+    #[error(
+        "the destination QEMU ({socket}) is not waiting for a migration (its state is {status}): \
+         start it with -incoming defer"
+    )]
+    DestinationNotIncoming { socket: PathBuf, status: String },
+    #[error("the source VM ({socket}) cannot be migrated in state {status}")]
+    SourceNotReady { socket: PathBuf, status: String },
+    #[error(
+        "the {side} QEMU ({socket}) cannot load the TLS credentials in {dir}: {desc}; the QEMU \
+         process (not only root) must be able to read them: check owner, group and mode, e.g. \
+         0640 root:qemu for keys"
+    )]
+    CredentialsUnusable {
+        side: Side,
+        socket: PathBuf,
+        dir: PathBuf,
+        desc: String,
+    },
+    #[error("{step} on the {side} failed")]
+    Qmp {
+        side: Side,
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("no port for the migration stream")]
+    Ports(#[from] PortError),
+    #[error("TLS handshake failed: {desc}; check that both hosts' certificates come from the same CA and that the destination's certificate names {hostname}")]
+    TlsHandshake { desc: String, hostname: String },
+    #[error("migration failed: {desc}")]
+    Failed { desc: String },
+    #[error("the destination QEMU went away during the migration{}", .desc.as_ref().map(|d| format!(" (source reports: {d})")).unwrap_or_default())]
+    DestinationDied { desc: Option<String> },
+    #[error("the destination did not finish loading the migration within {after:?}")]
+    DestinationNotFinished { after: Duration },
+    #[error("no progress for {after:?} (migration state {status}): the destination does not answer; cancelled")]
+    Stalled { after: Duration, status: String },
+    #[error("the migration did not complete within {after:?}; cancelled")]
+    Timeout { after: Duration },
+    #[error("cancelled by signal; everything was rolled back")]
+    Cancelled,
+}
+
+impl MigrationError {
+    /// A stable, machine-readable name for the JSON report (`error.kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MigrationError::MixedSecurity { .. } => "mixed-security",
+            MigrationError::Unsecured { .. } => "unsecured",
+            MigrationError::Connect { source, .. } if source.is_timeout() => "timeout",
+            MigrationError::Connect { .. } => "connect",
+            MigrationError::DestinationNotIncoming { .. } => "destination-not-incoming",
+            MigrationError::SourceNotReady { .. } => "source-not-ready",
+            MigrationError::CredentialsUnusable { .. } => "credentials-unusable",
+            MigrationError::Qmp { source, .. } if source.is_timeout() => "timeout",
+            MigrationError::Qmp { source, .. } if source.is_closed() => "qemu-gone",
+            MigrationError::Qmp { .. } => "qmp",
+            MigrationError::Ports(_) => "ports",
+            MigrationError::TlsHandshake { .. } => "tls-handshake",
+            MigrationError::Failed { .. } => "migration-failed",
+            MigrationError::DestinationDied { .. } => "destination-died",
+            MigrationError::DestinationNotFinished { .. } => "timeout",
+            MigrationError::Stalled { .. } => "stalled",
+            MigrationError::Timeout { .. } => "timeout",
+            MigrationError::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for errors raised before either VM was changed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::MixedSecurity { .. }
+                | MigrationError::Unsecured { .. }
+                | MigrationError::Connect { .. }
+                | MigrationError::DestinationNotIncoming { .. }
+                | MigrationError::SourceNotReady { .. }
+                | MigrationError::CredentialsUnusable { .. }
+        )
+    }
+
+    /// Builds the error for a migration QEMU reported as failed, telling TLS problems apart.
+    pub(crate) fn from_qemu_failure(desc: String, hostname: &str) -> MigrationError {
+        let lower = desc.to_ascii_lowercase();
+        let tls = ["tls", "certificate", "handshake", "x509", "gnutls"];
+        if tls.iter().any(|w| lower.contains(w)) {
+            MigrationError::TlsHandshake {
+                desc,
+                hostname: hostname.to_string(),
+            }
+        } else {
+            MigrationError::Failed { desc }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The migration plan: everything between "two QMP sockets and a PKI" and "the VM runs on the
+//! destination", with an undo stack that rolls back whatever was done when anything fails.
+//!
+//! One migration, step by step (see `driver.rs`):
+//! 1. **Transport.** Decide TLS or TCP from the two PKI directories ([`decide_transport`]);
+//!    a mixed secured/unsecured pair is refused here, before QMP is even connected.
+//! 2. **Look, don't touch.** Connect both QMP sockets; the source must be running or paused and
+//!    not migrating, the destination waiting with `-incoming defer`. Save both sides' migration
+//!    capabilities and parameters.
+//! 3. **Credentials preflight (TLS).** A throwaway `object-add`/`object-del` of the credentials
+//!    on each QEMU proves QEMU itself can read the files.
+//! 4. **Prepare.** `tls-creds-x509` objects (server on the destination, client on the source),
+//!    capabilities (`events`, `multifd`) and parameters (`tls-creds`, `tls-hostname`,
+//!    bandwidth, downtime) on both sides; a port from the range; `migrate-incoming`.
+//! 5. **Migrate.** `migrate` on the source; follow `MIGRATION` events and `query-migrate`,
+//!    reporting progress; watch for a dead destination, a stall, the deadline, cancellation.
+//! 6. **Finish.** Wait for the destination to complete, resume it (unless asked not to).
+//! 7. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
+//!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
+
+mod driver;
+mod error;
+mod report;
+mod undo;
+
+pub use driver::migrate;
+pub use error::MigrationError;
+pub use report::{FinalStatus, Phase, Progress, RamReport, Report};
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::pki::{self, Role, Security};
+use crate::ports::PortRange;
+
+/// `max-bandwidth` meaning "no limit": the largest value QEMU accepts (libvirt uses the same).
+/// QEMU 7.2's own default is 128 MiB/s, which would throttle a loopback or 10G link.
+pub const UNLIMITED_BANDWIDTH: u64 = i64::MAX as u64;
+/// Per-command QMP timeout unless told otherwise.
+pub const DEFAULT_QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A migration whose transferred byte count has not moved for this long is abandoned.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often `query-migrate` is polled for progress while events drive the state machine.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Prefix of every QOM object id this tool creates, so leftovers are easy to find.
+pub const OBJECT_PREFIX: &str = "qtm-";
+
+/// One side of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl Side {
+    /// The TLS role this side plays.
+    pub fn role(self) -> Role {
+        match self {
+            Side::Source => Role::Client,
+            Side::Destination => Role::Server,
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        })
+    }
+}
+
+/// The wire transport actually used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QEMU-native TLS over TCP.
+    Tls,
+    /// Plain TCP, unencrypted.
+    Tcp,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tls => "tls",
+            Transport::Tcp => "tcp",
+        })
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// TLS when both sides are secured, TCP when neither is, refuse a mixed pair.
+    #[default]
+    Auto,
+    Tls,
+    Tcp,
+}
+
+/// One side's QMP socket and PKI directory.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub qmp: PathBuf,
+    pub pki_dir: PathBuf,
+}
+
+/// A checked description of one migration.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    pub source: Endpoint,
+    pub dest: Endpoint,
+    /// The destination host's name: what its certificate must carry (unless `tls_hostname`
+    /// says otherwise) and, unless `dest_address` is set, where it listens.
+    pub dest_host: String,
+    /// The address the destination listens on and the source connects to.
+    pub dest_address: Option<String>,
+    /// `HOST:PORT` the source connects to when it differs from where the destination listens
+    /// (NAT, port forwarding, a proxy).
+    pub source_connect: Option<String>,
+    pub transport: TransportChoice,
+    pub tls_hostname: Option<String>,
+    /// GnuTLS priority string for both credentials objects (cipher choice).
+    pub tls_priority: Option<String>,
+    /// Bytes per second; [`UNLIMITED_BANDWIDTH`] for no limit.
+    pub max_bandwidth: u64,
+    pub downtime_limit: Option<Duration>,
+    /// Number of multifd channels; `None` leaves multifd off.
+    pub multifd: Option<u8>,
+    pub port_range: PortRange,
+    pub qmp_timeout: Duration,
+    pub stall_timeout: Duration,
+    /// Whole-migration deadline.
+    pub timeout: Option<Duration>,
+    /// Leave the destination paused after completion (like `virsh migrate --suspend`).
+    pub dest_paused: bool,
+}
+
+impl MigrationOptions {
+    /// Options with this tool's defaults for everything but the two sides and the host name.
+    pub fn new(source: Endpoint, dest: Endpoint, dest_host: &str) -> MigrationOptions {
+        MigrationOptions {
+            source,
+            dest,
+            dest_host: dest_host.to_string(),
+            dest_address: None,
+            source_connect: None,
+            transport: TransportChoice::Auto,
+            tls_hostname: None,
+            tls_priority: None,
+            max_bandwidth: UNLIMITED_BANDWIDTH,
+            downtime_limit: None,
+            multifd: None,
+            port_range: crate::ports::DEFAULT_RANGE,
+            qmp_timeout: DEFAULT_QMP_TIMEOUT,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            timeout: None,
+            dest_paused: false,
+        }
+    }
+
+    /// The name the destination's certificate is checked against.
+    pub fn effective_tls_hostname(&self) -> &str {
+        self.tls_hostname.as_deref().unwrap_or(&self.dest_host)
+    }
+
+    /// Where the destination listens.
+    pub fn listen_address(&self) -> &str {
+        self.dest_address.as_deref().unwrap_or(&self.dest_host)
+    }
+}
+
+/// The transport decision and any warning that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportDecision {
+    pub transport: Transport,
+    pub warning: Option<String>,
+}
+
+/// Applies the secured/unsecured rule to the two PKI directories:
+/// - `auto`: TLS when both are secured, TCP (with a warning) when neither is, an error naming
+///   the unsecured side for a mixed pair;
+/// - `tls`: both must be secured;
+/// - `tcp`: always TCP.
+pub fn decide_transport(
+    choice: TransportChoice,
+    source_pki: &Path,
+    dest_pki: &Path,
+) -> Result<TransportDecision, MigrationError> {
+    if choice == TransportChoice::Tcp {
+        return Ok(TransportDecision {
+            transport: Transport::Tcp,
+            warning: Some("plain TCP was asked for: RAM and device state cross the network unencrypted".into()),
+        });
+    }
+    let src = pki::assess(source_pki, Side::Source.role());
+    let dst = pki::assess(dest_pki, Side::Destination.role());
+    let unsecured = |side: Side, dir: &Path, s: &Security| match s {
+        Security::Secured => None,
+        Security::Unsecured { reason } => Some((side, dir.to_path_buf(), reason.clone())),
+    };
+    let problems: Vec<(Side, PathBuf, String)> = [
+        unsecured(Side::Source, source_pki, &src),
+        unsecured(Side::Destination, dest_pki, &dst),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match (choice, problems.as_slice()) {
+        (_, []) => Ok(TransportDecision {
+            transport: Transport::Tls,
+            warning: None,
+        }),
+        (TransportChoice::Auto, [_, _]) => Ok(TransportDecision {
+            transport: Transport::Tcp,
+            warning: Some(format!(
+                "neither host is secured for TLS (source: {}; destination: {}): migrating over \
+                 plain TCP, unencrypted",
+                problems[0].2, problems[1].2
+            )),
+        }),
+        (TransportChoice::Auto, [(side, dir, reason)]) => Err(MigrationError::MixedSecurity {
+            side: *side,
+            dir: dir.clone(),
+            reason: reason.clone(),
+        }),
+        (_, [(side, dir, reason), ..]) => Err(MigrationError::Unsecured {
+            side: *side,
+            dir: dir.clone(),
+            reason: reason.clone(),
+        }),
+    }
+}

@@ -1,0 +1,149 @@
+//! The undo stack: every change the migration makes to a VM pushes the action that reverts it.
+//!
+//! After a migration the stack is unwound in reverse order. Actions that only make sense after a
+//! failure (cancel the outgoing migration, resume the source, tear down the destination) are
+//! skipped after a success; the rest (parameters and capabilities put back, objects deleted) run
+//! either way.
+
+use std::time::Duration;
+
+use super::Side;
+use crate::qemu::{
+    CapabilityState, Cont, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters,
+    MigrationStatus, ObjectDel, QueryMigrate, QueryStatus, Quit,
+};
+use crate::qmp::{Qmp, QmpError};
+
+#[derive(Debug, Clone)]
+pub(crate) enum Undo {
+    DeleteObject { side: Side, id: String },
+    RestoreCapabilities { side: Side, caps: Vec<CapabilityState> },
+    RestoreParameters { side: Side, params: MigrateSetParameters },
+    /// `migrate_cancel` on the source and wait until QEMU has stopped the migration.
+    CancelMigration,
+    /// Resume the source if the migration left it paused (it was running before).
+    ResumeSource,
+    /// `quit` the destination QEMU: after `migrate-incoming` it cannot take another migration.
+    TearDownDestination,
+}
+
+impl Undo {
+    fn needed_after_success(&self) -> bool {
+        !matches!(
+            self,
+            Undo::CancelMigration | Undo::ResumeSource | Undo::TearDownDestination
+        )
+    }
+
+    fn side(&self) -> Side {
+        match self {
+            Undo::DeleteObject { side, .. }
+            | Undo::RestoreCapabilities { side, .. }
+            | Undo::RestoreParameters { side, .. } => *side,
+            Undo::CancelMigration | Undo::ResumeSource => Side::Source,
+            Undo::TearDownDestination => Side::Destination,
+        }
+    }
+}
+
+/// Unwinds `stack`, returning a description of every action that failed. Actions on a side
+/// whose QMP connection is gone are skipped: that QEMU has exited and took its state with it.
+pub(crate) async fn unwind(
+    stack: Vec<Undo>,
+    succeeded: bool,
+    src: &Qmp,
+    dst: &Qmp,
+    timeout: Duration,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut dest_torn_down = false;
+    for action in stack.into_iter().rev() {
+        if succeeded && !action.needed_after_success() {
+            continue;
+        }
+        let side = action.side();
+        let qmp = match side {
+            Side::Source => src,
+            Side::Destination => dst,
+        };
+        if !qmp.is_open() || (side == Side::Destination && dest_torn_down) {
+            continue;
+        }
+        tracing::debug!(?action, "undo");
+        let result = run(&action, qmp, timeout).await;
+        if matches!(action, Undo::TearDownDestination) {
+            dest_torn_down = true;
+        }
+        if let Err(e) = result {
+            // A QEMU that exits while we talk to it has nothing left to undo.
+            if !e.is_closed() {
+                tracing::warn!(%side, "clean-up step failed: {e}");
+                errors.push(format!("{side}: {e}"));
+            }
+        }
+    }
+    errors
+}
+
+async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> {
+    match action {
+        Undo::DeleteObject { id, .. } => {
+            qmp.call_timeout(&ObjectDel { id: id.clone() }, timeout)
+                .await?;
+        }
+        Undo::RestoreCapabilities { caps, .. } => {
+            qmp.call_timeout(
+                &MigrateSetCapabilities {
+                    capabilities: caps.clone(),
+                },
+                timeout,
+            )
+            .await?;
+        }
+        Undo::RestoreParameters { params, .. } => {
+            qmp.call_timeout(params, timeout).await?;
+        }
+        Undo::CancelMigration => {
+            qmp.call_timeout(&MigrateCancel, timeout).await?;
+            wait_migration_stopped(qmp, timeout).await?;
+        }
+        Undo::ResumeSource => {
+            let status = qmp.call_timeout(&QueryStatus, timeout).await?;
+            if !status.running {
+                tracing::info!(state = %status.status, "resuming the source VM");
+                qmp.call_timeout(&Cont, timeout).await?;
+            }
+        }
+        Undo::TearDownDestination => {
+            tracing::info!("tearing down the destination QEMU");
+            qmp.call_timeout(&Quit, timeout).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the source's migration is no longer running (cancelled, failed or completed),
+/// following `MIGRATION` events with `query-migrate` as a cross-check.
+async fn wait_migration_stopped(qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> {
+    let mut events = qmp.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let info = qmp.call_timeout(&QueryMigrate, timeout).await?;
+        let status = info.status.unwrap_or(MigrationStatus::None);
+        if status.is_final() || status == MigrationStatus::None {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(QmpError::Timeout {
+                    peer: qmp.peer().to_string(),
+                    command: format!("migrate_cancel (still {status:?})"),
+                    after: timeout,
+                });
+            }
+            // Any event may be the status change; re-query either way.
+            _ = events.next() => {}
+            _ = tokio::time::sleep(super::PROGRESS_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Local QEMU processes for the demo, the benchmarks and the tests.
+//!
+//! A [`Vm`] is one `qemu-system-x86_64` process with:
+//! - two QMP sockets: `qmp.sock` for the tool and `monitor.sock` for whoever watches (a QMP
+//!   socket serves one client at a time);
+//! - RAM from a shared `memory-backend-file`, so a test can compare guest RAM byte for byte;
+//! - optional disks, each a `-blockdev` node behind a virtio-blk device;
+//! - `-incoming defer` and `-S` for a destination;
+//! - KVM when it works on this machine, TCG otherwise (see [`probe_accel`]).
+//!
+//! The process runs in its own process group (so a Ctrl-C meant for the tool does not kill the
+//! guest before the tool has rolled back) and is killed when the [`Vm`] is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::sync::OnceCell;
+
+use crate::qemu::QueryKvm;
+use crate::qmp::{Qmp, QmpError};
+
+/// The QEMU binary; `QTM_QEMU` overrides it.
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+/// How long a new QEMU may take to open its QMP socket.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which accelerator to run guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Image format of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// One disk: an image file as block node `node`, attached to a virtio-blk device `node-dev`.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub node: String,
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// A guest kernel booted with `-kernel` (a multiboot ELF).
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    pub path: PathBuf,
+    pub append: String,
+}
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Names the VM in logs; also its `-name`.
+    pub name: String,
+    /// Directory for the sockets, RAM file and logs; created if missing.
+    pub dir: PathBuf,
+    pub ram_mib: u32,
+    pub disks: Vec<DiskConfig>,
+    /// Start as a migration destination: `-incoming defer`, CPUs stopped.
+    pub incoming: bool,
+    /// `None`: probe (see [`probe_accel`]).
+    pub accel: Option<Accel>,
+    pub kernel: Option<KernelConfig>,
+    /// Drop privileges to this user after start-up (`-runas`), as libvirt runs QEMU.
+    pub run_as: Option<String>,
+}
+
+impl VmConfig {
+    pub fn new(name: &str, dir: &Path) -> VmConfig {
+        VmConfig {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            ram_mib: 128,
+            disks: Vec::new(),
+            incoming: false,
+            accel: None,
+            kernel: None,
+            run_as: None,
+        }
+    }
+
+    /// The same machine as a migration destination in `dir`: same RAM, devices and node names,
+    /// with disks at `disk_paths` (in order).
+    pub fn destination(&self, name: &str, dir: &Path, disk_paths: &[PathBuf]) -> VmConfig {
+        let disks = self
+            .disks
+            .iter()
+            .zip(disk_paths)
+            .map(|(d, p)| DiskConfig {
+                node: d.node.clone(),
+                path: p.clone(),
+                format: d.format,
+            })
+            .collect();
+        VmConfig {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            disks,
+            incoming: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// Why a VM could not be started or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmError {
+    #[error("cannot create VM directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}: is qemu-system-x86 installed (scripts/setup.sh)?")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU for VM {name} exited during start-up ({status}); its log {log} ends with: {tail}")]
+    Exited {
+        name: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("QEMU for VM {name} did not open its QMP socket {path} within {after:?}")]
+    NoSocket {
+        name: String,
+        path: PathBuf,
+        after: Duration,
+    },
+    #[error("QMP on VM {name}")]
+    Qmp {
+        name: String,
+        #[source]
+        source: QmpError,
+    },
+}
+
+/// A running QEMU process, killed on drop.
+#[derive(Debug)]
+pub struct Vm {
+    pub name: String,
+    pub accel: Accel,
+    child: Child,
+    qmp: PathBuf,
+    monitor: PathBuf,
+    ram: PathBuf,
+    log: PathBuf,
+    serial: PathBuf,
+    pub config: VmConfig,
+}
+
+impl Vm {
+    /// Starts QEMU and waits until both QMP sockets accept connections.
+    pub async fn launch(config: VmConfig) -> Result<Vm, VmError> {
+        let accel = match config.accel {
+            Some(a) => a,
+            None => probe_accel().await,
+        };
+        launch_with(config, accel).await
+    }
+
+    /// The socket for the tool (migration driver).
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
+    }
+
+    /// A second QMP socket, for watching the VM while the tool drives it.
+    pub fn monitor_path(&self) -> &Path {
+        &self.monitor
+    }
+
+    /// The guest RAM file.
+    pub fn ram_path(&self) -> &Path {
+        &self.ram
+    }
+
+    /// QEMU's stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The guest's serial console output.
+    pub fn serial_path(&self) -> &Path {
+        &self.serial
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Connects to the watcher socket.
+    pub async fn monitor(&self) -> Result<Qmp, VmError> {
+        Qmp::connect(&self.monitor, START_TIMEOUT)
+            .await
+            .map_err(|source| VmError::Qmp {
+                name: self.name.clone(),
+                source,
+            })
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills QEMU (SIGKILL) and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself; true if it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .is_ok()
+    }
+
+    /// The last lines of QEMU's stderr, for error messages and test failures.
+    pub fn log_tail(&self) -> String {
+        tail_of(&self.log)
+    }
+}
+
+async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
+    std::fs::create_dir_all(&config.dir).map_err(|source| VmError::Dir {
+        path: config.dir.clone(),
+        source,
+    })?;
+    let dir = &config.dir;
+    let qmp = dir.join("qmp.sock");
+    let monitor = dir.join("monitor.sock");
+    let ram = dir.join("ram");
+    let log = dir.join("qemu.log");
+    let serial = dir.join("serial.log");
+    for stale in [&qmp, &monitor] {
+        let _ = std::fs::remove_file(stale);
+    }
+
+    let binary = std::env::var("QTM_QEMU").unwrap_or_else(|_| DEFAULT_QEMU.to_string());
+    let mut cmd = Command::new(&binary);
+    cmd.args(qemu_args(&config, accel, &qmp, &monitor, &ram, &serial));
+    let log_file = std::fs::File::create(&log).map_err(|source| VmError::Dir {
+        path: log.clone(),
+        source,
+    })?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file))
+        .process_group(0)
+        .kill_on_drop(true);
+    tracing::info!(vm = %config.name, accel = accel.as_str(), "starting QEMU");
+    let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
+        binary: binary.clone(),
+        source,
+    })?;
+
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    for path in [&qmp, &monitor] {
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(VmError::Exited {
+                    name: config.name.clone(),
+                    status: status.to_string(),
+                    tail: tail_of(&log),
+                    log,
+                });
+            }
+            // QEMU creates its listening sockets before the machine starts; a connect that
+            // succeeds is the event waited for. (The probe connection is closed at once.)
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmError::NoSocket {
+                    name: config.name.clone(),
+                    path: path.clone(),
+                    after: START_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(Vm {
+        name: config.name.clone(),
+        accel,
+        child,
+        qmp,
+        monitor,
+        ram,
+        log,
+        serial,
+        config,
+    })
+}
+
+fn qemu_args(
+    config: &VmConfig,
+    accel: Accel,
+    qmp: &Path,
+    monitor: &Path,
+    ram: &Path,
+    serial: &Path,
+) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &config.name]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-machine", "q35,memory-backend=ram0"]);
+    push(&["-accel", accel.as_str()]);
+    push(&["-m", &format!("{}M", config.ram_mib)]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+            config.ram_mib,
+            ram.display()
+        ),
+    ]);
+    push(&["-serial", &format!("file:{}", serial.display())]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", monitor.display()),
+    ]);
+    for disk in &config.disks {
+        let node = json!({
+            "driver": disk.format.as_str(),
+            "node-name": disk.node,
+            "file": {"driver": "file", "filename": disk.path},
+        });
+        push(&["-blockdev", &node.to_string()]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive={0},id={0}-dev", disk.node),
+        ]);
+    }
+    if let Some(kernel) = &config.kernel {
+        push(&["-kernel", &kernel.path.display().to_string()]);
+        push(&["-append", &kernel.append]);
+    }
+    if config.incoming {
+        push(&["-incoming", "defer", "-S"]);
+    }
+    if let Some(user) = &config.run_as {
+        push(&["-runas", user]);
+    }
+    a
+}
+
+fn tail_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(8);
+    let tail = lines[start..].join(" | ");
+    if tail.is_empty() {
+        "(empty)".to_string()
+    } else {
+        tail
+    }
+}
+
+static PROBED: OnceCell<Accel> = OnceCell::const_new();
+
+/// The accelerator guests run with on this machine: `QTM_ACCEL` (`kvm` or `tcg`) when set,
+/// otherwise KVM if a probe VM starts under it with KVM enabled, otherwise TCG. Probed once per
+/// process.
+///
+/// The probe is needed because `/dev/kvm` existing says little: on nested set-ups KVM may be
+/// present yet unusable, or usable only for firmware-level guests.
+pub async fn probe_accel() -> Accel {
+    *PROBED
+        .get_or_init(|| async {
+            match std::env::var("QTM_ACCEL").as_deref() {
+                Ok("kvm") => return Accel::Kvm,
+                Ok("tcg") => return Accel::Tcg,
+                _ => {}
+            }
+            let accel = match probe_kvm().await {
+                Ok(true) => Accel::Kvm,
+                Ok(false) => Accel::Tcg,
+                Err(e) => {
+                    tracing::info!("KVM probe failed, using TCG: {e}");
+                    Accel::Tcg
+                }
+            };
+            tracing::info!(accel = accel.as_str(), "accelerator probed");
+            accel
+        })
+        .await
+}
+
+async fn probe_kvm() -> Result<bool, VmError> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Ok(false);
+    }
+    let dir = tempfile::tempdir().map_err(|source| VmError::Dir {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let mut config = VmConfig::new("kvm-probe", dir.path());
+    config.ram_mib = 16;
+    let mut vm = launch_with(config, Accel::Kvm).await?;
+    let qmp = Qmp::connect(vm.qmp_path(), START_TIMEOUT)
+        .await
+        .map_err(|source| VmError::Qmp {
+            name: vm.name.clone(),
+            source,
+        })?;
+    let kvm = qmp.call(&QueryKvm).await.map_err(|source| VmError::Qmp {
+        name: vm.name.clone(),
+        source,
+    })?;
+    vm.kill().await;
+    Ok(kvm.enabled)
+}
+
+impl Vm {
+    /// Fills the first `bytes` of guest RAM with a pseudo-random pattern from `seed`, through
+    /// the shared RAM file, so a migration has real (non-zero) pages to move and a comparison
+    /// afterwards means something. Leaves the first MiB (firmware data) alone.
+    pub fn scribble_ram(&self, bytes: u64, seed: u64) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        const SKIP: u64 = 1 << 20;
+        let size = u64::from(self.config.ram_mib) << 20;
+        let end = (SKIP + bytes).min(size);
+        let mut file = std::fs::OpenOptions::new().write(true).open(&self.ram)?;
+        file.seek(SeekFrom::Start(SKIP))?;
+        let mut state = seed | 1;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = SKIP;
+        while at < end {
+            for chunk in buf.chunks_exact_mut(8) {
+                // xorshift64: cheap, deterministic, incompressible enough for migration.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes());
+            }
+            let n = (end - at).min(buf.len() as u64) as usize;
+            file.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        file.flush()
+    }
+}
