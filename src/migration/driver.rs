@@ -15,10 +15,10 @@ use super::{
 };
 use crate::ports::{self, PortLease};
 use crate::qemu::{
-    CapabilityState, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
-    Migrate, MigrationEvent, MigrationInfo, MigrationStatus, ObjectAdd, ObjectDel,
-    QueryMigrate, QueryMigrateCapabilities, QueryMigrateParameters, QueryStatus, RamStats, Stop,
-    TlsEndpoint, tcp_uri,
+    CapabilityState, Cont, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
+    MigrationEvent, MigrationInfo, MigrationStatus, ObjectAdd, ObjectDel, QueryMigrate,
+    QueryMigrateCapabilities, QueryMigrateParameters, QueryStatus, RamStats, Stop, TlsEndpoint,
+    tcp_uri,
 };
 use crate::qmp::{Events, Qmp, QmpError};
 
@@ -124,10 +124,30 @@ impl Run<'_> {
         let source_state = self.check_source(&src).await?;
         self.check_destination(&dst).await?;
         let t = opts.qmp_timeout;
-        let src_caps = qmp(Side::Source, "query-migrate-capabilities", src.call_timeout(&QueryMigrateCapabilities, t)).await?;
-        let dst_caps = qmp(Side::Destination, "query-migrate-capabilities", dst.call_timeout(&QueryMigrateCapabilities, t)).await?;
-        let src_params = qmp(Side::Source, "query-migrate-parameters", src.call_timeout(&QueryMigrateParameters, t)).await?;
-        let dst_params = qmp(Side::Destination, "query-migrate-parameters", dst.call_timeout(&QueryMigrateParameters, t)).await?;
+        let src_caps = qmp(
+            Side::Source,
+            "query-migrate-capabilities",
+            src.call_timeout(&QueryMigrateCapabilities, t),
+        )
+        .await?;
+        let dst_caps = qmp(
+            Side::Destination,
+            "query-migrate-capabilities",
+            dst.call_timeout(&QueryMigrateCapabilities, t),
+        )
+        .await?;
+        let src_params = qmp(
+            Side::Source,
+            "query-migrate-parameters",
+            src.call_timeout(&QueryMigrateParameters, t),
+        )
+        .await?;
+        let dst_params = qmp(
+            Side::Destination,
+            "query-migrate-parameters",
+            dst.call_timeout(&QueryMigrateParameters, t),
+        )
+        .await?;
 
         // 3. Can QEMU itself read the credentials?
         if transport == Transport::Tls {
@@ -154,15 +174,18 @@ impl Run<'_> {
         if opts.multifd.is_some() {
             wanted.push(("multifd", true));
         }
-        self.set_capabilities(Side::Destination, &dst, &dst_caps, &wanted).await?;
-        self.set_capabilities(Side::Source, &src, &src_caps, &wanted).await?;
+        self.set_capabilities(Side::Destination, &dst, &dst_caps, &wanted)
+            .await?;
+        self.set_capabilities(Side::Source, &src, &src_caps, &wanted)
+            .await?;
 
         let dst_set = MigrateSetParameters {
             tls_creds: Some(creds.clone()),
             multifd_channels: opts.multifd,
             ..Default::default()
         };
-        self.set_parameters(Side::Destination, &dst, &dst_params, &dst_set).await?;
+        self.set_parameters(Side::Destination, &dst, &dst_params, &dst_set)
+            .await?;
         let src_set = MigrateSetParameters {
             tls_creds: Some(creds.clone()),
             tls_hostname: Some(match transport {
@@ -174,7 +197,8 @@ impl Run<'_> {
             multifd_channels: opts.multifd,
             ..Default::default()
         };
-        self.set_parameters(Side::Source, &src, &src_params, &src_set).await?;
+        self.set_parameters(Side::Source, &src, &src_params, &src_set)
+            .await?;
 
         let lease = ports::allocate(opts.port_range)?;
         let port = lease.port();
@@ -188,7 +212,12 @@ impl Run<'_> {
         let mut dst_events = dst.subscribe();
         self.undo.push(Undo::TearDownDestination);
         tracing::info!(uri = %listen_uri, "destination listening");
-        qmp(Side::Destination, "migrate-incoming", dst.call_timeout(&MigrateIncoming { uri: listen_uri }, t)).await?;
+        qmp(
+            Side::Destination,
+            "migrate-incoming",
+            dst.call_timeout(&MigrateIncoming { uri: listen_uri }, t),
+        )
+        .await?;
 
         // 5. Migrate.
         let mut src_events = src.subscribe();
@@ -197,20 +226,37 @@ impl Run<'_> {
         }
         self.undo.push(Undo::CancelMigration);
         tracing::info!(uri = %connect_uri, %transport, "starting migration");
-        qmp(Side::Source, "migrate", src.call_timeout(&Migrate { uri: connect_uri }, t)).await?;
+        qmp(
+            Side::Source,
+            "migrate",
+            src.call_timeout(&Migrate { uri: connect_uri }, t),
+        )
+        .await?;
         self.report(Phase::Ram, Some(MigrationStatus::Setup), None);
-        let info = self.follow(&src, &mut src_events, &mut dst_events, cancel).await?;
+        let info = self
+            .follow(&src, &mut src_events, &mut dst_events, cancel)
+            .await?;
         let ram = info.ram.unwrap_or_default();
-        self.ram = RamReport::from_stats(&ram, info.total_time.unwrap_or(0), info.downtime.unwrap_or(0));
+        self.ram = RamReport::from_stats(
+            &ram,
+            info.total_time.unwrap_or(0),
+            info.downtime.unwrap_or(0),
+        );
 
         // 6. Finish on the destination.
         self.report(Phase::Finish, info.status, Some(ram));
-        self.finish_destination(&dst, &mut dst_events, source_state.was_running).await
+        self.finish_destination(&dst, &mut dst_events, source_state.was_running)
+            .await
     }
 
     async fn check_source(&mut self, src: &Qmp) -> Result<SourceState, MigrationError> {
         let t = self.opts.qmp_timeout;
-        let status = qmp(Side::Source, "query-status", src.call_timeout(&QueryStatus, t)).await?;
+        let status = qmp(
+            Side::Source,
+            "query-status",
+            src.call_timeout(&QueryStatus, t),
+        )
+        .await?;
         let movable = ["running", "paused", "prelaunch", "suspended", "debug"];
         if !movable.contains(&status.status.as_str()) {
             return Err(MigrationError::SourceNotReady {
@@ -218,7 +264,12 @@ impl Run<'_> {
                 status: status.status,
             });
         }
-        let info = qmp(Side::Source, "query-migrate", src.call_timeout(&QueryMigrate, t)).await?;
+        let info = qmp(
+            Side::Source,
+            "query-migrate",
+            src.call_timeout(&QueryMigrate, t),
+        )
+        .await?;
         if let Some(s) = info.status
             && !(s.is_final() || s == MigrationStatus::None)
         {
@@ -233,7 +284,12 @@ impl Run<'_> {
     }
 
     async fn check_destination(&mut self, dst: &Qmp) -> Result<(), MigrationError> {
-        let status = qmp(Side::Destination, "query-status", dst.call_timeout(&QueryStatus, self.opts.qmp_timeout)).await?;
+        let status = qmp(
+            Side::Destination,
+            "query-status",
+            dst.call_timeout(&QueryStatus, self.opts.qmp_timeout),
+        )
+        .await?;
         if !status.is_incoming() {
             return Err(MigrationError::DestinationNotIncoming {
                 socket: self.opts.dest.qmp.clone(),
@@ -293,9 +349,19 @@ impl Run<'_> {
         }
     }
 
-    async fn add_credentials(&mut self, side: Side, q: &Qmp, id: &str) -> Result<(), MigrationError> {
+    async fn add_credentials(
+        &mut self,
+        side: Side,
+        q: &Qmp,
+        id: &str,
+    ) -> Result<(), MigrationError> {
         let add = self.credentials(side, id);
-        qmp(side, "object-add tls-creds-x509", q.call_timeout(&add, self.opts.qmp_timeout)).await?;
+        qmp(
+            side,
+            "object-add tls-creds-x509",
+            q.call_timeout(&add, self.opts.qmp_timeout),
+        )
+        .await?;
         self.undo.push(Undo::DeleteObject {
             side,
             id: id.to_string(),
@@ -323,16 +389,33 @@ impl Run<'_> {
             .filter(|(name, state)| current(name) != *state)
             .map(|(name, state)| {
                 (
-                    CapabilityState { capability: name.to_string(), state: *state },
-                    CapabilityState { capability: name.to_string(), state: !*state },
+                    CapabilityState {
+                        capability: name.to_string(),
+                        state: *state,
+                    },
+                    CapabilityState {
+                        capability: name.to_string(),
+                        state: !*state,
+                    },
                 )
             })
             .unzip();
         if set.is_empty() {
             return Ok(());
         }
-        self.undo.push(Undo::RestoreCapabilities { side, caps: restore });
-        qmp(side, "migrate-set-capabilities", q.call_timeout(&MigrateSetCapabilities { capabilities: set }, self.opts.qmp_timeout)).await?;
+        self.undo.push(Undo::RestoreCapabilities {
+            side,
+            caps: restore,
+        });
+        qmp(
+            side,
+            "migrate-set-capabilities",
+            q.call_timeout(
+                &MigrateSetCapabilities { capabilities: set },
+                self.opts.qmp_timeout,
+            ),
+        )
+        .await?;
         Ok(())
     }
 
@@ -347,7 +430,12 @@ impl Run<'_> {
             side,
             params: MigrateSetParameters::restore_from(saved),
         });
-        qmp(side, "migrate-set-parameters", q.call_timeout(set, self.opts.qmp_timeout)).await?;
+        qmp(
+            side,
+            "migrate-set-parameters",
+            q.call_timeout(set, self.opts.qmp_timeout),
+        )
+        .await?;
         Ok(())
     }
 
@@ -419,15 +507,26 @@ impl Run<'_> {
                 }
             }
         }
-        let info = qmp(Side::Source, "query-migrate", src.call_timeout(&QueryMigrate, t)).await?;
+        let info = qmp(
+            Side::Source,
+            "query-migrate",
+            src.call_timeout(&QueryMigrate, t),
+        )
+        .await?;
         self.report(Phase::Ram, info.status, info.ram);
-        match info.status {
-            Some(MigrationStatus::Completed) => Ok(info),
-            _ if dest_gone_at.is_some() => Err(MigrationError::DestinationDied { desc: info.error_desc }),
-            _ => Err(MigrationError::from_qemu_failure(
-                info.error_desc.unwrap_or_else(|| format!("QEMU reports {:?}", info.status)),
-                opts.effective_tls_hostname(),
-            )),
+        if info.status == Some(MigrationStatus::Completed) {
+            return Ok(info);
+        }
+        let desc = info
+            .error_desc
+            .unwrap_or_else(|| format!("QEMU reports {:?}", info.status));
+        // The destination exits when an incoming migration fails, so a dead destination is
+        // often a consequence: the source's own words (a TLS error, say) explain more.
+        match MigrationError::from_qemu_failure(desc, opts.effective_tls_hostname()) {
+            MigrationError::Failed { desc } if dest_gone_at.is_some() => {
+                Err(MigrationError::DestinationDied { desc: Some(desc) })
+            }
+            other => Err(other),
         }
     }
 
@@ -444,8 +543,16 @@ impl Run<'_> {
         let status = loop {
             let status = match dst.call_timeout(&QueryStatus, t).await {
                 Ok(s) => s,
-                Err(e) if e.is_closed() => return Err(MigrationError::DestinationDied { desc: None }),
-                Err(source) => return Err(MigrationError::Qmp { side: Side::Destination, step: "query-status", source }),
+                Err(e) if e.is_closed() => {
+                    return Err(MigrationError::DestinationDied { desc: None });
+                }
+                Err(source) => {
+                    return Err(MigrationError::Qmp {
+                        side: Side::Destination,
+                        step: "query-status",
+                        source,
+                    });
+                }
             };
             if !status.is_incoming() {
                 break status;

@@ -64,7 +64,9 @@ pub enum MigrationError {
     },
     #[error("no port for the migration stream")]
     Ports(#[from] PortError),
-    #[error("TLS handshake failed: {desc}; check that both hosts' certificates come from the same CA and that the destination's certificate names {hostname}")]
+    #[error(
+        "TLS handshake failed: {desc}; check that both hosts' certificates come from the same CA and that the destination's certificate names {hostname}"
+    )]
     TlsHandshake { desc: String, hostname: String },
     #[error("migration failed: {desc}")]
     Failed { desc: String },
@@ -72,7 +74,9 @@ pub enum MigrationError {
     DestinationDied { desc: Option<String> },
     #[error("the destination did not finish loading the migration within {after:?}")]
     DestinationNotFinished { after: Duration },
-    #[error("no progress for {after:?} (migration state {status}): the destination does not answer; cancelled")]
+    #[error(
+        "no progress for {after:?} (migration state {status}): the destination does not answer; cancelled"
+    )]
     Stalled { after: Duration, status: String },
     #[error("the migration did not complete within {after:?}; cancelled")]
     Timeout { after: Duration },
@@ -120,8 +124,11 @@ impl MigrationError {
 
     /// Builds the error for a migration QEMU reported as failed, telling TLS problems apart.
     pub(crate) fn from_qemu_failure(desc: String, hostname: &str) -> MigrationError {
+        // QEMU 7.2 words it "The certificate hasn't got a known issuer", "Certificate does
+        // not match the hostname ...", "TLS handshake failed: ...". A plain "Cannot write to
+        // TLS channel" is a broken connection, not a handshake problem.
         let lower = desc.to_ascii_lowercase();
-        let tls = ["tls", "certificate", "handshake", "x509", "gnutls"];
+        let tls = ["certificate", "handshake", "x509", "issuer", "gnutls"];
         if tls.iter().any(|w| lower.contains(w)) {
             MigrationError::TlsHandshake {
                 desc,

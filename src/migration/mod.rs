@@ -196,7 +196,10 @@ pub fn decide_transport(
     if choice == TransportChoice::Tcp {
         return Ok(TransportDecision {
             transport: Transport::Tcp,
-            warning: Some("plain TCP was asked for: RAM and device state cross the network unencrypted".into()),
+            warning: Some(
+                "plain TCP was asked for: RAM and device state cross the network unencrypted"
+                    .into(),
+            ),
         });
     }
     let src = pki::assess(source_pki, Side::Source.role());

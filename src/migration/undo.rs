@@ -16,9 +16,18 @@ use crate::qmp::{Qmp, QmpError};
 
 #[derive(Debug, Clone)]
 pub(crate) enum Undo {
-    DeleteObject { side: Side, id: String },
-    RestoreCapabilities { side: Side, caps: Vec<CapabilityState> },
-    RestoreParameters { side: Side, params: MigrateSetParameters },
+    DeleteObject {
+        side: Side,
+        id: String,
+    },
+    RestoreCapabilities {
+        side: Side,
+        caps: Vec<CapabilityState>,
+    },
+    RestoreParameters {
+        side: Side,
+        params: MigrateSetParameters,
+    },
     /// `migrate_cancel` on the source and wait until QEMU has stopped the migration.
     CancelMigration,
     /// Resume the source if the migration left it paused (it was running before).

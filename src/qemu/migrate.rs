@@ -228,9 +228,10 @@ mod tests {
 
     #[test]
     fn unknown_migration_status_decodes() {
-        let info: MigrationInfo =
-            serde_json::from_value(json!({"status": "something-new", "ram": {"transferred": 5, "new": 1}}))
-                .expect("decode");
+        let info: MigrationInfo = serde_json::from_value(
+            json!({"status": "something-new", "ram": {"transferred": 5, "new": 1}}),
+        )
+        .expect("decode");
         assert_eq!(info.status, Some(MigrationStatus::Unknown));
         assert_eq!(info.ram.map(|r| r.transferred), Some(5));
     }

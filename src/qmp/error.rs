@@ -7,7 +7,9 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QmpError {
-    #[error("cannot connect to QMP socket {path}: is QEMU running with -qmp unix:{path},server=on?")]
+    #[error(
+        "cannot connect to QMP socket {path}: is QEMU running with -qmp unix:{path},server=on?"
+    )]
     Connect {
         path: PathBuf,
         #[source]

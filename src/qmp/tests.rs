@@ -137,7 +137,10 @@ async fn qemu_errors_carry_class_and_description() {
     let err = call.await.expect("join").expect_err("error reply");
     assert_eq!(
         err.qemu_error(),
-        Some(("GenericError", "Unable to access credentials /x/ca-cert.pem"))
+        Some((
+            "GenericError",
+            "Unable to access credentials /x/ca-cert.pem"
+        ))
     );
     assert!(err.to_string().contains("object-add"), "{err}");
 }
@@ -155,8 +158,10 @@ async fn events_between_replies_are_all_delivered_including_unknown_ones() {
         .await;
     fake.send(json!({"event": "SOME_FUTURE_EVENT", "data": {"new-field": [1, 2]}}))
         .await;
-    fake.send(json!({"return": {"status": "running", "running": true, "unknown": 1}, "id": req["id"]}))
-        .await;
+    fake.send(
+        json!({"return": {"status": "running", "running": true, "unknown": 1}, "id": req["id"]}),
+    )
+    .await;
     fake.send(json!({"event": "MIGRATION", "data": {"status": "a-status-from-the-future"}}))
         .await;
     call.await.expect("join").expect("reply");
@@ -217,7 +222,9 @@ async fn a_peer_that_is_not_qemu_is_refused() {
     let (client, server) = tokio::io::duplex(4096);
     let (_sr, mut sw) = tokio::io::split(server);
     let (cr, cw) = tokio::io::split(client);
-    sw.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.expect("write");
+    sw.write_all(b"SSH-2.0-OpenSSH_9.2\r\n")
+        .await
+        .expect("write");
     let err = Qmp::handshake("ssh".into(), cr, cw, T)
         .await
         .expect_err("not QMP");

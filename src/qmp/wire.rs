@@ -71,7 +71,10 @@ pub(crate) enum Incoming {
         result: Result<Value, (String, String)>,
     },
     /// An error QEMU could not tie to a command (it could not parse what it got).
-    UntaggedError { class: String, desc: String },
+    UntaggedError {
+        class: String,
+        desc: String,
+    },
     Event(Event),
     /// Valid JSON of a kind this client does not know; ignored.
     Other,
@@ -79,7 +82,8 @@ pub(crate) enum Incoming {
 
 impl Incoming {
     pub(crate) fn parse(line: &str) -> Result<Incoming, String> {
-        let value: Value = serde_json::from_str(line).map_err(|e| format!("{e} in {}", truncate(line)))?;
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| format!("{e} in {}", truncate(line)))?;
         let Value::Object(map) = value else {
             return Err(format!("expected a JSON object, got {}", truncate(line)));
         };
@@ -94,7 +98,10 @@ impl Incoming {
             }));
         }
         let error = map.get("error").map(|e| {
-            let class = e.get("class").and_then(Value::as_str).unwrap_or("GenericError");
+            let class = e
+                .get("class")
+                .and_then(Value::as_str)
+                .unwrap_or("GenericError");
             let desc = e.get("desc").and_then(Value::as_str).unwrap_or("");
             (class.to_string(), desc.to_string())
         });

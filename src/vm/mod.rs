@@ -145,7 +145,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("QEMU for VM {name} exited during start-up ({status}); its log {log} ends with: {tail}")]
+    #[error(
+        "QEMU for VM {name} exited during start-up ({status}); its log {log} ends with: {tail}"
+    )]
     Exited {
         name: String,
         status: String,
@@ -348,7 +350,10 @@ fn qemu_args(
         ),
     ]);
     push(&["-serial", &format!("file:{}", serial.display())]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", monitor.display()),

@@ -65,7 +65,9 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
 
     let mut config = VmConfig::new("demo-source", &root.join("source"));
     config.ram_mib = args.ram_mib;
-    let source = Vm::launch(config.clone()).await.context("cannot start the source VM")?;
+    let source = Vm::launch(config.clone())
+        .await
+        .context("cannot start the source VM")?;
     let dest_config = config.destination("demo-destination", &root.join("destination"), &[]);
     let dest = Vm::launch(dest_config)
         .await

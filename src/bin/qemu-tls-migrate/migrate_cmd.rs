@@ -129,11 +129,17 @@ impl MigrateArgs {
     pub fn options(&self) -> MigrationOptions {
         let source = Endpoint {
             qmp: self.source_qmp.clone(),
-            pki_dir: self.source_pki_dir.clone().unwrap_or_else(|| self.pki_dir.clone()),
+            pki_dir: self
+                .source_pki_dir
+                .clone()
+                .unwrap_or_else(|| self.pki_dir.clone()),
         };
         let dest = Endpoint {
             qmp: self.dest_qmp.clone(),
-            pki_dir: self.dest_pki_dir.clone().unwrap_or_else(|| self.pki_dir.clone()),
+            pki_dir: self
+                .dest_pki_dir
+                .clone()
+                .unwrap_or_else(|| self.pki_dir.clone()),
         };
         let mut o = MigrationOptions::new(source, dest, &self.dest_host);
         o.dest_address = self.dest_address.clone();
@@ -191,7 +197,8 @@ fn parse_bandwidth(s: &str) -> Result<u64, String> {
 }
 
 fn parse_range(s: &str) -> Result<PortRange, String> {
-    s.parse().map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
+    s.parse()
+        .map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
 }
 
 /// Runs a migration with progress output and SIGINT/SIGTERM cancelling it; prints the report.

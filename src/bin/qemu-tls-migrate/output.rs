@@ -128,10 +128,7 @@ pub fn print_report(report: &Report, json: bool) {
         .transport
         .map(|t| t.to_string())
         .unwrap_or_else(|| "-".into());
-    println!(
-        "migration {:?} over {transport}",
-        report.status
-    );
+    println!("migration {:?} over {transport}", report.status);
     if report.ram.total_ms > 0 {
         println!(
             "  RAM: {} sent ({} guest RAM) in {} ms, downtime {} ms, {:.1} Mbit/s, {} dirty syncs",

@@ -1,0 +1,5 @@
+//! Integration tests against real QEMU 7.2 processes, real TLS and real sockets.
+//! One test binary; every QEMU is started through `fixture`.
+
+mod fixture;
+mod migration;
