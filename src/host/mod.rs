@@ -1,2 +1,145 @@
-//! Host set-up: secured-host state, CloudStack certificate layout, qemu.conf/libvirtd.conf and
-//! firewall rules. (Stub: being written.)
+//! Host set-up: CloudStack's "secure this KVM host" step, and the secured-host flag.
+//!
+//! - [`plan_secure`] works out what `host secure` changes under a root directory: the PKI
+//!   directory from CloudStack's agent certificates, the libvirt certificate paths as symlinks
+//!   into it, `qemu.conf`/`libvirtd.conf` settings, and firewall rules. [`SecurePlan::diff`]
+//!   shows it (`--dry-run`), [`SecurePlan::apply`] does it.
+//! - [`status`] answers whether the host is secured, and why not (`host status`).
+//!
+//! The settings and rules come from the templates in `qemu-conf/` (compiled in).
+
+mod conf;
+mod diff;
+mod secure;
+
+use std::path::{Path, PathBuf};
+
+pub use conf::{Setting, apply as apply_settings, get as get_setting, parse_settings};
+pub use diff::unified as unified_diff;
+pub use secure::{
+    Action, AppliedChange, SecureOptions, SecurePlan, SecureReport, plan_secure, render_template,
+};
+
+/// Where CloudStack's agent keeps the host's certificate, key and CA certificate.
+pub const DEFAULT_CLOUDSTACK_DIR: &str = "/etc/cloudstack/agent";
+/// CloudStack's CA certificate file name.
+pub const CLOUDSTACK_CA: &str = "cloud.ca.crt";
+/// CloudStack's host certificate file name.
+pub const CLOUDSTACK_CERT: &str = "cloud.crt";
+/// CloudStack's host private key file name.
+pub const CLOUDSTACK_KEY: &str = "cloud.key";
+
+/// libvirt's QEMU driver configuration.
+pub const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+/// libvirtd's configuration.
+pub const LIBVIRTD_CONF: &str = "/etc/libvirt/libvirtd.conf";
+/// The CA certificate where libvirt (and `virt-pki-validate`) look for it.
+pub const LIBVIRT_CA_CERT: &str = "/etc/pki/CA/cacert.pem";
+/// libvirt's server certificate.
+pub const LIBVIRT_SERVER_CERT: &str = "/etc/pki/libvirt/servercert.pem";
+/// libvirt's client certificate.
+pub const LIBVIRT_CLIENT_CERT: &str = "/etc/pki/libvirt/clientcert.pem";
+/// libvirt's server key.
+pub const LIBVIRT_SERVER_KEY: &str = "/etc/pki/libvirt/private/serverkey.pem";
+/// libvirt's client key.
+pub const LIBVIRT_CLIENT_KEY: &str = "/etc/pki/libvirt/private/clientkey.pem";
+/// The nftables rules file `host secure` writes.
+pub const NFT_RULES: &str = "/etc/nftables.d/qemu-tls-migrate.nft";
+/// The iptables alternative (`iptables-restore --noflush`).
+pub const IPTABLES_RULES: &str = "/etc/iptables/qemu-tls-migrate.rules";
+/// Suffix of the one-time backup of a file `host secure` changes.
+pub const BACKUP_SUFFIX: &str = ".qemu-tls-migrate.orig";
+
+/// libvirtd's TLS port (libvirt's default `tls_port`).
+pub const LIBVIRTD_TLS_PORT: u16 = 16514;
+/// The port range QEMU migration and NBD streams use (libvirt's `migration_port_min`/`max`
+/// defaults are 49152-49215).
+pub const MIGRATION_PORTS: std::ops::RangeInclusive<u16> = 49152..=49215;
+
+/// Why `host secure` could not do its work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// CloudStack's certificate files are not all there; nothing was changed.
+    #[error(
+        "missing CloudStack certificate files {}; nothing was changed: run CloudStack's \
+         certificate provisioning for this host, or pass --from DIR",
+        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingSource { paths: Vec<PathBuf> },
+    /// A CloudStack certificate file is not what it should be; nothing was changed.
+    #[error("{}: {problem}; nothing was changed: fix or re-provision the file", path.display())]
+    BadSource { path: PathBuf, problem: String },
+    /// A file or directory could not be read, written or created.
+    #[error("cannot {action} {}: check the path and its permissions", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `path` (absolute, as on the host) placed under `root`.
+pub fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The secured-host flag, as the agent reports it to the management server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostStatus {
+    /// True when the PKI directory is usable for migration in both roles.
+    pub secured: bool,
+    /// Why not: one line per problem, each naming the file and what to do.
+    pub reasons: Vec<String>,
+    /// The PKI directory checked (as on the host, not under `--root`).
+    pub pki_dir: PathBuf,
+    /// Configuration that differs from what `host secure` sets; does not affect `secured`.
+    pub warnings: Vec<String>,
+}
+
+/// Whether the host under `root` is secured: its PKI directory (`qemu.conf`'s
+/// `default_tls_x509_cert_dir`, else [`crate::pki::DEFAULT_PKI_DIR`]) is usable for both roles.
+/// `qemu.conf`/`libvirtd.conf` settings that differ from `host secure`'s are warnings.
+pub fn status(root: &Path) -> HostStatus {
+    let qemu_conf = std::fs::read_to_string(under(root, Path::new(QEMU_CONF))).ok();
+    let pki_dir = qemu_conf
+        .as_deref()
+        .and_then(|text| get_setting(text, "default_tls_x509_cert_dir"))
+        .map(|v| PathBuf::from(v.trim_matches('"')))
+        .unwrap_or_else(|| PathBuf::from(crate::pki::DEFAULT_PKI_DIR));
+    let report = crate::pki::check_dir(&under(root, &pki_dir), None);
+    let reasons: Vec<String> = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == crate::pki::Severity::Error)
+        .map(crate::pki::Finding::reason)
+        .collect();
+    let mut warnings = Vec::new();
+    let wanted = [
+        (QEMU_CONF, secure::qemu_conf_settings(&pki_dir)),
+        (LIBVIRTD_CONF, secure::libvirtd_conf_settings()),
+    ];
+    for (file, settings) in wanted {
+        let text = std::fs::read_to_string(under(root, Path::new(file))).unwrap_or_default();
+        for setting in settings {
+            let current = get_setting(&text, &setting.key);
+            if current.as_deref() != Some(setting.value.as_str()) {
+                warnings.push(format!(
+                    "{file}: {} is {}, not {}; run `qemu-tls-migrate host secure`",
+                    setting.key,
+                    current.unwrap_or_else(|| "unset".to_string()),
+                    setting.value
+                ));
+            }
+        }
+    }
+    let secured = reasons.is_empty();
+    tracing::debug!(secured, reasons = reasons.len(), "host status");
+    HostStatus {
+        secured,
+        reasons,
+        pki_dir,
+        warnings,
+    }
+}

@@ -1,2 +1,178 @@
-//! PKI directories in QEMU's layout: load, validate, decide whether a side is secured, and make
-//! lab PKIs. (Stub: being written.)
+//! PKI directories in QEMU's `tls-creds-x509` layout: validate them, decide whether a side of a
+//! migration is *secured*, and make lab PKIs.
+//!
+//! QEMU's `tls-creds-x509` object reads a directory (`dir=`) holding:
+//!
+//! | file | used by |
+//! |---|---|
+//! | `ca-cert.pem` | both ends, to verify the peer |
+//! | `server-cert.pem`, `server-key.pem` | the migration destination (`endpoint: server`) |
+//! | `client-cert.pem`, `client-key.pem` | the migration source (`endpoint: client`) |
+//!
+//! - [`check_dir`] runs every check (`pki check`) and returns a serializable [`Report`] whose
+//!   findings each name a file and say what to do.
+//! - [`assess`] runs the checks one side needs and answers [`Security::Secured`] or
+//!   [`Security::Unsecured`] with the first reason (what `--transport auto` uses).
+//! - [`LabCa`], [`HostCert`] and [`init_lab`] make a lab CA and host certificates with rcgen.
+
+mod check;
+mod error;
+mod lab;
+
+use std::fmt;
+use std::path::Path;
+
+pub use check::{
+    CheckOptions, FileReport, Finding, FindingKind, Report, Severity, WARN_DAYS_LEFT, check_dir,
+    check_dir_with, qemu_group,
+};
+pub use error::PkiError;
+pub use lab::{HostCert, LabCa, LabSummary, init_lab};
+
+/// Where QEMU looks when `default_tls_x509_cert_dir` is not set, and where CloudStack puts the
+/// files (`qemu.conf`'s default).
+pub const DEFAULT_PKI_DIR: &str = "/etc/pki/qemu";
+/// The CA certificate both ends verify their peer with.
+pub const CA_CERT: &str = "ca-cert.pem";
+/// The CA's private key; only in a lab CA directory, never in a host's PKI directory.
+pub const CA_KEY: &str = "ca-key.pem";
+/// The destination's (TLS server's) certificate.
+pub const SERVER_CERT: &str = "server-cert.pem";
+/// The destination's (TLS server's) private key.
+pub const SERVER_KEY: &str = "server-key.pem";
+/// The source's (TLS client's) certificate.
+pub const CLIENT_CERT: &str = "client-cert.pem";
+/// The source's (TLS client's) private key.
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+/// Which end of a TLS connection a host plays: QEMU's `tls-creds-x509` `endpoint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The migration destination: it listens (`endpoint: server`).
+    Server,
+    /// The migration source: it connects (`endpoint: client`).
+    Client,
+}
+
+impl Role {
+    /// Both roles, server first.
+    pub const ALL: [Role; 2] = [Role::Server, Role::Client];
+
+    /// The certificate file name this role uses.
+    pub fn cert_file(self) -> &'static str {
+        match self {
+            Role::Server => SERVER_CERT,
+            Role::Client => CLIENT_CERT,
+        }
+    }
+
+    /// The private key file name this role uses.
+    pub fn key_file(self) -> &'static str {
+        match self {
+            Role::Server => SERVER_KEY,
+            Role::Client => CLIENT_KEY,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Server => "server",
+            Role::Client => "client",
+        })
+    }
+}
+
+/// Whether one side may take part in a TLS migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// The directory holds a usable CA certificate and the certificate and key for the role.
+    Secured,
+    /// It does not; `reason` names the file and what is wrong with it.
+    Unsecured { reason: String },
+}
+
+impl Security {
+    /// True for [`Security::Secured`].
+    pub fn is_secured(&self) -> bool {
+        matches!(self, Security::Secured)
+    }
+}
+
+/// Decides whether `dir` is usable by the `role` end of a TLS migration: the CA certificate and
+/// the role's certificate and key exist, are readable, parse as PEM, the certificate chains to the
+/// CA, is within its validity dates and fits the role, the key matches it, and the key is not
+/// readable by others. Host names are not checked (the caller knows them; see [`check_dir_with`]).
+pub fn assess(dir: &Path, role: Role) -> Security {
+    let options = CheckOptions {
+        roles: vec![role],
+        hostname: None,
+        ..CheckOptions::default()
+    };
+    let report = check_dir_with(dir, &options);
+    let verdict = match report.first_error() {
+        None => Security::Secured,
+        Some(finding) => Security::Unsecured {
+            reason: finding.reason(),
+        },
+    };
+    tracing::debug!(dir = %dir.display(), %role, ?verdict, "assessed PKI directory");
+    verdict
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_displays_as_qemu_endpoint_names() {
+        assert_eq!(Role::Server.to_string(), "server");
+        assert_eq!(Role::Client.to_string(), "client");
+    }
+
+    #[test]
+    fn assess_good_lab_dir_is_secured_for_both_roles() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = LabCa::generate("Test CA").expect("ca");
+        ca.write_host_dir(tmp.path(), &HostCert::new(["host-a".to_string()]))
+            .expect("host dir");
+
+        assert_eq!(assess(tmp.path(), Role::Server), Security::Secured);
+        assert_eq!(assess(tmp.path(), Role::Client), Security::Secured);
+    }
+
+    #[test]
+    fn assess_missing_key_names_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = LabCa::generate("Test CA").expect("ca");
+        ca.write_host_dir(tmp.path(), &HostCert::new(["host-a".to_string()]))
+            .expect("host dir");
+        std::fs::remove_file(tmp.path().join(SERVER_KEY)).expect("remove");
+
+        let verdict = assess(tmp.path(), Role::Server);
+
+        let expected = format!("{}: does not exist", tmp.path().join(SERVER_KEY).display());
+        match verdict {
+            Security::Unsecured { reason } => assert!(reason.starts_with(&expected), "{reason}"),
+            Security::Secured => panic!("a missing server key must not be secured"),
+        }
+        assert_eq!(assess(tmp.path(), Role::Client), Security::Secured);
+    }
+
+    #[test]
+    fn assess_missing_directory_names_the_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("nope");
+
+        let verdict = assess(&dir, Role::Client);
+
+        match verdict {
+            Security::Unsecured { reason } => {
+                assert!(reason.contains(&dir.display().to_string()), "{reason}")
+            }
+            Security::Secured => panic!("a missing directory must not be secured"),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! `qemu-tls-migrate host ...`: secure a host the way CloudStack does, report its state.
+
+// This is the binary's output, not logging.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use qemu_tls_migrate::host::{self, SecureOptions, SecureReport};
+use qemu_tls_migrate::pki;
+
+use crate::outcome::Outcome;
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Secure this KVM host from CloudStack's agent certificates (PKI, libvirt, firewall).
+    #[command(long_about = "\
+CloudStack's \"secure this KVM host\" step. From cloud.ca.crt, cloud.crt and cloud.key
+(in --from, default /etc/cloudstack/agent):
+
+  1. /etc/pki/qemu gets the five files QEMU reads: ca-cert.pem, server-cert.pem,
+     client-cert.pem (certificates, 0644) and server-key.pem, client-key.pem (0640, group
+     qemu or libvirt-qemu where one exists);
+  2. libvirt's paths become symlinks into it: /etc/pki/CA/cacert.pem,
+     /etc/pki/libvirt/{servercert,clientcert}.pem,
+     /etc/pki/libvirt/private/{serverkey,clientkey}.pem;
+  3. /etc/libvirt/qemu.conf gets default_tls_x509_cert_dir and default_tls_x509_verify = 1;
+     /etc/libvirt/libvirtd.conf gets listen_tls = 1, listen_tcp = 0, tls_port = \"16514\",
+     auth_tls = \"none\", key_file, cert_file, ca_file. Every other line and comment is kept;
+  4. firewall rules opening 16514 and 49152-49215 are written to
+     /etc/nftables.d/qemu-tls-migrate.nft and, for iptables hosts,
+     /etc/iptables/qemu-tls-migrate.rules (written, not loaded).
+
+Running it again changes nothing. A file that is replaced is first copied to
+<file>.qemu-tls-migrate.orig, once. Missing CloudStack files are an error that changes
+nothing. --root DIR places everything under DIR (the default --from too).
+Restart libvirtd afterwards; running VMs and QEMU processes need no restart.
+
+Examples:
+  qemu-tls-migrate host secure --dry-run        # show the diff, change nothing
+  qemu-tls-migrate host secure
+  qemu-tls-migrate host secure --root /tmp/h1 --from /tmp/certs
+
+With --json, prints one JSON object: {\"root\", \"dry_run\", \"changes\": [{\"path\", \"action\",
+\"backup\"}], \"unchanged\", \"diff\", \"pki\", ...}.
+Exit status: 0 when done (or nothing to do) and the PKI directory is usable; 1 on error.")]
+    Secure(SecureArgs),
+    /// Report whether this host is secured: {"secured": bool, "reasons": [...]}.
+    #[command(long_about = "\
+Report whether this host is secured for TLS migration: its PKI directory (qemu.conf's
+default_tls_x509_cert_dir, else /etc/pki/qemu) passes the checks of `pki check` for both
+roles. This is the flag a CloudStack agent reports to the management server. qemu.conf and
+libvirtd.conf settings that differ from what `host secure` sets are listed as warnings.
+
+Example:
+  qemu-tls-migrate host status --json
+  {\"secured\":false,\"reasons\":[\"/etc/pki/qemu/server-key.pem: does not exist; ...\"],...}
+
+Exit status: 0 when secured, 1 when not.")]
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SecureArgs {
+    /// Directory holding cloud.ca.crt, cloud.crt and cloud.key [default: ROOT/etc/cloudstack/agent].
+    #[arg(long, value_name = "DIR")]
+    pub from: Option<PathBuf>,
+    /// Place every file written under this directory instead of / (for tests and images).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// The PKI directory QEMU reads, as seen on the host.
+    #[arg(long, value_name = "DIR", default_value = pki::DEFAULT_PKI_DIR)]
+    pub pki_dir: PathBuf,
+    /// Print what would change (a unified diff for configuration files); change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Look at the host under this directory instead of / (for tests and images).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: HostCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        HostCommand::Secure(args) => secure(args),
+        HostCommand::Status(args) => status(args),
+    }
+}
+
+fn secure(args: SecureArgs) -> anyhow::Result<Outcome> {
+    let options = SecureOptions {
+        root: args.root.clone(),
+        from: args.from.clone(),
+        pki_dir: args.pki_dir.clone(),
+    };
+    let plan = host::plan_secure(&options)
+        .with_context(|| format!("securing the host under {}", args.root.display()))?;
+    let firewall_hint = format!(
+        "load the firewall rules with `nft -f {}` or `iptables-restore --noflush < {}`",
+        host::NFT_RULES,
+        host::IPTABLES_RULES
+    );
+    let mut report = SecureReport {
+        root: plan.root.clone(),
+        source_dir: plan.source_dir.clone(),
+        pki_dir: plan.pki_dir.clone(),
+        dry_run: args.dry_run,
+        changes: plan.changes(),
+        unchanged: plan.unchanged.clone(),
+        diff: None,
+        pki: None,
+        firewall_hint,
+    };
+    if args.dry_run {
+        report.diff = Some(plan.diff());
+    } else {
+        report.changes = plan
+            .apply()
+            .with_context(|| format!("securing the host under {}", args.root.display()))?;
+        report.pki = Some(pki::check_dir(&plan.pki_dir, None));
+    }
+    let usable = report.pki.as_ref().is_none_or(|r| r.usable);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_secure(&report);
+    }
+    Ok(if usable {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+fn print_secure(report: &SecureReport) {
+    if report.changes.is_empty() {
+        println!(
+            "Host under {} is already secured as `host secure` would; nothing changed.",
+            report.root.display()
+        );
+    } else if let Some(diff) = &report.diff {
+        println!(
+            "Dry run: {} change(s) under {} (nothing written):",
+            report.changes.len(),
+            report.root.display()
+        );
+        print!("{diff}");
+    } else {
+        println!(
+            "Secured the host under {} from {}:",
+            report.root.display(),
+            report.source_dir.display()
+        );
+        for change in &report.changes {
+            let backup = change
+                .backup
+                .as_ref()
+                .map(|b| format!(" (backup {})", b.display()))
+                .unwrap_or_default();
+            println!("  {:<8} {}{backup}", change.action, change.path.display());
+        }
+        println!(
+            "Restart libvirtd to use the new settings; {}.",
+            report.firewall_hint
+        );
+    }
+    if let Some(pki) = &report.pki {
+        for finding in &pki.findings {
+            println!("pki check: {}", finding.reason());
+        }
+        if !pki.usable {
+            println!(
+                "The PKI directory {} is not usable for migration: fix the certificates above.",
+                pki.dir.display()
+            );
+        }
+    }
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<Outcome> {
+    let status = host::status(&args.root);
+    if args.json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        if status.secured {
+            println!("secured (PKI directory {})", status.pki_dir.display());
+        } else {
+            println!("not secured (PKI directory {}):", status.pki_dir.display());
+        }
+        for reason in &status.reasons {
+            println!("  {reason}");
+        }
+        for warning in &status.warnings {
+            println!("  warning: {warning}");
+        }
+    }
+    Ok(if status.secured {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}

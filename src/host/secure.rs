@@ -1,0 +1,655 @@
+//! `host secure`: lay out a CloudStack host's certificates for QEMU and libvirt, set
+//! `qemu.conf`/`libvirtd.conf`, write firewall rules.
+//!
+//! The steps, all under `--root` (default `/`):
+//! 1. Read `cloud.ca.crt`, `cloud.crt`, `cloud.key` from the CloudStack directory; a missing or
+//!    non-PEM file is an error before anything is written.
+//! 2. The PKI directory (`/etc/pki/qemu`) gets the five files as copies: `ca-cert.pem` from
+//!    `cloud.ca.crt`, `server-cert.pem` and `client-cert.pem` from `cloud.crt`, `server-key.pem`
+//!    and `client-key.pem` from `cloud.key` (certificates 0644, keys 0640 group QEMU's group).
+//! 3. libvirt's paths become relative symlinks into it (`/etc/pki/CA/cacert.pem`,
+//!    `/etc/pki/libvirt/servercert.pem`, ...), so one renewal updates both.
+//! 4. `qemu.conf` and `libvirtd.conf` get the settings of the templates, other lines untouched.
+//! 5. nftables rules and an iptables alternative open 16514 and 49152-49215 (written, not loaded).
+//!
+//! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once; what is
+//! already as wanted is left alone, so a second run changes nothing.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Serialize;
+
+use super::conf::{self, Setting};
+use super::{
+    BACKUP_SUFFIX, CLOUDSTACK_CA, CLOUDSTACK_CERT, CLOUDSTACK_KEY, DEFAULT_CLOUDSTACK_DIR,
+    HostError, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT, LIBVIRT_CLIENT_KEY,
+    LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES, QEMU_CONF, under,
+};
+use crate::pki;
+
+const QEMU_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/qemu.conf");
+const LIBVIRTD_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/libvirtd.conf");
+const NFT_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.nft");
+const IPTABLES_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.iptables");
+
+const DIR_MODE: u32 = 0o755;
+const CERT_MODE: u32 = 0o644;
+const KEY_MODE: u32 = 0o640;
+const RULES_MODE: u32 = 0o644;
+/// Mode of a newly created `qemu.conf` (Debian ships it 0600: it may hold passwords).
+const NEW_QEMU_CONF_MODE: u32 = 0o600;
+/// Mode of a newly created `libvirtd.conf` (as Debian ships it).
+const NEW_LIBVIRTD_CONF_MODE: u32 = 0o644;
+
+/// Renders a template: `{pki_dir}` becomes the PKI directory.
+pub fn render_template(template: &str, pki_dir: &Path) -> String {
+    template.replace("{pki_dir}", &pki_dir.display().to_string())
+}
+
+pub(super) fn qemu_conf_settings(pki_dir: &Path) -> Vec<Setting> {
+    conf::parse_settings(&render_template(QEMU_CONF_TEMPLATE, pki_dir))
+}
+
+pub(super) fn libvirtd_conf_settings() -> Vec<Setting> {
+    conf::parse_settings(LIBVIRTD_CONF_TEMPLATE)
+}
+
+/// What `host secure` is asked to do.
+#[derive(Debug, Clone)]
+pub struct SecureOptions {
+    /// Everything read and written is placed under this directory (`/` on a real host).
+    pub root: PathBuf,
+    /// Where CloudStack's `cloud.ca.crt`, `cloud.crt`, `cloud.key` are; `None`:
+    /// `<root>/etc/cloudstack/agent`. An explicit path is used as given, not under `root`.
+    pub from: Option<PathBuf>,
+    /// The PKI directory as on the host (default `/etc/pki/qemu`).
+    pub pki_dir: PathBuf,
+}
+
+impl SecureOptions {
+    /// The real host: root `/`, CloudStack's directory, `/etc/pki/qemu`.
+    pub fn new(root: impl Into<PathBuf>) -> SecureOptions {
+        SecureOptions {
+            root: root.into(),
+            from: None,
+            pki_dir: PathBuf::from(pki::DEFAULT_PKI_DIR),
+        }
+    }
+
+    fn source_dir(&self) -> PathBuf {
+        self.from
+            .clone()
+            .unwrap_or_else(|| under(&self.root, Path::new(DEFAULT_CLOUDSTACK_DIR)))
+    }
+}
+
+/// One change to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create a directory.
+    CreateDir { path: PathBuf, mode: u32 },
+    /// Write a file (atomically), replacing what is there.
+    WriteFile {
+        path: PathBuf,
+        contents: Vec<u8>,
+        mode: u32,
+        /// Group to give it (QEMU's group for keys), when known.
+        gid: Option<u32>,
+        /// What is there now, when it is a regular file (for the diff and the backup).
+        old: Option<Vec<u8>>,
+        /// Show a text diff on `--dry-run` (configuration), or just a line (certificates, keys).
+        text: bool,
+    },
+    /// Make `path` a symlink to `target`, replacing what is there.
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+        /// Something (file or other link) is there now and gets backed up.
+        replaces: bool,
+    },
+}
+
+impl Action {
+    /// The path the action changes.
+    pub fn path(&self) -> &Path {
+        match self {
+            Action::CreateDir { path, .. }
+            | Action::WriteFile { path, .. }
+            | Action::Symlink { path, .. } => path,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Action::CreateDir { .. } => "mkdir",
+            Action::WriteFile { .. } => "write",
+            Action::Symlink { .. } => "symlink",
+        }
+    }
+
+    /// True when something already at the path is replaced (and backed up once).
+    fn replaces(&self) -> bool {
+        match self {
+            Action::CreateDir { .. } => false,
+            Action::WriteFile { old, path, .. } => old.is_some() || path.is_symlink(),
+            Action::Symlink { replaces, .. } => *replaces,
+        }
+    }
+}
+
+/// The changes `host secure` would make; empty when the host is already as wanted.
+#[derive(Debug, Clone)]
+pub struct SecurePlan {
+    pub root: PathBuf,
+    pub source_dir: PathBuf,
+    /// The PKI directory under `root`.
+    pub pki_dir: PathBuf,
+    pub actions: Vec<Action>,
+    /// Paths that are already as wanted.
+    pub unchanged: Vec<PathBuf>,
+}
+
+/// One change made (or, on a dry run, to be made), for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppliedChange {
+    pub path: PathBuf,
+    /// `mkdir`, `write` or `symlink`.
+    pub action: &'static str,
+    /// The one-time backup of what was there, when one was (or would be) made.
+    pub backup: Option<PathBuf>,
+}
+
+/// What `host secure` did: the `--json` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecureReport {
+    pub root: PathBuf,
+    pub source_dir: PathBuf,
+    pub pki_dir: PathBuf,
+    pub dry_run: bool,
+    /// The changes made, or to be made on a dry run; empty when nothing needed changing.
+    pub changes: Vec<AppliedChange>,
+    pub unchanged: Vec<PathBuf>,
+    /// The unified diff of the changes (dry run only).
+    pub diff: Option<String>,
+    /// `pki check` of the resulting PKI directory (after a real run).
+    pub pki: Option<pki::Report>,
+    /// How to load the firewall rules (they are written, not loaded).
+    pub firewall_hint: String,
+}
+
+/// Works out what `host secure` changes; reads only. Missing or unparsable CloudStack files are
+/// an error here, before anything is written.
+pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
+    let root = &options.root;
+    let source_dir = options.source_dir();
+    let sources = read_sources(&source_dir)?;
+    let pki_dir = under(root, &options.pki_dir);
+    let key_gid = pki::qemu_group().and_then(|name| {
+        nix::unistd::Group::from_name(&name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    });
+    let mut planner = Planner::default();
+
+    // 2. The PKI directory, with copies.
+    let pki_files: [(&str, &[u8], u32, Option<u32>); 5] = [
+        (pki::CA_CERT, &sources.ca, CERT_MODE, None),
+        (pki::SERVER_CERT, &sources.cert, CERT_MODE, None),
+        (pki::SERVER_KEY, &sources.key, KEY_MODE, key_gid),
+        (pki::CLIENT_CERT, &sources.cert, CERT_MODE, None),
+        (pki::CLIENT_KEY, &sources.key, KEY_MODE, key_gid),
+    ];
+    planner.dir(&pki_dir)?;
+    for (name, contents, mode, gid) in pki_files {
+        planner.file(&pki_dir.join(name), contents.to_vec(), mode, gid, false)?;
+    }
+
+    // 3. libvirt's paths, as relative symlinks into the PKI directory.
+    let links = [
+        (LIBVIRT_CA_CERT, pki::CA_CERT),
+        (LIBVIRT_SERVER_CERT, pki::SERVER_CERT),
+        (LIBVIRT_CLIENT_CERT, pki::CLIENT_CERT),
+        (LIBVIRT_SERVER_KEY, pki::SERVER_KEY),
+        (LIBVIRT_CLIENT_KEY, pki::CLIENT_KEY),
+    ];
+    for (link, name) in links {
+        let link_abs = Path::new(link);
+        let target = relative_target(link_abs, &options.pki_dir.join(name));
+        let path = under(root, link_abs);
+        if let Some(parent) = path.parent() {
+            planner.dir(parent)?;
+        }
+        planner.symlink(&path, target)?;
+    }
+
+    // 4. Configuration files.
+    let configs = [
+        (
+            QEMU_CONF,
+            qemu_conf_settings(&options.pki_dir),
+            NEW_QEMU_CONF_MODE,
+        ),
+        (
+            LIBVIRTD_CONF,
+            libvirtd_conf_settings(),
+            NEW_LIBVIRTD_CONF_MODE,
+        ),
+    ];
+    for (file, settings, new_mode) in configs {
+        let path = under(root, Path::new(file));
+        let old = read_optional(&path)?;
+        let old_text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
+        let new_text = conf::apply(&old_text, &settings);
+        if let Some(parent) = path.parent() {
+            planner.dir(parent)?;
+        }
+        let mode = existing_mode(&path).unwrap_or(new_mode);
+        planner.file(&path, new_text.into_bytes(), mode, None, true)?;
+    }
+
+    // 5. Firewall rules.
+    for (file, template) in [
+        (NFT_RULES, NFT_TEMPLATE),
+        (IPTABLES_RULES, IPTABLES_TEMPLATE),
+    ] {
+        let path = under(root, Path::new(file));
+        if let Some(parent) = path.parent() {
+            planner.dir(parent)?;
+        }
+        planner.file(&path, template.as_bytes().to_vec(), RULES_MODE, None, true)?;
+    }
+
+    Ok(SecurePlan {
+        root: root.clone(),
+        source_dir,
+        pki_dir,
+        actions: planner.actions,
+        unchanged: planner.unchanged,
+    })
+}
+
+struct Sources {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+fn read_sources(dir: &Path) -> Result<Sources, HostError> {
+    let paths = [CLOUDSTACK_CA, CLOUDSTACK_CERT, CLOUDSTACK_KEY].map(|name| dir.join(name));
+    let missing: Vec<PathBuf> = paths.iter().filter(|p| !p.is_file()).cloned().collect();
+    if !missing.is_empty() {
+        return Err(HostError::MissingSource { paths: missing });
+    }
+    let read = |path: &PathBuf| {
+        fs::read(path).map_err(|source| HostError::Io {
+            action: "read",
+            path: path.clone(),
+            source,
+        })
+    };
+    let [ca_path, cert_path, key_path] = &paths;
+    let (ca, cert, key) = (read(ca_path)?, read(cert_path)?, read(key_path)?);
+    for (path, bytes) in [(ca_path, &ca), (cert_path, &cert)] {
+        if CertificateDer::pem_slice_iter(bytes)
+            .find_map(Result::ok)
+            .is_none()
+        {
+            return Err(HostError::BadSource {
+                path: path.clone(),
+                problem: "holds no PEM certificate".to_string(),
+            });
+        }
+    }
+    if PrivateKeyDer::from_pem_slice(&key).is_err() {
+        return Err(HostError::BadSource {
+            path: key_path.clone(),
+            problem: "holds no unencrypted PEM private key".to_string(),
+        });
+    }
+    Ok(Sources { ca, cert, key })
+}
+
+/// `target` relative to the directory of `link` (both absolute host paths).
+fn relative_target(link: &Path, target: &Path) -> PathBuf {
+    let base: Vec<_> = link
+        .parent()
+        .map(|p| p.components().collect())
+        .unwrap_or_default();
+    let to: Vec<_> = target.components().collect();
+    let common = base.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..base.len() {
+        rel.push("..");
+    }
+    for c in &to[common..] {
+        rel.push(c);
+    }
+    rel
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, HostError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => fs::read(path).map(Some).map_err(|source| HostError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        }),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(HostError::Io {
+            action: "inspect",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn existing_mode(path: &Path) -> Option<u32> {
+    fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.mode() & 0o7777)
+}
+
+#[derive(Default)]
+struct Planner {
+    actions: Vec<Action>,
+    unchanged: Vec<PathBuf>,
+}
+
+impl Planner {
+    fn dir(&mut self, path: &Path) -> Result<(), HostError> {
+        if path.is_dir() || self.actions.iter().any(|a| a.path() == path) {
+            return Ok(());
+        }
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            self.dir(parent)?;
+        }
+        self.actions.push(Action::CreateDir {
+            path: path.to_path_buf(),
+            mode: DIR_MODE,
+        });
+        Ok(())
+    }
+
+    fn file(
+        &mut self,
+        path: &Path,
+        contents: Vec<u8>,
+        mode: u32,
+        gid: Option<u32>,
+        text: bool,
+    ) -> Result<(), HostError> {
+        let old = read_optional(path)?;
+        let same_contents = old.as_deref() == Some(contents.as_slice());
+        let meta = fs::symlink_metadata(path).ok();
+        let same_mode = meta.as_ref().is_some_and(|m| m.mode() & 0o7777 == mode);
+        let same_group = gid.is_none_or(|gid| meta.as_ref().is_some_and(|m| m.gid() == gid));
+        if same_contents && same_mode && same_group {
+            self.unchanged.push(path.to_path_buf());
+            return Ok(());
+        }
+        self.actions.push(Action::WriteFile {
+            path: path.to_path_buf(),
+            contents,
+            mode,
+            gid,
+            old,
+            text,
+        });
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &Path, target: PathBuf) -> Result<(), HostError> {
+        let replaces = match fs::read_link(path) {
+            Ok(current) if current == target => {
+                self.unchanged.push(path.to_path_buf());
+                return Ok(());
+            }
+            Ok(_) => true,
+            Err(_) => path.symlink_metadata().is_ok(),
+        };
+        self.actions.push(Action::Symlink {
+            path: path.to_path_buf(),
+            target,
+            replaces,
+        });
+        Ok(())
+    }
+}
+
+fn backup_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(BACKUP_SUFFIX);
+    PathBuf::from(name)
+}
+
+impl SecurePlan {
+    /// True when the host is already as `host secure` leaves it.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// The changes, for the report.
+    pub fn changes(&self) -> Vec<AppliedChange> {
+        self.actions
+            .iter()
+            .map(|action| {
+                let backup_at = backup_path(action.path());
+                let backup = (action.replaces() && backup_at.symlink_metadata().is_err())
+                    .then_some(backup_at);
+                AppliedChange {
+                    path: action.path().to_path_buf(),
+                    action: action.kind(),
+                    backup,
+                }
+            })
+            .collect()
+    }
+
+    /// A unified diff of the configuration changes, and one line per other change.
+    pub fn diff(&self) -> String {
+        let mut out = String::new();
+        for action in &self.actions {
+            match action {
+                Action::CreateDir { path, mode } => {
+                    out.push_str(&format!("mkdir -m {mode:04o} {}\n", path.display()));
+                }
+                Action::Symlink { path, target, .. } => {
+                    out.push_str(&format!("ln -sf {} {}\n", target.display(), path.display()));
+                }
+                Action::WriteFile {
+                    path,
+                    contents,
+                    mode,
+                    old,
+                    text: true,
+                    ..
+                } => {
+                    let old_text =
+                        String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
+                    let new_text = String::from_utf8_lossy(contents);
+                    let old_name = if old.is_some() {
+                        path.display().to_string()
+                    } else {
+                        "/dev/null".to_string()
+                    };
+                    let d = super::diff::unified(
+                        &old_text,
+                        &new_text,
+                        &old_name,
+                        &path.display().to_string(),
+                    );
+                    if d.is_empty() {
+                        out.push_str(&format!("chmod {mode:04o} {}\n", path.display()));
+                    } else {
+                        out.push_str(&d);
+                    }
+                }
+                Action::WriteFile {
+                    path,
+                    mode,
+                    old,
+                    text: false,
+                    ..
+                } => {
+                    let verb = if old.is_some() { "replace" } else { "write" };
+                    out.push_str(&format!(
+                        "{verb} {} (mode {mode:04o}; contents not shown)\n",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Makes the changes: directories, then files (atomically), then symlinks; whatever is
+    /// replaced is first backed up once to `<path>.qemu-tls-migrate.orig`.
+    pub fn apply(&self) -> Result<Vec<AppliedChange>, HostError> {
+        let changes = self.changes();
+        for (action, change) in self.actions.iter().zip(&changes) {
+            if let Some(backup) = &change.backup {
+                make_backup(action.path(), backup)?;
+            }
+            match action {
+                Action::CreateDir { path, mode } => create_dir(path, *mode)?,
+                Action::WriteFile {
+                    path,
+                    contents,
+                    mode,
+                    gid,
+                    ..
+                } => write_file(path, contents, *mode, *gid)?,
+                Action::Symlink { path, target, .. } => make_symlink(path, target)?,
+            }
+            tracing::info!(path = %action.path().display(), action = action.kind(), "host secure");
+        }
+        Ok(changes)
+    }
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
+    let path = path.to_path_buf();
+    move |source| HostError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn make_backup(path: &Path, backup: &Path) -> Result<(), HostError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(path).map_err(io_err("read the link", path))?;
+        std::os::unix::fs::symlink(target, backup).map_err(io_err("back up to", backup))?;
+    } else {
+        fs::copy(path, backup).map_err(io_err("back up to", backup))?;
+    }
+    tracing::info!(path = %path.display(), backup = %backup.display(), "backed up");
+    Ok(())
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), HostError> {
+    fs::create_dir(path).map_err(io_err("create directory", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(io_err("set the mode of", path))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32, gid: Option<u32>) -> Result<(), HostError> {
+    let parent = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(parent).map_err(io_err("create a file next to", path))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("set the mode of", path))?;
+    if let Some(gid) = gid
+        && nix::unistd::geteuid().is_root()
+    {
+        nix::unistd::fchown(tmp.as_file(), None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|errno| io_err("set the group of", path)(std::io::Error::from(errno)))?;
+    }
+    tmp.write_all(contents).map_err(io_err("write", path))?;
+    tmp.as_file().sync_all().map_err(io_err("write", path))?;
+    tmp.persist(path)
+        .map_err(|e| io_err("replace", path)(e.error))?;
+    Ok(())
+}
+
+fn make_symlink(path: &Path, target: &Path) -> Result<(), HostError> {
+    // Make the link next to it, then rename over: the path is never missing.
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".qemu-tls-migrate.tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(io_err("create the symlink", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("replace", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_targets_point_into_the_pki_dir() {
+        assert_eq!(
+            relative_target(
+                Path::new("/etc/pki/libvirt/private/serverkey.pem"),
+                Path::new("/etc/pki/qemu/server-key.pem")
+            ),
+            PathBuf::from("../../qemu/server-key.pem")
+        );
+        assert_eq!(
+            relative_target(
+                Path::new("/etc/pki/CA/cacert.pem"),
+                Path::new("/etc/pki/qemu/ca-cert.pem")
+            ),
+            PathBuf::from("../qemu/ca-cert.pem")
+        );
+    }
+
+    #[test]
+    fn templates_hold_the_settings_the_issue_asks_for() {
+        let qemu = qemu_conf_settings(Path::new("/etc/pki/qemu"));
+        let libvirtd = libvirtd_conf_settings();
+
+        let keys = |s: &[Setting]| s.iter().map(|s| s.key.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            keys(&qemu),
+            ["default_tls_x509_cert_dir", "default_tls_x509_verify"]
+        );
+        assert_eq!(qemu[0].value, "\"/etc/pki/qemu\"");
+        assert_eq!(
+            keys(&libvirtd),
+            [
+                "listen_tls",
+                "listen_tcp",
+                "tls_port",
+                "auth_tls",
+                "key_file",
+                "cert_file",
+                "ca_file"
+            ]
+        );
+        assert!(NFT_TEMPLATE.contains("16514, 49152-49215"));
+        assert!(IPTABLES_TEMPLATE.contains("49152:49215"));
+    }
+
+    #[test]
+    fn missing_sources_are_an_error_touching_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+
+        let err = plan_secure(&SecureOptions::new(tmp.path())).expect_err("missing");
+
+        assert!(matches!(err, HostError::MissingSource { ref paths } if paths.len() == 3));
+        assert_eq!(fs::read_dir(tmp.path()).expect("dir").count(), 0);
+    }
+}
