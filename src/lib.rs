@@ -4,12 +4,14 @@
 //! - [`migration`]: the plan (preflight, prepare destination, migrate RAM, switchover, finish)
 //!   with an undo stack that rolls back whatever was done.
 //! - [`pki`]: load, validate and create PKI directories; decides whether a side is *secured*.
+//! - [`bench`]: benchmark harness (TLS against TCP, interleaved, with reports).
 //! - [`host`]: secured-host state, CloudStack certificate layout, qemu.conf/libvirtd.conf, firewall.
 //! - [`ports`]: migration and NBD port allocation, safe across concurrent migrations on one host.
 //! - [`vm`]: launching local QEMU processes (demo, benchmarks, tests).
 //! - [`qemu`]: typed QMP commands and replies, tolerant of QEMU 7.2.
 //! - [`qmp`]: the asynchronous QMP protocol client; knows nothing of QEMU's command names.
 
+pub mod bench;
 pub mod host;
 pub mod migration;
 pub mod pki;

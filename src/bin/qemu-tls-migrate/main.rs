@@ -3,6 +3,7 @@
 
 #![allow(clippy::print_stderr)]
 
+mod bench_cmd;
 mod demo;
 mod host_cmd;
 mod migrate_cmd;
@@ -48,6 +49,8 @@ enum Command {
     Migrate(Box<migrate_cmd::MigrateArgs>),
     /// Show a complete TLS migration between two local VMs, with nothing to prepare.
     Demo(Box<demo::DemoArgs>),
+    /// Benchmark native TLS against the plain TCP baseline, interleaved in one run.
+    Bench(Box<bench_cmd::BenchArgs>),
     /// Check or create PKI directories (QEMU's tls-creds-x509 layout).
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
@@ -74,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Migrate(args) => runtime()?.block_on(migrate_cmd::run(*args, quiet)),
         Command::Demo(args) => runtime()?.block_on(demo::run(*args, quiet)),
+        Command::Bench(args) => runtime()?.block_on(bench_cmd::run(*args, quiet)),
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Host(cmd) => host_cmd::run(cmd),
     }

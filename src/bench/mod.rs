@@ -1,0 +1,1 @@
+//! Benchmark harness: VM pairs, guest workloads, measurements, reports. (Stub: being written.)
