@@ -1,5 +1,6 @@
 //! Integration tests against real QEMU 7.2 processes, real TLS and real sockets.
 //! One test binary; every QEMU is started through `fixture`.
 
+mod cli;
 mod fixture;
 mod migration;

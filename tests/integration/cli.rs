@@ -1,0 +1,143 @@
+//! The command line as CloudStack's agent and a person use it: the JSON contract, exit codes,
+//! and SIGINT cancelling a running migration with everything rolled back.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::fixture::{self, DEST_HOST, Lab, Pair};
+
+fn migrate_args<'a>(pair: &'a Pair, src_pki: &'a str, dst_pki: &'a str) -> Vec<String> {
+    [
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &pair.source.qmp_path().display().to_string(),
+        "--dest-qmp",
+        &pair.dest.qmp_path().display().to_string(),
+        "--dest-host",
+        DEST_HOST,
+        "--source-pki-dir",
+        src_pki,
+        "--dest-pki-dir",
+        dst_pki,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let pair = Pair::start().await;
+    let args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    );
+
+    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["transport"], "tls");
+    for field in ["bytes", "total_ms", "downtime_ms", "throughput_mbps"] {
+        assert!(
+            json["ram"][field].is_number(),
+            "ram.{field} missing in {json}"
+        );
+    }
+    assert!(json.get("error").is_none());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l.starts_with("{\"progress\"")),
+        "no JSON progress lines: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
+    let lab = Lab::new("Test CA");
+    let unsecured = tempfile::tempdir().expect("empty dir");
+    let src = lab.host("src", &["src-host"]);
+    let pair = Pair::start().await;
+    let args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        unsecured.path().to_str().expect("utf-8"),
+    );
+
+    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["status"], "failed");
+    assert_eq!(json["error"]["kind"], "mixed-security");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("destination")
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_cancels_a_running_migration_and_rolls_back_with_exit_4() {
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let pair = Pair::start().await;
+    let mut args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    );
+    args.extend(["--max-bandwidth".to_string(), "8M".to_string()]);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+
+    // Wait for the first progress sample with bytes on the wire, then press Ctrl-C.
+    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 0 {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        moving.ok(),
+        Some(true),
+        "the migration never started moving bytes"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+    let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the tool exits after SIGINT")
+        .expect("wait");
+    drain.abort();
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(4), "{json}");
+    assert_eq!(json["status"], "cancelled");
+    assert_eq!(json["error"]["kind"], "cancelled");
+    fixture::assert_source_untouched(&pair.source).await;
+}
