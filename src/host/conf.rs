@@ -41,7 +41,7 @@ pub fn parse_settings(text: &str) -> Vec<Setting> {
 pub fn get(text: &str, key: &str) -> Option<String> {
     text.lines()
         .filter_map(|line| active_value(line, key))
-        .last()
+        .next_back()
         .map(|v| strip_comment(v).to_string())
 }
 

@@ -1,5 +1,6 @@
 //! Drives one migration through the steps listed in the module docs of [`super`].
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::disks::{self, DestDisk, DiskProgress, DiskReport, SourceDisk};
 use super::undo::{self, Undo};
 use super::{
     FinalStatus, MigrationError, MigrationOptions, OBJECT_PREFIX, PROGRESS_INTERVAL, Phase,
@@ -15,10 +17,12 @@ use super::{
 };
 use crate::ports::{self, PortLease};
 use crate::qemu::{
-    CapabilityState, Cont, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
-    MigrationEvent, MigrationInfo, MigrationStatus, ObjectAdd, ObjectDel, QueryMigrate,
-    QueryMigrateCapabilities, QueryMigrateParameters, QueryStatus, RamStats, Stop, TlsEndpoint,
-    tcp_uri,
+    BlockExportAdd, BlockJobCancel, BlockJobEvent, BlockResize, BlockdevAddNbd, BlockdevMirror,
+    CapabilityState, Cont, InetAddress, Migrate, MigrateContinue, MigrateIncoming,
+    MigrateSetCapabilities, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
+    NbdServerStart, NbdServerStop, ObjectAdd, ObjectDel, QueryBlock, QueryBlockJobs, QueryMigrate,
+    QueryMigrateCapabilities, QueryMigrateParameters, QueryNamedBlockNodes, QueryStatus, RamStats,
+    Stop, TlsEndpoint, tcp_uri,
 };
 use crate::qmp::{Events, Qmp, QmpError};
 
@@ -47,7 +51,9 @@ pub async fn migrate(
         transport: None,
         ram: RamReport::default(),
         conns: None,
-        _port: None,
+        _ports: Vec::new(),
+        disk_progress: Vec::new(),
+        disk_reports: Vec::new(),
     };
     let result = run.execute(cancel).await;
     run.report(Phase::Cleanup, None, None);
@@ -68,6 +74,7 @@ pub async fn migrate(
         status,
         transport: run.transport,
         ram: run.ram,
+        disks: run.disk_reports,
         wall: run.started.elapsed(),
         warnings: run.warnings,
         cleanup_errors,
@@ -85,7 +92,9 @@ struct Run<'a> {
     ram: RamReport,
     conns: Option<(Qmp, Qmp)>,
     /// Held until the migration ends, so no other migration on this host takes the port.
-    _port: Option<PortLease>,
+    _ports: Vec<PortLease>,
+    disk_progress: Vec<DiskProgress>,
+    disk_reports: Vec<DiskReport>,
 }
 
 /// What the preflight learnt about the source.
@@ -100,6 +109,7 @@ impl Run<'_> {
             status,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             ram,
+            disks: self.disk_progress.clone(),
         };
         (self.progress)(&p);
     }
@@ -149,6 +159,20 @@ impl Run<'_> {
         )
         .await?;
 
+        // Disks and ports are settled before anything changes, so a refusal leaves no trace.
+        let (disks, dest_disks) = self.select_disks(&src, &dst).await?;
+        let mig_lease = ports::allocate(opts.port_range)?;
+        let port = mig_lease.port();
+        self._ports.push(mig_lease);
+        let nbd_port = if disks.is_empty() {
+            None
+        } else {
+            let lease = ports::allocate(opts.port_range)?;
+            let p = lease.port();
+            self._ports.push(lease);
+            Some(p)
+        };
+
         // 3. Can QEMU itself read the credentials?
         if transport == Transport::Tls {
             self.probe_credentials(Side::Destination, &dst).await?;
@@ -176,6 +200,10 @@ impl Run<'_> {
         }
         self.set_capabilities(Side::Destination, &dst, &dst_caps, &wanted)
             .await?;
+        if !disks.is_empty() {
+            // Stop at pre-switchover, CPUs paused, to end the mirrors before the last RAM pass.
+            wanted.push(("pause-before-switchover", true));
+        }
         self.set_capabilities(Side::Source, &src, &src_caps, &wanted)
             .await?;
 
@@ -200,9 +228,10 @@ impl Run<'_> {
         self.set_parameters(Side::Source, &src, &src_params, &src_set)
             .await?;
 
-        let lease = ports::allocate(opts.port_range)?;
-        let port = lease.port();
-        self._port = Some(lease);
+        if let Some(nbd_port) = nbd_port {
+            self.export_disks(&dst, &disks, &dest_disks, nbd_port, &creds)
+                .await?;
+        }
         let listen_uri = tcp_uri(opts.listen_address(), port);
         let connect_uri = match &opts.source_connect {
             Some(hostport) => format!("tcp:{hostport}"),
@@ -219,8 +248,13 @@ impl Run<'_> {
         )
         .await?;
 
-        // 5. Migrate.
+        // 5. Disks, then 6. RAM.
         let mut src_events = src.subscribe();
+        if let Some(nbd_port) = nbd_port {
+            self.mirror_disks(&src, &disks, nbd_port, &creds).await?;
+            self.wait_mirrors_ready(&src, &disks, &mut src_events, &mut dst_events, cancel)
+                .await?;
+        }
         if source_state.was_running {
             self.undo.push(Undo::ResumeSource);
         }
@@ -234,7 +268,7 @@ impl Run<'_> {
         .await?;
         self.report(Phase::Ram, Some(MigrationStatus::Setup), None);
         let info = self
-            .follow(&src, &mut src_events, &mut dst_events, cancel)
+            .follow(&src, &disks, &mut src_events, &mut dst_events, cancel)
             .await?;
         let ram = info.ram.unwrap_or_default();
         self.ram = RamReport::from_stats(
@@ -243,10 +277,15 @@ impl Run<'_> {
             info.downtime.unwrap_or(0),
         );
 
-        // 6. Finish on the destination.
+        // 7. Finish on the destination.
         self.report(Phase::Finish, info.status, Some(ram));
-        self.finish_destination(&dst, &mut dst_events, source_state.was_running)
-            .await
+        self.finish_destination(
+            &dst,
+            &mut dst_events,
+            source_state.was_running,
+            !disks.is_empty(),
+        )
+        .await
     }
 
     async fn check_source(&mut self, src: &Qmp) -> Result<SourceState, MigrationError> {
@@ -444,10 +483,12 @@ impl Run<'_> {
     async fn follow(
         &mut self,
         src: &Qmp,
+        disks: &[SourceDisk],
         src_events: &mut Events,
         dst_events: &mut Events,
         cancel: &CancellationToken,
     ) -> Result<MigrationInfo, MigrationError> {
+        let mut switched = false;
         let opts = self.opts;
         let t = opts.qmp_timeout;
         let deadline = opts.timeout.map(|d| self.started + d);
@@ -475,6 +516,10 @@ impl Run<'_> {
                             if m.status.is_final() {
                                 break;
                             }
+                            if m.status == MigrationStatus::PreSwitchover && !switched {
+                                switched = true;
+                                self.switchover(src, disks, src_events).await?;
+                            }
                         }
                     }
                     Some(_) => {}
@@ -491,6 +536,10 @@ impl Run<'_> {
                     self.report(Phase::Ram, info.status, info.ram);
                     if info.status.is_some_and(MigrationStatus::is_final) {
                         break;
+                    }
+                    if info.status == Some(MigrationStatus::PreSwitchover) && !switched {
+                        switched = true;
+                        self.switchover(src, disks, src_events).await?;
                     }
                     if ram.transferred > last_bytes {
                         last_bytes = ram.transferred;
@@ -515,7 +564,7 @@ impl Run<'_> {
         .await?;
         self.report(Phase::Ram, info.status, info.ram);
         if info.status == Some(MigrationStatus::Completed) {
-            return Ok(info);
+            return Ok(self.final_stats(src, info).await);
         }
         let desc = info
             .error_desc
@@ -530,6 +579,22 @@ impl Run<'_> {
         }
     }
 
+    /// QEMU 7.2 sets the status to `completed` a moment before it fills in `total-time` and
+    /// `downtime`; a query in between sees neither. Asks again, briefly, until they are there.
+    async fn final_stats(&mut self, src: &Qmp, mut info: MigrationInfo) -> MigrationInfo {
+        for _ in 0..40 {
+            if info.total_time.unwrap_or(0) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            match src.call_timeout(&QueryMigrate, self.opts.qmp_timeout).await {
+                Ok(again) => info = again,
+                Err(_) => break,
+            }
+        }
+        info
+    }
+
     /// Waits for the destination to finish loading, then resumes it (or pauses it, with
     /// `dest_paused`), so it runs exactly when the source ran before.
     async fn finish_destination(
@@ -537,6 +602,7 @@ impl Run<'_> {
         dst: &Qmp,
         dst_events: &mut Events,
         source_was_running: bool,
+        has_disks: bool,
     ) -> Result<(), MigrationError> {
         let t = self.opts.qmp_timeout;
         let deadline = Instant::now() + DEST_FINISH_TIMEOUT;
@@ -566,6 +632,16 @@ impl Run<'_> {
                 _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
             }
         };
+        if has_disks {
+            // The exports must be gone before the guest runs and writes its disks itself.
+            qmp(
+                Side::Destination,
+                "nbd-server-stop",
+                dst.call_timeout(&NbdServerStop, t),
+            )
+            .await?;
+            self.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
+        }
         let want_running = source_was_running && !self.opts.dest_paused;
         if want_running && !status.running {
             qmp(Side::Destination, "cont", dst.call_timeout(&Cont, t)).await?;
@@ -574,6 +650,328 @@ impl Run<'_> {
             qmp(Side::Destination, "stop", dst.call_timeout(&Stop, t)).await?;
         }
         Ok(())
+    }
+}
+
+impl Run<'_> {
+    /// Picks the source disks to copy and checks the destination can take each.
+    async fn select_disks(
+        &mut self,
+        src: &Qmp,
+        dst: &Qmp,
+    ) -> Result<(Vec<SourceDisk>, Vec<DestDisk>), MigrationError> {
+        if self.opts.disks == disks::DiskSelection::None {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let t = self.opts.qmp_timeout;
+        let blocks = qmp(
+            Side::Source,
+            "query-block",
+            src.call_timeout(&QueryBlock, t),
+        )
+        .await?;
+        let selected = disks::select(&blocks, &self.opts.disks)?;
+        if selected.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let dest_nodes = qmp(
+            Side::Destination,
+            "query-named-block-nodes",
+            dst.call_timeout(&QueryNamedBlockNodes, t),
+        )
+        .await?;
+        let dest = disks::check_destination(&dest_nodes, &selected, self.opts.create_dest_disks)?;
+        tracing::info!(disks = ?selected.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
+        Ok((selected, dest))
+    }
+
+    /// Destination side of the disk copy: grow what must grow, start the NBD server (with the
+    /// migration's TLS credentials), export each disk writable.
+    async fn export_disks(
+        &mut self,
+        dst: &Qmp,
+        disks: &[SourceDisk],
+        dest: &[DestDisk],
+        port: u16,
+        creds: &str,
+    ) -> Result<(), MigrationError> {
+        let t = self.opts.qmp_timeout;
+        for (disk, d) in disks.iter().zip(dest) {
+            if let DestDisk::Grow(size) = d {
+                tracing::info!(node = %disk.node, size, "growing the destination disk");
+                let resize = BlockResize {
+                    node_name: disk.node.clone(),
+                    size: *size,
+                };
+                qmp(
+                    Side::Destination,
+                    "block_resize",
+                    dst.call_timeout(&resize, t),
+                )
+                .await?;
+            }
+        }
+        let mut start = NbdServerStart::inet(self.opts.listen_address(), port);
+        if !creds.is_empty() {
+            start.tls_creds = Some(creds.to_string());
+        }
+        self.undo.push(Undo::StopNbdServer);
+        qmp(
+            Side::Destination,
+            "nbd-server-start",
+            dst.call_timeout(&start, t),
+        )
+        .await?;
+        for disk in disks {
+            let export = BlockExportAdd::nbd_writable(&disk.export_id(), &disk.node);
+            qmp(
+                Side::Destination,
+                "block-export-add",
+                dst.call_timeout(&export, t),
+            )
+            .await?;
+        }
+        tracing::info!(port, "destination exports its disks over NBD");
+        Ok(())
+    }
+
+    /// Source side: an NBD client node per disk (TLS as the migration) and a mirror into it.
+    async fn mirror_disks(
+        &mut self,
+        src: &Qmp,
+        disks: &[SourceDisk],
+        port: u16,
+        creds: &str,
+    ) -> Result<(), MigrationError> {
+        let t = self.opts.qmp_timeout;
+        let host = self.opts.listen_address().to_string();
+        let tls = !creds.is_empty();
+        for disk in disks {
+            let add = BlockdevAddNbd {
+                driver: "nbd",
+                node_name: disk.nbd_node(),
+                server: InetAddress::new(&host, port),
+                export: disk.node.clone(),
+                tls_creds: tls.then(|| creds.to_string()),
+                tls_hostname: tls.then(|| self.opts.effective_tls_hostname().to_string()),
+            };
+            qmp(Side::Source, "blockdev-add nbd", src.call_timeout(&add, t)).await?;
+            self.undo.push(Undo::DeleteBlockNode {
+                side: Side::Source,
+                node: disk.nbd_node(),
+            });
+        }
+        self.disk_progress = disks
+            .iter()
+            .map(|d| DiskProgress {
+                device: d.node.clone(),
+                offset: 0,
+                len: d.size,
+                ready: false,
+            })
+            .collect();
+        for disk in disks {
+            let mirror = BlockdevMirror {
+                job_id: disk.job_id(),
+                device: disk.node.clone(),
+                target: disk.nbd_node(),
+                sync: "full",
+                copy_mode: self.opts.mirror_mode,
+            };
+            qmp(
+                Side::Source,
+                "blockdev-mirror",
+                src.call_timeout(&mirror, t),
+            )
+            .await?;
+            self.undo.push(Undo::CancelJob { job: disk.job_id() });
+        }
+        Ok(())
+    }
+
+    /// Follows the mirrors until every one is ready (source and destination in sync),
+    /// reporting progress. Fails on a mirror error, a dead destination, a stall, the deadline,
+    /// or cancellation.
+    async fn wait_mirrors_ready(
+        &mut self,
+        src: &Qmp,
+        disks: &[SourceDisk],
+        src_events: &mut Events,
+        dst_events: &mut Events,
+        cancel: &CancellationToken,
+    ) -> Result<(), MigrationError> {
+        let opts = self.opts;
+        let t = opts.qmp_timeout;
+        let started = Instant::now();
+        let deadline = opts.timeout.map(|d| self.started + d);
+        let mut ready: HashMap<String, u64> = HashMap::new();
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        let mut last_total = 0;
+        let mut last_change = Instant::now();
+        let node_of = |job: &str| {
+            disks
+                .iter()
+                .find(|d| d.job_id() == job)
+                .map(|d| d.node.clone())
+        };
+        self.report(Phase::Disks, None, None);
+        while ready.len() < disks.len() {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = sleep_until_opt(deadline) => {
+                    return Err(MigrationError::Timeout { after: opts.timeout.unwrap_or_default() });
+                }
+                event = src_events.next() => {
+                    let Some(e) = event else {
+                        return Err(source_gone(src, "copying disks"));
+                    };
+                    let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else { continue };
+                    let Some(node) = node_of(&job.device) else { continue };
+                    match e.event.as_str() {
+                        "BLOCK_JOB_READY" => {
+                            tracing::info!(%node, bytes = job.len, "mirror ready");
+                            ready.insert(node.clone(), started.elapsed().as_millis() as u64);
+                            if let Some(p) = self.disk_progress.iter_mut().find(|p| p.device == node) {
+                                p.offset = job.offset;
+                                p.len = job.len;
+                                p.ready = true;
+                            }
+                        }
+                        "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR" => {
+                            return Err(MigrationError::MirrorFailed {
+                                node,
+                                desc: job.error.unwrap_or_else(|| format!("{} before the copy was in sync", e.event)),
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                event = dst_events.next() => {
+                    if event.is_none() {
+                        return Err(MigrationError::DestinationDied { desc: Some("while disks were being copied".into()) });
+                    }
+                }
+                _ = tick.tick() => {
+                    let jobs = qmp(Side::Source, "query-block-jobs", src.call_timeout(&QueryBlockJobs, t)).await?;
+                    for p in self.disk_progress.iter_mut() {
+                        if let Some(j) = jobs.iter().find(|j| node_of(&j.device).as_deref() == Some(p.device.as_str())) {
+                            p.offset = j.offset;
+                            p.len = j.len;
+                            p.ready |= j.ready;
+                        }
+                    }
+                    self.report(Phase::Disks, None, None);
+                    let total: u64 = self.disk_progress.iter().map(|p| p.offset).sum();
+                    if total > last_total {
+                        last_total = total;
+                        last_change = Instant::now();
+                    } else if last_change.elapsed() >= opts.stall_timeout {
+                        return Err(MigrationError::Stalled { after: opts.stall_timeout, status: "copying disks".into() });
+                    }
+                }
+            }
+        }
+        self.disk_reports = self
+            .disk_progress
+            .iter()
+            .map(|p| {
+                let ms = ready.get(&p.device).copied().unwrap_or(0);
+                let mbps = if ms == 0 {
+                    0.0
+                } else {
+                    p.len as f64 * 8.0 / 1e6 / (ms as f64 / 1000.0)
+                };
+                DiskReport {
+                    device: p.device.clone(),
+                    bytes: p.len,
+                    ms,
+                    throughput_mbps: (mbps * 10.0).round() / 10.0,
+                }
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// At `pre-switchover` (source CPUs paused): end every ready mirror without pivoting, so
+    /// the destination's disks hold exactly the source's, then let the migration finish.
+    async fn switchover(
+        &mut self,
+        src: &Qmp,
+        disks: &[SourceDisk],
+        src_events: &mut Events,
+    ) -> Result<(), MigrationError> {
+        let t = self.opts.qmp_timeout;
+        for disk in disks {
+            let cancel = BlockJobCancel {
+                device: disk.job_id(),
+                force: false,
+            };
+            qmp(
+                Side::Source,
+                "block-job-cancel",
+                src.call_timeout(&cancel, t),
+            )
+            .await?;
+        }
+        let mut pending: Vec<String> = disks.iter().map(|d| d.job_id()).collect();
+        let deadline = Instant::now() + t;
+        while !pending.is_empty() {
+            let event = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(MigrationError::MirrorFailed {
+                        node: pending.join(", "),
+                        desc: format!("the mirror did not finish within {t:?} at switch-over"),
+                    });
+                }
+                event = src_events.next() => event,
+            };
+            let Some(e) = event else {
+                return Err(source_gone(src, "switch-over"));
+            };
+            let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else {
+                continue;
+            };
+            if !pending.contains(&job.device) {
+                continue;
+            }
+            let node = disks
+                .iter()
+                .find(|d| d.job_id() == job.device)
+                .map(|d| d.node.clone())
+                .unwrap_or_else(|| job.device.clone());
+            match (e.event.as_str(), job.error) {
+                ("BLOCK_JOB_COMPLETED", None) => {
+                    pending.retain(|j| j != &job.device);
+                    if let Some(r) = self.disk_reports.iter_mut().find(|r| r.device == node) {
+                        r.bytes = r.bytes.max(job.offset);
+                    }
+                }
+                ("BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED", error) => {
+                    return Err(MigrationError::MirrorFailed {
+                        node,
+                        desc: error.unwrap_or_else(|| "cancelled before it was in sync".into()),
+                    });
+                }
+                _ => {}
+            }
+        }
+        tracing::info!("mirrors completed at switch-over; continuing");
+        let cont = MigrateContinue {
+            state: MigrationStatus::PreSwitchover,
+        };
+        qmp(Side::Source, "migrate-continue", src.call_timeout(&cont, t)).await?;
+        Ok(())
+    }
+}
+
+fn source_gone(src: &Qmp, step: &'static str) -> MigrationError {
+    MigrationError::Qmp {
+        side: Side::Source,
+        step,
+        source: QmpError::Closed {
+            peer: src.peer().to_string(),
+            reason: "the source QEMU exited".into(),
+        },
     }
 }
 

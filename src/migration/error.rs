@@ -62,6 +62,20 @@ pub enum MigrationError {
         #[source]
         source: QmpError,
     },
+    #[error("the source has no disk {node} (its block nodes: {})", .available.join(", "))]
+    UnknownDisk {
+        node: String,
+        available: Vec<String>,
+    },
+    #[error(
+        "the destination has no block node {node} to copy the disk into: start it with a disk of \
+         the same node name (-blockdev ...,node-name={node})"
+    )]
+    DestDiskMissing { node: String },
+    #[error("the destination's disk {node} cannot take the copy: {reason}")]
+    DestDiskUnusable { node: String, reason: String },
+    #[error("copying disk {node} to the destination failed: {desc}")]
+    MirrorFailed { node: String, desc: String },
     #[error("no port for the migration stream")]
     Ports(#[from] PortError),
     #[error(
@@ -98,6 +112,11 @@ impl MigrationError {
             MigrationError::Qmp { source, .. } if source.is_timeout() => "timeout",
             MigrationError::Qmp { source, .. } if source.is_closed() => "qemu-gone",
             MigrationError::Qmp { .. } => "qmp",
+            MigrationError::UnknownDisk { .. } => "unknown-disk",
+            MigrationError::DestDiskMissing { .. } | MigrationError::DestDiskUnusable { .. } => {
+                "destination-disk"
+            }
+            MigrationError::MirrorFailed { .. } => "mirror-failed",
             MigrationError::Ports(_) => "ports",
             MigrationError::TlsHandshake { .. } => "tls-handshake",
             MigrationError::Failed { .. } => "migration-failed",
@@ -119,6 +138,10 @@ impl MigrationError {
                 | MigrationError::DestinationNotIncoming { .. }
                 | MigrationError::SourceNotReady { .. }
                 | MigrationError::CredentialsUnusable { .. }
+                | MigrationError::UnknownDisk { .. }
+                | MigrationError::DestDiskMissing { .. }
+                | MigrationError::DestDiskUnusable { .. }
+                | MigrationError::Ports(_)
         )
     }
 

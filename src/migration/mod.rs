@@ -12,17 +12,26 @@
 //! 4. **Prepare.** `tls-creds-x509` objects (server on the destination, client on the source),
 //!    capabilities (`events`, `multifd`) and parameters (`tls-creds`, `tls-hostname`,
 //!    bandwidth, downtime) on both sides; a port from the range; `migrate-incoming`.
-//! 5. **Migrate.** `migrate` on the source; follow `MIGRATION` events and `query-migrate`,
+//! 5. **Disks** (non-shared storage). The destination exports each disk over NBD (with the
+//!    same TLS credentials); the source adds an NBD client node per disk and mirrors into it
+//!    (`sync: full`, all disks at once), until every mirror is ready.
+//! 6. **Migrate.** `migrate` on the source; follow `MIGRATION` events and `query-migrate`,
 //!    reporting progress; watch for a dead destination, a stall, the deadline, cancellation.
-//! 6. **Finish.** Wait for the destination to complete, resume it (unless asked not to).
-//! 7. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
+//!    With disks, `pause-before-switchover` stops at `pre-switchover` with the source's CPUs
+//!    paused: each ready mirror is cancelled (it completes without pivoting, the destination in
+//!    sync), then `migrate-continue`.
+//! 7. **Finish.** Wait for the destination to complete, stop its NBD server, resume it (unless
+//!    asked not to).
+//! 8. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
 //!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
 
+mod disks;
 mod driver;
 mod error;
 mod report;
 mod undo;
 
+pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
 pub use driver::migrate;
 pub use error::MigrationError;
 pub use report::{FinalStatus, Phase, Progress, RamReport, Report};
@@ -35,6 +44,7 @@ use serde::Serialize;
 
 use crate::pki::{self, Role, Security};
 use crate::ports::PortRange;
+use crate::qemu::CopyMode;
 
 /// `max-bandwidth` meaning "no limit": the largest value QEMU accepts (libvirt uses the same).
 /// QEMU 7.2's own default is 128 MiB/s, which would throttle a loopback or 10G link.
@@ -140,6 +150,12 @@ pub struct MigrationOptions {
     pub timeout: Option<Duration>,
     /// Leave the destination paused after completion (like `virsh migrate --suspend`).
     pub dest_paused: bool,
+    /// Disks to copy over NBD before RAM moves (non-shared storage).
+    pub disks: DiskSelection,
+    /// How mirrors treat guest writes during the copy.
+    pub mirror_mode: CopyMode,
+    /// Grow destination disks smaller than the source's instead of refusing.
+    pub create_dest_disks: bool,
 }
 
 impl MigrationOptions {
@@ -162,6 +178,9 @@ impl MigrationOptions {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             timeout: None,
             dest_paused: false,
+            disks: DiskSelection::None,
+            mirror_mode: CopyMode::Background,
+            create_dest_disks: false,
         }
     }
 

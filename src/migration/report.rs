@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{MigrationError, Transport};
+use super::{DiskProgress, DiskReport, MigrationError, Transport};
 use crate::qemu::{MigrationStatus, RamStats};
 
 /// Where a migration is.
@@ -13,6 +13,8 @@ use crate::qemu::{MigrationStatus, RamStats};
 pub enum Phase {
     Preflight,
     Prepare,
+    /// Copying disks (NBD mirrors), before RAM.
+    Disks,
     Ram,
     Finish,
     Cleanup,
@@ -27,6 +29,8 @@ pub struct Progress {
     pub elapsed_ms: u64,
     /// RAM counters from `query-migrate` (bytes transferred, remaining, total, dirty rate, ...).
     pub ram: Option<RamStats>,
+    /// Mirror progress per disk (empty without disk copies).
+    pub disks: Vec<DiskProgress>,
 }
 
 /// How a migration ended.
@@ -80,6 +84,8 @@ pub struct Report {
     /// `None` when the migration was refused before a transport was chosen.
     pub transport: Option<Transport>,
     pub ram: RamReport,
+    /// One entry per copied disk.
+    pub disks: Vec<DiskReport>,
     /// Wall time of the whole run, preflight and clean-up included.
     pub wall: Duration,
     pub warnings: Vec<String>,

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use super::Side;
 use crate::qemu::{
-    CapabilityState, Cont, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters,
-    MigrationStatus, ObjectDel, QueryMigrate, QueryStatus, Quit,
+    BlockJobCancel, BlockdevDel, CapabilityState, Cont, MigrateCancel, MigrateSetCapabilities,
+    MigrateSetParameters, MigrationStatus, NbdServerStop, ObjectDel, QueryBlockJobs, QueryMigrate,
+    QueryStatus, Quit,
 };
 use crate::qmp::{Qmp, QmpError};
 
@@ -34,13 +35,27 @@ pub(crate) enum Undo {
     ResumeSource,
     /// `quit` the destination QEMU: after `migrate-incoming` it cannot take another migration.
     TearDownDestination,
+    /// Stop the destination's NBD server (closing its exports).
+    StopNbdServer,
+    /// Delete a block node the tool added.
+    DeleteBlockNode {
+        side: Side,
+        node: String,
+    },
+    /// Cancel a mirror job (forced, no completion) and wait until it is gone.
+    CancelJob {
+        job: String,
+    },
 }
 
 impl Undo {
     fn needed_after_success(&self) -> bool {
         !matches!(
             self,
-            Undo::CancelMigration | Undo::ResumeSource | Undo::TearDownDestination
+            Undo::CancelMigration
+                | Undo::ResumeSource
+                | Undo::TearDownDestination
+                | Undo::CancelJob { .. }
         )
     }
 
@@ -48,9 +63,10 @@ impl Undo {
         match self {
             Undo::DeleteObject { side, .. }
             | Undo::RestoreCapabilities { side, .. }
-            | Undo::RestoreParameters { side, .. } => *side,
-            Undo::CancelMigration | Undo::ResumeSource => Side::Source,
-            Undo::TearDownDestination => Side::Destination,
+            | Undo::RestoreParameters { side, .. }
+            | Undo::DeleteBlockNode { side, .. } => *side,
+            Undo::CancelMigration | Undo::ResumeSource | Undo::CancelJob { .. } => Side::Source,
+            Undo::TearDownDestination | Undo::StopNbdServer => Side::Destination,
         }
     }
 }
@@ -127,6 +143,19 @@ async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError
             tracing::info!("tearing down the destination QEMU");
             qmp.call_timeout(&Quit, timeout).await?;
         }
+        Undo::StopNbdServer => {
+            qmp.call_timeout(&NbdServerStop, timeout).await?;
+        }
+        Undo::DeleteBlockNode { node, .. } => {
+            qmp.call_timeout(
+                &BlockdevDel {
+                    node_name: node.clone(),
+                },
+                timeout,
+            )
+            .await?;
+        }
+        Undo::CancelJob { job } => cancel_job(qmp, job, timeout).await?,
     }
     Ok(())
 }
@@ -155,4 +184,39 @@ async fn wait_migration_stopped(qmp: &Qmp, timeout: Duration) -> Result<(), QmpE
             _ = tokio::time::sleep(super::PROGRESS_INTERVAL) => {}
         }
     }
+}
+
+/// Force-cancels a block job if it still exists, and waits until QEMU has dismissed it (its
+/// target node cannot be deleted before).
+async fn cancel_job(qmp: &Qmp, job: &str, timeout: Duration) -> Result<(), QmpError> {
+    let exists = |jobs: &[crate::qemu::BlockJobInfo]| jobs.iter().any(|j| j.device == job);
+    let mut events = qmp.subscribe();
+    if !exists(&qmp.call_timeout(&QueryBlockJobs, timeout).await?) {
+        return Ok(());
+    }
+    let cancel = BlockJobCancel {
+        device: job.to_string(),
+        force: true,
+    };
+    if let Err(e) = qmp.call_timeout(&cancel, timeout).await {
+        // It may have ended between the query and the cancel.
+        if exists(&qmp.call_timeout(&QueryBlockJobs, timeout).await?) {
+            return Err(e);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while exists(&qmp.call_timeout(&QueryBlockJobs, timeout).await?) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(QmpError::Timeout {
+                    peer: qmp.peer().to_string(),
+                    command: format!("block-job-cancel {job}"),
+                    after: timeout,
+                });
+            }
+            _ = events.next() => {}
+            _ = tokio::time::sleep(super::PROGRESS_INTERVAL) => {}
+        }
+    }
+    Ok(())
 }

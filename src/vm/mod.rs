@@ -59,6 +59,26 @@ impl DiskFormat {
     }
 }
 
+/// Creates a disk image with `qemu-img create` (sparse: it costs no space until written).
+pub fn create_image(path: &Path, format: DiskFormat, size: u64) -> Result<(), VmError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", format.as_str()])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(|source| VmError::Spawn {
+            binary: "qemu-img".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(VmError::Image {
+            path: path.to_path_buf(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// One disk: an image file as block node `node`, attached to a virtio-blk device `node-dev`.
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -160,6 +180,8 @@ pub enum VmError {
         path: PathBuf,
         after: Duration,
     },
+    #[error("cannot create disk image {path}: {detail}")]
+    Image { path: PathBuf, detail: String },
     #[error("QMP on VM {name}")]
     Qmp {
         name: String,
@@ -234,6 +256,17 @@ impl Vm {
     /// Whether the process is still alive.
     pub fn is_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Asks QEMU to exit (`quit`, which flushes and closes its disks) and waits for it; kills
+    /// it if it has not gone within `timeout`.
+    pub async fn quit(&mut self, timeout: Duration) {
+        if let Ok(qmp) = Qmp::connect(&self.monitor, timeout).await {
+            let _ = qmp.call_timeout(&crate::qemu::Quit, timeout).await;
+        }
+        if !self.wait_exit(timeout).await {
+            self.kill().await;
+        }
     }
 
     /// Kills QEMU (SIGKILL) and reaps it.

@@ -7,9 +7,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use qemu_tls_migrate::migration::DiskSelection;
 use qemu_tls_migrate::migration::{Endpoint, MigrationOptions};
 use qemu_tls_migrate::pki::init_lab;
-use qemu_tls_migrate::vm::{Vm, VmConfig};
+use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, Vm, VmConfig, create_image};
+use std::path::Path;
+use std::time::Duration;
 
 use crate::migrate_cmd::{TuningArgs, outcome_of, run_migration};
 use crate::outcome::Outcome;
@@ -35,6 +38,9 @@ pub struct DemoArgs {
     /// How much of the guest RAM to fill with data before migrating, in MiB.
     #[arg(long, default_value_t = 192)]
     pub fill_mib: u64,
+    /// Size of the VM's local disk in MiB (copied over NBD with the same TLS); 0 for none.
+    #[arg(long, default_value_t = 64)]
+    pub disk_mib: u64,
     /// Keep the temporary directory (PKI, logs, RAM files) and print where it is.
     #[arg(long)]
     pub keep: bool,
@@ -65,10 +71,30 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
 
     let mut config = VmConfig::new("demo-source", &root.join("source"));
     config.ram_mib = args.ram_mib;
+    let disk_paths = (
+        root.join("source-disk.qcow2"),
+        root.join("destination-disk.qcow2"),
+    );
+    if args.disk_mib > 0 {
+        prepare_disks(&disk_paths.0, &disk_paths.1, args.disk_mib << 20)?;
+        config.disks.push(DiskConfig {
+            node: "disk0".into(),
+            path: disk_paths.0.clone(),
+            format: DiskFormat::Qcow2,
+        });
+        say(format!(
+            "local disk disk0: {} MiB qcow2, half of it written with data; an empty one waits on the destination",
+            args.disk_mib
+        ));
+    }
     let source = Vm::launch(config.clone())
         .await
         .context("cannot start the source VM")?;
-    let dest_config = config.destination("demo-destination", &root.join("destination"), &[]);
+    let dest_config = config.destination(
+        "demo-destination",
+        &root.join("destination"),
+        std::slice::from_ref(&disk_paths.1),
+    );
     let dest = Vm::launch(dest_config)
         .await
         .context("cannot start the destination VM")?;
@@ -96,6 +122,9 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
         DEST_HOST,
     );
     options.dest_address = Some("127.0.0.1".into());
+    if args.disk_mib > 0 {
+        options.disks = DiskSelection::AllLocal;
+    }
     args.tuning.apply(&mut options);
     say(format!(
         "migrating {SOURCE_HOST} -> {DEST_HOST} (127.0.0.1), transport {:?}",
@@ -104,11 +133,52 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
 
     let report = run_migration(&options, args.tuning.json, quiet).await;
     print_report(&report, args.tuning.json);
-    drop(source);
-    drop(dest);
+    let (mut source, mut dest) = (source, dest);
+    source.quit(Duration::from_secs(10)).await;
+    dest.quit(Duration::from_secs(10)).await;
+    if args.disk_mib > 0 && report.error.is_none() {
+        say(compare_disks(&disk_paths.0, &disk_paths.1));
+    }
     if args.keep {
         let kept = tmp.keep();
         say(format!("kept {}", kept.display()));
     }
     Ok(outcome_of(&report))
+}
+
+/// A source image with data in its first half, and an empty destination image of the same size.
+fn prepare_disks(source: &Path, dest: &Path, size: u64) -> anyhow::Result<()> {
+    create_image(source, DiskFormat::Qcow2, size)?;
+    create_image(dest, DiskFormat::Qcow2, size)?;
+    let pattern = format!("write -P 0x5a 0 {}", size / 2);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &pattern])
+        .arg(source)
+        .output()
+        .context("cannot run qemu-io (qemu-utils)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "qemu-io could not write the demo disk: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// `qemu-img compare` of the two images, in words.
+fn compare_disks(source: &Path, dest: &Path) -> String {
+    match std::process::Command::new("qemu-img")
+        .arg("compare")
+        .arg(source)
+        .arg(dest)
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            "qemu-img compare: source and destination disks are identical".into()
+        }
+        Ok(out) => format!(
+            "qemu-img compare: disks DIFFER: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        Err(e) => format!("qemu-img compare could not run: {e}"),
+    }
 }

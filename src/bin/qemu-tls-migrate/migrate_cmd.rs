@@ -6,14 +6,22 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, Endpoint, FinalStatus, MigrationOptions, Report, TransportChoice, UNLIMITED_BANDWIDTH,
+    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, Report, TransportChoice,
+    UNLIMITED_BANDWIDTH,
 };
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
+use qemu_tls_migrate::qemu::CopyMode;
 use tokio_util::sync::CancellationToken;
 
 use crate::outcome::Outcome;
 use crate::output::{ProgressOut, print_report};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MirrorModeArg {
+    Background,
+    WriteBlocking,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TransportArg {
@@ -82,6 +90,9 @@ client-cert.pem/client-key.pem, for the destination, server-cert.pem/server-key.
 qemu-tls-migrate migrate --source-qmp /run/vm1/qmp.sock --dest-qmp /run/vm1-in/qmp.sock \\\n    \
 --dest-host host-b --dest-address 127.0.0.1 --source-pki-dir /etc/pki/host-a \\\n    \
 --dest-pki-dir /etc/pki/host-b --json\n\n\
+Block migration of a VM on local storage (the destination started with empty disks of the same \
+node names and sizes):\n  \
+qemu-tls-migrate migrate --source-qmp ... --dest-qmp ... --dest-host host-b --all-local-disks\n\n\
 Exit codes: 0 completed, 1 migration failed (rolled back), 2 bad command line, 3 refused before \
 anything was changed, 4 cancelled by SIGINT/SIGTERM (rolled back).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
@@ -121,6 +132,24 @@ pub struct MigrateArgs {
     /// Leave the destination paused after the migration (like virsh migrate --suspend).
     #[arg(long)]
     pub dest_paused: bool,
+    /// Copy this disk (block node name, as in -blockdev node-name=...) to the destination over
+    /// NBD before RAM moves. Repeat for several disks.
+    #[arg(long = "disk", value_name = "NODE", conflicts_with = "all_local_disks")]
+    pub disks: Vec<String>,
+    /// Copy every writable disk that is not on shared storage. Shared means a network driver
+    /// (nbd, rbd, iscsi, gluster, ssh, http...) or a file on NFS, CIFS/SMB, Ceph, FUSE
+    /// (GlusterFS), GFS2, OCFS2 or Lustre, as statfs reports for the image's path.
+    #[arg(long)]
+    pub all_local_disks: bool,
+    /// background: guest writes during the copy are sent later from a dirty bitmap;
+    /// write-blocking: guest writes wait for the destination, so a guest that writes faster
+    /// than the network still converges.
+    #[arg(long, value_enum, default_value = "background")]
+    pub mirror_mode: MirrorModeArg,
+    /// Grow destination disks smaller than the source's to the source's size (the destination
+    /// QEMU must already have a disk with the same node name).
+    #[arg(long)]
+    pub create_dest_disks: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -146,6 +175,18 @@ impl MigrateArgs {
         o.tls_hostname = self.tls_hostname.clone();
         o.source_connect = self.source_connect.clone();
         o.dest_paused = self.dest_paused;
+        o.disks = if self.all_local_disks {
+            DiskSelection::AllLocal
+        } else if self.disks.is_empty() {
+            DiskSelection::None
+        } else {
+            DiskSelection::Nodes(self.disks.clone())
+        };
+        o.mirror_mode = match self.mirror_mode {
+            MirrorModeArg::Background => CopyMode::Background,
+            MirrorModeArg::WriteBlocking => CopyMode::WriteBlocking,
+        };
+        o.create_dest_disks = self.create_dest_disks;
         self.tuning.apply(&mut o);
         o
     }

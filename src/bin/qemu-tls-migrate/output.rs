@@ -49,7 +49,14 @@ impl ProgressOut {
             }
             ProgressOut::Bar(bar) => {
                 bar.set_prefix(format!("{:?}", p.phase).to_lowercase());
-                if let Some(ram) = &p.ram {
+                if p.ram.is_none() && !p.disks.is_empty() {
+                    let len: u64 = p.disks.iter().map(|d| d.len).sum();
+                    let done: u64 = p.disks.iter().map(|d| d.offset).sum();
+                    let ready = p.disks.iter().filter(|d| d.ready).count();
+                    bar.set_length(len);
+                    bar.set_position(done);
+                    bar.set_message(format!("disks {ready}/{} in sync", p.disks.len()));
+                } else if let Some(ram) = &p.ram {
                     bar.set_length(ram.total);
                     bar.set_position(ram.total.saturating_sub(ram.remaining));
                     let remaining_s = if ram.mbps > 0.0 {
@@ -90,6 +97,7 @@ pub fn report_json(report: &Report) -> Value {
             "guest_ram_bytes": report.ram.total,
             "dirty_sync_count": report.ram.dirty_sync_count,
         },
+        "disks": report.disks,
         "wall_ms": report.wall.as_millis() as u64,
         "warnings": report.warnings,
     });
@@ -138,6 +146,15 @@ pub fn print_report(report: &Report, json: bool) {
             report.ram.downtime_ms,
             report.ram.throughput_mbps,
             report.ram.dirty_sync_count,
+        );
+    }
+    for d in &report.disks {
+        println!(
+            "  disk {}: {} copied in {} ms, {:.1} Mbit/s",
+            d.device,
+            indicatif::HumanBytes(d.bytes),
+            d.ms,
+            d.throughput_mbps
         );
     }
     println!("  wall time: {} ms", report.wall.as_millis());
