@@ -3,4 +3,6 @@
 
 mod cli;
 mod fixture;
+mod host;
 mod migration;
+mod pki;

@@ -1,0 +1,381 @@
+//! `host secure` and `host status` through the binary, on a temporary root holding a realistic
+//! CloudStack agent directory and Debian's stock `qemu.conf`/`libvirtd.conf` (abridged).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use qemu_tls_migrate::pki::{HostCert, LabCa};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_qemu-tls-migrate");
+
+/// Abridged from Debian 12's /etc/libvirt/qemu.conf: the TLS block and its neighbours.
+const STOCK_QEMU_CONF: &str = r#"# Main configuration file for the QEMU driver.
+# All settings described here are optional - if omitted, sensible
+# defaults are used.
+
+# Use of TLS requires that x509 certificates be issued. The default is
+# to keep them in /etc/pki/qemu. This directory must contain
+#
+#  ca-cert.pem - the CA master certificate
+#  server-cert.pem - the server certificate signed with ca-cert.pem
+#  server-key.pem  - the server private key
+#
+# and optionally may contain
+#
+#  dh-params.pem - the DH params configuration file
+#
+#default_tls_x509_cert_dir = "/etc/pki/qemu"
+
+
+# The default TLS configuration only uses certificates for the server
+# allowing the client to verify the server's identity and establish
+# an encrypted channel.
+#
+# It is possible to use x509 certificates for authentication too, by
+# issuing an x509 certificate to every client who needs to connect.
+#
+# Enabling this option will reject any client who does not have a
+# certificate signed by the CA in /etc/pki/qemu/ca-cert.pem
+#
+#default_tls_x509_verify = 1
+
+vnc_listen = "0.0.0.0"
+#user = "qemu"
+security_driver = "none"
+"#;
+
+/// Abridged from Debian 12's /etc/libvirt/libvirtd.conf, with TCP turned on as some hosts have.
+const STOCK_LIBVIRTD_CONF: &str = r#"# Master libvirt daemon configuration file
+#
+
+#################################################################
+#
+# Network connectivity controls
+#
+
+# Flag listening for secure TLS connections on the public TCP/IP port.
+#listen_tls = 0
+
+# Listen for unencrypted TCP connections on the public TCP/IP port.
+listen_tcp = 1
+
+# Override the port for accepting secure TLS connections
+#tls_port = "16514"
+
+#listen_addr = "192.168.0.1"
+
+unix_sock_group = "libvirt"
+unix_sock_rw_perms = "0770"
+
+# Change the authentication scheme for TLS sockets.
+#auth_tls = "none"
+
+#################################################################
+#
+# TLS x509 certificate configuration
+#
+
+# Override the default server key file path
+#key_file = "/etc/pki/libvirt/private/serverkey.pem"
+
+# Override the default server certificate file path
+#cert_file = "/etc/pki/libvirt/servercert.pem"
+
+# Override the default CA certificate path
+#ca_file = "/etc/pki/CA/cacert.pem"
+
+log_level = 3
+"#;
+
+fn tool(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run qemu-tls-migrate")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// A root with CloudStack's agent certificates (one certificate for both roles, as
+/// CloudStack's CA issues it, named after host-a) and the stock configuration files.
+fn cloudstack_root() -> TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    let agent = root.path().join("etc/cloudstack/agent");
+    fs::create_dir_all(&agent).expect("mkdir");
+    let ca = LabCa::generate("CloudStack CA").expect("ca");
+    let (cert, key) = ca
+        .issue_dual_pem(&HostCert::new(vec!["host-a".to_string()]))
+        .expect("issue");
+    fs::write(agent.join("cloud.ca.crt"), ca.cert_pem()).expect("write");
+    fs::write(agent.join("cloud.crt"), cert).expect("write");
+    fs::write(agent.join("cloud.key"), key).expect("write");
+    fs::set_permissions(agent.join("cloud.key"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let libvirt = root.path().join("etc/libvirt");
+    fs::create_dir_all(&libvirt).expect("mkdir");
+    fs::write(libvirt.join("qemu.conf"), STOCK_QEMU_CONF).expect("write");
+    fs::set_permissions(libvirt.join("qemu.conf"), fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    fs::write(libvirt.join("libvirtd.conf"), STOCK_LIBVIRTD_CONF).expect("write");
+    root
+}
+
+/// Every path under `root` with its contents (or link target) and mode.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, (String, u32)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            let meta = fs::symlink_metadata(&path).expect("metadata");
+            let what = if meta.file_type().is_symlink() {
+                format!("-> {}", fs::read_link(&path).expect("read_link").display())
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else {
+                String::from_utf8_lossy(&fs::read(&path).expect("read")).into_owned()
+            };
+            out.insert(path, (what, meta.mode() & 0o7777));
+        }
+    }
+    out
+}
+
+fn secure(root: &Path, extra: &[&str]) -> (Output, Value) {
+    let mut args = vec!["host", "secure", "--root", path_str(root), "--json"];
+    args.extend_from_slice(extra);
+    let out = tool(&args);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out, json)
+}
+
+/// True when `old`'s lines appear in `new` in the same order, except those in `replaced`.
+fn keeps_lines(old: &str, new: &str, replaced: &[&str]) -> bool {
+    let mut new_lines = new.lines();
+    old.lines()
+        .filter(|l| !replaced.contains(l))
+        .all(|l| new_lines.any(|n| n == l))
+}
+
+#[test]
+fn host_secure_root_sets_configs_and_keeps_other_lines() {
+    let root = cloudstack_root();
+
+    let (out, report) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(report["pki"]["usable"], true, "{report:#}");
+    let qemu_conf = fs::read_to_string(root.path().join("etc/libvirt/qemu.conf")).expect("read");
+    let libvirtd_conf =
+        fs::read_to_string(root.path().join("etc/libvirt/libvirtd.conf")).expect("read");
+    assert!(qemu_conf.contains(
+        "#default_tls_x509_cert_dir = \"/etc/pki/qemu\"\ndefault_tls_x509_cert_dir = \"/etc/pki/qemu\"\n"
+    ));
+    assert!(qemu_conf.contains("#default_tls_x509_verify = 1\ndefault_tls_x509_verify = 1\n"));
+    assert!(keeps_lines(STOCK_QEMU_CONF, &qemu_conf, &[]));
+    for line in [
+        "listen_tls = 1",
+        "listen_tcp = 0",
+        "tls_port = \"16514\"",
+        "auth_tls = \"none\"",
+        "key_file = \"/etc/pki/libvirt/private/serverkey.pem\"",
+        "cert_file = \"/etc/pki/libvirt/servercert.pem\"",
+        "ca_file = \"/etc/pki/CA/cacert.pem\"",
+    ] {
+        assert_eq!(
+            libvirtd_conf.lines().filter(|l| *l == line).count(),
+            1,
+            "{line} in\n{libvirtd_conf}"
+        );
+    }
+    assert!(keeps_lines(
+        STOCK_LIBVIRTD_CONF,
+        &libvirtd_conf,
+        &["listen_tcp = 1"]
+    ));
+    assert_eq!(
+        fs::read_to_string(
+            root.path()
+                .join("etc/libvirt/libvirtd.conf.qemu-tls-migrate.orig")
+        )
+        .expect("backup"),
+        STOCK_LIBVIRTD_CONF
+    );
+    assert_eq!(
+        fs::metadata(root.path().join("etc/libvirt/qemu.conf"))
+            .expect("meta")
+            .mode()
+            & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn host_secure_root_lays_out_pki_and_libvirt_symlinks() {
+    let root = cloudstack_root();
+
+    let (out, _) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    let pki = root.path().join("etc/pki/qemu");
+    let cloud = root.path().join("etc/cloudstack/agent");
+    assert_eq!(
+        fs::read(pki.join("server-cert.pem")).expect("read"),
+        fs::read(cloud.join("cloud.crt")).expect("read")
+    );
+    assert_eq!(
+        fs::read(pki.join("client-key.pem")).expect("read"),
+        fs::read(cloud.join("cloud.key")).expect("read")
+    );
+    assert_eq!(
+        fs::metadata(pki.join("server-key.pem"))
+            .expect("meta")
+            .mode()
+            & 0o777,
+        0o640
+    );
+    assert_eq!(
+        fs::read_link(root.path().join("etc/pki/libvirt/private/serverkey.pem")).expect("link"),
+        PathBuf::from("../../qemu/server-key.pem")
+    );
+    assert_eq!(
+        fs::read(root.path().join("etc/pki/CA/cacert.pem")).expect("through the link"),
+        fs::read(cloud.join("cloud.ca.crt")).expect("read")
+    );
+    let nft = fs::read_to_string(root.path().join("etc/nftables.d/qemu-tls-migrate.nft"))
+        .expect("nft rules");
+    assert!(nft.contains("tcp dport { 16514, 49152-49215 }"), "{nft}");
+    let ipt = fs::read_to_string(root.path().join("etc/iptables/qemu-tls-migrate.rules"))
+        .expect("iptables rules");
+    assert!(ipt.contains("--dports 49152:49215"), "{ipt}");
+}
+
+#[test]
+fn host_secure_root_twice_changes_nothing() {
+    let root = cloudstack_root();
+    let (first, _) = secure(root.path(), &[]);
+    let after_first = snapshot(root.path());
+
+    let (second, report) = secure(root.path(), &[]);
+
+    assert!(first.status.success(), "{first:?}");
+    assert!(second.status.success(), "{second:?}");
+    assert_eq!(report["changes"], serde_json::json!([]), "{report:#}");
+    assert_eq!(snapshot(root.path()), after_first);
+}
+
+#[test]
+fn host_secure_replaces_existing_libvirt_cert_with_symlink_after_backup() {
+    let root = cloudstack_root();
+    let old_cert = root.path().join("etc/pki/libvirt/servercert.pem");
+    fs::create_dir_all(old_cert.parent().expect("parent")).expect("mkdir");
+    fs::write(&old_cert, "old certificate\n").expect("write");
+
+    let (out, _) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        fs::symlink_metadata(&old_cert)
+            .expect("meta")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        fs::read_to_string(
+            root.path()
+                .join("etc/pki/libvirt/servercert.pem.qemu-tls-migrate.orig")
+        )
+        .expect("backup"),
+        "old certificate\n"
+    );
+}
+
+#[test]
+fn host_secure_dry_run_prints_a_diff_and_changes_nothing() {
+    let root = cloudstack_root();
+    let before = snapshot(root.path());
+
+    let out = tool(&[
+        "host",
+        "secure",
+        "--root",
+        path_str(root.path()),
+        "--dry-run",
+    ]);
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("-listen_tcp = 1\n+listen_tcp = 0\n"),
+        "{text}"
+    );
+    assert!(text.contains("+default_tls_x509_verify = 1\n"), "{text}");
+    assert!(text.contains("@@ "), "{text}");
+    assert_eq!(snapshot(root.path()), before);
+}
+
+#[test]
+fn host_secure_missing_source_cert_is_an_error_touching_nothing() {
+    let root = cloudstack_root();
+    fs::remove_file(root.path().join("etc/cloudstack/agent/cloud.key")).expect("remove");
+    let before = snapshot(root.path());
+
+    let (out, _) = secure(root.path(), &[]);
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("cloud.key"), "{stderr}");
+    assert_eq!(snapshot(root.path()), before);
+}
+
+#[test]
+fn host_secure_from_takes_certs_from_another_dir() {
+    let root = cloudstack_root();
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let agent = root.path().join("etc/cloudstack/agent");
+    for name in ["cloud.ca.crt", "cloud.crt", "cloud.key"] {
+        fs::rename(agent.join(name), elsewhere.path().join(name)).expect("move");
+    }
+
+    let (out, report) = secure(root.path(), &["--from", path_str(elsewhere.path())]);
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(report["pki"]["usable"], true, "{report:#}");
+}
+
+#[test]
+fn host_status_reports_unsecured_then_secured() {
+    let root = cloudstack_root();
+    let status = |root: &Path| {
+        let out = tool(&["host", "status", "--root", path_str(root), "--json"]);
+        let json: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        (out.status.code(), json)
+    };
+
+    let (code_before, before) = status(root.path());
+    let (secured, _) = secure(root.path(), &[]);
+    let (code_after, after) = status(root.path());
+
+    assert_eq!(code_before, Some(1));
+    assert_eq!(before["secured"], false);
+    let reasons = before["reasons"].as_array().expect("reasons");
+    assert!(
+        reasons[0]
+            .as_str()
+            .expect("reason")
+            .contains("etc/pki/qemu: directory does not exist"),
+        "{before:#}"
+    );
+    assert!(secured.status.success(), "{secured:?}");
+    assert_eq!(code_after, Some(0));
+    assert_eq!(after["secured"], true, "{after:#}");
+    assert_eq!(after["reasons"], serde_json::json!([]));
+    assert_eq!(after["warnings"], serde_json::json!([]));
+}
