@@ -51,7 +51,7 @@ pub async fn migrate(
         transport: None,
         ram: RamReport::default(),
         conns: None,
-        _ports: Vec::new(),
+        ports: Vec::new(),
         disk_progress: Vec::new(),
         disk_reports: Vec::new(),
     };
@@ -75,6 +75,7 @@ pub async fn migrate(
         transport: run.transport,
         ram: run.ram,
         disks: run.disk_reports,
+        ports: run.ports.iter().map(PortLease::port).collect(),
         wall: run.started.elapsed(),
         warnings: run.warnings,
         cleanup_errors,
@@ -92,7 +93,7 @@ struct Run<'a> {
     ram: RamReport,
     conns: Option<(Qmp, Qmp)>,
     /// Held until the migration ends, so no other migration on this host takes the port.
-    _ports: Vec<PortLease>,
+    ports: Vec<PortLease>,
     disk_progress: Vec<DiskProgress>,
     disk_reports: Vec<DiskReport>,
 }
@@ -163,13 +164,13 @@ impl Run<'_> {
         let (disks, dest_disks) = self.select_disks(&src, &dst).await?;
         let mig_lease = ports::allocate(opts.port_range)?;
         let port = mig_lease.port();
-        self._ports.push(mig_lease);
+        self.ports.push(mig_lease);
         let nbd_port = if disks.is_empty() {
             None
         } else {
             let lease = ports::allocate(opts.port_range)?;
             let p = lease.port();
-            self._ports.push(lease);
+            self.ports.push(lease);
             Some(p)
         };
 

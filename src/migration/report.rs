@@ -86,6 +86,8 @@ pub struct Report {
     pub ram: RamReport,
     /// One entry per copied disk.
     pub disks: Vec<DiskReport>,
+    /// Ports taken from the range: the migration stream's, then the NBD server's (with disks).
+    pub ports: Vec<u16>,
     /// Wall time of the whole run, preflight and clean-up included.
     pub wall: Duration,
     pub warnings: Vec<String>,

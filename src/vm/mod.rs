@@ -331,9 +331,14 @@ async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
                     log,
                 });
             }
-            // QEMU creates its listening sockets before the machine starts; a connect that
-            // succeeds is the event waited for. (The probe connection is closed at once.)
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
+            // A connect can succeed on the listen backlog before QEMU has built the machine;
+            // the QMP greeting comes only from QEMU's main loop, once everything (the RAM file
+            // included) exists. So the event waited for is a completed handshake.
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if Qmp::connect(path, remaining.min(Duration::from_secs(5)))
+                .await
+                .is_ok()
+            {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {

@@ -15,7 +15,7 @@ use qemu_tls_migrate::migration::{self, Endpoint, MigrationOptions, Progress, Re
 use qemu_tls_migrate::pki::{HostCert, LabCa};
 use qemu_tls_migrate::qemu::{QomList, QueryStatus};
 use qemu_tls_migrate::qmp::Qmp;
-use qemu_tls_migrate::vm::{Vm, VmConfig};
+use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, Vm, VmConfig, create_image};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,15 +70,26 @@ impl Pair {
     /// Like [`Pair::start`], with the configuration adjusted (by `tweak`) before launch; the
     /// destination gets the same machine.
     pub async fn start_with(tweak: impl FnOnce(&mut VmConfig)) -> Pair {
-        let dir = tempfile::Builder::new()
-            .prefix("qtm-test-")
-            .tempdir()
-            .expect("test dir");
+        Pair::start_in(test_dir(), tweak).await
+    }
+
+    async fn start_in(dir: TempDir, tweak: impl FnOnce(&mut VmConfig)) -> Pair {
         let mut config = VmConfig::new("source", &dir.path().join("source"));
         config.ram_mib = RAM_MIB;
         tweak(&mut config);
         let source = Vm::launch(config.clone()).await.expect("source VM");
-        let dest_disks: Vec<PathBuf> = Vec::new();
+        // Each source disk gets an empty image of the same format and size on the destination.
+        let dest_disks: Vec<PathBuf> = config
+            .disks
+            .iter()
+            .map(|d| {
+                let path = dir
+                    .path()
+                    .join(format!("dest-{}.{}", d.node, d.format.as_str()));
+                create_image(&path, d.format, image_size(&d.path)).expect("destination image");
+                path
+            })
+            .collect();
         let dest = Vm::launch(config.destination("dest", &dir.path().join("dest"), &dest_disks))
             .await
             .expect("destination VM");
@@ -86,6 +97,48 @@ impl Pair {
             .scribble_ram(u64::from(RAM_MIB / 2) << 20, 42)
             .expect("fill source RAM");
         Pair { dir, source, dest }
+    }
+
+    /// Starts a pair whose source has these disks (node name, format, MiB), each filled with
+    /// its own byte pattern; the destination gets empty images of the same sizes.
+    pub async fn start_with_disks(disks: &[(&str, DiskFormat, u64)]) -> Pair {
+        let dir = test_dir();
+        let configs: Vec<DiskConfig> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, (node, format, mib))| {
+                let path = dir.path().join(format!("{node}.{}", format.as_str()));
+                create_image(&path, *format, mib << 20).expect("source image");
+                qemu_io(
+                    &path,
+                    *format,
+                    &format!("write -P 0x{:x} 0 {}M", 0x30 + i, mib),
+                );
+                DiskConfig {
+                    node: node.to_string(),
+                    path,
+                    format: *format,
+                }
+            })
+            .collect();
+        Pair::start_in(dir, |c| c.disks = configs).await
+    }
+
+    /// The source's and destination's image of each disk, in order.
+    pub fn disk_images(&self) -> Vec<(PathBuf, PathBuf)> {
+        self.source
+            .config
+            .disks
+            .iter()
+            .zip(&self.dest.config.disks)
+            .map(|(s, d)| (s.path.clone(), d.path.clone()))
+            .collect()
+    }
+
+    /// Shuts both QEMUs down cleanly (flushing their images).
+    pub async fn quit_both(&mut self) {
+        self.source.quit(EVENT_TIMEOUT).await;
+        self.dest.quit(EVENT_TIMEOUT).await;
     }
 
     /// Migration options from this pair's source to its destination with the given PKIs.
@@ -281,4 +334,78 @@ pub fn open_path_for_others(path: &Path) {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o055));
         }
     }
+}
+
+/// Virtual size of an image, from `qemu-img info`.
+pub fn image_size(path: &Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img info");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
+/// Runs one qemu-io command on an image no QEMU has open.
+pub fn qemu_io(path: &Path, format: DiskFormat, command: &str) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", format.as_str(), "-c", command])
+        .arg(path)
+        .output()
+        .expect("qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of two images (which no QEMU may hold open for writing).
+pub fn images_identical(a: &Path, b: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img compare");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} vs {}: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Block jobs and tool-made block nodes still present on a VM.
+pub async fn tool_block_leftovers(vm: &Vm) -> (Vec<String>, Vec<String>) {
+    let qmp = monitor(vm).await;
+    let jobs = qmp
+        .call(&qemu_tls_migrate::qemu::QueryBlockJobs)
+        .await
+        .expect("query-block-jobs")
+        .into_iter()
+        .map(|j| j.device)
+        .collect();
+    let nodes = qmp
+        .call(&qemu_tls_migrate::qemu::QueryNamedBlockNodes)
+        .await
+        .expect("query-named-block-nodes")
+        .into_iter()
+        .map(|n| n.node_name)
+        .filter(|n| n.starts_with(migration::OBJECT_PREFIX))
+        .collect();
+    (jobs, nodes)
+}
+
+fn test_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("qtm-test-")
+        .tempdir()
+        .expect("test dir")
 }

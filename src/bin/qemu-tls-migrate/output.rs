@@ -98,6 +98,7 @@ pub fn report_json(report: &Report) -> Value {
             "dirty_sync_count": report.ram.dirty_sync_count,
         },
         "disks": report.disks,
+        "ports": report.ports,
         "wall_ms": report.wall.as_millis() as u64,
         "warnings": report.warnings,
     });
