@@ -137,7 +137,7 @@ fn is_local(node: &BlockDeviceInfo) -> bool {
     }
     let path = Path::new(file);
     match nix::sys::statfs::statfs(path) {
-        Ok(fs) => !SHARED_FS_MAGIC.contains(&(fs.filesystem_type().0 as i64)),
+        Ok(fs) => !SHARED_FS_MAGIC.contains(&fs.filesystem_type().0),
         // A file QEMU opened but we cannot see (another mount namespace): assume local, the
         // safe side, since copying a shared disk costs time but never loses data.
         Err(_) => true,

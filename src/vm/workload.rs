@@ -184,11 +184,12 @@ mod tests {
             WORKLOAD_ELF[4], 1,
             "ELFCLASS32: QEMU's multiboot loader refuses 64-bit"
         );
-        let header_at = WORKLOAD_ELF[..8192]
-            .chunks_exact(4)
-            .position(|w| w == 0x1BAD_B002u32.to_le_bytes())
-            .expect("multiboot header in the first 8 KiB");
-        assert_eq!(header_at * 4 % 4, 0);
+        // The multiboot header: 4-byte aligned, within the first 8 KiB.
+        assert!(
+            WORKLOAD_ELF[..8192]
+                .chunks_exact(4)
+                .any(|w| w == 0x1BAD_B002u32.to_le_bytes())
+        );
     }
 
     #[test]

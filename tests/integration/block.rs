@@ -3,8 +3,8 @@
 //! mid-copy, and port allocation across concurrent migrations.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use qemu_tls_migrate::migration::{DiskSelection, FinalStatus, Phase};
 use qemu_tls_migrate::qemu::HumanMonitorCommand;
@@ -155,7 +155,7 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
     // The migration port is taken first, the NBD port second, from a range no other test uses.
     options.port_range = "49500-49501".parse().expect("range");
     options.max_bandwidth = 16 << 20; // keep the NBD server up for a few seconds
-    let results: Arc<Mutex<Option<[Result<String, String>; 3]>>> = Arc::new(Mutex::new(None));
+    let mut results = None;
     let probed = AtomicBool::new(false);
 
     let report = fixture::migrate_observed(
@@ -167,7 +167,7 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
                     nbd_info(49501, Some(&intruder_pki)),
                     nbd_info(49501, Some(&src_pki)),
                 ];
-                *results.lock().expect("lock") = Some(r);
+                results = Some(r);
             }
         },
         &CancellationToken::new(),
@@ -176,11 +176,7 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
 
     assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
     assert_eq!(report.ports, [49500, 49501]);
-    let [plain, intruder, member] = results
-        .lock()
-        .expect("lock")
-        .take()
-        .expect("probed during the migration");
+    let [plain, intruder, member] = results.expect("probed during the migration");
     let plain = plain.expect_err("a plain NBD client must be refused");
     assert!(plain.contains("TLS"), "refused for lack of TLS: {plain}");
     let intruder = intruder.expect_err("a client certificate from another CA must be refused");
