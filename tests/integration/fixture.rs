@@ -254,6 +254,7 @@ pub fn error_kind(report: &Report) -> Option<&'static str> {
 pub struct WireTap {
     pub addr: String,
     first_bytes: Arc<Mutex<Vec<u8>>>,
+    server_bytes: Arc<Mutex<Vec<u8>>>,
 }
 
 impl WireTap {
@@ -261,7 +262,9 @@ impl WireTap {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr").to_string();
         let first_bytes = Arc::new(Mutex::new(Vec::new()));
+        let server_bytes = Arc::new(Mutex::new(Vec::new()));
         let record = first_bytes.clone();
+        let record_server = server_bytes.clone();
         tokio::spawn(async move {
             let Ok((mut client, _)) = listener.accept().await else {
                 return;
@@ -276,9 +279,40 @@ impl WireTap {
             if server.write_all(&buf[..n]).await.is_err() {
                 return;
             }
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            // The server's first 16 KiB (its TLS handshake) are recorded on their way back.
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let upstream = tokio::io::copy(&mut cr, &mut sw);
+            let downstream = async move {
+                let mut chunk = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match sr.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    {
+                        let mut rec = record_server.lock().expect("lock");
+                        let room = (16 * 1024usize).saturating_sub(rec.len());
+                        rec.extend_from_slice(&chunk[..n.min(room)]);
+                    }
+                    if cw.write_all(&chunk[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = cw.shutdown().await;
+            };
+            let _ = tokio::join!(upstream, downstream);
         });
-        WireTap { addr, first_bytes }
+        WireTap {
+            addr,
+            first_bytes,
+            server_bytes,
+        }
+    }
+
+    /// The first bytes the destination sent back (its side of the TLS handshake).
+    pub fn server_bytes(&self) -> Vec<u8> {
+        self.server_bytes.lock().expect("lock").clone()
     }
 
     pub fn first_bytes(&self) -> Vec<u8> {

@@ -344,3 +344,74 @@ async fn a_destination_whose_qmp_never_answers_is_a_timeout_naming_its_socket() 
     );
     fixture::assert_source_untouched(&pair.source).await;
 }
+
+/// The DER bytes of the first certificate in a PEM file.
+fn cert_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(path)
+        .expect("PEM certificate")
+        .as_ref()
+        .to_vec()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() {
+    let lab = Lab::new("Test CA");
+    // Both hosts carry the name the tests connect with, so the VM can migrate back and forth.
+    let host_a = lab.host("host-a", &[DEST_HOST, "host-a"]);
+    let host_b = lab.host("host-b", &[DEST_HOST, "host-b"]);
+    let pair = Pair::start().await;
+    let old_b = cert_der(&host_b.join("server-cert.pem"));
+    let old_a = cert_der(&host_a.join("server-cert.pem"));
+    // TLS 1.2, so that the server's Certificate message crosses the wire in the clear.
+    let priority = Some("NORMAL:-VERS-ALL:+VERS-TLS1.2".to_string());
+    let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
+    let mut there = pair.options(&host_a, &host_b);
+    there.source_connect = Some(tap.addr.clone());
+    there.tls_priority = priority.clone();
+
+    let first = fixture::migrate(&there).await;
+
+    assert_eq!(first.status, FinalStatus::Completed, "{:?}", first.error);
+    assert!(
+        contains(&tap.server_bytes(), &old_b),
+        "host-b presented its certificate"
+    );
+
+    // Renew both hosts' certificates in place (new serial numbers); no QEMU is restarted.
+    let renew = |dir: &std::path::Path, name: &str, serial: u64| {
+        let mut cert =
+            qemu_tls_migrate::pki::HostCert::new(vec![DEST_HOST.to_string(), name.to_string()]);
+        cert.serial = Some(serial);
+        lab.ca.write_host_dir(dir, &cert).expect("renew");
+    };
+    renew(&host_a, "host-a", 0xA2);
+    renew(&host_b, "host-b", 0xB2);
+    let new_a = cert_der(&host_a.join("server-cert.pem"));
+    assert_ne!(new_a, old_a);
+
+    // Back again: the VM runs on the first destination (host-b), and a new QEMU on host-a
+    // takes it.
+    let back = pair.next_destination("back").await;
+    let tap = WireTap::start(back.monitor_path().to_path_buf()).await;
+    let mut home = pair.options(&host_b, &host_a);
+    home.source.qmp = pair.dest.qmp_path().to_path_buf();
+    home.dest.qmp = back.qmp_path().to_path_buf();
+    home.source_connect = Some(tap.addr.clone());
+    home.tls_priority = priority;
+
+    let second = fixture::migrate(&home).await;
+
+    assert_eq!(second.status, FinalStatus::Completed, "{:?}", second.error);
+    let seen = tap.server_bytes();
+    assert!(
+        contains(&seen, &new_a),
+        "the second handshake used host-a's renewed certificate"
+    );
+    assert!(!contains(&seen, &old_a));
+}
