@@ -415,3 +415,23 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     );
     assert!(!contains(&seen, &old_a));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let before = fixture::migrate_parameters(&pair.source).await;
+    let mut options = pair.options(
+        &lab.host("src", &["src-host"]),
+        &lab.host("dst", &[DEST_HOST]),
+    );
+    options.multifd = Some(4);
+    options.downtime_limit = Some(Duration::from_millis(500));
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(report.transport, Some(Transport::Tls));
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+    assert_eq!(fixture::migrate_parameters(&pair.source).await, before);
+}

@@ -83,7 +83,7 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
             format: DiskFormat::Qcow2,
         });
         say(format!(
-            "local disk disk0: {} MiB qcow2, half of it written with data; an empty one waits on the destination",
+            "local disk disk0: {} MiB qcow2 full of data; an empty one waits on the destination",
             args.disk_mib
         ));
     }
@@ -146,11 +146,11 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
     Ok(outcome_of(&report))
 }
 
-/// A source image with data in its first half, and an empty destination image of the same size.
+/// A source image full of data, and an empty destination image of the same size.
 fn prepare_disks(source: &Path, dest: &Path, size: u64) -> anyhow::Result<()> {
     create_image(source, DiskFormat::Qcow2, size)?;
     create_image(dest, DiskFormat::Qcow2, size)?;
-    let pattern = format!("write -P 0x5a 0 {}", size / 2);
+    let pattern = format!("write -P 0x5a 0 {size}");
     let out = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", &pattern])
         .arg(source)
