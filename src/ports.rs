@@ -22,8 +22,9 @@ pub const DEFAULT_RANGE: PortRange = PortRange {
 /// Where lock files live unless `QTM_LOCK_DIR` says otherwise.
 pub const DEFAULT_LOCK_DIR: &str = "/run/lock/qemu-tls-migrate";
 
-/// An inclusive range of TCP ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An inclusive range of TCP ports; serialised as `"FIRST-LAST"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct PortRange {
     pub first: u16,
     pub last: u16,
@@ -32,6 +33,19 @@ pub struct PortRange {
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = PortError;
+    fn try_from(s: String) -> Result<PortRange, PortError> {
+        s.parse()
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        r.to_string()
     }
 }
 

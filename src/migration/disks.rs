@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{MigrationError, OBJECT_PREFIX};
 use crate::qemu::{BlockDeviceInfo, BlockInfo};
@@ -26,7 +26,7 @@ pub enum DiskSelection {
 }
 
 /// A source disk to copy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceDisk {
     /// The block node the guest's device uses.
     pub node: String,

@@ -25,14 +25,17 @@
 //! 8. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
 //!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
 
+mod destination;
 mod disks;
 mod driver;
 mod error;
 mod report;
+mod side;
 mod undo;
 
+pub use destination::{DestPlan, DestPrepared, DestinationSide};
 pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
-pub use driver::migrate;
+pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
 pub use report::{FinalStatus, Phase, Progress, RamReport, Report};
 
@@ -156,6 +159,9 @@ pub struct MigrationOptions {
     pub mirror_mode: CopyMode,
     /// Grow destination disks smaller than the source's instead of refusing.
     pub create_dest_disks: bool,
+    /// Make the destination accept only a source whose certificate has this distinguished
+    /// name (`CN=host-a`), through an `authz-simple` object (`tls-authz`).
+    pub authz_identity: Option<String>,
 }
 
 impl MigrationOptions {
@@ -181,6 +187,7 @@ impl MigrationOptions {
             disks: DiskSelection::None,
             mirror_mode: CopyMode::Background,
             create_dest_disks: false,
+            authz_identity: None,
         }
     }
 
@@ -192,6 +199,11 @@ impl MigrationOptions {
     /// Where the destination listens.
     pub fn listen_address(&self) -> &str {
         self.dest_address.as_deref().unwrap_or(&self.dest_host)
+    }
+
+    /// Where the source connects to reach the destination's ports.
+    pub fn connect_host(&self) -> &str {
+        self.listen_address()
     }
 }
 

@@ -95,3 +95,24 @@ pub struct Report {
     pub cleanup_errors: Vec<String>,
     pub error: Option<MigrationError>,
 }
+
+impl Report {
+    /// The report of a migration refused before either VM was changed.
+    pub fn refused(error: MigrationError, wall: Duration) -> Report {
+        Report {
+            status: if matches!(error, MigrationError::Cancelled) {
+                FinalStatus::Cancelled
+            } else {
+                FinalStatus::Failed
+            },
+            transport: None,
+            ram: RamReport::default(),
+            disks: Vec::new(),
+            ports: Vec::new(),
+            wall,
+            warnings: Vec::new(),
+            cleanup_errors: Vec::new(),
+            error: Some(error),
+        }
+    }
+}

@@ -71,40 +71,35 @@ impl Undo {
     }
 }
 
-/// Unwinds `stack`, returning a description of every action that failed. Actions on a side
-/// whose QMP connection is gone are skipped: that QEMU has exited and took its state with it.
+/// Unwinds one side's `stack`, returning a description of every action that failed. Nothing
+/// is tried once the QMP connection is gone: that QEMU has exited and took its state with it.
 pub(crate) async fn unwind(
     stack: Vec<Undo>,
     succeeded: bool,
-    src: &Qmp,
-    dst: &Qmp,
+    qmp: &Qmp,
     timeout: Duration,
 ) -> Vec<String> {
     let mut errors = Vec::new();
-    let mut dest_torn_down = false;
     for action in stack.into_iter().rev() {
         if succeeded && !action.needed_after_success() {
             continue;
         }
-        let side = action.side();
-        let qmp = match side {
-            Side::Source => src,
-            Side::Destination => dst,
-        };
-        if !qmp.is_open() || (side == Side::Destination && dest_torn_down) {
-            continue;
+        if !qmp.is_open() {
+            break;
         }
+        let side = action.side();
         tracing::debug!(?action, "undo");
         let result = run(&action, qmp, timeout).await;
-        if matches!(action, Undo::TearDownDestination) {
-            dest_torn_down = true;
-        }
+        let torn_down = matches!(action, Undo::TearDownDestination);
         if let Err(e) = result {
             // A QEMU that exits while we talk to it has nothing left to undo.
             if !e.is_closed() {
                 tracing::warn!(%side, "clean-up step failed: {e}");
                 errors.push(format!("{side}: {e}"));
             }
+        }
+        if torn_down {
+            break;
         }
     }
     errors

@@ -128,9 +128,11 @@ pub struct MigrateSetParameters {
     /// The name the destination's certificate must carry; empty: the host part of the URI.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
-    /// Id of an `authz-*` object the destination checks the source's certificate against.
+    /// Id of an `authz-*` object the destination checks the source's certificate against;
+    /// `Value::Null` clears it. (An empty string would not: 7.2 would look for an authz
+    /// object named "" and fail every TLS handshake.)
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_authz: Option<String>,
+    pub tls_authz: Option<Value>,
     /// Bytes per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bandwidth: Option<u64>,
@@ -151,7 +153,12 @@ impl MigrateSetParameters {
             // 7.2 reports an unset tls-creds/tls-hostname as "", and omits tls-authz when unset.
             tls_creds: Some(s("tls-creds").unwrap_or_default()),
             tls_hostname: Some(s("tls-hostname").unwrap_or_default()),
-            tls_authz: Some(s("tls-authz").unwrap_or_default()),
+            tls_authz: Some(
+                s("tls-authz")
+                    .filter(|a| !a.is_empty())
+                    .map(Value::String)
+                    .unwrap_or(Value::Null),
+            ),
             max_bandwidth: n("max-bandwidth"),
             downtime_limit: n("downtime-limit"),
             multifd_channels: n("multifd-channels").and_then(|v| u8::try_from(v).ok()),
@@ -257,7 +264,7 @@ mod tests {
         .expect("map");
         let p = MigrateSetParameters::restore_from(&saved);
         assert_eq!(p.tls_creds.as_deref(), Some(""));
-        assert_eq!(p.tls_authz.as_deref(), Some(""));
+        assert_eq!(p.tls_authz, Some(Value::Null));
         assert_eq!(p.max_bandwidth, Some(134217728));
         assert_eq!(p.multifd_channels, Some(2));
     }

@@ -270,7 +270,10 @@ async fn a_destination_killed_mid_migration_leaves_the_source_running() {
         "{:?}",
         report.error
     );
-    assert!(!pair.dest.is_alive());
+    assert!(
+        pair.dest.wait_exit(fixture::EVENT_TIMEOUT).await,
+        "the killed destination exits"
+    );
     fixture::assert_source_untouched(&pair.source).await;
 }
 

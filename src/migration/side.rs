@@ -1,0 +1,213 @@
+//! One side's QEMU as the migration drives it: its QMP connection, its PKI directory, the
+//! settings saved before any change, and the undo stack of what was changed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::undo::{self, Undo};
+use super::{MigrationError, OBJECT_PREFIX, Side};
+use crate::qemu::{
+    CapabilityState, MigrateSetCapabilities, MigrateSetParameters, ObjectAdd, ObjectDel,
+    QueryMigrateCapabilities, QueryMigrateParameters, TlsEndpoint,
+};
+use crate::qmp::{Command, Qmp, QmpError};
+
+pub(crate) struct SideCtl {
+    pub side: Side,
+    pub qmp: Qmp,
+    pub socket: PathBuf,
+    pub pki_dir: PathBuf,
+    pub timeout: Duration,
+    pub undo: Vec<Undo>,
+    caps: Vec<CapabilityState>,
+    params: Map<String, Value>,
+}
+
+impl SideCtl {
+    /// Connects to the side's QMP socket; changes nothing.
+    pub async fn connect(
+        side: Side,
+        socket: &Path,
+        pki_dir: &Path,
+        timeout: Duration,
+    ) -> Result<SideCtl, MigrationError> {
+        let qmp =
+            Qmp::connect(socket, timeout)
+                .await
+                .map_err(|source| MigrationError::Connect {
+                    side,
+                    socket: socket.to_path_buf(),
+                    source,
+                })?;
+        Ok(SideCtl {
+            side,
+            qmp,
+            socket: socket.to_path_buf(),
+            pki_dir: pki_dir.to_path_buf(),
+            timeout,
+            undo: Vec::new(),
+            caps: Vec::new(),
+            params: Map::new(),
+        })
+    }
+
+    /// Runs a command, tagging a failure with this side and `step`.
+    pub async fn call<C: Command>(
+        &self,
+        step: &'static str,
+        cmd: &C,
+    ) -> Result<C::Output, MigrationError> {
+        self.qmp
+            .call_timeout(cmd, self.timeout)
+            .await
+            .map_err(|source| self.error(step, source))
+    }
+
+    pub fn error(&self, step: &'static str, source: QmpError) -> MigrationError {
+        MigrationError::Qmp {
+            side: self.side,
+            step,
+            source,
+        }
+    }
+
+    /// Reads the migration capabilities and parameters, to put them back afterwards.
+    pub async fn save_settings(&mut self) -> Result<(), MigrationError> {
+        self.caps = self
+            .call("query-migrate-capabilities", &QueryMigrateCapabilities)
+            .await?;
+        self.params = self
+            .call("query-migrate-parameters", &QueryMigrateParameters)
+            .await?;
+        Ok(())
+    }
+
+    fn credentials(&self, id: &str, priority: Option<&str>) -> ObjectAdd {
+        ObjectAdd::TlsCredsX509 {
+            id: id.to_string(),
+            dir: self.pki_dir.clone(),
+            endpoint: match self.side {
+                Side::Source => TlsEndpoint::Client,
+                Side::Destination => TlsEndpoint::Server,
+            },
+            verify_peer: true,
+            priority: priority.map(str::to_string),
+        }
+    }
+
+    /// A throwaway `object-add`/`object-del`: QEMU reads the files at `object-add`, so this
+    /// proves the QEMU process (often not root) can read them before anything is changed.
+    pub async fn probe_credentials(&self, priority: Option<&str>) -> Result<(), MigrationError> {
+        let id = object_id("probe");
+        match self
+            .qmp
+            .call_timeout(&self.credentials(&id, priority), self.timeout)
+            .await
+        {
+            Ok(_) => {}
+            Err(QmpError::Qemu { desc, .. }) => {
+                return Err(MigrationError::CredentialsUnusable {
+                    side: self.side,
+                    socket: self.socket.clone(),
+                    dir: self.pki_dir.clone(),
+                    desc,
+                });
+            }
+            Err(source) => return Err(self.error("credentials preflight", source)),
+        }
+        self.call("object-del", &ObjectDel { id }).await?;
+        Ok(())
+    }
+
+    /// Adds this side's `tls-creds-x509` object under `id`.
+    pub async fn add_credentials(
+        &mut self,
+        id: &str,
+        priority: Option<&str>,
+    ) -> Result<(), MigrationError> {
+        let add = self.credentials(id, priority);
+        self.add_object("object-add tls-creds-x509", add).await
+    }
+
+    /// Adds any object, remembering to delete it.
+    pub async fn add_object(
+        &mut self,
+        step: &'static str,
+        add: ObjectAdd,
+    ) -> Result<(), MigrationError> {
+        self.call(step, &add).await?;
+        self.undo.push(Undo::DeleteObject {
+            side: self.side,
+            id: add.id().to_string(),
+        });
+        Ok(())
+    }
+
+    /// Sets the `wanted` capabilities that differ from the saved ones, remembering the old
+    /// states.
+    pub async fn set_capabilities(
+        &mut self,
+        wanted: &[(&str, bool)],
+    ) -> Result<(), MigrationError> {
+        let current = |name: &str| {
+            self.caps
+                .iter()
+                .find(|c| c.capability == name)
+                .map(|c| c.state)
+                .unwrap_or(false)
+        };
+        let (set, restore): (Vec<_>, Vec<_>) = wanted
+            .iter()
+            .filter(|(name, state)| current(name) != *state)
+            .map(|(name, state)| {
+                let cap = |state| CapabilityState {
+                    capability: name.to_string(),
+                    state,
+                };
+                (cap(*state), cap(!*state))
+            })
+            .unzip();
+        if set.is_empty() {
+            return Ok(());
+        }
+        self.undo.push(Undo::RestoreCapabilities {
+            side: self.side,
+            caps: restore,
+        });
+        self.call(
+            "migrate-set-capabilities",
+            &MigrateSetCapabilities { capabilities: set },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets migration parameters, remembering the saved ones.
+    pub async fn set_parameters(
+        &mut self,
+        set: &MigrateSetParameters,
+    ) -> Result<(), MigrationError> {
+        self.undo.push(Undo::RestoreParameters {
+            side: self.side,
+            params: MigrateSetParameters::restore_from(&self.params),
+        });
+        self.call("migrate-set-parameters", set).await?;
+        Ok(())
+    }
+
+    /// Unwinds the undo stack; returns what failed.
+    pub async fn unwind(&mut self, succeeded: bool) -> Vec<String> {
+        let stack = std::mem::take(&mut self.undo);
+        undo::unwind(stack, succeeded, &self.qmp, self.timeout).await
+    }
+}
+
+/// A QOM id unique within this host: prefix, purpose, process id and a counter.
+pub(crate) fn object_id(purpose: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{OBJECT_PREFIX}{purpose}-{}-{n}", std::process::id())
+}
