@@ -3,6 +3,7 @@
 //! Layers, each knowing only the ones below it:
 //! - [`migration`]: the plan (preflight, prepare destination, migrate RAM, switchover, finish)
 //!   with an undo stack that rolls back whatever was done.
+//! - [`peer`]: the mutual-TLS control channel between a source and a destination host.
 //! - [`pki`]: load, validate and create PKI directories; decides whether a side is *secured*.
 //! - [`bench`]: benchmark harness (TLS against TCP, interleaved, with reports).
 //! - [`host`]: secured-host state, CloudStack certificate layout, qemu.conf/libvirtd.conf, firewall.
@@ -14,6 +15,7 @@
 pub mod bench;
 pub mod host;
 pub mod migration;
+pub mod peer;
 pub mod pki;
 pub mod ports;
 pub mod qemu;

@@ -96,12 +96,21 @@ pub enum MigrationError {
     Timeout { after: Duration },
     #[error("cancelled by signal; everything was rolled back")]
     Cancelled,
+    /// Reported by the destination host's service, or about the channel to it.
+    #[error("destination host: {message}")]
+    Remote {
+        kind: String,
+        message: String,
+        /// Nothing was changed.
+        refusal: bool,
+    },
 }
 
 impl MigrationError {
     /// A stable, machine-readable name for the JSON report (`error.kind`).
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &str {
         match self {
+            MigrationError::Remote { kind, .. } => kind,
             MigrationError::MixedSecurity { .. } => "mixed-security",
             MigrationError::Unsecured { .. } => "unsecured",
             MigrationError::Connect { source, .. } if source.is_timeout() => "timeout",
@@ -142,6 +151,7 @@ impl MigrationError {
                 | MigrationError::DestDiskMissing { .. }
                 | MigrationError::DestDiskUnusable { .. }
                 | MigrationError::Ports(_)
+                | MigrationError::Remote { refusal: true, .. }
         )
     }
 

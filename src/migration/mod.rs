@@ -29,6 +29,7 @@ mod destination;
 mod disks;
 mod driver;
 mod error;
+mod remote;
 mod report;
 mod side;
 mod undo;
@@ -37,6 +38,7 @@ pub use destination::{DestPlan, DestPrepared, DestinationSide};
 pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
+pub use remote::{RemoteDestination, RemoteTarget, ServeOptions, migrate_remote, serve};
 pub use report::{FinalStatus, Phase, Progress, RamReport, Report};
 
 use std::fmt;
@@ -225,6 +227,25 @@ pub fn decide_transport(
     dest_pki: &Path,
 ) -> Result<TransportDecision, MigrationError> {
     if choice == TransportChoice::Tcp {
+        return decide_transport_from(
+            choice,
+            (&Security::Secured, source_pki),
+            (&Security::Secured, dest_pki),
+        );
+    }
+    let src = pki::assess(source_pki, Side::Source.role());
+    let dst = pki::assess(dest_pki, Side::Destination.role());
+    decide_transport_from(choice, (&src, source_pki), (&dst, dest_pki))
+}
+
+/// [`decide_transport`] with each side's security already known (a remote destination
+/// reports its own), with the directory (or a description of it) to name in errors.
+pub fn decide_transport_from(
+    choice: TransportChoice,
+    source: (&Security, &Path),
+    dest: (&Security, &Path),
+) -> Result<TransportDecision, MigrationError> {
+    if choice == TransportChoice::Tcp {
         return Ok(TransportDecision {
             transport: Transport::Tcp,
             warning: Some(
@@ -233,15 +254,15 @@ pub fn decide_transport(
             ),
         });
     }
-    let src = pki::assess(source_pki, Side::Source.role());
-    let dst = pki::assess(dest_pki, Side::Destination.role());
+    let (src, source_pki) = source;
+    let (dst, dest_pki) = dest;
     let unsecured = |side: Side, dir: &Path, s: &Security| match s {
         Security::Secured => None,
         Security::Unsecured { reason } => Some((side, dir.to_path_buf(), reason.clone())),
     };
     let problems: Vec<(Side, PathBuf, String)> = [
-        unsecured(Side::Source, source_pki, &src),
-        unsecured(Side::Destination, dest_pki, &dst),
+        unsecured(Side::Source, source_pki, src),
+        unsecured(Side::Destination, dest_pki, dst),
     ]
     .into_iter()
     .flatten()

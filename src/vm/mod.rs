@@ -110,6 +110,8 @@ pub struct VmConfig {
     pub kernel: Option<KernelConfig>,
     /// Drop privileges to this user after start-up (`-runas`), as libvirt runs QEMU.
     pub run_as: Option<String>,
+    /// Run inside this network namespace (`ip netns exec`), to model another host.
+    pub netns: Option<String>,
 }
 
 impl VmConfig {
@@ -123,6 +125,7 @@ impl VmConfig {
             accel: None,
             kernel: None,
             run_as: None,
+            netns: None,
         }
     }
 
@@ -303,8 +306,17 @@ async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
     }
 
     let binary = std::env::var("QTM_QEMU").unwrap_or_else(|_| DEFAULT_QEMU.to_string());
-    let mut cmd = Command::new(&binary);
-    cmd.args(qemu_args(&config, accel, &qmp, &monitor, &ram, &serial));
+    let args = qemu_args(&config, accel, &qmp, &monitor, &ram, &serial);
+    let mut cmd = match &config.netns {
+        // `ip netns exec` execs QEMU in place: the child's pid is QEMU's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, &binary]);
+            c
+        }
+        None => Command::new(&binary),
+    };
+    cmd.args(args);
     let log_file = std::fs::File::create(&log).map_err(|source| VmError::Dir {
         path: log.clone(),
         source,

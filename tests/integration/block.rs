@@ -245,9 +245,11 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
     );
     let mut slow = a.options(&src_pki, &dst_pki);
     slow.max_bandwidth = 16 << 20;
-    slow.port_range = "49510-49512".parse().expect("range");
+    // A holds exactly 49510 while B, whose range includes it, must take another port, and C,
+    // whose range is 49510 alone, must find none.
+    slow.port_range = "49510".parse().expect("single port");
     let mut second = b.options(&src_pki, &dst_pki);
-    second.port_range = slow.port_range;
+    second.port_range = "49510-49512".parse().expect("range");
     let mut starved = c.options(&src_pki, &dst_pki);
     starved.port_range = "49510".parse().expect("single port");
     let a_moving = tokio::sync::Notify::new();
@@ -274,7 +276,8 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
 
     assert_eq!(ra.status, FinalStatus::Completed, "{:?}", ra.error);
     assert_eq!(rb.status, FinalStatus::Completed, "{:?}", rb.error);
-    assert_ne!(ra.ports, rb.ports, "two migrations at once share a port");
+    assert_eq!(ra.ports, [49510]);
+    assert_ne!(rb.ports, [49510], "two migrations at once share a port");
     assert_eq!(fixture::error_kind(&rc), Some("ports"), "{:?}", rc.error);
     let message = rc
         .error

@@ -73,9 +73,36 @@ impl Pair {
         Pair::start_in(test_dir(), tweak).await
     }
 
+    /// A pair across two hosts: the source VM in namespace `b`, the destination in `a`.
+    pub async fn start_on(hosts: &TwoHosts, disks: &[(&str, DiskFormat, u64)]) -> Pair {
+        let (a, b) = (hosts.a.clone(), hosts.b.clone());
+        Pair::start_full(
+            test_dir(),
+            disks,
+            |c| {
+                c.netns = Some(b);
+                // Exact dirty tracking for the RAM comparison (see the RAM-integrity test).
+                c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg);
+            },
+            Some(a),
+        )
+        .await
+    }
+
     async fn start_in(dir: TempDir, tweak: impl FnOnce(&mut VmConfig)) -> Pair {
+        Pair::start_full(dir, &[], tweak, None).await
+    }
+
+    async fn start_full(
+        dir: TempDir,
+        disks: &[(&str, DiskFormat, u64)],
+        tweak: impl FnOnce(&mut VmConfig),
+        dest_netns: Option<String>,
+    ) -> Pair {
+        let configs = make_disks(dir.path(), disks);
         let mut config = VmConfig::new("source", &dir.path().join("source"));
         config.ram_mib = RAM_MIB;
+        config.disks = configs;
         tweak(&mut config);
         let source = Vm::launch(config.clone()).await.expect("source VM");
         // Each source disk gets an empty image of the same format and size on the destination.
@@ -90,9 +117,11 @@ impl Pair {
                 path
             })
             .collect();
-        let dest = Vm::launch(config.destination("dest", &dir.path().join("dest"), &dest_disks))
-            .await
-            .expect("destination VM");
+        let mut dest_config = config.destination("dest", &dir.path().join("dest"), &dest_disks);
+        if dest_netns.is_some() {
+            dest_config.netns = dest_netns;
+        }
+        let dest = Vm::launch(dest_config).await.expect("destination VM");
         source
             .scribble_ram(u64::from(RAM_MIB / 2) << 20, 42)
             .expect("fill source RAM");
@@ -102,26 +131,7 @@ impl Pair {
     /// Starts a pair whose source has these disks (node name, format, MiB), each filled with
     /// its own byte pattern; the destination gets empty images of the same sizes.
     pub async fn start_with_disks(disks: &[(&str, DiskFormat, u64)]) -> Pair {
-        let dir = test_dir();
-        let configs: Vec<DiskConfig> = disks
-            .iter()
-            .enumerate()
-            .map(|(i, (node, format, mib))| {
-                let path = dir.path().join(format!("{node}.{}", format.as_str()));
-                create_image(&path, *format, mib << 20).expect("source image");
-                qemu_io(
-                    &path,
-                    *format,
-                    &format!("write -P 0x{:x} 0 {}M", 0x30 + i, mib),
-                );
-                DiskConfig {
-                    node: node.to_string(),
-                    path,
-                    format: *format,
-                }
-            })
-            .collect();
-        Pair::start_in(dir, |c| c.disks = configs).await
+        Pair::start_full(test_dir(), disks, |_| {}, None).await
     }
 
     /// The source's and destination's image of each disk, in order.
@@ -159,15 +169,15 @@ impl Pair {
         o
     }
 
-    /// A fresh destination for the VM now running on `self.dest`, to migrate onwards.
+    /// A fresh destination for the VM now running on `self.dest`, to migrate onwards (in the
+    /// same network namespace as the first destination).
     pub async fn next_destination(&self, name: &str) -> Vm {
-        Vm::launch(
-            self.source
-                .config
-                .destination(name, &self.dir.path().join(name), &[]),
-        )
-        .await
-        .expect("next destination VM")
+        let mut config = self
+            .source
+            .config
+            .destination(name, &self.dir.path().join(name), &[]);
+        config.netns = self.dest.config.netns.clone();
+        Vm::launch(config).await.expect("next destination VM")
     }
 }
 
@@ -244,7 +254,7 @@ pub async fn assert_source_untouched(vm: &Vm) {
 }
 
 /// The error kind of a report (`None` when it completed).
-pub fn error_kind(report: &Report) -> Option<&'static str> {
+pub fn error_kind(report: &Report) -> Option<&str> {
     report.error.as_ref().map(|e| e.kind())
 }
 
@@ -442,4 +452,222 @@ fn test_dir() -> TempDir {
         .prefix("qtm-test-")
         .tempdir()
         .expect("test dir")
+}
+
+/// Two network namespaces joined by a veth pair, standing for two hosts: `a` (the destination,
+/// `a_addr`) and `b` (the source, `b_addr`). The addresses exist only inside them. Removed on
+/// drop.
+pub struct TwoHosts {
+    pub a: String,
+    pub b: String,
+    pub a_addr: String,
+    pub b_addr: String,
+    veth_b: String,
+}
+
+impl TwoHosts {
+    pub fn create() -> TwoHosts {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}x{n}", std::process::id() % 10000);
+        let (a, b) = (format!("qtm-a{id}"), format!("qtm-b{id}"));
+        let (veth_a, veth_b) = (format!("qa{id}"), format!("qb{id}"));
+        // 198.18.0.0/15 is reserved for benchmarking; a /30 per pair of namespaces.
+        let (x, y) = (std::process::id() % 200, n % 60 * 4);
+        let a_addr = format!("198.18.{x}.{}", y + 1);
+        let b_addr = format!("198.18.{x}.{}", y + 2);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &a]);
+        ip(&["netns", "add", &b]);
+        ip(&[
+            "link", "add", &veth_a, "netns", &a, "type", "veth", "peer", "name", &veth_b, "netns",
+            &b,
+        ]);
+        ip(&[
+            "-n",
+            &a,
+            "addr",
+            "add",
+            &format!("{a_addr}/30"),
+            "dev",
+            &veth_a,
+        ]);
+        ip(&[
+            "-n",
+            &b,
+            "addr",
+            "add",
+            &format!("{b_addr}/30"),
+            "dev",
+            &veth_b,
+        ]);
+        for (ns, dev) in [(&a, &veth_a), (&b, &veth_b)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        TwoHosts {
+            a,
+            b,
+            a_addr,
+            b_addr,
+            veth_b,
+        }
+    }
+
+    /// Takes the link down (or up again) on the source's side.
+    pub fn link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.b, "link", "set", &self.veth_b, state])
+            .output()
+            .expect("ip link");
+        assert!(out.status.success());
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+        }
+    }
+}
+
+/// A `qemu-tls-migrate serve` process, stopped with SIGTERM on drop.
+pub struct Service {
+    child: tokio::process::Child,
+    pub addr: String,
+}
+
+impl Service {
+    /// Starts the service in namespace `netns` (if any) on `listen_ip`, port chosen by the
+    /// kernel, and waits until it says it listens.
+    pub async fn start(
+        netns: Option<&str>,
+        listen_ip: &str,
+        pki: &Path,
+        qmp_dir: &Path,
+        allow: &[&str],
+    ) -> Service {
+        let exe = env!("CARGO_BIN_EXE_qemu-tls-migrate");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns, exe]);
+                c
+            }
+            None => tokio::process::Command::new(exe),
+        };
+        cmd.args(["serve", "--json", "--listen", &format!("{listen_ip}:0")])
+            .arg("--pki-dir")
+            .arg(pki)
+            .arg("--qmp-dir")
+            .arg(qmp_dir)
+            .args(["--qmp-timeout", "10"]);
+        for name in allow {
+            cmd.args(["--allow-client", name]);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the service");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let line = tokio::time::timeout(EVENT_TIMEOUT, lines.next_line())
+            .await
+            .expect("the service says it listens")
+            .expect("read")
+            .expect("a line");
+        let v: Value = serde_json::from_str(&line).expect("JSON");
+        let addr = v["listening"]
+            .as_str()
+            .expect("listening address")
+            .to_string();
+        Service { child, addr }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit code.
+    pub async fn stop(&mut self) -> Option<i32> {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        tokio::time::timeout(EVENT_TIMEOUT, self.child.wait())
+            .await
+            .ok()
+            .and_then(|s| s.ok())
+            .and_then(|s| s.code())
+    }
+}
+
+/// Runs the CLI inside a network namespace.
+pub async fn run_cli_in(netns: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            env!("CARGO_BIN_EXE_qemu-tls-migrate"),
+        ])
+        .args(args)
+        .output()
+        .await
+        .expect("run qemu-tls-migrate in a namespace")
+}
+
+/// Source disk images (node name, format, MiB) in `dir`, each filled with its own pattern.
+fn make_disks(dir: &Path, disks: &[(&str, DiskFormat, u64)]) -> Vec<DiskConfig> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, (node, format, mib))| {
+            let path = dir.join(format!("{node}.{}", format.as_str()));
+            create_image(&path, *format, mib << 20).expect("source image");
+            qemu_io(
+                &path,
+                *format,
+                &format!("write -P 0x{:x} 0 {}M", 0x30 + i, mib),
+            );
+            DiskConfig {
+                node: node.to_string(),
+                path,
+                format: *format,
+            }
+        })
+        .collect()
+}
+
+/// A TCP connection opened from inside network namespace `netns` (a thread enters it just
+/// for the `connect`; the socket stays in that namespace), for tokio.
+pub fn connect_in_netns(netns: &str, addr: &str) -> tokio::net::TcpStream {
+    let (ns, addr) = (netns.to_string(), addr.to_string());
+    let stream = std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        std::net::TcpStream::connect(&addr).expect("connect in netns")
+    })
+    .join()
+    .expect("netns thread");
+    stream.set_nonblocking(true).expect("nonblocking");
+    tokio::net::TcpStream::from_std(stream).expect("tokio stream")
 }

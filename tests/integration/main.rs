@@ -7,3 +7,4 @@ mod fixture;
 mod host;
 mod migration;
 mod pki;
+mod remote;

@@ -10,6 +10,7 @@ mod migrate_cmd;
 mod outcome;
 mod output;
 mod pki_cmd;
+mod serve_cmd;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,8 @@ enum Command {
     Demo(Box<demo::DemoArgs>),
     /// Benchmark native TLS against the plain TCP baseline, interleaved in one run.
     Bench(Box<bench_cmd::BenchArgs>),
+    /// Serve migrations into this host (the destination side of `migrate --to`).
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Check or create PKI directories (QEMU's tls-creds-x509 layout).
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
@@ -78,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Migrate(args) => runtime()?.block_on(migrate_cmd::run(*args, quiet)),
         Command::Demo(args) => runtime()?.block_on(demo::run(*args, quiet)),
         Command::Bench(args) => runtime()?.block_on(bench_cmd::run(*args, quiet)),
+        Command::Serve(args) => runtime()?.block_on(serve_cmd::run(*args)),
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Host(cmd) => host_cmd::run(cmd),
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, Report, TransportChoice,
-    UNLIMITED_BANDWIDTH,
+    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report,
+    TransportChoice, UNLIMITED_BANDWIDTH,
 };
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
@@ -103,9 +103,18 @@ pub struct MigrateArgs {
     /// QMP socket of the running source QEMU.
     #[arg(long, value_name = "PATH")]
     pub source_qmp: PathBuf,
-    /// QMP socket of the destination QEMU (started with -incoming defer).
-    #[arg(long, value_name = "PATH")]
+    /// QMP socket of the destination QEMU (started with -incoming defer). With --to: the
+    /// socket's file name in the destination service's --qmp-dir.
+    #[arg(long, value_name = "PATH|NAME")]
     pub dest_qmp: PathBuf,
+    /// Migrate to another host through its `qemu-tls-migrate serve` (default port 16515); the
+    /// control channel uses mutual TLS with this host's --source-pki-dir/--pki-dir.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub to: Option<String>,
+    /// With --to: make the destination accept only this host's certificate (an authz-simple
+    /// object matching its distinguished name, as tls-authz).
+    #[arg(long)]
+    pub authz: bool,
     /// The destination host's name: its certificate must carry it (see --tls-hostname), and
     /// the destination listens on it unless --dest-address is given.
     #[arg(long, value_name = "NAME")]
@@ -187,6 +196,16 @@ impl MigrateArgs {
             MirrorModeArg::WriteBlocking => CopyMode::WriteBlocking,
         };
         o.create_dest_disks = self.create_dest_disks;
+        if let Some(to) = &self.to {
+            // The migration and NBD ports are on the host the service runs on.
+            if o.dest_address.is_none() {
+                o.dest_address = Some(host_part(to).to_string());
+            }
+            if self.authz {
+                // The service fills in the source certificate's name from the TLS session.
+                o.authz_identity = Some(String::new());
+            }
+        }
         self.tuning.apply(&mut o);
         o
     }
@@ -207,6 +226,17 @@ impl TuningArgs {
         o.timeout = self.timeout.map(Duration::from_secs);
         o.stall_timeout = Duration::from_secs(self.stall_timeout.max(1));
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout.max(1));
+    }
+}
+
+/// The host of `HOST[:PORT]` (IPv6 in brackets).
+fn host_part(to: &str) -> &str {
+    if let Some(rest) = to.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match to.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+        _ => to,
     }
 }
 
@@ -244,17 +274,30 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 
 /// Runs a migration with progress output and SIGINT/SIGTERM cancelling it; prints the report.
 pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
+    run_migration_to(options, None, json, quiet).await
+}
+
+/// [`run_migration`], to a remote service when `remote` is given.
+pub async fn run_migration_to(
+    options: &MigrationOptions,
+    remote: Option<&RemoteTarget>,
+    json: bool,
+    quiet: bool,
+) -> Report {
     let out = ProgressOut::new(json, quiet);
     let cancel = CancellationToken::new();
     let watcher = tokio::spawn(cancel_on_signal(cancel.clone()));
     let mut on_progress = |p: &migration::Progress| out.update(p);
-    let report = migration::migrate(options, &mut on_progress, &cancel).await;
+    let report = match remote {
+        None => migration::migrate(options, &mut on_progress, &cancel).await,
+        Some(target) => migration::migrate_remote(options, target, &mut on_progress, &cancel).await,
+    };
     watcher.abort();
     out.finish();
     report
 }
 
-async fn cancel_on_signal(cancel: CancellationToken) {
+pub async fn cancel_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -282,7 +325,13 @@ pub fn outcome_of(report: &Report) -> Outcome {
 
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let options = args.options();
-    let report = run_migration(&options, args.tuning.json, quiet).await;
+    let remote = args.to.as_ref().map(|to| RemoteTarget {
+        address: to.clone(),
+        server_name: args.dest_host.clone(),
+        qmp: args.dest_qmp.display().to_string(),
+        pki_dir: options.source.pki_dir.clone(),
+    });
+    let report = run_migration_to(&options, remote.as_ref(), args.tuning.json, quiet).await;
     print_report(&report, args.tuning.json);
     Ok(outcome_of(&report))
 }

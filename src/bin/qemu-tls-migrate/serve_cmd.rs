@@ -1,0 +1,87 @@
+//! `qemu-tls-migrate serve`: the destination host's service.
+
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use qemu_tls_migrate::migration::{self, ServeOptions};
+use qemu_tls_migrate::peer::DEFAULT_PORT;
+use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
+use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::Outcome;
+
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Serve migrations into this host. Sources connect with `qemu-tls-migrate migrate \
+--to THIS-HOST --dest-qmp NAME`, over mutual TLS: this service presents the host's server \
+certificate and requires a client certificate from the same CA (--allow-client narrows which \
+names). For each source it attaches to the destination QEMU whose QMP socket is NAME in --qmp-dir \
+(started with -incoming defer; nothing outside that directory can be named), prepares it \
+(credentials, NBD exports, incoming port from --port-range), and finishes or aborts on the \
+source's word. If the source goes silent or the connection drops, the destination is torn down \
+and its ports released, and the service goes on serving. Several migrations may run at once. \
+SIGTERM or SIGINT rolls back running sessions and exits 0.",
+    after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
+--allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
+service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
+service accepts connections."
+)]
+pub struct ServeArgs {
+    /// Address and port to listen on (default port 16515, outside the migration range).
+    #[arg(long, value_name = "ADDR[:PORT]", default_value_t = format!("0.0.0.0:{DEFAULT_PORT}"))]
+    pub listen: String,
+    /// This host's PKI directory (server certificate for sources, and for QEMU).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PKI_DIR)]
+    pub pki_dir: PathBuf,
+    /// Directory of the destination QEMUs' QMP sockets; sources name a socket by file name.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/run/qemu-tls-migrate/incoming"
+    )]
+    pub qmp_dir: PathBuf,
+    /// Accept only sources whose certificate carries this name (repeat for several).
+    #[arg(long = "allow-client", value_name = "NAME")]
+    pub allow_clients: Vec<String>,
+    /// Migration and NBD ports come from this range.
+    #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
+    pub port_range: PortRange,
+    /// Timeout for each QMP command, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
+    pub qmp_timeout: u64,
+    /// Print {"listening": "ADDR:PORT"} on stdout once ready.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_range(s: &str) -> Result<PortRange, String> {
+    s.parse()
+        .map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
+    let opts = ServeOptions {
+        listen: args.listen.clone(),
+        pki_dir: args.pki_dir.clone(),
+        qmp_dir: args.qmp_dir.clone(),
+        allow_clients: args.allow_clients.clone(),
+        port_range: args.port_range,
+        qmp_timeout: Duration::from_secs(args.qmp_timeout.max(1)),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
+    let json = args.json;
+    migration::serve(&opts, shutdown, |addr| {
+        if json {
+            println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+        } else {
+            tracing::warn!("listening on {addr}");
+        }
+    })
+    .await?;
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,265 @@
+//! The control channel between a source host and a destination host's service.
+//!
+//! Transport: TCP with mutual TLS (rustls, `ring`), both ends presenting certificates from the
+//! hosts' PKI directories and verifying the other against the shared CA; the service may
+//! further restrict which certificate names may connect.
+//!
+//! Framing: every message is one frame: a 4-byte big-endian length, then that many bytes of
+//! JSON `{"v": VERSION, "msg": {...}}`. Frames over [`MAX_FRAME`] are refused, as are unknown
+//! versions and anything that does not decode; the receiver answers with an [`Message::Error`]
+//! where it still can, and closes.
+//!
+//! Liveness: the source sends [`Message::Ping`] every [`HEARTBEAT_INTERVAL`]; each side treats
+//! [`HEARTBEAT_TIMEOUT`] without any frame as a dead channel and rolls back on its own.
+//!
+//! This module knows the protocol only: what a migration plan contains travels as opaque JSON.
+
+mod tls;
+
+pub use tls::{PeerIdentity, client_config, server_config};
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// The service's default TCP port: outside the migration range 49152-49215 (and next to
+/// libvirt's TLS port 16514); `host secure` opens it.
+pub const DEFAULT_PORT: u16 = 16515;
+/// The largest frame either side accepts.
+pub const MAX_FRAME: usize = 256 * 1024;
+/// How often the source says it is alive.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Silence after which a side declares the channel dead.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Every message of the protocol, in both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Message {
+    /// Source → service, first.
+    Hello {
+        client: String,
+    },
+    /// Service → source: whether this host is secured for TLS (and why not).
+    Welcome {
+        server: String,
+        secured: bool,
+        reason: Option<String>,
+    },
+    /// Source → service: attach to the QEMU whose QMP socket is `qmp` in the service's
+    /// directory, and check (change nothing) that it can take `plan`.
+    Preflight {
+        qmp: String,
+        plan: Value,
+    },
+    /// Service → source: the preflight passed.
+    Preflighted,
+    /// Source → service: make the changes; answer with the ports.
+    Prepare,
+    /// Service → source.
+    Prepared {
+        prepared: Value,
+    },
+    /// Source → service: the source completed; finish loading and resume when `resume`.
+    Finish {
+        resume: bool,
+    },
+    /// Service → source: done; clean-up problems, if any.
+    Finished {
+        problems: Vec<String>,
+    },
+    /// Source → service: roll everything back.
+    Abort,
+    /// Service → source: rolled back.
+    Aborted {
+        problems: Vec<String>,
+    },
+    /// Service → source: the destination QEMU went away.
+    Gone {
+        reason: String,
+    },
+    /// Either way: a request failed or a frame was refused. `refusal` says nothing was changed.
+    Error {
+        kind: String,
+        message: String,
+        refusal: bool,
+    },
+    Ping,
+    Pong,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    msg: Value,
+}
+
+/// What went wrong on the channel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {peer} failed")]
+    Tls {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the TLS credentials in {dir}: {detail}")]
+    Credentials {
+        dir: std::path::PathBuf,
+        detail: String,
+    },
+    #[error("the peer's certificate names {names:?} are not allowed (allowed: {allowed:?})")]
+    NotAllowed {
+        names: Vec<String>,
+        allowed: Vec<String>,
+    },
+    #[error("frame refused: {0}")]
+    Frame(String),
+    #[error("the peer speaks protocol version {got}, this build {VERSION}")]
+    Version { got: u32 },
+    #[error("the control channel closed")]
+    Closed,
+    #[error("no word from the peer for {0:?}")]
+    Silent(Duration),
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+}
+
+/// A framed, versioned message stream over any byte stream (TLS in production).
+#[derive(Debug)]
+pub struct Channel<S> {
+    framed: Framed<S, LengthDelimitedCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
+    pub fn new(stream: S) -> Channel<S> {
+        let codec = LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(MAX_FRAME)
+            .new_codec();
+        Channel {
+            framed: Framed::new(stream, codec),
+        }
+    }
+
+    pub async fn send(&mut self, msg: &Message) -> Result<(), PeerError> {
+        let frame = encode(msg)?;
+        self.framed
+            .send(frame)
+            .await
+            .map_err(|e| PeerError::Frame(e.to_string()))
+    }
+
+    /// The next message with no time limit (the caller tracks silence itself). Cancel-safe:
+    /// a partly read frame stays buffered.
+    pub async fn next(&mut self) -> Result<Message, PeerError> {
+        match self.framed.next().await {
+            None => Err(PeerError::Closed),
+            Some(Err(e)) => Err(PeerError::Frame(e.to_string())),
+            Some(Ok(bytes)) => decode(&bytes),
+        }
+    }
+
+    /// The next message, or an error for a closed channel, an oversized or malformed frame,
+    /// an unknown version, or `timeout` of silence.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Message, PeerError> {
+        let next = tokio::time::timeout(timeout, self.framed.next())
+            .await
+            .map_err(|_| PeerError::Silent(timeout))?;
+        match next {
+            None => Err(PeerError::Closed),
+            Some(Err(e)) => Err(PeerError::Frame(e.to_string())),
+            Some(Ok(bytes)) => decode(&bytes),
+        }
+    }
+}
+
+/// Encodes a message into a frame's payload.
+pub fn encode(msg: &Message) -> Result<Bytes, PeerError> {
+    let env = serde_json::json!({"v": VERSION, "msg": msg});
+    let bytes = serde_json::to_vec(&env).map_err(|e| PeerError::Frame(e.to_string()))?;
+    if bytes.len() > MAX_FRAME {
+        return Err(PeerError::Frame(format!(
+            "message of {} bytes exceeds {MAX_FRAME}",
+            bytes.len()
+        )));
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// Decodes a frame's payload: version first, then the message.
+pub fn decode(bytes: &[u8]) -> Result<Message, PeerError> {
+    let env: Envelope = serde_json::from_slice(bytes)
+        .map_err(|e| PeerError::Frame(format!("not a message: {e}")))?;
+    if env.v != VERSION {
+        return Err(PeerError::Version { got: env.v });
+    }
+    serde_json::from_value(env.msg).map_err(|e| PeerError::Frame(format!("unknown message: {e}")))
+}
+
+impl PeerError {
+    /// The `kind` sent in an [`Message::Error`] for this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerError::Version { .. } => "protocol-version",
+            PeerError::Frame(_) | PeerError::Unexpected(_) => "protocol",
+            PeerError::NotAllowed { .. } => "not-allowed",
+            PeerError::Silent(_) => "timeout",
+            _ => "channel",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_their_version() {
+        let msg = Message::Preflight {
+            qmp: "vm1.sock".into(),
+            plan: serde_json::json!({"tls": true}),
+        };
+        assert_eq!(decode(&encode(&msg).expect("encode")).expect("decode"), msg);
+    }
+
+    #[test]
+    fn wrong_versions_unknown_messages_and_garbage_are_refused() {
+        let v2 = br#"{"v": 2, "msg": {"type": "ping"}}"#;
+        assert!(matches!(decode(v2), Err(PeerError::Version { got: 2 })));
+        let unknown = br#"{"v": 1, "msg": {"type": "format-disk"}}"#;
+        assert!(matches!(decode(unknown), Err(PeerError::Frame(_))));
+        assert!(matches!(
+            decode(b"\x00\xffgarbage"),
+            Err(PeerError::Frame(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_without_reading_it() {
+        let (a, b) = tokio::io::duplex(1024);
+        let mut rx = Channel::new(a);
+        let mut raw = b;
+        use tokio::io::AsyncWriteExt;
+        raw.write_all(&((MAX_FRAME as u32 + 1).to_be_bytes()))
+            .await
+            .expect("write");
+        let err = rx.recv(Duration::from_secs(5)).await.expect_err("too big");
+        assert!(matches!(err, PeerError::Frame(_)), "{err}");
+    }
+}

@@ -1,0 +1,325 @@
+//! Two hosts: the destination service in one network namespace, the source command in
+//! another, joined by a veth pair, so migration and control traffic really cross between them.
+
+use std::process::Stdio;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use qemu_tls_migrate::peer::{self, MAX_FRAME, Message};
+use qemu_tls_migrate::vm::DiskFormat;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::fixture::{self, Lab, Pair, Service, TwoHosts};
+
+/// A source `migrate --to` command line from host `b` to the service.
+fn migrate_to_args(
+    pair: &Pair,
+    service: &Service,
+    pki: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &pair.source.qmp_path().display().to_string(),
+        "--to",
+        &service.addr,
+        "--dest-qmp",
+        "qmp.sock",
+        "--dest-host",
+        "host-a",
+        "--pki-dir",
+        &pki.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let mut pair = Pair::start_on(&hosts, &[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let mut service =
+        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["host-b"]).await;
+    let args = migrate_to_args(
+        &pair,
+        &service,
+        &pki_b,
+        &["--all-local-disks", "--dest-paused", "--authz"],
+    );
+
+    let out = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["transport"], "tls");
+    assert_eq!(json["disks"][0]["device"], "disk0");
+    assert_eq!(fixture::status(&pair.dest).await, "paused");
+    let src_ram = std::fs::read(pair.source.ram_path()).expect("source RAM");
+    let dst_ram = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
+    assert!(src_ram == dst_ram, "guest RAM differs after migration");
+    assert!(service.is_running());
+    assert_eq!(
+        service.stop().await,
+        Some(0),
+        "SIGTERM ends the service cleanly"
+    );
+    pair.quit_both().await;
+    for (src, dst) in pair.disk_images() {
+        fixture::images_identical(&src, &dst).expect("disk identical on the other host");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plain_tcp_gets_nothing()
+{
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let other = Lab::new("Another CA");
+    let pki_a = lab.host("host-a", &["host-a"]);
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let mut service =
+        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["host-b"]).await;
+
+    let foreign = other.host("host-b", &["host-b"]);
+    let out = fixture::run_cli_in(
+        &hosts.b,
+        &strs(&migrate_to_args(&pair, &service, &foreign, &[])),
+    )
+    .await;
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "connect", "{json}");
+
+    let unlisted = lab.host("host-c", &["host-c"]);
+    let out = fixture::run_cli_in(
+        &hosts.b,
+        &strs(&migrate_to_args(&pair, &service, &unlisted, &[])),
+    )
+    .await;
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "connect", "{json}");
+
+    let mut plain = fixture::connect_in_netns(&hosts.b, &service.addr);
+    plain
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(fixture::EVENT_TIMEOUT, plain.read_to_end(&mut got)).await;
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "a plain client got more than a TLS alert: {got:?}"
+    );
+
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(
+        fixture::status(&pair.dest).await,
+        "inmigrate",
+        "the destination was not touched"
+    );
+    assert!(service.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migration() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let mut pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let mut service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let args = migrate_to_args(
+        &pair,
+        &service,
+        &pki_b,
+        &["--max-bandwidth", "8M", "--stall-timeout", "3"],
+    );
+    let mut child = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.b,
+            env!("CARGO_BIN_EXE_qemu-tls-migrate"),
+        ])
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the source command");
+    let mut progress = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        while let Ok(Some(line)) = progress.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(moving.ok(), Some(true), "the migration never got going");
+
+    hosts.link(false);
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = progress.next_line().await {} });
+    let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the source gives up")
+        .expect("wait");
+    drain.abort();
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["status"], "failed");
+    fixture::assert_source_untouched(&pair.source).await;
+    assert!(
+        pair.dest.wait_exit(fixture::EVENT_TIMEOUT).await,
+        "the service tore the destination down on its own"
+    );
+    assert!(service.is_running(), "the service stays up");
+
+    hosts.link(true);
+    let next = pair.next_destination("next").await;
+    let args = migrate_to_args(&pair, &service, &pki_b, &[]);
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| {
+            if a == "qmp.sock" {
+                "../next/qmp.sock".into()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let refused = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+    assert_eq!(
+        fixture::stdout_json(&refused)["error"]["kind"],
+        "bad-request",
+        "nothing outside --qmp-dir can be named"
+    );
+    let next_dir = next.qmp_path().parent().expect("dir").to_path_buf();
+    drop(service);
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &next_dir, &[]).await;
+    let out = fixture::run_cli_in(
+        &hosts.b,
+        &strs(&migrate_to_args(&pair, &service, &pki_b, &[])),
+    )
+    .await;
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(fixture::status(&next).await, "running");
+}
+
+/// A TLS connection to the service from host `b`, framed as the protocol frames.
+async fn tls_channel(
+    hosts: &TwoHosts,
+    service: &Service,
+    pki: &std::path::Path,
+) -> Framed<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, LengthDelimitedCodec> {
+    let tcp = fixture::connect_in_netns(&hosts.b, &service.addr);
+    let config = peer::client_config(pki).expect("client config");
+    let name = rustls::pki_types::ServerName::try_from("host-a").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    // The reader accepts big frames so that it sees whatever the service sends back.
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(usize::MAX)
+        .new_codec();
+    Framed::new(tls, codec)
+}
+
+async fn reply(
+    framed: &mut Framed<
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        LengthDelimitedCodec,
+    >,
+) -> Option<Message> {
+    match tokio::time::timeout(fixture::EVENT_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(bytes))) => peer::decode(&bytes).ok(),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_keeps_serving() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let qmp_dir = tempfile::tempdir().expect("empty qmp dir");
+    let mut service =
+        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+
+    let mut c = tls_channel(&hosts, &service, &pki_b).await;
+    c.send(Bytes::from_static(b"\x00\x01garbage{{"))
+        .await
+        .expect("send");
+    assert!(
+        matches!(reply(&mut c).await, Some(Message::Error { ref kind, .. }) if kind == "protocol")
+    );
+
+    let mut c = tls_channel(&hosts, &service, &pki_b).await;
+    // Only the length prefix: the service must refuse the frame before reading its body.
+    let header = (MAX_FRAME as u32 + 1).to_be_bytes();
+    c.get_mut().write_all(&header).await.expect("send");
+    c.get_mut().flush().await.expect("flush");
+    assert!(
+        matches!(reply(&mut c).await, Some(Message::Error { ref kind, .. }) if kind == "protocol")
+    );
+
+    let mut c = tls_channel(&hosts, &service, &pki_b).await;
+    c.send(Bytes::from_static(br#"{"v": 99, "msg": {"type": "ping"}}"#))
+        .await
+        .expect("send");
+    assert!(
+        matches!(reply(&mut c).await, Some(Message::Error { ref kind, .. }) if kind == "protocol-version")
+    );
+
+    let mut c = tls_channel(&hosts, &service, &pki_b).await;
+    c.send(
+        peer::encode(&Message::Hello {
+            client: "test".into(),
+        })
+        .expect("encode"),
+    )
+    .await
+    .expect("send");
+    assert!(
+        matches!(
+            reply(&mut c).await,
+            Some(Message::Welcome { secured: true, .. })
+        ),
+        "still serving"
+    );
+    assert!(service.is_running());
+}
