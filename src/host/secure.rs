@@ -10,7 +10,8 @@
 //! 3. libvirt's paths become relative symlinks into it (`/etc/pki/CA/cacert.pem`,
 //!    `/etc/pki/libvirt/servercert.pem`, ...), so one renewal updates both.
 //! 4. `qemu.conf` and `libvirtd.conf` get the settings of the templates, other lines untouched.
-//! 5. nftables rules and an iptables alternative open 16514 and 49152-49215 (written, not loaded).
+//! 5. nftables rules and an iptables alternative open 16514, 16515 (the migration service) and
+//!    49152-49215 (written, not loaded).
 //!
 //! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once; what is
 //! already as wanted is left alone, so a second run changes nothing.
@@ -639,7 +640,7 @@ mod tests {
                 "ca_file"
             ]
         );
-        assert!(NFT_TEMPLATE.contains("16514, 49152-49215"));
+        assert!(NFT_TEMPLATE.contains("16514, 16515, 49152-49215"));
         assert!(IPTABLES_TEMPLATE.contains("49152:49215"));
     }
 
