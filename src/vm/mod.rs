@@ -11,6 +11,8 @@
 //! The process runs in its own process group (so a Ctrl-C meant for the tool does not kill the
 //! guest before the tool has rolled back) and is killed when the [`Vm`] is dropped.
 
+pub mod workload;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

@@ -1,0 +1,133 @@
+//! The guest workload and the benchmark harness against real QEMU: the workload runs under
+//! this machine's accelerator and keeps running across a TLS migration, and `bench --quick`
+//! (what CI runs as a smoke check) writes a report that parses.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qemu_tls_migrate::migration::{Endpoint, FinalStatus, MigrationOptions};
+use qemu_tls_migrate::vm::workload::{self, PassLine, Workload};
+use qemu_tls_migrate::vm::{Vm, VmConfig};
+
+use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab};
+
+/// How long to wait for the workload's next progress line (one comes about every 500 ms).
+const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until the serial log at `path` holds a progress line with more than `after` passes.
+async fn pass_beyond(path: &Path, after: u64) -> PassLine {
+    let deadline = tokio::time::Instant::now() + PASS_TIMEOUT;
+    loop {
+        let serial = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = workload::pass_lines(&serial)
+            .into_iter()
+            .find(|l| l.passes > after)
+        {
+            return line;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no workload pass beyond {after} within {PASS_TIMEOUT:?}; serial log: {serial}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_dirties_its_working_set_and_keeps_running_after_a_tls_migration() {
+    let lab = Lab::new("Test CA");
+    let (src_pki, dst_pki) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let dir = tempfile::tempdir().expect("test dir");
+    let mut config = VmConfig::new("workload-source", &dir.path().join("source"));
+    config.ram_mib = 64;
+    let load = Workload {
+        working_set_mib: 8,
+        pages_per_sec: 0,
+    };
+    config.kernel = Some(load.kernel_in(dir.path()).expect("install the workload"));
+    let source = Vm::launch(config.clone()).await.expect("source VM");
+    let dest = Vm::launch(config.destination("workload-dest", &dir.path().join("dest"), &[]))
+        .await
+        .expect("destination VM");
+
+    let first = pass_beyond(source.serial_path(), 0).await;
+    let later = pass_beyond(source.serial_path(), first.passes).await;
+    let status = workload::read_status(source.ram_path())
+        .expect("read the RAM file")
+        .expect("status block written");
+    let mut options = MigrationOptions::new(
+        Endpoint {
+            qmp: source.qmp_path().to_path_buf(),
+            pki_dir: src_pki,
+        },
+        Endpoint {
+            qmp: dest.qmp_path().to_path_buf(),
+            pki_dir: dst_pki,
+        },
+        DEST_HOST,
+    );
+    options.timeout = Some(EVENT_TIMEOUT);
+    let report = fixture::migrate(&options).await;
+    let on_dest = pass_beyond(dest.serial_path(), later.passes).await;
+
+    assert!(later.pages > first.pages, "{first:?} then {later:?}");
+    assert_eq!(status.working_set_pages, 8 * 256);
+    assert!(status.filled);
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert!(on_dest.passes > later.passes, "{on_dest:?} after {later:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
+    let out = tempfile::tempdir().expect("out dir");
+    let out_dir = out.path().to_str().expect("utf-8 path");
+
+    let run = fixture::run_cli(&[
+        "bench",
+        "--quick",
+        "--modes",
+        "tcp,tls",
+        "--warmup",
+        "0",
+        "--ram-mib",
+        "64",
+        "--working-set-mib",
+        "8",
+        "--out",
+        out_dir,
+    ])
+    .await;
+
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "stderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("bench.json")).expect("bench.json"),
+    )
+    .expect("bench.json parses");
+    let modes: Vec<&str> = report["modes"]
+        .as_array()
+        .expect("modes")
+        .iter()
+        .filter_map(|m| m["mode"]["name"].as_str())
+        .collect();
+    assert_eq!(modes, ["tcp", "tls"]);
+    assert_eq!(report["runs"].as_array().map(Vec::len), Some(2));
+    let csv = std::fs::read_to_string(out.path().join("bench.csv")).expect("bench.csv");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(
+        csv.lines().nth(1).is_some_and(|l| l.starts_with("tcp,")),
+        "{csv}"
+    );
+    let runs = std::fs::read_to_string(out.path().join("runs.csv")).expect("runs.csv");
+    assert_eq!(runs.lines().count(), 3, "{runs}");
+    let svg = std::fs::read_to_string(out.path().join("bench.svg")).expect("bench.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("tls"), "no table on stdout: {stdout}");
+}

@@ -1,0 +1,593 @@
+//! Results of a benchmark: per run, per mode (median, spread, ratio to `tcp`), and their
+//! renderings: a terminal table, CSV and an SVG chart (the JSON is the serialised
+//! [`BenchReport`]).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::measure::{HostInfo, git_revision};
+use super::stats::{Stat, ratio};
+use super::{BenchConfig, Mode};
+use crate::vm::Accel;
+
+/// The name of the baseline mode ratios are taken to.
+pub const BASELINE: &str = "tcp";
+
+/// One migration's measurements.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunResult {
+    /// Position in the run order (0-based, warm-up runs included).
+    pub run: usize,
+    pub round: u32,
+    /// Warm-up runs are reported but not summarised.
+    pub warmup: bool,
+    pub mode: String,
+    /// QEMU's total migration time (`total-time`), setup to completion.
+    pub total_ms: u64,
+    pub setup_ms: u64,
+    /// Guest pause at switch-over.
+    pub downtime_ms: u64,
+    /// Wall time of the tool's whole migration (preflight and clean-up included).
+    pub wall_ms: u64,
+    /// RAM bytes QEMU sent (`ram.transferred`).
+    pub ram_bytes: u64,
+    pub guest_ram_bytes: u64,
+    /// `ram_bytes` over `total_ms`, megabits per second.
+    pub ram_mbps: f64,
+    /// Pages sent whole (`ram.normal`) and sent as zero pages (`ram.duplicate`).
+    pub normal_pages: u64,
+    pub duplicate_pages: u64,
+    pub dirty_sync_count: u64,
+    /// QEMU's last dirty-page rate estimate (pages per second).
+    pub dirty_pages_rate: u64,
+    /// CPU seconds of the source and destination QEMU outside their vCPU threads during the
+    /// migration: what migrating cost.
+    pub src_cpu_s: f64,
+    pub dst_cpu_s: f64,
+    /// The same, vCPU threads included.
+    pub src_cpu_total_s: f64,
+    pub dst_cpu_total_s: f64,
+    /// Bytes the disk mirrors copied (0 without disks).
+    pub disk_bytes: u64,
+    pub disk_mbps: Option<f64>,
+}
+
+impl RunResult {
+    /// RAM bytes sent over guest RAM size.
+    pub fn sent_ratio(&self) -> f64 {
+        if self.guest_ram_bytes == 0 {
+            0.0
+        } else {
+            self.ram_bytes as f64 / self.guest_ram_bytes as f64
+        }
+    }
+}
+
+/// The metrics summarised per mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    TotalMs,
+    RamMbps,
+    DowntimeMs,
+    SentRatio,
+    SrcCpuS,
+    DstCpuS,
+    DirtySyncs,
+    DiskMbps,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 8] = [
+        Metric::TotalMs,
+        Metric::RamMbps,
+        Metric::DowntimeMs,
+        Metric::SentRatio,
+        Metric::SrcCpuS,
+        Metric::DstCpuS,
+        Metric::DirtySyncs,
+        Metric::DiskMbps,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::TotalMs => "total_ms",
+            Metric::RamMbps => "ram_mbps",
+            Metric::DowntimeMs => "downtime_ms",
+            Metric::SentRatio => "sent_ratio",
+            Metric::SrcCpuS => "src_cpu_s",
+            Metric::DstCpuS => "dst_cpu_s",
+            Metric::DirtySyncs => "dirty_syncs",
+            Metric::DiskMbps => "disk_mbps",
+        }
+    }
+
+    fn of(self, r: &RunResult) -> Option<f64> {
+        Some(match self {
+            Metric::TotalMs => r.total_ms as f64,
+            Metric::RamMbps => r.ram_mbps,
+            Metric::DowntimeMs => r.downtime_ms as f64,
+            Metric::SentRatio => r.sent_ratio(),
+            Metric::SrcCpuS => r.src_cpu_s,
+            Metric::DstCpuS => r.dst_cpu_s,
+            Metric::DirtySyncs => r.dirty_sync_count as f64,
+            Metric::DiskMbps => return r.disk_mbps,
+        })
+    }
+}
+
+/// One metric of one mode.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct MetricSummary {
+    pub metric: Metric,
+    #[serde(flatten)]
+    pub stat: Stat,
+    /// This mode's median over the baseline's (`tcp`) median, same run.
+    pub ratio_to_tcp: Option<f64>,
+}
+
+/// A mode's measured runs, summarised.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModeSummary {
+    pub mode: Mode,
+    pub description: String,
+    pub runs: usize,
+    pub metrics: Vec<MetricSummary>,
+}
+
+impl ModeSummary {
+    pub fn get(&self, metric: Metric) -> Option<&MetricSummary> {
+        self.metrics.iter().find(|m| m.metric == metric)
+    }
+
+    pub fn median(&self, metric: Metric) -> Option<f64> {
+        self.get(metric).map(|m| m.stat.median)
+    }
+}
+
+/// Everything a benchmark produced; serialised as the JSON report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub tool_version: &'static str,
+    pub git_revision: String,
+    pub host: HostInfo,
+    pub qemu_version: String,
+    pub accel: &'static str,
+    pub work_dir: PathBuf,
+    pub started_unix: u64,
+    pub duration_s: f64,
+    pub config: BenchConfig,
+    pub modes: Vec<ModeSummary>,
+    pub runs: Vec<RunResult>,
+}
+
+impl BenchReport {
+    pub(crate) fn new(
+        config: &BenchConfig,
+        accel: Accel,
+        qemu_version: String,
+        work_dir: PathBuf,
+        started: SystemTime,
+        runs: Vec<RunResult>,
+    ) -> BenchReport {
+        let modes = summarise(&config.modes, &runs);
+        BenchReport {
+            tool_version: env!("CARGO_PKG_VERSION"),
+            git_revision: git_revision(),
+            host: HostInfo::probe(),
+            qemu_version,
+            accel: accel.as_str(),
+            work_dir,
+            started_unix: started
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            duration_s: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+            config: config.clone(),
+            modes,
+            runs,
+        }
+    }
+
+    /// One line per mode: every metric's median, min, max, quartiles and ratio to `tcp`.
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from("mode,description,runs");
+        for m in Metric::ALL {
+            let n = m.name();
+            let _ = write!(
+                out,
+                ",{n}_median,{n}_min,{n}_max,{n}_q1,{n}_q3,{n}_ratio_to_tcp"
+            );
+        }
+        out.push('\n');
+        for s in &self.modes {
+            let _ = write!(
+                out,
+                "{},{},{}",
+                s.mode.name,
+                csv_field(&s.description),
+                s.runs
+            );
+            for m in Metric::ALL {
+                match s.get(m) {
+                    Some(ms) => {
+                        let st = ms.stat;
+                        let r = ms
+                            .ratio_to_tcp
+                            .map(|r| format!("{r:.4}"))
+                            .unwrap_or_default();
+                        let _ = write!(
+                            out,
+                            ",{},{},{},{},{},{r}",
+                            st.median, st.min, st.max, st.q1, st.q3
+                        );
+                    }
+                    None => out.push_str(",,,,,,"),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// One line per run, warm-up runs included (flagged).
+    pub fn runs_csv(&self) -> String {
+        let mut out = String::from(
+            "run,round,warmup,mode,total_ms,setup_ms,downtime_ms,wall_ms,ram_bytes,\
+             guest_ram_bytes,ram_mbps,sent_ratio,normal_pages,duplicate_pages,dirty_sync_count,\
+             dirty_pages_rate,src_cpu_s,dst_cpu_s,src_cpu_total_s,dst_cpu_total_s,disk_bytes,\
+             disk_mbps\n",
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{}",
+                r.run,
+                r.round,
+                r.warmup,
+                r.mode,
+                r.total_ms,
+                r.setup_ms,
+                r.downtime_ms,
+                r.wall_ms,
+                r.ram_bytes,
+                r.guest_ram_bytes,
+                r.ram_mbps,
+                r.sent_ratio(),
+                r.normal_pages,
+                r.duplicate_pages,
+                r.dirty_sync_count,
+                r.dirty_pages_rate,
+                r.src_cpu_s,
+                r.dst_cpu_s,
+                r.src_cpu_total_s,
+                r.dst_cpu_total_s,
+                r.disk_bytes,
+                r.disk_mbps.map(|v| format!("{v:.1}")).unwrap_or_default(),
+            );
+        }
+        out
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Per-mode summaries of the measured (non-warm-up) runs, with ratios to [`BASELINE`].
+pub fn summarise(modes: &[Mode], runs: &[RunResult]) -> Vec<ModeSummary> {
+    let stats_of = |mode: &str, metric: Metric| {
+        let samples: Vec<f64> = runs
+            .iter()
+            .filter(|r| !r.warmup && r.mode == mode)
+            .filter_map(|r| metric.of(r))
+            .collect();
+        Stat::of(&samples)
+    };
+    modes
+        .iter()
+        .map(|mode| {
+            let metrics = Metric::ALL
+                .iter()
+                .filter_map(|&metric| {
+                    let stat = stats_of(&mode.name, metric)?;
+                    let base = stats_of(BASELINE, metric).map(|s| s.median);
+                    Some(MetricSummary {
+                        metric,
+                        stat,
+                        ratio_to_tcp: ratio(Some(stat.median), base),
+                    })
+                })
+                .collect();
+            ModeSummary {
+                mode: mode.clone(),
+                description: mode.describe(),
+                runs: runs
+                    .iter()
+                    .filter(|r| !r.warmup && r.mode == mode.name)
+                    .count(),
+                metrics,
+            }
+        })
+        .collect()
+}
+
+/// The terminal table: medians with [min-max], and ratios to `tcp`.
+pub fn render_table(report: &BenchReport) -> String {
+    let headers = [
+        "mode",
+        "runs",
+        "total ms",
+        "RAM Mbit/s",
+        "x tcp",
+        "downtime ms",
+        "sent/RAM",
+        "src CPU s",
+        "dst CPU s",
+        "syncs",
+        "disk Mbit/s",
+    ];
+    let spread = |s: &ModeSummary, m: Metric, prec: usize| match s.get(m) {
+        Some(ms) if ms.stat.n > 1 => format!(
+            "{:.p$} [{:.p$}-{:.p$}]",
+            ms.stat.median,
+            ms.stat.min,
+            ms.stat.max,
+            p = prec
+        ),
+        Some(ms) => format!("{:.p$}", ms.stat.median, p = prec),
+        None => "-".into(),
+    };
+    let rows: Vec<Vec<String>> = report
+        .modes
+        .iter()
+        .map(|s| {
+            vec![
+                s.mode.name.clone(),
+                s.runs.to_string(),
+                spread(s, Metric::TotalMs, 0),
+                spread(s, Metric::RamMbps, 0),
+                s.get(Metric::RamMbps)
+                    .and_then(|m| m.ratio_to_tcp)
+                    .map_or("-".into(), |r| format!("{r:.2}")),
+                spread(s, Metric::DowntimeMs, 0),
+                spread(s, Metric::SentRatio, 2),
+                spread(s, Metric::SrcCpuS, 2),
+                spread(s, Metric::DstCpuS, 2),
+                spread(s, Metric::DirtySyncs, 0),
+                spread(s, Metric::DiskMbps, 0),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[String]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", text.join("  ").trim_end());
+    };
+    line(&mut out, &headers.map(String::from));
+    for row in &rows {
+        line(&mut out, row);
+    }
+    let _ = writeln!(
+        out,
+        "median [min-max] of {} measured round(s) after {} warm-up; {} MiB RAM, workload {} MiB \
+         at {} pages/s{}; {} on {} ({} CPUs); QEMU {}; git {}",
+        report.config.repeat,
+        report.config.warmup,
+        report.config.ram_mib,
+        report.config.workload.working_set_mib,
+        report.config.workload.pages_per_sec,
+        if report.config.disk_mib > 0 {
+            format!(", disk {} MiB", report.config.disk_mib)
+        } else {
+            String::new()
+        },
+        report.accel,
+        report.host.cpu_model,
+        report.host.cpus,
+        report.qemu_version,
+        report.git_revision,
+    );
+    out
+}
+
+/// A bar chart of each mode's median RAM throughput, whiskers from min to max, the ratio to
+/// `tcp` beside each bar, and the median source/destination CPU seconds.
+pub fn render_svg(report: &BenchReport) -> String {
+    const LEFT: f64 = 130.0;
+    const BAR_W: f64 = 460.0;
+    const ROW_H: f64 = 34.0;
+    const TOP: f64 = 56.0;
+    let width = LEFT + BAR_W + 230.0;
+    let height = TOP + ROW_H * report.modes.len() as f64 + 46.0;
+    let max = report
+        .modes
+        .iter()
+        .filter_map(|s| s.get(Metric::RamMbps).map(|m| m.stat.max))
+        .fold(1.0f64, f64::max);
+    let x = |v: f64| LEFT + BAR_W * v / max;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"##
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect width="100%" height="100%" fill="#ffffff"/>"##
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">RAM migration throughput, Mbit/s (median, min-max)</text>"##
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="{LEFT}" y="38" fill="#555">{}</text>"##,
+        xml_escape(&format!(
+            "{} MiB guest, workload {} MiB at {} pages/s, {}, QEMU {}, git {}",
+            report.config.ram_mib,
+            report.config.workload.working_set_mib,
+            report.config.workload.pages_per_sec,
+            report.accel,
+            report.qemu_version,
+            report.git_revision
+        ))
+    );
+    for (i, s) in report.modes.iter().enumerate() {
+        let y = TOP + ROW_H * i as f64;
+        let fill = if s.mode.name == BASELINE {
+            "#8c8c8c"
+        } else {
+            "#3b6ea5"
+        };
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.0}" y="{:.1}" text-anchor="end">{}</text>"##,
+            LEFT - 8.0,
+            y + ROW_H / 2.0 + 4.0,
+            xml_escape(&s.mode.name)
+        );
+        if let Some(m) = s.get(Metric::RamMbps) {
+            let _ = writeln!(
+                svg,
+                r##"<rect x="{LEFT}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{fill}"/>"##,
+                y + 6.0,
+                x(m.stat.median) - LEFT,
+                ROW_H - 12.0
+            );
+            let mid = y + ROW_H / 2.0;
+            let _ = writeln!(
+                svg,
+                r##"<path d="M{:.1} {mid:.1}H{:.1}M{:.1} {:.1}V{:.1}M{:.1} {:.1}V{:.1}" stroke="#222" fill="none"/>"##,
+                x(m.stat.min),
+                x(m.stat.max),
+                x(m.stat.min),
+                mid - 5.0,
+                mid + 5.0,
+                x(m.stat.max),
+                mid - 5.0,
+                mid + 5.0
+            );
+            let ratio = m
+                .ratio_to_tcp
+                .map_or(String::new(), |r| format!(" ({r:.2}x tcp)"));
+            let cpu = match (s.median(Metric::SrcCpuS), s.median(Metric::DstCpuS)) {
+                (Some(a), Some(b)) => format!(", CPU {a:.1}+{b:.1} s"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}">{:.0}{}{}</text>"##,
+                x(m.stat.max) + 8.0,
+                mid + 4.0,
+                m.stat.median,
+                ratio,
+                cpu
+            );
+        }
+    }
+    let axis_y = TOP + ROW_H * report.modes.len() as f64 + 4.0;
+    let _ = writeln!(
+        svg,
+        r##"<path d="M{LEFT} {axis_y:.1}H{:.1}" stroke="#222"/>"##,
+        LEFT + BAR_W
+    );
+    for k in 0..=4 {
+        let v = max * f64::from(k) / 4.0;
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#555">{v:.0}</text>"##,
+            x(v),
+            axis_y + 16.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<text x="{LEFT}" y="{:.1}" fill="#555">{} measured round(s), {} warm-up discarded; CPU: source+destination QEMU outside vCPU threads</text>"##,
+        axis_y + 34.0,
+        report.config.repeat,
+        report.config.warmup
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: &str, warmup: bool, total_ms: u64, mbps: f64) -> RunResult {
+        RunResult {
+            run: 0,
+            round: 0,
+            warmup,
+            mode: mode.into(),
+            total_ms,
+            setup_ms: 5,
+            downtime_ms: 20,
+            wall_ms: total_ms + 100,
+            ram_bytes: 200 << 20,
+            guest_ram_bytes: 100 << 20,
+            ram_mbps: mbps,
+            normal_pages: 1,
+            duplicate_pages: 1,
+            dirty_sync_count: 3,
+            dirty_pages_rate: 0,
+            src_cpu_s: 1.0,
+            dst_cpu_s: 0.5,
+            src_cpu_total_s: 1.5,
+            dst_cpu_total_s: 0.5,
+            disk_bytes: 0,
+            disk_mbps: None,
+        }
+    }
+
+    #[test]
+    fn summaries_skip_warmup_and_take_ratios_to_tcp() {
+        let modes = [Mode::tcp(), Mode::tls()];
+        let runs = [
+            run("tcp", true, 9999, 1.0),
+            run("tcp", false, 1000, 4000.0),
+            run("tls", false, 2000, 2000.0),
+            run("tcp", false, 1200, 3000.0),
+            run("tls", false, 3000, 1000.0),
+        ];
+        let s = summarise(&modes, &runs);
+        assert_eq!(s[0].runs, 2);
+        assert_eq!(s[0].median(Metric::TotalMs), Some(1100.0));
+        let tls = s[1].get(Metric::RamMbps).expect("tls throughput");
+        assert_eq!(tls.stat.median, 1500.0);
+        assert_eq!(tls.ratio_to_tcp, Some(1500.0 / 3500.0));
+        assert_eq!(s[1].median(Metric::SentRatio), Some(2.0));
+        assert!(s[1].get(Metric::DiskMbps).is_none());
+    }
+}
