@@ -26,7 +26,7 @@ use crate::qemu::{
     BlockExportAdd, BlockResize, Cont, MigrateIncoming, MigrateSetParameters, NbdServerStart,
     NbdServerStop, ObjectAdd, QueryNamedBlockNodes, QueryStatus, Stop, tcp_uri,
 };
-use crate::qmp::Events;
+use crate::qmp::{Events, QmpError};
 
 /// How long the destination may take to finish loading after the source completed.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -173,6 +173,7 @@ impl DestinationSide {
             })
             .await?;
 
+        let mut nbd_port = nbd_port;
         if let Some(port) = nbd_port {
             for (disk, d) in plan.disks.iter().zip(&self.dest_disks) {
                 if let DestDisk::Grow(size) = d {
@@ -184,13 +185,20 @@ impl DestinationSide {
                     self.ctl.call("block_resize", &resize).await?;
                 }
             }
-            let mut start = NbdServerStart::inet(&plan.listen_address, port);
-            if plan.tls {
-                start.tls_creds = Some(creds.clone());
-                start.tls_authz = authz.clone();
-            }
             self.ctl.undo.push(Undo::StopNbdServer);
-            self.ctl.call("nbd-server-start", &start).await?;
+            let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
+            let port = self
+                .bind_retrying(plan.port_range, port, "nbd-server-start", |port| {
+                    let mut start = NbdServerStart::inet(&plan.listen_address, port);
+                    if plan.tls {
+                        start.tls_creds = Some(creds.clone());
+                        start.tls_authz = authz.clone();
+                    }
+                    let qmp = qmp.clone();
+                    async move { qmp.call_timeout(&start, t).await.map(drop) }
+                })
+                .await?;
+            nbd_port = Some(port);
             for disk in &plan.disks {
                 let export = BlockExportAdd::nbd_writable(&disk.export_id(), &disk.node);
                 self.ctl.call("block-export-add", &export).await?;
@@ -199,17 +207,70 @@ impl DestinationSide {
             tracing::info!(port, "destination exports its disks over NBD");
         }
 
-        let uri = tcp_uri(&plan.listen_address, migration_port);
         self.ctl.undo.push(Undo::TearDownDestination);
         self.incoming = true;
-        tracing::info!(%uri, "destination listening");
-        self.ctl
-            .call("migrate-incoming", &MigrateIncoming { uri })
+        let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
+        let migration_port = self
+            .bind_retrying(
+                plan.port_range,
+                migration_port,
+                "migrate-incoming",
+                |port| {
+                    let uri = tcp_uri(&plan.listen_address, port);
+                    tracing::info!(%uri, "destination listening");
+                    let qmp = qmp.clone();
+                    async move {
+                        qmp.call_timeout(&MigrateIncoming { uri }, t)
+                            .await
+                            .map(drop)
+                    }
+                },
+            )
             .await?;
         Ok(DestPrepared {
             migration_port,
             nbd_port,
         })
+    }
+
+    /// Runs `listen` on `port`; when QEMU finds the port taken (it was free when reserved, but
+    /// 49152-49215 lies in Linux's ephemeral range, so an outgoing connection may have taken
+    /// it since), reserves another and tries again. Returns the port QEMU listens on.
+    async fn bind_retrying<F, Fut>(
+        &mut self,
+        range: PortRange,
+        mut port: u16,
+        step: &'static str,
+        mut listen: F,
+    ) -> Result<u16, MigrationError>
+    where
+        F: FnMut(u16) -> Fut,
+        Fut: std::future::Future<Output = Result<(), QmpError>>,
+    {
+        const TRIES: usize = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match listen(port).await {
+                Ok(()) => return Ok(port),
+                Err(e)
+                    if attempt < TRIES
+                        && e.qemu_error()
+                            .is_some_and(|(_, desc)| desc.contains("Address already in use")) =>
+                {
+                    // The taken port stays reserved here, so the next pick differs.
+                    let lease = ports::allocate(range)?;
+                    tracing::info!(
+                        taken = port,
+                        next = lease.port(),
+                        "port taken meanwhile; trying another"
+                    );
+                    port = lease.port();
+                    self.ports.push(lease);
+                }
+                Err(e) => return Err(self.ctl.error(step, e)),
+            }
+        }
     }
 
     /// Resolves when the destination QEMU's QMP connection closes (QEMU exited).

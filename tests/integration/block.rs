@@ -21,10 +21,7 @@ async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
         ("disk1", DiskFormat::Raw, 32),
     ])
     .await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::AllLocal;
 
     let report = fixture::migrate(&options).await;
@@ -47,10 +44,7 @@ async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
 async fn guest_writes_during_the_mirror_reach_the_destination() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 256)]).await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
     let copying = Arc::new(AtomicBool::new(false));
     let ram_started = Arc::new(AtomicBool::new(false));
@@ -190,10 +184,7 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
 async fn a_destination_killed_mid_mirror_leaves_the_source_running_with_intact_disks() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 128)]).await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::AllLocal;
     let (src_image, _) = pair.disk_images()[0].clone();
     let pristine = pair.dir.path().join("pristine.qcow2");

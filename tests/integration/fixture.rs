@@ -169,6 +169,15 @@ impl Pair {
         o
     }
 
+    /// Options for a TLS migration of this pair with fresh host PKIs from `lab`: the source as
+    /// `src-host`, the destination as [`DEST_HOST`].
+    pub fn tls_options(&self, lab: &Lab) -> MigrationOptions {
+        self.options(
+            &lab.host("src", &["src-host"]),
+            &lab.host("dst", &[DEST_HOST]),
+        )
+    }
+
     /// A fresh destination for the VM now running on `self.dest`, to migrate onwards (in the
     /// same network namespace as the first destination).
     pub async fn next_destination(&self, name: &str) -> Vm {
@@ -243,6 +252,15 @@ pub async fn migrate_parameters(vm: &Vm) -> serde_json::Map<String, Value> {
         .call(&qemu_tls_migrate::qemu::QueryMigrateParameters)
         .await
         .expect("query-migrate-parameters")
+}
+
+/// The error's message (empty when the migration completed).
+pub fn error_message(report: &Report) -> String {
+    report
+        .error
+        .as_ref()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
 }
 
 /// Asserts that the source VM runs, and that the tool left nothing on it.

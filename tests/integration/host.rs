@@ -251,11 +251,17 @@ fn host_secure_root_lays_out_pki_and_libvirt_symlinks() {
     );
     let nft = fs::read_to_string(root.path().join("etc/nftables.d/qemu-tls-migrate.nft"))
         .expect("nft rules");
-    assert!(nft.contains("tcp dport { 16514, 16515, 49152-49215 }"), "{nft}");
+    assert!(
+        nft.contains("tcp dport { 16514, 16515, 49152-49215 }"),
+        "{nft}"
+    );
     let ipt = fs::read_to_string(root.path().join("etc/iptables/qemu-tls-migrate.rules"))
         .expect("iptables rules");
     assert!(ipt.contains("--dports 49152:49215"), "{ipt}");
-    assert!(ipt.contains("--dport 16515"), "the migration service port: {ipt}");
+    assert!(
+        ipt.contains("--dport 16515"),
+        "the migration service port: {ipt}"
+    );
 }
 
 #[test]

@@ -17,10 +17,7 @@ async fn tls_migration_completes_and_guest_ram_is_identical() {
     // without KVM's dirty log seeing it, so that one page can differ whatever the tool does
     // (shown by migrating a stopped source: identical). TCG tracks every guest write.
     let pair = Pair::start_with(|c| c.accel = Some(Accel::Tcg)).await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.dest_paused = true;
 
     let report = fixture::migrate(&options).await;
@@ -128,11 +125,7 @@ async fn a_mixed_pair_is_refused_before_either_vm_is_touched() {
 
     assert_eq!(report.status, FinalStatus::Failed);
     assert_eq!(fixture::error_kind(&report), Some("mixed-security"));
-    let message = report
-        .error
-        .as_ref()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let message = fixture::error_message(&report);
     assert!(message.contains("destination"), "{message}");
     assert!(
         message.contains("ca-cert.pem"),
@@ -182,11 +175,7 @@ async fn a_certificate_not_naming_the_tls_hostname_is_refused_at_the_handshake()
         "{:?}",
         report.error
     );
-    let message = report
-        .error
-        .as_ref()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let message = fixture::error_message(&report);
     assert!(message.contains(DEST_HOST), "{message}");
     fixture::assert_source_untouched(&pair.source).await;
 }
@@ -216,11 +205,7 @@ async fn a_key_qemu_cannot_read_is_caught_by_the_preflight() {
         "{:?}",
         report.error
     );
-    let message = report
-        .error
-        .as_ref()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let message = fixture::error_message(&report);
     assert!(message.contains("source"), "{message}");
     assert!(
         message.contains(&src_pki.display().to_string()),
@@ -233,10 +218,7 @@ async fn a_key_qemu_cannot_read_is_caught_by_the_preflight() {
 async fn a_destination_killed_mid_migration_leaves_the_source_running() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::start().await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.max_bandwidth = 16 << 20; // 64 MiB of data takes ~4 s
     let dest_pid = pair.dest.pid().expect("destination pid");
     let mut killed = false;
@@ -281,10 +263,7 @@ async fn a_destination_killed_mid_migration_leaves_the_source_running() {
 async fn a_destination_that_stops_answering_mid_migration_times_out() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::start().await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.max_bandwidth = 16 << 20;
     options.stall_timeout = Duration::from_secs(3);
     options.qmp_timeout = Duration::from_secs(3);
@@ -319,10 +298,7 @@ async fn a_destination_that_stops_answering_mid_migration_times_out() {
 async fn a_destination_whose_qmp_never_answers_is_a_timeout_naming_its_socket() {
     let lab = Lab::new("Test CA");
     let pair = Pair::start().await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.qmp_timeout = Duration::from_secs(2);
     let dest_pid = nix::unistd::Pid::from_raw(pair.dest.pid().expect("pid") as i32);
     nix::sys::signal::kill(dest_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
@@ -336,11 +312,7 @@ async fn a_destination_whose_qmp_never_answers_is_a_timeout_naming_its_socket() 
         "{:?}",
         report.error
     );
-    let message = report
-        .error
-        .as_ref()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let message = fixture::error_message(&report);
     assert!(
         message.contains(&pair.dest.qmp_path().display().to_string()),
         "{message}"
@@ -424,10 +396,7 @@ async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
     let lab = Lab::new("Test CA");
     let pair = Pair::start().await;
     let before = fixture::migrate_parameters(&pair.source).await;
-    let mut options = pair.options(
-        &lab.host("src", &["src-host"]),
-        &lab.host("dst", &[DEST_HOST]),
-    );
+    let mut options = pair.tls_options(&lab);
     options.multifd = Some(4);
     options.downtime_limit = Some(Duration::from_millis(500));
 
