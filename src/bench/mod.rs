@@ -41,7 +41,7 @@ use crate::migration::{
 use crate::pki::{self, PkiError};
 use crate::qemu::{MigrationInfo, QueryMigrate};
 use crate::qmp::{Qmp, QmpError};
-use crate::vm::workload::{SERIAL_PREFIX, Workload};
+use crate::vm::workload::Workload;
 use crate::vm::{self, Accel, DiskConfig, DiskFormat, Vm, VmConfig, VmError};
 
 /// The source's host name in the lab PKI.
@@ -634,37 +634,16 @@ async fn wait_for_workload(
     vm: &Vm,
     cancel: &CancellationToken,
 ) -> Result<(), BenchError> {
-    const POLL: Duration = Duration::from_millis(50);
-    let deadline = Instant::now() + WORKLOAD_START_TIMEOUT;
-    let ready = [
-        format!("{SERIAL_PREFIX}filled"),
-        format!("{SERIAL_PREFIX}idle"),
-    ];
-    loop {
-        let serial = std::fs::read_to_string(vm.serial_path()).unwrap_or_default();
-        if serial
-            .lines()
-            .any(|l| ready.iter().any(|r| l.starts_with(r.as_str())))
-        {
-            return Ok(());
-        }
-        if cancel.is_cancelled() {
-            return Err(BenchError::Cancelled);
-        }
-        if Instant::now() >= deadline {
-            let tail: Vec<&str> = serial.lines().rev().take(3).collect();
-            return Err(BenchError::WorkloadNotRunning {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(BenchError::Cancelled),
+        ready = crate::vm::workload::wait_ready(vm, WORKLOAD_START_TIMEOUT) => {
+            ready.map_err(|tail| BenchError::WorkloadNotRunning {
                 run,
                 serial: vm.serial_path().to_path_buf(),
                 after: WORKLOAD_START_TIMEOUT,
-                tail: if tail.is_empty() {
-                    format!("(empty); QEMU: {}", vm.log_tail())
-                } else {
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                },
-            });
+                tail,
+            })
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 

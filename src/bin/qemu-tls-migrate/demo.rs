@@ -10,6 +10,7 @@ use clap::Args;
 use qemu_tls_migrate::migration::DiskSelection;
 use qemu_tls_migrate::migration::{Endpoint, MigrationOptions};
 use qemu_tls_migrate::pki::init_lab;
+use qemu_tls_migrate::vm::workload::{self, Workload};
 use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, Vm, VmConfig, create_image};
 use std::path::Path;
 use std::time::Duration;
@@ -25,7 +26,8 @@ const DEST_HOST: &str = "dst-host";
 #[command(
     long_about = "Run a complete TLS live migration on this machine with nothing to prepare: \
 makes a throwaway CA and certificates for two pretend hosts (src-host, dst-host), starts a source \
-VM and a destination VM (`-incoming defer`) with QEMU, fills part of the guest's RAM with data, \
+VM and a destination VM (`-incoming defer`) with QEMU, boots a small guest that fills part of its \
+RAM with data and keeps writing to it (qemu-tls-migrate's own workload kernel), \
 migrates over QEMU-native TLS with each VM using its own host's PKI directory, prints the report, \
 and removes everything. KVM is used when it works here, TCG otherwise.",
     after_help = "Examples:\n  qemu-tls-migrate demo\n  qemu-tls-migrate demo --json\n  \
@@ -35,9 +37,12 @@ pub struct DemoArgs {
     /// Guest RAM of the demo VM, in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=16384))]
     pub ram_mib: u32,
-    /// How much of the guest RAM to fill with data before migrating, in MiB.
+    /// How much of the guest RAM the guest fills with data before the migration, in MiB.
     #[arg(long, default_value_t = 192)]
-    pub fill_mib: u64,
+    pub fill_mib: u32,
+    /// Pages (4 KiB) per second the guest keeps writing during the migration.
+    #[arg(long, default_value_t = 2000)]
+    pub dirty_rate: u32,
     /// Size of the VM's local disk in MiB (copied over NBD with the same TLS); 0 for none.
     #[arg(long, default_value_t = 64)]
     pub disk_mib: u64,
@@ -71,6 +76,17 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
 
     let mut config = VmConfig::new("demo-source", &root.join("source"));
     config.ram_mib = args.ram_mib;
+    // The working set starts at 4 MiB of guest RAM; leave room below the top.
+    let working_set = args.fill_mib.min(args.ram_mib.saturating_sub(8));
+    let workload = Workload {
+        working_set_mib: working_set,
+        pages_per_sec: args.dirty_rate,
+    };
+    config.kernel = Some(
+        workload
+            .kernel_in(&root.join("guest"))
+            .context("cannot write the guest kernel")?,
+    );
     let disk_paths = (
         root.join("source-disk.qcow2"),
         root.join("destination-disk.qcow2"),
@@ -105,10 +121,15 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
         source.accel.as_str(),
         args.ram_mib
     ));
-    let fill = args.fill_mib.min(u64::from(args.ram_mib)) << 20;
-    source
-        .scribble_ram(fill, 0x5eed)
-        .context("cannot fill the source VM's RAM")?;
+    // Migrating while the firmware still boots makes this machine's KVM send all of RAM
+    // twice; a real guest is long booted. Wait until the guest says it filled its memory.
+    workload::wait_ready(&source, Duration::from_secs(60))
+        .await
+        .map_err(|tail| anyhow::anyhow!("the demo guest did not start: {tail}"))?;
+    say(format!(
+        "guest running: {working_set} MiB of its RAM written, {} pages/s still being written",
+        args.dirty_rate
+    ));
 
     let mut options = MigrationOptions::new(
         Endpoint {
