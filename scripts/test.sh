@@ -9,4 +9,4 @@ bash scripts/setup.sh
 # Port locks of the tests live apart from a real host's.
 export QTM_LOCK_DIR="${QTM_LOCK_DIR:-$(mktemp -d -t qtm-locks-XXXXXX)}"
 cargo build --all-targets --locked
-cargo test --all-targets --locked -- --test-threads=2
+cargo test --all-targets --locked

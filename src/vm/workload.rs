@@ -175,6 +175,35 @@ pub fn read_status(ram_file: &Path) -> io::Result<Option<WorkloadStatus>> {
     }))
 }
 
+/// Waits until the workload in `vm` has filled its working set (or, idle, has started), as
+/// its serial console says, checking every 50 ms up to `timeout`. Returns the console's last
+/// lines when it does not.
+pub async fn wait_ready(vm: &super::Vm, timeout: std::time::Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ready = [
+        format!("{SERIAL_PREFIX}filled"),
+        format!("{SERIAL_PREFIX}idle"),
+    ];
+    loop {
+        let serial = std::fs::read_to_string(vm.serial_path()).unwrap_or_default();
+        if serial
+            .lines()
+            .any(|l| ready.iter().any(|r| l.starts_with(r.as_str())))
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let tail: Vec<&str> = serial.lines().rev().take(3).collect();
+            return Err(if tail.is_empty() {
+                format!("(empty serial console); QEMU: {}", vm.log_tail())
+            } else {
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,34 +263,5 @@ mod tests {
         let b = install(dir.path()).expect("install again");
         assert_eq!(a, b);
         assert_eq!(std::fs::read(&a).expect("read"), WORKLOAD_ELF);
-    }
-}
-
-/// Waits until the workload in `vm` has filled its working set (or, idle, has started), as
-/// its serial console says, checking every 50 ms up to `timeout`. Returns the console's last
-/// lines when it does not.
-pub async fn wait_ready(vm: &super::Vm, timeout: std::time::Duration) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let ready = [
-        format!("{SERIAL_PREFIX}filled"),
-        format!("{SERIAL_PREFIX}idle"),
-    ];
-    loop {
-        let serial = std::fs::read_to_string(vm.serial_path()).unwrap_or_default();
-        if serial
-            .lines()
-            .any(|l| ready.iter().any(|r| l.starts_with(r.as_str())))
-        {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let tail: Vec<&str> = serial.lines().rev().take(3).collect();
-            return Err(if tail.is_empty() {
-                format!("(empty serial console); QEMU: {}", vm.log_tail())
-            } else {
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            });
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
