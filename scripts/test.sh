@@ -9,4 +9,6 @@ bash scripts/setup.sh
 # Port locks of the tests live apart from a real host's.
 export QTM_LOCK_DIR="${QTM_LOCK_DIR:-$(mktemp -d -t qtm-locks-XXXXXX)}"
 cargo build --all-targets --locked
-cargo test --all-targets --locked
+# The criterion benches run once each, as a smoke check (timings are not asserted).
+cargo test --locked --benches
+cargo test --locked --lib --bins --tests
