@@ -323,3 +323,45 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
     );
     assert!(service.is_running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_service_takes_two_migrations_at_once() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let (first, second) = (
+        Pair::start_on(&hosts, &[]).await,
+        Pair::start_on(&hosts, &[]).await,
+    );
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    for (name, pair) in [("vm1.sock", &first), ("vm2.sock", &second)] {
+        std::os::unix::fs::symlink(pair.dest.qmp_path(), qmp_dir.path().join(name)).expect("link");
+    }
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let args_for = |pair: &Pair, name: &str| -> Vec<String> {
+        migrate_to_args(pair, &service, &pki_b, &[])
+            .into_iter()
+            .map(|a| if a == "qmp.sock" { name.to_string() } else { a })
+            .collect()
+    };
+    let (a1, a2) = (args_for(&first, "vm1.sock"), args_for(&second, "vm2.sock"));
+    let (a1, a2) = (strs(&a1), strs(&a2));
+
+    let (o1, o2) = tokio::join!(
+        fixture::run_cli_in(&hosts.b, &a1),
+        fixture::run_cli_in(&hosts.b, &a2)
+    );
+
+    let (j1, j2) = (fixture::stdout_json(&o1), fixture::stdout_json(&o2));
+    assert_eq!(
+        (o1.status.code(), o2.status.code()),
+        (Some(0), Some(0)),
+        "{j1}\n{j2}"
+    );
+    assert_ne!(j1["ports"], j2["ports"]);
+    assert_eq!(fixture::status(&first.dest).await, "running");
+    assert_eq!(fixture::status(&second.dest).await, "running");
+}
