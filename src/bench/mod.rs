@@ -563,24 +563,10 @@ impl RunContext<'_> {
     /// Writes `file_fill_mib` MiB of data into the source's RAM file, starting above the
     /// workload's working set (which starts at 4 MiB), capped at the end of RAM.
     fn fill_through_ram_file(&self, vm: &Vm) -> std::io::Result<()> {
-        use std::io::{Seek, SeekFrom, Write};
         let start = (4 + u64::from(self.config.workload.working_set_mib) + 1) << 20;
         let end = (u64::from(self.config.ram_mib) << 20).saturating_sub(1 << 20);
         let len = (u64::from(self.config.file_fill_mib) << 20).min(end.saturating_sub(start));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(vm.ram_path())?;
-        file.seek(SeekFrom::Start(start))?;
-        let mut state = 0x5eed_u64;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = len;
-        while left > 0 {
-            xorshift_fill(&mut buf, &mut state);
-            let n = left.min(buf.len() as u64) as usize;
-            file.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        file.flush()
+        vm.write_ram(start, len, 0x5eed)
     }
 
     /// The source's disk (filled with data) and the destination's empty one of the same size,
@@ -647,31 +633,11 @@ async fn wait_for_workload(
     }
 }
 
-/// Writes `bytes` of xorshift data to `path` (disk contents that neither zero detection nor
-/// compression can shortcut).
+/// Writes `bytes` of pseudo-random data to a new file at `path` (disk contents that neither
+/// zero detection nor compression can shortcut).
 fn fill_pseudo_random(path: &Path, bytes: u64, seed: u64) -> std::io::Result<()> {
-    use std::io::Write;
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut state = seed | 1;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        xorshift_fill(&mut buf, &mut state);
-        let n = left.min(buf.len() as u64) as usize;
-        file.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    file.flush()
-}
-
-/// Fills `buf` with xorshift64 output (cheap, deterministic, incompressible enough).
-fn xorshift_fill(buf: &mut [u8], state: &mut u64) {
-    for chunk in buf.chunks_exact_mut(8) {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes());
-    }
+    crate::vm::write_pseudo_random(&mut file, bytes, seed)
 }
 
 #[cfg(test)]

@@ -507,32 +507,46 @@ async fn probe_kvm() -> Result<bool, VmError> {
     Ok(kvm.enabled)
 }
 
-impl Vm {
-    /// Fills the first `bytes` of guest RAM with a pseudo-random pattern from `seed`, through
-    /// the shared RAM file, so a migration has real (non-zero) pages to move and a comparison
-    /// afterwards means something. Leaves the first MiB (firmware data) alone.
-    pub fn scribble_ram(&self, bytes: u64, seed: u64) -> std::io::Result<()> {
-        use std::io::{Seek, SeekFrom, Write};
-        const SKIP: u64 = 1 << 20;
-        let size = u64::from(self.config.ram_mib) << 20;
-        let end = (SKIP + bytes).min(size);
-        let mut file = std::fs::OpenOptions::new().write(true).open(&self.ram)?;
-        file.seek(SeekFrom::Start(SKIP))?;
-        let mut state = seed | 1;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = SKIP;
-        while at < end {
-            for chunk in buf.chunks_exact_mut(8) {
-                // xorshift64: cheap, deterministic, incompressible enough for migration.
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                chunk.copy_from_slice(&state.to_le_bytes());
-            }
-            let n = (end - at).min(buf.len() as u64) as usize;
-            file.write_all(&buf[..n])?;
-            at += n as u64;
+/// Writes `bytes` of pseudo-random data to `out`: xorshift64 from `seed`, cheap and
+/// deterministic, and neither zero-page detection nor compression can shortcut it.
+pub fn write_pseudo_random(
+    out: &mut impl std::io::Write,
+    bytes: u64,
+    seed: u64,
+) -> std::io::Result<()> {
+    let mut state = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for chunk in buf.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
         }
-        file.flush()
+        let n = left.min(buf.len() as u64) as usize;
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    out.flush()
+}
+
+impl Vm {
+    /// Fills the first `bytes` of guest RAM above 1 MiB (leaving firmware data alone) with
+    /// pseudo-random data from `seed`, so a migration has real (non-zero) pages to move and a
+    /// comparison afterwards means something.
+    pub fn scribble_ram(&self, bytes: u64, seed: u64) -> std::io::Result<()> {
+        self.write_ram(1 << 20, bytes, seed)
+    }
+
+    /// Writes `len` bytes of pseudo-random data into guest RAM at guest-physical `offset`,
+    /// through the shared RAM file, from outside the guest; capped at the end of RAM.
+    pub fn write_ram(&self, offset: u64, len: u64, seed: u64) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let size = u64::from(self.config.ram_mib) << 20;
+        let len = len.min(size.saturating_sub(offset));
+        let mut file = std::fs::OpenOptions::new().write(true).open(&self.ram)?;
+        file.seek(SeekFrom::Start(offset))?;
+        write_pseudo_random(&mut file, len, seed)
     }
 }

@@ -300,7 +300,7 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let runs = u64::from(config.warmup + config.repeat) * config.modes.len() as u64;
     let progress = Progress::new(args.json, quiet, runs);
     let cancel = CancellationToken::new();
-    let watcher = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let watcher = tokio::spawn(crate::migrate_cmd::cancel_on_signal(cancel.clone()));
     let mut on_event = |e: BenchEvent<'_>| progress.event(&e);
     let result = bench::run(&config, &mut on_event, &cancel).await;
     watcher.abort();
@@ -342,21 +342,6 @@ fn write_outputs(report: &BenchReport, dir: &Path) -> anyhow::Result<Vec<String>
         written.push(path.display().to_string());
     }
     Ok(written)
-}
-
-async fn cancel_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    cancel.cancel();
 }
 
 #[cfg(test)]
