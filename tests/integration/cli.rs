@@ -141,3 +141,26 @@ async fn sigint_cancels_a_running_migration_and_rolls_back_with_exit_4() {
     assert_eq!(json["error"]["kind"], "cancelled");
     fixture::assert_source_untouched(&pair.source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let pair =
+        Pair::start_with_disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)]).await;
+    let mut args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    );
+    args.extend(["--authz".to_string(), "--all-local-disks".to_string()]);
+
+    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["status"], "completed");
+}

@@ -407,3 +407,24 @@ async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
     assert_eq!(fixture::status(&pair.dest).await, "running");
     assert_eq!(fixture::migrate_parameters(&pair.source).await, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_authorising_another_identity_refuses_the_source() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let mut options = pair.tls_options(&lab);
+    options.authz_identity = Some("CN=some-other-host".into());
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Failed);
+    assert!(
+        matches!(
+            fixture::error_kind(&report),
+            Some("tls-handshake" | "migration-failed" | "destination-died")
+        ),
+        "{:?}",
+        report.error
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}

@@ -111,8 +111,8 @@ pub struct MigrateArgs {
     /// control channel uses mutual TLS with this host's --source-pki-dir/--pki-dir.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub to: Option<String>,
-    /// With --to: make the destination accept only this host's certificate (an authz-simple
-    /// object matching its distinguished name, as tls-authz).
+    /// Make the destination accept only this source's certificate: an authz-simple object
+    /// matching its distinguished name, set as tls-authz for the migration stream and NBD.
     #[arg(long)]
     pub authz: bool,
     /// The destination host's name: its certificate must carry it (see --tls-hostname), and
@@ -164,7 +164,7 @@ pub struct MigrateArgs {
 }
 
 impl MigrateArgs {
-    pub fn options(&self) -> MigrationOptions {
+    pub fn options(&self) -> anyhow::Result<MigrationOptions> {
         let source = Endpoint {
             qmp: self.source_qmp.clone(),
             pki_dir: self
@@ -205,9 +205,11 @@ impl MigrateArgs {
                 // The service fills in the source certificate's name from the TLS session.
                 o.authz_identity = Some(String::new());
             }
+        } else if self.authz {
+            o.authz_identity = Some(client_dn(&o.source.pki_dir)?);
         }
         self.tuning.apply(&mut o);
-        o
+        Ok(o)
     }
 }
 
@@ -227,6 +229,23 @@ impl TuningArgs {
         o.stall_timeout = Duration::from_secs(self.stall_timeout.max(1));
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout.max(1));
     }
+}
+
+/// The distinguished name of the client certificate in `pki_dir` (what `authz-simple` on the
+/// destination must match).
+fn client_dn(pki_dir: &std::path::Path) -> anyhow::Result<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let path = pki_dir.join(qemu_tls_migrate::pki::CLIENT_CERT);
+    let der = CertificateDer::from_pem_file(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "--authz needs the source's certificate {}: {e}",
+            path.display()
+        )
+    })?;
+    qemu_tls_migrate::peer::PeerIdentity::from_der(der.as_ref())
+        .map(|id| id.dn)
+        .ok_or_else(|| anyhow::anyhow!("--authz: cannot read the subject of {}", path.display()))
 }
 
 /// The host of `HOST[:PORT]` (IPv6 in brackets).
@@ -324,7 +343,7 @@ pub fn outcome_of(report: &Report) -> Outcome {
 }
 
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let options = args.options();
+    let options = args.options()?;
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),
         server_name: args.dest_host.clone(),
