@@ -64,8 +64,6 @@ pub struct DestinationSide {
     has_disks: bool,
     /// What each disk needs, from the preflight.
     dest_disks: Vec<DestDisk>,
-    /// Whether `migrate-incoming` was sent: from then on the QEMU cannot be reused.
-    incoming: bool,
 }
 
 impl std::fmt::Debug for DestinationSide {
@@ -99,7 +97,6 @@ impl DestinationSide {
             ports: Vec::new(),
             has_disks: false,
             dest_disks: Vec::new(),
-            incoming: false,
         })
     }
 
@@ -208,7 +205,6 @@ impl DestinationSide {
         }
 
         self.ctl.undo.push(Undo::TearDownDestination);
-        self.incoming = true;
         let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
         let migration_port = self
             .bind_retrying(
@@ -329,10 +325,5 @@ impl DestinationSide {
         let problems = self.ctl.unwind(false).await;
         self.ports.clear();
         problems
-    }
-
-    /// Whether `migrate-incoming` was sent.
-    pub fn is_incoming(&self) -> bool {
-        self.incoming
     }
 }

@@ -85,11 +85,7 @@ fn remote_error(e: PeerError) -> MigrationError {
 impl RemoteDestination {
     /// Connects to the service with mutual TLS and says hello.
     pub async fn connect(target: &RemoteTarget) -> Result<RemoteDestination, MigrationError> {
-        let address = if target.address.contains(':') && !target.address.ends_with(']') {
-            target.address.clone()
-        } else {
-            format!("{}:{}", target.address, peer::DEFAULT_PORT)
-        };
+        let address = peer::with_default_port(&target.address);
         let config = peer::client_config(&target.pki_dir).map_err(|e| MigrationError::Remote {
             kind: "credentials".into(),
             message: e.to_string(),
@@ -386,11 +382,7 @@ pub async fn serve(
             refusal: true,
         }
     })?;
-    let listen = if opts.listen.contains(':') && !opts.listen.ends_with(']') {
-        opts.listen.clone()
-    } else {
-        format!("{}:{}", opts.listen, peer::DEFAULT_PORT)
-    };
+    let listen = peer::with_default_port(&opts.listen);
     let listener = TcpListener::bind(&listen)
         .await
         .map_err(|source| MigrationError::Remote {

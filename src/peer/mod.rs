@@ -39,6 +39,16 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Silence after which a side declares the channel dead.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(6);
 
+/// `HOST[:PORT]` with [`DEFAULT_PORT`] added when no port is given (an IPv6 address goes in
+/// brackets, `[::1]`, with or without a port).
+pub fn with_default_port(address: &str) -> String {
+    if address.contains(':') && !address.ends_with(']') {
+        address.to_string()
+    } else {
+        format!("{address}:{DEFAULT_PORT}")
+    }
+}
+
 /// Every message of the protocol, in both directions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]

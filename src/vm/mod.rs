@@ -258,11 +258,6 @@ impl Vm {
             })
     }
 
-    /// Whether the process is still alive.
-    pub fn is_alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Asks QEMU to exit (`quit`, which flushes and closes its disks) and waits for it; kills
     /// it if it has not gone within `timeout`.
     pub async fn quit(&mut self, timeout: Duration) {
