@@ -311,8 +311,7 @@ impl Run<'_> {
         let t = opts.qmp_timeout;
         let deadline = opts.timeout.map(|d| self.started + d);
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        let mut last_bytes = 0;
-        let mut last_change = Instant::now();
+        let mut stall = StallWatch::new(opts.stall_timeout);
         let mut dest_gone_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -357,15 +356,9 @@ impl Run<'_> {
                         switched = true;
                         self.switchover(src, disks, src_events).await?;
                     }
-                    if ram.transferred > last_bytes {
-                        last_bytes = ram.transferred;
-                        last_change = Instant::now();
-                    } else if last_change.elapsed() >= opts.stall_timeout {
-                        return Err(MigrationError::Stalled {
-                            after: opts.stall_timeout,
-                            status: format!("{:?}", info.status.unwrap_or(MigrationStatus::None)),
-                        });
-                    }
+                    stall.check(ram.transferred, || {
+                        format!("{:?}", info.status.unwrap_or(MigrationStatus::None))
+                    })?;
                     if dest_gone_at.is_some_and(|at| at.elapsed() >= DEST_GONE_GRACE) {
                         return Err(MigrationError::DestinationDied { desc: info.error_desc });
                     }
@@ -476,8 +469,7 @@ impl Run<'_> {
         let deadline = opts.timeout.map(|d| self.started + d);
         let mut ready: HashMap<String, u64> = HashMap::new();
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        let mut last_total = 0;
-        let mut last_change = Instant::now();
+        let mut stall = StallWatch::new(opts.stall_timeout);
         let node_of = |job: &str| {
             disks
                 .iter()
@@ -530,12 +522,7 @@ impl Run<'_> {
                     }
                     self.report(Phase::Disks, None, None);
                     let total: u64 = self.disk_progress.iter().map(|p| p.offset).sum();
-                    if total > last_total {
-                        last_total = total;
-                        last_change = Instant::now();
-                    } else if last_change.elapsed() >= opts.stall_timeout {
-                        return Err(MigrationError::Stalled { after: opts.stall_timeout, status: "copying disks".into() });
-                    }
+                    stall.check(total, || "copying disks".into())?;
                 }
             }
         }
@@ -652,6 +639,37 @@ async fn check_source(src: &SideCtl) -> Result<bool, MigrationError> {
         });
     }
     Ok(status.running)
+}
+
+/// Declares a copy stalled when its byte count has not grown for `after`.
+struct StallWatch {
+    after: Duration,
+    bytes: u64,
+    since: Instant,
+}
+
+impl StallWatch {
+    fn new(after: Duration) -> StallWatch {
+        StallWatch {
+            after,
+            bytes: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Records the latest byte count; an error naming `status` once it has been still too long.
+    fn check(&mut self, bytes: u64, status: impl FnOnce() -> String) -> Result<(), MigrationError> {
+        if bytes > self.bytes {
+            self.bytes = bytes;
+            self.since = Instant::now();
+        } else if self.since.elapsed() >= self.after {
+            return Err(MigrationError::Stalled {
+                after: self.after,
+                status: status(),
+            });
+        }
+        Ok(())
+    }
 }
 
 fn source_gone(src: &Qmp, step: &'static str) -> MigrationError {
