@@ -7,19 +7,25 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use qemu_tls_migrate::peer::{self, Channel, Message};
-use serde_json::json;
+use qemu_tls_migrate::peer::{self, Authz, Channel, DestPlan, DiskSpec, Message};
 
 /// A `preflight` as a source sends it: the largest message of a migration.
 fn preflight() -> Message {
     Message::Preflight {
         qmp: "vm1.sock".into(),
-        plan: json!({
-            "tls": true, "tls_priority": null, "multifd": null, "create_dest_disks": false,
-            "authz_identity": "", "listen_address": "198.18.0.1", "port_range": "49152-49215",
-            "disks": [{"node": "disk0", "size": 21474836480u64, "format": "qcow2",
-                       "filename": "/var/lib/vm1/disk0.qcow2"}]
-        }),
+        plan: DestPlan {
+            tls: true,
+            tls_priority: None,
+            multifd: None,
+            disks: vec![DiskSpec {
+                node: "disk0".into(),
+                size: 20 << 30,
+            }],
+            create_dest_disks: false,
+            authz: Authz::FromPeerCert,
+            listen_address: "198.18.0.1".into(),
+            port_range: qemu_tls_migrate::ports::DEFAULT_RANGE,
+        },
     }
 }
 

@@ -1,6 +1,8 @@
 //! qemu-tls-migrate: live migration of QEMU virtual machines over QEMU-native TLS, driven over QMP.
 //!
 //! Layers, each knowing only the ones below it:
+//! - [`service`]: the destination host's service (`serve`), one session state machine per
+//!   source.
 //! - [`migration`]: the plan (preflight, prepare destination, migrate RAM, switchover, finish)
 //!   with an undo stack that rolls back whatever was done.
 //! - [`peer`]: the mutual-TLS control channel between a source and a destination host.
@@ -20,4 +22,5 @@ pub mod pki;
 pub mod ports;
 pub mod qemu;
 pub mod qmp;
+pub mod service;
 pub mod vm;

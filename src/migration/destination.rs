@@ -14,46 +14,36 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::disks::{self, DestDisk, SourceDisk};
+use super::disks::{self, DestDisk};
 use super::side::{SideCtl, object_id};
 use super::undo::Undo;
 use super::{MigrationError, PROGRESS_INTERVAL, Side};
 use crate::ports::{self, PortLease, PortRange};
+use crate::peer::{Authz, DestPlan, DestPrepared};
 use crate::qemu::{
     BlockExportAdd, BlockResize, Cont, MigrateIncoming, MigrateSetParameters, NbdServerStart,
-    NbdServerStop, ObjectAdd, QueryNamedBlockNodes, QueryStatus, Stop, tcp_uri,
+    NbdServerStop, ObjectAdd, QueryBlock, QueryStatus, Stop, tcp_uri,
 };
 use crate::qmp::{Events, QmpError};
 
 /// How long the destination may take to finish loading after the source completed.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What the source asks of the destination.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DestPlan {
-    pub tls: bool,
-    /// GnuTLS priority string for the credentials.
-    pub tls_priority: Option<String>,
-    pub multifd: Option<u8>,
-    /// Disks to receive over NBD: node names and the source's sizes.
-    pub disks: Vec<SourceDisk>,
-    /// Grow smaller destination disks instead of refusing.
-    pub create_dest_disks: bool,
-    /// Accept only a source whose certificate has this distinguished name (`CN=host-a`).
-    pub authz_identity: Option<String>,
-    /// Where to listen for the migration stream and NBD.
-    pub listen_address: String,
-    pub port_range: PortRange,
-}
+/// The most multifd channels a destination accepts (QEMU's own limit is 255; each channel is
+/// a TLS session and a thread on both hosts).
+pub const MAX_MULTIFD_CHANNELS: u8 = 64;
 
-/// What the destination tells the source once prepared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DestPrepared {
-    pub migration_port: u16,
-    pub nbd_port: Option<u16>,
+/// How a destination rolled back, as the source needs to know it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AbortOutcome {
+    /// The destination is known not to run the guest and never to have run it: the tool never
+    /// resumed it, and it could not start on its own (autostart was turned off before it was
+    /// given the migration). Only then may a source that passed the switch-over resume.
+    pub stopped: bool,
+    /// Clean-up problems.
+    pub problems: Vec<String>,
 }
 
 /// A destination QEMU being prepared for, receiving, or finishing a migration.
@@ -64,6 +54,8 @@ pub struct DestinationSide {
     has_disks: bool,
     /// What each disk needs, from the preflight.
     dest_disks: Vec<DestDisk>,
+    /// `cont` was sent (whether or not QEMU answered): the guest may have run here.
+    resumed: bool,
 }
 
 impl std::fmt::Debug for DestinationSide {
@@ -97,20 +89,29 @@ impl DestinationSide {
             ports: Vec::new(),
             has_disks: false,
             dest_disks: Vec::new(),
+            resumed: false,
         })
     }
 
     /// Checks everything that can be checked without changing anything: the disks, the ports,
     /// the credentials. A failure here leaves the destination as it was.
     pub async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
+        if plan.multifd.is_some_and(|n| n == 0 || n > MAX_MULTIFD_CHANNELS) {
+            return Err(MigrationError::BadRequest {
+                desc: format!(
+                    "{:?} multifd channels asked for; a destination takes 1 to \
+                     {MAX_MULTIFD_CHANNELS}",
+                    plan.multifd
+                ),
+            });
+        }
         self.dest_disks = if plan.disks.is_empty() {
             Vec::new()
         } else {
-            let nodes = self
-                .ctl
-                .call("query-named-block-nodes", &QueryNamedBlockNodes)
-                .await?;
-            disks::check_destination(&nodes, &plan.disks, plan.create_dest_disks)?
+            // Only the root nodes the guest's devices use may be exported: never a file node
+            // or any other node a peer might name.
+            let blocks = self.ctl.call("query-block", &QueryBlock).await?;
+            disks::check_destination(&blocks, &plan.disks, plan.create_dest_disks)?
         };
         self.ports.push(ports::allocate(plan.port_range)?);
         if !plan.disks.is_empty() {
@@ -144,8 +145,8 @@ impl DestinationSide {
             // The empty string turns TLS off, whatever an earlier migration left set.
             String::new()
         };
-        let authz = match (&plan.authz_identity, plan.tls) {
-            (Some(identity), true) => {
+        let authz = match (&plan.authz, plan.tls) {
+            (Authz::Identity(identity), true) => {
                 let id = object_id("authz");
                 let add = ObjectAdd::AuthzSimple {
                     id: id.clone(),
@@ -153,6 +154,12 @@ impl DestinationSide {
                 };
                 self.ctl.add_object("object-add authz-simple", add).await?;
                 Some(id)
+            }
+            (Authz::FromPeerCert, true) => {
+                // Only the service knows the peer's certificate; it resolves this first.
+                return Err(MigrationError::BadRequest {
+                    desc: "authorization by the peer's certificate outside a service".into(),
+                });
             }
             _ => None,
         };
@@ -197,7 +204,7 @@ impl DestinationSide {
                 .await?;
             nbd_port = Some(port);
             for disk in &plan.disks {
-                let export = BlockExportAdd::nbd_writable(&disk.export_id(), &disk.node);
+                let export = BlockExportAdd::nbd_writable(&disks::export_id(&disk.node), &disk.node);
                 self.ctl.call("block-export-add", &export).await?;
             }
             self.has_disks = true;
@@ -205,6 +212,10 @@ impl DestinationSide {
         }
 
         self.ctl.undo.push(Undo::TearDownDestination);
+        // `stop` on a QEMU in `inmigrate` turns its autostart off: started without -S, it
+        // would otherwise run the guest as soon as the state is loaded, before the tool knows
+        // the source has finished. From here on only `finish` resumes it.
+        self.ctl.call("stop (autostart off)", &Stop).await?;
         let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
         let migration_port = self
             .bind_retrying(
@@ -275,16 +286,14 @@ impl DestinationSide {
     }
 
     /// After the source completed: waits for the destination to finish loading, stops the NBD
-    /// server, resumes the guest when `resume`, and removes what was added.
+    /// server, resumes the guest when `resume`, and removes what was added. Each step may take
+    /// up to [`FINISH_TIMEOUT`]: loading the last state of a large VM takes a while, and giving
+    /// up here would leave the VM paused on both hosts.
     pub async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
         let deadline = Instant::now() + FINISH_TIMEOUT;
+        let qmp = self.ctl.qmp.clone();
         let status = loop {
-            let status = match self
-                .ctl
-                .qmp
-                .call_timeout(&QueryStatus, self.ctl.timeout)
-                .await
-            {
+            let status = match qmp.call_timeout(&QueryStatus, FINISH_TIMEOUT).await {
                 Ok(s) => s,
                 Err(e) if e.is_closed() => {
                     return Err(MigrationError::DestinationDied { desc: None });
@@ -305,25 +314,51 @@ impl DestinationSide {
         };
         if self.has_disks {
             // The exports must be gone before the guest runs and writes its disks itself.
-            self.ctl.call("nbd-server-stop", &NbdServerStop).await?;
+            qmp.call_timeout(&NbdServerStop, FINISH_TIMEOUT)
+                .await
+                .map_err(|e| self.ctl.error("nbd-server-stop", e))?;
             self.ctl.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
         }
         if resume && !status.running {
-            self.ctl.call("cont", &Cont).await?;
+            self.resumed = true;
+            qmp.call_timeout(&Cont, FINISH_TIMEOUT)
+                .await
+                .map_err(|e| self.ctl.error("cont", e))?;
             tracing::info!("destination resumed");
         } else if !resume && status.running {
-            self.ctl.call("stop", &Stop).await?;
+            qmp.call_timeout(&Stop, FINISH_TIMEOUT)
+                .await
+                .map_err(|e| self.ctl.error("stop", e))?;
         }
         let problems = self.ctl.unwind(true).await;
         self.ports.clear();
         Ok(problems)
     }
 
+    /// Whether anything was changed on this destination (and not yet put back).
+    pub fn changed(&self) -> bool {
+        !self.ctl.undo.is_empty()
+    }
+
+    /// This destination, as a report names it.
+    pub fn holder(&self) -> String {
+        format!("the destination QEMU ({})", self.ctl.socket.display())
+    }
+
+    /// Whether the guest may have run here: `cont` was sent.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
     /// Rolls back everything: after `migrate-incoming` that means shutting the destination
     /// QEMU down, which cannot take another migration. Releases the ports.
-    pub async fn abort(&mut self) -> Vec<String> {
+    pub async fn abort(&mut self) -> AbortOutcome {
         let problems = self.ctl.unwind(false).await;
         self.ports.clear();
-        problems
+        AbortOutcome {
+            // Autostart was off before `migrate-incoming`, so only our `cont` could run it.
+            stopped: !self.resumed,
+            problems,
+        }
     }
 }

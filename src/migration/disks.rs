@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{MigrationError, OBJECT_PREFIX};
+use crate::peer::DiskSpec;
 use crate::qemu::{BlockDeviceInfo, BlockInfo};
 
 /// Which disks to copy.
@@ -47,10 +48,19 @@ impl SourceDisk {
         format!("{OBJECT_PREFIX}mirror-{}", self.node)
     }
 
-    /// The export's id on the destination; the export's NBD name is the node name.
-    pub fn export_id(&self) -> String {
-        format!("{OBJECT_PREFIX}export-{}", self.node)
+    /// What the destination is told about this disk: its node and size, never its file name
+    /// (a path or URL may carry credentials and says nothing the destination needs).
+    pub fn spec(&self) -> DiskSpec {
+        DiskSpec {
+            node: self.node.clone(),
+            size: self.size,
+        }
     }
+}
+
+/// The export's id on the destination; the export's NBD name is the node name.
+pub(crate) fn export_id(node: &str) -> String {
+    format!("{OBJECT_PREFIX}export-{node}")
 }
 
 /// Mirror progress of one disk.
@@ -109,6 +119,23 @@ pub(crate) fn select(
     }
 }
 
+/// The source's writable local disks (by the rule of [`DiskSelection::AllLocal`]) that would
+/// stay behind: neither in `copied` nor declared shared.
+pub(crate) fn left_behind(
+    blocks: &[BlockInfo],
+    copied: &[SourceDisk],
+    declared_shared: &[String],
+) -> Vec<String> {
+    blocks
+        .iter()
+        .filter_map(|b| b.inserted.as_ref())
+        .filter(|n| !n.ro && is_local(n))
+        .map(|n| n.node_name.clone())
+        .filter(|node| !copied.iter().any(|c| &c.node == node))
+        .filter(|node| !declared_shared.contains(node))
+        .collect()
+}
+
 /// Network protocol drivers: their data is already reachable from the destination.
 const SHARED_DRIVERS: &[&str] = &[
     "nbd", "rbd", "iscsi", "gluster", "ssh", "http", "https", "ftp", "ftps", "nfs", "vxhs",
@@ -152,16 +179,29 @@ pub(crate) enum DestDisk {
     Grow(u64),
 }
 
-/// Checks the destination has a node of each disk's name and size (or may grow it).
+/// Checks the destination has, for each disk, a root node of that name attached to a device
+/// (never a file node or a node no device uses), writable and as large as the source's (or
+/// smaller and allowed to grow to exactly the source's size). A name asked for twice is refused.
 pub(crate) fn check_destination(
-    dest_nodes: &[BlockDeviceInfo],
-    disks: &[SourceDisk],
+    dest_blocks: &[BlockInfo],
+    disks: &[DiskSpec],
     may_grow: bool,
 ) -> Result<Vec<DestDisk>, MigrationError> {
+    let roots: Vec<&BlockDeviceInfo> = dest_blocks
+        .iter()
+        .filter_map(|b| b.inserted.as_ref())
+        .collect();
     disks
         .iter()
-        .map(|disk| {
-            let node = dest_nodes
+        .enumerate()
+        .map(|(i, disk)| {
+            if disks[..i].iter().any(|d| d.node == disk.node) {
+                return Err(MigrationError::DestDiskUnusable {
+                    node: disk.node.clone(),
+                    reason: "it is named twice".into(),
+                });
+            }
+            let node = roots
                 .iter()
                 .find(|n| n.node_name == disk.node)
                 .ok_or_else(|| MigrationError::DestDiskMissing {
@@ -226,9 +266,14 @@ mod tests {
 
     #[test]
     fn a_smaller_destination_disk_is_refused_unless_it_may_grow() {
-        let src = select(&blocks(), &DiskSelection::AllLocal).expect("select");
-        let dest: Vec<BlockDeviceInfo> = serde_json::from_value(json!([
-            {"node-name": "disk0", "ro": false, "drv": "qcow2", "file": "/d", "image": {"virtual-size": 512}}
+        let src: Vec<DiskSpec> = select(&blocks(), &DiskSelection::AllLocal)
+            .expect("select")
+            .iter()
+            .map(SourceDisk::spec)
+            .collect();
+        let dest: Vec<BlockInfo> = serde_json::from_value(json!([
+            {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
+             "file": "/d", "image": {"virtual-size": 512}}}
         ]))
         .expect("decode");
         assert!(check_destination(&dest, &src, false).is_err());
@@ -240,5 +285,42 @@ mod tests {
             check_destination(&[], &src, true),
             Err(MigrationError::DestDiskMissing { .. })
         ));
+    }
+
+    #[test]
+    fn only_root_nodes_of_devices_can_be_asked_for_on_the_destination() {
+        let dest: Vec<BlockInfo> = serde_json::from_value(json!([
+            {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
+             "file": "/d", "image": {"virtual-size": 1024}}}
+        ]))
+        .expect("decode");
+        let file_node = [DiskSpec {
+            node: "disk0-file".into(),
+            size: 1024,
+        }];
+        assert!(matches!(
+            check_destination(&dest, &file_node, false),
+            Err(MigrationError::DestDiskMissing { .. })
+        ));
+        let twice = [
+            DiskSpec {
+                node: "disk0".into(),
+                size: 1024,
+            },
+            DiskSpec {
+                node: "disk0".into(),
+                size: 1024,
+            },
+        ];
+        assert!(check_destination(&dest, &twice, false).is_err());
+    }
+
+    #[test]
+    fn writable_local_disks_not_copied_nor_declared_shared_are_left_behind() {
+        let blocks = blocks();
+        assert_eq!(left_behind(&blocks, &[], &[]), ["disk0"]);
+        let copied = select(&blocks, &DiskSelection::AllLocal).expect("select");
+        assert!(left_behind(&blocks, &copied, &[]).is_empty());
+        assert!(left_behind(&blocks, &[], &["disk0".to_string()]).is_empty());
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::destination::{DestPlan, DestPrepared, DestinationSide};
+use super::destination::{AbortOutcome, DestinationSide};
 use super::disks::{self, DiskProgress, DiskReport, SourceDisk};
 use super::side::{SideCtl, object_id};
 use super::undo::Undo;
@@ -21,6 +21,7 @@ use crate::qemu::{
     MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
     QueryBlock, QueryBlockJobs, QueryMigrate, QueryStatus, RamStats, tcp_uri,
 };
+use crate::peer::{DestPlan, DestPrepared};
 use crate::qmp::{Events, Qmp, QmpError};
 
 /// After the destination went away, how long the source has to report the failure in its own
@@ -31,6 +32,10 @@ const DEST_GONE_GRACE: Duration = Duration::from_secs(10);
 /// Implemented locally by [`DestinationSide`] and remotely over the control channel.
 #[allow(async_fn_in_trait)]
 pub trait Destination {
+    /// Whether anything on the destination was changed (decides "refused" versus "failed").
+    fn changed(&self) -> bool;
+    /// Where the guest may run if this destination's state becomes unknown, for the report.
+    fn holder(&self) -> String;
     /// Checks without changing anything (disks, ports, credentials).
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError>;
     /// Makes the destination ready to receive; returns its ports.
@@ -40,11 +45,17 @@ pub trait Destination {
     /// After the source completed: finish loading, resume when `resume`; returns clean-up
     /// problems.
     async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError>;
-    /// Rolls everything back; returns clean-up problems.
-    async fn abort(&mut self) -> Vec<String>;
+    /// Rolls everything back; says whether the destination is known not to run the guest.
+    async fn abort(&mut self) -> AbortOutcome;
 }
 
 impl Destination for DestinationSide {
+    fn changed(&self) -> bool {
+        DestinationSide::changed(self)
+    }
+    fn holder(&self) -> String {
+        DestinationSide::holder(self)
+    }
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
         DestinationSide::preflight(self, plan).await
     }
@@ -57,7 +68,7 @@ impl Destination for DestinationSide {
     async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
         DestinationSide::finish(self, resume).await
     }
-    async fn abort(&mut self) -> Vec<String> {
+    async fn abort(&mut self) -> AbortOutcome {
         DestinationSide::abort(self).await
     }
 }
@@ -118,6 +129,7 @@ pub async fn migrate_to<D: Destination>(
         ports: Vec::new(),
         disk_progress: Vec::new(),
         disk_reports: Vec::new(),
+        committed: None,
     };
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
@@ -125,18 +137,26 @@ pub async fn migrate_to<D: Destination>(
     }
     let result = run.execute(&mut dest, cancel).await;
     run.report(Phase::Cleanup, None, None);
-    let mut cleanup_errors = match &mut run.src {
-        Some(src) => src.unwind(result.is_ok()).await,
-        None => Vec::new(),
+    let (cleanup_errors, error, refused) = match result {
+        Ok(problems) => {
+            let mut errors = match &mut run.src {
+                Some(src) => src.unwind(true).await,
+                None => Vec::new(),
+            };
+            errors.extend(problems);
+            (errors, None, false)
+        }
+        Err(error) => {
+            // Refused means nothing was changed on either side, whatever the error.
+            let refused = !dest.changed() && run.src.as_ref().is_none_or(|s| s.undo.is_empty());
+            let (errors, error) = run.roll_back(&mut dest, error).await;
+            (errors, Some(error), refused)
+        }
     };
-    match &result {
-        Ok(problems) => cleanup_errors.extend(problems.iter().cloned()),
-        Err(_) => cleanup_errors.extend(dest.abort().await),
-    }
-    let (status, error) = match result {
-        Ok(_) => (FinalStatus::Completed, None),
-        Err(MigrationError::Cancelled) => (FinalStatus::Cancelled, Some(MigrationError::Cancelled)),
-        Err(e) => (FinalStatus::Failed, Some(e)),
+    let status = match &error {
+        None => FinalStatus::Completed,
+        Some(MigrationError::Cancelled) => FinalStatus::Cancelled,
+        Some(_) => FinalStatus::Failed,
     };
     tracing::info!(?status, "migration finished");
     Report {
@@ -149,6 +169,7 @@ pub async fn migrate_to<D: Destination>(
         warnings: run.warnings,
         cleanup_errors,
         error,
+        refused,
     }
 }
 
@@ -163,9 +184,68 @@ struct Run<'a> {
     ports: Vec<u16>,
     disk_progress: Vec<DiskProgress>,
     disk_reports: Vec<DiskReport>,
+    /// Set once the source passed the point of no return (what it passed): the destination
+    /// may hold the whole state, and the source is resumed only if the destination is known
+    /// not to run.
+    committed: Option<&'static str>,
 }
 
 impl Run<'_> {
+    /// Rolls back after a failure, in the order that keeps one running copy:
+    /// 1. stop the outgoing migration, so nothing more reaches the destination, and learn
+    ///    whether the source completed meanwhile;
+    /// 2. roll the destination back, learning whether it may have run the guest;
+    /// 3. unwind the source; it is resumed only if it never passed the point of no return or
+    ///    the destination is known not to run. Otherwise it stays paused and the error says
+    ///    where the VM may run.
+    async fn roll_back<D: Destination>(
+        &mut self,
+        dest: &mut D,
+        error: MigrationError,
+    ) -> (Vec<String>, MigrationError) {
+        let mut problems = Vec::new();
+        if let Some(src) = &mut self.src {
+            if src.undo.iter().any(|u| matches!(u, Undo::CancelMigration)) {
+                src.undo.retain(|u| !matches!(u, Undo::CancelMigration));
+                problems.extend(src.run_undo(Undo::CancelMigration).await);
+            }
+            if self.committed.is_none()
+                && src.undo.iter().any(|u| matches!(u, Undo::ResumeSource))
+            {
+                // `migrate` was sent: it may have completed before the cancel took hold.
+                match src.qmp.call_timeout(&QueryMigrate, src.timeout).await {
+                    Ok(info) if info.status == Some(MigrationStatus::Completed) => {
+                        self.committed = Some("the source completed the migration");
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_closed() => {}
+                    Err(_) => self.committed = Some("the source's migration state is unknown"),
+                }
+            }
+        }
+        let outcome = dest.abort().await;
+        problems.extend(outcome.problems);
+        let keep_paused = self.committed.filter(|_| !outcome.stopped);
+        if let Some(src) = &mut self.src {
+            if keep_paused.is_some() {
+                src.undo.retain(|u| !matches!(u, Undo::ResumeSource));
+            }
+            problems.extend(src.unwind(false).await);
+        }
+        let error = match keep_paused {
+            Some(reason) => {
+                tracing::error!(%reason, holder = %dest.holder(), "the source VM stays paused: the destination may run it");
+                MigrationError::SplitBrainRisk {
+                    reason: reason.to_string(),
+                    holder: dest.holder(),
+                    cause: Box::new(error),
+                }
+            }
+            None => error,
+        };
+        (problems, error)
+    }
+
     fn report(&mut self, phase: Phase, status: Option<MigrationStatus>, ram: Option<RamStats>) {
         let p = Progress {
             phase,
@@ -196,22 +276,31 @@ impl Run<'_> {
         .await?;
         let was_running = check_source(&src).await?;
         src.save_settings().await?;
-        let disks = if opts.disks == disks::DiskSelection::None {
-            Vec::new()
-        } else {
-            let blocks = src.call("query-block", &QueryBlock).await?;
-            disks::select(&blocks, &opts.disks)?
-        };
+        let blocks = src.call("query-block", &QueryBlock).await?;
+        let disks = disks::select(&blocks, &opts.disks)?;
         if !disks.is_empty() {
             tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
+        }
+        let behind = disks::left_behind(&blocks, &disks, &opts.shared_disks);
+        if !behind.is_empty() {
+            if !opts.allow_unsafe {
+                return Err(MigrationError::DiskLeftBehind { nodes: behind });
+            }
+            let w = format!(
+                "--unsafe: local disk(s) {} are not copied; the guest will not see their \
+                 contents on the destination",
+                behind.join(", ")
+            );
+            tracing::warn!("{w}");
+            self.warnings.push(w);
         }
         let plan = DestPlan {
             tls,
             tls_priority: opts.tls_priority.clone(),
             multifd: opts.multifd,
-            disks: disks.clone(),
+            disks: disks.iter().map(SourceDisk::spec).collect(),
             create_dest_disks: opts.create_dest_disks,
-            authz_identity: opts.authz_identity.clone(),
+            authz: opts.authz.clone(),
             listen_address: opts.listen_address().to_string(),
             port_range: opts.port_range,
         };
@@ -309,7 +398,7 @@ impl Run<'_> {
         let mut switched = false;
         let opts = self.opts;
         let t = opts.qmp_timeout;
-        let deadline = opts.timeout.map(|d| self.started + d);
+        let deadline = opts.timeout.and_then(|d| self.started.checked_add(d));
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         let mut stall = StallWatch::new(opts.stall_timeout);
         let mut dest_gone_at: Option<Instant> = None;
@@ -330,6 +419,7 @@ impl Run<'_> {
                     Some(e) if e.event == "MIGRATION" => {
                         if let Ok(m) = serde_json::from_value::<MigrationEvent>(e.data) {
                             tracing::debug!(status = ?m.status, "source migration status");
+                            self.note_commit(m.status);
                             if m.status.is_final() {
                                 break;
                             }
@@ -349,6 +439,9 @@ impl Run<'_> {
                     let info = qmp(Side::Source, "query-migrate", src.call_timeout(&QueryMigrate, t)).await?;
                     let ram = info.ram.unwrap_or_default();
                     self.report(Phase::Ram, info.status, info.ram);
+                    if let Some(status) = info.status {
+                        self.note_commit(status);
+                    }
                     if info.status.is_some_and(MigrationStatus::is_final) {
                         break;
                     }
@@ -372,6 +465,9 @@ impl Run<'_> {
         )
         .await?;
         self.report(Phase::Ram, info.status, info.ram);
+        if let Some(status) = info.status {
+            self.note_commit(status);
+        }
         if info.status == Some(MigrationStatus::Completed) {
             return Ok(self.final_stats(src, info).await);
         }
@@ -386,6 +482,18 @@ impl Run<'_> {
             }
             other => Err(other),
         }
+    }
+
+    /// Records that the source passed the point of no return, when `status` says so.
+    fn note_commit(&mut self, status: MigrationStatus) {
+        if self.committed.is_some() {
+            return;
+        }
+        self.committed = match status {
+            MigrationStatus::Device => Some("the source sent its device state"),
+            MigrationStatus::Completed => Some("the source completed the migration"),
+            _ => None,
+        };
     }
 
     /// QEMU 7.2 sets the status to `completed` a moment before it fills in `total-time` and
@@ -423,11 +531,12 @@ impl Run<'_> {
                 tls_creds: tls.then(|| creds.to_string()),
                 tls_hostname: tls.then(|| opts.effective_tls_hostname().to_string()),
             };
-            src.call("blockdev-add nbd", &add).await?;
+            // Registered first: a command that times out may still be carried out.
             src.undo.push(Undo::DeleteBlockNode {
                 side: Side::Source,
                 node: disk.nbd_node(),
             });
+            src.call("blockdev-add nbd", &add).await?;
         }
         for disk in disks {
             let mirror = BlockdevMirror {
@@ -437,8 +546,8 @@ impl Run<'_> {
                 sync: "full",
                 copy_mode: opts.mirror_mode,
             };
-            src.call("blockdev-mirror", &mirror).await?;
             src.undo.push(Undo::CancelJob { job: disk.job_id() });
+            src.call("blockdev-mirror", &mirror).await?;
         }
         self.disk_progress = disks
             .iter()
@@ -466,7 +575,7 @@ impl Run<'_> {
         let opts = self.opts;
         let t = opts.qmp_timeout;
         let started = Instant::now();
-        let deadline = opts.timeout.map(|d| self.started + d);
+        let deadline = opts.timeout.and_then(|d| self.started.checked_add(d));
         let mut ready: HashMap<String, u64> = HashMap::new();
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         let mut stall = StallWatch::new(opts.stall_timeout);
@@ -569,10 +678,10 @@ impl Run<'_> {
             .await?;
         }
         let mut pending: Vec<String> = disks.iter().map(|d| d.job_id()).collect();
-        let deadline = Instant::now() + t;
+        let deadline = Instant::now().checked_add(t);
         while !pending.is_empty() {
             let event = tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = sleep_until_opt(deadline) => {
                     return Err(MigrationError::MirrorFailed {
                         node: pending.join(", "),
                         desc: format!("the mirror did not finish within {t:?} at switch-over"),
@@ -614,6 +723,8 @@ impl Run<'_> {
         let cont = MigrateContinue {
             state: MigrationStatus::PreSwitchover,
         };
+        // From here the source may finish at any moment, whatever this call returns.
+        self.committed = Some("the source passed the switch-over");
         qmp(Side::Source, "migrate-continue", src.call_timeout(&cont, t)).await?;
         Ok(())
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Side;
+use crate::peer::ErrorKind;
 use crate::ports::PortError;
 use crate::qmp::QmpError;
 
@@ -30,6 +31,43 @@ pub enum MigrationError {
         dir: PathBuf,
         reason: String,
     },
+    #[error(
+        "the {side}'s PKI directory {dir} holds TLS files that fail the checks, so this host is a \
+         broken secured host, not an unsecured one: {}; fix them (qemu-tls-migrate pki check \
+         --dir {dir}), or remove every TLS file to declare the host unsecured",
+        .problems.join("; ")
+    )]
+    PkiBroken {
+        side: Side,
+        dir: PathBuf,
+        problems: Vec<String>,
+    },
+    #[error(
+        "refusing to leave disk(s) {} behind: each is writable and not on shared storage, so the \
+         guest would run on the destination without its data; copy them (--disk NODE or \
+         --all-local-disks), declare them shared (--shared-disk NODE), or pass --unsafe",
+        .nodes.join(", ")
+    )]
+    DiskLeftBehind { nodes: Vec<String> },
+    #[error(
+        "the migration passed the point of no return ({reason}) and the destination's state \
+         cannot be known, so the source VM was left paused and not resumed: the running copy may \
+         be on {holder}; check there (query-status, or virsh domstate) before resuming the source \
+         or destroying either copy"
+    )]
+    SplitBrainRisk {
+        reason: String,
+        holder: String,
+        #[source]
+        cause: Box<MigrationError>,
+    },
+    #[error(
+        "this host's service refuses plain TCP migrations: RAM and disks would cross the network \
+         unencrypted; secure both hosts, or start the service with --allow-plain"
+    )]
+    PlainRefused,
+    #[error("bad request: {desc}")]
+    BadRequest { desc: String },
     #[error("cannot reach the {side} QEMU's QMP socket {socket}")]
     Connect {
         side: Side,
@@ -99,7 +137,7 @@ pub enum MigrationError {
     /// Reported by the destination host's service, or about the channel to it.
     #[error("destination host: {message}")]
     Remote {
-        kind: String,
+        kind: ErrorKind,
         message: String,
         /// Nothing was changed.
         refusal: bool,
@@ -108,51 +146,43 @@ pub enum MigrationError {
 
 impl MigrationError {
     /// A stable, machine-readable name for the JSON report (`error.kind`).
-    pub fn kind(&self) -> &str {
-        match self {
-            MigrationError::Remote { kind, .. } => kind,
-            MigrationError::MixedSecurity { .. } => "mixed-security",
-            MigrationError::Unsecured { .. } => "unsecured",
-            MigrationError::Connect { source, .. } if source.is_timeout() => "timeout",
-            MigrationError::Connect { .. } => "connect",
-            MigrationError::DestinationNotIncoming { .. } => "destination-not-incoming",
-            MigrationError::SourceNotReady { .. } => "source-not-ready",
-            MigrationError::CredentialsUnusable { .. } => "credentials-unusable",
-            MigrationError::Qmp { source, .. } if source.is_timeout() => "timeout",
-            MigrationError::Qmp { source, .. } if source.is_closed() => "qemu-gone",
-            MigrationError::Qmp { .. } => "qmp",
-            MigrationError::UnknownDisk { .. } => "unknown-disk",
-            MigrationError::DestDiskMissing { .. } | MigrationError::DestDiskUnusable { .. } => {
-                "destination-disk"
-            }
-            MigrationError::MirrorFailed { .. } => "mirror-failed",
-            MigrationError::Ports(_) => "ports",
-            MigrationError::TlsHandshake { .. } => "tls-handshake",
-            MigrationError::Failed { .. } => "migration-failed",
-            MigrationError::DestinationDied { .. } => "destination-died",
-            MigrationError::DestinationNotFinished { .. } => "timeout",
-            MigrationError::Stalled { .. } => "stalled",
-            MigrationError::Timeout { .. } => "timeout",
-            MigrationError::Cancelled => "cancelled",
-        }
+    pub fn kind(&self) -> &'static str {
+        self.error_kind().as_str()
     }
 
-    /// True for errors raised before either VM was changed.
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            MigrationError::MixedSecurity { .. }
-                | MigrationError::Unsecured { .. }
-                | MigrationError::Connect { .. }
-                | MigrationError::DestinationNotIncoming { .. }
-                | MigrationError::SourceNotReady { .. }
-                | MigrationError::CredentialsUnusable { .. }
-                | MigrationError::UnknownDisk { .. }
-                | MigrationError::DestDiskMissing { .. }
-                | MigrationError::DestDiskUnusable { .. }
-                | MigrationError::Ports(_)
-                | MigrationError::Remote { refusal: true, .. }
-        )
+    /// The kind as it crosses the control channel.
+    pub fn error_kind(&self) -> ErrorKind {
+        match self {
+            MigrationError::Remote { kind, .. } => *kind,
+            MigrationError::MixedSecurity { .. } => ErrorKind::MixedSecurity,
+            MigrationError::Unsecured { .. } => ErrorKind::Unsecured,
+            MigrationError::PkiBroken { .. } => ErrorKind::PkiBroken,
+            MigrationError::DiskLeftBehind { .. } => ErrorKind::DiskLeftBehind,
+            MigrationError::SplitBrainRisk { .. } => ErrorKind::SplitBrainRisk,
+            MigrationError::PlainRefused => ErrorKind::PlainRefused,
+            MigrationError::BadRequest { .. } => ErrorKind::BadRequest,
+            MigrationError::Connect { source, .. } if source.is_timeout() => ErrorKind::Timeout,
+            MigrationError::Connect { .. } => ErrorKind::Connect,
+            MigrationError::DestinationNotIncoming { .. } => ErrorKind::DestinationNotIncoming,
+            MigrationError::SourceNotReady { .. } => ErrorKind::SourceNotReady,
+            MigrationError::CredentialsUnusable { .. } => ErrorKind::CredentialsUnusable,
+            MigrationError::Qmp { source, .. } if source.is_timeout() => ErrorKind::Timeout,
+            MigrationError::Qmp { source, .. } if source.is_closed() => ErrorKind::QemuGone,
+            MigrationError::Qmp { .. } => ErrorKind::Qmp,
+            MigrationError::UnknownDisk { .. } => ErrorKind::UnknownDisk,
+            MigrationError::DestDiskMissing { .. } | MigrationError::DestDiskUnusable { .. } => {
+                ErrorKind::DestinationDisk
+            }
+            MigrationError::MirrorFailed { .. } => ErrorKind::MirrorFailed,
+            MigrationError::Ports(_) => ErrorKind::Ports,
+            MigrationError::TlsHandshake { .. } => ErrorKind::TlsHandshake,
+            MigrationError::Failed { .. } => ErrorKind::MigrationFailed,
+            MigrationError::DestinationDied { .. } => ErrorKind::DestinationDied,
+            MigrationError::DestinationNotFinished { .. } => ErrorKind::Timeout,
+            MigrationError::Stalled { .. } => ErrorKind::Stalled,
+            MigrationError::Timeout { .. } => ErrorKind::Timeout,
+            MigrationError::Cancelled => ErrorKind::Cancelled,
+        }
     }
 
     /// Builds the error for a migration QEMU reported as failed, telling TLS problems apart.

@@ -34,11 +34,11 @@ mod report;
 mod side;
 mod undo;
 
-pub use destination::{DestPlan, DestPrepared, DestinationSide};
+pub use destination::{AbortOutcome, DestinationSide, MAX_MULTIFD_CHANNELS};
 pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
-pub use remote::{RemoteDestination, RemoteTarget, ServeOptions, migrate_remote, serve};
+pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, Phase, Progress, RamReport, Report};
 
 use std::fmt;
@@ -47,6 +47,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::peer::Authz;
 use crate::pki::{self, Role, Security};
 use crate::ports::PortRange;
 use crate::qemu::CopyMode;
@@ -161,9 +162,14 @@ pub struct MigrationOptions {
     pub mirror_mode: CopyMode,
     /// Grow destination disks smaller than the source's instead of refusing.
     pub create_dest_disks: bool,
-    /// Make the destination accept only a source whose certificate has this distinguished
-    /// name (`CN=host-a`), through an `authz-simple` object (`tls-authz`).
-    pub authz_identity: Option<String>,
+    /// Which source certificate the destination accepts, through an `authz-simple` object
+    /// (`tls-authz`).
+    pub authz: Authz,
+    /// Writable local disks the caller declares shared (reachable from the destination), so
+    /// they are neither copied nor refused.
+    pub shared_disks: Vec<String>,
+    /// Migrate even when writable local disks are neither copied nor declared shared.
+    pub allow_unsafe: bool,
 }
 
 impl MigrationOptions {
@@ -189,7 +195,9 @@ impl MigrationOptions {
             disks: DiskSelection::None,
             mirror_mode: CopyMode::Background,
             create_dest_disks: false,
-            authz_identity: None,
+            authz: Authz::Off,
+            shared_disks: Vec::new(),
+            allow_unsafe: false,
         }
     }
 
@@ -217,8 +225,10 @@ pub struct TransportDecision {
 }
 
 /// Applies the secured/unsecured rule to the two PKI directories:
-/// - `auto`: TLS when both are secured, TCP (with a warning) when neither is, an error naming
-///   the unsecured side for a mixed pair;
+/// - a directory with TLS files that fail the checks is refused ([`MigrationError::PkiBroken`]),
+///   never taken for an unsecured one;
+/// - `auto`: TLS when both are secured, TCP (with a warning) when neither is (no TLS files at
+///   all on either side), an error naming the unsecured side for a mixed pair;
 /// - `tls`: both must be secured;
 /// - `tcp`: always TCP.
 pub fn decide_transport(
@@ -256,9 +266,23 @@ pub fn decide_transport_from(
     }
     let (src, source_pki) = source;
     let (dst, dest_pki) = dest;
+    // A side whose TLS files fail the checks is refused whatever was asked: it was meant to be
+    // secured, so falling back to plain TCP would send the VM in the clear by accident.
+    for (side, dir, security) in [
+        (Side::Source, source_pki, src),
+        (Side::Destination, dest_pki, dst),
+    ] {
+        if let Security::Broken { problems } = security {
+            return Err(MigrationError::PkiBroken {
+                side,
+                dir: dir.to_path_buf(),
+                problems: problems.clone(),
+            });
+        }
+    }
     let unsecured = |side: Side, dir: &Path, s: &Security| match s {
-        Security::Secured => None,
         Security::Unsecured { reason } => Some((side, dir.to_path_buf(), reason.clone())),
+        Security::Secured | Security::Broken { .. } => None,
     };
     let problems: Vec<(Side, PathBuf, String)> = [
         unsecured(Side::Source, source_pki, src),

@@ -1,42 +1,44 @@
-//! Migration between two hosts: the destination host's service ([`serve`]) and the source's
-//! [`RemoteDestination`], joined by the control channel of [`crate::peer`].
+//! The source side of a migration between two hosts: [`RemoteDestination`] speaks the
+//! [`crate::peer`] protocol to the destination host's service (`crate::service`), and
+//! [`migrate_remote`] runs a migration through it.
 //!
 //! One session, as the source drives it:
 //! 1. TLS (both ends authenticated), `hello` → `welcome` (is the service's host secured?).
-//! 2. `preflight {qmp, plan}`: the service attaches to `--qmp-dir/qmp` and checks, changing
-//!    nothing → `preflighted` or `error {refusal: true}`.
+//! 2. `preflight {qmp, plan}` → `preflighted`, or an error with `refusal: true`.
 //! 3. `prepare` → `prepared {ports}`; from here the destination is changed.
 //! 4. While RAM and disks move: `ping`/`pong` every second; `gone` if the destination QEMU
 //!    exits.
-//! 5. `finish {resume}` → `finished`, or `abort` → `aborted`.
+//! 5. `finish {resume}` → `finished`, or `abort` → `aborted {stopped}`.
 //!
-//! Either side that loses the channel (closed, or silent for the heartbeat timeout) rolls back
-//! on its own: the service tears the destination down and releases its ports, the source
-//! cancels and resumes its VM.
+//! A channel that closes or falls silent for [`HEARTBEAT_TIMEOUT`] is lost. The service then
+//! rolls back on its own, unless it was already told to finish; so once `finish` was sent, a
+//! lost channel leaves the destination's state unknown, and the driver keeps the source paused.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::MigrationError;
-use super::destination::{DestPlan, DestPrepared, DestinationSide};
+use super::destination::AbortOutcome;
 use super::driver::Destination;
 use crate::peer::{
-    self, Channel, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Message, PeerError, PeerIdentity,
+    self, Channel, DestPlan, DestPrepared, ErrorKind, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
+    Message, PeerError,
 };
 use crate::pki::{self, Role, Security};
-use crate::ports::PortRange;
 
-/// How long a request to the service may take (preparing includes NBD and credential checks;
-/// finishing includes the destination loading the last of the state).
+/// How long a request to the service may take (preparing includes NBD and credential checks).
+/// The service answers pings meanwhile, so a dead service is found by the heartbeat first.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long `finish` may take: the destination loads the last of the state, stops its NBD
+/// server and resumes, each step allowed the destination's own finish timeout.
+const FINISH_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a new connection has to finish the TLS handshake and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +62,11 @@ pub struct RemoteDestination {
     qmp: String,
     /// Why the channel or the destination was lost, once it was.
     lost: Option<String>,
+    /// `finish` was sent: from then on the service may resume the destination even if the
+    /// channel is lost.
+    finish_sent: bool,
+    /// `prepare` was sent and not refused: the destination may have been changed.
+    changed: bool,
     /// The service's answer to `hello`: is its host secured?
     pub remote_security: Security,
     pub server: String,
@@ -76,7 +83,7 @@ impl std::fmt::Debug for RemoteDestination {
 
 fn remote_error(e: PeerError) -> MigrationError {
     MigrationError::Remote {
-        kind: e.kind().to_string(),
+        kind: e.kind(),
         message: e.to_string(),
         refusal: false,
     }
@@ -87,12 +94,12 @@ impl RemoteDestination {
     pub async fn connect(target: &RemoteTarget) -> Result<RemoteDestination, MigrationError> {
         let address = peer::with_default_port(&target.address);
         let config = peer::client_config(&target.pki_dir).map_err(|e| MigrationError::Remote {
-            kind: "credentials".into(),
+            kind: ErrorKind::Credentials,
             message: e.to_string(),
             refusal: true,
         })?;
         let refusal = |e: PeerError| MigrationError::Remote {
-            kind: "connect".into(),
+            kind: ErrorKind::Connect,
             message: e.to_string(),
             refusal: true,
         };
@@ -108,7 +115,7 @@ impl RemoteDestination {
         let name =
             rustls::pki_types::ServerName::try_from(target.server_name.clone()).map_err(|e| {
                 MigrationError::Remote {
-                    kind: "usage".into(),
+                    kind: ErrorKind::Usage,
                     message: format!("bad destination host name {:?}: {e}", target.server_name),
                     refusal: true,
                 }
@@ -122,27 +129,19 @@ impl RemoteDestination {
         .map_err(|source| {
             refusal(PeerError::Tls {
                 peer: address.clone(),
+                reason: peer::tls_failure_reason(&source),
                 source,
             })
         })?;
         let mut channel = Channel::new(tls);
-        let hello = Message::Hello { client: hostname() };
+        let hello = Message::Hello {
+            client: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        };
         channel.send(&hello).await.map_err(refusal)?;
         let (server, remote_security) = match channel.recv(HANDSHAKE_TIMEOUT).await {
-            Ok(Message::Welcome {
-                server,
-                secured,
-                reason,
-            }) => (
-                server,
-                if secured {
-                    Security::Secured
-                } else {
-                    Security::Unsecured {
-                        reason: reason.unwrap_or_else(|| "not secured".into()),
-                    }
-                },
-            ),
+            Ok(Message::Welcome { server, security }) => (server, security),
             Ok(Message::Error { kind, message, .. }) => {
                 return Err(MigrationError::Remote {
                     kind,
@@ -161,13 +160,19 @@ impl RemoteDestination {
             from_service,
             qmp: target.qmp.clone(),
             lost: None,
+            finish_sent: false,
+            changed: false,
             remote_security,
             server,
         })
     }
 
-    /// Sends `msg` and waits for the answer (pongs and stray messages are skipped).
-    async fn request(&mut self, msg: Message) -> Result<Message, MigrationError> {
+    /// Sends `msg` and waits up to `timeout` for the answer (pongs are skipped).
+    async fn request(
+        &mut self,
+        msg: Message,
+        timeout: Duration,
+    ) -> Result<Message, MigrationError> {
         if let Some(reason) = &self.lost {
             return Err(MigrationError::DestinationDied {
                 desc: Some(reason.clone()),
@@ -176,11 +181,11 @@ impl RemoteDestination {
         self.to_service
             .send(msg)
             .map_err(|_| remote_error(PeerError::Closed))?;
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             let answer = tokio::time::timeout_at(deadline, self.from_service.recv())
                 .await
-                .map_err(|_| remote_error(PeerError::Silent(REQUEST_TIMEOUT)))?;
+                .map_err(|_| remote_error(PeerError::Silent(timeout)))?;
             match answer {
                 None => return Err(remote_error(PeerError::Closed)),
                 Some(Err(e)) => {
@@ -211,25 +216,32 @@ impl RemoteDestination {
 
 impl Destination for RemoteDestination {
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
-        let plan = serde_json::to_value(plan).map_err(|e| MigrationError::Failed {
-            desc: e.to_string(),
-        })?;
         let msg = Message::Preflight {
             qmp: self.qmp.clone(),
-            plan,
+            plan: plan.clone(),
         };
-        match self.request(msg).await? {
+        match self.request(msg, REQUEST_TIMEOUT).await? {
             Message::Preflighted => Ok(()),
             other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
         }
     }
 
     async fn prepare(&mut self, _plan: &DestPlan) -> Result<DestPrepared, MigrationError> {
-        match self.request(Message::Prepare).await? {
-            Message::Prepared { prepared } => serde_json::from_value(prepared)
-                .map_err(|e| remote_error(PeerError::Frame(e.to_string()))),
-            other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+        self.changed = true;
+        match self.request(Message::Prepare, REQUEST_TIMEOUT).await {
+            Ok(Message::Prepared { prepared }) => Ok(prepared),
+            Ok(other) => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+            Err(e) => {
+                if matches!(e, MigrationError::Remote { refusal: true, .. }) {
+                    self.changed = false;
+                }
+                Err(e)
+            }
         }
+    }
+
+    fn changed(&self) -> bool {
+        self.changed
     }
 
     async fn gone(&mut self) {
@@ -256,24 +268,42 @@ impl Destination for RemoteDestination {
     }
 
     async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
-        match self.request(Message::Finish { resume }).await? {
+        // Whatever happens to the channel from here, the service may resume the destination.
+        self.finish_sent = true;
+        match self
+            .request(Message::Finish { resume }, FINISH_REQUEST_TIMEOUT)
+            .await?
+        {
             Message::Finished { problems } => Ok(problems),
             other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
         }
     }
 
-    async fn abort(&mut self) -> Vec<String> {
-        if self.lost.is_some() {
-            // The service rolls back on its own when it loses the channel.
-            return Vec::new();
+    async fn abort(&mut self) -> AbortOutcome {
+        // Without `finish`, the service never resumes the destination, and the destination
+        // cannot start on its own: a lost channel then still means "not running".
+        let unknown = |problem: String, finish_sent: bool| AbortOutcome {
+            stopped: !finish_sent,
+            problems: vec![problem],
+        };
+        if let Some(reason) = &self.lost {
+            return unknown(
+                format!("destination: channel lost ({reason}); the service rolls back on its own"),
+                self.finish_sent,
+            );
         }
-        match self.request(Message::Abort).await {
-            Ok(Message::Aborted { problems }) => problems,
-            Ok(other) => vec![format!(
-                "destination: unexpected answer to abort: {other:?}"
-            )],
-            Err(e) => vec![format!("destination: {e}")],
+        match self.request(Message::Abort, FINISH_REQUEST_TIMEOUT).await {
+            Ok(Message::Aborted { stopped, problems }) => AbortOutcome { stopped, problems },
+            Ok(other) => unknown(
+                format!("destination: unexpected answer to abort: {other:?}"),
+                self.finish_sent,
+            ),
+            Err(e) => unknown(format!("destination: {e}"), self.finish_sent),
         }
+    }
+
+    fn holder(&self) -> String {
+        format!("the destination host {} (its service)", self.server)
     }
 }
 
@@ -354,298 +384,3 @@ pub async fn migrate_remote(
     }
 }
 
-/// Settings of the destination host's service.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// `ADDR[:PORT]` to listen on.
-    pub listen: String,
-    pub pki_dir: PathBuf,
-    /// Only QMP sockets in this directory can be named by a source.
-    pub qmp_dir: PathBuf,
-    /// Certificate names allowed to connect; empty: any certificate from the CA.
-    pub allow_clients: Vec<String>,
-    pub port_range: PortRange,
-    pub qmp_timeout: Duration,
-}
-
-/// Runs the service until `shutdown` is cancelled: accepts sources, one session per
-/// connection, several at once. On shutdown, running sessions roll back and end.
-pub async fn serve(
-    opts: &ServeOptions,
-    shutdown: CancellationToken,
-    on_listening: impl FnOnce(std::net::SocketAddr),
-) -> Result<(), MigrationError> {
-    let config = peer::server_config(&opts.pki_dir, &opts.allow_clients).map_err(|e| {
-        MigrationError::Remote {
-            kind: "credentials".into(),
-            message: e.to_string(),
-            refusal: true,
-        }
-    })?;
-    let listen = peer::with_default_port(&opts.listen);
-    let listener = TcpListener::bind(&listen)
-        .await
-        .map_err(|source| MigrationError::Remote {
-            kind: "listen".into(),
-            message: format!("cannot listen on {listen}: {source}"),
-            refusal: true,
-        })?;
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving migrations");
-        on_listening(addr);
-    }
-    let acceptor = TlsAcceptor::from(config);
-    let opts = Arc::new(opts.clone());
-    let mut sessions = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => {
-                let Ok((tcp, remote)) = accepted else { continue };
-                let (acceptor, opts, stop) = (acceptor.clone(), opts.clone(), shutdown.clone());
-                sessions.spawn(async move {
-                    if let Err(e) = session(tcp, acceptor, &opts, stop).await {
-                        tracing::warn!(%remote, "session ended: {e}");
-                    }
-                });
-            }
-            // Reap finished sessions as they end.
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-        }
-    }
-    tracing::info!("shutting down: rolling back running sessions");
-    while sessions.join_next().await.is_some() {}
-    Ok(())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Resolves a socket name a peer sent to a path inside `dir`; nothing else can be named.
-fn qmp_path(dir: &Path, name: &str) -> Result<PathBuf, String> {
-    let plain = !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.contains('\0');
-    if !plain {
-        return Err(format!(
-            "{name:?} is not a file name in the service's QMP directory"
-        ));
-    }
-    Ok(dir.join(name))
-}
-
-fn error_message(e: &MigrationError) -> Message {
-    let mut chain = vec![e.to_string()];
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        chain.push(s.to_string());
-        source = s.source();
-    }
-    Message::Error {
-        kind: e.kind().to_string(),
-        message: chain.join(": "),
-        refusal: e.is_refusal(),
-    }
-}
-
-/// One source's session: handshake, then requests until finished, aborted, or the channel is
-/// lost; whatever was prepared and not finished is rolled back.
-async fn session(
-    tcp: TcpStream,
-    acceptor: TlsAcceptor,
-    opts: &ServeOptions,
-    shutdown: CancellationToken,
-) -> Result<(), PeerError> {
-    let local = tcp.local_addr().map(|a| a.ip().to_string()).ok();
-    let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| PeerError::Silent(HANDSHAKE_TIMEOUT))?
-        .map_err(|source| PeerError::Tls {
-            peer: remote.clone(),
-            source,
-        })?;
-    let identity = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|c| PeerIdentity::from_der(c.as_ref()));
-    let mut channel = Channel::new(tls);
-    let Some(identity) = identity.filter(|i| i.allowed_by(&opts.allow_clients)) else {
-        let err = PeerError::NotAllowed {
-            names: Vec::new(),
-            allowed: opts.allow_clients.clone(),
-        };
-        let _ = channel
-            .send(&Message::Error {
-                kind: err.kind().into(),
-                message: err.to_string(),
-                refusal: true,
-            })
-            .await;
-        return Err(err);
-    };
-    tracing::info!(%remote, client = %identity.dn, "source connected");
-
-    let mut dest: Option<DestinationSide> = None;
-    let mut plan: Option<DestPlan> = None;
-    let mut prepared = false;
-    let mut last_heard = Instant::now();
-    let result = loop {
-        let dest_gone = async {
-            match (&mut dest, prepared) {
-                (Some(d), true) => d.gone().await,
-                _ => std::future::pending().await,
-            }
-        };
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break Err(PeerError::Closed),
-            _ = tokio::time::sleep_until(last_heard + HEARTBEAT_TIMEOUT) => {
-                break Err(PeerError::Silent(HEARTBEAT_TIMEOUT));
-            }
-            _ = dest_gone => {
-                let _ = channel.send(&Message::Gone { reason: "the destination QEMU exited".into() }).await;
-                break Err(PeerError::Closed);
-            }
-            msg = channel.next() => msg,
-        };
-        last_heard = Instant::now();
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e @ (PeerError::Frame(_) | PeerError::Version { .. })) => {
-                let _ = channel
-                    .send(&Message::Error {
-                        kind: e.kind().into(),
-                        message: e.to_string(),
-                        refusal: !prepared,
-                    })
-                    .await;
-                break Err(e);
-            }
-            Err(e) => break Err(e),
-        };
-        let reply = match msg {
-            Message::Ping => Message::Pong,
-            Message::Hello { client } => {
-                tracing::debug!(%client, "hello");
-                let security = pki::assess(&opts.pki_dir, Role::Server);
-                Message::Welcome {
-                    server: hostname(),
-                    secured: security.is_secured(),
-                    reason: match security {
-                        Security::Secured => None,
-                        Security::Unsecured { reason } => Some(reason),
-                    },
-                }
-            }
-            Message::Preflight {
-                qmp,
-                plan: requested,
-            } if dest.is_none() => {
-                match preflight(opts, &qmp, requested, local.as_deref(), &identity).await {
-                    Ok((side, p)) => {
-                        dest = Some(side);
-                        plan = Some(p);
-                        Message::Preflighted
-                    }
-                    Err(e) => error_message(&e),
-                }
-            }
-            Message::Prepare => match (&mut dest, &plan) {
-                (Some(d), Some(p)) if !prepared => match d.prepare(p).await {
-                    Ok(ports) => {
-                        prepared = true;
-                        Message::Prepared {
-                            prepared: serde_json::to_value(ports).unwrap_or_default(),
-                        }
-                    }
-                    Err(e) => error_message(&e),
-                },
-                _ => error_message(&MigrationError::Failed {
-                    desc: "prepare without a preflight".into(),
-                }),
-            },
-            Message::Finish { resume } => match dest.take() {
-                Some(mut d) => {
-                    let reply = match d.finish(resume).await {
-                        Ok(problems) => Message::Finished { problems },
-                        Err(e) => {
-                            let m = error_message(&e);
-                            let _ = d.abort().await;
-                            m
-                        }
-                    };
-                    let _ = channel.send(&reply).await;
-                    break Ok(());
-                }
-                None => error_message(&MigrationError::Failed {
-                    desc: "nothing to finish".into(),
-                }),
-            },
-            Message::Abort => {
-                let problems = match dest.take() {
-                    Some(mut d) => d.abort().await,
-                    None => Vec::new(),
-                };
-                let _ = channel.send(&Message::Aborted { problems }).await;
-                break Ok(());
-            }
-            other => {
-                let e = PeerError::Unexpected(format!("{other:?}"));
-                Message::Error {
-                    kind: e.kind().into(),
-                    message: e.to_string(),
-                    refusal: !prepared,
-                }
-            }
-        };
-        if let Err(e) = channel.send(&reply).await {
-            break Err(e);
-        }
-    };
-    if let Some(mut d) = dest.take() {
-        tracing::warn!(%remote, "rolling back the destination: the session ended early");
-        for p in d.abort().await {
-            tracing::warn!("{p}");
-        }
-    }
-    result
-}
-
-async fn preflight(
-    opts: &ServeOptions,
-    qmp: &str,
-    requested: serde_json::Value,
-    local_address: Option<&str>,
-    identity: &PeerIdentity,
-) -> Result<(DestinationSide, DestPlan), MigrationError> {
-    let path = qmp_path(&opts.qmp_dir, qmp).map_err(|desc| MigrationError::Remote {
-        kind: "bad-request".into(),
-        message: desc,
-        refusal: true,
-    })?;
-    let mut plan: DestPlan =
-        serde_json::from_value(requested).map_err(|e| MigrationError::Remote {
-            kind: "bad-request".into(),
-            message: format!("bad migration plan: {e}"),
-            refusal: true,
-        })?;
-    // The service decides where it listens (the address the source reached it on) and from
-    // which ports; a source that asks for authorization gets its own certificate's name.
-    if let Some(addr) = local_address {
-        plan.listen_address = addr.to_string();
-    }
-    plan.port_range = opts.port_range;
-    if plan.authz_identity.is_some() {
-        plan.authz_identity = Some(identity.dn.clone());
-    }
-    let mut side = DestinationSide::attach(&path, &opts.pki_dir, opts.qmp_timeout).await?;
-    side.preflight(&plan).await?;
-    Ok((side, plan))
-}

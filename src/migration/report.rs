@@ -94,6 +94,8 @@ pub struct Report {
     /// Problems met while cleaning up (reported, never hiding the main error).
     pub cleanup_errors: Vec<String>,
     pub error: Option<MigrationError>,
+    /// The migration was refused before anything was changed on either side.
+    pub refused: bool,
 }
 
 impl Report {
@@ -113,6 +115,7 @@ impl Report {
             warnings: Vec::new(),
             cleanup_errors: Vec::new(),
             error: Some(error),
+            refused: true,
         }
     }
 }

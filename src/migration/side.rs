@@ -132,17 +132,18 @@ impl SideCtl {
         self.add_object("object-add tls-creds-x509", add).await
     }
 
-    /// Adds any object, remembering to delete it.
+    /// Adds any object. Its deletion is registered first, as "may exist": a command that
+    /// times out here may still be carried out by QEMU afterwards.
     pub async fn add_object(
         &mut self,
         step: &'static str,
         add: ObjectAdd,
     ) -> Result<(), MigrationError> {
-        self.call(step, &add).await?;
         self.undo.push(Undo::DeleteObject {
             side: self.side,
             id: add.id().to_string(),
         });
+        self.call(step, &add).await?;
         Ok(())
     }
 
@@ -196,6 +197,11 @@ impl SideCtl {
         });
         self.call("migrate-set-parameters", set).await?;
         Ok(())
+    }
+
+    /// Runs one undo action now, out of stack order; returns what failed.
+    pub async fn run_undo(&mut self, action: Undo) -> Vec<String> {
+        undo::unwind(vec![action], false, &self.qmp, self.timeout).await
     }
 
     /// Unwinds the undo stack; returns what failed.

@@ -59,6 +59,14 @@ impl Undo {
         )
     }
 
+    /// Undos registered before the command they undo, so the thing may not exist.
+    fn may_not_exist(&self) -> bool {
+        matches!(
+            self,
+            Undo::DeleteObject { .. } | Undo::DeleteBlockNode { .. } | Undo::CancelJob { .. }
+        )
+    }
+
     fn side(&self) -> Side {
         match self {
             Undo::DeleteObject { side, .. }
@@ -89,7 +97,11 @@ pub(crate) async fn unwind(
         }
         let side = action.side();
         tracing::debug!(?action, "undo");
-        let result = run(&action, qmp, timeout).await;
+        let result = match run(&action, qmp, timeout).await {
+            // Registered before the command that creates it: it may never have come to be.
+            Err(e) if action.may_not_exist() && is_not_found(&e) => Ok(()),
+            other => other,
+        };
         let torn_down = matches!(action, Undo::TearDownDestination);
         if let Err(e) = result {
             // A QEMU that exits while we talk to it has nothing left to undo.
@@ -103,6 +115,15 @@ pub(crate) async fn unwind(
         }
     }
     errors
+}
+
+/// QEMU 7.2's words for "no such object/node": `object 'X' not found`, `Failed to find node
+/// with node-name='X'`, `Cannot find device='X' nor node-name='X'`.
+fn is_not_found(e: &QmpError) -> bool {
+    e.qemu_error().is_some_and(|(_, desc)| {
+        let desc = desc.to_ascii_lowercase();
+        desc.contains("not found") || desc.contains("failed to find") || desc.contains("cannot find")
+    })
 }
 
 async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> {

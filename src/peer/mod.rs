@@ -12,11 +12,13 @@
 //! Liveness: the source sends [`Message::Ping`] every [`HEARTBEAT_INTERVAL`]; each side treats
 //! [`HEARTBEAT_TIMEOUT`] without any frame as a dead channel and rolls back on its own.
 //!
-//! This module knows the protocol only: what a migration plan contains travels as opaque JSON.
+//! This module knows the protocol only: its messages ([`messages`]) are plain data.
 
+mod messages;
 mod tls;
 
-pub use tls::{PeerIdentity, client_config, server_config};
+pub use messages::{Authz, DestPlan, DestPrepared, DiskSpec, ErrorKind, Message};
+pub use tls::{PeerIdentity, client_config, server_config, tls_failure_reason};
 
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The service's default TCP port: outside the migration range 49152-49215 (and next to
 /// libvirt's TLS port 16514); `host secure` opens it.
 pub const DEFAULT_PORT: u16 = 16515;
@@ -38,6 +40,8 @@ pub const MAX_FRAME: usize = 256 * 1024;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Silence after which a side declares the channel dead.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long one message may take to be handed to the peer before the channel counts as dead.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `HOST[:PORT]` with [`DEFAULT_PORT`] added when no port is given (an IPv6 address goes in
 /// brackets, `[::1]`, with or without a port).
@@ -47,63 +51,6 @@ pub fn with_default_port(address: &str) -> String {
     } else {
         format!("{address}:{DEFAULT_PORT}")
     }
-}
-
-/// Every message of the protocol, in both directions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum Message {
-    /// Source → service, first.
-    Hello {
-        client: String,
-    },
-    /// Service → source: whether this host is secured for TLS (and why not).
-    Welcome {
-        server: String,
-        secured: bool,
-        reason: Option<String>,
-    },
-    /// Source → service: attach to the QEMU whose QMP socket is `qmp` in the service's
-    /// directory, and check (change nothing) that it can take `plan`.
-    Preflight {
-        qmp: String,
-        plan: Value,
-    },
-    /// Service → source: the preflight passed.
-    Preflighted,
-    /// Source → service: make the changes; answer with the ports.
-    Prepare,
-    /// Service → source.
-    Prepared {
-        prepared: Value,
-    },
-    /// Source → service: the source completed; finish loading and resume when `resume`.
-    Finish {
-        resume: bool,
-    },
-    /// Service → source: done; clean-up problems, if any.
-    Finished {
-        problems: Vec<String>,
-    },
-    /// Source → service: roll everything back.
-    Abort,
-    /// Service → source: rolled back.
-    Aborted {
-        problems: Vec<String>,
-    },
-    /// Service → source: the destination QEMU went away.
-    Gone {
-        reason: String,
-    },
-    /// Either way: a request failed or a frame was refused. `refusal` says nothing was changed.
-    Error {
-        kind: String,
-        message: String,
-        refusal: bool,
-    },
-    Ping,
-    Pong,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,9 +69,11 @@ pub enum PeerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS with {peer} failed")]
+    #[error("TLS with {peer} failed: {reason}")]
     Tls {
         peer: String,
+        /// What went wrong, in words an operator can act on (see [`tls_failure_reason`]).
+        reason: String,
         #[source]
         source: std::io::Error,
     },
@@ -167,11 +116,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         }
     }
 
+    /// Sends one message; a peer that does not take it within [`SEND_TIMEOUT`] (it stopped
+    /// reading) is an error, so no sender can be held up by it.
     pub async fn send(&mut self, msg: &Message) -> Result<(), PeerError> {
         let frame = encode(msg)?;
-        self.framed
-            .send(frame)
+        tokio::time::timeout(SEND_TIMEOUT, self.framed.send(frame))
             .await
+            .map_err(|_| PeerError::Silent(SEND_TIMEOUT))?
             .map_err(|e| PeerError::Frame(e.to_string()))
     }
 
@@ -224,13 +175,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message, PeerError> {
 
 impl PeerError {
     /// The `kind` sent in an [`Message::Error`] for this error.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            PeerError::Version { .. } => "protocol-version",
-            PeerError::Frame(_) | PeerError::Unexpected(_) => "protocol",
-            PeerError::NotAllowed { .. } => "not-allowed",
-            PeerError::Silent(_) => "timeout",
-            _ => "channel",
+            PeerError::Version { .. } => ErrorKind::ProtocolVersion,
+            PeerError::Frame(_) | PeerError::Unexpected(_) => ErrorKind::Protocol,
+            PeerError::NotAllowed { .. } => ErrorKind::NotAllowed,
+            PeerError::Silent(_) => ErrorKind::Timeout,
+            PeerError::Credentials { .. } => ErrorKind::Credentials,
+            _ => ErrorKind::Channel,
         }
     }
 }
@@ -243,16 +195,28 @@ mod tests {
     fn messages_round_trip_with_their_version() {
         let msg = Message::Preflight {
             qmp: "vm1.sock".into(),
-            plan: serde_json::json!({"tls": true}),
+            plan: DestPlan {
+                tls: true,
+                tls_priority: None,
+                multifd: Some(2),
+                disks: vec![DiskSpec {
+                    node: "disk0".into(),
+                    size: 1 << 30,
+                }],
+                create_dest_disks: false,
+                authz: Authz::FromPeerCert,
+                listen_address: "198.18.0.1".into(),
+                port_range: crate::ports::DEFAULT_RANGE,
+            },
         };
         assert_eq!(decode(&encode(&msg).expect("encode")).expect("decode"), msg);
     }
 
     #[test]
     fn wrong_versions_unknown_messages_and_garbage_are_refused() {
-        let v2 = br#"{"v": 2, "msg": {"type": "ping"}}"#;
-        assert!(matches!(decode(v2), Err(PeerError::Version { got: 2 })));
-        let unknown = br#"{"v": 1, "msg": {"type": "format-disk"}}"#;
+        let v1 = br#"{"v": 1, "msg": {"type": "ping"}}"#;
+        assert!(matches!(decode(v1), Err(PeerError::Version { got: 1 })));
+        let unknown = br#"{"v": 2, "msg": {"type": "format-disk"}}"#;
         assert!(matches!(decode(unknown), Err(PeerError::Frame(_))));
         assert!(matches!(
             decode(b"\x00\xffgarbage"),

@@ -2,6 +2,7 @@
 //! service presents `server-cert.pem` and requires a client certificate from `ca-cert.pem`'s
 //! CA; the source presents `client-cert.pem` and verifies the service against the same CA.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -153,8 +154,11 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, PeerError> {
 pub struct PeerIdentity {
     /// Subject distinguished name as QEMU's `authz-simple` matches it (`CN=host-a`).
     pub dn: String,
-    /// The common name and every DNS/IP subject alternative name.
+    /// The names the certificate is valid for: its DNS and IP subject alternative names, or,
+    /// only when it has none, its common names (RFC 6125: SANs take precedence over the CN).
     pub names: Vec<String>,
+    /// IP subject alternative names, IPv4 and IPv6.
+    pub ips: Vec<IpAddr>,
 }
 
 impl PeerIdentity {
@@ -163,29 +167,140 @@ impl PeerIdentity {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let dn = cert.subject().to_string();
-        let mut names: Vec<String> = cert
-            .subject()
-            .iter_common_name()
-            .filter_map(|cn| cn.as_str().ok().map(str::to_string))
-            .collect();
+        let mut names = Vec::new();
+        let mut ips = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {
-                    GeneralName::DNSName(d) => names.push(d.to_string()),
+                    GeneralName::DNSName(d) => names.push(d.to_ascii_lowercase()),
                     GeneralName::IPAddress(ip) => {
-                        if let Ok(b) = <[u8; 4]>::try_from(*ip) {
-                            names.push(std::net::Ipv4Addr::from(b).to_string());
+                        let addr = match ip.len() {
+                            4 => <[u8; 4]>::try_from(*ip).ok().map(IpAddr::from),
+                            16 => <[u8; 16]>::try_from(*ip).ok().map(IpAddr::from),
+                            _ => None,
+                        };
+                        if let Some(addr) = addr {
+                            names.push(addr.to_string());
+                            ips.push(addr);
                         }
                     }
                     _ => {}
                 }
             }
         }
-        Some(PeerIdentity { dn, names })
+        if names.is_empty() {
+            names = cert
+                .subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok().map(str::to_ascii_lowercase))
+                .collect();
+        }
+        Some(PeerIdentity { dn, names, ips })
     }
 
-    /// Whether one of the names is in `allowed` (an empty list allows every name).
+    /// Whether one of the certificate's names is in `allowed` (an empty list allows every
+    /// name). DNS names compare without regard to case; an allowed entry that is an IP address
+    /// (either family, any notation) matches an IP subject alternative name of that address.
     pub fn allowed_by(&self, allowed: &[String]) -> bool {
-        allowed.is_empty() || self.names.iter().any(|n| allowed.contains(n))
+        allowed.is_empty() || allowed.iter().any(|a| self.matches(a))
+    }
+
+    fn matches(&self, allowed: &str) -> bool {
+        let bare = allowed.trim_start_matches('[').trim_end_matches(']');
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => self.ips.contains(&ip),
+            Err(_) => self.names.iter().any(|n| n.eq_ignore_ascii_case(allowed)),
+        }
+    }
+}
+
+/// Describes why a TLS handshake failed, for the service's log and the source's error: the
+/// rustls error inside `e` mapped to what an operator can check.
+pub fn tls_failure_reason(e: &std::io::Error) -> String {
+    use rustls::{AlertDescription, CertificateError, Error as TlsError};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                "the peer closed the connection during the handshake (it may have refused our \
+                 certificate)"
+                    .into()
+            }
+            _ => e.to_string(),
+        };
+    };
+    match tls {
+        TlsError::NoCertificatesPresented => {
+            "the peer presented no certificate (a client certificate is required)".into()
+        }
+        TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the peer's certificate is not issued by this host's CA (ca-cert.pem)".into()
+        }
+        TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
+            "the peer's certificate names are not in the service's --allow-client list".into()
+        }
+        TlsError::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "the peer's certificate has expired".into(),
+        TlsError::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "the peer's certificate is not valid yet (check both clocks)".into(),
+        TlsError::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "the peer's certificate does not carry the name it was reached by".into(),
+        TlsError::InvalidCertificate(other) => format!("the peer's certificate is unusable: {other:?}"),
+        TlsError::PeerIncompatible(why) => {
+            format!("no common TLS protocol version or cipher suite ({why:?})")
+        }
+        TlsError::InvalidMessage(_) => {
+            "the peer does not speak TLS (a plain TCP client, or another protocol)".into()
+        }
+        TlsError::AlertReceived(AlertDescription::UnknownCA | AlertDescription::BadCertificate) => {
+            "the peer refused our certificate (it trusts another CA, or our certificate is bad)"
+                .into()
+        }
+        TlsError::AlertReceived(AlertDescription::CertificateRequired) => {
+            "the peer wants a client certificate".into()
+        }
+        TlsError::AlertReceived(alert) => format!("the peer sent the TLS alert {alert:?}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{HostCert, LabCa};
+
+    fn identity(names: &[&str]) -> PeerIdentity {
+        let ca = LabCa::generate("Test CA").expect("ca");
+        let dir = tempfile::tempdir().expect("dir");
+        ca.write_host_dir(
+            dir.path(),
+            &HostCert::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+        )
+        .expect("host dir");
+        let der = CertificateDer::from_pem_file(dir.path().join(CLIENT_CERT)).expect("cert");
+        PeerIdentity::from_der(der.as_ref()).expect("identity")
+    }
+
+    #[test]
+    fn allowed_names_match_dns_sans_without_regard_to_case() {
+        let id = identity(&["Host-B.example"]);
+        assert!(id.allowed_by(&["host-b.EXAMPLE".into()]));
+        assert!(!id.allowed_by(&["host-c.example".into()]));
+    }
+
+    #[test]
+    fn allowed_ip_addresses_match_ip_sans_of_both_families() {
+        let id = identity(&["198.18.0.2", "2001:db8::2"]);
+        assert!(id.allowed_by(&["198.18.0.2".into()]));
+        assert!(id.allowed_by(&["2001:DB8:0:0::2".into()]));
+        assert!(id.allowed_by(&["[2001:db8::2]".into()]));
+        assert!(!id.allowed_by(&["198.18.0.3".into()]));
+    }
+
+    #[test]
+    fn an_empty_allow_list_allows_every_certificate_of_the_ca() {
+        assert!(identity(&["host-z"]).allowed_by(&[]));
     }
 }

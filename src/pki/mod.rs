@@ -86,12 +86,17 @@ impl fmt::Display for Role {
 }
 
 /// Whether one side may take part in a TLS migration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
 pub enum Security {
     /// The directory holds a usable CA certificate and the certificate and key for the role.
     Secured,
-    /// It does not; `reason` names the file and what is wrong with it.
+    /// No TLS file is installed at all (CloudStack's "no certificates"): the host is
+    /// deliberately unsecured. `reason` says what was looked for where.
     Unsecured { reason: String },
+    /// TLS files are installed but fail the checks: a secured host that is broken, never to be
+    /// treated as unsecured. Each problem names its file and the fix.
+    Broken { problems: Vec<String> },
 }
 
 impl Security {
@@ -101,22 +106,48 @@ impl Security {
     }
 }
 
+/// Every file a PKI directory may hold; a directory with none of them is unsecured.
+const TLS_FILES: [&str; 5] = [CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY];
+
 /// Decides whether `dir` is usable by the `role` end of a TLS migration: the CA certificate and
 /// the role's certificate and key exist, are readable, parse as PEM, the certificate chains to the
 /// CA, is within its validity dates and fits the role, the key matches it, and the key is not
 /// readable by others. Host names are not checked (the caller knows them; see [`check_dir_with`]).
+///
+/// A directory that holds none of the TLS files (or does not exist) is
+/// [`Security::Unsecured`]; one that holds any of them and fails a check is
+/// [`Security::Broken`], with every error found.
 pub fn assess(dir: &Path, role: Role) -> Security {
-    let options = CheckOptions {
-        roles: vec![role],
-        hostname: None,
-        ..CheckOptions::default()
-    };
-    let report = check_dir_with(dir, &options);
-    let verdict = match report.first_error() {
-        None => Security::Secured,
-        Some(finding) => Security::Unsecured {
-            reason: finding.reason(),
-        },
+    let installed = TLS_FILES
+        .iter()
+        .any(|f| std::fs::symlink_metadata(dir.join(f)).is_ok());
+    let verdict = if !installed {
+        Security::Unsecured {
+            reason: format!(
+                "no TLS certificates are installed in {} ({CA_CERT}, {}, {})",
+                dir.display(),
+                role.cert_file(),
+                role.key_file()
+            ),
+        }
+    } else {
+        let options = CheckOptions {
+            roles: vec![role],
+            hostname: None,
+            ..CheckOptions::default()
+        };
+        let report = check_dir_with(dir, &options);
+        let problems: Vec<String> = report
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(Finding::reason)
+            .collect();
+        if problems.is_empty() {
+            Security::Secured
+        } else {
+            Security::Broken { problems }
+        }
     };
     tracing::debug!(dir = %dir.display(), %role, ?verdict, "assessed PKI directory");
     verdict
@@ -155,8 +186,10 @@ mod tests {
 
         let expected = format!("{}: does not exist", tmp.path().join(SERVER_KEY).display());
         match verdict {
-            Security::Unsecured { reason } => assert!(reason.starts_with(&expected), "{reason}"),
-            Security::Secured => panic!("a missing server key must not be secured"),
+            Security::Broken { problems } => {
+                assert!(problems[0].starts_with(&expected), "{problems:?}")
+            }
+            other => panic!("a missing server key is a broken secured host: {other:?}"),
         }
         assert_eq!(assess(tmp.path(), Role::Client), Security::Secured);
     }
@@ -172,7 +205,40 @@ mod tests {
             Security::Unsecured { reason } => {
                 assert!(reason.contains(&dir.display().to_string()), "{reason}")
             }
-            Security::Secured => panic!("a missing directory must not be secured"),
+            other => panic!("a missing directory is unsecured: {other:?}"),
         }
+    }
+
+    #[test]
+    fn assess_keys_readable_by_all_is_broken_not_unsecured() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = LabCa::generate("Test CA").expect("ca");
+        ca.write_host_dir(tmp.path(), &HostCert::new(["host-a".to_string()]))
+            .expect("host dir");
+        let key = tmp.path().join(CLIENT_KEY);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+
+        let verdict = assess(tmp.path(), Role::Client);
+
+        match verdict {
+            Security::Broken { problems } => assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&key.display().to_string())),
+                "{problems:?}"
+            ),
+            other => panic!("a world-readable key is a broken secured host: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn assess_empty_directory_is_unsecured() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+
+        assert!(matches!(
+            assess(tmp.path(), Role::Server),
+            Security::Unsecured { .. }
+        ));
     }
 }

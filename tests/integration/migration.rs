@@ -413,7 +413,7 @@ async fn a_destination_authorising_another_identity_refuses_the_source() {
     let lab = Lab::new("Test CA");
     let pair = Pair::start().await;
     let mut options = pair.tls_options(&lab);
-    options.authz_identity = Some("CN=some-other-host".into());
+    options.authz = qemu_tls_migrate::peer::Authz::Identity("CN=some-other-host".into());
 
     let report = fixture::migrate(&options).await;
 

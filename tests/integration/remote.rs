@@ -5,7 +5,8 @@ use std::process::Stdio;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use qemu_tls_migrate::peer::{self, MAX_FRAME, Message};
+use qemu_tls_migrate::peer::{self, ErrorKind, MAX_FRAME, Message};
+use qemu_tls_migrate::pki::Security;
 use qemu_tls_migrate::vm::DiskFormat;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -285,7 +286,7 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
         .await
         .expect("send");
     assert!(
-        matches!(reply(&mut c).await, Some(Message::Error { ref kind, .. }) if kind == "protocol")
+        matches!(reply(&mut c).await, Some(Message::Error { kind: ErrorKind::Protocol, .. }))
     );
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
@@ -294,7 +295,7 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
     c.get_mut().write_all(&header).await.expect("send");
     c.get_mut().flush().await.expect("flush");
     assert!(
-        matches!(reply(&mut c).await, Some(Message::Error { ref kind, .. }) if kind == "protocol")
+        matches!(reply(&mut c).await, Some(Message::Error { kind: ErrorKind::Protocol, .. }))
     );
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
@@ -302,7 +303,7 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
         .await
         .expect("send");
     assert!(
-        matches!(reply(&mut c).await, Some(Message::Error { ref kind, .. }) if kind == "protocol-version")
+        matches!(reply(&mut c).await, Some(Message::Error { kind: ErrorKind::ProtocolVersion, .. }))
     );
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
@@ -317,7 +318,7 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
     assert!(
         matches!(
             reply(&mut c).await,
-            Some(Message::Welcome { secured: true, .. })
+            Some(Message::Welcome { security: Security::Secured, .. })
         ),
         "still serving"
     );

@@ -9,6 +9,7 @@ use qemu_tls_migrate::migration::{
     self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report,
     TransportChoice, UNLIMITED_BANDWIDTH,
 };
+use qemu_tls_migrate::peer::Authz;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 use qemu_tls_migrate::qemu::CopyMode;
@@ -159,6 +160,15 @@ pub struct MigrateArgs {
     /// QEMU must already have a disk with the same node name).
     #[arg(long)]
     pub create_dest_disks: bool,
+    /// Declare this writable local disk (block node name) shared: reachable from the
+    /// destination by other means, so it is not copied. Repeat for several. Without it, a
+    /// writable disk that is not on shared storage and not copied is refused (exit 3).
+    #[arg(long = "shared-disk", value_name = "NODE")]
+    pub shared_disks: Vec<String>,
+    /// Migrate even when writable local disks are neither copied nor declared shared: the
+    /// guest then runs on the destination without their contents (libvirt's --unsafe).
+    #[arg(long = "unsafe")]
+    pub allow_unsafe: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -196,6 +206,8 @@ impl MigrateArgs {
             MirrorModeArg::WriteBlocking => CopyMode::WriteBlocking,
         };
         o.create_dest_disks = self.create_dest_disks;
+        o.shared_disks = self.shared_disks.clone();
+        o.allow_unsafe = self.allow_unsafe;
         if let Some(to) = &self.to {
             // The migration and NBD ports are on the host the service runs on.
             if o.dest_address.is_none() {
@@ -203,10 +215,10 @@ impl MigrateArgs {
             }
             if self.authz {
                 // The service fills in the source certificate's name from the TLS session.
-                o.authz_identity = Some(String::new());
+                o.authz = Authz::FromPeerCert;
             }
         } else if self.authz {
-            o.authz_identity = Some(client_dn(&o.source.pki_dir)?);
+            o.authz = Authz::Identity(client_dn(&o.source.pki_dir)?);
         }
         self.tuning.apply(&mut o);
         Ok(o)
@@ -334,11 +346,11 @@ pub async fn cancel_on_signal(cancel: CancellationToken) {
 
 /// The exit outcome for a report.
 pub fn outcome_of(report: &Report) -> Outcome {
-    match (&report.status, &report.error) {
-        (FinalStatus::Completed, _) => Outcome::Success,
-        (FinalStatus::Cancelled, _) => Outcome::Cancelled,
-        (_, Some(e)) if e.is_refusal() => Outcome::Refused,
-        _ => Outcome::Failed,
+    match report.status {
+        FinalStatus::Completed => Outcome::Success,
+        FinalStatus::Cancelled => Outcome::Cancelled,
+        FinalStatus::Failed if report.refused => Outcome::Refused,
+        FinalStatus::Failed => Outcome::Failed,
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use qemu_tls_migrate::migration::{self, ServeOptions};
+use qemu_tls_migrate::migration;
+use qemu_tls_migrate::service::{self, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, ServeOptions};
 use qemu_tls_migrate::peer::DEFAULT_PORT;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
@@ -53,6 +54,20 @@ pub struct ServeArgs {
     /// Timeout for each QMP command, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
     pub qmp_timeout: u64,
+    /// Accept migrations in plain TCP (unencrypted RAM and a writable NBD export on the
+    /// network) from sources that ask for them; each is logged. Without it they are refused.
+    #[arg(long)]
+    pub allow_plain: bool,
+    /// GnuTLS priority string for the destination's TLS credentials (cipher floor); sources
+    /// cannot choose it. Default: GnuTLS's own default.
+    #[arg(long, value_name = "PRIORITY")]
+    pub tls_priority: Option<String>,
+    /// Most sources served at once; more connections are closed at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
+    /// Most TLS handshakes in flight at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
     /// Print {"listening": "ADDR:PORT"} on stdout once ready.
     #[arg(long)]
     pub json: bool,
@@ -64,18 +79,18 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
-    let opts = ServeOptions {
-        listen: args.listen.clone(),
-        pki_dir: args.pki_dir.clone(),
-        qmp_dir: args.qmp_dir.clone(),
-        allow_clients: args.allow_clients.clone(),
-        port_range: args.port_range,
-        qmp_timeout: Duration::from_secs(args.qmp_timeout.max(1)),
-    };
+    let mut opts = ServeOptions::new(&args.listen, args.pki_dir.clone(), args.qmp_dir.clone());
+    opts.allow_clients = args.allow_clients.clone();
+    opts.port_range = args.port_range;
+    opts.qmp_timeout = Duration::from_secs(args.qmp_timeout.max(1));
+    opts.allow_plain = args.allow_plain;
+    opts.tls_priority = args.tls_priority.clone();
+    opts.max_sessions = args.max_sessions;
+    opts.max_handshakes = args.max_handshakes;
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
     let json = args.json;
-    migration::serve(&opts, shutdown, |addr| {
+    service::serve(&opts, shutdown, |addr| {
         if json {
             println!("{}", serde_json::json!({ "listening": addr.to_string() }));
         } else {

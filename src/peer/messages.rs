@@ -1,0 +1,214 @@
+//! The protocol's messages as plain data: what a source asks of a destination host, what the
+//! service answers, and the error kinds that cross the wire. A change to any type here is a
+//! change of the protocol: bump [`super::VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::pki::Security;
+use crate::ports::PortRange;
+
+/// Every message of the protocol, in both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Message {
+    /// Source → service, first.
+    Hello { client: String },
+    /// Service → source: whether this host is secured for TLS.
+    Welcome {
+        server: String,
+        security: Security,
+    },
+    /// Source → service: attach to the QEMU whose QMP socket is `qmp` in the service's
+    /// directory, and check (change nothing) that it can take `plan`.
+    Preflight { qmp: String, plan: DestPlan },
+    /// Service → source: the preflight passed.
+    Preflighted,
+    /// Source → service: make the changes; answer with the ports.
+    Prepare,
+    /// Service → source.
+    Prepared { prepared: DestPrepared },
+    /// Source → service: the source completed; finish loading and resume when `resume`.
+    Finish { resume: bool },
+    /// Service → source: done; clean-up problems, if any.
+    Finished { problems: Vec<String> },
+    /// Source → service: roll everything back.
+    Abort,
+    /// Service → source: rolled back. `stopped`: the destination QEMU is known not to run the
+    /// guest and never did (it is gone, or it was never resumed and cannot start on its own);
+    /// only then may the source resume a VM that passed the switch-over.
+    Aborted { stopped: bool, problems: Vec<String> },
+    /// Service → source: the destination QEMU went away.
+    Gone { reason: String },
+    /// Either way: a request failed or a frame was refused. `refusal` says nothing was changed.
+    Error {
+        kind: ErrorKind,
+        message: String,
+        refusal: bool,
+    },
+    Ping,
+    Pong,
+}
+
+/// What the source asks of the destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestPlan {
+    pub tls: bool,
+    /// GnuTLS priority string for the credentials. A service applies its own and ignores this.
+    pub tls_priority: Option<String>,
+    pub multifd: Option<u8>,
+    /// Disks to receive over NBD: node names and the source's sizes (never file names).
+    pub disks: Vec<DiskSpec>,
+    /// Grow smaller destination disks (to the source's size) instead of refusing.
+    pub create_dest_disks: bool,
+    /// Which source identity the destination's migration and NBD listeners accept.
+    pub authz: Authz,
+    /// Where to listen for the migration stream and NBD. A service picks its own.
+    pub listen_address: String,
+    /// A service picks its own.
+    pub port_range: PortRange,
+}
+
+/// One disk the destination is to receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The block node name (the root node the guest's device uses), on both sides.
+    pub node: String,
+    /// The source disk's virtual size in bytes.
+    pub size: u64,
+}
+
+/// Which TLS client identity the destination accepts (QEMU's `tls-authz`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", content = "dn", rename_all = "kebab-case")]
+pub enum Authz {
+    /// Any certificate from the CA.
+    #[default]
+    Off,
+    /// Only a certificate with this distinguished name (`CN=host-a`).
+    Identity(String),
+    /// Only the certificate the source presented on the control channel (the service fills
+    /// in its distinguished name).
+    FromPeerCert,
+}
+
+/// What the destination tells the source once prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestPrepared {
+    pub migration_port: u16,
+    pub nbd_port: Option<u16>,
+}
+
+/// Why a request failed, as it crosses the wire. Unknown kinds from a newer peer read as
+/// [`ErrorKind::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    MixedSecurity,
+    Unsecured,
+    PkiBroken,
+    PlainRefused,
+    CredentialsUnusable,
+    Connect,
+    Timeout,
+    DestinationNotIncoming,
+    SourceNotReady,
+    UnknownDisk,
+    DestinationDisk,
+    DiskLeftBehind,
+    MirrorFailed,
+    Ports,
+    TlsHandshake,
+    MigrationFailed,
+    DestinationDied,
+    Stalled,
+    QemuGone,
+    Qmp,
+    Cancelled,
+    SplitBrainRisk,
+    Usage,
+    BadRequest,
+    Busy,
+    Protocol,
+    ProtocolVersion,
+    NotAllowed,
+    Channel,
+    Credentials,
+    Listen,
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    /// The kebab-case name used in JSON reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::MixedSecurity => "mixed-security",
+            ErrorKind::Unsecured => "unsecured",
+            ErrorKind::PkiBroken => "pki-broken",
+            ErrorKind::PlainRefused => "plain-refused",
+            ErrorKind::CredentialsUnusable => "credentials-unusable",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::DestinationNotIncoming => "destination-not-incoming",
+            ErrorKind::SourceNotReady => "source-not-ready",
+            ErrorKind::UnknownDisk => "unknown-disk",
+            ErrorKind::DestinationDisk => "destination-disk",
+            ErrorKind::DiskLeftBehind => "disk-left-behind",
+            ErrorKind::MirrorFailed => "mirror-failed",
+            ErrorKind::Ports => "ports",
+            ErrorKind::TlsHandshake => "tls-handshake",
+            ErrorKind::MigrationFailed => "migration-failed",
+            ErrorKind::DestinationDied => "destination-died",
+            ErrorKind::Stalled => "stalled",
+            ErrorKind::QemuGone => "qemu-gone",
+            ErrorKind::Qmp => "qmp",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::SplitBrainRisk => "split-brain-risk",
+            ErrorKind::Usage => "usage",
+            ErrorKind::BadRequest => "bad-request",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::ProtocolVersion => "protocol-version",
+            ErrorKind::NotAllowed => "not-allowed",
+            ErrorKind::Channel => "channel",
+            ErrorKind::Credentials => "credentials",
+            ErrorKind::Listen => "listen",
+            ErrorKind::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_serialise_as_their_names_and_unknown_ones_read_as_other() {
+        for kind in [ErrorKind::SplitBrainRisk, ErrorKind::PkiBroken, ErrorKind::Busy] {
+            let json = serde_json::to_value(kind).expect("encode");
+            assert_eq!(json, serde_json::Value::from(kind.as_str()));
+        }
+        let unknown: ErrorKind = serde_json::from_str("\"from-the-future\"").expect("decode");
+        assert_eq!(unknown, ErrorKind::Other);
+    }
+
+    #[test]
+    fn authz_modes_round_trip() {
+        for authz in [
+            Authz::Off,
+            Authz::FromPeerCert,
+            Authz::Identity("CN=host-b".into()),
+        ] {
+            let json = serde_json::to_string(&authz).expect("encode");
+            assert_eq!(serde_json::from_str::<Authz>(&json).expect("decode"), authz);
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The destination host's service (`qemu-tls-migrate serve`): accepts sources over the mutual-TLS
+//! control channel of [`crate::peer`] and runs one [`session`] per connection, each driving a
+//! destination QEMU through [`crate::migration::DestinationSide`].
+//!
+//! The accept loop keeps the service alive against its peers:
+//! 1. at most [`ServeOptions::max_sessions`] sessions and [`ServeOptions::max_handshakes`]
+//!    TLS handshakes at once; a connection over either limit is closed at once;
+//! 2. a failing `accept` (out of file descriptors, say) backs off instead of spinning;
+//! 3. every send to a peer has a time limit ([`crate::peer::SEND_TIMEOUT`]), so neither a
+//!    session nor shutdown can be held up by a peer that stops reading;
+//! 4. on shutdown each session rolls back what it prepared (a `finish` already under way is
+//!    completed: the source has handed the VM over) and the loop returns.
+//!
+//! The service, not the source, decides what its host accepts: plain TCP only with
+//! `--allow-plain`, its own GnuTLS priority, its own listen address and port range, and, when
+//! `--allow-client` restricts the control channel, the same restriction on the migration stream
+//! and the NBD server (`tls-authz` for the certificate the source presented).
+
+pub mod session;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::peer::{self, PeerError};
+use crate::ports::PortRange;
+
+/// Sessions served at once unless told otherwise.
+pub const DEFAULT_MAX_SESSIONS: usize = 16;
+/// TLS handshakes in flight at once unless told otherwise.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 8;
+/// Longest pause after a failed `accept`.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Settings of the destination host's service.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// `ADDR[:PORT]` to listen on.
+    pub listen: String,
+    pub pki_dir: PathBuf,
+    /// Only QMP sockets in this directory can be named by a source.
+    pub qmp_dir: PathBuf,
+    /// Certificate names allowed to connect; empty: any certificate from the CA. When set, the
+    /// migration stream and NBD server accept only the certificate the source presented.
+    pub allow_clients: Vec<String>,
+    pub port_range: PortRange,
+    pub qmp_timeout: Duration,
+    /// Accept migrations without TLS (each one is logged). Off: a plan without TLS is refused.
+    pub allow_plain: bool,
+    /// GnuTLS priority string for the destination's credentials, whatever a source asks for;
+    /// `None`: GnuTLS's default.
+    pub tls_priority: Option<String>,
+    pub max_sessions: usize,
+    pub max_handshakes: usize,
+}
+
+impl ServeOptions {
+    /// Options with this service's defaults for everything but where it listens, its PKI and
+    /// its QMP directory.
+    pub fn new(listen: &str, pki_dir: PathBuf, qmp_dir: PathBuf) -> ServeOptions {
+        ServeOptions {
+            listen: listen.to_string(),
+            pki_dir,
+            qmp_dir,
+            allow_clients: Vec::new(),
+            port_range: crate::ports::DEFAULT_RANGE,
+            qmp_timeout: crate::migration::DEFAULT_QMP_TIMEOUT,
+            allow_plain: false,
+            tls_priority: None,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    #[error("cannot load the service's TLS credentials")]
+    Credentials(#[source] PeerError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the service until `shutdown` is cancelled: accepts sources, one session per
+/// connection, several at once. On shutdown, running sessions roll back and end.
+pub async fn serve(
+    opts: &ServeOptions,
+    shutdown: CancellationToken,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), ServiceError> {
+    let config = peer::server_config(&opts.pki_dir, &opts.allow_clients)
+        .map_err(ServiceError::Credentials)?;
+    let listen = peer::with_default_port(&opts.listen);
+    let listener = TcpListener::bind(&listen)
+        .await
+        .map_err(|source| ServiceError::Listen {
+            addr: listen.clone(),
+            source,
+        })?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving migrations");
+        on_listening(addr);
+    }
+    if opts.allow_plain {
+        tracing::warn!("--allow-plain: sources may migrate into this host without TLS");
+    }
+    let acceptor = TlsAcceptor::from(config);
+    let opts = Arc::new(opts.clone());
+    let sessions_free = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
+    let handshakes_free = Arc::new(Semaphore::new(opts.max_handshakes.max(1)));
+    let mut sessions = tokio::task::JoinSet::new();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(a) => {
+                        backoff = Duration::from_millis(10);
+                        a
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}; pausing {backoff:?}");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
+                };
+                let Ok(session_permit) = sessions_free.clone().try_acquire_owned() else {
+                    tracing::warn!(%remote, limit = opts.max_sessions, "too many sessions: connection closed");
+                    continue;
+                };
+                let Ok(handshake_permit) = handshakes_free.clone().try_acquire_owned() else {
+                    tracing::warn!(%remote, limit = opts.max_handshakes, "too many TLS handshakes in flight: connection closed");
+                    continue;
+                };
+                let (acceptor, opts, stop) = (acceptor.clone(), opts.clone(), shutdown.clone());
+                sessions.spawn(async move {
+                    let _session_permit = session_permit;
+                    if let Err(e) = session::run(tcp, acceptor, handshake_permit, &opts, stop).await {
+                        tracing::warn!(%remote, "session ended: {e}");
+                    }
+                });
+            }
+            // Reap finished sessions as they end.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    tracing::info!("shutting down: rolling back running sessions");
+    while sessions.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// This host's name, as the service introduces itself.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,509 @@
+//! One source's session with the service, as an explicit state machine.
+//!
+//! ```text
+//! Greeted --preflight--> Preflighted --prepare--> Prepared --finish--> Done
+//!    \                       \                       \--abort-----> Done
+//!     \----------------------- \--abort / lost / shutdown: roll back
+//! ```
+//!
+//! 1. TLS (both ends authenticated; names checked against `--allow-client` in the handshake),
+//!    then `hello` → `welcome` with this host's [`crate::pki::Security`] verdict.
+//! 2. `preflight {qmp, plan}`: the service applies its own policy to the plan (plain TCP only
+//!    with `--allow-plain`, its own TLS priority, listen address and ports, `tls-authz`), attaches
+//!    to `--qmp-dir/qmp` and checks, changing nothing → `preflighted`, or a refusal.
+//! 3. `prepare` → `prepared {ports}`; from here the destination is changed.
+//! 4. `finish {resume}` → `finished`; or `abort` → `aborted {stopped}`.
+//!
+//! A request runs as the session's one piece of work *beside* the loop that reads frames, so
+//! pings are answered at every moment, however long `prepare` or `finish` take. When the channel
+//! is lost (closed, or silent for [`HEARTBEAT_TIMEOUT`]) or the service shuts down, the work
+//! under way is completed, and whatever was prepared and not finished is rolled back: a `finish`
+//! under way is completed because the source has already handed the VM over.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{ServeOptions, hostname};
+use crate::migration::{DestinationSide, MigrationError};
+use crate::peer::{
+    Authz, Channel, DestPlan, ErrorKind, HEARTBEAT_TIMEOUT, Message, PeerError, PeerIdentity,
+    tls_failure_reason,
+};
+use crate::pki::{self, Role};
+
+/// How long a new connection has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a session is.
+#[derive(Debug)]
+pub enum State {
+    /// Connected and authenticated; nothing attached.
+    Greeted,
+    /// Attached to a destination QEMU and checked; nothing changed.
+    Preflighted {
+        side: Box<DestinationSide>,
+        plan: Box<DestPlan>,
+    },
+    /// The destination was changed (possibly only partly, after a failed `prepare` or
+    /// `finish`); it is rolled back unless it finishes.
+    Prepared { side: Box<DestinationSide> },
+    /// Finished or rolled back; the session ends.
+    Done,
+}
+
+/// A request under way: it owns the state while it runs and hands back the next state and
+/// the reply.
+type Work = Pin<Box<dyn Future<Output = (State, Message)> + Send>>;
+
+/// What the session knows of its peer and host, for each step.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub opts: std::sync::Arc<ServeOptions>,
+    pub identity: PeerIdentity,
+    /// The address the source reached this service on: the destination listens there too.
+    pub local_address: Option<String>,
+}
+
+impl State {
+    /// Starts the work for `msg` in this state, or answers at once. Returns the work, or the
+    /// unchanged state with an immediate reply.
+    pub fn step(self, msg: Message, cx: &Context) -> Result<Work, (State, Message)> {
+        match (self, msg) {
+            (state, Message::Ping) => Err((state, Message::Pong)),
+            (state @ State::Greeted, Message::Hello { client }) => {
+                tracing::debug!(%client, "hello");
+                let security = pki::assess(&cx.opts.pki_dir, Role::Server);
+                let welcome = Message::Welcome {
+                    server: hostname(),
+                    security,
+                };
+                Err((state, welcome))
+            }
+            (State::Greeted, Message::Preflight { qmp, plan }) => {
+                let cx = cx.clone();
+                Ok(Box::pin(async move {
+                    match preflight(&cx, &qmp, plan).await {
+                        Ok((side, plan)) => (
+                            State::Preflighted {
+                                side: Box::new(side),
+                                plan: Box::new(plan),
+                            },
+                            Message::Preflighted,
+                        ),
+                        Err(e) => (State::Greeted, error_message(&e, true)),
+                    }
+                }))
+            }
+            (State::Preflighted { mut side, plan }, Message::Prepare) => Ok(Box::pin(async move {
+                match side.prepare(&plan).await {
+                    Ok(prepared) => (State::Prepared { side }, Message::Prepared { prepared }),
+                    Err(e) => {
+                        // Refused only when nothing was changed yet.
+                        let refusal = !side.changed();
+                        let reply = error_message(&e, refusal);
+                        if refusal {
+                            (State::Preflighted { side, plan }, reply)
+                        } else {
+                            (State::Prepared { side }, reply)
+                        }
+                    }
+                }
+            })),
+            (State::Prepared { mut side }, Message::Finish { resume }) => {
+                Ok(Box::pin(async move {
+                    match side.finish(resume).await {
+                        Ok(problems) => (State::Done, Message::Finished { problems }),
+                        // The source decides what comes next (it asks for an abort).
+                        Err(e) => (State::Prepared { side }, error_message(&e, false)),
+                    }
+                }))
+            }
+            (state, Message::Abort) => Ok(Box::pin(async move {
+                let outcome = state.roll_back().await;
+                (
+                    State::Done,
+                    Message::Aborted {
+                        stopped: outcome.stopped,
+                        problems: outcome.problems,
+                    },
+                )
+            })),
+            (state, other) => {
+                let refusal = !state.changed();
+                let e = PeerError::Unexpected(format!("{other:?} in state {}", state.name()));
+                Err((
+                    state,
+                    Message::Error {
+                        kind: e.kind(),
+                        message: e.to_string(),
+                        refusal,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Rolls back whatever this state holds.
+    pub async fn roll_back(self) -> crate::migration::AbortOutcome {
+        match self {
+            State::Preflighted { mut side, .. } | State::Prepared { mut side } => {
+                side.abort().await
+            }
+            State::Greeted | State::Done => crate::migration::AbortOutcome {
+                stopped: true,
+                problems: Vec::new(),
+            },
+        }
+    }
+
+    /// Whether this state holds a destination that was changed.
+    pub fn changed(&self) -> bool {
+        matches!(self, State::Prepared { .. })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            State::Greeted => "greeted",
+            State::Preflighted { .. } => "preflighted",
+            State::Prepared { .. } => "prepared",
+            State::Done => "done",
+        }
+    }
+}
+
+/// Runs one source's session: handshake, then requests until finished, aborted, or the
+/// channel is lost; whatever was prepared and not finished is rolled back.
+pub async fn run(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    handshake_permit: OwnedSemaphorePermit,
+    opts: &std::sync::Arc<ServeOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), PeerError> {
+    let local_address = tcp.local_addr().map(|a| a.ip().to_string()).ok();
+    let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| PeerError::Silent(HANDSHAKE_TIMEOUT))?
+        .map_err(|source| PeerError::Tls {
+            peer: remote.clone(),
+            reason: tls_failure_reason(&source),
+            source,
+        })?;
+    drop(handshake_permit);
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|c| PeerIdentity::from_der(c.as_ref()));
+    let mut channel = Channel::new(tls);
+    let Some(identity) = identity.filter(|i| i.allowed_by(&opts.allow_clients)) else {
+        let err = PeerError::NotAllowed {
+            names: Vec::new(),
+            allowed: opts.allow_clients.clone(),
+        };
+        let _ = channel
+            .send(&Message::Error {
+                kind: err.kind(),
+                message: err.to_string(),
+                refusal: true,
+            })
+            .await;
+        return Err(err);
+    };
+    tracing::info!(%remote, client = %identity.dn, "source connected");
+    let cx = Context {
+        opts: opts.clone(),
+        identity,
+        local_address,
+    };
+
+    let mut state = Some(State::Greeted);
+    let mut work: Option<Work> = None;
+    // Why the session is ending, once it is: it ends as soon as no work is under way.
+    let mut ending: Option<Result<(), PeerError>> = None;
+    let mut channel_ok = true;
+    let mut last_heard = Instant::now();
+    loop {
+        if work.is_none() {
+            if let Some(result) = ending.take() {
+                if let Some(state) = state.take() {
+                    if state.changed() || matches!(state, State::Preflighted { .. }) {
+                        tracing::warn!(%remote, "rolling back the destination: the session ended early");
+                        for p in state.roll_back().await.problems {
+                            tracing::warn!("{p}");
+                        }
+                    }
+                }
+                return result;
+            }
+            if matches!(state, Some(State::Done)) {
+                return Ok(());
+            }
+        }
+        let idle = work.is_none();
+        let dest_gone = async {
+            match (&mut state, idle) {
+                (Some(State::Prepared { side }), true) => side.gone().await,
+                _ => std::future::pending().await,
+            }
+        };
+        let running = async {
+            match work.as_mut() {
+                Some(w) => w.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            (next, reply) = running => {
+                work = None;
+                state = Some(next);
+                if channel_ok && let Err(e) = channel.send(&reply).await {
+                    channel_ok = false;
+                    ending.get_or_insert(Err(e));
+                }
+            }
+            _ = shutdown.cancelled(), if ending.is_none() => {
+                ending = Some(Err(PeerError::Closed));
+            }
+            _ = tokio::time::sleep_until(last_heard + HEARTBEAT_TIMEOUT), if channel_ok => {
+                channel_ok = false;
+                ending.get_or_insert(Err(PeerError::Silent(HEARTBEAT_TIMEOUT)));
+            }
+            _ = dest_gone => {
+                let _ = channel.send(&Message::Gone { reason: "the destination QEMU exited".into() }).await;
+                ending.get_or_insert(Err(PeerError::Closed));
+            }
+            msg = channel.next(), if channel_ok => {
+                last_heard = Instant::now();
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        channel_ok = false;
+                        if matches!(e, PeerError::Frame(_) | PeerError::Version { .. }) {
+                            let refusal = !state.as_ref().is_some_and(State::changed);
+                            let _ = channel.send(&Message::Error { kind: e.kind(), message: e.to_string(), refusal }).await;
+                        }
+                        ending.get_or_insert(Err(e));
+                        continue;
+                    }
+                };
+                let reply = match (state.take(), &work) {
+                    (Some(current), None) => match current.step(msg, &cx) {
+                        Ok(w) => {
+                            work = Some(w);
+                            None
+                        }
+                        Err((current, reply)) => {
+                            state = Some(current);
+                            Some(reply)
+                        }
+                    },
+                    // Busy: only pings are answered while a request runs.
+                    (current, _) => {
+                        state = current;
+                        Some(match msg {
+                            Message::Ping => Message::Pong,
+                            other => Message::Error {
+                                kind: ErrorKind::Busy,
+                                message: format!("{other:?} while a request is under way"),
+                                refusal: false,
+                            },
+                        })
+                    }
+                };
+                if let Some(reply) = reply
+                    && let Err(e) = channel.send(&reply).await
+                {
+                    channel_ok = false;
+                    ending.get_or_insert(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Resolves a socket name a peer sent to a path inside `dir`; nothing else can be named.
+pub fn qmp_path(dir: &Path, name: &str) -> Result<PathBuf, MigrationError> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0');
+    if !plain {
+        return Err(MigrationError::BadRequest {
+            desc: format!("{name:?} is not a file name in the service's QMP directory"),
+        });
+    }
+    Ok(dir.join(name))
+}
+
+/// The service's policy applied to a source's plan: what this host accepts, whatever the
+/// source asked for.
+pub fn apply_policy(
+    mut plan: DestPlan,
+    opts: &ServeOptions,
+    identity: &PeerIdentity,
+    local_address: Option<&str>,
+) -> Result<DestPlan, MigrationError> {
+    if !plan.tls {
+        if !opts.allow_plain {
+            return Err(MigrationError::PlainRefused);
+        }
+        tracing::warn!(client = %identity.dn, "plain TCP migration allowed by --allow-plain: RAM and disks cross the network unencrypted");
+    }
+    // The destination's cipher floor is this host's choice, not the peer's.
+    if plan.tls_priority.is_some() && plan.tls_priority != opts.tls_priority {
+        tracing::info!(asked = ?plan.tls_priority, applied = ?opts.tls_priority, "ignoring the source's TLS priority");
+    }
+    plan.tls_priority = opts.tls_priority.clone();
+    if let Some(addr) = local_address {
+        plan.listen_address = addr.to_string();
+    }
+    plan.port_range = opts.port_range;
+    // Whoever the source asks to authorise, only its own certificate can be; and when this
+    // service restricts its clients, the migration stream and NBD are restricted too.
+    plan.authz = match plan.authz {
+        Authz::Off if opts.allow_clients.is_empty() => Authz::Off,
+        _ if !plan.tls => Authz::Off,
+        _ => Authz::Identity(identity.dn.clone()),
+    };
+    Ok(plan)
+}
+
+async fn preflight(
+    cx: &Context,
+    qmp: &str,
+    plan: DestPlan,
+) -> Result<(DestinationSide, DestPlan), MigrationError> {
+    let path = qmp_path(&cx.opts.qmp_dir, qmp)?;
+    let plan = apply_policy(plan, &cx.opts, &cx.identity, cx.local_address.as_deref())?;
+    let mut side = DestinationSide::attach(&path, &cx.opts.pki_dir, cx.opts.qmp_timeout).await?;
+    if let Err(e) = side.preflight(&plan).await {
+        side.abort().await;
+        return Err(e);
+    }
+    Ok((side, plan))
+}
+
+/// The error reply for a failed request; `refusal` says nothing was changed.
+fn error_message(e: &MigrationError, refusal: bool) -> Message {
+    let mut chain = vec![e.to_string()];
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        source = s.source();
+    }
+    Message::Error {
+        kind: e.error_kind(),
+        message: chain.join(": "),
+        refusal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> ServeOptions {
+        ServeOptions::new("127.0.0.1:0", "/nonexistent".into(), "/nonexistent".into())
+    }
+
+    fn identity() -> PeerIdentity {
+        PeerIdentity {
+            dn: "CN=host-b".into(),
+            names: vec!["host-b".into()],
+            ips: Vec::new(),
+        }
+    }
+
+    fn plan(tls: bool) -> DestPlan {
+        DestPlan {
+            tls,
+            tls_priority: Some("NORMAL:+NULL".into()),
+            multifd: None,
+            disks: Vec::new(),
+            create_dest_disks: false,
+            authz: Authz::Identity("CN=someone-else".into()),
+            listen_address: "0.0.0.0".into(),
+            port_range: "1-65535".parse().expect("range"),
+        }
+    }
+
+    #[test]
+    fn a_plain_plan_is_refused_unless_the_service_allows_plain() {
+        let err = apply_policy(plan(false), &opts(), &identity(), None).expect_err("refused");
+        assert_eq!(err.kind(), "plain-refused");
+        let mut allow = opts();
+        allow.allow_plain = true;
+        assert!(apply_policy(plan(false), &allow, &identity(), None).is_ok());
+    }
+
+    #[test]
+    fn the_service_not_the_peer_chooses_priority_address_ports_and_authz() {
+        let mut o = opts();
+        o.allow_clients = vec!["host-b".into()];
+        let applied = apply_policy(plan(true), &o, &identity(), Some("198.18.0.1")).expect("ok");
+        assert_eq!(applied.tls_priority, None);
+        assert_eq!(applied.listen_address, "198.18.0.1");
+        assert_eq!(applied.port_range, o.port_range);
+        assert_eq!(applied.authz, Authz::Identity("CN=host-b".into()));
+    }
+
+    #[test]
+    fn a_restricted_service_sets_authz_even_when_the_source_did_not_ask() {
+        let mut o = opts();
+        o.allow_clients = vec!["host-b".into()];
+        let mut p = plan(true);
+        p.authz = Authz::Off;
+        let applied = apply_policy(p.clone(), &o, &identity(), None).expect("ok");
+        assert_eq!(applied.authz, Authz::Identity("CN=host-b".into()));
+        let open = apply_policy(p, &opts(), &identity(), None).expect("ok");
+        assert_eq!(open.authz, Authz::Off);
+    }
+
+    #[test]
+    fn only_plain_file_names_in_the_qmp_directory_can_be_named() {
+        let dir = Path::new("/run/qtm");
+        assert_eq!(
+            qmp_path(dir, "vm1.sock").expect("ok"),
+            dir.join("vm1.sock")
+        );
+        for bad in ["", ".", "..", "../etc/x", "a/b", "a\0b"] {
+            assert!(qmp_path(dir, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_out_of_order_is_refused_without_a_change() {
+        let cx = Context {
+            opts: std::sync::Arc::new(opts()),
+            identity: identity(),
+            local_address: None,
+        };
+        let Err((state, reply)) = State::Greeted.step(Message::Prepare, &cx) else {
+            panic!("prepare before preflight must be answered at once");
+        };
+        assert!(matches!(state, State::Greeted));
+        assert!(matches!(
+            reply,
+            Message::Error {
+                kind: ErrorKind::Protocol,
+                refusal: true,
+                ..
+            }
+        ));
+        let Err((_, pong)) = State::Greeted.step(Message::Ping, &cx) else {
+            panic!("ping is answered at once");
+        };
+        assert_eq!(pong, Message::Pong);
+    }
+}
