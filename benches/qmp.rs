@@ -1,6 +1,6 @@
 //! Criterion benches of the tool's own QMP hot paths: decoding `query-migrate` replies (polled
 //! every 250 ms during a migration), encoding commands, and the client's event and reply
-//! dispatch over an in-memory fake QEMU (`tokio::io::duplex`).
+//! dispatch over the shared in-memory fake QEMU (`qmp::fake`).
 //!
 //! `cargo bench --bench qmp` measures; `cargo test --all-targets` runs each bench once.
 
@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use qemu_tls_migrate::qemu::{MigrateSetParameters, MigrationInfo, QueryMigrate};
-use qemu_tls_migrate::qmp::{Command, Qmp};
+use qemu_tls_migrate::qmp::{Command, fake};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Events per dispatch iteration.
@@ -77,61 +76,15 @@ fn codec(c: &mut Criterion) {
     g.finish();
 }
 
-/// The peer side of a scripted QMP conversation.
-struct FakeQemu {
-    lines: tokio::io::Lines<BufReader<ReadHalf<DuplexStream>>>,
-    write: WriteHalf<DuplexStream>,
-}
-
-impl FakeQemu {
-    async fn send(&mut self, line: &str) {
-        self.write
-            .write_all(format!("{line}\r\n").as_bytes())
-            .await
-            .expect("fake peer write");
-    }
-
-    async fn recv(&mut self) -> Value {
-        let line = self
-            .lines
-            .next_line()
-            .await
-            .expect("fake peer read")
-            .expect("client closed");
-        serde_json::from_str(&line).expect("client sent JSON")
-    }
-}
-
-/// A client connected to a fake QEMU through the real handshake.
-async fn connect() -> (Qmp, FakeQemu) {
-    let (client, server) = tokio::io::duplex(1 << 20);
-    let (sr, sw) = tokio::io::split(server);
-    let mut fake = FakeQemu {
-        lines: BufReader::new(sr).lines(),
-        write: sw,
-    };
-    let (cr, cw) = tokio::io::split(client);
-    let handshake = tokio::spawn(Qmp::handshake("bench".into(), cr, cw, TIMEOUT));
-    fake.send(
-        &json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": ""},
-                "capabilities": []}})
-        .to_string(),
-    )
-    .await;
-    let caps = fake.recv().await;
-    fake.send(&json!({"return": {}, "id": caps["id"]}).to_string())
-        .await;
-    let qmp = handshake.await.expect("join").expect("handshake");
-    (qmp, fake)
-}
-
 fn dispatch(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let (qmp, mut fake) = rt.block_on(connect());
+    let (qmp, mut fake) = rt
+        .block_on(fake::connect(json!([]), TIMEOUT))
+        .expect("fake QEMU");
     let mut events = qmp.subscribe();
     let batch: String = (0..EVENT_BATCH)
         .map(|i| migration_pass_event(i) + "\r\n")
@@ -142,8 +95,7 @@ fn dispatch(c: &mut Criterion) {
     g.bench_function("events to a subscriber", |b| {
         b.iter(|| {
             rt.block_on(async {
-                fake.write
-                    .write_all(batch.as_bytes())
+                fake.send_bytes(batch.as_bytes())
                     .await
                     .expect("fake peer write");
                 for _ in 0..EVENT_BATCH {
@@ -159,9 +111,11 @@ fn dispatch(c: &mut Criterion) {
             rt.block_on(async {
                 let call = qmp.call_timeout(&QueryMigrate, TIMEOUT);
                 let answer = async {
-                    let req = fake.recv().await;
+                    let req = fake.recv().await.expect("a request");
                     let id = req["id"].as_u64().expect("numeric id");
-                    fake.send(&query_migrate_reply(id)).await;
+                    fake.send_raw(&query_migrate_reply(id))
+                        .await
+                        .expect("fake peer write");
                 };
                 let (info, ()) = tokio::join!(call, answer);
                 black_box(info.expect("reply"))

@@ -20,8 +20,8 @@ use super::disks::{self, DestDisk};
 use super::side::{SideCtl, object_id};
 use super::undo::Undo;
 use super::{MigrationError, PROGRESS_INTERVAL, Side};
-use crate::ports::{self, PortLease, PortRange};
 use crate::peer::{Authz, DestPlan, DestPrepared};
+use crate::ports::{self, PortLease, PortRange};
 use crate::qemu::{
     BlockExportAdd, BlockResize, Cont, MigrateIncoming, MigrateSetParameters, NbdServerStart,
     NbdServerStop, ObjectAdd, QueryBlock, QueryStatus, Stop, tcp_uri,
@@ -73,12 +73,18 @@ impl DestinationSide {
         pki_dir: &Path,
         timeout: Duration,
     ) -> Result<DestinationSide, MigrationError> {
-        let mut ctl = SideCtl::connect(Side::Destination, socket, pki_dir, timeout).await?;
+        let ctl = SideCtl::connect(Side::Destination, socket, pki_dir, timeout).await?;
+        DestinationSide::attach_ctl(ctl).await
+    }
+
+    /// [`DestinationSide::attach`] over an established connection.
+    pub(crate) async fn attach_ctl(mut ctl: SideCtl) -> Result<DestinationSide, MigrationError> {
+        let socket = ctl.socket.clone();
         let events = ctl.qmp.subscribe();
         let status = ctl.call("query-status", &QueryStatus).await?;
         if !status.is_incoming() {
             return Err(MigrationError::DestinationNotIncoming {
-                socket: socket.to_path_buf(),
+                socket,
                 status: status.status,
             });
         }
@@ -96,7 +102,10 @@ impl DestinationSide {
     /// Checks everything that can be checked without changing anything: the disks, the ports,
     /// the credentials. A failure here leaves the destination as it was.
     pub async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
-        if plan.multifd.is_some_and(|n| n == 0 || n > MAX_MULTIFD_CHANNELS) {
+        if plan
+            .multifd
+            .is_some_and(|n| n == 0 || n > MAX_MULTIFD_CHANNELS)
+        {
             return Err(MigrationError::BadRequest {
                 desc: format!(
                     "{:?} multifd channels asked for; a destination takes 1 to \
@@ -204,7 +213,8 @@ impl DestinationSide {
                 .await?;
             nbd_port = Some(port);
             for disk in &plan.disks {
-                let export = BlockExportAdd::nbd_writable(&disks::export_id(&disk.node), &disk.node);
+                let export =
+                    BlockExportAdd::nbd_writable(&disks::export_id(&disk.node), &disk.node);
                 self.ctl.call("block-export-add", &export).await?;
             }
             self.has_disks = true;
@@ -360,5 +370,128 @@ impl DestinationSide {
             stopped: !self.resumed,
             problems,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::peer::Authz;
+    use crate::qmp::fake::{self, Received};
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A destination QEMU that waits with `-incoming defer` and has loaded the state once
+    /// `migrate-incoming` was sent.
+    async fn incoming_destination() -> (DestinationSide, Received) {
+        let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
+        let loaded = Arc::new(AtomicBool::new(false));
+        let received = peer.answer_all(move |name, _| {
+            Ok(match name {
+                "query-status" if loaded.load(Ordering::SeqCst) => {
+                    json!({"running": false, "status": "paused"})
+                }
+                "query-status" => json!({"running": false, "status": "inmigrate"}),
+                "query-migrate-capabilities" => json!([]),
+                "migrate-incoming" => {
+                    loaded.store(true, Ordering::SeqCst);
+                    json!({})
+                }
+                _ => json!({}),
+            })
+        });
+        let ctl = SideCtl::with_qmp(
+            Side::Destination,
+            qmp,
+            Path::new("fake.sock"),
+            Path::new("/nonexistent"),
+            T,
+        );
+        let side = DestinationSide::attach_ctl(ctl).await.expect("attach");
+        (side, received)
+    }
+
+    fn plan() -> DestPlan {
+        DestPlan {
+            tls: false,
+            tls_priority: None,
+            multifd: None,
+            disks: Vec::new(),
+            create_dest_disks: false,
+            authz: Authz::Off,
+            listen_address: "127.0.0.1".into(),
+            port_range: crate::ports::DEFAULT_RANGE,
+        }
+    }
+
+    fn names(received: &Received) -> Vec<String> {
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn position(names: &[String], name: &str) -> usize {
+        names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} never sent: {names:?}"))
+    }
+
+    #[tokio::test]
+    async fn prepare_turns_autostart_off_before_migrate_incoming() {
+        let (mut side, received) = incoming_destination().await;
+
+        side.preflight(&plan()).await.expect("preflight");
+        side.prepare(&plan()).await.expect("prepare");
+
+        let sent = names(&received);
+        assert!(
+            position(&sent, "stop") < position(&sent, "migrate-incoming"),
+            "{sent:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_aborted_destination_that_was_never_resumed_is_known_not_to_run() {
+        let (mut side, received) = incoming_destination().await;
+        side.preflight(&plan()).await.expect("preflight");
+        side.prepare(&plan()).await.expect("prepare");
+
+        let outcome = side.abort().await;
+
+        assert!(outcome.stopped);
+        assert_eq!(names(&received).last().map(String::as_str), Some("quit"));
+    }
+
+    #[tokio::test]
+    async fn a_destination_once_resumed_is_never_reported_stopped() {
+        let (mut side, received) = incoming_destination().await;
+        side.preflight(&plan()).await.expect("preflight");
+        side.prepare(&plan()).await.expect("prepare");
+        side.finish(true).await.expect("finish");
+
+        let outcome = side.abort().await;
+
+        assert!(names(&received).contains(&"cont".to_string()));
+        assert!(!outcome.stopped, "the guest may have run here");
+    }
+
+    #[tokio::test]
+    async fn a_peer_cannot_ask_for_more_multifd_channels_than_the_bound() {
+        let (mut side, _received) = incoming_destination().await;
+        let mut greedy = plan();
+        greedy.multifd = Some(MAX_MULTIFD_CHANNELS + 1);
+
+        let err = side.preflight(&greedy).await.expect_err("refused");
+
+        assert_eq!(err.kind(), "bad-request");
     }
 }

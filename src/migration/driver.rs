@@ -16,12 +16,12 @@ use super::{
     FinalStatus, MigrationError, MigrationOptions, PROGRESS_INTERVAL, Phase, Progress, RamReport,
     Report, Side, Transport, TransportDecision, decide_transport,
 };
+use crate::peer::{DestPlan, DestPrepared};
 use crate::qemu::{
     BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, InetAddress, Migrate,
     MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
     QueryBlock, QueryBlockJobs, QueryMigrate, QueryStatus, RamStats, tcp_uri,
 };
-use crate::peer::{DestPlan, DestPrepared};
 use crate::qmp::{Events, Qmp, QmpError};
 
 /// After the destination went away, how long the source has to report the failure in its own
@@ -209,8 +209,7 @@ impl Run<'_> {
                 src.undo.retain(|u| !matches!(u, Undo::CancelMigration));
                 problems.extend(src.run_undo(Undo::CancelMigration).await);
             }
-            if self.committed.is_none()
-                && src.undo.iter().any(|u| matches!(u, Undo::ResumeSource))
+            if self.committed.is_none() && src.undo.iter().any(|u| matches!(u, Undo::ResumeSource))
             {
                 // `migrate` was sent: it may have completed before the cancel took hold.
                 match src.qmp.call_timeout(&QueryMigrate, src.timeout).await {
@@ -398,64 +397,43 @@ impl Run<'_> {
         let mut switched = false;
         let opts = self.opts;
         let t = opts.qmp_timeout;
-        let deadline = opts.timeout.and_then(|d| self.started.checked_add(d));
-        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        let mut stall = StallWatch::new(opts.stall_timeout);
-        let mut dest_gone_at: Option<Instant> = None;
+        let mut watch = Watch::new(opts, self.started, "following the migration");
         loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
-                _ = sleep_until_opt(deadline) => {
-                    return Err(MigrationError::Timeout { after: opts.timeout.unwrap_or_default() });
-                }
-                event = src_events.next() => match event {
-                    None => {
-                        return Err(MigrationError::Qmp {
-                            side: Side::Source,
-                            step: "following the migration",
-                            source: QmpError::Closed { peer: src.peer().to_string(), reason: "the source QEMU exited".into() },
-                        });
-                    }
-                    Some(e) if e.event == "MIGRATION" => {
-                        if let Ok(m) = serde_json::from_value::<MigrationEvent>(e.data) {
+            let status = match watch.next(src_events, dest, cancel).await? {
+                Seen::Event(e) if e.event == "MIGRATION" => {
+                    match serde_json::from_value::<MigrationEvent>(e.data) {
+                        Ok(m) => {
                             tracing::debug!(status = ?m.status, "source migration status");
-                            self.note_commit(m.status);
-                            if m.status.is_final() {
-                                break;
-                            }
-                            if m.status == MigrationStatus::PreSwitchover && !switched {
-                                switched = true;
-                                self.switchover(src, disks, src_events).await?;
-                            }
+                            m.status
                         }
+                        Err(_) => continue,
                     }
-                    Some(_) => {}
-                },
-                _ = dest.gone(), if dest_gone_at.is_none() => {
-                    tracing::warn!("the destination went away");
-                    dest_gone_at = Some(Instant::now());
                 }
-                _ = tick.tick() => {
-                    let info = qmp(Side::Source, "query-migrate", src.call_timeout(&QueryMigrate, t)).await?;
+                Seen::Event(_) => continue,
+                Seen::Tick => {
+                    let info = qmp(
+                        Side::Source,
+                        "query-migrate",
+                        src.call_timeout(&QueryMigrate, t),
+                    )
+                    .await?;
                     let ram = info.ram.unwrap_or_default();
                     self.report(Phase::Ram, info.status, info.ram);
-                    if let Some(status) = info.status {
-                        self.note_commit(status);
+                    let status = info.status.unwrap_or(MigrationStatus::None);
+                    if !status.is_final() {
+                        watch.progressed(ram.transferred, || format!("{status:?}"))?;
+                        watch.check_dest_gone(|| info.error_desc.clone())?;
                     }
-                    if info.status.is_some_and(MigrationStatus::is_final) {
-                        break;
-                    }
-                    if info.status == Some(MigrationStatus::PreSwitchover) && !switched {
-                        switched = true;
-                        self.switchover(src, disks, src_events).await?;
-                    }
-                    stall.check(ram.transferred, || {
-                        format!("{:?}", info.status.unwrap_or(MigrationStatus::None))
-                    })?;
-                    if dest_gone_at.is_some_and(|at| at.elapsed() >= DEST_GONE_GRACE) {
-                        return Err(MigrationError::DestinationDied { desc: info.error_desc });
-                    }
+                    status
                 }
+            };
+            self.note_commit(status);
+            if status.is_final() {
+                break;
+            }
+            if status == MigrationStatus::PreSwitchover && !switched {
+                switched = true;
+                self.switchover(src, disks, src_events).await?;
             }
         }
         let info = qmp(
@@ -477,7 +455,7 @@ impl Run<'_> {
         // The destination exits when an incoming migration fails, so a dead destination is
         // often a consequence: the source's own words (a TLS error, say) explain more.
         match MigrationError::from_qemu_failure(desc, opts.effective_tls_hostname()) {
-            MigrationError::Failed { desc } if dest_gone_at.is_some() => {
+            MigrationError::Failed { desc } if watch.dest_gone() => {
                 Err(MigrationError::DestinationDied { desc: Some(desc) })
             }
             other => Err(other),
@@ -575,10 +553,8 @@ impl Run<'_> {
         let opts = self.opts;
         let t = opts.qmp_timeout;
         let started = Instant::now();
-        let deadline = opts.timeout.and_then(|d| self.started.checked_add(d));
         let mut ready: HashMap<String, u64> = HashMap::new();
-        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        let mut stall = StallWatch::new(opts.stall_timeout);
+        let mut watch = Watch::new(opts, self.started, "copying disks");
         let node_of = |job: &str| {
             disks
                 .iter()
@@ -587,43 +563,54 @@ impl Run<'_> {
         };
         self.report(Phase::Disks, None, None);
         while ready.len() < disks.len() {
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
-                _ = sleep_until_opt(deadline) => {
-                    return Err(MigrationError::Timeout { after: opts.timeout.unwrap_or_default() });
-                }
-                event = src_events.next() => {
-                    let Some(e) = event else {
-                        return Err(source_gone(src, "copying disks"));
+            match watch.next(src_events, dest, cancel).await? {
+                Seen::Event(e) => {
+                    let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else {
+                        continue;
                     };
-                    let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else { continue };
-                    let Some(node) = node_of(&job.device) else { continue };
+                    let Some(node) = node_of(&job.device) else {
+                        continue;
+                    };
                     match e.event.as_str() {
                         "BLOCK_JOB_READY" => {
                             tracing::info!(%node, bytes = job.len, "mirror ready");
                             ready.insert(node.clone(), started.elapsed().as_millis() as u64);
-                            if let Some(p) = self.disk_progress.iter_mut().find(|p| p.device == node) {
+                            if let Some(p) =
+                                self.disk_progress.iter_mut().find(|p| p.device == node)
+                            {
                                 p.offset = job.offset;
                                 p.len = job.len;
                                 p.ready = true;
                             }
                         }
                         "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR" => {
+                            if watch.dest_gone() {
+                                return Err(MigrationError::DestinationDied {
+                                    desc: Some("while disks were being copied".into()),
+                                });
+                            }
                             return Err(MigrationError::MirrorFailed {
                                 node,
-                                desc: job.error.unwrap_or_else(|| format!("{} before the copy was in sync", e.event)),
+                                desc: job.error.unwrap_or_else(|| {
+                                    format!("{} before the copy was in sync", e.event)
+                                }),
                             });
                         }
                         _ => {}
                     }
                 }
-                _ = dest.gone() => {
-                    return Err(MigrationError::DestinationDied { desc: Some("while disks were being copied".into()) });
-                }
-                _ = tick.tick() => {
-                    let jobs = qmp(Side::Source, "query-block-jobs", src.call_timeout(&QueryBlockJobs, t)).await?;
+                Seen::Tick => {
+                    let jobs = qmp(
+                        Side::Source,
+                        "query-block-jobs",
+                        src.call_timeout(&QueryBlockJobs, t),
+                    )
+                    .await?;
                     for p in self.disk_progress.iter_mut() {
-                        if let Some(j) = jobs.iter().find(|j| node_of(&j.device).as_deref() == Some(p.device.as_str())) {
+                        if let Some(j) = jobs
+                            .iter()
+                            .find(|j| node_of(&j.device).as_deref() == Some(p.device.as_str()))
+                        {
                             p.offset = j.offset;
                             p.len = j.len;
                             p.ready |= j.ready;
@@ -631,7 +618,8 @@ impl Run<'_> {
                     }
                     self.report(Phase::Disks, None, None);
                     let total: u64 = self.disk_progress.iter().map(|p| p.offset).sum();
-                    stall.check(total, || "copying disks".into())?;
+                    watch.progressed(total, || "copying disks".into())?;
+                    watch.check_dest_gone(|| Some("while disks were being copied".into()))?;
                 }
             }
         }
@@ -752,6 +740,99 @@ async fn check_source(src: &SideCtl) -> Result<bool, MigrationError> {
     Ok(status.running)
 }
 
+/// What the watch loop saw: a source event, or a tick to poll progress on.
+enum Seen {
+    Event(crate::qmp::Event),
+    Tick,
+}
+
+/// The one watch loop of a migration's long phases (disk copy, RAM): cancellation, the
+/// whole-migration deadline, the source's events, a lost destination, and a tick every
+/// [`PROGRESS_INTERVAL`] on which the caller polls progress and feeds the stall check.
+///
+/// A lost destination is not an error at once: the source usually reports the failure in its
+/// own words (a TLS error, a mirror error) within [`DEST_GONE_GRACE`], which explains more;
+/// after that it is [`MigrationError::DestinationDied`].
+struct Watch {
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    tick: tokio::time::Interval,
+    stall: StallWatch,
+    dest_gone_at: Option<Instant>,
+    step: &'static str,
+}
+
+impl Watch {
+    fn new(opts: &MigrationOptions, started: Instant, step: &'static str) -> Watch {
+        Watch {
+            deadline: opts.timeout.and_then(|d| started.checked_add(d)),
+            timeout: opts.timeout,
+            tick: tokio::time::interval(PROGRESS_INTERVAL),
+            stall: StallWatch::new(opts.stall_timeout),
+            dest_gone_at: None,
+            step,
+        }
+    }
+
+    /// The next thing to act on, or the error that ends the phase.
+    async fn next<D: Destination>(
+        &mut self,
+        src_events: &mut Events,
+        dest: &mut D,
+        cancel: &CancellationToken,
+    ) -> Result<Seen, MigrationError> {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = sleep_until_opt(self.deadline) => {
+                    return Err(MigrationError::Timeout { after: self.timeout.unwrap_or_default() });
+                }
+                event = src_events.next() => {
+                    return match event {
+                        Some(e) => Ok(Seen::Event(e)),
+                        None => Err(MigrationError::Qmp {
+                            side: Side::Source,
+                            step: self.step,
+                            source: QmpError::Closed {
+                                peer: String::new(),
+                                reason: "the source QEMU exited".into(),
+                            },
+                        }),
+                    };
+                }
+                _ = dest.gone(), if self.dest_gone_at.is_none() => {
+                    tracing::warn!("the destination went away");
+                    self.dest_gone_at = Some(Instant::now());
+                }
+                _ = self.tick.tick() => return Ok(Seen::Tick),
+            }
+        }
+    }
+
+    /// Records the latest byte count; an error once it has not grown for the stall timeout.
+    fn progressed(
+        &mut self,
+        bytes: u64,
+        status: impl FnOnce() -> String,
+    ) -> Result<(), MigrationError> {
+        self.stall.check(bytes, status)
+    }
+
+    /// An error once the destination has been gone for longer than the grace period.
+    fn check_dest_gone(&self, desc: impl FnOnce() -> Option<String>) -> Result<(), MigrationError> {
+        match self.dest_gone_at {
+            Some(at) if at.elapsed() >= DEST_GONE_GRACE => {
+                Err(MigrationError::DestinationDied { desc: desc() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn dest_gone(&self) -> bool {
+        self.dest_gone_at.is_some()
+    }
+}
+
 /// Declares a copy stalled when its byte count has not grown for `after`.
 struct StallWatch {
     after: Duration,
@@ -808,5 +889,156 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::migration::Endpoint;
+    use crate::qmp::fake::{self, Received};
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A destination that only rolls back, noting how many commands the source had received
+    /// by then.
+    struct FakeDestination {
+        stopped: bool,
+        source_log: Received,
+        aborted_after: Arc<Mutex<Option<usize>>>,
+    }
+
+    impl Destination for FakeDestination {
+        fn changed(&self) -> bool {
+            true
+        }
+        fn holder(&self) -> String {
+            "the fake destination".into()
+        }
+        async fn preflight(&mut self, _: &DestPlan) -> Result<(), MigrationError> {
+            Ok(())
+        }
+        async fn prepare(&mut self, _: &DestPlan) -> Result<DestPrepared, MigrationError> {
+            Err(MigrationError::Cancelled)
+        }
+        async fn gone(&mut self) {
+            std::future::pending().await
+        }
+        async fn finish(&mut self, _: bool) -> Result<Vec<String>, MigrationError> {
+            Err(MigrationError::Cancelled)
+        }
+        async fn abort(&mut self) -> AbortOutcome {
+            let seen = self.source_log.lock().map(|l| l.len()).unwrap_or(0);
+            *self.aborted_after.lock().expect("lock") = Some(seen);
+            AbortOutcome {
+                stopped: self.stopped,
+                problems: Vec::new(),
+            }
+        }
+    }
+
+    /// Rolls back a migration whose source reached `committed` against a destination that
+    /// reports `stopped`; returns the error, the source's commands, and how many of them came
+    /// before the destination's abort.
+    async fn roll_back(
+        committed: Option<&'static str>,
+        stopped: bool,
+    ) -> (MigrationError, Vec<String>, usize) {
+        let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
+        let log = peer.answer_all(|name, _| {
+            Ok(match name {
+                "query-migrate" => json!({"status": "cancelled"}),
+                "query-status" => json!({"running": false, "status": "postmigrate"}),
+                _ => json!({}),
+            })
+        });
+        let mut src =
+            SideCtl::with_qmp(Side::Source, qmp, Path::new("src.sock"), Path::new("/"), T);
+        src.undo = vec![Undo::ResumeSource, Undo::CancelMigration];
+        let endpoint = || Endpoint {
+            qmp: "x".into(),
+            pki_dir: "/".into(),
+        };
+        let opts = MigrationOptions::new(endpoint(), endpoint(), "dst");
+        let mut progress = |_: &Progress| {};
+        let mut run = Run {
+            opts: &opts,
+            started: Instant::now(),
+            progress: &mut progress,
+            warnings: Vec::new(),
+            transport: Transport::Tls,
+            ram: RamReport::default(),
+            src: Some(src),
+            ports: Vec::new(),
+            disk_progress: Vec::new(),
+            disk_reports: Vec::new(),
+            committed,
+        };
+        let aborted_after = Arc::new(Mutex::new(None));
+        let mut dest = FakeDestination {
+            stopped,
+            source_log: log.clone(),
+            aborted_after: aborted_after.clone(),
+        };
+
+        let (_, error) = run
+            .roll_back(
+                &mut dest,
+                MigrationError::Failed {
+                    desc: "boom".into(),
+                },
+            )
+            .await;
+
+        let sent: Vec<String> = log
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        let before_abort = aborted_after.lock().expect("lock").expect("aborted");
+        (error, sent, before_abort)
+    }
+
+    #[tokio::test]
+    async fn a_source_past_the_point_of_no_return_stays_paused_when_the_destination_may_run() {
+        let (error, sent, _) = roll_back(Some("the source completed the migration"), false).await;
+
+        assert_eq!(error.kind(), "split-brain-risk");
+        assert!(
+            error.to_string().contains("the fake destination"),
+            "{error}"
+        );
+        assert!(!sent.contains(&"cont".to_string()), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn the_source_resumes_only_after_the_destination_confirmed_it_does_not_run() {
+        let (error, sent, before_abort) =
+            roll_back(Some("the source completed the migration"), true).await;
+
+        assert_eq!(error.kind(), "migration-failed");
+        let cancel = sent
+            .iter()
+            .position(|n| n == "migrate_cancel")
+            .expect("cancelled");
+        let cont = sent.iter().position(|n| n == "cont").expect("resumed");
+        assert!(
+            cancel < before_abort && before_abort <= cont,
+            "{sent:?} abort after {before_abort}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_that_never_passed_the_switch_over_resumes_whatever_the_destination_says() {
+        let (error, sent, _) = roll_back(None, false).await;
+
+        assert_eq!(error.kind(), "migration-failed");
+        assert!(sent.contains(&"cont".to_string()), "{sent:?}");
     }
 }

@@ -383,4 +383,3 @@ pub async fn migrate_remote(
         }
     }
 }
-

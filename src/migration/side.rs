@@ -42,7 +42,18 @@ impl SideCtl {
                     socket: socket.to_path_buf(),
                     source,
                 })?;
-        Ok(SideCtl {
+        Ok(SideCtl::with_qmp(side, qmp, socket, pki_dir, timeout))
+    }
+
+    /// A side over an established QMP connection (`socket` only names it in errors).
+    pub fn with_qmp(
+        side: Side,
+        qmp: Qmp,
+        socket: &Path,
+        pki_dir: &Path,
+        timeout: Duration,
+    ) -> SideCtl {
+        SideCtl {
             side,
             qmp,
             socket: socket.to_path_buf(),
@@ -51,7 +62,7 @@ impl SideCtl {
             undo: Vec::new(),
             caps: Vec::new(),
             params: Map::new(),
-        })
+        }
     }
 
     /// Runs a command, tagging a failure with this side and `step`.
@@ -116,7 +127,15 @@ impl SideCtl {
                     desc,
                 });
             }
-            Err(source) => return Err(self.error("credentials preflight", source)),
+            Err(source) => {
+                // QEMU may still carry the command out after the timeout: remove it if so.
+                let del = Undo::DeleteObject {
+                    side: self.side,
+                    id: id.clone(),
+                };
+                let _ = undo::unwind(vec![del], false, &self.qmp, self.timeout).await;
+                return Err(self.error("credentials preflight", source));
+            }
         }
         self.call("object-del", &ObjectDel { id }).await?;
         Ok(())

@@ -122,7 +122,9 @@ pub(crate) async fn unwind(
 fn is_not_found(e: &QmpError) -> bool {
     e.qemu_error().is_some_and(|(_, desc)| {
         let desc = desc.to_ascii_lowercase();
-        desc.contains("not found") || desc.contains("failed to find") || desc.contains("cannot find")
+        desc.contains("not found")
+            || desc.contains("failed to find")
+            || desc.contains("cannot find")
     })
 }
 

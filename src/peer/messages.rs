@@ -13,7 +13,9 @@ use crate::ports::PortRange;
 #[non_exhaustive]
 pub enum Message {
     /// Source → service, first.
-    Hello { client: String },
+    Hello {
+        client: String,
+    },
     /// Service → source: whether this host is secured for TLS.
     Welcome {
         server: String,
@@ -21,25 +23,39 @@ pub enum Message {
     },
     /// Source → service: attach to the QEMU whose QMP socket is `qmp` in the service's
     /// directory, and check (change nothing) that it can take `plan`.
-    Preflight { qmp: String, plan: DestPlan },
+    Preflight {
+        qmp: String,
+        plan: DestPlan,
+    },
     /// Service → source: the preflight passed.
     Preflighted,
     /// Source → service: make the changes; answer with the ports.
     Prepare,
     /// Service → source.
-    Prepared { prepared: DestPrepared },
+    Prepared {
+        prepared: DestPrepared,
+    },
     /// Source → service: the source completed; finish loading and resume when `resume`.
-    Finish { resume: bool },
+    Finish {
+        resume: bool,
+    },
     /// Service → source: done; clean-up problems, if any.
-    Finished { problems: Vec<String> },
+    Finished {
+        problems: Vec<String>,
+    },
     /// Source → service: roll everything back.
     Abort,
     /// Service → source: rolled back. `stopped`: the destination QEMU is known not to run the
     /// guest and never did (it is gone, or it was never resumed and cannot start on its own);
     /// only then may the source resume a VM that passed the switch-over.
-    Aborted { stopped: bool, problems: Vec<String> },
+    Aborted {
+        stopped: bool,
+        problems: Vec<String>,
+    },
     /// Service → source: the destination QEMU went away.
-    Gone { reason: String },
+    Gone {
+        reason: String,
+    },
     /// Either way: a request failed or a frame was refused. `refusal` says nothing was changed.
     Error {
         kind: ErrorKind,
@@ -192,7 +208,11 @@ mod tests {
 
     #[test]
     fn error_kinds_serialise_as_their_names_and_unknown_ones_read_as_other() {
-        for kind in [ErrorKind::SplitBrainRisk, ErrorKind::PkiBroken, ErrorKind::Busy] {
+        for kind in [
+            ErrorKind::SplitBrainRisk,
+            ErrorKind::PkiBroken,
+            ErrorKind::Busy,
+        ] {
             let json = serde_json::to_value(kind).expect("encode");
             assert_eq!(json, serde_json::Value::from(kind.as_str()));
         }

@@ -218,7 +218,10 @@ impl PeerIdentity {
 /// rustls error inside `e` mapped to what an operator can check.
 pub fn tls_failure_reason(e: &std::io::Error) -> String {
     use rustls::{AlertDescription, CertificateError, Error as TlsError};
-    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) else {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    else {
         return match e.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
                 "the peer closed the connection during the handshake (it may have refused our \
@@ -247,7 +250,9 @@ pub fn tls_failure_reason(e: &std::io::Error) -> String {
         TlsError::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         ) => "the peer's certificate does not carry the name it was reached by".into(),
-        TlsError::InvalidCertificate(other) => format!("the peer's certificate is unusable: {other:?}"),
+        TlsError::InvalidCertificate(other) => {
+            format!("the peer's certificate is unusable: {other:?}")
+        }
         TlsError::PeerIncompatible(why) => {
             format!("no common TLS protocol version or cipher suite ({why:?})")
         }

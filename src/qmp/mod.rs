@@ -20,6 +20,7 @@
 //!   reply is not an error.
 
 mod error;
+pub mod fake;
 mod wire;
 
 pub use error::QmpError;

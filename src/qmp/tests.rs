@@ -3,56 +3,29 @@
 
 use super::*;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
 
 const T: Duration = Duration::from_secs(5);
 
-/// The peer side of a scripted QMP conversation.
-struct FakeQemu {
-    lines: tokio::io::Lines<BufReader<ReadHalf<DuplexStream>>>,
-    write: WriteHalf<DuplexStream>,
-}
+/// The shared fake peer, failing the test on a broken conversation.
+struct FakeQemu(fake::FakeQemu);
 
 impl FakeQemu {
     async fn send(&mut self, v: Value) {
-        self.send_raw(&v.to_string()).await;
+        self.0.send(v).await.expect("fake peer write");
     }
 
     async fn send_raw(&mut self, line: &str) {
-        self.write
-            .write_all(format!("{line}\r\n").as_bytes())
-            .await
-            .expect("fake peer write");
+        self.0.send_raw(line).await.expect("fake peer write");
     }
 
     async fn recv(&mut self) -> Value {
-        let line = self
-            .lines
-            .next_line()
-            .await
-            .expect("fake peer read")
-            .expect("client closed");
-        serde_json::from_str(&line).expect("client sent JSON")
+        self.0.recv().await.expect("the client sent JSON")
     }
 }
 
 async fn connect_with(capabilities: Value) -> (Qmp, FakeQemu) {
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let (sr, sw) = tokio::io::split(server);
-    let mut fake = FakeQemu {
-        lines: BufReader::new(sr).lines(),
-        write: sw,
-    };
-    let (cr, cw) = tokio::io::split(client);
-    let handshake = tokio::spawn(Qmp::handshake("fake".into(), cr, cw, T));
-    fake.send(json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": ""}, "capabilities": capabilities}}))
-        .await;
-    let caps = fake.recv().await;
-    assert_eq!(caps["execute"], "qmp_capabilities");
-    let id = caps["id"].clone();
-    fake.send(json!({"return": {}, "id": id})).await;
-    let qmp = handshake.await.expect("join").expect("handshake");
-    (qmp, fake)
+    let (qmp, peer) = fake::connect(capabilities, T).await.expect("handshake");
+    (qmp, FakeQemu(peer))
 }
 
 async fn connect() -> (Qmp, FakeQemu) {
@@ -65,13 +38,8 @@ async fn handshake_reads_version_and_enables_oob_when_offered() {
     assert_eq!(qmp.greeting().version.qemu.major, 7);
     assert!(!qmp.greeting().offers_oob());
 
-    let (client, server) = tokio::io::duplex(4096);
-    let (sr, sw) = tokio::io::split(server);
-    let mut fake = FakeQemu {
-        lines: BufReader::new(sr).lines(),
-        write: sw,
-    };
-    let (cr, cw) = tokio::io::split(client);
+    let (cr, cw, peer) = fake::raw();
+    let mut fake = FakeQemu(peer);
     let handshake = tokio::spawn(Qmp::handshake("fake".into(), cr, cw, T));
     fake.send(json!({"QMP": {"version": {}, "capabilities": ["oob"]}}))
         .await;
@@ -244,7 +212,7 @@ async fn an_endless_line_is_an_error_not_unbounded_memory() {
     let _writer = tokio::spawn(async move {
         let chunk = vec![b'x'; 1024 * 1024];
         for _ in 0..(MAX_LINE / chunk.len() + 1) {
-            if fake.write.write_all(&chunk).await.is_err() {
+            if fake.0.send_bytes(&chunk).await.is_err() {
                 break;
             }
         }

@@ -36,7 +36,7 @@ use crate::peer::{
     Authz, Channel, DestPlan, ErrorKind, HEARTBEAT_TIMEOUT, Message, PeerError, PeerIdentity,
     tls_failure_reason,
 };
-use crate::pki::{self, Role};
+use crate::pki::{self, Role, Security};
 
 /// How long a new connection has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -62,6 +62,21 @@ pub enum State {
 /// the reply.
 type Work = Pin<Box<dyn Future<Output = (State, Message)> + Send>>;
 
+/// What a message leads to: work that runs beside the loop, or an answer at once.
+pub enum Step {
+    Work(Work),
+    Reply(State, Message),
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Work(_) => f.write_str("Step::Work"),
+            Step::Reply(state, msg) => write!(f, "Step::Reply({state:?}, {msg:?})"),
+        }
+    }
+}
+
 /// What the session knows of its peer and host, for each step.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -72,11 +87,10 @@ pub struct Context {
 }
 
 impl State {
-    /// Starts the work for `msg` in this state, or answers at once. Returns the work, or the
-    /// unchanged state with an immediate reply.
-    pub fn step(self, msg: Message, cx: &Context) -> Result<Work, (State, Message)> {
+    /// Starts the work for `msg` in this state, or answers at once with the unchanged state.
+    pub fn step(self, msg: Message, cx: &Context) -> Step {
         match (self, msg) {
-            (state, Message::Ping) => Err((state, Message::Pong)),
+            (state, Message::Ping) => Step::Reply(state, Message::Pong),
             (state @ State::Greeted, Message::Hello { client }) => {
                 tracing::debug!(%client, "hello");
                 let security = pki::assess(&cx.opts.pki_dir, Role::Server);
@@ -84,11 +98,11 @@ impl State {
                     server: hostname(),
                     security,
                 };
-                Err((state, welcome))
+                Step::Reply(state, welcome)
             }
             (State::Greeted, Message::Preflight { qmp, plan }) => {
                 let cx = cx.clone();
-                Ok(Box::pin(async move {
+                Step::Work(Box::pin(async move {
                     match preflight(&cx, &qmp, plan).await {
                         Ok((side, plan)) => (
                             State::Preflighted {
@@ -101,23 +115,25 @@ impl State {
                     }
                 }))
             }
-            (State::Preflighted { mut side, plan }, Message::Prepare) => Ok(Box::pin(async move {
-                match side.prepare(&plan).await {
-                    Ok(prepared) => (State::Prepared { side }, Message::Prepared { prepared }),
-                    Err(e) => {
-                        // Refused only when nothing was changed yet.
-                        let refusal = !side.changed();
-                        let reply = error_message(&e, refusal);
-                        if refusal {
-                            (State::Preflighted { side, plan }, reply)
-                        } else {
-                            (State::Prepared { side }, reply)
+            (State::Preflighted { mut side, plan }, Message::Prepare) => {
+                Step::Work(Box::pin(async move {
+                    match side.prepare(&plan).await {
+                        Ok(prepared) => (State::Prepared { side }, Message::Prepared { prepared }),
+                        Err(e) => {
+                            // Refused only when nothing was changed yet.
+                            let refusal = !side.changed();
+                            let reply = error_message(&e, refusal);
+                            if refusal {
+                                (State::Preflighted { side, plan }, reply)
+                            } else {
+                                (State::Prepared { side }, reply)
+                            }
                         }
                     }
-                }
-            })),
+                }))
+            }
             (State::Prepared { mut side }, Message::Finish { resume }) => {
-                Ok(Box::pin(async move {
+                Step::Work(Box::pin(async move {
                     match side.finish(resume).await {
                         Ok(problems) => (State::Done, Message::Finished { problems }),
                         // The source decides what comes next (it asks for an abort).
@@ -125,7 +141,7 @@ impl State {
                     }
                 }))
             }
-            (state, Message::Abort) => Ok(Box::pin(async move {
+            (state, Message::Abort) => Step::Work(Box::pin(async move {
                 let outcome = state.roll_back().await;
                 (
                     State::Done,
@@ -138,14 +154,14 @@ impl State {
             (state, other) => {
                 let refusal = !state.changed();
                 let e = PeerError::Unexpected(format!("{other:?} in state {}", state.name()));
-                Err((
+                Step::Reply(
                     state,
                     Message::Error {
                         kind: e.kind(),
                         message: e.to_string(),
                         refusal,
                     },
-                ))
+                )
             }
         }
     }
@@ -298,11 +314,11 @@ pub async fn run(
                 };
                 let reply = match (state.take(), &work) {
                     (Some(current), None) => match current.step(msg, &cx) {
-                        Ok(w) => {
+                        Step::Work(w) => {
                             work = Some(w);
                             None
                         }
-                        Err((current, reply)) => {
+                        Step::Reply(current, reply) => {
                             state = Some(current);
                             Some(reply)
                         }
@@ -351,9 +367,28 @@ pub fn qmp_path(dir: &Path, name: &str) -> Result<PathBuf, MigrationError> {
 pub fn apply_policy(
     mut plan: DestPlan,
     opts: &ServeOptions,
+    security: &Security,
     identity: &PeerIdentity,
     local_address: Option<&str>,
 ) -> Result<DestPlan, MigrationError> {
+    match security {
+        // A broken secured host takes no migration at all, whatever the source concluded.
+        Security::Broken { problems } => {
+            return Err(MigrationError::PkiBroken {
+                side: crate::migration::Side::Destination,
+                dir: opts.pki_dir.clone(),
+                problems: problems.clone(),
+            });
+        }
+        Security::Unsecured { reason } if plan.tls => {
+            return Err(MigrationError::Unsecured {
+                side: crate::migration::Side::Destination,
+                dir: opts.pki_dir.clone(),
+                reason: reason.clone(),
+            });
+        }
+        _ => {}
+    }
     if !plan.tls {
         if !opts.allow_plain {
             return Err(MigrationError::PlainRefused);
@@ -385,7 +420,14 @@ async fn preflight(
     plan: DestPlan,
 ) -> Result<(DestinationSide, DestPlan), MigrationError> {
     let path = qmp_path(&cx.opts.qmp_dir, qmp)?;
-    let plan = apply_policy(plan, &cx.opts, &cx.identity, cx.local_address.as_deref())?;
+    let security = pki::assess(&cx.opts.pki_dir, Role::Server);
+    let plan = apply_policy(
+        plan,
+        &cx.opts,
+        &security,
+        &cx.identity,
+        cx.local_address.as_deref(),
+    )?;
     let mut side = DestinationSide::attach(&path, &cx.opts.pki_dir, cx.opts.qmp_timeout).await?;
     if let Err(e) = side.preflight(&plan).await {
         side.abort().await;
@@ -440,18 +482,26 @@ mod tests {
 
     #[test]
     fn a_plain_plan_is_refused_unless_the_service_allows_plain() {
-        let err = apply_policy(plan(false), &opts(), &identity(), None).expect_err("refused");
+        let err = apply_policy(plan(false), &opts(), &Security::Secured, &identity(), None)
+            .expect_err("refused");
         assert_eq!(err.kind(), "plain-refused");
         let mut allow = opts();
         allow.allow_plain = true;
-        assert!(apply_policy(plan(false), &allow, &identity(), None).is_ok());
+        assert!(apply_policy(plan(false), &allow, &Security::Secured, &identity(), None).is_ok());
     }
 
     #[test]
     fn the_service_not_the_peer_chooses_priority_address_ports_and_authz() {
         let mut o = opts();
         o.allow_clients = vec!["host-b".into()];
-        let applied = apply_policy(plan(true), &o, &identity(), Some("198.18.0.1")).expect("ok");
+        let applied = apply_policy(
+            plan(true),
+            &o,
+            &Security::Secured,
+            &identity(),
+            Some("198.18.0.1"),
+        )
+        .expect("ok");
         assert_eq!(applied.tls_priority, None);
         assert_eq!(applied.listen_address, "198.18.0.1");
         assert_eq!(applied.port_range, o.port_range);
@@ -464,19 +514,31 @@ mod tests {
         o.allow_clients = vec!["host-b".into()];
         let mut p = plan(true);
         p.authz = Authz::Off;
-        let applied = apply_policy(p.clone(), &o, &identity(), None).expect("ok");
+        let applied =
+            apply_policy(p.clone(), &o, &Security::Secured, &identity(), None).expect("ok");
         assert_eq!(applied.authz, Authz::Identity("CN=host-b".into()));
-        let open = apply_policy(p, &opts(), &identity(), None).expect("ok");
+        let open = apply_policy(p, &opts(), &Security::Secured, &identity(), None).expect("ok");
         assert_eq!(open.authz, Authz::Off);
+    }
+
+    #[test]
+    fn a_broken_service_host_takes_no_migration_and_an_unsecured_one_no_tls() {
+        let broken = Security::Broken {
+            problems: vec!["server-key.pem: readable by all".into()],
+        };
+        let err = apply_policy(plan(true), &opts(), &broken, &identity(), None).expect_err("no");
+        assert_eq!(err.kind(), "pki-broken");
+        let unsecured = Security::Unsecured {
+            reason: "no TLS files".into(),
+        };
+        let err = apply_policy(plan(true), &opts(), &unsecured, &identity(), None).expect_err("no");
+        assert_eq!(err.kind(), "unsecured");
     }
 
     #[test]
     fn only_plain_file_names_in_the_qmp_directory_can_be_named() {
         let dir = Path::new("/run/qtm");
-        assert_eq!(
-            qmp_path(dir, "vm1.sock").expect("ok"),
-            dir.join("vm1.sock")
-        );
+        assert_eq!(qmp_path(dir, "vm1.sock").expect("ok"), dir.join("vm1.sock"));
         for bad in ["", ".", "..", "../etc/x", "a/b", "a\0b"] {
             assert!(qmp_path(dir, bad).is_err(), "{bad:?}");
         }
@@ -489,7 +551,7 @@ mod tests {
             identity: identity(),
             local_address: None,
         };
-        let Err((state, reply)) = State::Greeted.step(Message::Prepare, &cx) else {
+        let Step::Reply(state, reply) = State::Greeted.step(Message::Prepare, &cx) else {
             panic!("prepare before preflight must be answered at once");
         };
         assert!(matches!(state, State::Greeted));
@@ -501,7 +563,7 @@ mod tests {
                 ..
             }
         ));
-        let Err((_, pong)) = State::Greeted.step(Message::Ping, &cx) else {
+        let Step::Reply(_, pong) = State::Greeted.step(Message::Ping, &cx) else {
             panic!("ping is answered at once");
         };
         assert_eq!(pong, Message::Pong);

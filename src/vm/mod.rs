@@ -107,6 +107,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Start as a migration destination: `-incoming defer`, CPUs stopped.
     pub incoming: bool,
+    /// With `incoming`: leave out `-S`, so QEMU would run the guest on its own once the state
+    /// is loaded (what a careless launcher does; the tool must keep control anyway).
+    pub incoming_autostart: bool,
     /// `None`: probe (see [`probe_accel`]).
     pub accel: Option<Accel>,
     pub kernel: Option<KernelConfig>,
@@ -124,6 +127,7 @@ impl VmConfig {
             ram_mib: 128,
             disks: Vec::new(),
             incoming: false,
+            incoming_autostart: false,
             accel: None,
             kernel: None,
             run_as: None,
@@ -422,7 +426,10 @@ fn qemu_args(
         push(&["-append", &kernel.append]);
     }
     if config.incoming {
-        push(&["-incoming", "defer", "-S"]);
+        push(&["-incoming", "defer"]);
+        if !config.incoming_autostart {
+            push(&["-S"]);
+        }
     }
     if let Some(user) = &config.run_as {
         push(&["-runas", user]);

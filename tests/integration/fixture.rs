@@ -348,6 +348,122 @@ impl WireTap {
     }
 }
 
+/// A QMP proxy in front of a real QEMU's socket that holds back QEMU's reply to the commands
+/// `delayed` picks, for `delay`, passing everything else through at once. The command itself
+/// reaches QEMU at once: this models a QEMU (or host) that acts but answers late, which a real
+/// QEMU cannot be made to do on cue.
+pub struct QmpDelayProxy {
+    pub path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl QmpDelayProxy {
+    pub async fn start(
+        target: &Path,
+        path: &Path,
+        delayed: impl Fn(&Value) -> bool + Send + Sync + 'static,
+        delay: Duration,
+    ) -> QmpDelayProxy {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::UnixListener::bind(path).expect("proxy socket");
+        let target = target.to_path_buf();
+        let delayed = Arc::new(delayed);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::UnixStream::connect(&target).await else {
+                    return;
+                };
+                let delayed = delayed.clone();
+                tokio::spawn(async move {
+                    let (cr, mut cw) = client.into_split();
+                    let (sr, mut sw) = server.into_split();
+                    let held: Arc<Mutex<Vec<Value>>> = Arc::default();
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                    let writer = tokio::spawn(async move {
+                        while let Some(line) = rx.recv().await {
+                            if cw.write_all(line.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let held_up = held.clone();
+                    let upstream = async move {
+                        let mut lines = tokio::io::BufReader::new(cr).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            if let Ok(cmd) = serde_json::from_str::<Value>(&line)
+                                && delayed(&cmd)
+                            {
+                                held_up.lock().expect("lock").push(cmd["id"].clone());
+                            }
+                            if sw.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let downstream = async move {
+                        let mut lines = tokio::io::BufReader::new(sr).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            let id = serde_json::from_str::<Value>(&line)
+                                .map(|v| v["id"].clone())
+                                .unwrap_or(Value::Null);
+                            let hold = !id.is_null() && held.lock().expect("lock").contains(&id);
+                            let line = format!("{line}\n");
+                            if hold {
+                                let tx = tx.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(delay).await;
+                                    let _ = tx.send(line);
+                                });
+                            } else if tx.send(line).is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::join!(upstream, downstream);
+                    let _ = writer.await;
+                });
+            }
+        });
+        QmpDelayProxy {
+            path: path.to_path_buf(),
+            task,
+        }
+    }
+}
+
+impl Drop for QmpDelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A matcher for [`QmpDelayProxy`]: the command named `name`.
+pub fn command_named(name: &'static str) -> impl Fn(&Value) -> bool + Send + Sync + 'static {
+    move |cmd| cmd["execute"] == name
+}
+
+/// Waits until `vm`'s outgoing migration has completed (its own `query-migrate`).
+pub async fn wait_migration_completed(vm: &Vm) {
+    let qmp = monitor(vm).await;
+    let completed = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let info = qmp
+                .execute_raw("query-migrate", None, EVENT_TIMEOUT)
+                .await
+                .expect("query-migrate");
+            if info["status"] == "completed" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        completed.is_ok(),
+        "the source never completed its migration"
+    );
+}
+
 /// The port a destination listens on for its incoming migration (`query-migrate`'s
 /// `socket-address` on the destination).
 async fn incoming_port(monitor_path: &Path) -> u16 {
@@ -651,6 +767,22 @@ pub async fn run_cli_in(netns: &str, args: &[&str]) -> Output {
         .output()
         .await
         .expect("run qemu-tls-migrate in a namespace")
+}
+
+/// A TLS connection (the control channel's, unframed) to the service at `addr` from host
+/// `b`, with the client certificate in `pki`, verifying the service as `host-a`.
+pub async fn tls_client(
+    hosts: &TwoHosts,
+    addr: &str,
+    pki: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = connect_in_netns(&hosts.b, addr);
+    let config = qemu_tls_migrate::peer::client_config(pki).expect("client config");
+    let name = rustls::pki_types::ServerName::try_from("host-a").expect("name");
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS")
 }
 
 /// Source disk images (node name, format, MiB) in `dir`, each filled with its own pattern.

@@ -9,3 +9,4 @@ mod host;
 mod migration;
 mod pki;
 mod remote;
+mod safety;

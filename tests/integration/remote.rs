@@ -285,26 +285,38 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
     c.send(Bytes::from_static(b"\x00\x01garbage{{"))
         .await
         .expect("send");
-    assert!(
-        matches!(reply(&mut c).await, Some(Message::Error { kind: ErrorKind::Protocol, .. }))
-    );
+    assert!(matches!(
+        reply(&mut c).await,
+        Some(Message::Error {
+            kind: ErrorKind::Protocol,
+            ..
+        })
+    ));
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
     // Only the length prefix: the service must refuse the frame before reading its body.
     let header = (MAX_FRAME as u32 + 1).to_be_bytes();
     c.get_mut().write_all(&header).await.expect("send");
     c.get_mut().flush().await.expect("flush");
-    assert!(
-        matches!(reply(&mut c).await, Some(Message::Error { kind: ErrorKind::Protocol, .. }))
-    );
+    assert!(matches!(
+        reply(&mut c).await,
+        Some(Message::Error {
+            kind: ErrorKind::Protocol,
+            ..
+        })
+    ));
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
     c.send(Bytes::from_static(br#"{"v": 99, "msg": {"type": "ping"}}"#))
         .await
         .expect("send");
-    assert!(
-        matches!(reply(&mut c).await, Some(Message::Error { kind: ErrorKind::ProtocolVersion, .. }))
-    );
+    assert!(matches!(
+        reply(&mut c).await,
+        Some(Message::Error {
+            kind: ErrorKind::ProtocolVersion,
+            ..
+        })
+    ));
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
     c.send(
@@ -318,7 +330,10 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
     assert!(
         matches!(
             reply(&mut c).await,
-            Some(Message::Welcome { security: Security::Secured, .. })
+            Some(Message::Welcome {
+                security: Security::Secured,
+                ..
+            })
         ),
         "still serving"
     );

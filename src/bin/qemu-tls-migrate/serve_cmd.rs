@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use clap::Args;
 use qemu_tls_migrate::migration;
-use qemu_tls_migrate::service::{self, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, ServeOptions};
 use qemu_tls_migrate::peer::DEFAULT_PORT;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
+use qemu_tls_migrate::service::{self, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, ServeOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::outcome::Outcome;

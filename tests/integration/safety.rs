@@ -1,0 +1,431 @@
+//! The safety rules, each against real QEMU (and the real service): one running copy of a VM
+//! whatever the destination's last step does, no plaintext unless both ends allow it, no local
+//! disk left behind, and nothing of the tool's left after a command QEMU carried out late.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use qemu_tls_migrate::migration::FinalStatus;
+use qemu_tls_migrate::vm::DiskFormat;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::fixture::{self, Lab, Pair, QmpDelayProxy, Service, TwoHosts};
+
+/// Longer than the control channel's heartbeat timeout (6 s).
+const PAST_THE_HEARTBEAT: Duration = Duration::from_secs(9);
+
+/// A `migrate --to` command line from host `b` to the service, naming `qmp` in its directory.
+fn migrate_to_args(
+    pair: &Pair,
+    service: &Service,
+    pki: &std::path::Path,
+    qmp: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &pair.source.qmp_path().display().to_string(),
+        "--to",
+        &service.addr,
+        "--dest-qmp",
+        qmp,
+        "--dest-host",
+        "host-a",
+        "--pki-dir",
+        &pki.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The source command of `args`, run in namespace `netns`, its stdout and stderr piped.
+fn spawn_cli_in(netns: &str, args: &[String]) -> tokio::process::Child {
+    tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            env!("CARGO_BIN_EXE_qemu-tls-migrate"),
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the source command")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let proxy = QmpDelayProxy::start(
+        pair.dest.qmp_path(),
+        &pair.dir.path().join("slow-dest.sock"),
+        fixture::command_named("cont"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut options = pair.tls_options(&lab);
+    options.dest.qmp = proxy.path.clone();
+    // Shorter than the late answer: the finishing steps must not be held to it.
+    options.qmp_timeout = Duration::from_secs(2);
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start_with(|c| c.incoming_autostart = true).await;
+    let mut options = pair.tls_options(&lab);
+    options.dest_paused = true;
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(
+        fixture::status(&pair.dest).await,
+        "paused",
+        "the destination started on its own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_copy_remotely() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let _proxy = QmpDelayProxy::start(
+        pair.dest.qmp_path(),
+        &qmp_dir.path().join("slow.sock"),
+        fixture::command_named("cont"),
+        PAST_THE_HEARTBEAT,
+    )
+    .await;
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let args = migrate_to_args(&pair, &service, &pki_b, "slow.sock", &[]);
+
+    let out = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_the_risk() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let mut pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    // The destination's last step answers late, so the cut lands while `finish` is under way.
+    let _proxy = QmpDelayProxy::start(
+        pair.dest.qmp_path(),
+        &qmp_dir.path().join("slow.sock"),
+        fixture::command_named("cont"),
+        Duration::from_secs(15),
+    )
+    .await;
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let args = migrate_to_args(&pair, &service, &pki_b, "slow.sock", &[]);
+    let child = spawn_cli_in(&hosts.b, &args);
+
+    fixture::wait_migration_completed(&pair.source).await;
+    hosts.link(false);
+    let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the source gives up")
+        .expect("wait");
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["error"]["kind"], "split-brain-risk", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("host"), "names where to look: {message}");
+    assert_eq!(
+        fixture::status(&pair.source).await,
+        "postmigrate",
+        "the source must stay paused"
+    );
+    // The service finishes what it was asked to: the one running copy is the destination.
+    let dest_state = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        loop {
+            let s = fixture::status(&pair.dest).await;
+            if s != "inmigrate" && s != "paused" {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the destination settles");
+    assert_eq!(dest_state, "running");
+    assert_ne!(fixture::status(&pair.source).await, "running");
+    pair.quit_both().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[fixture::DEST_HOST]),
+    );
+    for key in [src.join("client-key.pem"), dst.join("server-key.pem")] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let pair = Pair::start().await;
+    let (src_qmp, dst_qmp) = (
+        pair.source.qmp_path().display().to_string(),
+        pair.dest.qmp_path().display().to_string(),
+    );
+    let (src_dir, dst_dir) = (src.display().to_string(), dst.display().to_string());
+
+    let out = fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &src_qmp,
+        "--dest-qmp",
+        &dst_qmp,
+        "--dest-host",
+        fixture::DEST_HOST,
+        "--source-pki-dir",
+        &src_dir,
+        "--dest-pki-dir",
+        &dst_dir,
+    ])
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "pki-broken", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("client-key.pem"), "{message}");
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let args = migrate_to_args(&pair, &service, &pki_b, "qmp.sock", &["--transport", "tcp"]);
+
+    let out = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "plain-refused", "{json}");
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its_own_priority() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let service =
+        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["HOST-B"]).await;
+    // No --authz: the service restricts the migration stream by itself. A cipher priority
+    // from the source must not become the destination's.
+    let args = migrate_to_args(
+        &pair,
+        &service,
+        &pki_b,
+        "qmp.sock",
+        &["--max-bandwidth", "16M", "--tls-priority", "NORMAL"],
+    );
+    let mut child = spawn_cli_in(&hosts.b, &args);
+
+    let watcher = fixture::monitor(&pair.dest).await;
+    let (authz, priority) = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        loop {
+            let params = watcher
+                .execute_raw("query-migrate-parameters", None, fixture::EVENT_TIMEOUT)
+                .await
+                .expect("parameters");
+            let creds = params["tls-creds"].as_str().unwrap_or_default().to_string();
+            if !creds.is_empty() {
+                let priority = watcher
+                    .execute_raw(
+                        "qom-get",
+                        Some(serde_json::json!({"path": format!("/objects/{creds}"), "property": "priority"})),
+                        fixture::EVENT_TIMEOUT,
+                    )
+                    .await
+                    .unwrap_or(Value::Null);
+                return (params["tls-authz"].clone(), priority);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the destination gets its credentials");
+    drop(watcher);
+    let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        while let Ok(Some(_)) = stderr.next_line().await {}
+        child.wait_with_output().await
+    })
+    .await
+    .expect("the migration ends")
+    .expect("wait");
+
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        authz.as_str().is_some_and(|a| a.starts_with("qtm-authz")),
+        "tls-authz on the destination: {authz}"
+    );
+    assert!(
+        priority.is_string(),
+        "the credentials' priority: {priority}"
+    );
+    assert_ne!(
+        priority,
+        Value::from("NORMAL"),
+        "the source chose the cipher floor"
+    );
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_disk_neither_copied_nor_declared_shared_is_refused() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 8)]).await;
+    let options = pair.tls_options(&lab);
+
+    let refused = fixture::migrate(&options).await;
+
+    assert_eq!(fixture::error_kind(&refused), Some("disk-left-behind"));
+    assert!(refused.refused, "nothing may be changed");
+    assert!(fixture::error_message(&refused).contains("disk0"));
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+
+    let mut shared = options.clone();
+    shared.shared_disks = vec!["disk0".into()];
+    let report = fixture::migrate(&shared).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_added_after_the_timeout_are_still_removed() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    // The source's migration credentials (not the preflight probe) answer late.
+    let proxy = QmpDelayProxy::start(
+        pair.source.qmp_path(),
+        &pair.dir.path().join("slow-source.sock"),
+        |cmd: &Value| {
+            cmd["execute"] == "object-add"
+                && cmd["arguments"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("qtm-tls-"))
+        },
+        Duration::from_secs(4),
+    )
+    .await;
+    let mut options = pair.tls_options(&lab);
+    options.source.qmp = proxy.path.clone();
+    options.qmp_timeout = Duration::from_secs(2);
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(
+        fixture::error_kind(&report),
+        Some("timeout"),
+        "{:?}",
+        report.error
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let mut service =
+        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let mut greedy = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
+    // Pings, each answered with a pong this client never reads, until both buffers are full.
+    let ping =
+        qemu_tls_migrate::peer::encode(&qemu_tls_migrate::peer::Message::Ping).expect("encode");
+    let mut frames = Vec::new();
+    for _ in 0..1_000_000 {
+        frames.extend_from_slice(&(ping.len() as u32).to_be_bytes());
+        frames.extend_from_slice(&ping);
+    }
+    let (blocked_tx, blocked_rx) = tokio::sync::oneshot::channel();
+    let flood = tokio::spawn(async move {
+        for chunk in frames.chunks(64 * 1024) {
+            // No progress for a second: the service stopped reading.
+            match tokio::time::timeout(Duration::from_secs(1), greedy.write_all(chunk)).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        let _ = blocked_tx.send(());
+        // Hold the connection open, never reading.
+        std::future::pending::<()>().await;
+        drop(greedy);
+    });
+    tokio::time::timeout(fixture::EVENT_TIMEOUT, blocked_rx)
+        .await
+        .expect("the service's replies fill the buffers")
+        .expect("flood task");
+
+    let code = service.stop().await;
+    flood.abort();
+
+    assert_eq!(
+        code,
+        Some(0),
+        "shutdown was held up by a peer that never reads"
+    );
+}
