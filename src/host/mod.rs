@@ -85,6 +85,14 @@ pub fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
+/// A configuration file under `root`, as text for reading settings;
+/// empty when it cannot be read. Bytes that are not UTF-8 become U+FFFD, which no setting
+/// we read contains.
+fn read_config(root: &Path, file: &str) -> String {
+    let bytes = std::fs::read(under(root, Path::new(file))).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// The secured-host flag, as the agent reports it to the management server.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HostStatus {
@@ -102,11 +110,8 @@ pub struct HostStatus {
 /// `default_tls_x509_cert_dir`, else [`crate::pki::DEFAULT_PKI_DIR`]) is usable for both roles.
 /// `qemu.conf`/`libvirtd.conf` settings that differ from `host secure`'s are warnings.
 pub fn status(root: &Path) -> HostStatus {
-    let qemu_conf = std::fs::read_to_string(under(root, Path::new(QEMU_CONF))).ok();
-    let pki_dir = qemu_conf
-        .as_deref()
-        .and_then(|text| get_setting(text, "default_tls_x509_cert_dir"))
-        .map(|v| PathBuf::from(v.trim_matches('"')))
+    let pki_dir = get_setting(&read_config(root, QEMU_CONF), "default_tls_x509_cert_dir")
+        .map(|v| PathBuf::from(conf::unquoted(&v)))
         .unwrap_or_else(|| PathBuf::from(crate::pki::DEFAULT_PKI_DIR));
     let report = crate::pki::check_dir(&under(root, &pki_dir), None);
     let reasons: Vec<String> = report
@@ -121,10 +126,13 @@ pub fn status(root: &Path) -> HostStatus {
         (LIBVIRTD_CONF, secure::libvirtd_conf_settings()),
     ];
     for (file, settings) in wanted {
-        let text = std::fs::read_to_string(under(root, Path::new(file))).unwrap_or_default();
+        let text = read_config(root, file);
         for setting in settings {
             let current = get_setting(&text, &setting.key);
-            if current.as_deref() != Some(setting.value.as_str()) {
+            if !current
+                .as_deref()
+                .is_some_and(|v| conf::same_value(v, &setting.value))
+            {
                 warnings.push(format!(
                     "{file}: {} is {}, not {}; run `qemu-tls-migrate host secure`",
                     setting.key,

@@ -245,13 +245,12 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
     for (file, settings, new_mode) in configs {
         let path = under(root, Path::new(file));
         let old = read_optional(&path)?;
-        let old_text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
-        let new_text = conf::apply(&old_text, &settings);
+        let new_text = conf::apply_bytes(old.as_deref().unwrap_or_default(), &settings);
         if let Some(parent) = path.parent() {
             planner.dir(parent)?;
         }
         let mode = existing_mode(&path).unwrap_or(new_mode);
-        planner.file(&path, new_text.into_bytes(), mode, None, true)?;
+        planner.file(&path, new_text, mode, None, true)?;
     }
 
     // 5. Firewall rules.

@@ -386,3 +386,70 @@ fn host_status_reports_unsecured_then_secured() {
     assert_eq!(after["reasons"], serde_json::json!([]));
     assert_eq!(after["warnings"], serde_json::json!([]));
 }
+
+#[test]
+fn host_secure_keeps_non_utf8_bytes_and_single_quoted_values() {
+    let root = cloudstack_root();
+    let libvirt = root.path().join("etc/libvirt");
+    let qemu_conf: Vec<u8> = [
+        b"# Verwaltet von Puppet f\xfcr host-a (latin-1)\n" as &[u8],
+        STOCK_QEMU_CONF.as_bytes(),
+        b"user = 'qemu'\ngroup = 'kvm' # '#' inside 'quotes' is kept\n",
+    ]
+    .concat();
+    let libvirtd_conf = format!(
+        "{STOCK_LIBVIRTD_CONF}listen_addr = '0.0.0.0'\nauth_tls = 'none' # certificates only\n"
+    );
+    fs::write(libvirt.join("qemu.conf"), &qemu_conf).expect("write");
+    fs::write(libvirt.join("libvirtd.conf"), &libvirtd_conf).expect("write");
+
+    let (out, _) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    let qemu_after = fs::read(libvirt.join("qemu.conf")).expect("read");
+    assert!(
+        qemu_after.starts_with(b"# Verwaltet von Puppet f\xfcr host-a (latin-1)\n"),
+        "{}",
+        String::from_utf8_lossy(&qemu_after)
+    );
+    assert!(
+        qemu_after.ends_with(b"user = 'qemu'\ngroup = 'kvm' # '#' inside 'quotes' is kept\n"),
+        "{}",
+        String::from_utf8_lossy(&qemu_after)
+    );
+    let libvirtd_after = fs::read_to_string(libvirt.join("libvirtd.conf")).expect("read");
+    let auth_tls: Vec<&str> = libvirtd_after
+        .lines()
+        .filter(|l| l.starts_with("auth_tls"))
+        .collect();
+    assert_eq!(auth_tls, ["auth_tls = 'none' # certificates only"]);
+    assert!(
+        libvirtd_after.contains("\nlisten_addr = '0.0.0.0'\n"),
+        "{libvirtd_after}"
+    );
+}
+
+#[test]
+fn host_status_accepts_single_quoted_values_and_non_utf8_bytes() {
+    let root = cloudstack_root();
+    let (secured, _) = secure(root.path(), &[]);
+    let libvirt = root.path().join("etc/libvirt");
+    fs::write(
+        libvirt.join("qemu.conf"),
+        b"# f\xfcr host-a\ndefault_tls_x509_cert_dir = '/etc/pki/qemu'\ndefault_tls_x509_verify = 1\n",
+    )
+    .expect("write");
+    let libvirtd_conf = fs::read_to_string(libvirt.join("libvirtd.conf")).expect("read");
+    fs::write(
+        libvirt.join("libvirtd.conf"),
+        libvirtd_conf.replace("auth_tls = \"none\"", "auth_tls = 'none'"),
+    )
+    .expect("write");
+
+    let out = tool(&["host", "status", "--root", path_str(root.path()), "--json"]);
+
+    let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(secured.status.success(), "{secured:?}");
+    assert_eq!(status["secured"], true, "{status:#}");
+    assert_eq!(status["warnings"], serde_json::json!([]), "{status:#}");
+}
