@@ -1,9 +1,13 @@
 //! Editing libvirt-style `key = value` configuration files (`qemu.conf`, `libvirtd.conf`) in
 //! place: set a few keys, keep every other line and comment as it was.
 //!
+//! The file is edited as bytes, one `\n`-terminated line at a time: a line we do not set is
+//! kept byte for byte, whatever its encoding (a Latin-1 comment, a `\r\n` ending).
+//!
 //! For each key to set:
-//! 1. Every active line `key = ...` gets the new value (indentation kept); a line that already
-//!    has it is left byte for byte.
+//! 1. Every active line `key = ...` gets the new value (indentation and a `\r` ending kept); a
+//!    line that already has it is left byte for byte. A string in single quotes is the same
+//!    value as in double quotes (libvirt reads both), so `auth_tls = 'none'` is left alone.
 //! 2. Without an active line, the new line goes right after the last commented-out example
 //!    (`#key = ...`), where the stock files document it.
 //! 3. Without either, it is appended at the end, under a one-line marker comment.
@@ -37,27 +41,58 @@ pub fn parse_settings(text: &str) -> Vec<Setting> {
         .collect()
 }
 
-/// The value of the active `key` line, if any (the last one wins, as in libvirt).
+/// The value of the active `key` line, if any (the last one wins, as in libvirt), without a
+/// trailing comment.
 pub fn get(text: &str, key: &str) -> Option<String> {
     text.lines()
-        .filter_map(|line| active_value(line, key))
+        .filter_map(|line| active_value(line.as_bytes(), key))
         .next_back()
-        .map(|v| strip_comment(v).to_string())
+        .map(|v| String::from_utf8_lossy(strip_comment(v)).into_owned())
+}
+
+/// True when two values as written are the same to libvirt: equal, or the same string in
+/// single and double quotes.
+pub fn same_value(a: &str, b: &str) -> bool {
+    same_value_bytes(a.as_bytes(), b.as_bytes())
+}
+
+/// A string value without its quotes (single or double); anything else as written.
+pub fn unquoted(value: &str) -> &str {
+    match unquote(value.as_bytes()) {
+        Some(_) => &value[1..value.len() - 1],
+        None => value,
+    }
 }
 
 /// `text` with every setting applied.
 pub fn apply(text: &str, settings: &[Setting]) -> String {
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let mut appended: Vec<String> = Vec::new();
+    // Only whole lines and ASCII are inserted, so valid UTF-8 stays valid.
+    String::from_utf8_lossy(&apply_bytes(text.as_bytes(), settings)).into_owned()
+}
+
+/// `text` (any bytes) with every setting applied; lines not set are kept byte for byte.
+pub fn apply_bytes(text: &[u8], settings: &[Setting]) -> Vec<u8> {
+    let mut lines: Vec<Vec<u8>> = text.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+    if text.is_empty() || text.ends_with(b"\n") {
+        // The empty piece after the last newline is not a line.
+        lines.pop();
+    }
+    let file_crlf = lines.first().is_some_and(|l| l.ends_with(b"\r"));
+    let mut appended: Vec<Vec<u8>> = Vec::new();
     for setting in settings {
-        let wanted = format!("{} = {}", setting.key, setting.value);
+        let wanted = format!("{} = {}", setting.key, setting.value).into_bytes();
         let mut found = false;
         for line in lines.iter_mut() {
-            if let Some(current) = active_value(line, &setting.key) {
-                found = true;
-                if strip_comment(current) != setting.value {
-                    let indent: String = line.chars().take_while(|c| c.is_whitespace()).collect();
-                    *line = format!("{indent}{wanted}");
+            let Some(current) = active_value(line, &setting.key) else {
+                continue;
+            };
+            found = true;
+            if !same_value_bytes(strip_comment(current), setting.value.as_bytes()) {
+                let indent = line.iter().take_while(|b| b.is_ascii_whitespace()).count();
+                let crlf = line.ends_with(b"\r");
+                *line = [&line[..indent], &wanted].concat();
+                if crlf {
+                    line.push(b'\r');
                 }
             }
         }
@@ -68,47 +103,74 @@ pub fn apply(text: &str, settings: &[Setting]) -> String {
             .iter()
             .rposition(|line| commented_example(line, &setting.key));
         match example {
-            Some(at) => lines.insert(at + 1, wanted),
-            None => appended.push(wanted),
+            Some(at) => {
+                let crlf = lines[at].ends_with(b"\r");
+                lines.insert(at + 1, with_ending(wanted, crlf));
+            }
+            None => appended.push(with_ending(wanted, file_crlf)),
         }
     }
     if !appended.is_empty() {
-        if lines.last().is_some_and(|l| !l.trim().is_empty()) {
-            lines.push(String::new());
+        if lines
+            .last()
+            .is_some_and(|l| !l.iter().all(u8::is_ascii_whitespace))
+        {
+            lines.push(with_ending(Vec::new(), file_crlf));
         }
-        lines.push(APPENDED_MARKER.to_string());
+        lines.push(with_ending(APPENDED_MARKER.as_bytes().to_vec(), file_crlf));
         lines.extend(appended);
     }
-    let mut out = lines.join("\n");
-    out.push('\n');
+    let mut out = lines.join(&b'\n');
+    out.push(b'\n');
     out
 }
 
+fn with_ending(mut line: Vec<u8>, crlf: bool) -> Vec<u8> {
+    if crlf {
+        line.push(b'\r');
+    }
+    line
+}
+
 /// The value part of `line` when it is an active `key = value` line for `key`.
-fn active_value<'l>(line: &'l str, key: &str) -> Option<&'l str> {
-    let rest = line.trim_start().strip_prefix(key)?;
-    let rest = rest.trim_start().strip_prefix('=')?;
-    Some(rest.trim())
+fn active_value<'l>(line: &'l [u8], key: &str) -> Option<&'l [u8]> {
+    let rest = line.trim_ascii_start().strip_prefix(key.as_bytes())?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"=")?;
+    Some(rest.trim_ascii())
 }
 
 /// True for `#key = ...` / `# key = ...` lines.
-fn commented_example(line: &str, key: &str) -> bool {
-    line.trim_start()
-        .strip_prefix('#')
+fn commented_example(line: &[u8], key: &str) -> bool {
+    line.trim_ascii_start()
+        .strip_prefix(b"#")
         .is_some_and(|rest| active_value(rest, key).is_some())
 }
 
-/// A value without a trailing `# comment` (outside quotes).
-fn strip_comment(value: &str) -> &str {
-    let mut in_quotes = false;
-    for (i, c) in value.char_indices() {
-        match c {
-            '"' => in_quotes = !in_quotes,
-            '#' if !in_quotes => return value[..i].trim_end(),
-            _ => {}
+/// A value without a trailing `# comment` (outside single or double quotes).
+fn strip_comment(value: &[u8]) -> &[u8] {
+    let mut quote: Option<u8> = None;
+    for (i, &c) in value.iter().enumerate() {
+        match (quote, c) {
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'"' | b'\'') => quote = Some(c),
+            (None, b'#') => return value[..i].trim_ascii_end(),
+            (None, _) => {}
         }
     }
-    value.trim_end()
+    value.trim_ascii_end()
+}
+
+/// The inside of a string in single or double quotes.
+fn unquote(value: &[u8]) -> Option<&[u8]> {
+    match value {
+        [q @ (b'"' | b'\''), inner @ .., last] if last == q => Some(inner),
+        _ => None,
+    }
+}
+
+fn same_value_bytes(a: &[u8], b: &[u8]) -> bool {
+    a == b || matches!((unquote(a), unquote(b)), (Some(x), Some(y)) if x == y)
 }
 
 #[cfg(test)]
@@ -178,5 +240,51 @@ mod tests {
 
         assert!(out.starts_with("listen_tls_extra = 5\n"), "{out}");
         assert!(out.ends_with("listen_tls = 1\n"), "{out}");
+    }
+
+    #[test]
+    fn single_quoted_value_equal_to_the_wanted_one_is_left_as_is() {
+        let text = "auth_tls = 'none' # certs only\nuser = 'qemu'\n";
+
+        let out = apply(text, &[s("auth_tls", "\"none\"")]);
+
+        assert_eq!(out, text);
+    }
+
+    #[test]
+    fn single_quoted_value_of_a_key_we_set_is_replaced_not_duplicated() {
+        let text = "tls_port = '16515'\nlisten_addr = '0.0.0.0'\n";
+
+        let out = apply(text, &[s("tls_port", "\"16514\"")]);
+
+        assert_eq!(out, "tls_port = \"16514\"\nlisten_addr = '0.0.0.0'\n");
+    }
+
+    #[test]
+    fn hash_inside_single_quotes_is_not_a_comment() {
+        let text = "a = 'x#y' # note\n";
+
+        assert_eq!(get(text, "a").as_deref(), Some("'x#y'"));
+    }
+
+    #[test]
+    fn crlf_line_endings_are_kept() {
+        let text = "a = 1\r\nb = 2\r\n";
+
+        let out = apply(text, &[s("b", "3")]);
+
+        assert_eq!(out, "a = 1\r\nb = 3\r\n");
+    }
+
+    #[test]
+    fn non_utf8_bytes_are_kept_byte_for_byte() {
+        let text = b"# f\xfcr host-a\nuser = 'qemu' # \xff\n#listen_tls = 0\n";
+
+        let out = apply_bytes(text, &[s("listen_tls", "1")]);
+
+        assert_eq!(
+            out,
+            b"# f\xfcr host-a\nuser = 'qemu' # \xff\n#listen_tls = 0\nlisten_tls = 1\n"
+        );
     }
 }

@@ -7,12 +7,18 @@
 //! - [`status`] answers whether the host is secured, and why not (`host status`).
 //!
 //! The settings and rules come from the templates in `qemu-conf/` (compiled in).
+//!
+//! Symlinks on the way to a configuration file are followed as the host would follow them,
+//! with `root` as `/` ([`resolve_under`]): a managed `qemu.conf -> /srv/cm/qemu.conf` is
+//! edited in `<root>/srv/cm/qemu.conf`, never outside `root`.
 
 mod conf;
 mod diff;
 mod secure;
 
-use std::path::{Path, PathBuf};
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 
 pub use conf::{Setting, apply as apply_settings, get as get_setting, parse_settings};
 pub use diff::unified as unified_diff;
@@ -70,6 +76,9 @@ pub enum HostError {
     /// A CloudStack certificate file is not what it should be; nothing was changed.
     #[error("{}: {problem}; nothing was changed: fix or re-provision the file", path.display())]
     BadSource { path: PathBuf, problem: String },
+    /// A configuration file to edit is not a regular file, or its symlinks do not resolve.
+    #[error("{}: {problem}; nothing was changed: make it a regular file or a symlink to one", path.display())]
+    BadConfig { path: PathBuf, problem: String },
     /// A file or directory could not be read, written or created.
     #[error("cannot {action} {}: check the path and its permissions", path.display())]
     Io {
@@ -83,6 +92,70 @@ pub enum HostError {
 /// `path` (absolute, as on the host) placed under `root`.
 pub fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// How many symlinks [`resolve_under`] follows before calling it a loop (Linux's limit).
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// `path` (absolute, as on the host) placed under `root` with every symlink on the way
+/// followed as the host would: an absolute link target starts again at `root`, and `..`
+/// stops at `root`. Parts that do not exist are kept as named.
+pub fn resolve_under(root: &Path, path: &Path) -> Result<PathBuf, HostError> {
+    let mut pending: VecDeque<OsString> = names(path).collect();
+    let mut resolved = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&name);
+        let on_disk = under(root, &candidate);
+        let is_link = std::fs::symlink_metadata(&on_disk).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            resolved = candidate;
+            continue;
+        }
+        hops += 1;
+        if hops > MAX_SYMLINK_HOPS {
+            return Err(HostError::BadConfig {
+                path: under(root, path),
+                problem: "too many levels of symbolic links".to_string(),
+            });
+        }
+        let target = std::fs::read_link(&on_disk).map_err(|source| HostError::Io {
+            action: "read the link",
+            path: on_disk.clone(),
+            source,
+        })?;
+        if target.is_absolute() {
+            resolved = PathBuf::from("/");
+        }
+        for part in names(&target).collect::<Vec<_>>().into_iter().rev() {
+            pending.push_front(part);
+        }
+    }
+    Ok(under(root, &resolved))
+}
+
+/// The names in `path`, `..` included, without the root and `.`.
+fn names(path: &Path) -> impl Iterator<Item = OsString> + '_ {
+    path.components().filter_map(|c| match c {
+        Component::Normal(name) => Some(name.to_os_string()),
+        Component::ParentDir => Some(OsString::from("..")),
+        Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+    })
+}
+
+/// A configuration file under `root` (through its symlinks), as text for reading settings;
+/// empty when it cannot be read. Bytes that are not UTF-8 become U+FFFD, which no setting
+/// we read contains.
+fn read_config(root: &Path, file: &str) -> String {
+    let bytes = resolve_under(root, Path::new(file))
+        .ok()
+        .and_then(|path| std::fs::read(path).ok())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// The secured-host flag, as the agent reports it to the management server.
@@ -102,11 +175,8 @@ pub struct HostStatus {
 /// `default_tls_x509_cert_dir`, else [`crate::pki::DEFAULT_PKI_DIR`]) is usable for both roles.
 /// `qemu.conf`/`libvirtd.conf` settings that differ from `host secure`'s are warnings.
 pub fn status(root: &Path) -> HostStatus {
-    let qemu_conf = std::fs::read_to_string(under(root, Path::new(QEMU_CONF))).ok();
-    let pki_dir = qemu_conf
-        .as_deref()
-        .and_then(|text| get_setting(text, "default_tls_x509_cert_dir"))
-        .map(|v| PathBuf::from(v.trim_matches('"')))
+    let pki_dir = get_setting(&read_config(root, QEMU_CONF), "default_tls_x509_cert_dir")
+        .map(|v| PathBuf::from(conf::unquoted(&v)))
         .unwrap_or_else(|| PathBuf::from(crate::pki::DEFAULT_PKI_DIR));
     let report = crate::pki::check_dir(&under(root, &pki_dir), None);
     let reasons: Vec<String> = report
@@ -121,10 +191,13 @@ pub fn status(root: &Path) -> HostStatus {
         (LIBVIRTD_CONF, secure::libvirtd_conf_settings()),
     ];
     for (file, settings) in wanted {
-        let text = std::fs::read_to_string(under(root, Path::new(file))).unwrap_or_default();
+        let text = read_config(root, file);
         for setting in settings {
             let current = get_setting(&text, &setting.key);
-            if current.as_deref() != Some(setting.value.as_str()) {
+            if !current
+                .as_deref()
+                .is_some_and(|v| conf::same_value(v, &setting.value))
+            {
                 warnings.push(format!(
                     "{file}: {} is {}, not {}; run `qemu-tls-migrate host secure`",
                     setting.key,
@@ -141,5 +214,70 @@ pub fn status(root: &Path) -> HostStatus {
         reasons,
         pki_dir,
         warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn resolve_under_follows_an_absolute_link_inside_root() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("etc/libvirt")).expect("mkdir");
+        symlink(
+            "/srv/cm/qemu.conf",
+            root.path().join("etc/libvirt/qemu.conf"),
+        )
+        .expect("link");
+
+        let resolved = resolve_under(root.path(), Path::new(QEMU_CONF)).expect("resolve");
+
+        assert_eq!(resolved, root.path().join("srv/cm/qemu.conf"));
+    }
+
+    #[test]
+    fn resolve_under_stops_dot_dot_at_root() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("etc/libvirt")).expect("mkdir");
+        symlink(
+            "../../../../../cm/qemu.conf",
+            root.path().join("etc/libvirt/qemu.conf"),
+        )
+        .expect("link");
+
+        let resolved = resolve_under(root.path(), Path::new(QEMU_CONF)).expect("resolve");
+
+        assert_eq!(resolved, root.path().join("cm/qemu.conf"));
+    }
+
+    #[test]
+    fn resolve_under_follows_a_linked_directory_and_chained_links() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("srv/libvirt")).expect("mkdir");
+        std::fs::create_dir(root.path().join("etc")).expect("mkdir");
+        symlink("/srv/libvirt", root.path().join("etc/libvirt")).expect("link");
+        symlink("qemu.conf.v2", root.path().join("srv/libvirt/qemu.conf")).expect("link");
+
+        let resolved = resolve_under(root.path(), Path::new(QEMU_CONF)).expect("resolve");
+
+        assert_eq!(resolved, root.path().join("srv/libvirt/qemu.conf.v2"));
+    }
+
+    #[test]
+    fn resolve_under_symlink_loop_is_an_error_naming_the_file() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("etc/libvirt")).expect("mkdir");
+        symlink("qemu.conf", root.path().join("etc/libvirt/qemu.conf")).expect("link");
+
+        let err = resolve_under(root.path(), Path::new(QEMU_CONF)).expect_err("a loop");
+
+        assert!(
+            matches!(err, HostError::BadConfig { ref path, .. }
+                if *path == root.path().join("etc/libvirt/qemu.conf")),
+            "{err:?}"
+        );
     }
 }

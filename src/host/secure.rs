@@ -9,15 +9,29 @@
 //!    and `client-key.pem` from `cloud.key` (certificates 0644, keys 0640 group QEMU's group).
 //! 3. libvirt's paths become relative symlinks into it (`/etc/pki/CA/cacert.pem`,
 //!    `/etc/pki/libvirt/servercert.pem`, ...), so one renewal updates both.
-//! 4. `qemu.conf` and `libvirtd.conf` get the settings of the templates, other lines untouched.
+//! 4. `qemu.conf` and `libvirtd.conf` get the settings of the templates, other lines kept byte
+//!    for byte. A file that is a symlink is edited where the link points (resolved under
+//!    `--root`, see [`super::resolve_under`]); the link stays. The edited file keeps its mode,
+//!    owner and group.
 //! 5. nftables rules and an iptables alternative open 16514, 16515 (the migration service) and
 //!    49152-49215 (written, not loaded).
 //!
-//! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once; what is
-//! already as wanted is left alone, so a second run changes nothing.
+//! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once (same
+//! mode, owner and group; a symlink is backed up as a symlink); what is already as wanted is left
+//! alone, so a second run changes nothing.
+//!
+//! Every write is atomic and durable:
+//! 1. write a temporary file in the same directory, with the final owner and mode;
+//! 2. `fsync` it;
+//! 3. rename it over the path (the backup: only if no backup is there yet);
+//! 4. `fsync` the directory, so the rename survives a crash.
+//!
+//! A symlink is made next to its path and renamed over it; after a new symlink or directory
+//! its directory is synced too.
 
 use std::fs;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -29,7 +43,8 @@ use super::conf::{self, Setting};
 use super::{
     BACKUP_SUFFIX, CLOUDSTACK_CA, CLOUDSTACK_CERT, CLOUDSTACK_KEY, DEFAULT_CLOUDSTACK_DIR,
     HostError, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT, LIBVIRT_CLIENT_KEY,
-    LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES, QEMU_CONF, under,
+    LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES, QEMU_CONF, resolve_under,
+    under,
 };
 use crate::pki;
 
@@ -99,7 +114,10 @@ pub enum Action {
         path: PathBuf,
         contents: Vec<u8>,
         mode: u32,
-        /// Group to give it (QEMU's group for keys), when known.
+        /// Owner to give it (that of the file it replaces, for configuration files).
+        uid: Option<u32>,
+        /// Group to give it (QEMU's group for keys, that of the file it replaces for
+        /// configuration files), when known.
         gid: Option<u32>,
         /// What is there now, when it is a regular file (for the diff and the backup).
         old: Option<Vec<u8>>,
@@ -208,7 +226,8 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
     ];
     planner.dir(&pki_dir)?;
     for (name, contents, mode, gid) in pki_files {
-        planner.file(&pki_dir.join(name), contents.to_vec(), mode, gid, false)?;
+        let owner = Owner { uid: None, gid };
+        planner.file(&pki_dir.join(name), contents.to_vec(), mode, owner, false)?;
     }
 
     // 3. libvirt's paths, as relative symlinks into the PKI directory.
@@ -229,7 +248,7 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         planner.symlink(&path, target)?;
     }
 
-    // 4. Configuration files.
+    // 4. Configuration files, edited where their symlinks point, keeping mode and owner.
     let configs = [
         (
             QEMU_CONF,
@@ -243,15 +262,30 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         ),
     ];
     for (file, settings, new_mode) in configs {
-        let path = under(root, Path::new(file));
-        let old = read_optional(&path)?;
-        let old_text = String::from_utf8_lossy(old.as_deref().unwrap_or_default()).into_owned();
-        let new_text = conf::apply(&old_text, &settings);
+        let path = resolve_under(root, Path::new(file))?;
+        let existing = config_metadata(&path)?;
+        let old = match existing {
+            Some(_) => read_optional(&path)?,
+            None => None,
+        };
+        let new_text = conf::apply_bytes(old.as_deref().unwrap_or_default(), &settings);
         if let Some(parent) = path.parent() {
             planner.dir(parent)?;
         }
-        let mode = existing_mode(&path).unwrap_or(new_mode);
-        planner.file(&path, new_text.into_bytes(), mode, None, true)?;
+        let (mode, owner) = match existing {
+            Some(meta) => (
+                meta.mode() & 0o7777,
+                Owner {
+                    uid: Some(meta.uid()),
+                    gid: Some(meta.gid()),
+                },
+            ),
+            None => (new_mode, Owner::default()),
+        };
+        if path != under(root, Path::new(file)) {
+            tracing::debug!(file, target = %path.display(), "editing through symlink");
+        }
+        planner.file(&path, new_text, mode, owner, true)?;
     }
 
     // 5. Firewall rules.
@@ -263,7 +297,8 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         if let Some(parent) = path.parent() {
             planner.dir(parent)?;
         }
-        planner.file(&path, template.as_bytes().to_vec(), RULES_MODE, None, true)?;
+        let contents = template.as_bytes().to_vec();
+        planner.file(&path, contents, RULES_MODE, Owner::default(), true)?;
     }
 
     Ok(SecurePlan {
@@ -351,11 +386,30 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, HostError> {
     }
 }
 
-fn existing_mode(path: &Path) -> Option<u32> {
-    fs::symlink_metadata(path)
-        .ok()
-        .filter(|m| m.is_file())
-        .map(|m| m.mode() & 0o7777)
+/// The metadata of a configuration file (its symlinks already resolved); `None` when it does
+/// not exist yet. Anything but a regular file is an error: it cannot be edited.
+fn config_metadata(path: &Path) -> Result<Option<fs::Metadata>, HostError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(Some(meta)),
+        Ok(_) => Err(HostError::BadConfig {
+            path: path.to_path_buf(),
+            problem: "is not a regular file".to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(HostError::Io {
+            action: "inspect",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The owner and group a written file gets; `None`: whoever writes it (the group: its
+/// default).
+#[derive(Debug, Clone, Copy, Default)]
+struct Owner {
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 #[derive(Default)]
@@ -386,15 +440,20 @@ impl Planner {
         path: &Path,
         contents: Vec<u8>,
         mode: u32,
-        gid: Option<u32>,
+        owner: Owner,
         text: bool,
     ) -> Result<(), HostError> {
         let old = read_optional(path)?;
         let same_contents = old.as_deref() == Some(contents.as_slice());
         let meta = fs::symlink_metadata(path).ok();
         let same_mode = meta.as_ref().is_some_and(|m| m.mode() & 0o7777 == mode);
-        let same_group = gid.is_none_or(|gid| meta.as_ref().is_some_and(|m| m.gid() == gid));
-        if same_contents && same_mode && same_group {
+        let same_user = owner
+            .uid
+            .is_none_or(|uid| meta.as_ref().is_some_and(|m| m.uid() == uid));
+        let same_group = owner
+            .gid
+            .is_none_or(|gid| meta.as_ref().is_some_and(|m| m.gid() == gid));
+        if same_contents && same_mode && same_user && same_group {
             self.unchanged.push(path.to_path_buf());
             return Ok(());
         }
@@ -402,7 +461,8 @@ impl Planner {
             path: path.to_path_buf(),
             contents,
             mode,
-            gid,
+            uid: owner.uid,
+            gid: owner.gid,
             old,
             text,
         });
@@ -527,9 +587,16 @@ impl SecurePlan {
                     path,
                     contents,
                     mode,
+                    uid,
                     gid,
                     ..
-                } => write_file(path, contents, *mode, *gid)?,
+                } => {
+                    let owner = Owner {
+                        uid: *uid,
+                        gid: *gid,
+                    };
+                    write_file(path, contents, *mode, owner)?;
+                }
                 Action::Symlink { path, target, .. } => make_symlink(path, target)?,
             }
             tracing::info!(path = %action.path().display(), action = action.kind(), "host secure");
@@ -547,13 +614,29 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> H
     }
 }
 
+/// Copies what is at `path` to `backup` once: a symlink as the same symlink, a file with its
+/// mode, owner and group; an existing backup is never replaced.
 fn make_backup(path: &Path, backup: &Path) -> Result<(), HostError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
     if meta.file_type().is_symlink() {
         let target = fs::read_link(path).map_err(io_err("read the link", path))?;
+        // symlink(2) fails if the backup is there: it is never replaced.
         std::os::unix::fs::symlink(target, backup).map_err(io_err("back up to", backup))?;
+        sync_parent(backup)?;
     } else {
-        fs::copy(path, backup).map_err(io_err("back up to", backup))?;
+        let mut original = fs::File::open(path).map_err(io_err("read", path))?;
+        let owner = Owner {
+            uid: Some(meta.uid()),
+            gid: Some(meta.gid()),
+        };
+        let mut tmp = temp_next_to(backup, meta.mode() & 0o7777, owner)?;
+        std::io::copy(&mut original, tmp.as_file_mut()).map_err(io_err("back up to", backup))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err("back up to", backup))?;
+        tmp.persist_noclobber(backup)
+            .map_err(|e| io_err("back up to", backup)(e.error))?;
+        sync_parent(backup)?;
     }
     tracing::info!(path = %path.display(), backup = %backup.display(), "backed up");
     Ok(())
@@ -562,27 +645,84 @@ fn make_backup(path: &Path, backup: &Path) -> Result<(), HostError> {
 fn create_dir(path: &Path, mode: u32) -> Result<(), HostError> {
     fs::create_dir(path).map_err(io_err("create directory", path))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(io_err("set the mode of", path))
+        .map_err(io_err("set the mode of", path))?;
+    sync_parent(path)
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32, gid: Option<u32>) -> Result<(), HostError> {
-    let parent = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(parent).map_err(io_err("create a file next to", path))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err("set the mode of", path))?;
-    if let Some(gid) = gid
-        && nix::unistd::geteuid().is_root()
-    {
-        nix::unistd::fchown(tmp.as_file(), None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|errno| io_err("set the group of", path)(std::io::Error::from(errno)))?;
-    }
+/// Replaces `path` atomically and durably with `contents` (steps 1-4 of the module docs).
+fn write_file(path: &Path, contents: &[u8], mode: u32, owner: Owner) -> Result<(), HostError> {
+    let mut tmp = temp_next_to(path, mode, owner)?;
     tmp.write_all(contents).map_err(io_err("write", path))?;
     tmp.as_file().sync_all().map_err(io_err("write", path))?;
     tmp.persist(path)
         .map_err(|e| io_err("replace", path)(e.error))?;
-    Ok(())
+    sync_parent(path)
+}
+
+/// An empty temporary file in `path`'s directory (so a rename over `path` is atomic), with
+/// `owner` and `mode`. It is created 0600, so nothing can read it before its mode is set.
+fn temp_next_to(
+    path: &Path,
+    mode: u32,
+    owner: Owner,
+) -> Result<tempfile::NamedTempFile, HostError> {
+    let parent = parent_dir(path);
+    let tmp =
+        tempfile::NamedTempFile::new_in(parent).map_err(io_err("create a file next to", path))?;
+    set_owner(tmp.as_file(), path, owner)?;
+    // After the chown, which may clear set-id bits.
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("set the mode of", path))?;
+    Ok(tmp)
+}
+
+/// Gives `file` (about to become `path`) `owner`. As root a failure is an error; otherwise only
+/// a group we are in can be given, and a failure is logged: the file stays ours, as any file a
+/// non-root user writes.
+fn set_owner(file: &fs::File, path: &Path, owner: Owner) -> Result<(), HostError> {
+    let meta = file.metadata().map_err(io_err("inspect", path))?;
+    let uid = owner.uid.filter(|&uid| uid != meta.uid());
+    let gid = owner.gid.filter(|&gid| gid != meta.gid());
+    if uid.is_none() && gid.is_none() {
+        return Ok(());
+    }
+    let result = nix::unistd::fchown(
+        file.as_fd(),
+        uid.map(nix::unistd::Uid::from_raw),
+        gid.map(nix::unistd::Gid::from_raw),
+    );
+    match result {
+        Ok(()) => Ok(()),
+        Err(errno) if nix::unistd::geteuid().is_root() => {
+            Err(io_err("set the owner and group of", path)(
+                std::io::Error::from(errno),
+            ))
+        }
+        Err(errno) => {
+            tracing::warn!(
+                path = %path.display(),
+                uid, gid, %errno,
+                "not root: cannot give the file its owner and group; it stays ours"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// `fsync`s the directory holding `path`, so that a rename or new entry there is durable.
+fn sync_parent(path: &Path) -> Result<(), HostError> {
+    let dir = parent_dir(path);
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync the directory", dir))
 }
 
 fn make_symlink(path: &Path, target: &Path) -> Result<(), HostError> {
@@ -592,7 +732,8 @@ fn make_symlink(path: &Path, target: &Path) -> Result<(), HostError> {
     let tmp = PathBuf::from(tmp_name);
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp).map_err(io_err("create the symlink", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("replace", path))
+    fs::rename(&tmp, path).map_err(io_err("replace", path))?;
+    sync_parent(path)
 }
 
 #[cfg(test)]

@@ -386,3 +386,194 @@ fn host_status_reports_unsecured_then_secured() {
     assert_eq!(after["reasons"], serde_json::json!([]));
     assert_eq!(after["warnings"], serde_json::json!([]));
 }
+
+#[test]
+fn host_secure_edits_symlinked_configs_through_the_link() {
+    let root = cloudstack_root();
+    let libvirt = root.path().join("etc/libvirt");
+    let real = libvirt.join("real");
+    fs::create_dir(&real).expect("mkdir");
+    let managed_qemu_conf = format!("user = \"libvirt-qemu\"\ngroup = \"kvm\"\n{STOCK_QEMU_CONF}");
+    fs::write(real.join("qemu.conf"), &managed_qemu_conf).expect("write");
+    fs::rename(libvirt.join("libvirtd.conf"), real.join("libvirtd.conf")).expect("move");
+    fs::remove_file(libvirt.join("qemu.conf")).expect("remove");
+    // An absolute link (resolved under --root, as on the host) and a relative one.
+    std::os::unix::fs::symlink("/etc/libvirt/real/qemu.conf", libvirt.join("qemu.conf"))
+        .expect("symlink");
+    std::os::unix::fs::symlink("real/libvirtd.conf", libvirt.join("libvirtd.conf"))
+        .expect("symlink");
+
+    let (out, _) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        fs::read_link(libvirt.join("qemu.conf")).expect("still a link"),
+        PathBuf::from("/etc/libvirt/real/qemu.conf")
+    );
+    assert_eq!(
+        fs::read_link(libvirt.join("libvirtd.conf")).expect("still a link"),
+        PathBuf::from("real/libvirtd.conf")
+    );
+    let qemu_conf = fs::read_to_string(real.join("qemu.conf")).expect("read");
+    assert!(
+        qemu_conf.contains("\ndefault_tls_x509_cert_dir = \"/etc/pki/qemu\"\n"),
+        "{qemu_conf}"
+    );
+    assert!(
+        keeps_lines(&managed_qemu_conf, &qemu_conf, &[]),
+        "{qemu_conf}"
+    );
+    let libvirtd_conf = fs::read_to_string(real.join("libvirtd.conf")).expect("read");
+    assert!(
+        libvirtd_conf.contains("\nlisten_tls = 1\n"),
+        "{libvirtd_conf}"
+    );
+    assert!(
+        keeps_lines(STOCK_LIBVIRTD_CONF, &libvirtd_conf, &["listen_tcp = 1"]),
+        "{libvirtd_conf}"
+    );
+    assert_eq!(
+        fs::read_to_string(real.join("qemu.conf.qemu-tls-migrate.orig")).expect("backup"),
+        managed_qemu_conf
+    );
+}
+
+#[test]
+fn host_secure_symlinked_configs_twice_changes_nothing() {
+    let root = cloudstack_root();
+    let libvirt = root.path().join("etc/libvirt");
+    fs::create_dir(libvirt.join("real")).expect("mkdir");
+    fs::rename(libvirt.join("qemu.conf"), libvirt.join("real/qemu.conf")).expect("move");
+    std::os::unix::fs::symlink("/etc/libvirt/real/qemu.conf", libvirt.join("qemu.conf"))
+        .expect("symlink");
+    let (first, _) = secure(root.path(), &[]);
+    let after_first = snapshot(root.path());
+
+    let (second, report) = secure(root.path(), &[]);
+
+    assert!(first.status.success(), "{first:?}");
+    assert!(second.status.success(), "{second:?}");
+    assert_eq!(report["changes"], serde_json::json!([]), "{report:#}");
+    assert_eq!(snapshot(root.path()), after_first);
+}
+
+#[test]
+fn host_secure_keeps_mode_and_owner_of_config_files_and_backups() {
+    let root = cloudstack_root();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("passwd")
+        .expect("a nobody user");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let libvirt = root.path().join("etc/libvirt");
+    std::os::unix::fs::chown(libvirt.join("qemu.conf"), Some(uid), Some(gid)).expect("chown");
+    std::os::unix::fs::chown(libvirt.join("libvirtd.conf"), Some(0), Some(gid)).expect("chown");
+    fs::set_permissions(
+        libvirt.join("libvirtd.conf"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .expect("chmod");
+    let owner_and_mode = |name: &str| {
+        let meta = fs::symlink_metadata(libvirt.join(name)).expect("meta");
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+    };
+
+    let (out, _) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(owner_and_mode("qemu.conf"), (uid, gid, 0o600));
+    assert_eq!(
+        owner_and_mode("qemu.conf.qemu-tls-migrate.orig"),
+        (uid, gid, 0o600)
+    );
+    assert_eq!(owner_and_mode("libvirtd.conf"), (0, gid, 0o640));
+    assert_eq!(
+        owner_and_mode("libvirtd.conf.qemu-tls-migrate.orig"),
+        (0, gid, 0o640)
+    );
+}
+
+#[test]
+fn host_secure_keeps_non_utf8_bytes_and_single_quoted_values() {
+    let root = cloudstack_root();
+    let libvirt = root.path().join("etc/libvirt");
+    let qemu_conf: Vec<u8> = [
+        b"# Verwaltet von Puppet f\xfcr host-a (latin-1)\n" as &[u8],
+        STOCK_QEMU_CONF.as_bytes(),
+        b"user = 'qemu'\ngroup = 'kvm' # '#' inside 'quotes' is kept\n",
+    ]
+    .concat();
+    let libvirtd_conf = format!(
+        "{STOCK_LIBVIRTD_CONF}listen_addr = '0.0.0.0'\nauth_tls = 'none' # certificates only\n"
+    );
+    fs::write(libvirt.join("qemu.conf"), &qemu_conf).expect("write");
+    fs::write(libvirt.join("libvirtd.conf"), &libvirtd_conf).expect("write");
+
+    let (out, _) = secure(root.path(), &[]);
+
+    assert!(out.status.success(), "{out:?}");
+    let qemu_after = fs::read(libvirt.join("qemu.conf")).expect("read");
+    assert!(
+        qemu_after.starts_with(b"# Verwaltet von Puppet f\xfcr host-a (latin-1)\n"),
+        "{}",
+        String::from_utf8_lossy(&qemu_after)
+    );
+    assert!(
+        qemu_after.ends_with(b"user = 'qemu'\ngroup = 'kvm' # '#' inside 'quotes' is kept\n"),
+        "{}",
+        String::from_utf8_lossy(&qemu_after)
+    );
+    let libvirtd_after = fs::read_to_string(libvirt.join("libvirtd.conf")).expect("read");
+    let auth_tls: Vec<&str> = libvirtd_after
+        .lines()
+        .filter(|l| l.starts_with("auth_tls"))
+        .collect();
+    assert_eq!(auth_tls, ["auth_tls = 'none' # certificates only"]);
+    assert!(
+        libvirtd_after.contains("\nlisten_addr = '0.0.0.0'\n"),
+        "{libvirtd_after}"
+    );
+}
+
+#[test]
+fn host_status_accepts_single_quoted_values_and_non_utf8_bytes() {
+    let root = cloudstack_root();
+    let (secured, _) = secure(root.path(), &[]);
+    let libvirt = root.path().join("etc/libvirt");
+    fs::write(
+        libvirt.join("qemu.conf"),
+        b"# f\xfcr host-a\ndefault_tls_x509_cert_dir = '/etc/pki/qemu'\ndefault_tls_x509_verify = 1\n",
+    )
+    .expect("write");
+    let libvirtd_conf = fs::read_to_string(libvirt.join("libvirtd.conf")).expect("read");
+    fs::write(
+        libvirt.join("libvirtd.conf"),
+        libvirtd_conf.replace("auth_tls = \"none\"", "auth_tls = 'none'"),
+    )
+    .expect("write");
+
+    let out = tool(&["host", "status", "--root", path_str(root.path()), "--json"]);
+
+    let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(secured.status.success(), "{secured:?}");
+    assert_eq!(status["secured"], true, "{status:#}");
+    assert_eq!(status["warnings"], serde_json::json!([]), "{status:#}");
+}
+
+#[test]
+fn host_secure_config_that_is_a_directory_is_an_error_touching_nothing() {
+    let root = cloudstack_root();
+    let libvirt = root.path().join("etc/libvirt");
+    fs::remove_file(libvirt.join("libvirtd.conf")).expect("remove");
+    fs::create_dir(libvirt.join("libvirtd.conf")).expect("mkdir");
+    let before = snapshot(root.path());
+
+    let (out, _) = secure(root.path(), &[]);
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("libvirtd.conf: is not a regular file"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(root.path()), before);
+}

@@ -27,14 +27,18 @@ CloudStack's \"secure this KVM host\" step. From cloud.ca.crt, cloud.crt and clo
      /etc/pki/libvirt/private/{serverkey,clientkey}.pem;
   3. /etc/libvirt/qemu.conf gets default_tls_x509_cert_dir and default_tls_x509_verify = 1;
      /etc/libvirt/libvirtd.conf gets listen_tls = 1, listen_tcp = 0, tls_port = \"16514\",
-     auth_tls = \"none\", key_file, cert_file, ca_file. Every other line and comment is kept;
+     auth_tls = \"none\", key_file, cert_file, ca_file. Every other line and comment is kept
+     byte for byte ('single' and \"double\" quoted strings are the same value). A file that is
+     a symlink is edited where it points (resolved under --root) and stays a link; the file
+     keeps its mode, owner and group;
   4. firewall rules opening 16514 and 49152-49215 are written to
      /etc/nftables.d/qemu-tls-migrate.nft and, for iptables hosts,
      /etc/iptables/qemu-tls-migrate.rules (written, not loaded).
 
 Running it again changes nothing. A file that is replaced is first copied to
-<file>.qemu-tls-migrate.orig, once. Missing CloudStack files are an error that changes
-nothing. --root DIR places everything under DIR (the default --from too).
+<file>.qemu-tls-migrate.orig, once, with its mode, owner and group. Every file is written to
+a temporary file next to it, synced and renamed over it. Missing CloudStack files are an
+error that changes nothing. --root DIR places everything under DIR (the default --from too).
 Restart libvirtd afterwards; running VMs and QEMU processes need no restart.
 
 Examples:
