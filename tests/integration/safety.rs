@@ -93,16 +93,20 @@ async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
     let pair = Pair::start_with(|c| c.incoming_autostart = true).await;
     let mut options = pair.tls_options(&lab);
     options.dest_paused = true;
+    let watcher = fixture::monitor(&pair.dest).await;
+    let mut events = watcher.subscribe();
 
     let report = fixture::migrate(&options).await;
 
+    let resumed: Vec<String> = std::iter::from_fn(|| events.try_next())
+        .map(|e| e.event)
+        .filter(|e| e == "RESUME")
+        .collect();
+    drop(watcher);
     assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert!(resumed.is_empty(), "the destination ran on its own: {resumed:?}");
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
-    assert_eq!(
-        fixture::status(&pair.dest).await,
-        "paused",
-        "the destination started on its own"
-    );
+    assert_eq!(fixture::status(&pair.dest).await, "paused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
