@@ -316,6 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn the_destination_is_never_told_a_source_file_name() {
+        let disk = SourceDisk {
+            node: "disk0".into(),
+            size: 1024,
+            format: "qcow2".into(),
+            filename: "rbd:pool/img:key=SECRET".into(),
+        };
+
+        let wire = serde_json::to_string(&disk.spec()).expect("encode");
+
+        assert!(
+            !wire.contains("SECRET") && !wire.contains("filename"),
+            "{wire}"
+        );
+    }
+
+    #[test]
     fn writable_local_disks_not_copied_nor_declared_shared_are_left_behind() {
         let blocks = blocks();
         assert_eq!(left_behind(&blocks, &[], &[]), ["disk0"]);

@@ -304,6 +304,46 @@ mod tests {
         assert!(!id.allowed_by(&["198.18.0.3".into()]));
     }
 
+    /// Runs a handshake between a service configured with `server_dir` and a source with
+    /// `client_dir` over an in-memory stream; returns the service's view of the failure.
+    async fn service_side_failure(server_dir: &Path, client_dir: &Path) -> String {
+        let server =
+            tokio_rustls::TlsAcceptor::from(server_config(server_dir, &[]).expect("server"));
+        let client = tokio_rustls::TlsConnector::from(client_config(client_dir).expect("client"));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let name = rustls::pki_types::ServerName::try_from("host-a").expect("name");
+        let (served, _) = tokio::join!(server.accept(a), client.connect(name, b));
+        match served {
+            Ok(_) => "handshake succeeded".into(),
+            Err(e) => tls_failure_reason(&e),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_service_says_when_a_source_comes_with_another_cas_certificate() {
+        let (ours, theirs) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let hosts = HostCert::new(vec!["host-a".to_string()]);
+        LabCa::generate("Our CA")
+            .expect("ca")
+            .write_host_dir(ours.path(), &hosts)
+            .expect("dir");
+        LabCa::generate("Their CA")
+            .expect("ca")
+            .write_host_dir(theirs.path(), &hosts)
+            .expect("dir");
+
+        let reason = service_side_failure(ours.path(), theirs.path()).await;
+
+        assert!(
+            reason.contains("not issued by this host's CA")
+                || reason.contains("refused our certificate"),
+            "{reason}"
+        );
+    }
+
     #[test]
     fn an_empty_allow_list_allows_every_certificate_of_the_ca() {
         assert!(identity(&["host-z"]).allowed_by(&[]));

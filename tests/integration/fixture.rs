@@ -696,6 +696,18 @@ impl Service {
         qmp_dir: &Path,
         allow: &[&str],
     ) -> Service {
+        Service::start_with(netns, listen_ip, pki, qmp_dir, allow, &[]).await
+    }
+
+    /// [`Service::start`] with more `serve` arguments.
+    pub async fn start_with(
+        netns: Option<&str>,
+        listen_ip: &str,
+        pki: &Path,
+        qmp_dir: &Path,
+        allow: &[&str],
+        extra: &[&str],
+    ) -> Service {
         let exe = env!("CARGO_BIN_EXE_qemu-tls-migrate");
         let mut cmd = match netns {
             Some(ns) => {
@@ -714,6 +726,7 @@ impl Service {
         for name in allow {
             cmd.args(["--allow-client", name]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -776,13 +789,21 @@ pub async fn tls_client(
     addr: &str,
     pki: &Path,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_client(hosts, addr, pki).await.expect("TLS")
+}
+
+/// [`tls_client`], failing with the handshake's error.
+pub async fn try_tls_client(
+    hosts: &TwoHosts,
+    addr: &str,
+    pki: &Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let tcp = connect_in_netns(&hosts.b, addr);
     let config = qemu_tls_migrate::peer::client_config(pki).expect("client config");
     let name = rustls::pki_types::ServerName::try_from("host-a").expect("name");
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .expect("TLS")
 }
 
 /// Source disk images (node name, format, MiB) in `dir`, each filled with its own pattern.

@@ -104,7 +104,10 @@ async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
         .collect();
     drop(watcher);
     assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
-    assert!(resumed.is_empty(), "the destination ran on its own: {resumed:?}");
+    assert!(
+        resumed.is_empty(),
+        "the destination ran on its own: {resumed:?}"
+    );
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
 }
@@ -432,4 +435,59 @@ async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
         Some(0),
         "shutdown was held up by a peer that never reads"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let service = Service::start_with(
+        Some(&hosts.a),
+        &hosts.a_addr,
+        &pki_a,
+        qmp_dir.path(),
+        &[],
+        &["--max-sessions", "1"],
+    )
+    .await;
+    let mut first = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
+    let hello = qemu_tls_migrate::peer::encode(&qemu_tls_migrate::peer::Message::Hello {
+        client: "first".into(),
+    })
+    .expect("encode");
+    first
+        .write_all(&(hello.len() as u32).to_be_bytes())
+        .await
+        .expect("send");
+    first.write_all(&hello).await.expect("send");
+    let mut len = [0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut first, &mut len)
+        .await
+        .expect("the first source is welcomed");
+
+    let second = fixture::try_tls_client(&hosts, &service.addr, &pki_b).await;
+
+    assert!(
+        second.is_err(),
+        "a second session was let in over the limit"
+    );
+    drop(first);
+    let third = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        loop {
+            if fixture::try_tls_client(&hosts, &service.addr, &pki_b)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(third.is_ok(), "the slot was never freed");
 }
