@@ -15,7 +15,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use super::disks::{self, DestDisk, SourceDisk};
 use super::side::{SideCtl, object_id};
@@ -277,7 +276,7 @@ impl DestinationSide {
     /// After the source completed: waits for the destination to finish loading, stops the NBD
     /// server, resumes the guest when `resume`, and removes what was added.
     pub async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
-        let deadline = Instant::now() + FINISH_TIMEOUT;
+        let deadline = super::deadline_after(FINISH_TIMEOUT);
         let status = loop {
             let status = match self
                 .ctl

@@ -58,10 +58,26 @@ pub const UNLIMITED_BANDWIDTH: u64 = i64::MAX as u64;
 pub const DEFAULT_QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A migration whose transferred byte count has not moved for this long is abandoned.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest timeout (whole run, stall, QMP command) the options accept: a week. Longer is
+/// a mistake, and durations near `u64::MAX` seconds cannot even be added to a clock.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often `query-migrate` is polled for progress while events drive the state machine.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Prefix of every QOM object id this tool creates, so leftovers are easy to find.
 pub const OBJECT_PREFIX: &str = "qtm-";
+/// About 30 years (what tokio itself uses for "never"): the deadline of a timeout too long to
+/// add to an `Instant`.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// The instant `after` from now; a timeout too long for an `Instant` (`Duration::MAX`) gives a
+/// far deadline instead of a panic.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        // Unreachable: a monotonic clock is nowhere near its end.
+        .unwrap_or(now)
+}
 
 /// One side of a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
