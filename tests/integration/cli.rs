@@ -164,3 +164,42 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["status"], "completed");
 }
+
+#[tokio::test]
+async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
+    for flag in ["--timeout", "--stall-timeout", "--qmp-timeout"] {
+        let out = fixture::run_cli(&[
+            "migrate",
+            "--source-qmp",
+            "/nonexistent/src.sock",
+            "--dest-qmp",
+            "/nonexistent/dst.sock",
+            "--dest-host",
+            DEST_HOST,
+            flag,
+            "18446744073709551615",
+        ])
+        .await;
+
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
+    let out = fixture::run_cli(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--qmp-timeout",
+        "18446744073709551615",
+    ])
+    .await;
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--qmp-timeout"), "{stderr}");
+}

@@ -58,15 +58,25 @@ pub struct TuningArgs {
     /// Ports for the migration stream are taken from this range (FIRST-LAST).
     #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
     pub port_range: PortRange,
-    /// Give up when the migration has not completed after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    /// Give up when the migration has not completed after this many seconds (at most a week).
+    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
     pub timeout: Option<u64>,
     /// Give up when no byte has moved for this many seconds (a destination that stopped
     /// answering).
-    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs(),
+        value_parser = timeout_secs()
+    )]
     pub stall_timeout: u64,
     /// Timeout for each QMP command, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
+        value_parser = timeout_secs()
+    )]
     pub qmp_timeout: u64,
     /// Print progress as JSON lines on stderr and exactly one JSON object on stdout at the end.
     #[arg(long)]
@@ -226,9 +236,15 @@ impl TuningArgs {
         o.tls_priority = self.tls_priority.clone();
         o.port_range = self.port_range;
         o.timeout = self.timeout.map(Duration::from_secs);
-        o.stall_timeout = Duration::from_secs(self.stall_timeout.max(1));
-        o.qmp_timeout = Duration::from_secs(self.qmp_timeout.max(1));
+        o.stall_timeout = Duration::from_secs(self.stall_timeout);
+        o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
     }
+}
+
+/// Seconds from 1 to [`migration::MAX_TIMEOUT`], for every timeout flag: clap refuses the rest
+/// with a usage error (exit 2) that names the flag.
+pub fn timeout_secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=migration::MAX_TIMEOUT.as_secs())
 }
 
 /// The distinguished name of the client certificate in `pki_dir` (what `authz-simple` on the

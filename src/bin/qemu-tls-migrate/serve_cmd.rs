@@ -51,7 +51,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
     pub port_range: PortRange,
     /// Timeout for each QMP command, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
+        value_parser = crate::migrate_cmd::timeout_secs()
+    )]
     pub qmp_timeout: u64,
     /// Print {"listening": "ADDR:PORT"} on stdout once ready.
     #[arg(long)]
@@ -70,7 +75,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         qmp_dir: args.qmp_dir.clone(),
         allow_clients: args.allow_clients.clone(),
         port_range: args.port_range,
-        qmp_timeout: Duration::from_secs(args.qmp_timeout.max(1)),
+        qmp_timeout: Duration::from_secs(args.qmp_timeout),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
