@@ -96,6 +96,8 @@ pub enum MigrationError {
     Timeout { after: Duration },
     #[error("cancelled by signal; everything was rolled back")]
     Cancelled,
+    #[error("bad migration options: {what}")]
+    BadOptions { what: String },
     /// Reported by the destination host's service, or about the channel to it.
     #[error("destination host: {message}")]
     Remote {
@@ -134,6 +136,7 @@ impl MigrationError {
             MigrationError::Stalled { .. } => "stalled",
             MigrationError::Timeout { .. } => "timeout",
             MigrationError::Cancelled => "cancelled",
+            MigrationError::BadOptions { .. } => "usage",
         }
     }
 
@@ -151,6 +154,7 @@ impl MigrationError {
                 | MigrationError::DestDiskMissing { .. }
                 | MigrationError::DestDiskUnusable { .. }
                 | MigrationError::Ports(_)
+                | MigrationError::BadOptions { .. }
                 | MigrationError::Remote { refusal: true, .. }
         )
     }

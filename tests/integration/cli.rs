@@ -203,3 +203,29 @@ async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--qmp-timeout"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage() {
+    let out = fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--source-qmp",
+        "/nonexistent/src.sock",
+        "--dest-qmp",
+        "/nonexistent/dst.sock",
+        "--dest-host",
+        "",
+    ])
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "usage", "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("destination host"),
+        "{json}"
+    );
+}

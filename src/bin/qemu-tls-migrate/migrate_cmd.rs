@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report,
-    TransportChoice, UNLIMITED_BANDWIDTH,
+    self, DiskSelection, Endpoint, FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions,
+    RemoteTarget, Report, TransportChoice, UNLIMITED_BANDWIDTH,
 };
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
@@ -49,7 +49,11 @@ pub struct TuningArgs {
     #[arg(long, value_name = "MS")]
     pub downtime_limit: Option<u64>,
     /// Send RAM over N parallel connections (multifd), each with its own TLS session.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_MULTIFD_CHANNELS))
+    )]
     pub multifd: Option<u8>,
     /// GnuTLS priority string for both ends, to choose ciphers (e.g.
     /// "NORMAL:-CIPHER-ALL:+AES-128-GCM").
@@ -319,6 +323,10 @@ pub async fn run_migration_to(
     json: bool,
     quiet: bool,
 ) -> Report {
+    // The command line only parses; the library says whether the options make sense.
+    if let Err(e) = options.validate() {
+        return Report::refused(e, Duration::ZERO);
+    }
     let out = ProgressOut::new(json, quiet);
     let cancel = CancellationToken::new();
     let watcher = tokio::spawn(cancel_on_signal(cancel.clone()));
