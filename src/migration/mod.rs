@@ -388,7 +388,8 @@ mod tests {
 
     #[test]
     fn validate_refuses_each_bad_option_naming_it_as_a_usage_refusal() {
-        let cases: [(&str, fn(&mut MigrationOptions)); 10] = [
+        type Spoil = fn(&mut MigrationOptions);
+        let cases: [(&str, Spoil); 10] = [
             ("qmp timeout", |o| o.qmp_timeout = Duration::ZERO),
             ("qmp timeout", |o| o.qmp_timeout = Duration::MAX),
             ("stall timeout", |o| o.stall_timeout = Duration::ZERO),
