@@ -108,7 +108,8 @@ Block migration of a VM on local storage (the destination started with empty dis
 node names and sizes):\n  \
 qemu-tls-migrate migrate --source-qmp ... --dest-qmp ... --dest-host host-b --all-local-disks\n\n\
 Exit codes: 0 completed, 1 migration failed (rolled back), 2 bad command line, 3 refused before \
-anything was changed, 4 cancelled by SIGINT/SIGTERM (rolled back).\n\
+anything was changed, 4 cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT (rolled back; a second signal \
+during the rollback does not interrupt it).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
 \"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \
 \"throughput_mbps\", ...}, \"error\": {\"kind\", \"message\"} (on failure)}."
@@ -311,7 +312,7 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
         .map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
 }
 
-/// Runs a migration with progress output and SIGINT/SIGTERM cancelling it; prints the report.
+/// Runs a migration with progress output and signals cancelling it (see [`cancel_on_signal`]).
 pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
     run_migration_to(options, None, json, quiet).await
 }
@@ -340,20 +341,57 @@ pub async fn run_migration_to(
     report
 }
 
+/// Cancels `cancel` on the first SIGINT, SIGTERM, SIGHUP or SIGQUIT (the migration then rolls
+/// back), and keeps catching them while the rollback runs: a second Ctrl-C, or a closing
+/// terminal, must neither kill the tool half way through nor go unanswered.
 pub async fn cancel_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let Some(mut signals) = Signals::register() else {
         return;
     };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    tracing::warn!("signal received: cancelling the migration and rolling back");
+    let Some(name) = signals.next().await else {
+        return;
+    };
+    tracing::warn!("{name} received: cancelling the migration and rolling back");
     cancel.cancel();
+    while let Some(name) = signals.next().await {
+        tracing::warn!("{name} received: rollback in progress, please wait");
+    }
+}
+
+/// The signals that cancel a run.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind| {
+            signal(kind)
+                .map_err(|e| tracing::warn!("cannot catch signal {}: {e}", kind.as_raw_value()))
+                .ok()
+        };
+        Some(Signals {
+            int: listen(SignalKind::interrupt())?,
+            term: listen(SignalKind::terminate())?,
+            hup: listen(SignalKind::hangup())?,
+            quit: listen(SignalKind::quit())?,
+        })
+    }
+
+    /// The name of the next signal; `None` once none can come any more.
+    async fn next(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            Some(()) = self.int.recv() => Some("SIGINT"),
+            Some(()) = self.term.recv() => Some("SIGTERM"),
+            Some(()) = self.hup.recv() => Some("SIGHUP"),
+            Some(()) = self.quit.recv() => Some("SIGQUIT"),
+            else => None,
+        }
+    }
 }
 
 /// The exit outcome for a report.

@@ -24,7 +24,7 @@ names). For each source it attaches to the destination QEMU whose QMP socket is 
 (credentials, NBD exports, incoming port from --port-range), and finishes or aborts on the \
 source's word. If the source goes silent or the connection drops, the destination is torn down \
 and its ports released, and the service goes on serving. Several migrations may run at once. \
-SIGTERM or SIGINT rolls back running sessions and exits 0.",
+SIGTERM, SIGINT, SIGHUP or SIGQUIT rolls back running sessions and exits 0.",
     after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
 --allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
 service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
