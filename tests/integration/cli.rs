@@ -333,3 +333,24 @@ async fn a_second_sigint_during_rollback_is_reported_and_the_rollback_finishes_w
     );
     fixture::assert_source_untouched(&pair.source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_complete() {
+    let lab = Lab::new("Test CA");
+    lab.host("src", &["src-host"]);
+    lab.host("dst", &[DEST_HOST]);
+    let pair = Pair::start().await;
+    // Relative to the lab directory, which is not QEMU's current directory.
+    let args = migrate_args(&pair, "src", "./dst");
+
+    let out = fixture::run_cli_from(
+        lab.dir.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["transport"], "tls");
+}

@@ -1,7 +1,7 @@
 //! `qemu-tls-migrate migrate`: arguments, their validation into [`MigrationOptions`], and the
 //! run with progress and signal handling.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -182,17 +182,11 @@ impl MigrateArgs {
     pub fn options(&self) -> anyhow::Result<MigrationOptions> {
         let source = Endpoint {
             qmp: self.source_qmp.clone(),
-            pki_dir: self
-                .source_pki_dir
-                .clone()
-                .unwrap_or_else(|| self.pki_dir.clone()),
+            pki_dir: absolute_dir(self.source_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let dest = Endpoint {
             qmp: self.dest_qmp.clone(),
-            pki_dir: self
-                .dest_pki_dir
-                .clone()
-                .unwrap_or_else(|| self.pki_dir.clone()),
+            pki_dir: absolute_dir(self.dest_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let mut o = MigrationOptions::new(source, dest, &self.dest_host);
         o.dest_address = self.dest_address.clone();
@@ -250,6 +244,18 @@ impl TuningArgs {
 /// with a usage error (exit 2) that names the flag.
 pub fn timeout_secs() -> clap::builder::RangedU64ValueParser<u64> {
     clap::value_parser!(u64).range(1..=migration::MAX_TIMEOUT.as_secs())
+}
+
+/// `dir` made absolute against the current directory: QEMU opens the PKI files itself, from
+/// its own current directory, so a relative path would name other files there.
+pub fn absolute_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot resolve the directory {} against the current directory ({e}); give an \
+             absolute path",
+            dir.display()
+        )
+    })
 }
 
 /// The distinguished name of the client certificate in `pki_dir` (what `authz-simple` on the

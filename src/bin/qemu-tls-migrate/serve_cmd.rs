@@ -71,7 +71,7 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     let opts = ServeOptions {
         listen: args.listen.clone(),
-        pki_dir: args.pki_dir.clone(),
+        pki_dir: crate::migrate_cmd::absolute_dir(&args.pki_dir)?,
         qmp_dir: args.qmp_dir.clone(),
         allow_clients: args.allow_clients.clone(),
         port_range: args.port_range,
