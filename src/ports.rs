@@ -4,14 +4,24 @@
 //! migration on the same host holds it. "Holds" is an exclusive `flock` on a lock file per port
 //! in [`lock_dir`]: it works across processes, and the kernel releases it when the holder exits,
 //! however it exits, so a crashed migration never leaks a port.
+//!
+//! The lock directory is this user's alone: created with mode 0700, and refused when it is a
+//! symlink, belongs to another user, or is writable by group or others. Lock files are opened
+//! relative to the directory's descriptor with `O_NOFOLLOW`, so a symlink planted in place of
+//! one is refused, never followed. Otherwise a local user could hold every port (a denial of
+//! service) or redirect the tool's writes.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::Mode;
 
 /// The range libvirt and CloudStack open for migration (and that `host secure` opens).
 pub const DEFAULT_RANGE: PortRange = PortRange {
@@ -86,6 +96,17 @@ pub enum PortError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "refusing the port lock directory {path}: {problem}; remove it so that it is created \
+         afresh (mode 0700), or set QTM_LOCK_DIR to a directory owned by this user and writable \
+         only by it"
+    )]
+    UnsafeLockDir { path: PathBuf, problem: String },
+    #[error(
+        "refusing the port lock file {path}: {problem}; remove it (the tool creates its lock \
+         files itself) and find out who put it there"
+    )]
+    UnsafeLockFile { path: PathBuf, problem: String },
 }
 
 /// A port reserved for one use; the reservation ends when this is dropped.
@@ -116,21 +137,9 @@ pub fn allocate(range: PortRange) -> Result<PortLease, PortError> {
 
 /// [`allocate`] with an explicit lock directory.
 pub fn allocate_in(range: PortRange, dir: &Path) -> Result<PortLease, PortError> {
-    std::fs::create_dir_all(dir).map_err(|source| PortError::LockDir {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let dir_fd = open_lock_dir(dir)?;
     for port in range.first..=range.last {
-        let path = dir.join(format!("port-{port}.lock"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| PortError::LockDir {
-                path: path.clone(),
-                source,
-            })?;
+        let file = open_lock_file(&dir_fd, dir, port)?;
         let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
             continue; // another migration holds it
         };
@@ -142,6 +151,98 @@ pub fn allocate_in(range: PortRange, dir: &Path) -> Result<PortLease, PortError>
         return Ok(PortLease { port, _lock: lock });
     }
     Err(PortError::Exhausted { range })
+}
+
+/// Creates the lock directory (mode 0700) when missing, and opens it, refusing one that is a
+/// symlink, not a directory, another user's, or writable by group or others.
+fn open_lock_dir(dir: &Path) -> Result<OwnedFd, PortError> {
+    let io_err = |source: std::io::Error| PortError::LockDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let unsafe_dir = |problem: String| PortError::UnsafeLockDir {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => tracing::debug!(dir = %dir.display(), "port lock directory created"),
+        // Created earlier, or by a migration running beside this one: checked below.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    // A first look names what is wrong; the O_NOFOLLOW open below is what makes it safe
+    // against a swap between the two.
+    let kind = std::fs::symlink_metadata(dir).map_err(io_err)?.file_type();
+    if kind.is_symlink() {
+        return Err(unsafe_dir("it is a symbolic link".into()));
+    }
+    if !kind.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open(dir, flags, Mode::empty()).map_err(|errno| match errno {
+        Errno::ELOOP | Errno::ENOTDIR => unsafe_dir("it is not a plain directory".into()),
+        other => io_err(other.into()),
+    })?;
+    let stat = nix::sys::stat::fstat(&fd).map_err(|e| io_err(e.into()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if stat.st_uid != me {
+        return Err(unsafe_dir(format!(
+            "it belongs to uid {}, not to this user (uid {me})",
+            stat.st_uid
+        )));
+    }
+    let mode = stat.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "it is writable by group or others (mode {mode:04o})"
+        )));
+    }
+    Ok(fd)
+}
+
+/// Opens (creating, mode 0600) the lock file of `port` in the opened lock directory, never
+/// following a symlink and refusing anything but a plain file.
+fn open_lock_file(dir_fd: &OwnedFd, dir: &Path, port: u16) -> Result<File, PortError> {
+    let name = format!("port-{port}.lock");
+    let path = dir.join(&name);
+    // O_NONBLOCK: a FIFO in place of the lock file must not block the open.
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    let fd = nix::fcntl::openat(
+        dir_fd,
+        name.as_str(),
+        flags,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|errno| match errno {
+        Errno::ELOOP => PortError::UnsafeLockFile {
+            path: path.clone(),
+            problem: "it is a symbolic link".into(),
+        },
+        other => PortError::LockDir {
+            path: path.clone(),
+            source: other.into(),
+        },
+    })?;
+    let file = File::from(fd);
+    let kind = file
+        .metadata()
+        .map_err(|source| PortError::LockDir {
+            path: path.clone(),
+            source,
+        })?
+        .file_type();
+    if !kind.is_file() {
+        return Err(PortError::UnsafeLockFile {
+            path,
+            problem: "it is not a plain file".into(),
+        });
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -192,5 +293,92 @@ mod tests {
             allocate_in(range, dir.path()),
             Err(PortError::Exhausted { .. })
         ));
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn a_missing_lock_dir_is_created_with_mode_0700() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("locks");
+
+        let _lease = allocate_in("49202-49203".parse().expect("range"), &dir).expect("allocate");
+
+        assert_eq!(mode_of(&dir), 0o700);
+    }
+
+    #[test]
+    fn a_lock_dir_owned_by_another_user_is_refused_naming_it() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("locks");
+        std::fs::create_dir(&dir).expect("mkdir");
+        set_mode(&dir, 0o700);
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("passwd")
+            .expect("user nobody");
+        nix::unistd::chown(&dir, Some(nobody.uid), None).expect("chown to nobody");
+
+        let err = allocate_in("49204".parse().expect("range"), &dir).expect_err("refused");
+
+        assert!(matches!(err, PortError::UnsafeLockDir { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&dir.display().to_string()), "{msg}");
+        assert!(msg.contains("QTM_LOCK_DIR"), "{msg}");
+    }
+
+    #[test]
+    fn a_group_or_world_writable_lock_dir_is_refused() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("locks");
+        std::fs::create_dir(&dir).expect("mkdir");
+        set_mode(&dir, 0o777);
+
+        let err = allocate_in("49205".parse().expect("range"), &dir).expect_err("refused");
+
+        assert!(matches!(err, PortError::UnsafeLockDir { .. }), "{err}");
+        assert!(err.to_string().contains("writable"), "{err}");
+    }
+
+    #[test]
+    fn a_symlinked_lock_dir_is_refused() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let target = parent.path().join("elsewhere");
+        std::fs::create_dir(&target).expect("mkdir");
+        set_mode(&target, 0o700);
+        let dir = parent.path().join("locks");
+        std::os::unix::fs::symlink(&target, &dir).expect("symlink");
+
+        let err = allocate_in("49206".parse().expect("range"), &dir).expect_err("refused");
+
+        assert!(matches!(err, PortError::UnsafeLockDir { .. }), "{err}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_symlink_planted_as_a_lock_file_is_refused_not_followed() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("locks");
+        std::fs::create_dir(&dir).expect("mkdir");
+        set_mode(&dir, 0o700);
+        let victim = parent.path().join("victim");
+        std::os::unix::fs::symlink(&victim, dir.join("port-49207.lock")).expect("symlink");
+
+        let err = allocate_in("49207".parse().expect("range"), &dir).expect_err("refused");
+
+        assert!(matches!(err, PortError::UnsafeLockFile { .. }), "{err}");
+        assert!(err.to_string().contains("port-49207.lock"), "{err}");
+        assert!(!victim.exists(), "the symlink was followed");
     }
 }

@@ -14,12 +14,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::disks::{self, DestDisk};
 use super::side::{SideCtl, object_id};
 use super::undo::Undo;
-use super::{MigrationError, PROGRESS_INTERVAL, Side};
+use super::{MAX_MULTIFD_CHANNELS, MigrationError, PROGRESS_INTERVAL, Side};
 use crate::peer::{Authz, DestPlan, DestPrepared};
 use crate::ports::{self, PortLease, PortRange};
 use crate::qemu::{
@@ -30,10 +28,6 @@ use crate::qmp::{Events, QmpError};
 
 /// How long the destination may take to finish loading after the source completed.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The most multifd channels a destination accepts (QEMU's own limit is 255; each channel is
-/// a TLS session and a thread on both hosts).
-pub const MAX_MULTIFD_CHANNELS: u8 = 64;
 
 /// How a destination rolled back, as the source needs to know it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -300,7 +294,7 @@ impl DestinationSide {
     /// up to [`FINISH_TIMEOUT`]: loading the last state of a large VM takes a while, and giving
     /// up here would leave the VM paused on both hosts.
     pub async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
-        let deadline = Instant::now() + FINISH_TIMEOUT;
+        let deadline = super::deadline_after(FINISH_TIMEOUT);
         let qmp = self.ctl.qmp.clone();
         let status = loop {
             let status = match qmp.call_timeout(&QueryStatus, FINISH_TIMEOUT).await {

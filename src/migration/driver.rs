@@ -95,6 +95,9 @@ pub async fn migrate(
         })
     };
     report(Phase::Preflight);
+    if let Err(error) = opts.validate() {
+        return Report::refused(error, started.elapsed());
+    }
     // The transport comes from the PKI directories alone: nothing is connected yet.
     let decision = decide_transport(opts.transport, &opts.source.pki_dir, &opts.dest.pki_dir);
     let attach = async {

@@ -134,6 +134,8 @@ pub enum MigrationError {
     Timeout { after: Duration },
     #[error("cancelled by signal; everything was rolled back")]
     Cancelled,
+    #[error("bad migration options: {what}")]
+    BadOptions { what: String },
     /// Reported by the destination host's service, or about the channel to it.
     #[error("destination host: {message}")]
     Remote {
@@ -182,6 +184,7 @@ impl MigrationError {
             MigrationError::Stalled { .. } => ErrorKind::Stalled,
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
             MigrationError::Cancelled => ErrorKind::Cancelled,
+            MigrationError::BadOptions { .. } => ErrorKind::Usage,
         }
     }
 

@@ -34,7 +34,7 @@ mod report;
 mod side;
 mod undo;
 
-pub use destination::{AbortOutcome, DestinationSide, MAX_MULTIFD_CHANNELS};
+pub use destination::{AbortOutcome, DestinationSide};
 pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
@@ -59,10 +59,28 @@ pub const UNLIMITED_BANDWIDTH: u64 = i64::MAX as u64;
 pub const DEFAULT_QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A migration whose transferred byte count has not moved for this long is abandoned.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest timeout (whole run, stall, QMP command) the options accept: a week. Longer is
+/// a mistake, and durations near `u64::MAX` seconds cannot even be added to a clock.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most multifd channels the options accept (QEMU's own limit is 255).
+pub const MAX_MULTIFD_CHANNELS: u8 = 64;
 /// How often `query-migrate` is polled for progress while events drive the state machine.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Prefix of every QOM object id this tool creates, so leftovers are easy to find.
 pub const OBJECT_PREFIX: &str = "qtm-";
+/// About 30 years (what tokio itself uses for "never"): the deadline of a timeout too long to
+/// add to an `Instant`.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// The instant `after` from now; a timeout too long for an `Instant` (`Duration::MAX`) gives a
+/// far deadline instead of a panic.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        // Unreachable: a monotonic clock is nowhere near its end.
+        .unwrap_or(now)
+}
 
 /// One side of a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -201,6 +219,57 @@ impl MigrationOptions {
         }
     }
 
+    /// Checks what the types cannot: timeouts from 1 s to [`MAX_TIMEOUT`], 1 to
+    /// [`MAX_MULTIFD_CHANNELS`] multifd channels, a non-zero bandwidth no larger than
+    /// [`UNLIMITED_BANDWIDTH`], a port range with `0 < first <= last`, a destination host name.
+    /// Every problem is named in one [`MigrationError::BadOptions`] (a refusal: nothing was
+    /// touched). Callers building options from outside input call this before migrating.
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        let mut problems = Vec::new();
+        let mut timeout = |what: &str, d: Duration| {
+            if d.is_zero() || d > MAX_TIMEOUT {
+                problems.push(format!(
+                    "{what} {d:?} is outside 1 s to {} s",
+                    MAX_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        timeout("qmp timeout", self.qmp_timeout);
+        timeout("stall timeout", self.stall_timeout);
+        if let Some(d) = self.timeout {
+            timeout("migration timeout", d);
+        }
+        if let Some(n) = self.multifd
+            && !(1..=MAX_MULTIFD_CHANNELS).contains(&n)
+        {
+            problems.push(format!(
+                "{n} multifd channels: use 1 to {MAX_MULTIFD_CHANNELS}"
+            ));
+        }
+        if self.max_bandwidth == 0 || self.max_bandwidth > UNLIMITED_BANDWIDTH {
+            problems.push(format!(
+                "bandwidth {} bytes/s: use 1 to {UNLIMITED_BANDWIDTH} (unlimited)",
+                self.max_bandwidth
+            ));
+        }
+        let PortRange { first, last } = self.port_range;
+        if first == 0 || last < first {
+            problems.push(format!(
+                "port range {first}-{last}: expected 0 < FIRST <= LAST"
+            ));
+        }
+        if self.dest_host.trim().is_empty() {
+            problems.push("the destination host name is empty".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(MigrationError::BadOptions {
+                what: problems.join("; "),
+            })
+        }
+    }
+
     /// The name the destination's certificate is checked against.
     pub fn effective_tls_hostname(&self) -> &str {
         self.tls_hostname.as_deref().unwrap_or(&self.dest_host)
@@ -314,5 +383,74 @@ pub fn decide_transport_from(
             dir: dir.clone(),
             reason: reason.clone(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> MigrationOptions {
+        let side = |name: &str| Endpoint {
+            qmp: PathBuf::from(format!("/run/{name}.sock")),
+            pki_dir: PathBuf::from("/etc/pki/qemu"),
+        };
+        MigrationOptions::new(side("src"), side("dst"), "host-b")
+    }
+
+    #[test]
+    fn validate_accepts_the_defaults_and_the_bounds() {
+        let mut o = options();
+        o.validate().expect("defaults");
+        o.qmp_timeout = MAX_TIMEOUT;
+        o.stall_timeout = Duration::from_secs(1);
+        o.timeout = Some(MAX_TIMEOUT);
+        o.multifd = Some(64);
+
+        o.validate().expect("bounds");
+    }
+
+    #[test]
+    fn validate_refuses_each_bad_option_naming_it_as_a_usage_refusal() {
+        type Spoil = fn(&mut MigrationOptions);
+        let cases: [(&str, Spoil); 10] = [
+            ("qmp timeout", |o| o.qmp_timeout = Duration::ZERO),
+            ("qmp timeout", |o| o.qmp_timeout = Duration::MAX),
+            ("stall timeout", |o| o.stall_timeout = Duration::ZERO),
+            ("migration timeout", |o| o.timeout = Some(Duration::ZERO)),
+            ("migration timeout", |o| {
+                o.timeout = Some(MAX_TIMEOUT + Duration::from_secs(1))
+            }),
+            ("multifd", |o| o.multifd = Some(0)),
+            ("multifd", |o| o.multifd = Some(65)),
+            ("bandwidth", |o| o.max_bandwidth = 0),
+            ("port range", |o| {
+                o.port_range = PortRange {
+                    first: 50000,
+                    last: 49999,
+                }
+            }),
+            ("destination host", |o| o.dest_host = " ".into()),
+        ];
+        for (what, spoil) in cases {
+            let mut o = options();
+            spoil(&mut o);
+
+            let err = o.validate().expect_err(what);
+
+            assert!(matches!(err, MigrationError::BadOptions { .. }), "{err}");
+            assert_eq!(err.kind(), "usage");
+            assert_eq!(err.kind(), "usage", "{err}");
+            assert!(err.to_string().contains(what), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn deadline_after_duration_max_is_far_away_not_a_panic() {
+        let now = tokio::time::Instant::now();
+
+        let deadline = deadline_after(Duration::MAX);
+
+        assert!(deadline >= now + FAR_FUTURE, "{deadline:?}");
     }
 }

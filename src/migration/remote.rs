@@ -363,6 +363,9 @@ pub async fn migrate_remote(
         ram: None,
         disks: Vec::new(),
     });
+    if let Err(e) = opts.validate() {
+        return super::Report::refused(e, started.elapsed());
+    }
     let dest = match RemoteDestination::connect(target).await {
         Ok(d) => d,
         Err(e) => return super::Report::refused(e, started.elapsed()),

@@ -182,7 +182,7 @@ async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError
 /// following `MIGRATION` events with `query-migrate` as a cross-check.
 async fn wait_migration_stopped(qmp: &Qmp, timeout: Duration) -> Result<(), QmpError> {
     let mut events = qmp.subscribe();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = super::deadline_after(timeout);
     loop {
         let info = qmp.call_timeout(&QueryMigrate, timeout).await?;
         let status = info.status.unwrap_or(MigrationStatus::None);
@@ -222,7 +222,7 @@ async fn cancel_job(qmp: &Qmp, job: &str, timeout: Duration) -> Result<(), QmpEr
             return Err(e);
         }
     }
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = super::deadline_after(timeout);
     while exists(&qmp.call_timeout(&QueryBlockJobs, timeout).await?) {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {

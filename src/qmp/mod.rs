@@ -313,30 +313,31 @@ impl Qmp {
         tracing::debug!(peer = %self.shared.peer, "-> {line}");
         line.push('\n');
 
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout too long for an `Instant` (`Duration::MAX`) means no deadline.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         let write = async {
             let mut w = self.writer.lock().await;
             w.write_all(line.as_bytes()).await?;
             w.flush().await
         };
-        match tokio::time::timeout_at(deadline, write).await {
-            Err(_) => return Err(self.timeout(name, timeout)),
-            Ok(Err(e)) => {
+        match until(deadline, write).await {
+            None => return Err(self.timeout(name, timeout)),
+            Some(Err(e)) => {
                 return Err(QmpError::Closed {
                     peer: self.shared.peer.clone(),
                     reason: format!("write failed: {e}"),
                 });
             }
-            Ok(Ok(())) => {}
+            Some(Ok(())) => {}
         }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Err(_) => Err(self.timeout(name, timeout)),
+        match until(deadline, rx).await {
+            None => Err(self.timeout(name, timeout)),
             // The reader dropped the sender without answering: it has stopped.
-            Ok(Err(_)) => Err(QmpError::Closed {
+            Some(Err(_)) => Err(QmpError::Closed {
                 peer: self.shared.peer.clone(),
                 reason: self.close_reason(),
             }),
-            Ok(Ok(reply)) => reply.map_err(|e| e.for_command(name)),
+            Some(Ok(reply)) => reply.map_err(|e| e.for_command(name)),
         }
     }
 
@@ -359,6 +360,17 @@ impl Qmp {
             .ok()
             .and_then(|s| s.closed.clone())
             .unwrap_or_else(|| "connection closed".into())
+    }
+}
+
+/// `fut`'s output, or `None` when `deadline` passed first; no deadline waits as long as it takes.
+async fn until<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
     }
 }
 

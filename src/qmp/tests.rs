@@ -240,3 +240,28 @@ async fn exec_oob_is_used_only_when_offered() {
     fake.send(json!({"return": {}, "id": req["id"]})).await;
     call.await.expect("join").expect("oob reply");
 }
+
+#[tokio::test]
+async fn a_command_with_a_duration_max_timeout_gets_its_reply_without_panicking() {
+    #[derive(Serialize)]
+    struct QueryStatus;
+    impl Command for QueryStatus {
+        const NAME: &'static str = "query-status";
+        type Output = Value;
+    }
+    let (qmp, mut fake) = connect().await;
+    let call = tokio::spawn({
+        let q = qmp.clone();
+        async move { q.call_timeout(&QueryStatus, Duration::MAX).await }
+    });
+
+    // Before the fix the call panicked computing its deadline and never reached the peer.
+    let req = tokio::time::timeout(T, fake.recv())
+        .await
+        .expect("the command reaches the peer");
+    fake.send(json!({"return": {"status": "running"}, "id": req["id"]}))
+        .await;
+
+    let reply = call.await.expect("the call does not panic").expect("reply");
+    assert_eq!(reply["status"], "running");
+}

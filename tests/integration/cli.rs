@@ -1,7 +1,9 @@
 //! The command line as CloudStack's agent and a person use it: the JSON contract, exit codes,
 //! and SIGINT cancelling a running migration with everything rolled back.
 
-use std::process::Stdio;
+use std::process::{Output, Stdio};
+
+use nix::sys::signal::Signal;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -163,4 +165,192 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["status"], "completed");
+}
+
+#[tokio::test]
+async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
+    for flag in ["--timeout", "--stall-timeout", "--qmp-timeout"] {
+        let out = fixture::run_cli(&[
+            "migrate",
+            "--source-qmp",
+            "/nonexistent/src.sock",
+            "--dest-qmp",
+            "/nonexistent/dst.sock",
+            "--dest-host",
+            DEST_HOST,
+            flag,
+            "18446744073709551615",
+        ])
+        .await;
+
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
+    let out = fixture::run_cli(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--qmp-timeout",
+        "18446744073709551615",
+    ])
+    .await;
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--qmp-timeout"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage() {
+    let out = fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--source-qmp",
+        "/nonexistent/src.sock",
+        "--dest-qmp",
+        "/nonexistent/dst.sock",
+        "--dest-host",
+        "",
+    ])
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "usage", "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("destination host"),
+        "{json}"
+    );
+}
+
+/// Runs a throttled TLS migration through the CLI and, once bytes move, sends `signals`: the
+/// first at once, each next one as soon as the tool said it is cancelling. Returns the pair,
+/// the tool's output and everything it wrote on stderr after the first signal.
+async fn migrate_and_signal(signals: &[Signal]) -> (Lab, Pair, Output, String) {
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let pair = Pair::start().await;
+    let mut args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    );
+    args.extend(["--max-bandwidth".to_string(), "8M".to_string()]);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 0 {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        moving.ok(),
+        Some(true),
+        "the migration never started moving bytes"
+    );
+
+    let mut after = String::new();
+    for (i, signal) in signals.iter().enumerate() {
+        if i > 0 {
+            let cancelling = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+                while let Ok(Some(line)) = stderr.next_line().await {
+                    after.push_str(&line);
+                    after.push('\n');
+                    if line.contains("rolling back") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            assert_eq!(
+                cancelling.ok(),
+                Some(true),
+                "no cancelling message: {after}"
+            );
+        }
+        nix::sys::signal::kill(pid, *signal).expect("kill");
+    }
+    let rest = tokio::spawn(async move {
+        let mut text = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the tool exits after the signal")
+        .expect("wait");
+    after.push_str(&rest.await.expect("stderr reader"));
+    (lab, pair, out, after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_cancels_a_running_migration_and_rolls_back_with_exit_4() {
+    let (_lab, pair, out, stderr) = migrate_and_signal(&[Signal::SIGHUP]).await;
+
+    assert_eq!(out.status.code(), Some(4), "{:?}: {stderr}", out.status);
+    let json = fixture::stdout_json(&out);
+    assert_eq!(json["status"], "cancelled");
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigint_during_rollback_is_reported_and_the_rollback_finishes_with_exit_4() {
+    let (_lab, pair, out, stderr) = migrate_and_signal(&[Signal::SIGINT, Signal::SIGINT]).await;
+
+    assert_eq!(out.status.code(), Some(4), "{:?}: {stderr}", out.status);
+    let json = fixture::stdout_json(&out);
+    assert_eq!(json["status"], "cancelled");
+    assert!(
+        stderr.contains("rollback in progress, please wait"),
+        "{stderr}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_complete() {
+    let lab = Lab::new("Test CA");
+    lab.host("src", &["src-host"]);
+    lab.host("dst", &[DEST_HOST]);
+    let pair = Pair::start().await;
+    // Relative to the lab directory, which is not QEMU's current directory.
+    let args = migrate_args(&pair, "src", "./dst");
+
+    let out = fixture::run_cli_from(
+        lab.dir.path(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["transport"], "tls");
 }

@@ -489,6 +489,16 @@ pub async fn run_cli(args: &[&str]) -> Output {
         .expect("run qemu-tls-migrate")
 }
 
+/// [`run_cli`] with `cwd` as the current directory (for relative paths in `args`).
+pub async fn run_cli_from(cwd: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .await
+        .expect("run qemu-tls-migrate")
+}
+
 /// The one JSON object a `--json` run printed on stdout.
 pub fn stdout_json(out: &Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);

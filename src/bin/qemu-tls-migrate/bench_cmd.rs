@@ -119,7 +119,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
     /// Give up on a migration after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RUN_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = DEFAULT_RUN_TIMEOUT.as_secs(),
+        value_parser = crate::migrate_cmd::timeout_secs()
+    )]
     pub timeout: u64,
     /// Where the VMs' directories go (RAM files included; default /dev/shm when present).
     #[arg(long, value_name = "DIR")]
@@ -181,7 +186,7 @@ impl BenchArgs {
                 AccelArg::Kvm => Some(Accel::Kvm),
                 AccelArg::Tcg => Some(Accel::Tcg),
             },
-            run_timeout: Duration::from_secs(self.timeout.max(1)),
+            run_timeout: Duration::from_secs(self.timeout),
             work_dir: self.work_dir.clone(),
         })
     }

@@ -1,13 +1,13 @@
 //! `qemu-tls-migrate migrate`: arguments, their validation into [`MigrationOptions`], and the
 //! run with progress and signal handling.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report,
-    TransportChoice, UNLIMITED_BANDWIDTH,
+    self, DiskSelection, Endpoint, FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions,
+    RemoteTarget, Report, TransportChoice, UNLIMITED_BANDWIDTH,
 };
 use qemu_tls_migrate::peer::Authz;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
@@ -50,7 +50,11 @@ pub struct TuningArgs {
     #[arg(long, value_name = "MS")]
     pub downtime_limit: Option<u64>,
     /// Send RAM over N parallel connections (multifd), each with its own TLS session.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_MULTIFD_CHANNELS))
+    )]
     pub multifd: Option<u8>,
     /// GnuTLS priority string for both ends, to choose ciphers (e.g.
     /// "NORMAL:-CIPHER-ALL:+AES-128-GCM").
@@ -59,15 +63,25 @@ pub struct TuningArgs {
     /// Ports for the migration stream are taken from this range (FIRST-LAST).
     #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
     pub port_range: PortRange,
-    /// Give up when the migration has not completed after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    /// Give up when the migration has not completed after this many seconds (at most a week).
+    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
     pub timeout: Option<u64>,
     /// Give up when no byte has moved for this many seconds (a destination that stopped
     /// answering).
-    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs(),
+        value_parser = timeout_secs()
+    )]
     pub stall_timeout: u64,
     /// Timeout for each QMP command, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
+        value_parser = timeout_secs()
+    )]
     pub qmp_timeout: u64,
     /// Print progress as JSON lines on stderr and exactly one JSON object on stdout at the end.
     #[arg(long)]
@@ -95,7 +109,8 @@ Block migration of a VM on local storage (the destination started with empty dis
 node names and sizes):\n  \
 qemu-tls-migrate migrate --source-qmp ... --dest-qmp ... --dest-host host-b --all-local-disks\n\n\
 Exit codes: 0 completed, 1 migration failed (rolled back), 2 bad command line, 3 refused before \
-anything was changed, 4 cancelled by SIGINT/SIGTERM (rolled back).\n\
+anything was changed, 4 cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT (rolled back; a second signal \
+during the rollback does not interrupt it).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
 \"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \
 \"throughput_mbps\", ...}, \"error\": {\"kind\", \"message\"} (on failure)}."
@@ -177,17 +192,11 @@ impl MigrateArgs {
     pub fn options(&self) -> anyhow::Result<MigrationOptions> {
         let source = Endpoint {
             qmp: self.source_qmp.clone(),
-            pki_dir: self
-                .source_pki_dir
-                .clone()
-                .unwrap_or_else(|| self.pki_dir.clone()),
+            pki_dir: absolute_dir(self.source_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let dest = Endpoint {
             qmp: self.dest_qmp.clone(),
-            pki_dir: self
-                .dest_pki_dir
-                .clone()
-                .unwrap_or_else(|| self.pki_dir.clone()),
+            pki_dir: absolute_dir(self.dest_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let mut o = MigrationOptions::new(source, dest, &self.dest_host);
         o.dest_address = self.dest_address.clone();
@@ -238,9 +247,27 @@ impl TuningArgs {
         o.tls_priority = self.tls_priority.clone();
         o.port_range = self.port_range;
         o.timeout = self.timeout.map(Duration::from_secs);
-        o.stall_timeout = Duration::from_secs(self.stall_timeout.max(1));
-        o.qmp_timeout = Duration::from_secs(self.qmp_timeout.max(1));
+        o.stall_timeout = Duration::from_secs(self.stall_timeout);
+        o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
     }
+}
+
+/// Seconds from 1 to [`migration::MAX_TIMEOUT`], for every timeout flag: clap refuses the rest
+/// with a usage error (exit 2) that names the flag.
+pub fn timeout_secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=migration::MAX_TIMEOUT.as_secs())
+}
+
+/// `dir` made absolute against the current directory: QEMU opens the PKI files itself, from
+/// its own current directory, so a relative path would name other files there.
+pub fn absolute_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot resolve the directory {} against the current directory ({e}); give an \
+             absolute path",
+            dir.display()
+        )
+    })
 }
 
 /// The distinguished name of the client certificate in `pki_dir` (what `authz-simple` on the
@@ -303,7 +330,7 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
         .map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
 }
 
-/// Runs a migration with progress output and SIGINT/SIGTERM cancelling it; prints the report.
+/// Runs a migration with progress output and signals cancelling it (see [`cancel_on_signal`]).
 pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
     run_migration_to(options, None, json, quiet).await
 }
@@ -328,20 +355,57 @@ pub async fn run_migration_to(
     report
 }
 
+/// Cancels `cancel` on the first SIGINT, SIGTERM, SIGHUP or SIGQUIT (the migration then rolls
+/// back), and keeps catching them while the rollback runs: a second Ctrl-C, or a closing
+/// terminal, must neither kill the tool half way through nor go unanswered.
 pub async fn cancel_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let Some(mut signals) = Signals::register() else {
         return;
     };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    tracing::warn!("signal received: cancelling the migration and rolling back");
+    let Some(name) = signals.next().await else {
+        return;
+    };
+    tracing::warn!("{name} received: cancelling the migration and rolling back");
     cancel.cancel();
+    while let Some(name) = signals.next().await {
+        tracing::warn!("{name} received: rollback in progress, please wait");
+    }
+}
+
+/// The signals that cancel a run.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind| {
+            signal(kind)
+                .map_err(|e| tracing::warn!("cannot catch signal {}: {e}", kind.as_raw_value()))
+                .ok()
+        };
+        Some(Signals {
+            int: listen(SignalKind::interrupt())?,
+            term: listen(SignalKind::terminate())?,
+            hup: listen(SignalKind::hangup())?,
+            quit: listen(SignalKind::quit())?,
+        })
+    }
+
+    /// The name of the next signal; `None` once none can come any more.
+    async fn next(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            Some(()) = self.int.recv() => Some("SIGINT"),
+            Some(()) = self.term.recv() => Some("SIGTERM"),
+            Some(()) = self.hup.recv() => Some("SIGHUP"),
+            Some(()) = self.quit.recv() => Some("SIGQUIT"),
+            else => None,
+        }
+    }
 }
 
 /// The exit outcome for a report.

@@ -25,7 +25,7 @@ names). For each source it attaches to the destination QEMU whose QMP socket is 
 (credentials, NBD exports, incoming port from --port-range), and finishes or aborts on the \
 source's word. If the source goes silent or the connection drops, the destination is torn down \
 and its ports released, and the service goes on serving. Several migrations may run at once. \
-SIGTERM or SIGINT rolls back running sessions and exits 0.",
+SIGTERM, SIGINT, SIGHUP or SIGQUIT rolls back running sessions and exits 0.",
     after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
 --allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
 service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
@@ -52,7 +52,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
     pub port_range: PortRange,
     /// Timeout for each QMP command, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs())]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
+        value_parser = crate::migrate_cmd::timeout_secs()
+    )]
     pub qmp_timeout: u64,
     /// Accept migrations in plain TCP (unencrypted RAM and a writable NBD export on the
     /// network) from sources that ask for them; each is logged. Without it they are refused.
@@ -79,10 +84,11 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
-    let mut opts = ServeOptions::new(&args.listen, args.pki_dir.clone(), args.qmp_dir.clone());
+    let pki_dir = crate::migrate_cmd::absolute_dir(&args.pki_dir)?;
+    let mut opts = ServeOptions::new(&args.listen, pki_dir, args.qmp_dir.clone());
     opts.allow_clients = args.allow_clients.clone();
     opts.port_range = args.port_range;
-    opts.qmp_timeout = Duration::from_secs(args.qmp_timeout.max(1));
+    opts.qmp_timeout = Duration::from_secs(args.qmp_timeout);
     opts.allow_plain = args.allow_plain;
     opts.tls_priority = args.tls_priority.clone();
     opts.max_sessions = args.max_sessions;
