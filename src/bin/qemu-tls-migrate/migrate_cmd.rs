@@ -96,11 +96,16 @@ Per migration the tool creates tls-creds-x509 objects from each side's PKI direc
 the source, server on the destination, peer verification on), sets tls-creds and tls-hostname, \
 picks a port from 49152-49215, migrates, resumes the destination, and then removes every object \
 it created and puts the migration capabilities and parameters back as they were. On any failure \
-(bad certificates, dead destination, timeout, Ctrl-C) the source keeps running and the \
-destination is shut down.\n\n\
+(bad certificates, dead destination, timeout, Ctrl-C) the destination is shut down and the source \
+keeps running, with one exception: once the source has passed the switch-over, it is resumed \
+only if the destination is known not to run the VM; otherwise it stays paused and the error \
+(kind split-brain-risk, exit 1) says where the VM may run. The VM never runs on both hosts.\n\n\
 A side is *secured* when its PKI directory holds a usable ca-cert.pem and, for the source, \
 client-cert.pem/client-key.pem, for the destination, server-cert.pem/server-key.pem \
-(see `qemu-tls-migrate pki check`).",
+(see `qemu-tls-migrate pki check`); *unsecured* when it holds no TLS file at all; files that \
+fail the checks make it *broken*, which is refused (exit 3), never downgraded to plain TCP.\n\n\
+Every writable local disk must be copied (--disk, --all-local-disks) or declared shared \
+(--shared-disk); otherwise the migration is refused (exit 3) naming the disk.",
     after_help = "Example (two QEMUs on this host, modelling two hosts):\n  \
 qemu-tls-migrate migrate --source-qmp /run/vm1/qmp.sock --dest-qmp /run/vm1-in/qmp.sock \\\n    \
 --dest-host host-b --dest-address 127.0.0.1 --source-pki-dir /etc/pki/host-a \\\n    \
@@ -108,8 +113,8 @@ qemu-tls-migrate migrate --source-qmp /run/vm1/qmp.sock --dest-qmp /run/vm1-in/q
 Block migration of a VM on local storage (the destination started with empty disks of the same \
 node names and sizes):\n  \
 qemu-tls-migrate migrate --source-qmp ... --dest-qmp ... --dest-host host-b --all-local-disks\n\n\
-Exit codes: 0 completed, 1 migration failed (rolled back), 2 bad command line, 3 refused before \
-anything was changed, 4 cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT (rolled back; a second signal \
+Exit codes: 0 completed, 1 migration failed (rolled back; or split-brain-risk: source left \
+paused), 2 bad command line, 3 refused before anything was changed on either side, 4 cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT (rolled back; a second signal \
 during the rollback does not interrupt it).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
 \"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \

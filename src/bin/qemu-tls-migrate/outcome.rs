@@ -9,10 +9,11 @@ pub enum Outcome {
     Success,
     /// Exit 1: the command ran and failed (migration failed, PKI check found errors).
     Failed,
-    /// Exit 3: refused before anything was changed (mixed secured/unsecured pair, unusable PKI,
-    /// bad destination). Exit 2 is clap's, for command-line usage errors.
+    /// Exit 3: refused before anything was changed on either side (mixed secured/unsecured
+    /// pair, broken PKI, bad destination, a local disk left behind). Exit 2 is clap's, for
+    /// command-line usage errors.
     Refused,
-    /// Exit 4: cancelled by SIGINT/SIGTERM, with everything rolled back.
+    /// Exit 4: cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT, with everything rolled back.
     Cancelled,
 }
 
