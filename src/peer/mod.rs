@@ -95,6 +95,8 @@ pub enum PeerError {
     Closed,
     #[error("no word from the peer for {0:?}")]
     Silent(Duration),
+    #[error("the peer took nothing we sent for {0:?}: it stopped reading")]
+    NotReading(Duration),
     #[error("unexpected message: {0}")]
     Unexpected(String),
 }
@@ -122,7 +124,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         let frame = encode(msg)?;
         tokio::time::timeout(SEND_TIMEOUT, self.framed.send(frame))
             .await
-            .map_err(|_| PeerError::Silent(SEND_TIMEOUT))?
+            .map_err(|_| PeerError::NotReading(SEND_TIMEOUT))?
             .map_err(|e| PeerError::Frame(e.to_string()))
     }
 
@@ -180,7 +182,7 @@ impl PeerError {
             PeerError::Version { .. } => ErrorKind::ProtocolVersion,
             PeerError::Frame(_) | PeerError::Unexpected(_) => ErrorKind::Protocol,
             PeerError::NotAllowed { .. } => ErrorKind::NotAllowed,
-            PeerError::Silent(_) => ErrorKind::Timeout,
+            PeerError::Silent(_) | PeerError::NotReading(_) => ErrorKind::Timeout,
             PeerError::Credentials { .. } => ErrorKind::Credentials,
             _ => ErrorKind::Channel,
         }

@@ -92,53 +92,10 @@ async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_cancels_a_running_migration_and_rolls_back_with_exit_4() {
-    let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let pair = Pair::start().await;
-    let mut args = migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
-    args.extend(["--max-bandwidth".to_string(), "8M".to_string()]);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-
-    // Wait for the first progress sample with bytes on the wire, then press Ctrl-C.
-    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 0 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(
-        moving.ok(),
-        Some(true),
-        "the migration never started moving bytes"
-    );
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
-    let drain = tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-    let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
-        .await
-        .expect("the tool exits after SIGINT")
-        .expect("wait");
-    drain.abort();
+    let (_lab, pair, out, stderr) = migrate_and_signal(&[Signal::SIGINT]).await;
 
     let json = fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(4), "{json}");
+    assert_eq!(out.status.code(), Some(4), "{json}: {stderr}");
     assert_eq!(json["status"], "cancelled");
     assert_eq!(json["error"]["kind"], "cancelled");
     fixture::assert_source_untouched(&pair.source).await;

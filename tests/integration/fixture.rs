@@ -355,6 +355,7 @@ impl WireTap {
 pub struct QmpDelayProxy {
     pub path: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    held: Arc<tokio::sync::Notify>,
 }
 
 impl QmpDelayProxy {
@@ -368,12 +369,15 @@ impl QmpDelayProxy {
         let listener = tokio::net::UnixListener::bind(path).expect("proxy socket");
         let target = target.to_path_buf();
         let delayed = Arc::new(delayed);
+        let held_note = Arc::new(tokio::sync::Notify::new());
+        let note = held_note.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::UnixStream::connect(&target).await else {
                     return;
                 };
                 let delayed = delayed.clone();
+                let note = note.clone();
                 tokio::spawn(async move {
                     let (cr, mut cw) = client.into_split();
                     let (sr, mut sw) = server.into_split();
@@ -394,6 +398,7 @@ impl QmpDelayProxy {
                                 && delayed(&cmd)
                             {
                                 held_up.lock().expect("lock").push(cmd["id"].clone());
+                                note.notify_one();
                             }
                             if sw.write_all(format!("{line}\n").as_bytes()).await.is_err() {
                                 return;
@@ -427,7 +432,13 @@ impl QmpDelayProxy {
         QmpDelayProxy {
             path: path.to_path_buf(),
             task,
+            held: held_note,
         }
+    }
+
+    /// Resolves once a command whose reply is held back has reached QEMU.
+    pub async fn holding(&self) {
+        self.held.notified().await;
     }
 }
 
@@ -777,15 +788,75 @@ impl Service {
     }
 }
 
+/// A `migrate --to` command line from host `b` to the service at `service_addr` (whose host
+/// is `host-a`), naming `qmp` in the service's directory, with the PKI directory `pki`.
+pub fn migrate_to_args(
+    pair: &Pair,
+    service_addr: &str,
+    pki: &Path,
+    qmp: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &pair.source.qmp_path().display().to_string(),
+        "--to",
+        service_addr,
+        "--dest-qmp",
+        qmp,
+        "--dest-host",
+        "host-a",
+        "--pki-dir",
+        &pki.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Two hosts (`a` the destination, `b` the source) with PKI directories from one lab CA:
+/// `host-a`'s and `host-b`'s.
+pub fn two_secured_hosts() -> (TwoHosts, Lab, PathBuf, PathBuf) {
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("Test CA");
+    let pki_a = lab.host("host-a", &["host-a"]);
+    let pki_b = lab.host("host-b", &["host-b"]);
+    (hosts, lab, pki_a, pki_b)
+}
+
+/// The CLI with `args`, run in namespace `netns`, its stdout and stderr piped.
+pub fn spawn_cli_in(netns: &str, args: &[String]) -> tokio::process::Child {
+    cli_in(netns)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qemu-tls-migrate in a namespace")
+}
+
+fn cli_in(netns: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        netns,
+        env!("CARGO_BIN_EXE_qemu-tls-migrate"),
+    ]);
+    cmd
+}
+
+/// Borrowed views of owned arguments.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// Runs the CLI inside a network namespace.
 pub async fn run_cli_in(netns: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            env!("CARGO_BIN_EXE_qemu-tls-migrate"),
-        ])
+    cli_in(netns)
         .args(args)
         .output()
         .await

@@ -13,46 +13,21 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::fixture::{self, Lab, Pair, Service, TwoHosts};
 
-/// A source `migrate --to` command line from host `b` to the service.
+/// A source `migrate --to` command line from host `b` to the service, naming `qmp.sock`.
 fn migrate_to_args(
     pair: &Pair,
     service: &Service,
     pki: &std::path::Path,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "migrate",
-        "--json",
-        "--source-qmp",
-        &pair.source.qmp_path().display().to_string(),
-        "--to",
-        &service.addr,
-        "--dest-qmp",
-        "qmp.sock",
-        "--dest-host",
-        "host-a",
-        "--pki-dir",
-        &pki.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    fixture::migrate_to_args(pair, &service.addr, pki, "qmp.sock", extra)
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
+use fixture::strs;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let mut pair = Pair::start_on(&hosts, &[("disk0", DiskFormat::Qcow2, 32)]).await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let mut service =
@@ -147,12 +122,7 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migration() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let mut pair = Pair::start_on(&hosts, &[]).await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let mut service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
@@ -271,12 +241,7 @@ async fn reply(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_keeps_serving() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("empty qmp dir");
     let mut service =
         Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
@@ -342,12 +307,7 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_service_takes_two_migrations_at_once() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let (first, second) = (
         Pair::start_on(&hosts, &[]).await,
         Pair::start_on(&hosts, &[]).await,

@@ -2,7 +2,6 @@
 //! whatever the destination's last step does, no plaintext unless both ends allow it, no local
 //! disk left behind, and nothing of the tool's left after a command QEMU carried out late.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use qemu_tls_migrate::migration::FinalStatus;
@@ -10,59 +9,10 @@ use qemu_tls_migrate::vm::DiskFormat;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::fixture::{self, Lab, Pair, QmpDelayProxy, Service, TwoHosts};
+use crate::fixture::{self, Lab, Pair, QmpDelayProxy, Service};
 
 /// Longer than the control channel's heartbeat timeout (6 s).
 const PAST_THE_HEARTBEAT: Duration = Duration::from_secs(9);
-
-/// A `migrate --to` command line from host `b` to the service, naming `qmp` in its directory.
-fn migrate_to_args(
-    pair: &Pair,
-    service: &Service,
-    pki: &std::path::Path,
-    qmp: &str,
-    extra: &[&str],
-) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "migrate",
-        "--json",
-        "--source-qmp",
-        &pair.source.qmp_path().display().to_string(),
-        "--to",
-        &service.addr,
-        "--dest-qmp",
-        qmp,
-        "--dest-host",
-        "host-a",
-        "--pki-dir",
-        &pki.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// The source command of `args`, run in namespace `netns`, its stdout and stderr piped.
-fn spawn_cli_in(netns: &str, args: &[String]) -> tokio::process::Child {
-    tokio::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            env!("CARGO_BIN_EXE_qemu-tls-migrate"),
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the source command")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
@@ -114,12 +64,7 @@ async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_copy_remotely() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::start_on(&hosts, &[]).await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let _proxy = QmpDelayProxy::start(
@@ -130,9 +75,9 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
     )
     .await;
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
-    let args = migrate_to_args(&pair, &service, &pki_b, "slow.sock", &[]);
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
 
-    let out = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -142,16 +87,11 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_the_risk() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let mut pair = Pair::start_on(&hosts, &[]).await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     // The destination's last step answers late, so the cut lands while `finish` is under way.
-    let _proxy = QmpDelayProxy::start(
+    let proxy = QmpDelayProxy::start(
         pair.dest.qmp_path(),
         &qmp_dir.path().join("slow.sock"),
         fixture::command_named("cont"),
@@ -159,10 +99,13 @@ async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_t
     )
     .await;
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
-    let args = migrate_to_args(&pair, &service, &pki_b, "slow.sock", &[]);
-    let child = spawn_cli_in(&hosts.b, &args);
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
+    let child = fixture::spawn_cli_in(&hosts.b, &args);
 
     fixture::wait_migration_completed(&pair.source).await;
+    tokio::time::timeout(fixture::EVENT_TIMEOUT, proxy.holding())
+        .await
+        .expect("the service resumes the destination");
     hosts.link(false);
     let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
         .await
@@ -241,18 +184,19 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::start_on(&hosts, &[]).await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
-    let args = migrate_to_args(&pair, &service, &pki_b, "qmp.sock", &["--transport", "tcp"]);
+    let args = fixture::migrate_to_args(
+        &pair,
+        &service.addr,
+        &pki_b,
+        "qmp.sock",
+        &["--transport", "tcp"],
+    );
 
-    let out = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -263,26 +207,21 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its_own_priority() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::start_on(&hosts, &[]).await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let service =
         Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["HOST-B"]).await;
     // No --authz: the service restricts the migration stream by itself. A cipher priority
     // from the source must not become the destination's.
-    let args = migrate_to_args(
+    let args = fixture::migrate_to_args(
         &pair,
-        &service,
+        &service.addr,
         &pki_b,
         "qmp.sock",
         &["--max-bandwidth", "16M", "--tls-priority", "NORMAL"],
     );
-    let mut child = spawn_cli_in(&hosts.b, &args);
+    let mut child = fixture::spawn_cli_in(&hosts.b, &args);
 
     let watcher = fixture::monitor(&pair.dest).await;
     let (authz, priority) = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
@@ -390,12 +329,7 @@ async fn credentials_added_after_the_timeout_are_still_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let mut service =
         Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
@@ -439,12 +373,7 @@ async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() {
-    let hosts = TwoHosts::create();
-    let lab = Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let service = Service::start_with(
         Some(&hosts.a),
