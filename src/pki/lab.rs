@@ -211,9 +211,9 @@ impl LabCa {
             self.issue(host, vec![ExtendedKeyUsagePurpose::ClientAuth])?;
         create_dir(dir)?;
         write_file(&dir.join(CA_CERT), self.cert_pem.as_bytes(), CERT_MODE)?;
-        write_file(&dir.join(SERVER_KEY), server_key.as_bytes(), HOST_KEY_MODE)?;
+        write_key(&dir.join(SERVER_KEY), server_key.as_bytes())?;
         write_file(&dir.join(SERVER_CERT), server_cert.as_bytes(), CERT_MODE)?;
-        write_file(&dir.join(CLIENT_KEY), client_key.as_bytes(), HOST_KEY_MODE)?;
+        write_key(&dir.join(CLIENT_KEY), client_key.as_bytes())?;
         write_file(&dir.join(CLIENT_CERT), client_cert.as_bytes(), CERT_MODE)?;
         tracing::info!(dir = %dir.display(), names = ?host.names, "wrote host PKI directory");
         Ok(())
@@ -339,8 +339,29 @@ fn create_dir(dir: &Path) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// Writes a host key: mode 0640 and, where this host has a QEMU group (`qemu`,
+/// `libvirt-qemu`) and we may change groups, owned by that group, so a QEMU that runs as that
+/// user (libvirt's) can read it, the way a real host is set up.
+fn write_key(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    let group = super::qemu_group()
+        .filter(|_| nix::unistd::geteuid().is_root())
+        .and_then(|name| nix::unistd::Group::from_name(&name).ok().flatten())
+        .map(|g| g.gid);
+    write_file_owned(path, contents, HOST_KEY_MODE, group)
+}
+
 /// Writes `path` atomically with `mode`: a temporary file in the same directory, renamed over.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    write_file_owned(path, contents, mode, None)
+}
+
+/// [`write_file`], with the file's group set to `group` when given.
+fn write_file_owned(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    group: Option<nix::unistd::Gid>,
+) -> Result<(), PkiError> {
     let io_err = |action: &'static str| {
         let path = path.to_path_buf();
         move |source| PkiError::Io {
@@ -352,6 +373,10 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let parent = path.parent().unwrap_or_else(|| Path::new("."));
     let mut tmp =
         tempfile::NamedTempFile::new_in(parent).map_err(io_err("create a file next to"))?;
+    if let Some(gid) = group {
+        nix::unistd::fchown(tmp.as_file(), None, Some(gid))
+            .map_err(|e| io_err("set the group of")(std::io::Error::from(e)))?;
+    }
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_err("set the mode of"))?;

@@ -311,3 +311,37 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
     assert_eq!(json["status"], "completed");
     assert_eq!(json["transport"], "tls");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds_it() {
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let pair = Pair::start().await;
+    let result = pair.dir.path().join("result.json");
+    let mut args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    );
+    args.extend([
+        "-q".to_string(),
+        "--result-file".to_string(),
+        result.display().to_string(),
+    ]);
+
+    let out = fixture::run_cli(&fixture::strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result).expect("result file")).expect("JSON");
+    assert_eq!(saved, json);
+}

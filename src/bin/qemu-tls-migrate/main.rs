@@ -37,7 +37,8 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, with QMP traffic).
     #[arg(short, long, action = ArgAction::Count, global = true)]
     verbose: u8,
-    /// Only errors on stderr; no progress bar.
+    /// No logs and no progress on stderr: only the result (with --json, exactly one JSON
+    /// object on stdout and nothing else on either stream, for callers that merge the two).
     #[arg(short, long, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -94,10 +95,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Logs go to stderr: warnings by default, `-v` info, `-vv` debug; `RUST_LOG` overrides.
+/// Logs go to stderr: warnings by default, `-v` info, `-vv` debug, none with `-q` (the result
+/// says what went wrong); `RUST_LOG` overrides.
 fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
-        (true, _) => "error",
+        (true, _) => "off",
         (false, 0) => "warn",
         (false, 1) => "info",
         (false, _) => "debug",

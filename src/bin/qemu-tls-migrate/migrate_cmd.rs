@@ -189,6 +189,10 @@ pub struct MigrateArgs {
     /// guest then runs on the destination without their contents (libvirt's --unsafe).
     #[arg(long = "unsafe")]
     pub allow_unsafe: bool,
+    /// Also write the final JSON object to this file (atomically: a temporary file renamed into
+    /// place), so the result survives whatever the caller does with stdout and stderr.
+    #[arg(long, value_name = "FILE")]
+    pub result_file: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -413,6 +417,41 @@ impl Signals {
     }
 }
 
+/// The directory `--result-file` names a file in.
+fn result_dir(path: &std::path::Path) -> &std::path::Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    }
+}
+
+/// Proves a result file can be written at `path`, changing nothing there.
+fn check_result_file(path: &std::path::Path) -> Result<(), String> {
+    let dir = result_dir(path);
+    tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+        format!(
+            "--result-file {}: cannot write in {}: {e}; name a file in a writable directory",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// Writes `result` to `path` through a temporary file in the same directory, renamed into
+/// place, so a reader never sees half a result.
+fn write_result_file(path: &std::path::Path, result: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = result_dir(path);
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| anyhow::anyhow!("--result-file: cannot write in {}: {e}", dir.display()))?;
+    writeln!(tmp, "{result}")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| anyhow::anyhow!("--result-file {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
 /// The exit outcome for a report.
 pub fn outcome_of(report: &Report) -> Outcome {
     match report.status {
@@ -431,8 +470,25 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         qmp: args.dest_qmp.display().to_string(),
         pki_dir: options.source.pki_dir.clone(),
     });
+    if let Some(path) = &args.result_file
+        && let Err(what) = check_result_file(path)
+    {
+        // Before anything moves: a result that cannot be delivered must not follow a migration.
+        let report = Report::refused(
+            migration::MigrationError::BadOptions { what },
+            Duration::ZERO,
+        );
+        print_report(&report, args.tuning.json);
+        return Ok(outcome_of(&report));
+    }
     let report = run_migration_to(&options, remote.as_ref(), args.tuning.json, quiet).await;
     print_report(&report, args.tuning.json);
+    if let Some(path) = &args.result_file
+        && let Err(e) = write_result_file(path, &crate::output::report_json(&report))
+    {
+        // The migration's own outcome stands; the exit code must not lie about it.
+        tracing::error!("{e:#}");
+    }
     Ok(outcome_of(&report))
 }
 

@@ -16,15 +16,17 @@ pub enum ProgressOut {
     Bar(ProgressBar),
     /// One JSON object per line on stderr.
     JsonLines,
-    /// Nothing (not a terminal, no `--json`, or `-q`).
+    /// Nothing (`-q`, or not a terminal without `--json`).
     Silent,
 }
 
 impl ProgressOut {
     pub fn new(json: bool, quiet: bool) -> ProgressOut {
-        if json {
+        if quiet {
+            ProgressOut::Silent
+        } else if json {
             ProgressOut::JsonLines
-        } else if quiet || !std::io::stderr().is_terminal() {
+        } else if !std::io::stderr().is_terminal() {
             ProgressOut::Silent
         } else {
             let bar = ProgressBar::new(0);
