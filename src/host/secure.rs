@@ -217,12 +217,19 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
     let mut planner = Planner::default();
 
     // 2. The PKI directory, with copies.
-    let pki_files: [(&str, &[u8], u32, Option<u32>); 5] = [
+    let pki_files: [(&str, &[u8], u32, Option<u32>); 6] = [
         (pki::CA_CERT, &sources.ca, CERT_MODE, None),
         (pki::SERVER_CERT, &sources.cert, CERT_MODE, None),
         (pki::SERVER_KEY, &sources.key, KEY_MODE, key_gid),
         (pki::CLIENT_CERT, &sources.cert, CERT_MODE, None),
         (pki::CLIENT_KEY, &sources.key, KEY_MODE, key_gid),
+        // A standard group, so QEMU never generates DH parameters on the migration path.
+        (
+            pki::DH_PARAMS,
+            pki::FFDHE2048_PEM.as_bytes(),
+            CERT_MODE,
+            None,
+        ),
     ];
     planner.dir(&pki_dir)?;
     for (name, contents, mode, gid) in pki_files {

@@ -139,11 +139,9 @@ impl DestinationSide {
             });
         };
         let creds = if plan.tls {
-            let id = object_id("tls");
             self.ctl
-                .add_credentials(&id, plan.tls_priority.as_deref())
-                .await?;
-            id
+                .credentials_id(plan.tls_priority.as_deref())
+                .await?
         } else {
             // The empty string turns TLS off, whatever an earlier migration left set.
             String::new()

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::destination::{AbortOutcome, DestinationSide};
 use super::disks::{self, DiskProgress, DiskReport, SourceDisk};
-use super::side::{SideCtl, object_id};
+use super::side::SideCtl;
 use super::undo::Undo;
 use super::{
     FinalStatus, MigrationError, MigrationOptions, PROGRESS_INTERVAL, Phase, Progress, RamReport,
@@ -322,10 +322,7 @@ impl Run<'_> {
         self.ports.extend(prepared.nbd_port);
         let src = self.src.as_mut().ok_or(MigrationError::Cancelled)?;
         let creds = if tls {
-            let id = object_id("tls");
-            src.add_credentials(&id, opts.tls_priority.as_deref())
-                .await?;
-            id
+            src.credentials_id(opts.tls_priority.as_deref()).await?
         } else {
             String::new()
         };

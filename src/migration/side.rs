@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::undo::{self, Undo};
 use super::{MigrationError, OBJECT_PREFIX, Side};
 use crate::qemu::{
-    CapabilityState, MigrateSetCapabilities, MigrateSetParameters, ObjectAdd, ObjectDel,
+    CapabilityState, MigrateSetCapabilities, MigrateSetParameters, ObjectAdd,
     QueryMigrateCapabilities, QueryMigrateParameters, TlsEndpoint,
 };
 use crate::qmp::{Command, Qmp, QmpError};
@@ -22,6 +22,8 @@ pub(crate) struct SideCtl {
     pub pki_dir: PathBuf,
     pub timeout: Duration,
     pub undo: Vec<Undo>,
+    /// Credentials created by the preflight and not yet adopted by the migration.
+    probed: Option<String>,
     caps: Vec<CapabilityState>,
     params: Map<String, Value>,
 }
@@ -60,6 +62,7 @@ impl SideCtl {
             pki_dir: pki_dir.to_path_buf(),
             timeout,
             undo: Vec::new(),
+            probed: None,
             caps: Vec::new(),
             params: Map::new(),
         }
@@ -109,24 +112,33 @@ impl SideCtl {
         }
     }
 
-    /// A throwaway `object-add`/`object-del`: QEMU reads the files at `object-add`, so this
-    /// proves the QEMU process (often not root) can read them before anything is changed.
-    pub async fn probe_credentials(&self, priority: Option<&str>) -> Result<(), MigrationError> {
-        let id = object_id("probe");
+    /// Creates this side's `tls-creds-x509` object before anything else is changed: QEMU reads
+    /// the files at `object-add`, so this proves the QEMU process (often not root) can read
+    /// them. The object is kept as the migration's credentials ([`SideCtl::credentials_id`]
+    /// adopts it), so a server's Diffie-Hellman set-up is paid once; until adopted it is not on
+    /// the undo stack (nothing counts as changed) and [`SideCtl::unwind`] deletes it.
+    pub async fn probe_credentials(
+        &mut self,
+        priority: Option<&str>,
+    ) -> Result<(), MigrationError> {
+        let id = object_id("tls");
+        let started = std::time::Instant::now();
         match self
             .qmp
             .call_timeout(&self.credentials(&id, priority), self.timeout)
             .await
         {
-            Ok(_) => {}
-            Err(QmpError::Qemu { desc, .. }) => {
-                return Err(MigrationError::CredentialsUnusable {
-                    side: self.side,
-                    socket: self.socket.clone(),
-                    dir: self.pki_dir.clone(),
-                    desc,
-                });
+            Ok(_) => {
+                tracing::debug!(side = %self.side, %id, ms = started.elapsed().as_millis() as u64, "credentials loaded");
+                self.probed = Some(id);
+                Ok(())
             }
+            Err(QmpError::Qemu { desc, .. }) => Err(MigrationError::CredentialsUnusable {
+                side: self.side,
+                socket: self.socket.clone(),
+                dir: self.pki_dir.clone(),
+                desc,
+            }),
             Err(source) => {
                 // QEMU may still carry the command out after the timeout: remove it if so.
                 let del = Undo::DeleteObject {
@@ -134,21 +146,28 @@ impl SideCtl {
                     id: id.clone(),
                 };
                 let _ = undo::unwind(vec![del], false, &self.qmp, self.timeout).await;
-                return Err(self.error("credentials preflight", source));
+                Err(self.error("credentials preflight", source))
             }
         }
-        self.call("object-del", &ObjectDel { id }).await?;
-        Ok(())
     }
 
-    /// Adds this side's `tls-creds-x509` object under `id`.
-    pub async fn add_credentials(
+    /// The id of this side's credentials: the probed object, now on the undo stack, or (when
+    /// none was probed) a new one.
+    pub async fn credentials_id(
         &mut self,
-        id: &str,
         priority: Option<&str>,
-    ) -> Result<(), MigrationError> {
-        let add = self.credentials(id, priority);
-        self.add_object("object-add tls-creds-x509", add).await
+    ) -> Result<String, MigrationError> {
+        if let Some(id) = self.probed.take() {
+            self.undo.push(Undo::DeleteObject {
+                side: self.side,
+                id: id.clone(),
+            });
+            return Ok(id);
+        }
+        let id = object_id("tls");
+        let add = self.credentials(&id, priority);
+        self.add_object("object-add tls-creds-x509", add).await?;
+        Ok(id)
     }
 
     /// Adds any object. Its deletion is registered first, as "may exist": a command that
@@ -223,9 +242,16 @@ impl SideCtl {
         undo::unwind(vec![action], false, &self.qmp, self.timeout).await
     }
 
-    /// Unwinds the undo stack; returns what failed.
+    /// Unwinds the undo stack (and deletes probed credentials never adopted); returns what
+    /// failed.
     pub async fn unwind(&mut self, succeeded: bool) -> Vec<String> {
-        let stack = std::mem::take(&mut self.undo);
+        let mut stack = std::mem::take(&mut self.undo);
+        if let Some(id) = self.probed.take() {
+            stack.push(Undo::DeleteObject {
+                side: self.side,
+                id,
+            });
+        }
         undo::unwind(stack, succeeded, &self.qmp, self.timeout).await
     }
 }

@@ -215,6 +215,11 @@ impl LabCa {
         write_file(&dir.join(SERVER_CERT), server_cert.as_bytes(), CERT_MODE)?;
         write_key(&dir.join(CLIENT_KEY), client_key.as_bytes())?;
         write_file(&dir.join(CLIENT_CERT), client_cert.as_bytes(), CERT_MODE)?;
+        write_file(
+            &dir.join(super::DH_PARAMS),
+            super::FFDHE2048_PEM.as_bytes(),
+            CERT_MODE,
+        )?;
         tracing::info!(dir = %dir.display(), names = ?host.names, "wrote host PKI directory");
         Ok(())
     }

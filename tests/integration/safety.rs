@@ -22,13 +22,13 @@ async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
         pair.dest.qmp_path(),
         &pair.dir.path().join("slow-dest.sock"),
         fixture::command_named("cont"),
-        Duration::from_secs(5),
+        Duration::from_secs(7),
     )
     .await;
     let mut options = pair.tls_options(&lab);
     options.dest.qmp = proxy.path.clone();
     // Shorter than the late answer: the finishing steps must not be held to it.
-    options.qmp_timeout = Duration::from_secs(2);
+    options.qmp_timeout = Duration::from_secs(3);
 
     let report = fixture::migrate(&options).await;
 
@@ -296,10 +296,41 @@ async fn a_local_disk_neither_copied_nor_declared_shared_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_node_added_after_the_timeout_is_still_removed() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 8)]).await;
+    let proxy = QmpDelayProxy::start(
+        pair.source.qmp_path(),
+        &pair.dir.path().join("slow-source.sock"),
+        fixture::command_named("blockdev-add"),
+        Duration::from_secs(6),
+    )
+    .await;
+    let mut options = pair.tls_options(&lab);
+    options.source.qmp = proxy.path.clone();
+    options.qmp_timeout = Duration::from_secs(3);
+    options.disks = qemu_tls_migrate::migration::DiskSelection::AllLocal;
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(
+        fixture::error_kind(&report),
+        Some("timeout"),
+        "{:?}",
+        report.error
+    );
+    assert_eq!(
+        fixture::tool_block_leftovers(&pair.source).await,
+        (Vec::new(), Vec::new())
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_added_after_the_timeout_are_still_removed() {
     let lab = Lab::new("Test CA");
     let pair = Pair::start().await;
-    // The source's migration credentials (not the preflight probe) answer late.
+    // The source's credentials (created by the preflight, kept for the migration) answer late.
     let proxy = QmpDelayProxy::start(
         pair.source.qmp_path(),
         &pair.dir.path().join("slow-source.sock"),
@@ -309,12 +340,12 @@ async fn credentials_added_after_the_timeout_are_still_removed() {
                     .as_str()
                     .is_some_and(|id| id.starts_with("qtm-tls-"))
         },
-        Duration::from_secs(4),
+        Duration::from_secs(6),
     )
     .await;
     let mut options = pair.tls_options(&lab);
     options.source.qmp = proxy.path.clone();
-    options.qmp_timeout = Duration::from_secs(2);
+    options.qmp_timeout = Duration::from_secs(3);
 
     let report = fixture::migrate(&options).await;
 
