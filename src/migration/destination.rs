@@ -29,6 +29,19 @@ use crate::qmp::{Events, QmpError};
 /// How long the destination may take to finish loading after the source completed.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a destination finished.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Finished {
+    /// Clean-up problems.
+    pub problems: Vec<String>,
+    /// When the guest resumed here (its `RESUME` event), microseconds since the epoch on this
+    /// host's clock; `None` when it was left paused or QEMU did not say.
+    pub resumed_at_us: Option<i64>,
+}
+
+/// How long to wait for the `RESUME` event after `cont` answered, for the pause figure only.
+const RESUME_EVENT_WAIT: Duration = Duration::from_secs(2);
+
 /// How a destination rolled back, as the source needs to know it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AbortOutcome {
@@ -291,7 +304,7 @@ impl DestinationSide {
     /// server, resumes the guest when `resume`, and removes what was added. Each step may take
     /// up to [`FINISH_TIMEOUT`]: loading the last state of a large VM takes a while, and giving
     /// up here would leave the VM paused on both hosts.
-    pub async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
+    pub async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
         let deadline = super::deadline_after(FINISH_TIMEOUT);
         let qmp = self.ctl.qmp.clone();
         let status = loop {
@@ -321,12 +334,14 @@ impl DestinationSide {
                 .map_err(|e| self.ctl.error("nbd-server-stop", e))?;
             self.ctl.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
         }
+        let mut resumed_at_us = None;
         if resume && !status.running {
             self.resumed = true;
             qmp.call_timeout(&Cont, FINISH_TIMEOUT)
                 .await
                 .map_err(|e| self.ctl.error("cont", e))?;
             tracing::info!("destination resumed");
+            resumed_at_us = self.resume_event_time().await;
         } else if !resume && status.running {
             qmp.call_timeout(&Stop, FINISH_TIMEOUT)
                 .await
@@ -334,7 +349,26 @@ impl DestinationSide {
         }
         let problems = self.ctl.unwind(true).await;
         self.ports.clear();
-        Ok(problems)
+        Ok(Finished {
+            problems,
+            resumed_at_us,
+        })
+    }
+
+    /// The timestamp of the `RESUME` event that follows `cont`, in microseconds since the epoch.
+    async fn resume_event_time(&mut self) -> Option<i64> {
+        let wait = async {
+            while let Some(e) = self.events.next().await {
+                if e.event == "RESUME" {
+                    return e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds);
+                }
+            }
+            None
+        };
+        tokio::time::timeout(RESUME_EVENT_WAIT, wait)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Whether anything was changed on this destination (and not yet put back).

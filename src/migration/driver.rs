@@ -8,13 +8,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::destination::{AbortOutcome, DestinationSide};
+use super::destination::{AbortOutcome, DestinationSide, Finished};
 use super::disks::{self, DiskProgress, DiskReport, SourceDisk};
 use super::side::SideCtl;
 use super::undo::Undo;
 use super::{
-    FinalStatus, MigrationError, MigrationOptions, PROGRESS_INTERVAL, Phase, Progress, RamReport,
-    Report, Side, Transport, TransportDecision, decide_transport,
+    FinalStatus, GuestPause, MigrationError, MigrationOptions, PROGRESS_INTERVAL, Phase, Progress,
+    RamReport, Report, Side, Timing, ToolUsage, Transport, TransportDecision, decide_transport,
 };
 use crate::peer::{DestPlan, DestPrepared};
 use crate::qemu::{
@@ -36,6 +36,10 @@ pub trait Destination {
     fn changed(&self) -> bool;
     /// Where the guest may run if this destination's state becomes unknown, for the report.
     fn holder(&self) -> String;
+    /// Whose clock the destination's event timestamps come from, next to this host's.
+    fn clock(&self) -> &'static str {
+        "one host"
+    }
     /// Checks without changing anything (disks, ports, credentials).
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError>;
     /// Makes the destination ready to receive; returns its ports.
@@ -44,7 +48,7 @@ pub trait Destination {
     async fn gone(&mut self);
     /// After the source completed: finish loading, resume when `resume`; returns clean-up
     /// problems.
-    async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError>;
+    async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError>;
     /// Rolls everything back; says whether the destination is known not to run the guest.
     async fn abort(&mut self) -> AbortOutcome;
 }
@@ -65,7 +69,7 @@ impl Destination for DestinationSide {
     async fn gone(&mut self) {
         DestinationSide::gone(self).await
     }
-    async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
+    async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
         DestinationSide::finish(self, resume).await
     }
     async fn abort(&mut self) -> AbortOutcome {
@@ -133,20 +137,25 @@ pub async fn migrate_to<D: Destination>(
         disk_progress: Vec::new(),
         disk_reports: Vec::new(),
         committed: None,
+        marks: Marks::default(),
+        stopped_at_us: None,
     };
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
         run.warnings.push(w.clone());
     }
     let result = run.execute(&mut dest, cancel).await;
+    run.marks.cleanup = Some(Instant::now());
     run.report(Phase::Cleanup, None, None);
+    let mut resumed_at_us = None;
     let (cleanup_errors, error, refused) = match result {
-        Ok(problems) => {
+        Ok(finished) => {
             let mut errors = match &mut run.src {
                 Some(src) => src.unwind(true).await,
                 None => Vec::new(),
             };
-            errors.extend(problems);
+            errors.extend(finished.problems);
+            resumed_at_us = finished.resumed_at_us;
             (errors, None, false)
         }
         Err(error) => {
@@ -162,6 +171,13 @@ pub async fn migrate_to<D: Destination>(
         Some(_) => FinalStatus::Failed,
     };
     tracing::info!(?status, "migration finished");
+    let guest_pause = match (run.stopped_at_us, resumed_at_us) {
+        (Some(stop), Some(resume)) if resume >= stop => Some(GuestPause {
+            ms: ((resume - stop) / 1000) as u64,
+            clock: dest.clock(),
+        }),
+        _ => None,
+    };
     Report {
         status,
         transport: Some(run.transport),
@@ -173,6 +189,9 @@ pub async fn migrate_to<D: Destination>(
         cleanup_errors,
         error,
         refused,
+        timing: run.marks.timing(run.started, Instant::now()),
+        guest_pause,
+        tool: ToolUsage::now(),
     }
 }
 
@@ -191,6 +210,40 @@ struct Run<'a> {
     /// may hold the whole state, and the source is resumed only if the destination is known
     /// not to run.
     committed: Option<&'static str>,
+    marks: Marks,
+    /// The source's last `STOP` event, microseconds since the epoch (this host's clock).
+    stopped_at_us: Option<i64>,
+}
+
+/// When each phase began, for [`Timing`].
+#[derive(Debug, Default)]
+struct Marks {
+    disks: Option<Instant>,
+    ram: Option<Instant>,
+    switchover: Option<Instant>,
+    switched: Option<Instant>,
+    finish: Option<Instant>,
+    finished: Option<Instant>,
+    cleanup: Option<Instant>,
+}
+
+impl Marks {
+    fn timing(&self, started: Instant, end: Instant) -> Timing {
+        let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
+            (Some(a), Some(b)) if b > a => (b - a).as_millis() as u64,
+            _ => 0,
+        };
+        let first_byte = self.disks.or(self.ram).or(self.cleanup);
+        let switchover_ms = ms(self.switchover, self.switched);
+        Timing {
+            setup_ms: ms(Some(started), first_byte),
+            disks_ms: ms(self.disks, self.ram),
+            ram_ms: ms(self.ram, self.finish.or(self.cleanup)).saturating_sub(switchover_ms),
+            switchover_ms,
+            finish_ms: ms(self.finish, self.finished),
+            cleanup_ms: ms(self.cleanup, Some(end)),
+        }
+    }
 }
 
 impl Run<'_> {
@@ -264,7 +317,7 @@ impl Run<'_> {
         &mut self,
         dest: &mut D,
         cancel: &CancellationToken,
-    ) -> Result<Vec<String>, MigrationError> {
+    ) -> Result<Finished, MigrationError> {
         let opts = self.opts;
         let tls = self.transport == Transport::Tls;
 
@@ -353,6 +406,7 @@ impl Run<'_> {
         // Disks, then RAM.
         let mut src_events = qmp.subscribe();
         if let Some(nbd_port) = prepared.nbd_port {
+            self.marks.disks = Some(Instant::now());
             self.mirror_disks(&disks, nbd_port, &creds).await?;
             self.wait_mirrors_ready(&qmp, &disks, &mut src_events, dest, cancel)
                 .await?;
@@ -367,6 +421,7 @@ impl Run<'_> {
             None => tcp_uri(opts.connect_host(), prepared.migration_port),
         };
         tracing::info!(%uri, transport = %self.transport, "starting migration");
+        self.marks.ram = Some(Instant::now());
         src.call("migrate", &Migrate { uri }).await?;
         self.report(Phase::Ram, Some(MigrationStatus::Setup), None);
         let info = self
@@ -381,7 +436,10 @@ impl Run<'_> {
 
         // Finish on the destination: it runs exactly when the source ran before.
         self.report(Phase::Finish, info.status, Some(ram));
-        dest.finish(was_running && !opts.dest_paused).await
+        self.marks.finish = Some(Instant::now());
+        let finished = dest.finish(was_running && !opts.dest_paused).await;
+        self.marks.finished = Some(Instant::now());
+        finished
     }
 
     /// Follows the outgoing migration to a final state, reporting progress. Fails on
@@ -409,7 +467,13 @@ impl Run<'_> {
                         Err(_) => continue,
                     }
                 }
-                Seen::Event(_) => continue,
+                Seen::Event(e) => {
+                    if e.event == "STOP" {
+                        self.stopped_at_us =
+                            e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds);
+                    }
+                    continue;
+                }
                 Seen::Tick => {
                     let info = qmp(
                         Side::Source,
@@ -433,7 +497,9 @@ impl Run<'_> {
             }
             if status == MigrationStatus::PreSwitchover && !switched {
                 switched = true;
+                self.marks.switchover = Some(Instant::now());
                 self.switchover(src, disks, src_events).await?;
+                self.marks.switched = Some(Instant::now());
             }
         }
         let info = qmp(
@@ -680,6 +746,9 @@ impl Run<'_> {
             let Some(e) = event else {
                 return Err(source_gone(src, "switch-over"));
             };
+            if e.event == "STOP" {
+                self.stopped_at_us = e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds);
+            }
             let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else {
                 continue;
             };
@@ -929,7 +998,7 @@ mod tests {
         async fn gone(&mut self) {
             std::future::pending().await
         }
-        async fn finish(&mut self, _: bool) -> Result<Vec<String>, MigrationError> {
+        async fn finish(&mut self, _: bool) -> Result<Finished, MigrationError> {
             Err(MigrationError::Cancelled)
         }
         async fn abort(&mut self) -> AbortOutcome {
@@ -978,6 +1047,8 @@ mod tests {
             disk_progress: Vec::new(),
             disk_reports: Vec::new(),
             committed,
+            marks: Marks::default(),
+            stopped_at_us: None,
         };
         let aborted_after = Arc::new(Mutex::new(None));
         let mut dest = FakeDestination {

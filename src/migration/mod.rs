@@ -34,12 +34,12 @@ mod report;
 mod side;
 mod undo;
 
-pub use destination::{AbortOutcome, DestinationSide};
+pub use destination::{AbortOutcome, DestinationSide, Finished};
 pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
-pub use report::{FinalStatus, Phase, Progress, RamReport, Report};
+pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -25,7 +25,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::MigrationError;
-use super::destination::AbortOutcome;
+use super::destination::{AbortOutcome, Finished};
 use super::driver::Destination;
 use crate::peer::{
     self, Channel, DestPlan, DestPrepared, ErrorKind, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
@@ -267,14 +267,20 @@ impl Destination for RemoteDestination {
         }
     }
 
-    async fn finish(&mut self, resume: bool) -> Result<Vec<String>, MigrationError> {
+    async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
         // Whatever happens to the channel from here, the service may resume the destination.
         self.finish_sent = true;
         match self
             .request(Message::Finish { resume }, FINISH_REQUEST_TIMEOUT)
             .await?
         {
-            Message::Finished { problems } => Ok(problems),
+            Message::Finished {
+                problems,
+                resumed_at_us,
+            } => Ok(Finished {
+                problems,
+                resumed_at_us,
+            }),
             other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
         }
     }
@@ -300,6 +306,10 @@ impl Destination for RemoteDestination {
             ),
             Err(e) => unknown(format!("destination: {e}"), self.finish_sent),
         }
+    }
+
+    fn clock(&self) -> &'static str {
+        "two hosts"
     }
 
     fn holder(&self) -> String {

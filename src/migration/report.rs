@@ -77,6 +77,61 @@ impl RamReport {
     }
 }
 
+/// Where the wall time went, phase by phase (milliseconds; a phase that did not happen is 0).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Timing {
+    /// Checks and preparing both sides, up to the first disk or RAM byte.
+    pub setup_ms: u64,
+    /// Copying disks until every mirror was in sync.
+    pub disks_ms: u64,
+    /// RAM: from `migrate` to completion, the switch-over excluded.
+    pub ram_ms: u64,
+    /// At `pre-switchover`: ending the mirrors with the source paused.
+    pub switchover_ms: u64,
+    /// The destination finishing: loaded, NBD stopped, resumed.
+    pub finish_ms: u64,
+    /// Putting settings back and removing what was added (or rolling back).
+    pub cleanup_ms: u64,
+}
+
+/// What the tool itself cost (its own process; QEMU's CPU is not in it).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ToolUsage {
+    /// User plus system CPU time.
+    pub cpu_ms: u64,
+    /// Peak resident set size.
+    pub peak_rss_kib: u64,
+}
+
+impl ToolUsage {
+    /// This process's usage so far.
+    pub fn now() -> ToolUsage {
+        use nix::sys::resource::{UsageWho, getrusage};
+        match getrusage(UsageWho::RUSAGE_SELF) {
+            Ok(u) => {
+                let ms = |t: nix::sys::time::TimeVal| {
+                    (t.tv_sec() as u64) * 1000 + (t.tv_usec() as u64) / 1000
+                };
+                ToolUsage {
+                    cpu_ms: ms(u.user_time()) + ms(u.system_time()),
+                    peak_rss_kib: u.max_rss().max(0) as u64,
+                }
+            }
+            Err(_) => ToolUsage::default(),
+        }
+    }
+}
+
+/// The guest's real pause: from the source's `STOP` event to the destination's `RESUME`
+/// event, by QEMU's own event timestamps.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct GuestPause {
+    pub ms: u64,
+    /// Which clocks the two timestamps come from: `"one host"`, or `"two hosts"` (then the
+    /// figure assumes their clocks agree, e.g. through NTP).
+    pub clock: &'static str,
+}
+
 /// The result of one migration: always produced, whatever happened.
 #[derive(Debug)]
 pub struct Report {
@@ -96,6 +151,11 @@ pub struct Report {
     pub error: Option<MigrationError>,
     /// The migration was refused before anything was changed on either side.
     pub refused: bool,
+    pub timing: Timing,
+    /// The guest's real pause, when both events were seen (QEMU's own `downtime` estimate is
+    /// in `ram`).
+    pub guest_pause: Option<GuestPause>,
+    pub tool: ToolUsage,
 }
 
 impl Report {
@@ -116,6 +176,12 @@ impl Report {
             cleanup_errors: Vec::new(),
             error: Some(error),
             refused: true,
+            timing: Timing {
+                setup_ms: wall.as_millis() as u64,
+                ..Timing::default()
+            },
+            guest_pause: None,
+            tool: ToolUsage::now(),
         }
     }
 }

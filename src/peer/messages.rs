@@ -39,9 +39,11 @@ pub enum Message {
     Finish {
         resume: bool,
     },
-    /// Service → source: done; clean-up problems, if any.
+    /// Service → source: done; clean-up problems, if any, and when the destination's guest
+    /// resumed (its `RESUME` event, microseconds since the epoch on the destination's clock).
     Finished {
         problems: Vec<String>,
+        resumed_at_us: Option<i64>,
     },
     /// Source → service: roll everything back.
     Abort,

@@ -928,7 +928,11 @@ mod tests {
 
         assert!(report.usable);
         assert_eq!(kinds(&report), vec![FindingKind::NoDhParams]);
-        assert!(report.findings[0].message.contains("ms"), "{:?}", report.findings);
+        assert!(
+            report.findings[0].message.contains("ms"),
+            "{:?}",
+            report.findings
+        );
     }
 
     #[test]

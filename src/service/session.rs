@@ -135,7 +135,13 @@ impl State {
             (State::Prepared { mut side }, Message::Finish { resume }) => {
                 Step::Work(Box::pin(async move {
                     match side.finish(resume).await {
-                        Ok(problems) => (State::Done, Message::Finished { problems }),
+                        Ok(done) => (
+                            State::Done,
+                            Message::Finished {
+                                problems: done.problems,
+                                resumed_at_us: done.resumed_at_us,
+                            },
+                        ),
                         // The source decides what comes next (it asks for an abort).
                         Err(e) => (State::Prepared { side }, error_message(&e, false)),
                     }

@@ -56,6 +56,11 @@ async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
         );
     }
     assert!(json.get("error").is_none());
+    assert!(json["timing"]["ram_ms"].as_u64() > Some(0), "{json}");
+    assert!(json["timing"]["setup_ms"].is_number(), "{json}");
+    assert_eq!(json["guest_pause"]["clock"], "one host", "{json}");
+    assert!(json["guest_pause"]["ms"].is_number(), "{json}");
+    assert!(json["tool"]["peak_rss_kib"].as_u64() > Some(0), "{json}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.lines().any(|l| l.starts_with("{\"progress\"")),

@@ -81,6 +81,7 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["guest_pause"]["clock"], "two hosts", "{json}");
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
     assert_eq!(fixture::status(&pair.dest).await, "running");
 }

@@ -102,8 +102,13 @@ pub fn report_json(report: &Report) -> Value {
         "disks": report.disks,
         "ports": report.ports,
         "wall_ms": report.wall.as_millis() as u64,
+        "timing": report.timing,
+        "tool": report.tool,
         "warnings": report.warnings,
     });
+    if let Some(pause) = &report.guest_pause {
+        v["guest_pause"] = json!(pause);
+    }
     if let Some(err) = &report.error {
         let chain = error_chain(err);
         v["error"] = json!({
@@ -160,7 +165,27 @@ pub fn print_report(report: &Report, json: bool) {
             d.throughput_mbps
         );
     }
-    println!("  wall time: {} ms", report.wall.as_millis());
+    let t = &report.timing;
+    println!(
+        "  wall time: {} ms (set-up {}, disks {}, RAM {}, switch-over {}, finish {}, clean-up {})",
+        report.wall.as_millis(),
+        t.setup_ms,
+        t.disks_ms,
+        t.ram_ms,
+        t.switchover_ms,
+        t.finish_ms,
+        t.cleanup_ms
+    );
+    if let Some(pause) = &report.guest_pause {
+        println!(
+            "  guest paused {} ms, source STOP to destination RESUME ({} clock); QEMU's estimate {} ms",
+            pause.ms, pause.clock, report.ram.downtime_ms
+        );
+    }
+    println!(
+        "  this tool: {} ms CPU, peak RSS {} KiB",
+        report.tool.cpu_ms, report.tool.peak_rss_kib
+    );
     for w in &report.warnings {
         println!("  warning: {w}");
     }
