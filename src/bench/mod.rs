@@ -19,6 +19,7 @@
 //! VMs live in `/dev/shm` when it exists: their RAM is a shared file, and a RAM file on a disk
 //! file system costs write-back I/O that has nothing to do with migration.
 
+pub mod gate;
 mod measure;
 mod report;
 mod stats;

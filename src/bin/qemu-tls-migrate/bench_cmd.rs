@@ -135,6 +135,19 @@ pub struct BenchArgs {
     /// Progress as JSON lines on stderr, the report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Compare this run's ratios to tcp with a stored run's (a bench.json of the same host
+    /// kind, e.g. from --out): TLS/TCP throughput, end-to-end time, downtime and bytes sent per
+    /// RAM byte, per mode. Exit 1 when one moved the bad way by more than --max-regression.
+    /// Only ratios are gated, never absolute times: CI machines are noisy.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// How far a gated ratio may move the bad way before the run fails (10% or 0.1).
+    #[arg(long, value_name = "PCT", default_value = "10%", value_parser = bench::gate::parse_threshold)]
+    pub max_regression: f64,
+    /// The gated metrics, comma-separated (default all: ram_mbps, total_ms, downtime_ms,
+    /// sent_ratio). Downtime of a small guest varies too much to gate on a short run.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub gate_metrics: Vec<String>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -298,6 +311,17 @@ fn message_head(bar: &ProgressBar) -> String {
 
 pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let config = args.config()?;
+    // Read before the long run, so a bad path fails at once.
+    let baseline: Option<serde_json::Value> = match &args.baseline {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the baseline {}", path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| {
+                format!("the baseline {} is not JSON (a bench.json)", path.display())
+            })?)
+        }
+        None => None,
+    };
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)
             .with_context(|| format!("cannot create output directory {}", out.display()))?;
@@ -318,10 +342,33 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
         }
         Err(e) => return Err(e).context("benchmark failed"),
     };
+    let gate = match &baseline {
+        Some(base) => Some(
+            bench::gate::compare(
+                base,
+                &serde_json::to_value(&report)?,
+                args.max_regression,
+                &args.gate_metrics,
+            )
+            .context("cannot compare with the baseline")?,
+        ),
+        None => None,
+    };
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(g) = &gate {
+            v["gate"] = serde_json::to_value(g)?;
+        }
+        println!("{v}");
     } else {
         print!("{}", bench::render_table(&report));
+        if let Some(g) = &gate {
+            println!(
+                "\nagainst the baseline (max regression {:.0}%):\n{}",
+                g.max_regression * 100.0,
+                g.render()
+            );
+        }
     }
     if let Some(out) = &args.out {
         let written = write_outputs(&report, out)?;
@@ -329,7 +376,13 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
             eprintln!("bench: wrote {}", written.join(", "));
         }
     }
-    Ok(Outcome::Success)
+    match gate {
+        Some(g) if g.regressed() => {
+            eprintln!("bench: a ratio regressed beyond the threshold (see the table)");
+            Ok(Outcome::Failed)
+        }
+        _ => Ok(Outcome::Success),
+    }
 }
 
 /// Writes the four output files; returns their paths.
