@@ -40,6 +40,10 @@ pub trait Destination {
     fn clock(&self) -> &'static str {
         "one host"
     }
+    /// The destination host's CPU count (for `--multifd auto`).
+    fn cpus(&self) -> u32 {
+        super::host_cpus()
+    }
     /// Checks without changing anything (disks, ports, credentials).
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError>;
     /// Makes the destination ready to receive; returns its ports.
@@ -138,6 +142,7 @@ pub async fn migrate_to<D: Destination>(
         disk_reports: Vec::new(),
         committed: None,
         marks: Marks::default(),
+        multifd: None,
         stopped_at_us: None,
     };
     if let Some(w) = &decision.warning {
@@ -192,6 +197,7 @@ pub async fn migrate_to<D: Destination>(
         timing: run.marks.timing(run.started, Instant::now()),
         guest_pause,
         tool: ToolUsage::now(),
+        multifd: run.multifd,
     }
 }
 
@@ -211,6 +217,8 @@ struct Run<'a> {
     /// not to run.
     committed: Option<&'static str>,
     marks: Marks,
+    /// The multifd channels used (`None`: one stream).
+    multifd: Option<u8>,
     /// The source's last `STOP` event, microseconds since the epoch (this host's clock).
     stopped_at_us: Option<i64>,
 }
@@ -320,6 +328,14 @@ impl Run<'_> {
     ) -> Result<Finished, MigrationError> {
         let opts = self.opts;
         let tls = self.transport == Transport::Tls;
+        let multifd = if opts.multifd_auto {
+            let n = super::auto_multifd(super::host_cpus(), dest.cpus());
+            tracing::info!(channels = ?n, "multifd auto");
+            n
+        } else {
+            opts.multifd
+        };
+        self.multifd = multifd;
 
         // Look, don't touch: the source, its disks, the destination's preflight.
         let mut src = SideCtl::connect(
@@ -352,7 +368,7 @@ impl Run<'_> {
         let plan = DestPlan {
             tls,
             tls_priority: opts.tls_priority.clone(),
-            multifd: opts.multifd,
+            multifd,
             disks: disks.iter().map(SourceDisk::spec).collect(),
             create_dest_disks: opts.create_dest_disks,
             authz: opts.authz.clone(),
@@ -380,7 +396,7 @@ impl Run<'_> {
             String::new()
         };
         let mut wanted = vec![("events", true)];
-        if opts.multifd.is_some() {
+        if multifd.is_some() {
             wanted.push(("multifd", true));
         }
         if !disks.is_empty() {
@@ -397,7 +413,7 @@ impl Run<'_> {
             }),
             max_bandwidth: Some(opts.max_bandwidth),
             downtime_limit: opts.downtime_limit.map(|d| d.as_millis() as u64),
-            multifd_channels: opts.multifd,
+            multifd_channels: multifd,
             ..Default::default()
         })
         .await?;
@@ -1048,6 +1064,7 @@ mod tests {
             disk_reports: Vec::new(),
             committed,
             marks: Marks::default(),
+            multifd: None,
             stopped_at_us: None,
         };
         let aborted_after = Arc::new(Mutex::new(None));

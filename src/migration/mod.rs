@@ -62,6 +62,25 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest timeout (whole run, stall, QMP command) the options accept: a week. Longer is
 /// a mistake, and durations near `u64::MAX` seconds cannot even be added to a clock.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most channels `--multifd auto` picks: past this, more TLS sessions stop paying off
+/// against the CPU they take from the guest.
+pub const AUTO_MULTIFD_MAX: u8 = 8;
+
+/// This host's CPU count (1 when it cannot be told).
+pub fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// `--multifd auto`: one channel per two CPUs of the smaller host (each TLS channel keeps a
+/// core busy on both ends, and the guest's vCPUs need the rest), at most
+/// [`AUTO_MULTIFD_MAX`]; `None` (one plain stream, multifd off) when that is one or none. On
+/// this project's 2-CPU machines it is `None`: measured there, two channels were no faster
+/// than one stream.
+pub fn auto_multifd(source_cpus: u32, dest_cpus: u32) -> Option<u8> {
+    let n = (source_cpus.min(dest_cpus) / 2).min(u32::from(AUTO_MULTIFD_MAX));
+    (n >= 2).then_some(n as u8)
+}
+
 /// The most multifd channels the options accept (QEMU's own limit is 255).
 pub const MAX_MULTIFD_CHANNELS: u8 = 64;
 /// How often `query-migrate` is polled for progress while events drive the state machine.
@@ -167,6 +186,8 @@ pub struct MigrationOptions {
     pub downtime_limit: Option<Duration>,
     /// Number of multifd channels; `None` leaves multifd off.
     pub multifd: Option<u8>,
+    /// Choose the channels from both hosts' CPU counts ([`auto_multifd`]); overrides `multifd`.
+    pub multifd_auto: bool,
     pub port_range: PortRange,
     pub qmp_timeout: Duration,
     pub stall_timeout: Duration,
@@ -205,6 +226,7 @@ impl MigrationOptions {
             max_bandwidth: UNLIMITED_BANDWIDTH,
             downtime_limit: None,
             multifd: None,
+            multifd_auto: false,
             port_range: crate::ports::DEFAULT_RANGE,
             qmp_timeout: DEFAULT_QMP_TIMEOUT,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
@@ -389,6 +411,14 @@ pub fn decide_transport_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multifd_auto_takes_one_channel_per_two_cpus_of_the_smaller_host() {
+        assert_eq!(auto_multifd(2, 2), None, "two CPUs: one stream");
+        assert_eq!(auto_multifd(3, 64), None);
+        assert_eq!(auto_multifd(16, 8), Some(4));
+        assert_eq!(auto_multifd(64, 64), Some(AUTO_MULTIFD_MAX));
+    }
 
     fn options() -> MigrationOptions {
         let side = |name: &str| Endpoint {

@@ -67,6 +67,8 @@ pub struct RemoteDestination {
     finish_sent: bool,
     /// `prepare` was sent and not refused: the destination may have been changed.
     changed: bool,
+    /// The destination host's CPU count, from its welcome.
+    cpus: u32,
     /// The service's answer to `hello`: is its host secured?
     pub remote_security: Security,
     pub server: String,
@@ -140,8 +142,12 @@ impl RemoteDestination {
                 .unwrap_or_default(),
         };
         channel.send(&hello).await.map_err(refusal)?;
-        let (server, remote_security) = match channel.recv(HANDSHAKE_TIMEOUT).await {
-            Ok(Message::Welcome { server, security }) => (server, security),
+        let (server, remote_security, cpus) = match channel.recv(HANDSHAKE_TIMEOUT).await {
+            Ok(Message::Welcome {
+                server,
+                security,
+                cpus,
+            }) => (server, security, cpus),
             Ok(Message::Error { kind, message, .. }) => {
                 return Err(MigrationError::Remote {
                     kind,
@@ -162,6 +168,7 @@ impl RemoteDestination {
             lost: None,
             finish_sent: false,
             changed: false,
+            cpus,
             remote_security,
             server,
         })
@@ -310,6 +317,10 @@ impl Destination for RemoteDestination {
 
     fn clock(&self) -> &'static str {
         "two hosts"
+    }
+
+    fn cpus(&self) -> u32 {
+        self.cpus
     }
 
     fn holder(&self) -> String {

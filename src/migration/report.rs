@@ -156,6 +156,8 @@ pub struct Report {
     /// in `ram`).
     pub guest_pause: Option<GuestPause>,
     pub tool: ToolUsage,
+    /// The multifd channels used (`None`: one stream).
+    pub multifd: Option<u8>,
 }
 
 impl Report {
@@ -182,6 +184,7 @@ impl Report {
             },
             guest_pause: None,
             tool: ToolUsage::now(),
+            multifd: None,
         }
     }
 }

@@ -16,10 +16,12 @@ pub enum Message {
     Hello {
         client: String,
     },
-    /// Service → source: whether this host is secured for TLS.
+    /// Service → source: whether this host is secured for TLS, and its CPU count (for
+    /// `--multifd auto`).
     Welcome {
         server: String,
         security: Security,
+        cpus: u32,
     },
     /// Source → service: attach to the QEMU whose QMP socket is `qmp` in the service's
     /// directory, and check (change nothing) that it can take `plan`.

@@ -97,6 +97,7 @@ impl State {
                 let welcome = Message::Welcome {
                     server: hostname(),
                     security,
+                    cpus: crate::migration::host_cpus(),
                 };
                 Step::Reply(state, welcome)
             }

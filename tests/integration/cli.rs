@@ -350,3 +350,31 @@ async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds
         serde_json::from_slice(&std::fs::read(&result).expect("result file")).expect("JSON");
     assert_eq!(saved, json);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_auto_picks_channels_from_the_cpus_and_reports_them() {
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let pair = Pair::start().await;
+    let mut args = migrate_args(
+        &pair,
+        src.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    );
+    args.extend(["--multifd".to_string(), "auto".to_string()]);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+
+    let out = fixture::run_cli(&fixture::strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    let expected = qemu_tls_migrate::migration::auto_multifd(cpus, cpus);
+    assert_eq!(
+        json["multifd_channels"],
+        serde_json::json!(expected),
+        "{json}"
+    );
+}

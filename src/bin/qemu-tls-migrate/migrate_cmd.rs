@@ -49,13 +49,11 @@ pub struct TuningArgs {
     /// 300).
     #[arg(long, value_name = "MS")]
     pub downtime_limit: Option<u64>,
-    /// Send RAM over N parallel connections (multifd), each with its own TLS session.
-    #[arg(
-        long,
-        value_name = "N",
-        value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_MULTIFD_CHANNELS))
-    )]
-    pub multifd: Option<u8>,
+    /// Send RAM over N parallel connections (multifd), each with its own TLS session; "auto":
+    /// one channel per two CPUs of the smaller host (the service reports the destination's),
+    /// at most 8, and none (one stream) below 4 CPUs, where more channels measured no faster.
+    #[arg(long, value_name = "N|auto", value_parser = parse_multifd)]
+    pub multifd: Option<MultifdArg>,
     /// GnuTLS priority string for both ends, to choose ciphers (e.g.
     /// "NORMAL:-CIPHER-ALL:+AES-128-GCM").
     #[arg(long, value_name = "PRIORITY")]
@@ -252,7 +250,11 @@ impl TuningArgs {
         };
         o.max_bandwidth = self.max_bandwidth;
         o.downtime_limit = self.downtime_limit.map(Duration::from_millis);
-        o.multifd = self.multifd;
+        match self.multifd {
+            Some(MultifdArg::Auto) => o.multifd_auto = true,
+            Some(MultifdArg::Channels(n)) => o.multifd = Some(n),
+            None => {}
+        }
         o.tls_priority = self.tls_priority.clone();
         o.port_range = self.port_range;
         o.timeout = self.timeout.map(Duration::from_secs);
@@ -332,6 +334,25 @@ fn parse_bandwidth(s: &str) -> Result<u64, String> {
     n.checked_mul(mult)
         .filter(|v| *v <= UNLIMITED_BANDWIDTH)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `--multifd`: a channel count or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MultifdArg {
+    Auto,
+    Channels(u8),
+}
+
+fn parse_multifd(s: &str) -> Result<MultifdArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(MultifdArg::Auto);
+    }
+    match s.parse::<u8>() {
+        Ok(n) if (1..=MAX_MULTIFD_CHANNELS).contains(&n) => Ok(MultifdArg::Channels(n)),
+        _ => Err(format!(
+            "{s:?}: use a channel count from 1 to {MAX_MULTIFD_CHANNELS}, or auto"
+        )),
+    }
 }
 
 fn parse_range(s: &str) -> Result<PortRange, String> {

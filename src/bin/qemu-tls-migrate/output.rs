@@ -102,6 +102,7 @@ pub fn report_json(report: &Report) -> Value {
         "disks": report.disks,
         "ports": report.ports,
         "wall_ms": report.wall.as_millis() as u64,
+        "multifd_channels": report.multifd,
         "timing": report.timing,
         "tool": report.tool,
         "warnings": report.warnings,
