@@ -171,9 +171,22 @@ impl fmt::Display for Mode {
     }
 }
 
+/// What the guest does while it migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// The guest workload runs, dirtying its working set at its rate.
+    #[default]
+    Running,
+    /// The data plane alone: the source paused, its RAM (above the first MiB and the guest's
+    /// own code) overwritten with pseudo-random bytes, so every page is sent once, in full.
+    Static,
+}
+
 /// A checked benchmark plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchConfig {
+    pub profile: Profile,
     /// The modes, in the order each round runs them; ratios are taken to the mode named `tcp`.
     pub modes: Vec<Mode>,
     pub ram_mib: u32,
@@ -446,7 +459,9 @@ impl RunContext<'_> {
         let source = Vm::launch(config).await.map_err(vm_err)?;
         let dest = Vm::launch(dest_config).await.map_err(vm_err)?;
         wait_for_workload(index, &source, cancel).await?;
-        if self.config.file_fill_mib > 0 {
+        if self.config.profile == Profile::Static {
+            self.pause_and_fill(&source).await?;
+        } else if self.config.file_fill_mib > 0 {
             self.fill_through_ram_file(&source)
                 .map_err(|source_err| BenchError::WorkDir {
                     path: source.ram_path().to_path_buf(),
@@ -563,6 +578,27 @@ impl RunContext<'_> {
 
     /// Writes `file_fill_mib` MiB of data into the source's RAM file, starting above the
     /// workload's working set (which starts at 4 MiB), capped at the end of RAM.
+    /// The static profile's source: paused, then its RAM filled with pseudo-random bytes from
+    /// 4 MiB (above the firmware and the workload's code) to the last MiB.
+    async fn pause_and_fill(&self, vm: &Vm) -> Result<(), BenchError> {
+        let qmp = monitor(vm).await?;
+        qmp.call(&crate::qemu::Stop)
+            .await
+            .map_err(|e| BenchError::Qmp {
+                vm: vm.name.clone(),
+                step: "stop",
+                source: Box::new(e),
+            })?;
+        drop(qmp);
+        let start = 4u64 << 20;
+        let end = (u64::from(self.config.ram_mib) << 20).saturating_sub(1 << 20);
+        vm.write_ram(start, end.saturating_sub(start), 0x5eed)
+            .map_err(|source| BenchError::WorkDir {
+                path: vm.ram_path().to_path_buf(),
+                source,
+            })
+    }
+
     fn fill_through_ram_file(&self, vm: &Vm) -> std::io::Result<()> {
         let start = (4 + u64::from(self.config.workload.working_set_mib) + 1) << 20;
         let end = (u64::from(self.config.ram_mib) << 20).saturating_sub(1 << 20);

@@ -393,13 +393,18 @@ pub fn render_table(report: &BenchReport) -> String {
     }
     let _ = writeln!(
         out,
-        "median [min-max] of {} measured round(s) after {} warm-up; {} MiB RAM, workload {} MiB \
-         at {} pages/s{}; {} on {} ({} CPUs); QEMU {}; git {}",
+        "median [min-max] of {} measured round(s) after {} warm-up; {} MiB RAM, {}{}; {} on {} \
+         ({} CPUs); QEMU {}; git {}",
         report.config.repeat,
         report.config.warmup,
         report.config.ram_mib,
-        report.config.workload.working_set_mib,
-        report.config.workload.pages_per_sec,
+        match report.config.profile {
+            super::Profile::Running => format!(
+                "workload {} MiB at {} pages/s",
+                report.config.workload.working_set_mib, report.config.workload.pages_per_sec
+            ),
+            super::Profile::Static => "static: source paused, RAM pseudo-random".to_string(),
+        },
         if report.config.disk_mib > 0 {
             format!(", disk {} MiB", report.config.disk_mib)
         } else {

@@ -51,6 +51,14 @@ const QUICK: Defaults = Defaults {
 const DEFAULT_MULTIFD: u8 = 2;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProfileArg {
+    /// The guest workload runs, dirtying its working set at --dirty-rate.
+    Running,
+    /// The data plane alone: the source paused, its RAM full of pseudo-random bytes.
+    Static,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum AccelArg {
     /// KVM when a probe VM runs under it, TCG otherwise.
     Auto,
@@ -135,6 +143,10 @@ pub struct BenchArgs {
     /// Progress as JSON lines on stderr, the report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// running: the guest workload dirties RAM while it moves; static: the source paused with
+    /// its RAM full of random bytes, measuring the data plane alone.
+    #[arg(long, value_enum, default_value = "running")]
+    pub profile: ProfileArg,
     /// Compare this run's ratios to tcp with a stored run's (a bench.json of the same host
     /// kind, e.g. from --out): TLS/TCP throughput, end-to-end time, downtime and bytes sent per
     /// RAM byte, per mode. Exit 1 when one moved the bad way by more than --max-regression.
@@ -184,6 +196,10 @@ impl BenchArgs {
             );
         }
         Ok(BenchConfig {
+            profile: match self.profile {
+                ProfileArg::Running => bench::Profile::Running,
+                ProfileArg::Static => bench::Profile::Static,
+            },
             modes,
             ram_mib,
             workload: WorkloadConfig {
