@@ -576,8 +576,6 @@ impl RunContext<'_> {
         o
     }
 
-    /// Writes `file_fill_mib` MiB of data into the source's RAM file, starting above the
-    /// workload's working set (which starts at 4 MiB), capped at the end of RAM.
     /// The static profile's source: paused, then its RAM filled with pseudo-random bytes from
     /// 4 MiB (above the firmware and the workload's code) to the last MiB.
     async fn pause_and_fill(&self, vm: &Vm) -> Result<(), BenchError> {
@@ -599,6 +597,8 @@ impl RunContext<'_> {
             })
     }
 
+    /// Writes `file_fill_mib` MiB of data into the source's RAM file, starting above the
+    /// workload's working set (which starts at 4 MiB), capped at the end of RAM.
     fn fill_through_ram_file(&self, vm: &Vm) -> std::io::Result<()> {
         let start = (4 + u64::from(self.config.workload.working_set_mib) + 1) << 20;
         let end = (u64::from(self.config.ram_mib) << 20).saturating_sub(1 << 20);
