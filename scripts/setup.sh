@@ -8,8 +8,9 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Packages besides QEMU: iproute2 for the two-host tests (network namespaces), libvirt-clients for
-# virt-pki-validate (the PKI checks are compared with it), gnutls-bin for gnutls-cli probes.
-EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin)
+# virt-pki-validate (the PKI checks are compared with it), gnutls-bin for gnutls-cli probes,
+# socat for the bench's tls-proxy mode (a packaged TLS proxy with OpenSSL).
+EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin socat)
 
 have_qemu_72() {
     command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1

@@ -21,6 +21,7 @@
 
 pub mod gate;
 mod measure;
+mod proxy;
 mod report;
 mod stats;
 
@@ -69,6 +70,8 @@ pub struct Mode {
     pub multifd: Option<u8>,
     /// GnuTLS priority string of both credentials objects; `None`: GnuTLS's default.
     pub tls_priority: Option<String>,
+    /// QEMU migrates in plain TCP through a socat/OpenSSL TLS proxy pair (`tls-proxy`).
+    pub proxy: bool,
 }
 
 impl Mode {
@@ -79,6 +82,7 @@ impl Mode {
             transport: Transport::Tcp,
             multifd: None,
             tls_priority: None,
+            proxy: false,
         }
     }
 
@@ -89,6 +93,17 @@ impl Mode {
             transport: Transport::Tls,
             multifd: None,
             tls_priority: None,
+            proxy: false,
+        }
+    }
+
+    /// The proxied design: plain TCP inside a TLS proxy pair (KubeVirt's, tunnelled
+    /// migration's).
+    pub fn tls_proxy() -> Mode {
+        Mode {
+            name: "tls-proxy".into(),
+            proxy: true,
+            ..Mode::tcp()
         }
     }
 
@@ -143,6 +158,7 @@ impl Mode {
         match name {
             "tcp" => Some(Mode::tcp()),
             "tls" => Some(Mode::tls()),
+            "tls-proxy" => Some(Mode::tls_proxy()),
             "tls-aes128" => Some(Mode::tls_cipher(name, PRIORITY_AES128_GCM)),
             "tls-aes256" => Some(Mode::tls_cipher(name, PRIORITY_AES256_GCM)),
             "tls-chacha20" => Some(Mode::tls_cipher(name, PRIORITY_CHACHA20)),
@@ -154,6 +170,9 @@ impl Mode {
 
     /// What the mode is, in words.
     pub fn describe(&self) -> String {
+        if self.proxy {
+            return "tcp through a socat/OpenSSL TLS proxy pair".into();
+        }
         let mut s = self.transport.to_string();
         if let Some(n) = self.multifd {
             s.push_str(&format!(", multifd {n} channels"));
@@ -270,6 +289,8 @@ pub enum BenchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the tls-proxy mode's proxies: {0}")]
+    Proxy(String),
     #[error("cannot make the lab PKI")]
     Pki(#[source] PkiError),
     #[error("cannot install the guest workload in {dir}")]
@@ -482,7 +503,26 @@ impl RunContext<'_> {
         let src_before = cpu(src_pid, &src_vcpus)?;
         let dst_before = cpu(dst_pid, &dst_vcpus)?;
 
-        let options = self.options(mode, &source, &dest);
+        let mut options = self.options(mode, &source, &dest);
+        // Held until the migration is over: the proxies carry it.
+        let _proxies = if mode.proxy {
+            let port = crate::ports::allocate(options.port_range)
+                .map(|lease| lease.port())
+                .map_err(|e| BenchError::Proxy(e.to_string()))?;
+            // The lease is let go at once so the destination can take the same port; runs
+            // are sequential, so nothing else takes it meanwhile.
+            let pair = proxy::ProxyPair::start(&self.source_pki, &self.dest_pki, DEST_HOST, port)
+                .await
+                .map_err(|e| BenchError::Proxy(e.to_string()))?;
+            options.port_range = crate::ports::PortRange {
+                first: port,
+                last: port,
+            };
+            options.source_connect = Some(pair.source_connect.clone());
+            Some(pair)
+        } else {
+            None
+        };
         on_event(BenchEvent::Migrating { run: index });
         let mut on_progress = |p: &Progress| {
             on_event(BenchEvent::Migration {

@@ -77,7 +77,9 @@ reports the median and spread of total migration time, RAM throughput, downtime,
 over guest RAM, and CPU seconds the source and destination QEMU spent outside their vCPU threads \
 (from /proc), and each median's ratio to the tcp mode's.\n\n\
 Modes: tcp, tls, tls-mfdN (TLS over N multifd channels), tcp-mfdN, tls-aes128, tls-aes256, \
-tls-chacha20 (TLS limited to one cipher through the credentials' GnuTLS priority string).",
+tls-chacha20 (TLS limited to one cipher through the credentials' GnuTLS priority string), \
+tls-proxy (QEMU in plain TCP through a socat/OpenSSL TLS proxy pair: KubeVirt's and tunnelled \
+migration's design).",
     after_help = "Examples:\n  qemu-tls-migrate bench --quick\n  \
 qemu-tls-migrate bench --ram-mib 1024 --working-set-mib 0 --repeat 5 --out bench-out\n  \
 qemu-tls-migrate bench --modes tcp,tls,tls-mfd4 --dirty-rate 50000 --json\n\n\
@@ -165,8 +167,8 @@ pub struct BenchArgs {
 fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::by_name(s).ok_or_else(|| {
         format!(
-            "unknown mode {s:?}: use tcp, tls, tls-mfdN, tcp-mfdN, tls-aes128, tls-aes256 or \
-             tls-chacha20"
+            "unknown mode {s:?}: use tcp, tls, tls-mfdN, tcp-mfdN, tls-aes128, tls-aes256, \
+             tls-chacha20 or tls-proxy"
         )
     })
 }
@@ -194,6 +196,9 @@ impl BenchArgs {
                  most {} MiB)",
                 ram_mib.saturating_sub(6)
             );
+        }
+        if self.disk_mib > 0 && modes.iter().any(|m| m.proxy) {
+            bail!("the tls-proxy mode carries the migration stream only, not NBD: drop --disk-mib");
         }
         Ok(BenchConfig {
             profile: match self.profile {
