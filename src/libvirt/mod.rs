@@ -39,7 +39,7 @@ use virt::connect::Connect;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-pub use xml::{DeclaredMonitor, DomainXml, QEMU_NS};
+pub use xml::{DeclaredMonitor, DiskSpec, DomainXml, QEMU_NS};
 
 /// The URI of the local system libvirtd's QEMU driver, as CloudStack's agent uses it.
 pub const DEFAULT_URI: &str = "qemu:///system";

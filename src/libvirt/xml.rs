@@ -35,6 +35,21 @@ pub struct DeclaredMonitor {
     pub path: PathBuf,
 }
 
+/// A disk of a domain, from its `<devices><disk>` element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The guest device name (`<target dev='vda'/>`): how disks are matched across hosts.
+    pub target: String,
+    /// `disk`, `cdrom`, `floppy` or `lun` (`<disk device=...>`; `disk` when absent).
+    pub device: String,
+    /// The image file (`<source file=...>`), for `type='file'` disks that have one.
+    pub file: Option<PathBuf>,
+    /// The image format (`<driver type='qcow2'/>`), if given.
+    pub format: Option<String>,
+    /// `<readonly/>` is present.
+    pub readonly: bool,
+}
+
 /// A domain's XML, checked to be a `<domain>` document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainXml {
@@ -88,6 +103,44 @@ impl DomainXml {
             .filter(|w| is_qmp_option(w[0].1))
             .find_map(|w| parse_unix_server(w[1].1))
             .map(|path| DeclaredMonitor { path }))
+    }
+
+    /// The domain's disks, in document order.
+    pub fn disks(&self) -> Result<Vec<DiskSpec>, LibvirtError> {
+        let doc = self.doc()?;
+        Ok(disk_elements(doc.root_element())
+            .into_iter()
+            .filter_map(|(disk, target)| {
+                Some(DiskSpec {
+                    target: target?.to_string(),
+                    device: disk.attribute("device").unwrap_or("disk").to_string(),
+                    file: child(disk, "source")
+                        .and_then(|s| s.attribute("file"))
+                        .map(PathBuf::from),
+                    format: child(disk, "driver")
+                        .and_then(|d| d.attribute("type"))
+                        .map(str::to_string),
+                    readonly: child(disk, "readonly").is_some(),
+                })
+            })
+            .collect())
+    }
+
+    /// The same XML with disk `target`'s image file (`<source file=...>`) set to `file`.
+    pub fn with_disk_file(&self, target: &str, file: &Path) -> Result<DomainXml, LibvirtError> {
+        let file = file
+            .to_str()
+            .ok_or_else(|| xml_error("the disk path is not UTF-8"))?;
+        let doc = self.doc()?;
+        let attr = disk_elements(doc.root_element())
+            .into_iter()
+            .find(|(_, t)| *t == Some(target))
+            .ok_or_else(|| xml_error(&format!("no disk with target {target:?}")))?
+            .0;
+        let attr = child(attr, "source")
+            .and_then(|s| s.attribute_node("file"))
+            .ok_or_else(|| xml_error(&format!("disk {target:?} has no <source file=...>")))?;
+        self.spliced(attr.range_value(), &escape(file))
     }
 
     /// The same XML with `<name>` set to `name`.
@@ -211,6 +264,16 @@ fn xml_error(reason: &str) -> LibvirtError {
 fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
     node.children()
         .find(|n| n.is_element() && n.tag_name().namespace().is_none() && n.has_tag_name(name))
+}
+
+/// Each `<devices><disk>` element with its `<target dev=...>`.
+fn disk_elements<'a, 'i>(root: Node<'a, 'i>) -> Vec<(Node<'a, 'i>, Option<&'a str>)> {
+    child(root, "devices")
+        .into_iter()
+        .flat_map(|d| d.children())
+        .filter(|n| n.is_element() && n.tag_name().namespace().is_none() && n.has_tag_name("disk"))
+        .map(|disk| (disk, child(disk, "target").and_then(|t| t.attribute("dev"))))
+        .collect()
 }
 
 /// The `value` of every `<qemu:arg>` in the domain's `<qemu:commandline>` elements, in order,
@@ -452,6 +515,60 @@ mod tests {
             .map(|(_, v)| v)
             .collect();
         assert_eq!(args, ["-S"]);
+    }
+
+    const DISKS: &str = "<domain type='qemu'>
+  <name>vm1</name>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/images/root.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <target dev='hdc' bus='ide'/>
+      <readonly/>
+    </disk>
+  </devices>
+</domain>
+";
+
+    #[test]
+    fn disks_are_read_with_target_file_and_format() {
+        let disks = xml(DISKS).disks().expect("disks");
+        assert_eq!(
+            disks,
+            [
+                DiskSpec {
+                    target: "vda".into(),
+                    device: "disk".into(),
+                    file: Some("/var/lib/images/root.qcow2".into()),
+                    format: Some("qcow2".into()),
+                    readonly: false,
+                },
+                DiskSpec {
+                    target: "hdc".into(),
+                    device: "cdrom".into(),
+                    file: None,
+                    format: None,
+                    readonly: true,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn with_disk_file_changes_only_that_disk() {
+        let moved = xml(DISKS)
+            .with_disk_file("vda", Path::new("/elsewhere/a'b.qcow2"))
+            .expect("edit");
+        let disks = moved.disks().expect("disks");
+        assert_eq!(disks[0].file, Some(PathBuf::from("/elsewhere/a'b.qcow2")));
+        assert_eq!(disks[1], xml(DISKS).disks().expect("disks")[1]);
+        assert!(matches!(
+            xml(DISKS).with_disk_file("vdz", Path::new("/x")),
+            Err(LibvirtError::Xml { .. })
+        ));
     }
 
     #[test]
