@@ -8,9 +8,14 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Packages besides QEMU: iproute2 for the two-host tests (network namespaces), libvirt-clients for
-# virt-pki-validate (the PKI checks are compared with it), gnutls-bin for gnutls-cli probes,
-# socat for the bench's tls-proxy mode (a packaged TLS proxy with OpenSSL).
-EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin socat)
+# virsh and virt-pki-validate (the PKI checks are compared with it), gnutls-bin for gnutls-cli
+# probes; libvirt-daemon-system for the libvirt tests (each test host runs its own libvirtd and
+# virtlogd, started by the tests, never as services); its -sysv flavour because no systemd runs
+# here, and the default -systemd one would upgrade systemd itself. libvirt-dev and pkg-config let
+# the `virt` crate (libvirt's Rust bindings) link against libvirt.so. socat for the bench's
+# tls-proxy mode (a packaged TLS proxy with OpenSSL).
+EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin socat
+    libvirt-daemon-system libvirt-daemon-system-sysv libvirt-dev pkg-config)
 
 have_qemu_72() {
     command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
@@ -25,7 +30,7 @@ have_extras() {
 }
 
 if have_qemu_72 && have_extras; then
-    echo "setup: QEMU 7.2 and test tools already installed"
+    echo "setup: QEMU 7.2, libvirt and test tools already installed"
     exit 0
 fi
 
@@ -44,6 +49,17 @@ case "$version" in
     *) echo "setup: qemu-system-x86 candidate is $version, expected 7.2 (Debian 12)" >&2; exit 1 ;;
 esac
 
+# Installing libvirt-daemon-system must not start libvirtd or virtlogd: the tests start their own,
+# in their own namespaces. Debian's invoke-rc.d asks /usr/sbin/policy-rc.d (exit 101: "denied");
+# put one in place for the install when the image has none.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+
+# libvirt's QEMU driver does not pull in a qemu-system package with --no-install-recommends, and
+# QEMU is pinned to 7.2 in this same call, so the libvirt packages cannot bring another QEMU.
 $SUDO apt-get install -y -q --allow-downgrades --no-install-recommends \
     "qemu-system-x86=$version" "qemu-utils=$version" \
     "${EXTRA_PACKAGES[@]}"

@@ -5,6 +5,8 @@
 //!   source.
 //! - [`migration`]: the plan (preflight, prepare destination, migrate RAM, switchover, finish)
 //!   with an undo stack that rolls back whatever was done.
+//! - [`libvirt`]: libvirt domains as endpoints: lookup, state, XML, declared QMP monitor,
+//!   create-paused / resume / destroy.
 //! - [`peer`]: the mutual-TLS control channel between a source and a destination host.
 //! - [`pki`]: load, validate and create PKI directories; decides whether a side is *secured*.
 //! - [`bench`]: benchmark harness (TLS against TCP, interleaved, with reports).
@@ -16,6 +18,7 @@
 
 pub mod bench;
 pub mod host;
+pub mod libvirt;
 pub mod migration;
 pub mod peer;
 pub mod pki;

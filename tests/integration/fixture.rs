@@ -923,3 +923,433 @@ pub fn connect_in_netns(netns: &str, addr: &str) -> tokio::net::TcpStream {
     stream.set_nonblocking(true).expect("nonblocking");
     tokio::net::TcpStream::from_std(stream).expect("tokio stream")
 }
+
+/// The user libvirt's QEMU runs as on Debian (`qemu.conf` default).
+pub const LIBVIRT_QEMU_USER: &str = "libvirt-qemu";
+/// How long a libvirt host's daemons may take to open their sockets.
+pub const LIBVIRT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A libvirt host: a real `libvirtd` with its `virtlogd`, in network namespace `netns` and in a
+/// mount namespace of its own, where `/run`, `/etc/libvirt`, `/var/lib/libvirt`,
+/// `/var/log/libvirt` and `/var/cache/libvirt` are this host's directories under `dir` (so two
+/// hosts do not see each other's domains) and `/dev/kvm` is hidden (see QEMU-NOTES: libvirt
+/// would re-probe QEMU for 30+ s on every `define`, since its QEMU may not use `/dev/kvm`).
+///
+/// A holder process (`sleep`) keeps the mount namespace; the daemons run in the foreground as
+/// our children, entered into both namespaces with `nsenter`. Because `/run` there is `dir/run`
+/// bind-mounted, the libvirtd socket is reachable from outside at
+/// `dir/run/libvirt/libvirt-sock` ([`LibvirtHost::uri`]). On drop, the QEMUs libvirt started
+/// (daemonised, found by their pid files) are killed, then the daemons and the holder.
+pub struct LibvirtHost {
+    pub netns: String,
+    pub dir: TempDir,
+    /// How long [`LibvirtHost::start`] took, until both daemons answered on their sockets.
+    pub started_in: Duration,
+    holder: std::process::Child,
+    virtlogd: std::process::Child,
+    libvirtd: std::process::Child,
+}
+
+impl LibvirtHost {
+    /// Starts libvirtd and virtlogd for a host living in network namespace `netns`, and waits
+    /// until both accept connections on their sockets.
+    pub fn start(netns: &str) -> LibvirtHost {
+        use std::io::BufRead;
+        use std::os::unix::fs::PermissionsExt;
+        let t0 = std::time::Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix("qtm-libvirt-")
+            .tempdir()
+            .expect("libvirt host dir");
+        let root = dir.path();
+        // libvirt's QEMU (user libvirt-qemu) reaches disk images and QMP sockets below `dir`.
+        open_path_for_others(root);
+        let copy = |from: &str, to: &str| {
+            let out = std::process::Command::new("cp")
+                .args(["-a", from])
+                .arg(root.join(to))
+                .output()
+                .expect("cp");
+            assert!(out.status.success(), "cp -a {from}: {out:?}");
+        };
+        copy("/etc/libvirt", "etc");
+        copy("/var/lib/libvirt", "lib");
+        copy("/var/log/libvirt", "log");
+        copy("/var/cache/libvirt", "cache");
+        std::fs::create_dir_all(root.join("run/lock")).expect("run dir");
+        std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod run");
+        std::fs::write(root.join("kvm"), b"").expect("kvm stand-in");
+        std::fs::set_permissions(root.join("kvm"), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod kvm stand-in");
+        for sub in ["images", "qmp"] {
+            std::fs::create_dir(root.join(sub)).expect("host subdir");
+        }
+        // QEMU creates its QMP sockets in `qmp/`: root:libvirt-qemu 0770.
+        let group = nix::unistd::Group::from_name(LIBVIRT_QEMU_USER)
+            .expect("group lookup")
+            .expect("group libvirt-qemu (scripts/setup.sh installs libvirt)");
+        nix::unistd::chown(&root.join("qmp"), None, Some(group.gid)).expect("chown qmp");
+        std::fs::set_permissions(root.join("qmp"), std::fs::Permissions::from_mode(0o770))
+            .expect("chmod qmp");
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("etc/qemu.conf"))
+            .expect("qemu.conf");
+        std::io::Write::write_all(
+            &mut conf,
+            b"\n# qemu-tls-migrate test host\n\
+              cgroup_controllers = [ ]\n\
+              namespaces = [ ]\n\
+              security_driver = \"none\"\n",
+        )
+        .expect("write qemu.conf");
+
+        // The holder: enters `netns`, unshares a private mount namespace, mounts this host's
+        // directories, says so, and sleeps until killed.
+        let script = r#"set -e
+mount --bind "$1/run" /run
+mount --bind "$1/etc" /etc/libvirt
+mount --bind "$1/lib" /var/lib/libvirt
+mount --bind "$1/log" /var/log/libvirt
+mount --bind "$1/cache" /var/cache/libvirt
+if [ -e /dev/kvm ]; then mount --bind "$1/kvm" /dev/kvm; fi
+echo ready
+exec sleep infinity >/dev/null"#;
+        let mut holder = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "unshare", "--mount"])
+            .args(["--propagation", "private", "sh", "-c", script, "sh"])
+            .arg(root)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the namespace holder");
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().expect("holder stdout"))
+            .read_line(&mut line)
+            .expect("read the holder");
+        assert_eq!(line.trim(), "ready", "the namespace holder failed to mount");
+        let holder_pid = holder.id().to_string();
+
+        let daemon = |program: &str| {
+            let log = std::fs::File::create(root.join(format!("{program}.log"))).expect("log");
+            std::process::Command::new("nsenter")
+                .args(["--target", &holder_pid, "--mount", "--net", program])
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {program}: {e}"))
+        };
+        let virtlogd = daemon("virtlogd");
+        let libvirtd = daemon("libvirtd");
+        let mut host = LibvirtHost {
+            netns: netns.to_string(),
+            dir,
+            started_in: Duration::ZERO,
+            holder,
+            virtlogd,
+            libvirtd,
+        };
+        for sock in ["virtlogd-sock", "libvirt-sock"] {
+            host.wait_for_socket(&host.run_dir().join("libvirt").join(sock));
+        }
+        host.started_in = t0.elapsed();
+        host
+    }
+
+    /// Makes libvirtd probe QEMU's capabilities now (`virsh domcapabilities`; about 2 s on this
+    /// machine, which the first `define` or `create` would otherwise pay).
+    pub fn probe_qemu(&self) {
+        let out = std::process::Command::new("nsenter")
+            .args([
+                "--target",
+                &self.holder.id().to_string(),
+                "--mount",
+                "--net",
+            ])
+            .args([
+                "virsh",
+                "-c",
+                "qemu:///system",
+                "domcapabilities",
+                "--virttype",
+                "qemu",
+            ])
+            .output()
+            .expect("virsh domcapabilities");
+        assert!(
+            out.status.success(),
+            "virsh domcapabilities: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Gives this host the QEMU capabilities cache `other` probed. libvirtd reads its cache
+    /// when first needed and finds it valid (same QEMU, same hidden `/dev/kvm`), so this host
+    /// skips the probe.
+    pub fn seed_qemu_capabilities(&self, other: &LibvirtHost) {
+        let to = self.dir.path().join("cache/qemu");
+        let _ = std::fs::remove_dir_all(to.join("capabilities"));
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(other.dir.path().join("cache/qemu/capabilities"))
+            .arg(&to)
+            .output()
+            .expect("cp");
+        assert!(out.status.success(), "copy the capabilities cache: {out:?}");
+    }
+
+    /// This host's `/run`, seen from outside its mount namespace.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// A directory QEMU (as libvirt-qemu) can create QMP sockets in.
+    pub fn qmp_dir(&self) -> PathBuf {
+        self.dir.path().join("qmp")
+    }
+
+    /// A directory for this host's disk images, reachable by libvirt-qemu.
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
+    /// A libvirt URI that reaches this host's libvirtd from outside its namespaces.
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu+unix:///system?socket={}",
+            self.run_dir().join("libvirt/libvirt-sock").display()
+        )
+    }
+
+    /// A command that runs `program` inside this host's network and mount namespaces (where
+    /// `qemu:///system` is this host's libvirtd). Paths given to it must be absolute.
+    pub fn command(&self, program: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.args([
+            "--target",
+            &self.holder.id().to_string(),
+            "--mount",
+            "--net",
+        ])
+        .arg(program)
+        .kill_on_drop(true);
+        cmd
+    }
+
+    /// `virsh -c qemu:///system ARGS` run inside this host.
+    pub async fn virsh(&self, args: &[&str]) -> Output {
+        self.command("virsh")
+            .args(["-c", "qemu:///system"])
+            .args(args)
+            .output()
+            .await
+            .expect("run virsh")
+    }
+
+    /// `virsh ARGS`'s standard output, trimmed; panics with its stderr when it fails.
+    pub async fn virsh_ok(&self, args: &[&str]) -> String {
+        let out = self.virsh(args).await;
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Runs the `qemu-tls-migrate` binary inside this host.
+    pub async fn run_cli(&self, args: &[&str]) -> Output {
+        self.command(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+            .args(args)
+            .output()
+            .await
+            .expect("run qemu-tls-migrate in a libvirt host")
+    }
+
+    fn wait_for_socket(&mut self, path: &Path) {
+        let deadline = std::time::Instant::now() + LIBVIRT_START_TIMEOUT;
+        loop {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return;
+            }
+            let exited = [
+                ("libvirtd", &mut self.libvirtd),
+                ("virtlogd", &mut self.virtlogd),
+            ]
+            .into_iter()
+            .find_map(|(name, child)| match child.try_wait() {
+                Ok(Some(status)) => Some((name, status)),
+                _ => None,
+            });
+            if let Some((name, status)) = exited {
+                panic!("{name} exited ({status}): {}", self.log_tail(name));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no socket at {} after {LIBVIRT_START_TIMEOUT:?}: {}",
+                path.display(),
+                self.log_tail("libvirtd")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last lines a daemon wrote (`libvirtd`, `virtlogd`).
+    pub fn log_tail(&self, daemon: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// PIDs of the QEMU processes libvirt started here (its pid files in `/run/libvirt/qemu`).
+    fn qemu_pids(&self) -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir(self.run_dir().join("libvirt/qemu")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for LibvirtHost {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        if std::thread::panicking() {
+            eprintln!(
+                "--- libvirtd ({}): {}",
+                self.netns,
+                self.log_tail("libvirtd")
+            );
+            if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log/qemu")) {
+                for e in entries.flatten() {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(10).collect();
+                    eprintln!("--- {}: {:?}", e.path().display(), tail);
+                }
+            }
+        }
+        for pid in self.qemu_pids() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.starts_with("qemu-system") {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        for child in [&mut self.libvirtd, &mut self.virtlogd] {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Two libvirt hosts on [`TwoHosts`]' namespaces: `a` (the destination) and `b` (the source).
+/// Tests that run at the same time share one pair ([`LibvirtPair::shared`]); it goes away when
+/// the last of them drops it.
+pub struct LibvirtPair {
+    pub a: LibvirtHost,
+    pub b: LibvirtHost,
+    pub hosts: TwoHosts,
+    /// How long [`LibvirtPair::start`] took, QEMU probe included.
+    pub ready_in: Duration,
+}
+
+impl LibvirtPair {
+    /// Starts both hosts (in parallel), and has them ready to define domains at once: `a`
+    /// probes QEMU, `b` gets `a`'s capabilities cache (one probe per pair, not two).
+    pub fn start() -> LibvirtPair {
+        let t0 = std::time::Instant::now();
+        let hosts = TwoHosts::create();
+        let (a_ns, b_ns) = (hosts.a.clone(), hosts.b.clone());
+        let a = std::thread::spawn(move || {
+            let a = LibvirtHost::start(&a_ns);
+            a.probe_qemu();
+            a
+        });
+        let b = LibvirtHost::start(&b_ns);
+        let a = a.join().expect("libvirt host a");
+        b.seed_qemu_capabilities(&a);
+        let ready_in = t0.elapsed();
+        // Shown with --nocapture: the cost of a pair, for the suite's time budget.
+        eprintln!(
+            "libvirt pair: daemons answering after {:?} (a) and {:?} (b), ready after {ready_in:?}",
+            a.started_in, b.started_in
+        );
+        LibvirtPair {
+            a,
+            b,
+            hosts,
+            ready_in,
+        }
+    }
+
+    /// The pair other running tests use, or a new one.
+    pub fn shared() -> Arc<LibvirtPair> {
+        static SHARED: Mutex<std::sync::Weak<LibvirtPair>> = Mutex::new(std::sync::Weak::new());
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pair) = shared.upgrade() {
+            return pair;
+        }
+        let pair = Arc::new(LibvirtPair::start());
+        *shared = Arc::downgrade(&pair);
+        pair
+    }
+}
+
+/// A unique domain name for a test (`qtm-<what>-<pid>-<n>`).
+pub fn domain_name(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    format!(
+        "qtm-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The XML of a small test domain: TCG (`type='qemu'`: libvirt's QEMU may not open
+/// `/dev/kvm`), [`RAM_MIB`], SeaBIOS idling with no bootable disk, one virtio qcow2 disk
+/// `vda` at `disk`, no network, and, when `monitor` is given, a QMP monitor there declared in
+/// `<qemu:commandline>`.
+pub fn small_domain_xml(name: &str, disk: &Path, monitor: Option<&Path>) -> String {
+    let commandline = monitor
+        .map(|m| {
+            format!(
+                "  <qemu:commandline>\n    <qemu:arg value='-qmp'/>\n    \
+                 <qemu:arg value='unix:{},server=on,wait=off'/>\n  </qemu:commandline>\n",
+                m.display()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>{RAM_MIB}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <memballoon model='none'/>
+  </devices>
+{commandline}</domain>
+",
+        disk = disk.display()
+    )
+}

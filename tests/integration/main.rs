@@ -6,6 +6,7 @@ mod block;
 mod cli;
 mod fixture;
 mod host;
+mod libvirt;
 mod migration;
 mod pki;
 mod remote;

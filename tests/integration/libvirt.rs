@@ -1,0 +1,157 @@
+//! The libvirt layer against real libvirtd 9.0 daemons: two [`LibvirtHost`]s (source `b`,
+//! destination `a`), shared by the tests of this file that run at the same time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qemu_tls_migrate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
+use qemu_tls_migrate::qemu::QueryStatus;
+use qemu_tls_migrate::qmp::Qmp;
+
+use crate::fixture::{LibvirtHost, LibvirtPair, domain_name, small_domain_xml};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An empty qcow2 image of 64 MiB at `path`.
+fn qcow2(path: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("64M")
+        .output()
+        .expect("qemu-img create");
+    assert!(out.status.success(), "qemu-img create: {out:?}");
+}
+
+/// Defines and starts (with `virsh`, inside `host`) a small domain with a qcow2 disk and a QMP
+/// monitor declared in `<qemu:commandline>`; returns its name and monitor path.
+async fn start_domain(host: &LibvirtHost, what: &str) -> (String, PathBuf) {
+    let name = domain_name(what);
+    let disk = host.images_dir().join(format!("{name}.qcow2"));
+    qcow2(&disk);
+    let monitor = host.qmp_dir().join(format!("{name}.sock"));
+    let xml_path = host.dir.path().join(format!("{name}.xml"));
+    std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
+    let xml_arg = xml_path.to_str().expect("UTF-8 path");
+    host.virsh_ok(&["define", xml_arg]).await;
+    host.virsh_ok(&["start", &name]).await;
+    (name, monitor)
+}
+
+#[tokio::test]
+async fn libvirt_domain_is_found_with_its_declared_monitor_answering_qmp() {
+    let pair = LibvirtPair::shared();
+    let (name, monitor) = start_domain(&pair.b, "found").await;
+
+    let libvirt = Libvirt::connect(&pair.b.uri()).expect("connect");
+    let domain = libvirt.domain(&name).expect("lookup");
+    let state = domain.state().expect("state");
+    let job = domain.job_active().expect("job");
+    let xml = domain.migratable_xml().expect("XML");
+    let declared = domain.declared_monitor().expect("monitor");
+    let qmp = Qmp::connect(&monitor, QMP_TIMEOUT).await.expect("QMP");
+    let status = qmp.call(&QueryStatus).await.expect("query-status").status;
+    drop(qmp);
+
+    assert_eq!(state.kind, StateKind::Running);
+    assert!(!job, "no libvirt job runs on a freshly started domain");
+    assert_eq!(xml.name().expect("name"), name);
+    assert_eq!(declared, Some(monitor.clone()));
+    assert_eq!(
+        xml.declared_monitor().expect("monitor").map(|m| m.path),
+        Some(monitor),
+        "dumpxml --migratable keeps the <qemu:commandline> monitor"
+    );
+    assert_eq!(status, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    assert!(
+        !pair.a.virsh(&["domstate", &name]).await.status.success(),
+        "host a must not see host b's domain"
+    );
+}
+
+#[tokio::test]
+async fn unknown_domain_is_an_error_naming_it() {
+    let pair = LibvirtPair::shared();
+    let libvirt = Libvirt::connect(&pair.a.uri()).expect("connect");
+
+    let err = libvirt
+        .domain("qtm-no-such-domain")
+        .expect_err("no such domain");
+
+    assert!(
+        matches!(&err, LibvirtError::NoSuchDomain { name, .. } if name == "qtm-no-such-domain"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("\"qtm-no-such-domain\""), "{err}");
+}
+
+#[tokio::test]
+async fn migratable_xml_starts_paused_on_the_other_host_then_resumes_and_is_destroyed() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "copied").await;
+    let source = Libvirt::connect(&pair.b.uri()).expect("connect b");
+    let xml = source
+        .domain(&name)
+        .and_then(|d| d.migratable_xml())
+        .expect("migratable XML");
+    let copy_name = format!("{name}-copy");
+    let copy_disk = pair.a.images_dir().join(format!("{copy_name}.qcow2"));
+    qcow2(&copy_disk);
+    let copy_monitor = pair.a.qmp_dir().join(format!("{copy_name}.sock"));
+    let copy_xml: DomainXml = xml
+        .with_name(&copy_name)
+        .and_then(|x| x.without_uuid())
+        .and_then(|x| x.with_disk_file("vda", &copy_disk))
+        .and_then(|x| x.with_monitor(&copy_monitor))
+        .expect("edited XML");
+    let dest = Libvirt::connect(&pair.a.uri()).expect("connect a");
+
+    let created = dest.create_paused(&copy_xml).expect("create paused");
+    let uuids = (
+        created.uuid().expect("uuid"),
+        source.domain(&name).and_then(|d| d.uuid()).expect("uuid"),
+    );
+    let paused = created.state().expect("state");
+    let paused_virsh = pair.a.virsh_ok(&["domstate", "--reason", &copy_name]).await;
+    let qmp = Qmp::connect(&copy_monitor, QMP_TIMEOUT).await.expect("QMP");
+    let qemu_paused = qmp.call(&QueryStatus).await.expect("query-status").status;
+    drop(qmp);
+    created.resume().expect("resume");
+    let resumed = created.state().expect("state");
+    let resumed_virsh = pair.a.virsh_ok(&["domstate", "--reason", &copy_name]).await;
+    created.destroy().expect("destroy");
+    let after_destroy = dest.domain(&copy_name);
+
+    assert_eq!(paused.kind, StateKind::Paused);
+    assert_eq!(paused_virsh, "paused (user)");
+    assert_eq!(qemu_paused, "prelaunch");
+    assert_ne!(uuids.0, uuids.1, "the copy got a new UUID");
+    assert_eq!(resumed.kind, StateKind::Running);
+    assert_eq!(resumed_virsh, "running (unpaused)");
+    assert!(
+        matches!(after_destroy, Err(LibvirtError::NoSuchDomain { .. })),
+        "a destroyed transient domain is gone: {after_destroy:?}"
+    );
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+}
+
+#[tokio::test]
+async fn our_binary_runs_inside_a_libvirt_host_and_sees_its_libvirtd() {
+    let pair = LibvirtPair::shared();
+
+    let version = pair.a.run_cli(&["--version"]).await;
+    let socket = pair
+        .a
+        .command("test")
+        .args(["-S", "/run/libvirt/libvirt-sock"])
+        .status()
+        .await
+        .expect("test -S");
+
+    assert!(version.status.success(), "{version:?}");
+    assert!(
+        socket.success(),
+        "the host's /run/libvirt is visible inside it"
+    );
+}
