@@ -68,6 +68,10 @@ pub enum MigrationError {
     PlainRefused,
     #[error("bad request: {desc}")]
     BadRequest { desc: String },
+    #[error("libvirt")]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
+    #[error("the libvirt domain {name} cannot be migrated: {reason}")]
+    DomainNotMovable { name: String, reason: String },
     #[error("cannot reach the {side} QEMU's QMP socket {socket}")]
     Connect {
         side: Side,
@@ -185,6 +189,11 @@ impl MigrationError {
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
             MigrationError::Cancelled => ErrorKind::Cancelled,
             MigrationError::BadOptions { .. } => ErrorKind::Usage,
+            MigrationError::Libvirt(crate::libvirt::LibvirtError::NoSuchDomain { .. }) => {
+                ErrorKind::NoSuchDomain
+            }
+            MigrationError::Libvirt(_) => ErrorKind::Libvirt,
+            MigrationError::DomainNotMovable { .. } => ErrorKind::DomainNotMovable,
         }
     }
 

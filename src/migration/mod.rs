@@ -308,6 +308,59 @@ impl MigrationOptions {
     }
 }
 
+/// The QMP socket of the libvirt domain `name` (at `uri`), checked movable: active, running or
+/// paused, no libvirt job on it, and a QMP monitor declared in its `<qemu:commandline>` (the
+/// tool then talks to QEMU beside libvirt, which keeps its own monitor). Runs libvirt's blocking
+/// calls off the async threads, within `timeout`.
+pub async fn domain_endpoint(
+    uri: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<PathBuf, MigrationError> {
+    use crate::libvirt::{Libvirt, StateKind};
+    let (uri, owned) = (uri.to_string(), name.to_string());
+    let lookup = tokio::task::spawn_blocking(move || -> Result<PathBuf, MigrationError> {
+        let name = owned;
+        let refuse = |reason: String| MigrationError::DomainNotMovable {
+            name: name.clone(),
+            reason,
+        };
+        let domain = Libvirt::connect(&uri)?.domain(&name)?;
+        let state = domain.state()?;
+        if !matches!(state.kind, StateKind::Running | StateKind::Paused) {
+            return Err(refuse(format!(
+                "it is {}; only a running or paused domain can be migrated",
+                state.kind.as_str()
+            )));
+        }
+        if domain.job_active()? {
+            return Err(refuse(
+                "libvirt has a job running on it (another migration, a save, a snapshot); \
+                 wait for it to end"
+                    .into(),
+            ));
+        }
+        domain.declared_monitor()?.ok_or_else(|| {
+            refuse(
+                "it declares no QMP monitor: add <qemu:commandline> <qemu:arg value='-qmp'/> \
+                 <qemu:arg value='unix:PATH,server=on,wait=off'/> to its XML (QMP passthrough \
+                 through libvirt is not supported yet)"
+                    .into(),
+            )
+        })
+    });
+    match tokio::time::timeout(timeout, lookup).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(MigrationError::Failed {
+            desc: "the libvirt lookup panicked".into(),
+        }),
+        Err(_) => Err(MigrationError::DomainNotMovable {
+            name: name.to_string(),
+            reason: format!("libvirt did not answer within {timeout:?}"),
+        }),
+    }
+}
+
 /// The transport decision and any warning that goes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportDecision {

@@ -156,6 +156,9 @@ pub enum ErrorKind {
     Channel,
     Credentials,
     Listen,
+    NoSuchDomain,
+    DomainNotMovable,
+    Libvirt,
     #[serde(other)]
     Other,
 }
@@ -195,6 +198,9 @@ impl ErrorKind {
             ErrorKind::Channel => "channel",
             ErrorKind::Credentials => "credentials",
             ErrorKind::Listen => "listen",
+            ErrorKind::NoSuchDomain => "no-such-domain",
+            ErrorKind::DomainNotMovable => "domain-not-movable",
+            ErrorKind::Libvirt => "libvirt",
             ErrorKind::Other => "other",
         }
     }

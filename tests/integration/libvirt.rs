@@ -155,3 +155,88 @@ async fn our_binary_runs_inside_a_libvirt_host_and_sees_its_libvirtd() {
         "the host's /run/libvirt is visible inside it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_migrates_by_name_over_tls_into_a_domain_waiting_on_the_other_host() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "by-name").await;
+    let xml = Libvirt::connect(&pair.b.uri())
+        .and_then(|l| l.domain(&name))
+        .and_then(|d| d.migratable_xml())
+        .expect("migratable XML");
+    // The destination as `serve --libvirt` is to make it: the same XML, its own empty disk and
+    // monitor, started paused and waiting with -incoming defer.
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    qcow2(&dest_disk);
+    let dest_monitor = pair.a.qmp_dir().join(format!("{name}-in.sock"));
+    let dest_xml = xml
+        .with_disk_file("vda", &dest_disk)
+        .and_then(|x| x.with_monitor(&dest_monitor))
+        .and_then(|x| x.with_qemu_args(&["-incoming", "defer"]))
+        .expect("destination XML");
+    Libvirt::connect(&pair.a.uri())
+        .and_then(|l| l.create_paused(&dest_xml))
+        .expect("destination domain");
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let (b_uri, a_monitor) = (pair.b.uri(), dest_monitor.display().to_string());
+    let (pki_a, pki_b) = (pki_a.display().to_string(), pki_b.display().to_string());
+
+    let out = crate::fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--domain",
+        &name,
+        "--connect",
+        &b_uri,
+        "--dest-qmp",
+        &a_monitor,
+        "--dest-host",
+        "host-a",
+        "--dest-address",
+        &pair.hosts.a_addr,
+        "--source-pki-dir",
+        &pki_b,
+        "--dest-pki-dir",
+        &pki_a,
+        "--all-local-disks",
+    ])
+    .await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["transport"], "tls");
+    assert_eq!(json["disks"].as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test]
+async fn an_unknown_domain_is_refused_by_name_with_exit_3() {
+    let pair = LibvirtPair::shared();
+    let uri = pair.b.uri();
+
+    let out = crate::fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--domain",
+        "qtm-no-such-domain",
+        "--connect",
+        &uri,
+        "--dest-qmp",
+        "/nonexistent.sock",
+        "--dest-host",
+        "host-a",
+    ])
+    .await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "no-such-domain", "{json}");
+}

@@ -120,8 +120,21 @@ With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"
 )]
 pub struct MigrateArgs {
     /// QMP socket of the running source QEMU.
-    #[arg(long, value_name = "PATH")]
-    pub source_qmp: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "domain",
+        conflicts_with = "domain"
+    )]
+    pub source_qmp: Option<PathBuf>,
+    /// Migrate this libvirt domain (instead of --source-qmp): it must be running or paused, with
+    /// no libvirt job on it, and declare a QMP monitor in its <qemu:commandline> (-qmp
+    /// unix:PATH,server=on,wait=off), which the tool uses beside libvirt's own.
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    /// libvirt URI for --domain.
+    #[arg(long, value_name = "URI", default_value = qemu_tls_migrate::libvirt::DEFAULT_URI)]
+    pub connect: String,
     /// QMP socket of the destination QEMU (started with -incoming defer). With --to: the
     /// socket's file name in the destination service's --qmp-dir.
     #[arg(long, value_name = "PATH|NAME")]
@@ -198,7 +211,8 @@ pub struct MigrateArgs {
 impl MigrateArgs {
     pub fn options(&self) -> anyhow::Result<MigrationOptions> {
         let source = Endpoint {
-            qmp: self.source_qmp.clone(),
+            // With --domain, filled in from libvirt before the migration starts.
+            qmp: self.source_qmp.clone().unwrap_or_default(),
             pki_dir: absolute_dir(self.source_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let dest = Endpoint {
@@ -484,7 +498,17 @@ pub fn outcome_of(report: &Report) -> Outcome {
 }
 
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let options = args.options()?;
+    let mut options = args.options()?;
+    if let Some(name) = &args.domain {
+        match migration::domain_endpoint(&args.connect, name, options.qmp_timeout).await {
+            Ok(qmp) => options.source.qmp = qmp,
+            Err(e) => {
+                let report = Report::refused(e, Duration::ZERO);
+                print_report(&report, args.tuning.json);
+                return Ok(outcome_of(&report));
+            }
+        }
+    }
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),
         server_name: args.dest_host.clone(),
