@@ -518,6 +518,13 @@ impl Run<'_> {
                 self.marks.switched = Some(Instant::now());
             }
         }
+        // A poll may have seen the end before the queued events were read: the STOP among
+        // them dates the guest's pause.
+        while let Some(e) = src_events.try_next() {
+            if e.event == "STOP" {
+                self.stopped_at_us = e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds);
+            }
+        }
         let info = qmp(
             Side::Source,
             "query-migrate",

@@ -29,8 +29,8 @@ fn migrate_args<'a>(pair: &'a Pair, src_pki: &'a str, dst_pki: &'a str) -> Vec<S
     .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
+/// A lab, a started pair and the `migrate --json` arguments of a TLS migration between them.
+async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
     let lab = Lab::new("Test CA");
     let (src, dst) = (
         lab.host("src", &["src-host"]),
@@ -42,6 +42,12 @@ async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
         src.to_str().expect("utf-8"),
         dst.to_str().expect("utf-8"),
     );
+    (lab, pair, args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
+    let (_lab, _pair, args) = tls_pair_and_args().await;
 
     let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
 
@@ -198,17 +204,7 @@ async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage(
 /// first at once, each next one as soon as the tool said it is cancelling. Returns the pair,
 /// the tool's output and everything it wrote on stderr after the first signal.
 async fn migrate_and_signal(signals: &[Signal]) -> (Lab, Pair, Output, String) {
-    let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let pair = Pair::start().await;
-    let mut args = migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let (lab, pair, mut args) = tls_pair_and_args().await;
     args.extend(["--max-bandwidth".to_string(), "8M".to_string()]);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
         .args(&args)
@@ -353,17 +349,7 @@ async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multifd_auto_picks_channels_from_the_cpus_and_reports_them() {
-    let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let pair = Pair::start().await;
-    let mut args = migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let (_lab, _pair, mut args) = tls_pair_and_args().await;
     args.extend(["--multifd".to_string(), "auto".to_string()]);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
 
