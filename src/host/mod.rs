@@ -169,6 +169,19 @@ pub struct HostStatus {
     pub pki_dir: PathBuf,
     /// Configuration that differs from what `host secure` sets; does not affect `secured`.
     pub warnings: Vec<String>,
+    /// Whether libvirt's own native-TLS migration (`virsh migrate --tls`, CloudStack's
+    /// primary path, with this tool as its fallback) would work on this host.
+    pub libvirt_tls_migration: LibvirtTlsStatus,
+}
+
+/// What `virsh migrate --tls` needs of this host: QEMU's PKI directory usable (libvirt's
+/// `migrate_tls_x509_cert_dir` defaults to it), libvirt's own certificates for the
+/// `qemu+tls://` connection between the two libvirtds, and libvirtd listening with TLS.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LibvirtTlsStatus {
+    pub ready: bool,
+    /// Why not: one line per problem, each naming the file or setting and what to do.
+    pub reasons: Vec<String>,
 }
 
 /// Whether the host under `root` is secured: its PKI directory (`qemu.conf`'s
@@ -208,12 +221,61 @@ pub fn status(root: &Path) -> HostStatus {
         }
     }
     let secured = reasons.is_empty();
+    let libvirt_tls_migration = libvirt_tls_status(root, secured);
     tracing::debug!(secured, reasons = reasons.len(), "host status");
     HostStatus {
         secured,
         reasons,
         pki_dir,
         warnings,
+        libvirt_tls_migration,
+    }
+}
+
+/// See [`LibvirtTlsStatus`].
+fn libvirt_tls_status(root: &Path, qemu_pki_usable: bool) -> LibvirtTlsStatus {
+    let mut reasons = Vec::new();
+    if !qemu_pki_usable {
+        reasons.push(
+            "QEMU's PKI directory is not usable (see reasons above); libvirt's migration TLS \
+             uses it too"
+                .to_string(),
+        );
+    }
+    for file in [
+        LIBVIRT_CA_CERT,
+        LIBVIRT_SERVER_CERT,
+        LIBVIRT_SERVER_KEY,
+        LIBVIRT_CLIENT_CERT,
+        LIBVIRT_CLIENT_KEY,
+    ] {
+        // Through symlinks, as libvirtd reads it (`host secure` links these into the PKI dir).
+        let present = resolve_under(root, Path::new(file))
+            .ok()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|m| m.is_file());
+        if !present {
+            reasons.push(format!(
+                "{file}: missing; libvirtd needs it for qemu+tls:// between hosts (run \
+                 `qemu-tls-migrate host secure`)"
+            ));
+        }
+    }
+    let libvirtd_conf = read_config(root, LIBVIRTD_CONF);
+    let listen_tls = get_setting(&libvirtd_conf, "listen_tls");
+    if listen_tls
+        .as_deref()
+        .is_some_and(|v| conf::unquoted(v) == "0")
+    {
+        reasons.push(format!(
+            "{LIBVIRTD_CONF}: listen_tls is 0; set it to 1 and run libvirtd with --listen (or \
+             its TLS socket unit) so the other host's libvirtd can reach port \
+             {LIBVIRTD_TLS_PORT}"
+        ));
+    }
+    LibvirtTlsStatus {
+        ready: reasons.is_empty(),
+        reasons,
     }
 }
 

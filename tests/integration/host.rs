@@ -385,6 +385,16 @@ fn host_status_reports_unsecured_then_secured() {
     assert_eq!(after["secured"], true, "{after:#}");
     assert_eq!(after["reasons"], serde_json::json!([]));
     assert_eq!(after["warnings"], serde_json::json!([]));
+    assert_eq!(before["libvirt_tls_migration"]["ready"], false);
+    assert!(
+        before["libvirt_tls_migration"]["reasons"]
+            .as_array()
+            .is_some_and(|r| r
+                .iter()
+                .any(|x| x.as_str().is_some_and(|s| s.contains("servercert.pem")))),
+        "{before:#}"
+    );
+    assert_eq!(after["libvirt_tls_migration"]["ready"], true, "{after:#}");
 }
 
 #[test]

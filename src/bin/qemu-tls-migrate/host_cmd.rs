@@ -207,6 +207,15 @@ fn status(args: StatusArgs) -> anyhow::Result<Outcome> {
         for warning in &status.warnings {
             println!("  warning: {warning}");
         }
+        let native = &status.libvirt_tls_migration;
+        if native.ready {
+            println!("libvirt's own TLS migration (virsh migrate --tls): ready");
+        } else {
+            println!("libvirt's own TLS migration (virsh migrate --tls): not ready:");
+            for reason in &native.reasons {
+                println!("  {reason}");
+            }
+        }
     }
     Ok(if status.secured {
         Outcome::Success
