@@ -72,6 +72,11 @@ pub enum MigrationError {
     Libvirt(#[from] crate::libvirt::LibvirtError),
     #[error("the libvirt domain {name} cannot be migrated: {reason}")]
     DomainNotMovable { name: String, reason: String },
+    #[error(
+        "a domain named {name} is already running on the destination host; a VM must never run \
+         twice: stop or rename that one first"
+    )]
+    DomainExists { name: String },
     #[error("cannot reach the {side} QEMU's QMP socket {socket}")]
     Connect {
         side: Side,
@@ -194,6 +199,7 @@ impl MigrationError {
             }
             MigrationError::Libvirt(_) => ErrorKind::Libvirt,
             MigrationError::DomainNotMovable { .. } => ErrorKind::DomainNotMovable,
+            MigrationError::DomainExists { .. } => ErrorKind::DomainExists,
         }
     }
 

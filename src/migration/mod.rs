@@ -209,6 +209,8 @@ pub struct MigrationOptions {
     pub shared_disks: Vec<String>,
     /// Migrate even when writable local disks are neither copied nor declared shared.
     pub allow_unsafe: bool,
+    /// Through a service started with `--libvirt`: have it start this incoming domain first.
+    pub dest_domain: Option<DestDomain>,
 }
 
 impl MigrationOptions {
@@ -238,6 +240,7 @@ impl MigrationOptions {
             authz: Authz::Off,
             shared_disks: Vec::new(),
             allow_unsafe: false,
+            dest_domain: None,
         }
     }
 
@@ -350,6 +353,80 @@ pub async fn domain_endpoint(
         })
     });
     match tokio::time::timeout(timeout, lookup).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(MigrationError::Failed {
+            desc: "the libvirt lookup panicked".into(),
+        }),
+        Err(_) => Err(MigrationError::DomainNotMovable {
+            name: name.to_string(),
+            reason: format!("libvirt did not answer within {timeout:?}"),
+        }),
+    }
+}
+
+/// What a destination service started with `--libvirt` is asked to make: the incoming domain's
+/// XML and the disks to create for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestDomain {
+    pub xml: String,
+    pub disks: Vec<crate::peer::NewDisk>,
+}
+
+/// The incoming domain for the libvirt domain `name` (at `uri`): its migratable XML (or
+/// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and, when
+/// `copy_disks`, every writable file disk of the source's XML to create on the destination,
+/// with the format and virtual size of the source's image (`qemu-img info`).
+pub async fn dest_domain(
+    uri: &str,
+    name: &str,
+    dest_xml: Option<String>,
+    copy_disks: bool,
+    timeout: Duration,
+) -> Result<DestDomain, MigrationError> {
+    use crate::libvirt::Libvirt;
+    let (uri, owned) = (uri.to_string(), name.to_string());
+    let work = tokio::task::spawn_blocking(move || -> Result<DestDomain, MigrationError> {
+        let source_xml = Libvirt::connect(&uri)?.domain(&owned)?.migratable_xml()?;
+        let xml = dest_xml.unwrap_or_else(|| source_xml.as_str().to_string());
+        let mut disks = Vec::new();
+        let writable = source_xml
+            .disks()?
+            .into_iter()
+            .filter(|d| copy_disks && d.device == "disk" && !d.readonly);
+        for disk in writable {
+            let Some(file) = &disk.file else { continue };
+            let out = std::process::Command::new("qemu-img")
+                .args(["info", "-U", "--output=json"])
+                .arg(file)
+                .output()
+                .map_err(|e| MigrationError::Failed {
+                    desc: format!("cannot run qemu-img info on {}: {e}", file.display()),
+                })?;
+            let info: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let size = info["virtual-size"]
+                .as_u64()
+                .ok_or_else(|| MigrationError::Failed {
+                    desc: format!(
+                        "qemu-img info {}: {}",
+                        file.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                })?;
+            let format = disk
+                .format
+                .clone()
+                .or_else(|| info["format"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "raw".into());
+            disks.push(crate::peer::NewDisk {
+                target: disk.target.clone(),
+                format,
+                size,
+            });
+        }
+        Ok(DestDomain { xml, disks })
+    });
+    match tokio::time::timeout(timeout, work).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => Err(MigrationError::Failed {
             desc: "the libvirt lookup panicked".into(),

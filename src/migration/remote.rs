@@ -221,6 +221,31 @@ impl RemoteDestination {
     }
 }
 
+impl RemoteDestination {
+    /// Has the service (started with `--libvirt`) start the incoming domain; the following
+    /// requests then name its QMP socket.
+    pub async fn start_domain(&mut self, domain: &super::DestDomain) -> Result<(), MigrationError> {
+        let msg = Message::StartDomain {
+            xml: domain.xml.clone(),
+            disks: domain.disks.clone(),
+        };
+        self.changed = true;
+        match self.request(msg, FINISH_REQUEST_TIMEOUT).await {
+            Ok(Message::DomainStarted { qmp }) => {
+                self.qmp = qmp;
+                Ok(())
+            }
+            Ok(other) => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+            Err(e) => {
+                if matches!(e, MigrationError::Remote { refusal: true, .. }) {
+                    self.changed = false;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Destination for RemoteDestination {
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
         let msg = Message::Preflight {
@@ -398,6 +423,27 @@ pub async fn migrate_remote(
         (&src_security, &opts.source.pki_dir),
         (&dest.remote_security, &remote_dir),
     );
+    let decision = match (decision, &opts.dest_domain) {
+        (Ok(decision), Some(domain)) => {
+            let mut dest = dest;
+            match dest.start_domain(domain).await {
+                Ok(()) => {
+                    return super::migrate_to(opts, decision, dest, started, progress, cancel)
+                        .await;
+                }
+                Err(e) => {
+                    let refused = !dest.changed;
+                    let outcome = dest.abort().await;
+                    let mut report = super::Report::refused(e, started.elapsed());
+                    report.refused = refused;
+                    report.cleanup_errors = outcome.problems;
+                    return report;
+                }
+            }
+        }
+        (other, _) => other,
+    };
+    let dest = dest;
     match decision {
         Ok(decision) => super::migrate_to(opts, decision, dest, started, progress, cancel).await,
         Err(e) => {

@@ -23,6 +23,18 @@ pub enum Message {
         security: Security,
         cpus: u32,
     },
+    /// Source → service started with `--libvirt`: start the incoming libvirt domain from `xml`
+    /// (paused, waiting with `-incoming defer`, a QMP monitor in the service's directory),
+    /// creating the local disks `disks` first; rolled back with the session.
+    StartDomain {
+        xml: String,
+        disks: Vec<NewDisk>,
+    },
+    /// Service → source: the incoming domain waits; its QMP socket is `qmp` in the service's
+    /// directory (what the following `preflight` names).
+    DomainStarted {
+        qmp: String,
+    },
     /// Source → service: attach to the QEMU whose QMP socket is `qmp` in the service's
     /// directory, and check (change nothing) that it can take `plan`.
     Preflight {
@@ -87,6 +99,15 @@ pub struct DestPlan {
     pub listen_address: String,
     /// A service picks its own.
     pub port_range: PortRange,
+}
+
+/// A disk the service creates for an incoming domain: the XML's disk with guest device
+/// `target` (its file path comes from the XML), empty, of this format and virtual size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDisk {
+    pub target: String,
+    pub format: String,
+    pub size: u64,
 }
 
 /// One disk the destination is to receive.
@@ -158,6 +179,7 @@ pub enum ErrorKind {
     Listen,
     NoSuchDomain,
     DomainNotMovable,
+    DomainExists,
     Libvirt,
     #[serde(other)]
     Other,
@@ -200,6 +222,7 @@ impl ErrorKind {
             ErrorKind::Listen => "listen",
             ErrorKind::NoSuchDomain => "no-such-domain",
             ErrorKind::DomainNotMovable => "domain-not-movable",
+            ErrorKind::DomainExists => "domain-exists",
             ErrorKind::Libvirt => "libvirt",
             ErrorKind::Other => "other",
         }

@@ -17,7 +17,7 @@
 mod messages;
 mod tls;
 
-pub use messages::{Authz, DestPlan, DestPrepared, DiskSpec, ErrorKind, Message};
+pub use messages::{Authz, DestPlan, DestPrepared, DiskSpec, ErrorKind, Message, NewDisk};
 pub use tls::{PeerIdentity, client_config, server_config, tls_failure_reason};
 
 use std::time::Duration;

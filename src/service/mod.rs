@@ -16,6 +16,7 @@
 //! `--allow-client` restricts the control channel, the same restriction on the migration stream
 //! and the NBD server (`tls-authz` for the certificate the source presented).
 
+pub mod incoming;
 pub mod session;
 
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ pub struct ServeOptions {
     pub tls_priority: Option<String>,
     pub max_sessions: usize,
     pub max_handshakes: usize,
+    /// Manage incoming libvirt domains at this URI (`--libvirt`): a source may ask the
+    /// service to start its domain here.
+    pub libvirt: Option<String>,
 }
 
 impl ServeOptions {
@@ -74,6 +78,7 @@ impl ServeOptions {
             tls_priority: None,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            libvirt: None,
         }
     }
 }

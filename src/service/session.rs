@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::incoming::IncomingDomain;
 use super::{ServeOptions, hostname};
 use crate::migration::{DestinationSide, MigrationError};
 use crate::peer::{
@@ -46,14 +47,20 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 pub enum State {
     /// Connected and authenticated; nothing attached.
     Greeted,
-    /// Attached to a destination QEMU and checked; nothing changed.
+    /// (`--libvirt`) The incoming domain was started for this source and waits.
+    DomainReady { incoming: Box<IncomingDomain> },
+    /// Attached to a destination QEMU and checked; nothing changed on it.
     Preflighted {
         side: Box<DestinationSide>,
         plan: Box<DestPlan>,
+        incoming: Option<Box<IncomingDomain>>,
     },
     /// The destination was changed (possibly only partly, after a failed `prepare` or
     /// `finish`); it is rolled back unless it finishes.
-    Prepared { side: Box<DestinationSide> },
+    Prepared {
+        side: Box<DestinationSide>,
+        incoming: Option<Box<IncomingDomain>>,
+    },
     /// Finished or rolled back; the session ends.
     Done,
 }
@@ -109,6 +116,7 @@ impl State {
                             State::Preflighted {
                                 side: Box::new(side),
                                 plan: Box::new(plan),
+                                incoming: None,
                             },
                             Message::Preflighted,
                         ),
@@ -116,24 +124,81 @@ impl State {
                     }
                 }))
             }
-            (State::Preflighted { mut side, plan }, Message::Prepare) => {
+            (State::Greeted, Message::StartDomain { xml, disks }) => {
+                let cx = cx.clone();
                 Step::Work(Box::pin(async move {
-                    match side.prepare(&plan).await {
-                        Ok(prepared) => (State::Prepared { side }, Message::Prepared { prepared }),
-                        Err(e) => {
-                            // Refused only when nothing was changed yet.
-                            let refusal = !side.changed();
-                            let reply = error_message(&e, refusal);
-                            if refusal {
-                                (State::Preflighted { side, plan }, reply)
-                            } else {
-                                (State::Prepared { side }, reply)
-                            }
+                    let Some(uri) = cx.opts.libvirt.clone() else {
+                        let e = MigrationError::BadRequest {
+                            desc: "this service manages no libvirt domains (start it with \
+                                   --libvirt)"
+                                .into(),
+                        };
+                        return (State::Greeted, error_message(&e, true));
+                    };
+                    match IncomingDomain::start(&uri, &cx.opts.qmp_dir, &xml, &disks).await {
+                        Ok(incoming) => {
+                            let qmp = incoming.qmp.clone();
+                            (
+                                State::DomainReady {
+                                    incoming: Box::new(incoming),
+                                },
+                                Message::DomainStarted { qmp },
+                            )
                         }
+                        Err(e) => (State::Greeted, error_message(&e, true)),
                     }
                 }))
             }
-            (State::Prepared { mut side }, Message::Finish { resume }) => {
+            (State::DomainReady { incoming }, Message::Preflight { plan, .. }) => {
+                let cx = cx.clone();
+                Step::Work(Box::pin(async move {
+                    // The domain's own socket, whatever name came with the request.
+                    match preflight(&cx, &incoming.qmp.clone(), plan).await {
+                        Ok((side, plan)) => (
+                            State::Preflighted {
+                                side: Box::new(side),
+                                plan: Box::new(plan),
+                                incoming: Some(incoming),
+                            },
+                            Message::Preflighted,
+                        ),
+                        Err(e) => (State::DomainReady { incoming }, error_message(&e, false)),
+                    }
+                }))
+            }
+            (
+                State::Preflighted {
+                    mut side,
+                    plan,
+                    incoming,
+                },
+                Message::Prepare,
+            ) => Step::Work(Box::pin(async move {
+                match side.prepare(&plan).await {
+                    Ok(prepared) => (
+                        State::Prepared { side, incoming },
+                        Message::Prepared { prepared },
+                    ),
+                    Err(e) => {
+                        // Refused only when nothing was changed (or made) yet.
+                        let refusal = !side.changed() && incoming.is_none();
+                        let reply = error_message(&e, refusal);
+                        if side.changed() {
+                            (State::Prepared { side, incoming }, reply)
+                        } else {
+                            (
+                                State::Preflighted {
+                                    side,
+                                    plan,
+                                    incoming,
+                                },
+                                reply,
+                            )
+                        }
+                    }
+                }
+            })),
+            (State::Prepared { mut side, incoming }, Message::Finish { resume }) => {
                 Step::Work(Box::pin(async move {
                     match side.finish(resume).await {
                         Ok(done) => (
@@ -144,7 +209,7 @@ impl State {
                             },
                         ),
                         // The source decides what comes next (it asks for an abort).
-                        Err(e) => (State::Prepared { side }, error_message(&e, false)),
+                        Err(e) => (State::Prepared { side, incoming }, error_message(&e, false)),
                     }
                 }))
             }
@@ -173,27 +238,52 @@ impl State {
         }
     }
 
-    /// Rolls back whatever this state holds.
+    /// Rolls back whatever this state holds: the destination QEMU's changes, then the
+    /// incoming domain and the disks made for it.
     pub async fn roll_back(self) -> crate::migration::AbortOutcome {
-        match self {
-            State::Preflighted { mut side, .. } | State::Prepared { mut side } => {
-                side.abort().await
+        let (mut outcome, incoming) = match self {
+            State::Preflighted {
+                mut side, incoming, ..
             }
-            State::Greeted | State::Done => crate::migration::AbortOutcome {
-                stopped: true,
-                problems: Vec::new(),
-            },
+            | State::Prepared { mut side, incoming } => (side.abort().await, incoming),
+            State::DomainReady { incoming } => (
+                crate::migration::AbortOutcome {
+                    stopped: true,
+                    problems: Vec::new(),
+                },
+                Some(incoming),
+            ),
+            State::Greeted | State::Done => (
+                crate::migration::AbortOutcome {
+                    stopped: true,
+                    problems: Vec::new(),
+                },
+                None,
+            ),
+        };
+        if let Some(incoming) = incoming {
+            outcome.problems.extend(incoming.remove().await);
         }
+        outcome
     }
 
-    /// Whether this state holds a destination that was changed.
+    /// Whether this state holds a destination that was changed (or made for the source).
     pub fn changed(&self) -> bool {
-        matches!(self, State::Prepared { .. })
+        matches!(
+            self,
+            State::Prepared { .. }
+                | State::DomainReady { .. }
+                | State::Preflighted {
+                    incoming: Some(_),
+                    ..
+                }
+        )
     }
 
     fn name(&self) -> &'static str {
         match self {
             State::Greeted => "greeted",
+            State::DomainReady { .. } => "domain-ready",
             State::Preflighted { .. } => "preflighted",
             State::Prepared { .. } => "prepared",
             State::Done => "done",
@@ -275,7 +365,7 @@ pub async fn run(
         let idle = work.is_none();
         let dest_gone = async {
             match (&mut state, idle) {
-                (Some(State::Prepared { side }), true) => side.gone().await,
+                (Some(State::Prepared { side, .. }), true) => side.gone().await,
                 _ => std::future::pending().await,
             }
         };

@@ -730,7 +730,7 @@ impl Service {
         extra: &[&str],
     ) -> Service {
         let exe = env!("CARGO_BIN_EXE_qemu-tls-migrate");
-        let mut cmd = match netns {
+        let cmd = match netns {
             Some(ns) => {
                 let mut c = tokio::process::Command::new("ip");
                 c.args(["netns", "exec", ns, exe]);
@@ -738,6 +738,29 @@ impl Service {
             }
             None => tokio::process::Command::new(exe),
         };
+        Service::launch(cmd, listen_ip, pki, qmp_dir, allow, extra).await
+    }
+
+    /// [`Service::start_with`] inside a libvirt host's namespaces (its own libvirtd).
+    pub async fn start_in_libvirt_host(
+        host: &LibvirtHost,
+        listen_ip: &str,
+        pki: &Path,
+        qmp_dir: &Path,
+        extra: &[&str],
+    ) -> Service {
+        let cmd = host.command(env!("CARGO_BIN_EXE_qemu-tls-migrate"));
+        Service::launch(cmd, listen_ip, pki, qmp_dir, &[], extra).await
+    }
+
+    async fn launch(
+        mut cmd: tokio::process::Command,
+        listen_ip: &str,
+        pki: &Path,
+        qmp_dir: &Path,
+        allow: &[&str],
+        extra: &[&str],
+    ) -> Service {
         cmd.args(["serve", "--json", "--listen", &format!("{listen_ip}:0")])
             .arg("--pki-dir")
             .arg(pki)

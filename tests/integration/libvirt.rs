@@ -240,3 +240,130 @@ async fn an_unknown_domain_is_refused_by_name_with_exit_3() {
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "no-such-domain", "{json}");
 }
+
+/// The source domain's migratable XML with its disk moved to `disk`: what the CloudStack agent
+/// passes as `--dest-xml`. Written to a file in `dir`.
+fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
+    let xml = Libvirt::connect(&pair.b.uri())
+        .and_then(|l| l.domain(name))
+        .and_then(|d| d.migratable_xml())
+        .and_then(|x| x.with_disk_file("vda", disk))
+        .expect("destination XML");
+    let path = pair.b.dir.path().join(format!("{name}-dest.xml"));
+    std::fs::write(&path, xml.as_str()).expect("write XML");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_migrates_through_serve_libvirt_which_makes_the_incoming_domain_and_its_disk() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "served").await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let service = crate::fixture::Service::start_in_libvirt_host(
+        &pair.a,
+        &pair.hosts.a_addr,
+        &pki_a,
+        &pair.a.qmp_dir(),
+        &["--libvirt"],
+    )
+    .await;
+    let (pki_b, dest_xml) = (pki_b.display().to_string(), dest_xml.display().to_string());
+
+    let out = pair
+        .b
+        .run_cli(&[
+            "migrate",
+            "--json",
+            "-q",
+            "--domain",
+            &name,
+            "--to",
+            &service.addr,
+            "--dest-host",
+            "host-a",
+            "--pki-dir",
+            &pki_b,
+            "--dest-xml",
+            &dest_xml,
+            "--all-local-disks",
+        ])
+        .await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["transport"], "tls");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    assert!(
+        dest_disk.exists(),
+        "the service created the destination disk"
+    );
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "taken").await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    std::fs::write(&dest_disk, b"someone else's data").expect("existing file");
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let service = crate::fixture::Service::start_in_libvirt_host(
+        &pair.a,
+        &pair.hosts.a_addr,
+        &pki_a,
+        &pair.a.qmp_dir(),
+        &["--libvirt"],
+    )
+    .await;
+    let (pki_b, dest_xml) = (pki_b.display().to_string(), dest_xml.display().to_string());
+
+    let out = pair
+        .b
+        .run_cli(&[
+            "migrate",
+            "--json",
+            "--domain",
+            &name,
+            "--to",
+            &service.addr,
+            "--dest-host",
+            "host-a",
+            "--pki-dir",
+            &pki_b,
+            "--dest-xml",
+            &dest_xml,
+            "--all-local-disks",
+        ])
+        .await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "destination-disk", "{json}");
+    assert_eq!(
+        std::fs::read(&dest_disk).expect("still there"),
+        b"someone else's data"
+    );
+    assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}

@@ -135,10 +135,17 @@ pub struct MigrateArgs {
     /// libvirt URI for --domain.
     #[arg(long, value_name = "URI", default_value = qemu_tls_migrate::libvirt::DEFAULT_URI)]
     pub connect: String,
+    /// With --domain and --to a service started with --libvirt: the incoming domain's XML (the
+    /// source's `virsh dumpxml --migratable`, rewritten: disk paths, VNC address). Default:
+    /// the source's migratable XML as it is. The service creates the disks to be copied at the
+    /// paths this XML names, and never overwrites an existing file.
+    #[arg(long, value_name = "FILE", requires = "domain", requires = "to")]
+    pub dest_xml: Option<PathBuf>,
     /// QMP socket of the destination QEMU (started with -incoming defer). With --to: the
-    /// socket's file name in the destination service's --qmp-dir.
-    #[arg(long, value_name = "PATH|NAME")]
-    pub dest_qmp: PathBuf,
+    /// socket's file name in the destination service's --qmp-dir. Not needed with --domain and
+    /// --to, where the service (started with --libvirt) makes the incoming domain itself.
+    #[arg(long, value_name = "PATH|NAME", required_unless_present_all = ["domain", "to"])]
+    pub dest_qmp: Option<PathBuf>,
     /// Migrate to another host through its `qemu-tls-migrate serve` (default port 16515); the
     /// control channel uses mutual TLS with this host's --source-pki-dir/--pki-dir.
     #[arg(long, value_name = "HOST[:PORT]")]
@@ -216,7 +223,7 @@ impl MigrateArgs {
             pki_dir: absolute_dir(self.source_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let dest = Endpoint {
-            qmp: self.dest_qmp.clone(),
+            qmp: self.dest_qmp.clone().unwrap_or_default(),
             pki_dir: absolute_dir(self.dest_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let mut o = MigrationOptions::new(source, dest, &self.dest_host);
@@ -500,8 +507,34 @@ pub fn outcome_of(report: &Report) -> Outcome {
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let mut options = args.options()?;
     if let Some(name) = &args.domain {
-        match migration::domain_endpoint(&args.connect, name, options.qmp_timeout).await {
-            Ok(qmp) => options.source.qmp = qmp,
+        let dest_xml = match &args.dest_xml {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("--dest-xml {}: cannot read it: {e}", path.display())
+            })?),
+            None => None,
+        };
+        let resolved = async {
+            let qmp = migration::domain_endpoint(&args.connect, name, options.qmp_timeout).await?;
+            let domain = match &args.to {
+                Some(_) => Some(
+                    migration::dest_domain(
+                        &args.connect,
+                        name,
+                        dest_xml,
+                        options.disks == DiskSelection::AllLocal,
+                        options.qmp_timeout,
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
+            Ok::<_, migration::MigrationError>((qmp, domain))
+        };
+        match resolved.await {
+            Ok((qmp, domain)) => {
+                options.source.qmp = qmp;
+                options.dest_domain = domain;
+            }
             Err(e) => {
                 let report = Report::refused(e, Duration::ZERO);
                 print_report(&report, args.tuning.json);
@@ -512,7 +545,11 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),
         server_name: args.dest_host.clone(),
-        qmp: args.dest_qmp.display().to_string(),
+        qmp: args
+            .dest_qmp
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         pki_dir: options.source.pki_dir.clone(),
     });
     if let Some(path) = &args.result_file

@@ -73,6 +73,15 @@ pub struct ServeArgs {
     /// Most TLS handshakes in flight at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES)]
     pub max_handshakes: usize,
+    /// Start incoming libvirt domains for sources that migrate a domain (`migrate --domain`):
+    /// from the XML they send, paused, waiting with -incoming defer and a QMP monitor in
+    /// --qmp-dir, with empty disks created for those to be copied (never over an existing
+    /// file); destroyed, and the disks deleted, if the migration does not finish.
+    #[arg(long)]
+    pub libvirt: bool,
+    /// libvirt URI for --libvirt.
+    #[arg(long, value_name = "URI", default_value = qemu_tls_migrate::libvirt::DEFAULT_URI)]
+    pub connect: String,
     /// Print {"listening": "ADDR:PORT"} on stdout once ready.
     #[arg(long)]
     pub json: bool,
@@ -93,6 +102,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     opts.tls_priority = args.tls_priority.clone();
     opts.max_sessions = args.max_sessions;
     opts.max_handshakes = args.max_handshakes;
+    opts.libvirt = args.libvirt.then(|| args.connect.clone());
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
     let json = args.json;
