@@ -367,3 +367,150 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
+
+/// A `migrate --domain NAME --to SERVICE` command line with `--dest-xml` and disk copy.
+fn served_args(name: &str, service: &str, pki: &str, dest_xml: &str) -> Vec<String> {
+    [
+        "migrate",
+        "--json",
+        "--domain",
+        name,
+        "--to",
+        service,
+        "--dest-host",
+        "host-a",
+        "--pki-dir",
+        pki,
+        "--dest-xml",
+        dest_xml,
+        "--all-local-disks",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_refuses_a_domain_of_the_same_name_running_there() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "twice").await;
+    // The same name already runs on host a.
+    let other_disk = pair.a.images_dir().join(format!("{name}-other.qcow2"));
+    qcow2(&other_disk);
+    let other_xml = pair.a.dir.path().join(format!("{name}-other.xml"));
+    std::fs::write(&other_xml, small_domain_xml(&name, &other_disk, None)).expect("XML");
+    pair.a
+        .virsh_ok(&["create", other_xml.to_str().expect("UTF-8")])
+        .await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let service = crate::fixture::Service::start_in_libvirt_host(
+        &pair.a,
+        &pair.hosts.a_addr,
+        &pki_a,
+        &pair.a.qmp_dir(),
+        &["--libvirt"],
+    )
+    .await;
+    let args = served_args(
+        &name,
+        &service.addr,
+        &pki_b.display().to_string(),
+        &dest_xml.display().to_string(),
+    );
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
+    assert!(!dest_disk.exists(), "no disk was created");
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_domain_destroyed_mid_way_leaves_the_source_running_and_nothing_there() {
+    let pair = LibvirtPair::shared();
+    let name = crate::fixture::domain_name("midway");
+    let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
+    qcow2(&disk);
+    crate::fixture::qemu_io(
+        &disk,
+        qemu_tls_migrate::vm::DiskFormat::Qcow2,
+        "write -P 0x5a 0 64M",
+    );
+    let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
+    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
+    std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
+    let xml_arg = xml_path.to_str().expect("UTF-8");
+    pair.b.virsh_ok(&["define", xml_arg]).await;
+    pair.b.virsh_ok(&["start", &name]).await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let service = crate::fixture::Service::start_in_libvirt_host(
+        &pair.a,
+        &pair.hosts.a_addr,
+        &pki_a,
+        &pair.a.qmp_dir(),
+        &["--libvirt"],
+    )
+    .await;
+    let args = served_args(
+        &name,
+        &service.addr,
+        &pki_b.display().to_string(),
+        &dest_xml.display().to_string(),
+    );
+    let a_uri = pair.a.uri();
+    let killer_name = name.clone();
+    // Destroys the incoming domain the moment the service has made it.
+    let killer = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let libvirt = Libvirt::connect(&a_uri).expect("connect a");
+        while std::time::Instant::now() < deadline {
+            // Once libvirt has it up (paused by the user's request: reason 1), not while it
+            // is still "starting up" (reason 11), which libvirt also shows as paused.
+            if let Ok(d) = libvirt.domain(&killer_name)
+                && d.state()
+                    .is_ok_and(|s| s.kind == StateKind::Paused && s.reason == 1)
+                && d.destroy().is_ok()
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    });
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert!(
+        killer.await.expect("killer"),
+        "the incoming domain never appeared: {json}"
+    );
+    assert_ne!(out.status.code(), Some(0), "{json}");
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await,
+        "running",
+        "{json}"
+    );
+    assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
+    assert!(!dest_disk.exists(), "the created disk was deleted");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
