@@ -364,6 +364,31 @@ pub async fn domain_endpoint(
     }
 }
 
+/// Destroys (stops) the libvirt domain `name` at `uri`; its definition stays.
+pub async fn destroy_domain(
+    uri: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), MigrationError> {
+    let (uri, name) = (uri.to_string(), name.to_string());
+    let work = tokio::task::spawn_blocking(move || -> Result<(), MigrationError> {
+        crate::libvirt::Libvirt::connect(&uri)?
+            .domain(&name)?
+            .destroy()?;
+        tracing::info!(domain = %name, "source domain destroyed");
+        Ok(())
+    });
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(MigrationError::Failed {
+            desc: "the libvirt call panicked".into(),
+        }),
+        Err(_) => Err(MigrationError::Failed {
+            desc: format!("libvirt did not answer within {timeout:?}"),
+        }),
+    }
+}
+
 /// What a destination service started with `--libvirt` is asked to make: the incoming domain's
 /// XML and the disks to create for it.
 #[derive(Debug, Clone, PartialEq, Eq)]

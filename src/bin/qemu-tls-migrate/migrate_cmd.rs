@@ -141,6 +141,11 @@ pub struct MigrateArgs {
     /// paths this XML names, and never overwrites an existing file.
     #[arg(long, value_name = "FILE", requires = "domain", requires = "to")]
     pub dest_xml: Option<PathBuf>,
+    /// With --domain: after the destination confirmed it runs the VM, destroy the source
+    /// domain (`virsh destroy`; its definition and disks stay, for the caller to clean up).
+    /// Without it the source is left paused.
+    #[arg(long, requires = "domain", conflicts_with = "dest_paused")]
+    pub destroy_source: bool,
     /// QMP socket of the destination QEMU (started with -incoming defer). With --to: the
     /// socket's file name in the destination service's --qmp-dir. Not needed with --domain and
     /// --to, where the service (started with --libvirt) makes the incoming domain itself.
@@ -563,7 +568,17 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         print_report(&report, args.tuning.json);
         return Ok(outcome_of(&report));
     }
-    let report = run_migration_to(&options, remote.as_ref(), args.tuning.json, quiet).await;
+    let mut report = run_migration_to(&options, remote.as_ref(), args.tuning.json, quiet).await;
+    if let (Some(name), true, FinalStatus::Completed) =
+        (&args.domain, args.destroy_source, report.status)
+    {
+        // Completed means the destination confirmed it runs the guest (--dest-paused conflicts).
+        if let Err(e) = migration::destroy_domain(&args.connect, name, options.qmp_timeout).await {
+            report.warnings.push(format!(
+                "--destroy-source: the source domain {name} was not destroyed: {e}"
+            ));
+        }
+    }
     print_report(&report, args.tuning.json);
     if let Some(path) = &args.result_file
         && let Err(e) = write_result_file(path, &crate::output::report_json(&report))
