@@ -311,6 +311,23 @@ impl MigrationOptions {
     }
 }
 
+/// Runs `f` (libvirt's blocking calls) off the async threads, within `timeout`. A call that
+/// outlives the timeout is not cancelled (libvirt has no way to): it finishes unseen.
+pub(crate) async fn libvirt_call<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> Result<T, MigrationError> + Send + 'static,
+) -> Result<T, MigrationError> {
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(MigrationError::Failed {
+            desc: "a libvirt call panicked".into(),
+        }),
+        Err(_) => Err(MigrationError::Failed {
+            desc: format!("libvirt did not answer within {timeout:?}"),
+        }),
+    }
+}
+
 /// The QMP socket of the libvirt domain `name` (at `uri`), checked movable: active, running or
 /// paused, no libvirt job on it, and a QMP monitor declared in its `<qemu:commandline>` (the
 /// tool then talks to QEMU beside libvirt, which keeps its own monitor). Runs libvirt's blocking
@@ -321,9 +338,8 @@ pub async fn domain_endpoint(
     timeout: Duration,
 ) -> Result<PathBuf, MigrationError> {
     use crate::libvirt::{Libvirt, StateKind};
-    let (uri, owned) = (uri.to_string(), name.to_string());
-    let lookup = tokio::task::spawn_blocking(move || -> Result<PathBuf, MigrationError> {
-        let name = owned;
+    let (uri, name) = (uri.to_string(), name.to_string());
+    libvirt_call(timeout, move || {
         let refuse = |reason: String| MigrationError::DomainNotMovable {
             name: name.clone(),
             reason,
@@ -351,17 +367,8 @@ pub async fn domain_endpoint(
                     .into(),
             )
         })
-    });
-    match tokio::time::timeout(timeout, lookup).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(MigrationError::Failed {
-            desc: "the libvirt lookup panicked".into(),
-        }),
-        Err(_) => Err(MigrationError::DomainNotMovable {
-            name: name.to_string(),
-            reason: format!("libvirt did not answer within {timeout:?}"),
-        }),
-    }
+    })
+    .await
 }
 
 /// Destroys (stops) the libvirt domain `name` at `uri`; its definition stays.
@@ -371,22 +378,14 @@ pub async fn destroy_domain(
     timeout: Duration,
 ) -> Result<(), MigrationError> {
     let (uri, name) = (uri.to_string(), name.to_string());
-    let work = tokio::task::spawn_blocking(move || -> Result<(), MigrationError> {
+    libvirt_call(timeout, move || {
         crate::libvirt::Libvirt::connect(&uri)?
             .domain(&name)?
             .destroy()?;
         tracing::info!(domain = %name, "source domain destroyed");
         Ok(())
-    });
-    match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(MigrationError::Failed {
-            desc: "the libvirt call panicked".into(),
-        }),
-        Err(_) => Err(MigrationError::Failed {
-            desc: format!("libvirt did not answer within {timeout:?}"),
-        }),
-    }
+    })
+    .await
 }
 
 /// What a destination service started with `--libvirt` is asked to make: the incoming domain's
@@ -409,9 +408,9 @@ pub async fn dest_domain(
     timeout: Duration,
 ) -> Result<DestDomain, MigrationError> {
     use crate::libvirt::Libvirt;
-    let (uri, owned) = (uri.to_string(), name.to_string());
-    let work = tokio::task::spawn_blocking(move || -> Result<DestDomain, MigrationError> {
-        let source_xml = Libvirt::connect(&uri)?.domain(&owned)?.migratable_xml()?;
+    let (uri, name) = (uri.to_string(), name.to_string());
+    libvirt_call(timeout, move || {
+        let source_xml = Libvirt::connect(&uri)?.domain(&name)?.migratable_xml()?;
         let xml = dest_xml.unwrap_or_else(|| source_xml.as_str().to_string());
         let mut disks = Vec::new();
         let writable = source_xml
@@ -450,17 +449,8 @@ pub async fn dest_domain(
             });
         }
         Ok(DestDomain { xml, disks })
-    });
-    match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(MigrationError::Failed {
-            desc: "the libvirt lookup panicked".into(),
-        }),
-        Err(_) => Err(MigrationError::DomainNotMovable {
-            name: name.to_string(),
-            reason: format!("libvirt did not answer within {timeout:?}"),
-        }),
-    }
+    })
+    .await
 }
 
 /// The transport decision and any warning that goes with it.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::libvirt::{DomainXml, Libvirt, LibvirtError};
-use crate::migration::MigrationError;
+use crate::migration::{MigrationError, libvirt_call};
 use crate::peer::NewDisk;
 
 /// How long libvirt may take to answer (it runs QEMU's start-up inside `create`).
@@ -43,7 +43,10 @@ impl IncomingDomain {
             xml.to_string(),
             disks.to_vec(),
         );
-        blocking(move || start_blocking(&uri, &qmp_dir, &xml, &disks)).await
+        libvirt_call(LIBVIRT_TIMEOUT, move || {
+            start_blocking(&uri, &qmp_dir, &xml, &disks)
+        })
+        .await
     }
 
     /// Destroys the domain (if it still runs) and deletes the disks this service created.
@@ -54,7 +57,7 @@ impl IncomingDomain {
             created_disks,
             ..
         } = self;
-        let result = blocking(move || {
+        let result = libvirt_call(LIBVIRT_TIMEOUT, move || {
             let mut problems = Vec::new();
             let destroyed = Libvirt::connect(&uri)
                 .and_then(|l| l.domain(&name))
@@ -185,19 +188,4 @@ fn delete_all(paths: &[PathBuf]) -> Vec<String> {
                 .map(|e| format!("destination: delete {}: {e}", p.display()))
         })
         .collect()
-}
-
-/// Runs libvirt's blocking calls off the async threads, within [`LIBVIRT_TIMEOUT`].
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, MigrationError> + Send + 'static,
-) -> Result<T, MigrationError> {
-    match tokio::time::timeout(LIBVIRT_TIMEOUT, tokio::task::spawn_blocking(f)).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(MigrationError::Failed {
-            desc: "a libvirt call panicked".into(),
-        }),
-        Err(_) => Err(MigrationError::Failed {
-            desc: format!("libvirt did not answer within {LIBVIRT_TIMEOUT:?}"),
-        }),
-    }
 }

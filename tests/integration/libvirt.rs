@@ -260,21 +260,8 @@ async fn a_domain_migrates_through_serve_libvirt_which_makes_the_incoming_domain
     let (name, _) = start_domain(&pair.b, "served").await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let service = crate::fixture::Service::start_in_libvirt_host(
-        &pair.a,
-        &pair.hosts.a_addr,
-        &pki_a,
-        &pair.a.qmp_dir(),
-        &["--libvirt"],
-    )
-    .await;
-    let (pki_b, dest_xml) = (pki_b.display().to_string(), dest_xml.display().to_string());
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let dest_xml = dest_xml.display().to_string();
 
     let out = pair
         .b
@@ -321,21 +308,8 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     std::fs::write(&dest_disk, b"someone else's data").expect("existing file");
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let service = crate::fixture::Service::start_in_libvirt_host(
-        &pair.a,
-        &pair.hosts.a_addr,
-        &pki_a,
-        &pair.a.qmp_dir(),
-        &["--libvirt"],
-    )
-    .await;
-    let (pki_b, dest_xml) = (pki_b.display().to_string(), dest_xml.display().to_string());
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let dest_xml = dest_xml.display().to_string();
 
     let out = pair
         .b
@@ -366,6 +340,28 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
     pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// A lab PKI and `serve --libvirt` on host a (its QMP directory, its libvirtd); returns the
+/// lab (kept alive by the caller), the service and host b's PKI directory.
+async fn libvirt_service(
+    pair: &LibvirtPair,
+) -> (crate::fixture::Lab, crate::fixture::Service, String) {
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let service = crate::fixture::Service::start_in_libvirt_host(
+        &pair.a,
+        &pair.hosts.a_addr,
+        &pki_a,
+        &pair.a.qmp_dir(),
+        &["--libvirt"],
+    )
+    .await;
+    (lab, service, pki_b.display().to_string())
 }
 
 /// A `migrate --domain NAME --to SERVICE` command line with `--dest-xml` and disk copy.
@@ -404,24 +400,11 @@ async fn serve_libvirt_refuses_a_domain_of_the_same_name_running_there() {
         .await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let service = crate::fixture::Service::start_in_libvirt_host(
-        &pair.a,
-        &pair.hosts.a_addr,
-        &pki_a,
-        &pair.a.qmp_dir(),
-        &["--libvirt"],
-    )
-    .await;
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
     let args = served_args(
         &name,
         &service.addr,
-        &pki_b.display().to_string(),
+        &pki_b,
         &dest_xml.display().to_string(),
     );
 
@@ -456,24 +439,11 @@ async fn a_destination_domain_destroyed_mid_way_leaves_the_source_running_and_no
     pair.b.virsh_ok(&["start", &name]).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let service = crate::fixture::Service::start_in_libvirt_host(
-        &pair.a,
-        &pair.hosts.a_addr,
-        &pki_a,
-        &pair.a.qmp_dir(),
-        &["--libvirt"],
-    )
-    .await;
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
     let args = served_args(
         &name,
         &service.addr,
-        &pki_b.display().to_string(),
+        &pki_b,
         &dest_xml.display().to_string(),
     );
     let a_uri = pair.a.uri();
