@@ -261,44 +261,36 @@ async fn a_domain_migrates_through_serve_libvirt_which_makes_the_incoming_domain
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let dest_xml = dest_xml.display().to_string();
+    let mut args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
+    args.extend(["-q".to_string(), "--destroy-source".to_string()]);
 
-    let out = pair
-        .b
-        .run_cli(&[
-            "migrate",
-            "--json",
-            "-q",
-            "--domain",
-            &name,
-            "--to",
-            &service.addr,
-            "--dest-host",
-            "host-a",
-            "--pki-dir",
-            &pki_b,
-            "--dest-xml",
-            &dest_xml,
-            "--all-local-disks",
-        ])
-        .await;
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["transport"], "tls");
+    assert_eq!(json["warnings"], serde_json::json!([]), "{json}");
     assert!(
         out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
-    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await,
+        "shut off",
+        "--destroy-source stops the source once the destination runs"
+    );
     assert!(
         dest_disk.exists(),
         "the service created the destination disk"
     );
     pair.a.virsh_ok(&["destroy", &name]).await;
-    pair.b.virsh_ok(&["destroy", &name]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,26 +301,14 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     std::fs::write(&dest_disk, b"someone else's data").expect("existing file");
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let dest_xml = dest_xml.display().to_string();
+    let args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
 
-    let out = pair
-        .b
-        .run_cli(&[
-            "migrate",
-            "--json",
-            "--domain",
-            &name,
-            "--to",
-            &service.addr,
-            "--dest-host",
-            "host-a",
-            "--pki-dir",
-            &pki_b,
-            "--dest-xml",
-            &dest_xml,
-            "--all-local-disks",
-        ])
-        .await;
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
