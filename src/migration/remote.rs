@@ -412,7 +412,7 @@ pub async fn migrate_remote(
     if let Err(e) = opts.validate() {
         return super::Report::refused(e, started.elapsed());
     }
-    let dest = match RemoteDestination::connect(target).await {
+    let mut dest = match RemoteDestination::connect(target).await {
         Ok(d) => d,
         Err(e) => return super::Report::refused(e, started.elapsed()),
     };
@@ -423,33 +423,20 @@ pub async fn migrate_remote(
         (&src_security, &opts.source.pki_dir),
         (&dest.remote_security, &remote_dir),
     );
-    let decision = match (decision, &opts.dest_domain) {
-        (Ok(decision), Some(domain)) => {
-            let mut dest = dest;
-            match dest.start_domain(domain).await {
-                Ok(()) => {
-                    return super::migrate_to(opts, decision, dest, started, progress, cancel)
-                        .await;
-                }
-                Err(e) => {
-                    let refused = !dest.changed;
-                    let outcome = dest.abort().await;
-                    let mut report = super::Report::refused(e, started.elapsed());
-                    report.refused = refused;
-                    report.cleanup_errors = outcome.problems;
-                    return report;
-                }
-            }
-        }
-        (other, _) => other,
+    // With a libvirt domain, the service first makes the incoming domain the rest drives.
+    let ready = match (decision, &opts.dest_domain) {
+        (Ok(decision), Some(domain)) => dest.start_domain(domain).await.map(|()| decision),
+        (decision, _) => decision,
     };
-    let dest = dest;
-    match decision {
+    match ready {
         Ok(decision) => super::migrate_to(opts, decision, dest, started, progress, cancel).await,
         Err(e) => {
-            let mut dest = dest;
-            let _ = dest.abort().await;
-            super::Report::refused(e, started.elapsed())
+            let refused = !dest.changed;
+            let outcome = dest.abort().await;
+            let mut report = super::Report::refused(e, started.elapsed());
+            report.refused = refused;
+            report.cleanup_errors = outcome.problems;
+            report
         }
     }
 }
