@@ -31,6 +31,7 @@
 //! it with one that prints nothing, since errors come back as [`LibvirtError`] values (and
 //! `--json` runs must write nothing but JSON).
 
+pub mod passthrough;
 pub mod xml;
 
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ use virt::connect::Connect;
 use virt::error::ErrorNumber;
 use virt::sys;
 
+pub use passthrough::Passthrough;
 pub use xml::{DeclaredMonitor, DiskSpec, DomainXml, QEMU_NS};
 
 /// The URI of the local system libvirtd's QEMU driver, as CloudStack's agent uses it.
@@ -78,6 +80,10 @@ pub enum LibvirtError {
     },
     #[error("domain XML: {reason}")]
     Xml { reason: String },
+    #[error("QMP through libvirt's passthrough to domain {name:?}: {reason}")]
+    Passthrough { name: String, reason: String },
+    #[error("cannot start libvirt's event loop: {reason}")]
+    EventLoop { reason: String },
 }
 
 /// A domain's run state as libvirt reports it (`virsh domstate`), with libvirt's reason code
@@ -292,6 +298,22 @@ impl Domain {
             .get_xml_desc(0)
             .map_err(|e| self.error("read the XML of", e))?;
         Ok(DomainXml::parse(text)?.declared_monitor()?.map(|m| m.path))
+    }
+
+    /// Sends one QMP command (a JSON object, without `id`) on libvirt's own monitor of the
+    /// domain (`virsh qemu-monitor-command`) and returns QEMU's reply as text, an error reply
+    /// included. libvirt taints the domain `custom-monitor`.
+    pub fn monitor_command(&self, command: &str) -> Result<String, LibvirtError> {
+        if command.contains('\0') {
+            // The bindings would panic on it.
+            return Err(LibvirtError::Passthrough {
+                name: self.name.clone(),
+                reason: "a command with a NUL byte".into(),
+            });
+        }
+        self.dom
+            .qemu_monitor_command(command, 0)
+            .map_err(|e| self.error("pass a QMP command to", e))
     }
 
     /// Resumes its CPUs through libvirt (`virsh resume`), so libvirt's state is `running`.

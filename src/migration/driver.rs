@@ -198,6 +198,7 @@ pub async fn migrate_to<D: Destination>(
         guest_pause,
         tool: ToolUsage::now(),
         multifd: run.multifd,
+        source_qmp_access: None,
     }
 }
 

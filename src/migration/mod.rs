@@ -328,17 +328,39 @@ pub(crate) async fn libvirt_call<T: Send + 'static>(
     }
 }
 
-/// The QMP socket of the libvirt domain `name` (at `uri`), checked movable: active, running or
-/// paused, no libvirt job on it, and a QMP monitor declared in its `<qemu:commandline>` (the
-/// tool then talks to QEMU beside libvirt, which keeps its own monitor). Runs libvirt's blocking
-/// calls off the async threads, within `timeout`.
+/// How the tool reaches a libvirt domain's QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QmpAccess {
+    /// A QMP monitor the domain declares in its `<qemu:commandline>`, beside libvirt's own.
+    DeclaredMonitor,
+    /// libvirt's own monitor, through its QMP passthrough (`virsh qemu-monitor-command`).
+    LibvirtPassthrough,
+}
+
+/// A libvirt domain as a migration source: the QMP socket to drive it by, and how that socket
+/// reaches QEMU. Keep it alive for the whole migration: with
+/// [`QmpAccess::LibvirtPassthrough`] it serves the socket.
+#[derive(Debug)]
+pub struct DomainEndpoint {
+    pub socket: PathBuf,
+    pub access: QmpAccess,
+    _passthrough: Option<crate::libvirt::Passthrough>,
+}
+
+/// The libvirt domain `name` (at `uri`), checked movable: active, running or paused, no libvirt
+/// job on it. Its QMP is the monitor its `<qemu:commandline>` declares (the tool then talks to
+/// QEMU beside libvirt, which keeps its own monitor) or, when it declares none, libvirt's QMP
+/// passthrough served on a private socket. Runs libvirt's blocking calls off the async
+/// threads, within `timeout`.
 pub async fn domain_endpoint(
     uri: &str,
     name: &str,
     timeout: Duration,
-) -> Result<PathBuf, MigrationError> {
-    use crate::libvirt::{Libvirt, StateKind};
+) -> Result<DomainEndpoint, MigrationError> {
+    use crate::libvirt::{Libvirt, Passthrough, StateKind};
     let (uri, name) = (uri.to_string(), name.to_string());
+    let handle = tokio::runtime::Handle::current();
     libvirt_call(timeout, move || {
         let refuse = |reason: String| MigrationError::DomainNotMovable {
             name: name.clone(),
@@ -359,13 +381,20 @@ pub async fn domain_endpoint(
                     .into(),
             ));
         }
-        domain.declared_monitor()?.ok_or_else(|| {
-            refuse(
-                "it declares no QMP monitor: add <qemu:commandline> <qemu:arg value='-qmp'/> \
-                 <qemu:arg value='unix:PATH,server=on,wait=off'/> to its XML (QMP passthrough \
-                 through libvirt is not supported yet)"
-                    .into(),
-            )
+        if let Some(socket) = domain.declared_monitor()? {
+            return Ok(DomainEndpoint {
+                socket,
+                access: QmpAccess::DeclaredMonitor,
+                _passthrough: None,
+            });
+        }
+        // The passthrough serves its socket on the async runtime.
+        let _runtime = handle.enter();
+        let passthrough = Passthrough::start(&uri, &name)?;
+        Ok(DomainEndpoint {
+            socket: passthrough.path().to_path_buf(),
+            access: QmpAccess::LibvirtPassthrough,
+            _passthrough: Some(passthrough),
         })
     })
     .await

@@ -158,6 +158,8 @@ pub struct Report {
     pub tool: ToolUsage,
     /// The multifd channels used (`None`: one stream).
     pub multifd: Option<u8>,
+    /// For a libvirt domain: how the tool reached the source's QEMU (set by the caller).
+    pub source_qmp_access: Option<super::QmpAccess>,
 }
 
 impl Report {
@@ -185,6 +187,7 @@ impl Report {
             guest_pause: None,
             tool: ToolUsage::now(),
             multifd: None,
+            source_qmp_access: None,
         }
     }
 }

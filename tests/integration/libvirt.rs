@@ -27,15 +27,20 @@ fn qcow2(path: &Path) {
 /// monitor declared in `<qemu:commandline>`; returns its name and monitor path.
 async fn start_domain(host: &LibvirtHost, what: &str) -> (String, PathBuf) {
     let name = domain_name(what);
+    let monitor = host.qmp_dir().join(format!("{name}.sock"));
+    start_named_domain(host, &name, Some(&monitor)).await;
+    (name, monitor)
+}
+
+/// Defines and starts domain `name` with a qcow2 disk, and a QMP monitor at `monitor` if given.
+async fn start_named_domain(host: &LibvirtHost, name: &str, monitor: Option<&Path>) {
     let disk = host.images_dir().join(format!("{name}.qcow2"));
     qcow2(&disk);
-    let monitor = host.qmp_dir().join(format!("{name}.sock"));
     let xml_path = host.dir.path().join(format!("{name}.xml"));
-    std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
+    std::fs::write(&xml_path, small_domain_xml(name, &disk, monitor)).expect("XML");
     let xml_arg = xml_path.to_str().expect("UTF-8 path");
     host.virsh_ok(&["define", xml_arg]).await;
-    host.virsh_ok(&["start", &name]).await;
-    (name, monitor)
+    host.virsh_ok(&["start", name]).await;
 }
 
 #[tokio::test]
@@ -462,5 +467,33 @@ async fn a_destination_domain_destroyed_mid_way_leaves_the_source_running_and_no
     );
     assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
     assert!(!dest_disk.exists(), "the created disk was deleted");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_passthrough() {
+    let pair = LibvirtPair::shared();
+    let name = domain_name("passthrough");
+    start_named_domain(&pair.b, &name, None).await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["source_qmp"], "libvirt-passthrough", "{json}");
+    assert_eq!(json["transport"], "tls");
+    assert_eq!(json["disks"].as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }

@@ -511,6 +511,8 @@ pub fn outcome_of(report: &Report) -> Outcome {
 
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let mut options = args.options()?;
+    // Lives until the migration is over: it may serve the source's QMP socket.
+    let mut endpoint = None;
     if let Some(name) = &args.domain {
         let dest_xml = match &args.dest_xml {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
@@ -536,9 +538,10 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             Ok::<_, migration::MigrationError>((qmp, domain))
         };
         match resolved.await {
-            Ok((qmp, domain)) => {
-                options.source.qmp = qmp;
+            Ok((source, domain)) => {
+                options.source.qmp = source.socket.clone();
                 options.dest_domain = domain;
+                endpoint = Some(source);
             }
             Err(e) => {
                 let report = Report::refused(e, Duration::ZERO);
@@ -569,6 +572,8 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         return Ok(outcome_of(&report));
     }
     let mut report = run_migration_to(&options, remote.as_ref(), args.tuning.json, quiet).await;
+    report.source_qmp_access = endpoint.as_ref().map(|e| e.access);
+    drop(endpoint);
     if let (Some(name), true, FinalStatus::Completed) =
         (&args.domain, args.destroy_source, report.status)
     {

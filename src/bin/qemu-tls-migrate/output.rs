@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qemu_tls_migrate::migration::{Progress, Report};
+use qemu_tls_migrate::migration::{Progress, QmpAccess, Report};
 use serde_json::{Value, json};
 
 /// Where progress goes.
@@ -107,6 +107,9 @@ pub fn report_json(report: &Report) -> Value {
         "tool": report.tool,
         "warnings": report.warnings,
     });
+    if let Some(access) = report.source_qmp_access {
+        v["source_qmp"] = json!(access);
+    }
     if let Some(pause) = &report.guest_pause {
         v["guest_pause"] = json!(pause);
     }
@@ -177,6 +180,13 @@ pub fn print_report(report: &Report, json: bool) {
         t.finish_ms,
         t.cleanup_ms
     );
+    if let Some(access) = report.source_qmp_access {
+        let how = match access {
+            QmpAccess::DeclaredMonitor => "its declared QMP monitor",
+            QmpAccess::LibvirtPassthrough => "libvirt's QMP passthrough",
+        };
+        println!("  source domain reached through {how}");
+    }
     if let Some(pause) = &report.guest_pause {
         println!(
             "  guest paused {} ms, source STOP to destination RESUME ({} clock); QEMU's estimate {} ms",
