@@ -19,6 +19,7 @@ fn preflight() -> Message {
             multifd: None,
             disks: vec![DiskSpec {
                 node: "disk0".into(),
+                device: Some("virtio-disk0".into()),
                 size: 20 << 30,
             }],
             create_dest_disks: false,

@@ -291,13 +291,18 @@ impl Domain {
         DomainXml::parse(text)
     }
 
-    /// The QMP socket the domain's `<qemu:commandline>` declares, if any.
-    pub fn declared_monitor(&self) -> Result<Option<PathBuf>, LibvirtError> {
+    /// The domain's XML as libvirt runs it now (`virsh dumpxml`: device aliases included).
+    pub fn live_xml(&self) -> Result<DomainXml, LibvirtError> {
         let text = self
             .dom
             .get_xml_desc(0)
             .map_err(|e| self.error("read the XML of", e))?;
-        Ok(DomainXml::parse(text)?.declared_monitor()?.map(|m| m.path))
+        DomainXml::parse(text)
+    }
+
+    /// The QMP socket the domain's `<qemu:commandline>` declares, if any.
+    pub fn declared_monitor(&self) -> Result<Option<PathBuf>, LibvirtError> {
+        Ok(self.live_xml()?.declared_monitor()?.map(|m| m.path))
     }
 
     /// Sends one QMP command (a JSON object, without `id`) on libvirt's own monitor of the

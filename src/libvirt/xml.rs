@@ -48,6 +48,9 @@ pub struct DiskSpec {
     pub format: Option<String>,
     /// `<readonly/>` is present.
     pub readonly: bool,
+    /// The device's id in QEMU (`<alias name='virtio-disk0'/>`), in the XML of a running
+    /// domain; the same on every host the domain migrates to.
+    pub alias: Option<String>,
 }
 
 /// A domain's XML, checked to be a `<domain>` document.
@@ -121,6 +124,9 @@ impl DomainXml {
                         .and_then(|d| d.attribute("type"))
                         .map(str::to_string),
                     readonly: child(disk, "readonly").is_some(),
+                    alias: child(disk, "alias")
+                        .and_then(|a| a.attribute("name"))
+                        .map(str::to_string),
                 })
             })
             .collect())
@@ -545,6 +551,7 @@ mod tests {
                     file: Some("/var/lib/images/root.qcow2".into()),
                     format: Some("qcow2".into()),
                     readonly: false,
+                    alias: None,
                 },
                 DiskSpec {
                     target: "hdc".into(),
@@ -552,6 +559,7 @@ mod tests {
                     file: None,
                     format: None,
                     readonly: true,
+                    alias: None,
                 },
             ]
         );

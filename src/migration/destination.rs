@@ -193,12 +193,12 @@ impl DestinationSide {
 
         let mut nbd_port = nbd_port;
         if let Some(port) = nbd_port {
-            for (disk, d) in plan.disks.iter().zip(&self.dest_disks) {
-                if let DestDisk::Grow(size) = d {
-                    tracing::info!(node = %disk.node, size, "growing the destination disk");
+            for d in &self.dest_disks {
+                if let Some(size) = d.grow {
+                    tracing::info!(node = %d.node, size, "growing the destination disk");
                     let resize = BlockResize {
-                        node_name: disk.node.clone(),
-                        size: *size,
+                        node_name: d.node.clone(),
+                        size,
                     };
                     self.ctl.call("block_resize", &resize).await?;
                 }
@@ -217,9 +217,13 @@ impl DestinationSide {
                 })
                 .await?;
             nbd_port = Some(port);
-            for disk in &plan.disks {
-                let export =
-                    BlockExportAdd::nbd_writable(&disks::export_id(&disk.node), &disk.node);
+            for (disk, d) in plan.disks.iter().zip(&self.dest_disks) {
+                // Exported under the source's node name, which is what the source asks for.
+                let export = BlockExportAdd::nbd_writable(
+                    &disks::export_id(&disk.node),
+                    &d.node,
+                    &disk.node,
+                );
                 self.ctl.call("block-export-add", &export).await?;
             }
             self.has_disks = true;

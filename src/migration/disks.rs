@@ -22,7 +22,8 @@ pub enum DiskSelection {
     None,
     /// Every writable disk not on shared storage.
     AllLocal,
-    /// These block nodes (node names, as in `-blockdev node-name=...`).
+    /// These disks, each named by its block node (as in `-blockdev node-name=...`) or by its
+    /// guest device's id (as in `-device ...,id=virtio-disk0`; libvirt's alias).
     Nodes(Vec<String>),
 }
 
@@ -31,6 +32,9 @@ pub enum DiskSelection {
 pub struct SourceDisk {
     /// The block node the guest's device uses.
     pub node: String,
+    /// The guest device's id ([`device_id`]), when the disk is attached to one.
+    #[serde(default)]
+    pub device: Option<String>,
     /// Virtual size in bytes.
     pub size: u64,
     pub format: String,
@@ -53,9 +57,22 @@ impl SourceDisk {
     pub fn spec(&self) -> DiskSpec {
         DiskSpec {
             node: self.node.clone(),
+            device: self.device.clone(),
             size: self.size,
         }
     }
+}
+
+/// The id of the guest device a `query-block` entry is attached to: the `id=` of a
+/// `-device` (libvirt's alias, e.g. `virtio-disk0`, from the QOM path
+/// `/machine/peripheral/virtio-disk0/virtio-backend`), or the whole QOM path of a device
+/// without one.
+pub fn device_id(block: &BlockInfo) -> Option<String> {
+    let qdev = block.qdev.as_deref().filter(|q| !q.is_empty())?;
+    Some(match qdev.strip_prefix("/machine/peripheral/") {
+        Some(rest) => rest.split('/').next().unwrap_or(rest).to_string(),
+        None => qdev.to_string(),
+    })
 }
 
 /// The export's id on the destination; the export's NBD name is the node name.
@@ -89,9 +106,13 @@ pub(crate) fn select(
     blocks: &[BlockInfo],
     selection: &DiskSelection,
 ) -> Result<Vec<SourceDisk>, MigrationError> {
-    let nodes: Vec<&BlockDeviceInfo> = blocks.iter().filter_map(|b| b.inserted.as_ref()).collect();
-    let to_disk = |n: &BlockDeviceInfo| SourceDisk {
+    let nodes: Vec<(&BlockDeviceInfo, Option<String>)> = blocks
+        .iter()
+        .filter_map(|b| b.inserted.as_ref().map(|n| (n, device_id(b))))
+        .collect();
+    let to_disk = |(n, device): &(&BlockDeviceInfo, Option<String>)| SourceDisk {
         node: n.node_name.clone(),
+        device: device.clone(),
         size: n.image.as_ref().map(|i| i.virtual_size).unwrap_or(0),
         format: n.drv.clone(),
         filename: n.file.clone(),
@@ -99,8 +120,8 @@ pub(crate) fn select(
     match selection {
         DiskSelection::None => Ok(Vec::new()),
         DiskSelection::AllLocal => Ok(nodes
-            .into_iter()
-            .filter(|n| !n.ro && is_local(n))
+            .iter()
+            .filter(|(n, _)| !n.ro && is_local(n))
             .map(to_disk)
             .collect()),
         DiskSelection::Nodes(names) => names
@@ -108,11 +129,13 @@ pub(crate) fn select(
             .map(|name| {
                 nodes
                     .iter()
-                    .find(|n| &n.node_name == name)
-                    .map(|n| to_disk(n))
+                    .find(|(n, device)| {
+                        &n.node_name == name || device.as_deref() == Some(name.as_str())
+                    })
+                    .map(to_disk)
                     .ok_or_else(|| MigrationError::UnknownDisk {
                         node: name.clone(),
-                        available: nodes.iter().map(|n| n.node_name.clone()).collect(),
+                        available: nodes.iter().map(|(n, _)| n.node_name.clone()).collect(),
                     })
             })
             .collect(),
@@ -120,7 +143,7 @@ pub(crate) fn select(
 }
 
 /// The source's writable local disks (by the rule of [`DiskSelection::AllLocal`]) that would
-/// stay behind: neither in `copied` nor declared shared.
+/// stay behind: neither in `copied` nor declared shared (by node name or device id).
 pub(crate) fn left_behind(
     blocks: &[BlockInfo],
     copied: &[SourceDisk],
@@ -128,11 +151,15 @@ pub(crate) fn left_behind(
 ) -> Vec<String> {
     blocks
         .iter()
-        .filter_map(|b| b.inserted.as_ref())
-        .filter(|n| !n.ro && is_local(n))
-        .map(|n| n.node_name.clone())
-        .filter(|node| !copied.iter().any(|c| &c.node == node))
-        .filter(|node| !declared_shared.contains(node))
+        .filter_map(|b| b.inserted.as_ref().map(|n| (n, device_id(b))))
+        .filter(|(n, _)| !n.ro && is_local(n))
+        .filter(|(n, _)| !copied.iter().any(|c| c.node == n.node_name))
+        .filter(|(n, device)| {
+            !declared_shared
+                .iter()
+                .any(|s| *s == n.node_name || device.as_deref() == Some(s.as_str()))
+        })
+        .map(|(n, _)| n.node_name.clone())
         .collect()
 }
 
@@ -171,63 +198,79 @@ fn is_local(node: &BlockDeviceInfo) -> bool {
     }
 }
 
-/// What the destination must do before it can take `disk`.
+/// The destination's disk for one source disk, and what must be done before it can take it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum DestDisk {
-    Ready,
+pub(crate) struct DestDisk {
+    /// The destination's root node for the disk.
+    pub node: String,
     /// Smaller than the source: grow it (`--create-dest-disks`) to this many bytes.
-    Grow(u64),
+    pub grow: Option<u64>,
 }
 
-/// Checks the destination has, for each disk, a root node of that name attached to a device
-/// (never a file node or a node no device uses), writable and as large as the source's (or
-/// smaller and allowed to grow to exactly the source's size). A name asked for twice is refused.
+/// Checks the destination has, for each disk, the root node attached to the same guest device
+/// (or, for a disk named by node alone or whose device the destination lacks, a root node of
+/// that name attached to a device: never a file node or a node no device uses), writable and
+/// as large as the source's (or smaller and allowed to grow to exactly the source's size). A
+/// disk asked for twice is refused.
 pub(crate) fn check_destination(
     dest_blocks: &[BlockInfo],
     disks: &[DiskSpec],
     may_grow: bool,
 ) -> Result<Vec<DestDisk>, MigrationError> {
-    let roots: Vec<&BlockDeviceInfo> = dest_blocks
+    let roots: Vec<(&BlockDeviceInfo, Option<String>)> = dest_blocks
         .iter()
-        .filter_map(|b| b.inserted.as_ref())
+        .filter_map(|b| b.inserted.as_ref().map(|n| (n, device_id(b))))
         .collect();
-    disks
-        .iter()
-        .enumerate()
-        .map(|(i, disk)| {
-            if disks[..i].iter().any(|d| d.node == disk.node) {
+    let mut found: Vec<DestDisk> = Vec::with_capacity(disks.len());
+    for (i, disk) in disks.iter().enumerate() {
+        let twice = |reason: &str| MigrationError::DestDiskUnusable {
+            node: disk.node.clone(),
+            reason: reason.into(),
+        };
+        if disks[..i].iter().any(|d| d.node == disk.node) {
+            return Err(twice("it is named twice"));
+        }
+        let by_device = disk
+            .device
+            .as_ref()
+            .and_then(|id| roots.iter().find(|(_, d)| d.as_ref() == Some(id)));
+        let (node, _) = by_device
+            .or_else(|| roots.iter().find(|(n, _)| n.node_name == disk.node))
+            .ok_or_else(|| MigrationError::DestDiskMissing {
+                node: disk.node.clone(),
+            })?;
+        if found.iter().any(|f| f.node == node.node_name) {
+            return Err(twice(
+                "another source disk maps to the same destination disk",
+            ));
+        }
+        if node.ro {
+            return Err(MigrationError::DestDiskUnusable {
+                node: disk.node.clone(),
+                reason: "it is read-only".into(),
+            });
+        }
+        let size = node.image.as_ref().map(|i| i.virtual_size).unwrap_or(0);
+        let grow = match (size >= disk.size, may_grow) {
+            (true, _) => None,
+            (false, true) => Some(disk.size),
+            (false, false) => {
                 return Err(MigrationError::DestDiskUnusable {
-                    node: disk.node.clone(),
-                    reason: "it is named twice".into(),
-                });
-            }
-            let node = roots
-                .iter()
-                .find(|n| n.node_name == disk.node)
-                .ok_or_else(|| MigrationError::DestDiskMissing {
-                    node: disk.node.clone(),
-                })?;
-            let size = node.image.as_ref().map(|i| i.virtual_size).unwrap_or(0);
-            if node.ro {
-                return Err(MigrationError::DestDiskUnusable {
-                    node: disk.node.clone(),
-                    reason: "it is read-only".into(),
-                });
-            }
-            match (size >= disk.size, may_grow) {
-                (true, _) => Ok(DestDisk::Ready),
-                (false, true) => Ok(DestDisk::Grow(disk.size)),
-                (false, false) => Err(MigrationError::DestDiskUnusable {
                     node: disk.node.clone(),
                     reason: format!(
                         "it holds {size} bytes, the source disk {} bytes; grow it, or pass \
                          --create-dest-disks",
                         disk.size
                     ),
-                }),
+                });
             }
-        })
-        .collect()
+        };
+        found.push(DestDisk {
+            node: node.node_name.clone(),
+            grow,
+        });
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -279,7 +322,10 @@ mod tests {
         assert!(check_destination(&dest, &src, false).is_err());
         assert_eq!(
             check_destination(&dest, &src, true).expect("grow"),
-            vec![DestDisk::Grow(1024)]
+            vec![DestDisk {
+                node: "disk0".into(),
+                grow: Some(1024)
+            }]
         );
         assert!(matches!(
             check_destination(&[], &src, true),
@@ -296,6 +342,7 @@ mod tests {
         .expect("decode");
         let file_node = [DiskSpec {
             node: "disk0-file".into(),
+            device: None,
             size: 1024,
         }];
         assert!(matches!(
@@ -305,10 +352,12 @@ mod tests {
         let twice = [
             DiskSpec {
                 node: "disk0".into(),
+                device: None,
                 size: 1024,
             },
             DiskSpec {
                 node: "disk0".into(),
+                device: None,
                 size: 1024,
             },
         ];
@@ -316,9 +365,83 @@ mod tests {
     }
 
     #[test]
+    fn a_device_id_is_the_peripheral_id_or_the_whole_qom_path() {
+        let block = |qdev: &str| BlockInfo {
+            device: String::new(),
+            qdev: Some(qdev.into()),
+            inserted: None,
+        };
+
+        assert_eq!(
+            device_id(&block("/machine/peripheral/virtio-disk0/virtio-backend")).as_deref(),
+            Some("virtio-disk0")
+        );
+        assert_eq!(device_id(&block("ide0-0-0")).as_deref(), Some("ide0-0-0"));
+        assert_eq!(
+            device_id(&block("/machine/peripheral-anon/device[1]/virtio-backend")).as_deref(),
+            Some("/machine/peripheral-anon/device[1]/virtio-backend")
+        );
+        assert_eq!(device_id(&block("")), None);
+    }
+
+    /// libvirt numbers its nodes in the order it opens them, so the same XML started twice may
+    /// give a disk other node names; the device id is what the two hosts share.
+    fn libvirt_blocks(first: &str, second: &str) -> Vec<BlockInfo> {
+        serde_json::from_value(json!([
+            {"device": "", "qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+             "inserted": {"node-name": first, "ro": false, "drv": "qcow2",
+             "file": "/tmp/a.qcow2", "image": {"virtual-size": 1024}}},
+            {"device": "", "qdev": "/machine/peripheral/virtio-disk1/virtio-backend",
+             "inserted": {"node-name": second, "ro": false, "drv": "raw",
+             "file": "/tmp/b.raw", "image": {"virtual-size": 2048}}}
+        ]))
+        .expect("decode")
+    }
+
+    #[test]
+    fn disks_are_matched_by_device_where_node_names_differ() {
+        let source = libvirt_blocks("libvirt-2-format", "libvirt-1-format");
+        let dest = libvirt_blocks("libvirt-1-format", "libvirt-2-format");
+        let picked = select(&source, &DiskSelection::Nodes(vec!["virtio-disk1".into()]))
+            .expect("by device id");
+        let specs: Vec<DiskSpec> = select(&source, &DiskSelection::AllLocal)
+            .expect("all")
+            .iter()
+            .map(SourceDisk::spec)
+            .collect();
+
+        let matched = check_destination(&dest, &specs, false).expect("matched");
+
+        assert_eq!(picked[0].node, "libvirt-1-format");
+        assert_eq!(picked[0].device.as_deref(), Some("virtio-disk1"));
+        let pairs: Vec<(&str, &str)> = specs
+            .iter()
+            .zip(&matched)
+            .map(|(s, d)| (s.node.as_str(), d.node.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("libvirt-2-format", "libvirt-1-format"),
+                ("libvirt-1-format", "libvirt-2-format")
+            ]
+        );
+        assert!(
+            left_behind(
+                &source,
+                &[],
+                &["virtio-disk0".into(), "libvirt-1-format".into()]
+            )
+            .is_empty(),
+            "shared may be declared by device id or node name"
+        );
+    }
+
+    #[test]
     fn the_destination_is_never_told_a_source_file_name() {
         let disk = SourceDisk {
             node: "disk0".into(),
+            device: None,
             size: 1024,
             format: "qcow2".into(),
             filename: "rbd:pool/img:key=SECRET".into(),

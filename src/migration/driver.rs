@@ -614,7 +614,10 @@ impl Run<'_> {
                 sync: "full",
                 copy_mode: opts.mirror_mode,
             };
-            src.undo.push(Undo::CancelJob { job: disk.job_id() });
+            src.undo.push(Undo::CancelJob {
+                job: disk.job_id(),
+                target: disk.nbd_node(),
+            });
             src.call("blockdev-mirror", &mirror).await?;
         }
         self.disk_progress = disks

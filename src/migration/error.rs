@@ -109,7 +109,7 @@ pub enum MigrationError {
         #[source]
         source: QmpError,
     },
-    #[error("the source has no disk {node} (its block nodes: {})", .available.join(", "))]
+    #[error("the source has no disk {node} (it has: {})", .available.join(", "))]
     UnknownDisk {
         node: String,
         available: Vec<String>,

@@ -343,9 +343,37 @@ pub enum QmpAccess {
 /// [`QmpAccess::LibvirtPassthrough`] it serves the socket.
 #[derive(Debug)]
 pub struct DomainEndpoint {
+    pub name: String,
     pub socket: PathBuf,
     pub access: QmpAccess,
+    /// The domain's disks, from its live XML (with their QEMU device ids).
+    pub disks: Vec<crate::libvirt::DiskSpec>,
     _passthrough: Option<crate::libvirt::Passthrough>,
+}
+
+impl DomainEndpoint {
+    /// The QEMU device id of the domain's disk named `disk`: its target (`vda`, as the
+    /// domain's XML and the CloudStack agent name it) or its alias (`virtio-disk0`).
+    pub fn device_of(&self, disk: &str) -> Result<String, MigrationError> {
+        self.devices_of(std::slice::from_ref(&disk.to_string()))
+            .map(|mut d| d.remove(0))
+    }
+
+    /// [`DomainEndpoint::device_of`] for each of `disks`.
+    pub fn devices_of(&self, disks: &[String]) -> Result<Vec<String>, MigrationError> {
+        disks.iter().map(|disk| self.lookup(disk)).collect()
+    }
+
+    fn lookup(&self, disk: &str) -> Result<String, MigrationError> {
+        self.disks
+            .iter()
+            .find(|d| d.target == disk || d.alias.as_deref() == Some(disk))
+            .and_then(|d| d.alias.clone())
+            .ok_or_else(|| MigrationError::UnknownDisk {
+                node: disk.to_string(),
+                available: self.disks.iter().map(|d| d.target.clone()).collect(),
+            })
+    }
 }
 
 /// The libvirt domain `name` (at `uri`), checked movable: active, running or paused, no libvirt
@@ -381,10 +409,14 @@ pub async fn domain_endpoint(
                     .into(),
             ));
         }
-        if let Some(socket) = domain.declared_monitor()? {
+        let xml = domain.live_xml()?;
+        let disks = xml.disks()?;
+        if let Some(monitor) = xml.declared_monitor()? {
             return Ok(DomainEndpoint {
-                socket,
+                name,
+                socket: monitor.path,
                 access: QmpAccess::DeclaredMonitor,
+                disks,
                 _passthrough: None,
             });
         }
@@ -392,8 +424,10 @@ pub async fn domain_endpoint(
         let _runtime = handle.enter();
         let passthrough = Passthrough::start(&uri, &name)?;
         Ok(DomainEndpoint {
+            name,
             socket: passthrough.path().to_path_buf(),
             access: QmpAccess::LibvirtPassthrough,
+            disks,
             _passthrough: Some(passthrough),
         })
     })
@@ -426,14 +460,15 @@ pub struct DestDomain {
 }
 
 /// The incoming domain for the libvirt domain `name` (at `uri`): its migratable XML (or
-/// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and, when
-/// `copy_disks`, every writable file disk of the source's XML to create on the destination,
-/// with the format and virtual size of the source's image (`qemu-img info`).
+/// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and the
+/// disks to create on the destination, with the format and virtual size of the source's image
+/// (`qemu-img info`): the writable file disks whose targets `create` names, or all of them
+/// when it is `None`.
 pub async fn dest_domain(
     uri: &str,
     name: &str,
     dest_xml: Option<String>,
-    copy_disks: bool,
+    create: Option<Vec<String>>,
     timeout: Duration,
 ) -> Result<DestDomain, MigrationError> {
     use crate::libvirt::Libvirt;
@@ -445,7 +480,8 @@ pub async fn dest_domain(
         let writable = source_xml
             .disks()?
             .into_iter()
-            .filter(|d| copy_disks && d.device == "disk" && !d.readonly);
+            .filter(|d| d.device == "disk" && !d.readonly)
+            .filter(|d| create.as_ref().is_none_or(|t| t.contains(&d.target)));
         for disk in writable {
             let Some(file) = &disk.file else { continue };
             let out = std::process::Command::new("qemu-img")

@@ -11,7 +11,7 @@ use super::Side;
 use crate::qemu::{
     BlockJobCancel, BlockdevDel, CapabilityState, Cont, MigrateCancel, MigrateSetCapabilities,
     MigrateSetParameters, MigrationStatus, NbdServerStop, ObjectDel, QueryBlockJobs, QueryMigrate,
-    QueryStatus, Quit,
+    QueryStatus, Quit, Yank, YankInstance,
 };
 use crate::qmp::{Qmp, QmpError};
 
@@ -42,9 +42,12 @@ pub(crate) enum Undo {
         side: Side,
         node: String,
     },
-    /// Cancel a mirror job (forced, no completion) and wait until it is gone.
+    /// Cancel a mirror job (forced, no completion) and wait until it is gone; its NBD
+    /// target's connection is yanked first, so that requests stuck on a dead link cannot hold
+    /// the cancellation.
     CancelJob {
         job: String,
+        target: String,
     },
 }
 
@@ -164,7 +167,11 @@ async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError
         Undo::StopNbdServer => {
             qmp.call_timeout(&NbdServerStop, timeout).await?;
         }
-        Undo::DeleteBlockNode { node, .. } => {
+        Undo::DeleteBlockNode { node, side } => {
+            if *side == Side::Source {
+                // The NBD client's peer may be gone: closing it would wait on the dead link.
+                yank_nbd(qmp, node, timeout).await;
+            }
             qmp.call_timeout(
                 &BlockdevDel {
                     node_name: node.clone(),
@@ -173,9 +180,25 @@ async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError
             )
             .await?;
         }
-        Undo::CancelJob { job } => cancel_job(qmp, job, timeout).await?,
+        Undo::CancelJob { job, target } => {
+            yank_nbd(qmp, target, timeout).await;
+            cancel_job(qmp, job, timeout).await?
+        }
     }
     Ok(())
+}
+
+/// Yanks the NBD client node `node`'s connection. A node that is gone, or has no connection
+/// to yank, is no error: there is nothing to cut.
+async fn yank_nbd(qmp: &Qmp, node: &str, timeout: Duration) {
+    let yank = Yank {
+        instances: vec![YankInstance::BlockNode {
+            node_name: node.to_string(),
+        }],
+    };
+    if let Err(e) = qmp.call_timeout(&yank, timeout).await {
+        tracing::debug!(node, "yank: {e}");
+    }
 }
 
 /// Waits until the source's migration is no longer running (cancelled, failed or completed),

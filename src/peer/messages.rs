@@ -113,8 +113,15 @@ pub struct NewDisk {
 /// One disk the destination is to receive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
-    /// The block node name (the root node the guest's device uses), on both sides.
+    /// The source's block node name (the root node the guest's device uses); the name of the
+    /// destination's NBD export of this disk, and the destination's node when `device` is
+    /// absent or names no device there.
     pub node: String,
+    /// The guest device the disk is attached to (its qdev id, e.g. `virtio-disk0`): the same
+    /// on both hosts, as device state requires, where node names may differ (libvirt numbers
+    /// its nodes in the order it opens them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// The source disk's virtual size in bytes.
     pub size: u64,
 }

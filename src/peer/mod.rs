@@ -203,6 +203,7 @@ mod tests {
                 multifd: Some(2),
                 disks: vec![DiskSpec {
                     node: "disk0".into(),
+                    device: None,
                     size: 1 << 30,
                 }],
                 create_dest_disks: false,

@@ -169,13 +169,14 @@ pub struct BlockExportAdd {
 }
 
 impl BlockExportAdd {
-    pub fn nbd_writable(id: &str, node: &str) -> BlockExportAdd {
+    /// A writable NBD export `id` of block node `node`, which NBD clients open as `name`.
+    pub fn nbd_writable(id: &str, node: &str, name: &str) -> BlockExportAdd {
         BlockExportAdd {
             kind: "nbd",
             id: id.to_string(),
             node_name: node.to_string(),
             writable: true,
-            name: node.to_string(),
+            name: name.to_string(),
         }
     }
 }
@@ -213,6 +214,33 @@ pub struct BlockdevDel {
 
 impl Command for BlockdevDel {
     const NAME: &'static str = "blockdev-del";
+    type Output = Empty;
+}
+
+/// `yank`: cuts the network connections of these instances at once, failing whatever waits
+/// on them. An NBD client whose peer vanished (a cut link) otherwise holds its requests, and
+/// with them QEMU's main loop in `blockdev-del` or a job's cancellation, until TCP gives up
+/// (minutes).
+#[derive(Debug, Clone, Serialize)]
+pub struct Yank {
+    pub instances: Vec<YankInstance>,
+}
+
+/// One instance for [`Yank`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum YankInstance {
+    /// An NBD client node.
+    BlockNode {
+        #[serde(rename = "node-name")]
+        node_name: String,
+    },
+    /// The outgoing or incoming migration.
+    Migration,
+}
+
+impl Command for Yank {
+    const NAME: &'static str = "yank";
     type Output = Empty;
 }
 

@@ -1347,6 +1347,25 @@ pub fn domain_name(what: &str) -> String {
 /// `vda` at `disk`, no network, and, when `monitor` is given, a QMP monitor there declared in
 /// `<qemu:commandline>`.
 pub fn small_domain_xml(name: &str, disk: &Path, monitor: Option<&Path>) -> String {
+    domain_xml(name, &[("vda", disk, DiskFormat::Qcow2)], monitor, None)
+}
+
+/// [`small_domain_xml`] with these virtio disks (target `vda`, image, format), booting
+/// `kernel` (our guest workload) instead of idling in SeaBIOS when given.
+pub fn domain_xml(
+    name: &str,
+    disks: &[(&str, &Path, DiskFormat)],
+    monitor: Option<&Path>,
+    kernel: Option<&qemu_tls_migrate::vm::KernelConfig>,
+) -> String {
+    let boot = match kernel {
+        Some(k) => format!(
+            "<kernel>{}</kernel><cmdline>{}</cmdline>",
+            k.path.display(),
+            k.append
+        ),
+        None => "<boot dev='hd'/>".into(),
+    };
     let commandline = monitor
         .map(|m| {
             format!(
@@ -1356,23 +1375,236 @@ pub fn small_domain_xml(name: &str, disk: &Path, monitor: Option<&Path>) -> Stri
             )
         })
         .unwrap_or_default();
+    let disks: String = disks
+        .iter()
+        .map(|(target, path, format)| {
+            format!(
+                "    <disk type='file' device='disk'>
+      <driver name='qemu' type='{format}'/>
+      <source file='{path}'/>
+      <target dev='{target}' bus='virtio'/>
+    </disk>
+",
+                format = format.as_str(),
+                path = path.display()
+            )
+        })
+        .collect();
     format!(
         "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>{RAM_MIB}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <memballoon model='none'/>
+{disks}    <memballoon model='none'/>
   </devices>
 {commandline}</domain>
-",
-        disk = disk.display()
+"
     )
+}
+
+/// Every frame on every interface of network namespace `netns` (the veth between two test
+/// hosts included), read with an `AF_PACKET` socket while it runs, and searched for byte
+/// strings that would show cleartext: what a tap on the link would see.
+pub struct LinkCapture {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<CaptureResult>>,
+}
+
+/// What a [`LinkCapture`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct CaptureResult {
+    /// Frames and their bytes.
+    pub frames: u64,
+    pub bytes: u64,
+    /// The needles found (by index into the needles given), with a count each.
+    pub found: Vec<(usize, u64)>,
+}
+
+impl LinkCapture {
+    pub fn start(netns: &str, needles: Vec<Vec<u8>>) -> LinkCapture {
+        use nix::sys::socket::{
+            AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, setsockopt, socket,
+            sockopt,
+        };
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns = netns.to_string();
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let fd = socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::EthAll,
+            )
+            .expect("AF_PACKET socket");
+            setsockopt(
+                &fd,
+                sockopt::ReceiveTimeout,
+                &nix::sys::time::TimeVal::new(0, 50_000),
+            )
+            .expect("SO_RCVTIMEO");
+            // Room for bursts while the thread copies (root may exceed rmem_max).
+            setsockopt(&fd, sockopt::RcvBufForce, &(64 << 20)).expect("SO_RCVBUFFORCE");
+            ready_tx.send(()).expect("ready");
+            let (mut frames, mut seen) = (0u64, Vec::with_capacity(64 << 20));
+            let mut buf = vec![0u8; 256 * 1024];
+            while !stopped.load(Ordering::SeqCst) {
+                let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                    Err(e) => panic!("capture: {e}"),
+                };
+                frames += 1;
+                // Kept, and searched once the capture ends: searching as frames come would
+                // fall behind a migration (the kernel then drops frames).
+                seen.extend_from_slice(&buf[..n]);
+            }
+            CaptureResult {
+                frames,
+                bytes: seen.len() as u64,
+                found: needles
+                    .iter()
+                    .enumerate()
+                    .map(|(i, needle)| (i, memchr::memmem::find_iter(&seen, needle).count() as u64))
+                    .collect(),
+            }
+        });
+        ready_rx.recv().expect("capture started");
+        LinkCapture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops capturing; what was seen.
+    pub fn finish(mut self) -> CaptureResult {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("capture thread")
+    }
+}
+
+impl Drop for LinkCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Sends `bytes` in clear over TCP from namespace `from` to `to_addr` in namespace `to`: the
+/// control that shows a [`LinkCapture`] sees cleartext when there is some.
+pub fn send_in_clear(from: &str, to: &str, to_addr: &str, bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let in_netns = |ns: &str| {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    };
+    let (to, to_addr) = (to.to_string(), to_addr.to_string());
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        in_netns(&to);
+        let listener = std::net::TcpListener::bind((to_addr.as_str(), 0)).expect("bind");
+        port_tx
+            .send((to_addr, listener.local_addr().expect("addr").port()))
+            .expect("port");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read");
+        got.len()
+    });
+    let (addr, port) = port_rx.recv().expect("listening");
+    let (from, data) = (from.to_string(), bytes.to_vec());
+    std::thread::spawn(move || {
+        in_netns(&from);
+        let mut conn = std::net::TcpStream::connect((addr.as_str(), port)).expect("connect");
+        conn.write_all(&data).expect("write");
+    })
+    .join()
+    .expect("sender");
+    assert_eq!(receiver.join().expect("receiver"), bytes.len());
+}
+
+/// A second veth link between a [`TwoHosts`] pair's namespaces, with addresses of its own: a
+/// test can cut it without cutting the link other tests use.
+pub struct ExtraLink {
+    pub a_addr: String,
+    pub b_addr: String,
+    ns_b: String,
+    veth_b: String,
+}
+
+impl TwoHosts {
+    pub fn extra_link(&self) -> ExtraLink {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}x{n}", std::process::id() % 10000);
+        let (veth_a, veth_b) = (format!("xa{id}"), format!("xb{id}"));
+        let (x, y) = (std::process::id() % 200, n % 60 * 4);
+        let a_addr = format!("198.19.{x}.{}", y + 1);
+        let b_addr = format!("198.19.{x}.{}", y + 2);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&[
+            "link", "add", &veth_a, "netns", &self.a, "type", "veth", "peer", "name", &veth_b,
+            "netns", &self.b,
+        ]);
+        let a_cidr = format!("{a_addr}/30");
+        let b_cidr = format!("{b_addr}/30");
+        ip(&["-n", &self.a, "addr", "add", &a_cidr, "dev", &veth_a]);
+        ip(&["-n", &self.b, "addr", "add", &b_cidr, "dev", &veth_b]);
+        ip(&["-n", &self.a, "link", "set", &veth_a, "up"]);
+        ip(&["-n", &self.b, "link", "set", &veth_b, "up"]);
+        ExtraLink {
+            a_addr,
+            b_addr,
+            ns_b: self.b.clone(),
+            veth_b,
+        }
+    }
+}
+
+impl ExtraLink {
+    /// Takes the link down (or up again) on the source's side.
+    pub fn set(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.ns_b, "link", "set", &self.veth_b, state])
+            .output()
+            .expect("ip link");
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+impl Drop for ExtraLink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &self.ns_b, "link", "del", &self.veth_b])
+            .output();
+    }
+}
+
+/// Shows `what` on stderr, which `cargo test -- --nocapture` prints: figures a test measured
+/// (the README quotes some) and the JSON of runs whose outcome a reader may want to see.
+pub fn show(label: &str, what: &dyn std::fmt::Display) {
+    eprintln!("{label}: {what}");
 }

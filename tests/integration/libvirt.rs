@@ -260,45 +260,6 @@ fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_domain_migrates_through_serve_libvirt_which_makes_the_incoming_domain_and_its_disk() {
-    let pair = LibvirtPair::shared();
-    let (name, _) = start_domain(&pair.b, "served").await;
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let mut args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
-    args.extend(["-q".to_string(), "--destroy-source".to_string()]);
-
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
-
-    let json = crate::fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(0), "{json}");
-    assert_eq!(json["transport"], "tls");
-    assert_eq!(json["warnings"], serde_json::json!([]), "{json}");
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
-    assert_eq!(
-        pair.b.virsh_ok(&["domstate", &name]).await,
-        "shut off",
-        "--destroy-source stops the source once the destination runs"
-    );
-    assert!(
-        dest_disk.exists(),
-        "the service created the destination disk"
-    );
-    pair.a.virsh_ok(&["destroy", &name]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     let pair = LibvirtPair::shared();
     let (name, _) = start_domain(&pair.b, "taken").await;
@@ -332,6 +293,15 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
 async fn libvirt_service(
     pair: &LibvirtPair,
 ) -> (crate::fixture::Lab, crate::fixture::Service, String) {
+    libvirt_service_on(pair, &pair.hosts.a_addr, &["--libvirt"]).await
+}
+
+/// [`libvirt_service`] listening on `addr`, with these arguments added (`--libvirt` among them).
+async fn libvirt_service_on(
+    pair: &LibvirtPair,
+    addr: &str,
+    extra: &[&str],
+) -> (crate::fixture::Lab, crate::fixture::Service, String) {
     let lab = crate::fixture::Lab::new("Test CA");
     let (pki_a, pki_b) = (
         lab.host("host-a", &["host-a"]),
@@ -340,10 +310,10 @@ async fn libvirt_service(
     crate::fixture::open_path_for_others(&pki_a);
     let service = crate::fixture::Service::start_in_libvirt_host(
         &pair.a,
-        &pair.hosts.a_addr,
+        addr,
         &pki_a,
         &pair.a.qmp_dir(),
-        &["--libvirt"],
+        extra,
     )
     .await;
     (lab, service, pki_b.display().to_string())
@@ -406,71 +376,6 @@ async fn serve_libvirt_refuses_a_domain_of_the_same_name_running_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_domain_destroyed_mid_way_leaves_the_source_running_and_nothing_there() {
-    let pair = LibvirtPair::shared();
-    let name = crate::fixture::domain_name("midway");
-    let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
-    qcow2(&disk);
-    crate::fixture::qemu_io(
-        &disk,
-        qemu_tls_migrate::vm::DiskFormat::Qcow2,
-        "write -P 0x5a 0 64M",
-    );
-    let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
-    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
-    std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
-    let xml_arg = xml_path.to_str().expect("UTF-8");
-    pair.b.virsh_ok(&["define", xml_arg]).await;
-    pair.b.virsh_ok(&["start", &name]).await;
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
-    let a_uri = pair.a.uri();
-    let killer_name = name.clone();
-    // Destroys the incoming domain the moment the service has made it.
-    let killer = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let libvirt = Libvirt::connect(&a_uri).expect("connect a");
-        while std::time::Instant::now() < deadline {
-            // Once libvirt has it up (paused by the user's request: reason 1), not while it
-            // is still "starting up" (reason 11), which libvirt also shows as paused.
-            if let Ok(d) = libvirt.domain(&killer_name)
-                && d.state()
-                    .is_ok_and(|s| s.kind == StateKind::Paused && s.reason == 1)
-                && d.destroy().is_ok()
-            {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        false
-    });
-
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
-
-    let json = crate::fixture::stdout_json(&out);
-    assert!(
-        killer.await.expect("killer"),
-        "the incoming domain never appeared: {json}"
-    );
-    assert_ne!(out.status.code(), Some(0), "{json}");
-    assert_eq!(
-        pair.b.virsh_ok(&["domstate", &name]).await,
-        "running",
-        "{json}"
-    );
-    assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
-    assert!(!dest_disk.exists(), "the created disk was deleted");
-    pair.b.virsh_ok(&["destroy", &name]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_passthrough() {
     let pair = LibvirtPair::shared();
     let name = domain_name("passthrough");
@@ -495,5 +400,335 @@ async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_pas
     assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
     pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// A domain on host b made for a full migration: our guest workload (its RAM not zero pages),
+/// a qcow2 `vda` of 64 MiB filled with 0x5a and a raw `vdb` of 32 MiB filled with 0xa5, and a
+/// QMP monitor declared when `monitor`. Returns its name and its disks (target, source image,
+/// the destination image the caller's XML will name).
+async fn start_busy_domain(
+    pair: &LibvirtPair,
+    what: &str,
+    monitor: bool,
+) -> (String, Vec<(&'static str, PathBuf, PathBuf)>) {
+    use qemu_tls_migrate::vm::DiskFormat;
+    let name = domain_name(what);
+    let images = pair.b.images_dir();
+    let disks = vec![
+        (
+            "vda",
+            images.join(format!("{name}.qcow2")),
+            DiskFormat::Qcow2,
+            "64M",
+            0x5a,
+        ),
+        (
+            "vdb",
+            images.join(format!("{name}.raw")),
+            DiskFormat::Raw,
+            "32M",
+            0xa5,
+        ),
+    ];
+    for (_, path, format, size, pattern) in &disks {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", format.as_str()])
+            .arg(path)
+            .arg(size)
+            .output()
+            .expect("qemu-img create");
+        assert!(out.status.success(), "{out:?}");
+        crate::fixture::qemu_io(path, *format, &format!("write -P {pattern} 0 {size}"));
+    }
+    let kernel = qemu_tls_migrate::vm::workload::workload_kernel(32, 100).expect("workload");
+    let monitor_path = pair.b.qmp_dir().join(format!("{name}.sock"));
+    let spec: Vec<(&str, &Path, DiskFormat)> = disks
+        .iter()
+        .map(|(t, p, f, _, _)| (*t, p.as_path(), *f))
+        .collect();
+    let xml = crate::fixture::domain_xml(
+        &name,
+        &spec,
+        monitor.then_some(monitor_path.as_path()),
+        Some(&kernel),
+    );
+    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
+    std::fs::write(&xml_path, xml).expect("XML");
+    pair.b
+        .virsh_ok(&["define", xml_path.to_str().expect("UTF-8")])
+        .await;
+    pair.b.virsh_ok(&["start", &name]).await;
+    let dest = pair.a.images_dir();
+    let disks = disks
+        .into_iter()
+        .map(|(t, p, _, _, _)| {
+            let file = p.file_name().expect("file name").to_owned();
+            (t, p, dest.join(file))
+        })
+        .collect();
+    (name, disks)
+}
+
+/// The `--dest-xml` file for a [`start_busy_domain`] domain: every disk moved to its
+/// destination image.
+fn busy_dest_xml(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, PathBuf)]) -> PathBuf {
+    let mut xml = Libvirt::connect(&pair.b.uri())
+        .and_then(|l| l.domain(name))
+        .and_then(|d| d.migratable_xml())
+        .expect("migratable XML");
+    for (target, _, dest) in disks {
+        xml = xml.with_disk_file(target, dest).expect("disk path");
+    }
+    let path = pair.b.dir.path().join(format!("{name}-dest.xml"));
+    std::fs::write(&path, xml.as_str()).expect("write XML");
+    path
+}
+
+/// The agent's command line for a [`start_busy_domain`] domain: its disks named by target.
+fn agent_args(name: &str, to: &str, pki: &str, dest_xml: &Path) -> Vec<String> {
+    let mut args = served_args(name, to, pki, &dest_xml.display().to_string());
+    args.retain(|a| a != "--all-local-disks");
+    args.extend(["--disk", "vda", "--disk", "vdb"].map(String::from));
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_with_two_local_disks_migrates_through_serve_libvirt_with_nothing_in_clear() {
+    let pair = LibvirtPair::shared();
+    let (name, disks) = start_busy_domain(&pair, "served", true).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let mut args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+    args.extend(["-q", "--destroy-source"].map(String::from));
+    // Cleartext would show the migration stream's magic, its RAM block's name, or a run of
+    // either disk's bytes; the control sends one of them in clear to prove the tap sees it.
+    let needles = vec![
+        b"QEVM".to_vec(),
+        b"pc.ram".to_vec(),
+        vec![0x5a; 512],
+        vec![0xa5; 512],
+    ];
+    let control = crate::fixture::LinkCapture::start(&pair.hosts.a, needles.clone());
+    crate::fixture::send_in_clear(
+        &pair.hosts.b,
+        &pair.hosts.a,
+        &pair.hosts.a_addr,
+        &[0x5a; 4096],
+    );
+    let control = control.finish();
+    let capture = crate::fixture::LinkCapture::start(&pair.hosts.a, needles);
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let seen = capture.finish();
+    let json = crate::fixture::stdout_json(&out);
+    // Shown with --nocapture: the figures the README quotes.
+    crate::fixture::show("libvirt domain migration", &json);
+    crate::fixture::show("capture", &format!("{seen:?}"));
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["transport"], "tls");
+    assert_eq!(json["source_qmp"], "declared-monitor");
+    assert_eq!(json["warnings"], serde_json::json!([]), "{json}");
+    assert_eq!(json["disks"].as_array().map(Vec::len), Some(2), "{json}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await,
+        "shut off",
+        "--destroy-source stops the source once the destination runs"
+    );
+    for (target, source, dest) in &disks {
+        crate::fixture::images_identical(source, dest)
+            .unwrap_or_else(|e| panic!("disk {target}: {e}"));
+    }
+    assert!(
+        control.found[2].1 > 0,
+        "the tap sees cleartext: {control:?}"
+    );
+    assert!(
+        seen.bytes > 96 << 20,
+        "the tap saw the disks cross the link: {seen:?}"
+    );
+    assert!(
+        seen.found.iter().all(|(_, n)| *n == 0),
+        "nothing crossed the link in clear: {seen:?}"
+    );
+    pair.a.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsecured_source_is_refused_by_a_secured_service_and_nothing_is_made_there() {
+    let pair = LibvirtPair::shared();
+    let (name, disks) = start_busy_domain(&pair, "unsecured", true).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    let (_lab, service, _pki_b) = libvirt_service(&pair).await;
+    let unsecured = tempfile::tempdir().expect("empty PKI dir");
+    crate::fixture::open_path_for_others(unsecured.path());
+    let unsecured_dir = unsecured.path().display().to_string();
+    let args = agent_args(&name, &service.addr, &unsecured_dir, &dest_xml);
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    crate::fixture::show("unsecured source", &json);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_nothing_moved(&pair, &name, &disks).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_libvirtd_is_down_refuses_and_nothing_is_made_there() {
+    let pair = LibvirtPair::shared();
+    let (name, disks) = start_busy_domain(&pair, "nolibvirtd", true).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    // A libvirtd that stopped leaves no one listening on its socket.
+    let gone = pair.a.dir.path().join("stopped-libvirt-sock");
+    let uri = format!("qemu+unix:///system?socket={}", gone.display());
+    let (_lab, service, pki_b) =
+        libvirt_service_on(&pair, &pair.hosts.a_addr, &["--libvirt", "--connect", &uri]).await;
+    let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    crate::fixture::show("libvirtd down", &json);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("libvirt")),
+        "{json}"
+    );
+    assert_nothing_moved(&pair, &name, &disks).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// The source domain runs on, and host a has no domain of its name and none of its disks.
+async fn assert_nothing_moved(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, PathBuf)]) {
+    assert_eq!(pair.b.virsh_ok(&["domstate", name]).await, "running");
+    assert!(!pair.a.virsh(&["domstate", name]).await.status.success());
+    for (target, _, dest) in disks {
+        assert!(
+            !dest.exists(),
+            "no destination disk {target} at {}",
+            dest.display()
+        );
+    }
+}
+
+/// Waits until the source domain's own migration is sending RAM (asked through libvirt's
+/// monitor, beside the tool's declared one), within 60 s.
+async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
+    let (uri, name) = (pair.b.uri(), name.to_string());
+    let seen = tokio::task::spawn_blocking(move || {
+        let domain = Libvirt::connect(&uri)
+            .and_then(|l| l.domain(&name))
+            .expect("source domain");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let reply = domain
+                .monitor_command(r#"{"execute":"query-migrate"}"#)
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+            if v["return"]["status"] == "active"
+                && v["return"]["ram"]["transferred"].as_u64() > Some(0)
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })
+    .await
+    .expect("poller");
+    assert!(seen, "the migration never reached its RAM phase");
+}
+
+/// Waits (60 s at most) until host a has no domain `name` and none of the disks.
+async fn wait_destination_clean(
+    pair: &LibvirtPair,
+    name: &str,
+    disks: &[(&str, PathBuf, PathBuf)],
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let domain_gone = !pair.a.virsh(&["domstate", name]).await.status.success();
+        let disks_gone = disks.iter().all(|(_, _, d)| !d.exists());
+        if domain_gone && disks_gone {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "host a still has domain {name} ({domain_gone}) or its disks ({disks_gone})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_domain_destroyed_during_the_ram_phase_leaves_the_source_running() {
+    let pair = LibvirtPair::shared();
+    let (name, disks) = start_busy_domain(&pair, "midway", true).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let mut args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+    // Slow enough to be caught sending RAM.
+    args.extend(["--max-bandwidth", "8M"].map(String::from));
+    let run = {
+        let args = args.clone();
+        let pair = pair.clone();
+        tokio::spawn(async move { pair.b.run_cli(&crate::fixture::strs(&args)).await })
+    };
+
+    wait_ram_phase(&pair, &name).await;
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    let out = run.await.expect("migration");
+
+    let json = crate::fixture::stdout_json(&out);
+    crate::fixture::show("destroyed mid-way", &json);
+    assert_ne!(out.status.code(), Some(0), "{json}");
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await,
+        "running",
+        "{json}"
+    );
+    wait_destination_clean(&pair, &name, &disks).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_during_the_ram_phase_leaves_the_source_running_and_the_service_cleans_up() {
+    let pair = LibvirtPair::shared();
+    // A link of this test's own, so that cutting it cuts no other test's.
+    let link = pair.hosts.extra_link();
+    let (name, disks) = start_busy_domain(&pair, "cut", true).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    let (_lab, service, pki_b) = libvirt_service_on(&pair, &link.a_addr, &["--libvirt"]).await;
+    let mut args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+    args.extend(["--max-bandwidth", "8M", "--timeout", "60"].map(String::from));
+    let run = {
+        let args = args.clone();
+        let pair = pair.clone();
+        tokio::spawn(async move { pair.b.run_cli(&crate::fixture::strs(&args)).await })
+    };
+
+    wait_ram_phase(&pair, &name).await;
+    link.set(false);
+    let out = run.await.expect("migration");
+
+    let json = crate::fixture::stdout_json(&out);
+    crate::fixture::show("link cut", &json);
+    assert_ne!(out.status.code(), Some(0), "{json}");
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await,
+        "running",
+        "{json}"
+    );
+    wait_destination_clean(&pair, &name, &disks).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }

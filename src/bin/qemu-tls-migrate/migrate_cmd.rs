@@ -185,8 +185,9 @@ pub struct MigrateArgs {
     /// Leave the destination paused after the migration (like virsh migrate --suspend).
     #[arg(long)]
     pub dest_paused: bool,
-    /// Copy this disk (block node name, as in -blockdev node-name=...) to the destination over
-    /// NBD before RAM moves. Repeat for several disks.
+    /// Copy this disk to the destination over NBD before RAM moves: its block node name (as in
+    /// -blockdev node-name=...) or its device id (-device ...,id=); with --domain, its target
+    /// as in the domain's XML (vda). Repeat for several disks.
     #[arg(long = "disk", value_name = "NODE", conflicts_with = "all_local_disks")]
     pub disks: Vec<String>,
     /// Copy every writable disk that is not on shared storage. Shared means a network driver
@@ -203,7 +204,7 @@ pub struct MigrateArgs {
     /// QEMU must already have a disk with the same node name).
     #[arg(long)]
     pub create_dest_disks: bool,
-    /// Declare this writable local disk (block node name) shared: reachable from the
+    /// Declare this writable local disk (named as for --disk) shared: reachable from the
     /// destination by other means, so it is not copied. Repeat for several. Without it, a
     /// writable disk that is not on shared storage and not copied is refused (exit 3).
     #[arg(long = "shared-disk", value_name = "NODE")]
@@ -509,6 +510,43 @@ pub fn outcome_of(report: &Report) -> Outcome {
     }
 }
 
+/// Looks the source domain up (refusing one that cannot move), names its disks for QEMU (a
+/// domain's disks are named as in its XML, `vda`; QEMU knows them by device id), and, with
+/// `--to`, makes the request for the incoming domain: its XML and the disks to create.
+async fn resolve_domain(
+    args: &MigrateArgs,
+    name: &str,
+    dest_xml: Option<String>,
+    options: &mut MigrationOptions,
+) -> Result<migration::DomainEndpoint, migration::MigrationError> {
+    let source = migration::domain_endpoint(&args.connect, name, options.qmp_timeout).await?;
+    let (disks, create) = match &options.disks {
+        DiskSelection::Nodes(names) => {
+            let devices = source.devices_of(names)?;
+            let targets = source
+                .disks
+                .iter()
+                .filter(|d| d.alias.as_ref().is_some_and(|a| devices.contains(a)))
+                .map(|d| d.target.clone())
+                .collect();
+            (DiskSelection::Nodes(devices), Some(targets))
+        }
+        DiskSelection::AllLocal => (DiskSelection::AllLocal, None),
+        DiskSelection::None => (DiskSelection::None, Some(Vec::new())),
+    };
+    let shared = source.devices_of(&options.shared_disks)?;
+    if args.to.is_some() {
+        let domain =
+            migration::dest_domain(&args.connect, name, dest_xml, create, options.qmp_timeout)
+                .await?;
+        options.dest_domain = Some(domain);
+    }
+    options.source.qmp = source.socket.clone();
+    options.disks = disks;
+    options.shared_disks = shared;
+    Ok(source)
+}
+
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let mut options = args.options()?;
     // Lives until the migration is over: it may serve the source's QMP socket.
@@ -520,29 +558,8 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             })?),
             None => None,
         };
-        let resolved = async {
-            let qmp = migration::domain_endpoint(&args.connect, name, options.qmp_timeout).await?;
-            let domain = match &args.to {
-                Some(_) => Some(
-                    migration::dest_domain(
-                        &args.connect,
-                        name,
-                        dest_xml,
-                        options.disks == DiskSelection::AllLocal,
-                        options.qmp_timeout,
-                    )
-                    .await?,
-                ),
-                None => None,
-            };
-            Ok::<_, migration::MigrationError>((qmp, domain))
-        };
-        match resolved.await {
-            Ok((source, domain)) => {
-                options.source.qmp = source.socket.clone();
-                options.dest_domain = domain;
-                endpoint = Some(source);
-            }
+        match resolve_domain(&args, name, dest_xml, &mut options).await {
+            Ok(source) => endpoint = Some(source),
             Err(e) => {
                 let report = Report::refused(e, Duration::ZERO);
                 print_report(&report, args.tuning.json);
