@@ -55,6 +55,10 @@ pub trait Destination {
     async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError>;
     /// Rolls everything back; says whether the destination is known not to run the guest.
     async fn abort(&mut self) -> AbortOutcome;
+    /// Once [`Destination::gone`] returned: what is known of why.
+    fn gone_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Destination for DestinationSide {
@@ -78,6 +82,9 @@ impl Destination for DestinationSide {
     }
     async fn abort(&mut self) -> AbortOutcome {
         DestinationSide::abort(self).await
+    }
+    fn gone_reason(&self) -> Option<String> {
+        Some("its QEMU exited".into())
     }
 }
 
@@ -546,7 +553,7 @@ impl Run<'_> {
         // often a consequence: the source's own words (a TLS error, say) explain more.
         match MigrationError::from_qemu_failure(desc, opts.effective_tls_hostname()) {
             MigrationError::Failed { desc } if watch.dest_gone() => {
-                Err(MigrationError::DestinationDied { desc: Some(desc) })
+                Err(watch.gone_error(Some(format!("source reports: {desc}"))))
             }
             other => Err(other),
         }
@@ -855,6 +862,7 @@ struct Watch {
     tick: tokio::time::Interval,
     stall: StallWatch,
     dest_gone_at: Option<Instant>,
+    gone_reason: Option<String>,
     step: &'static str,
 }
 
@@ -866,6 +874,7 @@ impl Watch {
             tick: tokio::time::interval(PROGRESS_INTERVAL),
             stall: StallWatch::new(opts.stall_timeout),
             dest_gone_at: None,
+            gone_reason: None,
             step,
         }
     }
@@ -897,7 +906,8 @@ impl Watch {
                     };
                 }
                 _ = dest.gone(), if self.dest_gone_at.is_none() => {
-                    tracing::warn!("the destination went away");
+                    self.gone_reason = dest.gone_reason();
+                    tracing::warn!(reason = ?self.gone_reason, "the destination went away");
                     self.dest_gone_at = Some(Instant::now());
                 }
                 _ = self.tick.tick() => return Ok(Seen::Tick),
@@ -917,11 +927,19 @@ impl Watch {
     /// An error once the destination has been gone for longer than the grace period.
     fn check_dest_gone(&self, desc: impl FnOnce() -> Option<String>) -> Result<(), MigrationError> {
         match self.dest_gone_at {
-            Some(at) if at.elapsed() >= DEST_GONE_GRACE => {
-                Err(MigrationError::DestinationDied { desc: desc() })
-            }
+            Some(at) if at.elapsed() >= DEST_GONE_GRACE => Err(self.gone_error(desc())),
             _ => Ok(()),
         }
+    }
+
+    /// The error for a destination gone, with `desc` (what the source saw) and the reason the
+    /// destination gave, where known.
+    fn gone_error(&self, desc: Option<String>) -> MigrationError {
+        let desc = match (desc, &self.gone_reason) {
+            (Some(d), Some(r)) => Some(format!("{d}; {r}")),
+            (d, r) => d.or_else(|| r.clone()),
+        };
+        MigrationError::DestinationDied { desc }
     }
 
     fn dest_gone(&self) -> bool {

@@ -131,7 +131,7 @@ pub enum MigrationError {
     TlsHandshake { desc: String, hostname: String },
     #[error("migration failed: {desc}")]
     Failed { desc: String },
-    #[error("the destination QEMU went away during the migration{}", .desc.as_ref().map(|d| format!(" (source reports: {d})")).unwrap_or_default())]
+    #[error("the destination went away during the migration{}", .desc.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
     DestinationDied { desc: Option<String> },
     #[error("the destination did not finish loading the migration within {after:?}")]
     DestinationNotFinished { after: Duration },

@@ -24,9 +24,9 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::MigrationError;
 use super::destination::{AbortOutcome, Finished};
 use super::driver::Destination;
+use super::{MigrationError, Side};
 use crate::peer::{
     self, Channel, DestPlan, DestPrepared, ErrorKind, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
     Message, PeerError,
@@ -299,6 +299,10 @@ impl Destination for RemoteDestination {
         }
     }
 
+    fn gone_reason(&self) -> Option<String> {
+        self.lost.as_ref().map(|r| format!("destination host: {r}"))
+    }
+
     async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
         // Whatever happens to the channel from here, the service may resume the destination.
         self.finish_sent = true;
@@ -412,11 +416,22 @@ pub async fn migrate_remote(
     if let Err(e) = opts.validate() {
         return super::Report::refused(e, started.elapsed());
     }
+    let src_security = pki::assess(&opts.source.pki_dir, Role::Client);
+    // A service only ever runs on a secured host (its channel is mutual TLS), so an unsecured
+    // source makes a mixed pair: refused by the rule, before the channel fails on the missing
+    // certificate with a less useful message.
+    if let Security::Unsecured { reason } = &src_security {
+        let e = MigrationError::MixedSecurity {
+            side: Side::Source,
+            dir: opts.source.pki_dir.clone(),
+            reason: reason.clone(),
+        };
+        return super::Report::refused(e, started.elapsed());
+    }
     let mut dest = match RemoteDestination::connect(target).await {
         Ok(d) => d,
         Err(e) => return super::Report::refused(e, started.elapsed()),
     };
-    let src_security = pki::assess(&opts.source.pki_dir, Role::Client);
     let remote_dir = PathBuf::from(format!("{}:<service --pki-dir>", dest.server));
     let decision = super::decide_transport_from(
         opts.transport,

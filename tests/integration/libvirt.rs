@@ -577,6 +577,7 @@ async fn an_unsecured_source_is_refused_by_a_secured_service_and_nothing_is_made
     let json = crate::fixture::stdout_json(&out);
     crate::fixture::show("unsecured source", &json);
     assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "mixed-security", "{json}");
     assert_nothing_moved(&pair, &name, &disks).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
