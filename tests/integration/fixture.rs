@@ -75,6 +75,15 @@ impl Pair {
 
     /// A pair across two hosts: the source VM in namespace `b`, the destination in `a`.
     pub async fn start_on(hosts: &TwoHosts, disks: &[(&str, DiskFormat, u64)]) -> Pair {
+        Pair::start_on_with(hosts, disks, |_| {}).await
+    }
+
+    /// [`Pair::start_on`] with the configuration adjusted (by `tweak`) before launch.
+    pub async fn start_on_with(
+        hosts: &TwoHosts,
+        disks: &[(&str, DiskFormat, u64)],
+        tweak: impl FnOnce(&mut VmConfig),
+    ) -> Pair {
         let (a, b) = (hosts.a.clone(), hosts.b.clone());
         Pair::start_full(
             test_dir(),
@@ -83,6 +92,7 @@ impl Pair {
                 c.netns = Some(b);
                 // Exact dirty tracking for the RAM comparison (see the RAM-integrity test).
                 c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg);
+                tweak(c);
             },
             Some(a),
         )

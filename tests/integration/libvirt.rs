@@ -412,6 +412,16 @@ async fn start_busy_domain(
     what: &str,
     monitor: bool,
 ) -> (String, Vec<(&'static str, PathBuf, PathBuf)>) {
+    start_domain_dirtying(pair, what, monitor, 32).await
+}
+
+/// [`start_busy_domain`] whose workload dirties `wss_mib` MiB.
+async fn start_domain_dirtying(
+    pair: &LibvirtPair,
+    what: &str,
+    monitor: bool,
+    wss_mib: u32,
+) -> (String, Vec<(&'static str, PathBuf, PathBuf)>) {
     use qemu_tls_migrate::vm::DiskFormat;
     let name = domain_name(what);
     let images = pair.b.images_dir();
@@ -441,7 +451,7 @@ async fn start_busy_domain(
         assert!(out.status.success(), "{out:?}");
         crate::fixture::qemu_io(path, *format, &format!("write -P {pattern} 0 {size}"));
     }
-    let kernel = qemu_tls_migrate::vm::workload::workload_kernel(32, 100).expect("workload");
+    let kernel = qemu_tls_migrate::vm::workload::workload_kernel(wss_mib, 100).expect("workload");
     let monitor_path = pair.b.qmp_dir().join(format!("{name}.sock"));
     let spec: Vec<(&str, &Path, DiskFormat)> = disks
         .iter()
@@ -731,5 +741,72 @@ async fn a_link_cut_during_the_ram_phase_leaves_the_source_running_and_the_servi
         "{json}"
     );
     wait_destination_clean(&pair, &name, &disks).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side() {
+    use qemu_tls_migrate::vm::DiskFormat;
+    let pair = LibvirtPair::shared();
+    // The libvirt domain: 128 MiB, our workload dirtying 64 MiB, qcow2 64 MiB + raw 32 MiB.
+    let (name, disks) = start_domain_dirtying(&pair, "timed", true, 64).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    let (lab, service, pki_b) = libvirt_service(&pair).await;
+    let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+    // The same VM as bare QEMU processes on the same two hosts and link (the fixture also
+    // fills 64 MiB of its RAM, which the workload's 64 MiB mostly overlap).
+    let kernel = qemu_tls_migrate::vm::workload::workload_kernel(64, 100).expect("workload");
+    let bare = crate::fixture::Pair::start_on_with(
+        &pair.hosts,
+        &[("vda", DiskFormat::Qcow2, 64), ("vdb", DiskFormat::Raw, 32)],
+        |c| c.kernel = Some(kernel),
+    )
+    .await;
+    let qmp_dir = bare.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let pki_a = lab.host("host-a", &["host-a"]);
+    let bare_service = crate::fixture::Service::start(
+        Some(&pair.hosts.a),
+        &pair.hosts.a_addr,
+        &pki_a,
+        &qmp_dir,
+        &[],
+    )
+    .await;
+    let qmp_name = bare
+        .dest
+        .qmp_path()
+        .file_name()
+        .expect("socket name")
+        .to_string_lossy()
+        .to_string();
+    let bare_args = crate::fixture::migrate_to_args(
+        &bare,
+        &bare_service.addr,
+        Path::new(&pki_b),
+        &qmp_name,
+        &["--disk", "vda", "--disk", "vdb"],
+    );
+
+    let domain_out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let bare_out =
+        crate::fixture::run_cli_in(&pair.hosts.b, &crate::fixture::strs(&bare_args)).await;
+
+    let (domain, bare_json) = (
+        crate::fixture::stdout_json(&domain_out),
+        crate::fixture::stdout_json(&bare_out),
+    );
+    assert_eq!(domain_out.status.code(), Some(0), "{domain}");
+    assert_eq!(bare_out.status.code(), Some(0), "{bare_json}");
+    // No timing is asserted (this machine is noisy): the figures are shown for the README.
+    for (what, json) in [("libvirt domain", &domain), ("bare QEMU", &bare_json)] {
+        crate::fixture::show(
+            what,
+            &format!(
+                "wall {} ms, timing {}, RAM {} bytes, disks {}",
+                json["wall_ms"], json["timing"], json["ram"]["bytes"], json["disks"]
+            ),
+        );
+    }
+    pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
