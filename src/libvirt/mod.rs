@@ -196,6 +196,30 @@ impl Libvirt {
         }
     }
 
+    /// The domain whose UUID is `uuid`, if there is one.
+    pub fn domain_by_uuid(&self, uuid: &str) -> Result<Option<Domain>, LibvirtError> {
+        if uuid.contains('\0') {
+            return Ok(None);
+        }
+        match virt::domain::Domain::lookup_by_uuid_string(&self.conn, uuid) {
+            Ok(dom) => {
+                let name = dom.get_name().unwrap_or_else(|_| uuid.to_string());
+                Ok(Some(Domain {
+                    dom,
+                    name,
+                    uri: self.uri.clone(),
+                }))
+            }
+            Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
+            Err(source) => Err(LibvirtError::Domain {
+                action: "look up by UUID",
+                name: uuid.to_string(),
+                uri: self.uri.clone(),
+                source,
+            }),
+        }
+    }
+
     /// Starts a transient domain from `xml` with its CPUs paused (`virsh create --paused`):
     /// libvirt shows it `paused (user)` until [`Domain::resume`]; gone once destroyed.
     pub fn create_paused(&self, xml: &DomainXml) -> Result<Domain, LibvirtError> {

@@ -98,6 +98,15 @@ fn start_blocking(
         Ok(_) | Err(LibvirtError::NoSuchDomain { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    // The same VM under another name is the same VM running twice.
+    if let Some(uuid) = parsed.uuid()?
+        && let Some(d) = libvirt.domain_by_uuid(&uuid)?
+        && d.is_active()?
+    {
+        return Err(MigrationError::DomainExists {
+            name: format!("{} (with the same UUID {uuid})", d.name()),
+        });
+    }
     // Every path first, so nothing is created when one is refused.
     let xml_disks = parsed.disks()?;
     let mut planned = Vec::new();

@@ -810,3 +810,123 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tool_killed_during_the_ram_phase_leaves_the_service_to_roll_back_on_its_own() {
+    let pair = LibvirtPair::shared();
+    let (name, disks) = start_busy_domain(&pair, "killed", true).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let mut args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+    // RAM takes about 8 s at this rate: the service notices the silent channel (6 s) first.
+    args.extend(["--max-bandwidth", "4M"].map(String::from));
+    // As the agent does on its timeout: SIGKILL, no chance to clean up.
+    let mut tool = pair
+        .b
+        .command(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the tool");
+
+    wait_ram_phase(&pair, &name).await;
+    tool.kill().await.expect("SIGKILL");
+
+    wait_destination_clean(&pair, &name, &disks).await;
+    let (uri, domain) = (pair.b.uri(), name.clone());
+    let qemu = tokio::task::spawn_blocking(move || {
+        let d = Libvirt::connect(&uri).and_then(|l| l.domain(&domain))?;
+        let status = d.monitor_command(r#"{"execute":"query-status"}"#)?;
+        let migration = d.monitor_command(r#"{"execute":"query-migrate"}"#)?;
+        Ok::<_, LibvirtError>((status, migration))
+    })
+    .await
+    .expect("query")
+    .expect("source QEMU answers");
+    crate::fixture::show("source after the kill", &format!("{qemu:?}"));
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    assert!(qemu.0.contains(r#""status":"running""#), "{qemu:?}");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_refuses_the_same_uuid_running_there_under_another_name() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "uuid").await;
+    let source_xml = Libvirt::connect(&pair.b.uri())
+        .and_then(|l| l.domain(&name))
+        .and_then(|d| d.migratable_xml())
+        .expect("XML");
+    // The same VM (same UUID) already runs on host a under another name.
+    let alias = format!("{name}-renamed");
+    let other_disk = pair.a.images_dir().join(format!("{alias}.qcow2"));
+    qcow2(&other_disk);
+    let other_xml = source_xml
+        .with_name(&alias)
+        .and_then(|x| x.with_disk_file("vda", &other_disk))
+        .and_then(|x| x.with_monitor(&pair.a.qmp_dir().join(format!("{alias}.sock"))))
+        .expect("XML");
+    let other_path = pair.a.dir.path().join(format!("{alias}.xml"));
+    std::fs::write(&other_path, other_xml.as_str()).expect("XML");
+    pair.a
+        .virsh_ok(&["create", other_path.to_str().expect("UTF-8")])
+        .await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&alias)),
+        "{json}"
+    );
+    assert!(!dest_disk.exists(), "no disk was created");
+    assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    pair.a.virsh_ok(&["destroy", &alias]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test]
+async fn a_disk_the_domain_does_not_have_is_refused_listing_its_targets() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "nodisk").await;
+    let uri = pair.b.uri();
+
+    let out = crate::fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--domain",
+        &name,
+        "--connect",
+        &uri,
+        "--dest-qmp",
+        "/nonexistent.sock",
+        "--dest-host",
+        "host-a",
+        "--disk",
+        "vdz",
+    ])
+    .await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "unknown-disk", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("vdz") && message.contains("vda"), "{json}");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
