@@ -128,8 +128,10 @@ pub struct MigrateArgs {
     )]
     pub source_qmp: Option<PathBuf>,
     /// Migrate this libvirt domain (instead of --source-qmp): it must be running or paused, with
-    /// no libvirt job on it, and declare a QMP monitor in its <qemu:commandline> (-qmp
-    /// unix:PATH,server=on,wait=off), which the tool uses beside libvirt's own.
+    /// no libvirt job on it. The tool uses the QMP monitor the domain declares in its
+    /// <qemu:commandline> (-qmp unix:PATH,server=on,wait=off) beside libvirt's own, or, when it
+    /// declares none, libvirt's QMP passthrough (the report's "source_qmp" says which). Name
+    /// its disks by target (--disk vda).
     #[arg(long, value_name = "NAME")]
     pub domain: Option<String>,
     /// libvirt URI for --domain.
