@@ -13,8 +13,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # virtlogd, started by the tests, never as services); its -sysv flavour because no systemd runs
 # here, and the default -systemd one would upgrade systemd itself. libvirt-dev and pkg-config let
 # the `virt` crate (libvirt's Rust bindings) link against libvirt.so. socat for the bench's
-# tls-proxy mode (a packaged TLS proxy with OpenSSL).
-EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin socat
+# tls-proxy mode (a packaged TLS proxy with OpenSSL); openssh-server and -client for its ssh mode
+# (an sshd the bench starts on loopback, never as a service).
+EXTRA_PACKAGES=(iproute2 libvirt-clients gnutls-bin socat openssh-server openssh-client
     libvirt-daemon-system libvirt-daemon-system-sysv libvirt-dev pkg-config)
 
 have_qemu_72() {

@@ -49,6 +49,33 @@ impl CpuTimes {
     }
 }
 
+/// Busy CPU seconds of the whole machine since boot (`/proc/stat`'s `cpu` line: user, nice,
+/// system, irq, softirq, steal; idle and iowait left out).
+pub fn host_busy_seconds() -> std::io::Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    parse_host_busy(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "unexpected format of /proc/stat",
+        )
+    })
+}
+
+fn parse_host_busy(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum::<u64>();
+    Some(busy as f64 / USER_HZ)
+}
+
 /// utime + stime of a `stat` file, in seconds. The command name (field 2) may hold spaces and
 /// parentheses, so fields are counted from the last `)`.
 fn stat_cpu_seconds(path: &Path) -> std::io::Result<f64> {
@@ -170,6 +197,14 @@ pub fn git_revision() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_busy_time_leaves_idle_and_iowait_out() {
+        let stat = "cpu  100 20 30 5000 40 1 2 3 0 0\ncpu0 50 10 15 2500 20 0 1 1 0 0\n";
+
+        assert_eq!(parse_host_busy(stat), Some(1.56));
+        assert_eq!(parse_host_busy("intr 1 2 3"), None);
+    }
 
     #[test]
     fn stat_times_are_read_after_a_command_name_with_spaces() {

@@ -22,6 +22,8 @@
 pub mod gate;
 mod measure;
 mod proxy;
+
+pub use proxy::ProxyKind;
 mod report;
 mod stats;
 
@@ -70,8 +72,9 @@ pub struct Mode {
     pub multifd: Option<u8>,
     /// GnuTLS priority string of both credentials objects; `None`: GnuTLS's default.
     pub tls_priority: Option<String>,
-    /// QEMU migrates in plain TCP through a socat/OpenSSL TLS proxy pair (`tls-proxy`).
-    pub proxy: bool,
+    /// QEMU migrates in plain TCP through an encrypting tunnel: a socat/OpenSSL TLS proxy pair
+    /// (`tls-proxy`) or an SSH port forward (`ssh`).
+    pub proxy: Option<ProxyKind>,
 }
 
 impl Mode {
@@ -82,7 +85,7 @@ impl Mode {
             transport: Transport::Tcp,
             multifd: None,
             tls_priority: None,
-            proxy: false,
+            proxy: None,
         }
     }
 
@@ -93,7 +96,7 @@ impl Mode {
             transport: Transport::Tls,
             multifd: None,
             tls_priority: None,
-            proxy: false,
+            proxy: None,
         }
     }
 
@@ -102,7 +105,16 @@ impl Mode {
     pub fn tls_proxy() -> Mode {
         Mode {
             name: "tls-proxy".into(),
-            proxy: true,
+            proxy: Some(ProxyKind::Socat),
+            ..Mode::tcp()
+        }
+    }
+
+    /// Proxmox's "secure" migration: plain TCP through an SSH port forward.
+    pub fn ssh() -> Mode {
+        Mode {
+            name: "ssh".into(),
+            proxy: Some(ProxyKind::Ssh),
             ..Mode::tcp()
         }
     }
@@ -159,6 +171,7 @@ impl Mode {
             "tcp" => Some(Mode::tcp()),
             "tls" => Some(Mode::tls()),
             "tls-proxy" => Some(Mode::tls_proxy()),
+            "ssh" => Some(Mode::ssh()),
             "tls-aes128" => Some(Mode::tls_cipher(name, PRIORITY_AES128_GCM)),
             "tls-aes256" => Some(Mode::tls_cipher(name, PRIORITY_AES256_GCM)),
             "tls-chacha20" => Some(Mode::tls_cipher(name, PRIORITY_CHACHA20)),
@@ -170,8 +183,10 @@ impl Mode {
 
     /// What the mode is, in words.
     pub fn describe(&self) -> String {
-        if self.proxy {
-            return "tcp through a socat/OpenSSL TLS proxy pair".into();
+        match self.proxy {
+            Some(ProxyKind::Socat) => return "tcp through a socat/OpenSSL TLS proxy pair".into(),
+            Some(ProxyKind::Ssh) => return "tcp through an SSH port forward (ssh -L)".into(),
+            None => {}
         }
         let mut s = self.transport.to_string();
         if let Some(n) = self.multifd {
@@ -505,15 +520,16 @@ impl RunContext<'_> {
 
         let mut options = self.options(mode, &source, &dest);
         // Held until the migration is over: the proxies carry it.
-        let _proxies = if mode.proxy {
+        let _proxies = if let Some(kind) = mode.proxy {
             let port = crate::ports::allocate(options.port_range)
                 .map(|lease| lease.port())
                 .map_err(|e| BenchError::Proxy(e.to_string()))?;
             // The lease is let go at once so the destination can take the same port; runs
             // are sequential, so nothing else takes it meanwhile.
-            let pair = proxy::ProxyPair::start(&self.source_pki, &self.dest_pki, DEST_HOST, port)
-                .await
-                .map_err(|e| BenchError::Proxy(e.to_string()))?;
+            let pair =
+                proxy::ProxyPair::start(kind, &self.source_pki, &self.dest_pki, DEST_HOST, port)
+                    .await
+                    .map_err(|e| BenchError::Proxy(e.to_string()))?;
             options.port_range = crate::ports::PortRange {
                 first: port,
                 last: port,
@@ -530,9 +546,11 @@ impl RunContext<'_> {
                 progress: p,
             })
         };
+        let host_before = measure::host_busy_seconds().unwrap_or(0.0);
         let started = Instant::now();
         let report = migration::migrate(&options, &mut on_progress, cancel).await;
         let wall = started.elapsed();
+        let host_cpu_s = (measure::host_busy_seconds().unwrap_or(0.0) - host_before).max(0.0);
         let src_after = cpu(src_pid, &src_vcpus)?;
         let dst_after = cpu(dst_pid, &dst_vcpus)?;
         if report.status != FinalStatus::Completed {
@@ -581,6 +599,7 @@ impl RunContext<'_> {
             disk_bytes,
             disk_mbps: (disk_ms > 0)
                 .then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
+            host_cpu_s,
         };
         drop(src_mon);
         drop(dst_mon);

@@ -53,9 +53,19 @@ pub struct RunResult {
     /// Bytes the disk mirrors copied (0 without disks).
     pub disk_bytes: u64,
     pub disk_mbps: Option<f64>,
+    /// Busy CPU seconds of the whole machine during the migration (`/proc/stat`): the cost of
+    /// a design, proxies or SSH included, which the QEMU columns do not see. Other work on the
+    /// machine adds to it.
+    pub host_cpu_s: f64,
 }
 
 impl RunResult {
+    /// The tool's own time: its wall time beyond QEMU's `total-time` (set-up, credentials,
+    /// clean-up).
+    pub fn overhead_ms(&self) -> f64 {
+        self.wall_ms.saturating_sub(self.total_ms) as f64
+    }
+
     /// RAM bytes sent over guest RAM size.
     pub fn sent_ratio(&self) -> f64 {
         if self.guest_ram_bytes == 0 {
@@ -71,6 +81,8 @@ impl RunResult {
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     TotalMs,
+    WallMs,
+    OverheadMs,
     RamMbps,
     DowntimeMs,
     SentRatio,
@@ -78,11 +90,14 @@ pub enum Metric {
     DstCpuS,
     DirtySyncs,
     DiskMbps,
+    HostCpuS,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 8] = [
+    pub const ALL: [Metric; 11] = [
         Metric::TotalMs,
+        Metric::WallMs,
+        Metric::OverheadMs,
         Metric::RamMbps,
         Metric::DowntimeMs,
         Metric::SentRatio,
@@ -90,11 +105,14 @@ impl Metric {
         Metric::DstCpuS,
         Metric::DirtySyncs,
         Metric::DiskMbps,
+        Metric::HostCpuS,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Metric::TotalMs => "total_ms",
+            Metric::WallMs => "wall_ms",
+            Metric::OverheadMs => "overhead_ms",
             Metric::RamMbps => "ram_mbps",
             Metric::DowntimeMs => "downtime_ms",
             Metric::SentRatio => "sent_ratio",
@@ -102,12 +120,15 @@ impl Metric {
             Metric::DstCpuS => "dst_cpu_s",
             Metric::DirtySyncs => "dirty_syncs",
             Metric::DiskMbps => "disk_mbps",
+            Metric::HostCpuS => "host_cpu_s",
         }
     }
 
     fn of(self, r: &RunResult) -> Option<f64> {
         Some(match self {
             Metric::TotalMs => r.total_ms as f64,
+            Metric::WallMs => r.wall_ms as f64,
+            Metric::OverheadMs => r.overhead_ms(),
             Metric::RamMbps => r.ram_mbps,
             Metric::DowntimeMs => r.downtime_ms as f64,
             Metric::SentRatio => r.sent_ratio(),
@@ -115,6 +136,7 @@ impl Metric {
             Metric::DstCpuS => r.dst_cpu_s,
             Metric::DirtySyncs => r.dirty_sync_count as f64,
             Metric::DiskMbps => return r.disk_mbps,
+            Metric::HostCpuS => r.host_cpu_s,
         })
     }
 }
@@ -238,12 +260,12 @@ impl BenchReport {
             "run,round,warmup,mode,total_ms,setup_ms,downtime_ms,wall_ms,ram_bytes,\
              guest_ram_bytes,ram_mbps,sent_ratio,normal_pages,duplicate_pages,dirty_sync_count,\
              dirty_pages_rate,src_cpu_s,dst_cpu_s,src_cpu_total_s,dst_cpu_total_s,disk_bytes,\
-             disk_mbps\n",
+             disk_mbps,host_cpu_s\n",
         );
         for r in &self.runs {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{},{:.2}",
                 r.run,
                 r.round,
                 r.warmup,
@@ -266,6 +288,7 @@ impl BenchReport {
                 r.dst_cpu_total_s,
                 r.disk_bytes,
                 r.disk_mbps.map(|v| format!("{v:.1}")).unwrap_or_default(),
+                r.host_cpu_s,
             );
         }
         out
@@ -324,12 +347,15 @@ pub fn render_table(report: &BenchReport) -> String {
         "mode",
         "runs",
         "total ms",
+        "wall x tcp",
+        "tool ms",
         "RAM Mbit/s",
         "x tcp",
         "downtime ms",
         "sent/RAM",
         "src CPU s",
         "dst CPU s",
+        "host CPU s",
         "syncs",
         "disk Mbit/s",
     ];
@@ -352,6 +378,10 @@ pub fn render_table(report: &BenchReport) -> String {
                 s.mode.name.clone(),
                 s.runs.to_string(),
                 spread(s, Metric::TotalMs, 0),
+                s.get(Metric::WallMs)
+                    .and_then(|m| m.ratio_to_tcp)
+                    .map_or("-".into(), |r| format!("{r:.2}")),
+                spread(s, Metric::OverheadMs, 0),
                 spread(s, Metric::RamMbps, 0),
                 s.get(Metric::RamMbps)
                     .and_then(|m| m.ratio_to_tcp)
@@ -360,6 +390,7 @@ pub fn render_table(report: &BenchReport) -> String {
                 spread(s, Metric::SentRatio, 2),
                 spread(s, Metric::SrcCpuS, 2),
                 spread(s, Metric::DstCpuS, 2),
+                spread(s, Metric::HostCpuS, 2),
                 spread(s, Metric::DirtySyncs, 0),
                 spread(s, Metric::DiskMbps, 0),
             ]
@@ -573,6 +604,7 @@ mod tests {
             dst_cpu_total_s: 0.5,
             disk_bytes: 0,
             disk_mbps: None,
+            host_cpu_s: 0.0,
         }
     }
 

@@ -89,7 +89,7 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
         "bench",
         "--quick",
         "--modes",
-        "tcp,tls",
+        "tcp,tls,tls-proxy,ssh",
         "--warmup",
         "0",
         "--ram-mib",
@@ -113,16 +113,21 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
         .iter()
         .filter_map(|m| m["mode"]["name"].as_str())
         .collect();
-    assert_eq!(modes, ["tcp", "tls"]);
-    assert_eq!(report["runs"].as_array().map(Vec::len), Some(2));
+    assert_eq!(modes, ["tcp", "tls", "tls-proxy", "ssh"]);
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4);
+    assert!(
+        runs.iter().all(|r| r["host_cpu_s"].as_f64() > Some(0.0)),
+        "the machine's CPU time is measured: {runs:?}"
+    );
     let csv = std::fs::read_to_string(out.path().join("bench.csv")).expect("bench.csv");
-    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert_eq!(csv.lines().count(), 5, "{csv}");
     assert!(
         csv.lines().nth(1).is_some_and(|l| l.starts_with("tcp,")),
         "{csv}"
     );
     let runs = std::fs::read_to_string(out.path().join("runs.csv")).expect("runs.csv");
-    assert_eq!(runs.lines().count(), 3, "{runs}");
+    assert_eq!(runs.lines().count(), 5, "{runs}");
     let svg = std::fs::read_to_string(out.path().join("bench.svg")).expect("bench.svg");
     assert!(
         svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),

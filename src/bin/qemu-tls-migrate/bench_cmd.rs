@@ -74,12 +74,14 @@ kernel built with this tool that dirties a working set of RAM at a set rate) and
 destination VM, makes a lab PKI, and migrates over loopback with the tool's own migration code.\n\n\
 Modes run interleaved (tcp tls ... tcp tls ...), after discarded warm-up rounds. Per mode it \
 reports the median and spread of total migration time, RAM throughput, downtime, RAM bytes sent \
-over guest RAM, and CPU seconds the source and destination QEMU spent outside their vCPU threads \
-(from /proc), and each median's ratio to the tcp mode's.\n\n\
+over guest RAM, the tool's own time (wall time beyond QEMU's), CPU seconds the source and \
+destination QEMU spent outside their vCPU threads (from /proc) and the whole machine's busy CPU \
+seconds (proxies included), and each median's ratio to the tcp mode's.\n\n\
 Modes: tcp, tls, tls-mfdN (TLS over N multifd channels), tcp-mfdN, tls-aes128, tls-aes256, \
 tls-chacha20 (TLS limited to one cipher through the credentials' GnuTLS priority string), \
 tls-proxy (QEMU in plain TCP through a socat/OpenSSL TLS proxy pair: KubeVirt's and tunnelled \
-migration's design).",
+migration's design), ssh (QEMU in plain TCP through an SSH port forward into an sshd the bench \
+starts on loopback: Proxmox's secure migration).",
     after_help = "Examples:\n  qemu-tls-migrate bench --quick\n  \
 qemu-tls-migrate bench --ram-mib 1024 --working-set-mib 0 --repeat 5 --out bench-out\n  \
 qemu-tls-migrate bench --modes tcp,tls,tls-mfd4 --dirty-rate 50000 --json\n\n\
@@ -168,7 +170,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::by_name(s).ok_or_else(|| {
         format!(
             "unknown mode {s:?}: use tcp, tls, tls-mfdN, tcp-mfdN, tls-aes128, tls-aes256, \
-             tls-chacha20 or tls-proxy"
+             tls-chacha20, tls-proxy or ssh"
         )
     })
 }
@@ -197,8 +199,10 @@ impl BenchArgs {
                 ram_mib.saturating_sub(6)
             );
         }
-        if self.disk_mib > 0 && modes.iter().any(|m| m.proxy) {
-            bail!("the tls-proxy mode carries the migration stream only, not NBD: drop --disk-mib");
+        if self.disk_mib > 0 && modes.iter().any(|m| m.proxy.is_some()) {
+            bail!(
+                "the tls-proxy and ssh modes carry the migration stream only, not NBD: drop --disk-mib"
+            );
         }
         Ok(BenchConfig {
             profile: match self.profile {
