@@ -15,6 +15,7 @@ fn preflight() -> Message {
         qmp: "vm1.sock".into(),
         plan: DestPlan {
             tls: true,
+            multifd_compression: None,
             tls_priority: None,
             multifd: None,
             disks: vec![DiskSpec {

@@ -121,6 +121,15 @@ impl DestinationSide {
                 ),
             });
         }
+        if let Some(method) = &plan.multifd_compression
+            && !(["none", "zlib", "zstd"].contains(&method.as_str()) && plan.multifd.is_some())
+        {
+            return Err(MigrationError::BadRequest {
+                desc: format!(
+                    "multifd compression {method:?}: use none, zlib or zstd, with multifd"
+                ),
+            });
+        }
         self.dest_disks = if plan.disks.is_empty() {
             Vec::new()
         } else {
@@ -187,6 +196,7 @@ impl DestinationSide {
                 tls_creds: Some(creds.clone()),
                 tls_authz: authz.clone().map(serde_json::Value::String),
                 multifd_channels: plan.multifd,
+                multifd_compression: plan.multifd_compression.clone(),
                 ..Default::default()
             })
             .await?;
@@ -449,6 +459,7 @@ mod tests {
     fn plan() -> DestPlan {
         DestPlan {
             tls: false,
+            multifd_compression: None,
             tls_priority: None,
             multifd: None,
             disks: Vec::new(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::convergence::{self, ConvergenceReport, DowntimeStep, TimeoutAction, XbzrleCache};
 use super::destination::{AbortOutcome, DestinationSide, Finished};
 use super::disks::{self, DiskProgress, DiskReport, SourceDisk};
 use super::side::SideCtl;
@@ -18,9 +19,10 @@ use super::{
 };
 use crate::peer::{DestPlan, DestPrepared};
 use crate::qemu::{
-    BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, InetAddress, Migrate,
-    MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
-    QueryBlock, QueryBlockJobs, QueryMigrate, QueryStatus, RamStats, tcp_uri,
+    BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, CalcDirtyRate, InetAddress,
+    Migrate, MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
+    QueryBlock, QueryBlockJobs, QueryDirtyRate, QueryMemorySizeSummary, QueryMigrate, QueryStatus,
+    RamStats, Stop, tcp_uri,
 };
 use crate::qmp::{Events, Qmp, QmpError};
 
@@ -151,6 +153,9 @@ pub async fn migrate_to<D: Destination>(
         marks: Marks::default(),
         multifd: None,
         stopped_at_us: None,
+        deadline: opts.timeout,
+        downtime_start_ms: DEFAULT_DOWNTIME_MS,
+        convergence: ConvergenceReport::default(),
     };
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
@@ -206,6 +211,7 @@ pub async fn migrate_to<D: Destination>(
         tool: ToolUsage::now(),
         multifd: run.multifd,
         source_qmp_access: None,
+        convergence: run.convergence,
     }
 }
 
@@ -229,6 +235,11 @@ struct Run<'a> {
     multifd: Option<u8>,
     /// The source's last `STOP` event, microseconds since the epoch (this host's clock).
     stopped_at_us: Option<i64>,
+    /// The whole-migration deadline in force (`--timeout`, or the completion timeout per GiB).
+    deadline: Option<Duration>,
+    /// The downtime limit the migration started with (ms), from which steps rise.
+    downtime_start_ms: u64,
+    convergence: ConvergenceReport,
 }
 
 /// When each phase began, for [`Timing`].
@@ -360,6 +371,45 @@ impl Run<'_> {
         if !disks.is_empty() {
             tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
         }
+        let conv = &opts.convergence;
+        if conv.compress.is_some() && multifd.is_none() {
+            return Err(MigrationError::BadOptions {
+                what: "--compress needs multifd (--multifd N; --multifd auto chose none on this \
+                       host pair)"
+                    .into(),
+            });
+        }
+        let needs_ram_size =
+            conv.completion_timeout_per_gib.is_some() || conv.xbzrle == Some(XbzrleCache::Auto);
+        let ram_size = if needs_ram_size {
+            let summary = src
+                .call("query-memory-size-summary", &QueryMemorySizeSummary)
+                .await?;
+            summary.base_memory + summary.plugged_memory.unwrap_or(0)
+        } else {
+            0
+        };
+        if let Some(per_gib) = conv.completion_timeout_per_gib {
+            let disk_bytes: u64 = disks.iter().map(|d| d.size).sum();
+            let by_size = convergence::completion_timeout(per_gib, ram_size + disk_bytes);
+            self.deadline = Some(self.deadline.map_or(by_size, |t| t.min(by_size)));
+        }
+        self.convergence.deadline_ms = self.deadline.map(|d| d.as_millis() as u64);
+        let xbzrle_cache = match conv.xbzrle {
+            Some(XbzrleCache::Bytes(b)) => Some(b),
+            Some(XbzrleCache::Auto) => {
+                let rate = sample_dirty_rate(&src).await?;
+                let cache = convergence::auto_xbzrle_cache(rate, ram_size);
+                tracing::info!(dirty_mib_per_s = rate, cache, "XBZRLE cache sized");
+                Some(cache)
+            }
+            None => None,
+        };
+        self.convergence.xbzrle_cache_bytes = xbzrle_cache;
+        self.convergence.compress = conv.compress;
+        self.downtime_start_ms = opts
+            .downtime_limit
+            .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64);
         let behind = disks::left_behind(&blocks, &disks, &opts.shared_disks);
         if !behind.is_empty() {
             if !opts.allow_unsafe {
@@ -377,6 +427,7 @@ impl Run<'_> {
             tls,
             tls_priority: opts.tls_priority.clone(),
             multifd,
+            multifd_compression: conv.compress.map(|c| c.as_str().to_string()),
             disks: disks.iter().map(SourceDisk::spec).collect(),
             create_dest_disks: opts.create_dest_disks,
             authz: opts.authz.clone(),
@@ -411,6 +462,12 @@ impl Run<'_> {
             // Stop at pre-switchover, CPUs paused, to end the mirrors before the last RAM pass.
             wanted.push(("pause-before-switchover", true));
         }
+        if opts.convergence.auto_converge.is_some() {
+            wanted.push(("auto-converge", true));
+        }
+        if xbzrle_cache.is_some() {
+            wanted.push(("xbzrle", true));
+        }
         src.set_capabilities(&wanted).await?;
         src.set_parameters(&MigrateSetParameters {
             tls_creds: Some(creds.clone()),
@@ -422,6 +479,10 @@ impl Run<'_> {
             max_bandwidth: Some(opts.max_bandwidth),
             downtime_limit: opts.downtime_limit.map(|d| d.as_millis() as u64),
             multifd_channels: multifd,
+            multifd_compression: opts.convergence.compress.map(|c| c.as_str().to_string()),
+            cpu_throttle_initial: opts.convergence.auto_converge.map(|t| t.initial),
+            cpu_throttle_increment: opts.convergence.auto_converge.map(|t| t.increment),
+            xbzrle_cache_size: xbzrle_cache,
             ..Default::default()
         })
         .await?;
@@ -479,7 +540,8 @@ impl Run<'_> {
         let mut switched = false;
         let opts = self.opts;
         let t = opts.qmp_timeout;
-        let mut watch = Watch::new(opts, self.started, "following the migration");
+        let mut watch = Watch::new(opts, self.deadline, self.started, "following the migration");
+        watch.pause_at_deadline = opts.convergence.timeout_action == TimeoutAction::Pause;
         loop {
             let status = match watch.next(src_events, dest, cancel).await? {
                 Seen::Event(e) if e.event == "MIGRATION" => {
@@ -507,12 +569,28 @@ impl Run<'_> {
                     .await?;
                     let ram = info.ram.unwrap_or_default();
                     self.report(Phase::Ram, info.status, info.ram);
+                    self.note_convergence(&info);
                     let status = info.status.unwrap_or(MigrationStatus::None);
                     if !status.is_final() {
                         watch.progressed(ram.transferred, || format!("{status:?}"))?;
                         watch.check_dest_gone(|| info.error_desc.clone())?;
+                        self.step_downtime(src).await?;
                     }
                     status
+                }
+                Seen::Deadline => {
+                    // What is left moves while the guest is paused: downtime, not failure.
+                    tracing::warn!(after = ?self.deadline, "deadline passed: pausing the guest so the migration finishes");
+                    qmp(
+                        Side::Source,
+                        "stop (timeout action)",
+                        src.call_timeout(&Stop, t),
+                    )
+                    .await?;
+                    self.convergence.timeout_action = Some(TimeoutAction::Pause);
+                    self.convergence.timeout_action_at_ms =
+                        Some(self.started.elapsed().as_millis() as u64);
+                    continue;
                 }
             };
             self.note_commit(status);
@@ -544,7 +622,9 @@ impl Run<'_> {
             self.note_commit(status);
         }
         if info.status == Some(MigrationStatus::Completed) {
-            return Ok(self.final_stats(src, info).await);
+            let info = self.final_stats(src, info).await;
+            self.note_convergence(&info);
+            return Ok(info);
         }
         let desc = info
             .error_desc
@@ -557,6 +637,52 @@ impl Run<'_> {
             }
             other => Err(other),
         }
+    }
+
+    /// Notes what the convergence means did, from a `query-migrate` reply.
+    fn note_convergence(&mut self, info: &MigrationInfo) {
+        if let Some(pct) = info.cpu_throttle_percentage {
+            let max = self.convergence.auto_converge_max_throttle_pct.unwrap_or(0);
+            self.convergence.auto_converge_max_throttle_pct = Some(max.max(pct));
+        }
+        if let Some(x) = info.xbzrle_cache {
+            self.convergence.xbzrle_bytes = Some(x.bytes);
+        }
+    }
+
+    /// Raises the downtime limit when a step of `--downtime-steps` is due.
+    async fn step_downtime(&mut self, src: &Qmp) -> Result<(), MigrationError> {
+        let (Some(steps), Some(ram_start)) = (self.opts.convergence.downtime_steps, self.marks.ram)
+        else {
+            return Ok(());
+        };
+        let Some(limit) = steps.limit_at(self.downtime_start_ms, ram_start.elapsed()) else {
+            return Ok(());
+        };
+        let current = self
+            .convergence
+            .downtime_steps
+            .last()
+            .map_or(self.downtime_start_ms, |s| s.limit_ms);
+        if limit <= current {
+            return Ok(());
+        }
+        tracing::info!(limit_ms = limit, "raising the downtime limit");
+        let set = MigrateSetParameters {
+            downtime_limit: Some(limit),
+            ..Default::default()
+        };
+        qmp(
+            Side::Source,
+            "migrate-set-parameters downtime-limit",
+            src.call_timeout(&set, self.opts.qmp_timeout),
+        )
+        .await?;
+        self.convergence.downtime_steps.push(DowntimeStep {
+            at_ms: ram_start.elapsed().as_millis() as u64,
+            limit_ms: limit,
+        });
+        Ok(())
     }
 
     /// Records that the source passed the point of no return, when `status` says so.
@@ -654,7 +780,7 @@ impl Run<'_> {
         let t = opts.qmp_timeout;
         let started = Instant::now();
         let mut ready: HashMap<String, u64> = HashMap::new();
-        let mut watch = Watch::new(opts, self.started, "copying disks");
+        let mut watch = Watch::new(opts, self.deadline, self.started, "copying disks");
         let node_of = |job: &str| {
             disks
                 .iter()
@@ -699,6 +825,8 @@ impl Run<'_> {
                         _ => {}
                     }
                 }
+                // Only the RAM phase pauses at the deadline.
+                Seen::Deadline => continue,
                 Seen::Tick => {
                     let jobs = qmp(
                         Side::Source,
@@ -821,6 +949,34 @@ impl Run<'_> {
     }
 }
 
+/// QEMU 7.2's default downtime limit (ms), when the caller sets none.
+const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+/// How long [`sample_dirty_rate`] samples.
+const DIRTY_RATE_SAMPLE: Duration = Duration::from_secs(1);
+
+/// The guest's dirty rate (MiB/s) over [`DIRTY_RATE_SAMPLE`] (`calc-dirty-rate`); read-only.
+pub(crate) async fn sample_dirty_rate(src: &SideCtl) -> Result<u64, MigrationError> {
+    let calc = CalcDirtyRate {
+        calc_time: DIRTY_RATE_SAMPLE.as_secs(),
+        sample_pages: None,
+    };
+    src.call("calc-dirty-rate", &calc).await?;
+    let deadline = Instant::now() + DIRTY_RATE_SAMPLE + src.timeout;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let info = src.call("query-dirty-rate", &QueryDirtyRate).await?;
+        if info.status == "measured" {
+            return Ok(info.dirty_rate.unwrap_or(0).max(0) as u64);
+        }
+        if Instant::now() > deadline {
+            return Err(MigrationError::Failed {
+                desc: format!("the dirty rate was not measured within {:?}", src.timeout),
+            });
+        }
+    }
+}
+
 /// Checks the source can be migrated; returns whether its guest is running.
 async fn check_source(src: &SideCtl) -> Result<bool, MigrationError> {
     let status = src.call("query-status", &QueryStatus).await?;
@@ -847,6 +1003,8 @@ async fn check_source(src: &SideCtl) -> Result<bool, MigrationError> {
 enum Seen {
     Event(crate::qmp::Event),
     Tick,
+    /// The deadline passed and the guest is to be paused (`--timeout-action pause`).
+    Deadline,
 }
 
 /// The one watch loop of a migration's long phases (disk copy, RAM): cancellation, the
@@ -864,13 +1022,22 @@ struct Watch {
     dest_gone_at: Option<Instant>,
     gone_reason: Option<String>,
     step: &'static str,
+    /// At the deadline, say so ([`Seen::Deadline`]) once instead of failing: the caller
+    /// pauses the guest and the migration goes on.
+    pause_at_deadline: bool,
 }
 
 impl Watch {
-    fn new(opts: &MigrationOptions, started: Instant, step: &'static str) -> Watch {
+    fn new(
+        opts: &MigrationOptions,
+        timeout: Option<Duration>,
+        started: Instant,
+        step: &'static str,
+    ) -> Watch {
         Watch {
-            deadline: opts.timeout.and_then(|d| started.checked_add(d)),
-            timeout: opts.timeout,
+            deadline: timeout.and_then(|d| started.checked_add(d)),
+            timeout,
+            pause_at_deadline: false,
             tick: tokio::time::interval(PROGRESS_INTERVAL),
             stall: StallWatch::new(opts.stall_timeout),
             dest_gone_at: None,
@@ -890,6 +1057,10 @@ impl Watch {
             tokio::select! {
                 _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
                 _ = sleep_until_opt(self.deadline) => {
+                    if self.pause_at_deadline {
+                        self.deadline = None;
+                        return Ok(Seen::Deadline);
+                    }
                     return Err(MigrationError::Timeout { after: self.timeout.unwrap_or_default() });
                 }
                 event = src_events.next() => {
@@ -1095,6 +1266,9 @@ mod tests {
             marks: Marks::default(),
             multifd: None,
             stopped_at_us: None,
+            deadline: None,
+            downtime_start_ms: DEFAULT_DOWNTIME_MS,
+            convergence: ConvergenceReport::default(),
         };
         let aborted_after = Arc::new(Mutex::new(None));
         let mut dest = FakeDestination {

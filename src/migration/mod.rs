@@ -25,6 +25,7 @@
 //! 8. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
 //!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
 
+mod convergence;
 mod destination;
 mod disks;
 mod driver;
@@ -34,6 +35,10 @@ mod report;
 mod side;
 mod undo;
 
+pub use convergence::{
+    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
+    TimeoutAction, XbzrleCache,
+};
 pub use destination::{AbortOutcome, DestinationSide, Finished};
 pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
 pub use driver::{Destination, migrate, migrate_to};
@@ -211,6 +216,8 @@ pub struct MigrationOptions {
     pub allow_unsafe: bool,
     /// Through a service started with `--libvirt`: have it start this incoming domain first.
     pub dest_domain: Option<DestDomain>,
+    /// What may help a busy guest's migration finish.
+    pub convergence: Convergence,
 }
 
 impl MigrationOptions {
@@ -241,6 +248,7 @@ impl MigrationOptions {
             shared_disks: Vec::new(),
             allow_unsafe: false,
             dest_domain: None,
+            convergence: Convergence::default(),
         }
     }
 

@@ -57,6 +57,10 @@ pub struct RamReport {
     pub throughput_mbps: f64,
     /// How many times QEMU synchronised the dirty bitmap (passes over RAM).
     pub dirty_sync_count: u64,
+    /// Bytes sent on the multifd channels (0 without multifd). With compression this is what
+    /// crossed the wire for pages, while `bytes` counts them uncompressed (QEMU 7.2 counts a
+    /// page in `transferred` when it queues it).
+    pub multifd_bytes: u64,
 }
 
 impl RamReport {
@@ -73,6 +77,7 @@ impl RamReport {
             downtime_ms,
             throughput_mbps: (throughput_mbps * 10.0).round() / 10.0,
             dirty_sync_count: ram.dirty_sync_count,
+            multifd_bytes: ram.multifd_bytes,
         }
     }
 }
@@ -160,6 +165,8 @@ pub struct Report {
     pub multifd: Option<u8>,
     /// For a libvirt domain: how the tool reached the source's QEMU (set by the caller).
     pub source_qmp_access: Option<super::QmpAccess>,
+    /// What the convergence options did.
+    pub convergence: super::ConvergenceReport,
 }
 
 impl Report {
@@ -188,6 +195,7 @@ impl Report {
             tool: ToolUsage::now(),
             multifd: None,
             source_qmp_access: None,
+            convergence: super::ConvergenceReport::default(),
         }
     }
 }

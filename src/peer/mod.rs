@@ -199,6 +199,7 @@ mod tests {
             qmp: "vm1.sock".into(),
             plan: DestPlan {
                 tls: true,
+                multifd_compression: None,
                 tls_priority: None,
                 multifd: Some(2),
                 disks: vec![DiskSpec {

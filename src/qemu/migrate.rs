@@ -71,6 +71,10 @@ no_args_command!(
 pub struct MigrationInfo {
     pub status: Option<MigrationStatus>,
     pub ram: Option<RamStats>,
+    /// With `xbzrle`: its cache's counters.
+    pub xbzrle_cache: Option<XbzrleStats>,
+    /// With `auto-converge`: how much of the guest's CPU time is taken away now.
+    pub cpu_throttle_percentage: Option<u64>,
     pub total_time: Option<u64>,
     pub expected_downtime: Option<u64>,
     pub downtime: Option<u64>,
@@ -96,6 +100,20 @@ pub struct RamStats {
     pub precopy_bytes: u64,
     pub downtime_bytes: u64,
     pub multifd_bytes: u64,
+}
+
+/// `query-migrate`'s `xbzrle-cache`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct XbzrleStats {
+    pub cache_size: u64,
+    /// Bytes sent as XBZRLE deltas.
+    pub bytes: u64,
+    pub pages: u64,
+    pub cache_miss: u64,
+    pub cache_miss_rate: f64,
+    pub encoding_rate: f64,
+    pub overflow: u64,
 }
 
 /// One capability and its state, in queries and in `migrate-set-capabilities`.
@@ -141,6 +159,17 @@ pub struct MigrateSetParameters {
     pub downtime_limit: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multifd_channels: Option<u8>,
+    /// `none`, `zlib` or `zstd`; both sides must agree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_compression: Option<String>,
+    /// Percent of the guest's CPU time auto-converge takes first, and adds each pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_initial: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_increment: Option<u8>,
+    /// Bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache_size: Option<u64>,
 }
 
 impl MigrateSetParameters {
@@ -162,6 +191,10 @@ impl MigrateSetParameters {
             max_bandwidth: n("max-bandwidth"),
             downtime_limit: n("downtime-limit"),
             multifd_channels: n("multifd-channels").and_then(|v| u8::try_from(v).ok()),
+            multifd_compression: s("multifd-compression"),
+            cpu_throttle_initial: n("cpu-throttle-initial").and_then(|v| u8::try_from(v).ok()),
+            cpu_throttle_increment: n("cpu-throttle-increment").and_then(|v| u8::try_from(v).ok()),
+            xbzrle_cache_size: n("xbzrle-cache-size"),
         }
     }
 }
@@ -274,4 +307,59 @@ mod tests {
         assert_eq!(tcp_uri("::1", 49152), "tcp:[::1]:49152");
         assert_eq!(tcp_uri("host-b", 49153), "tcp:host-b:49153");
     }
+}
+
+/// `calc-dirty-rate`: QEMU samples how fast the guest dirties its memory, for `calc_time`
+/// seconds, in the background (`query-dirty-rate` says when it is done).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CalcDirtyRate {
+    pub calc_time: u64,
+    /// Pages sampled per GiB (QEMU's default 512).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_pages: Option<u64>,
+}
+
+impl Command for CalcDirtyRate {
+    const NAME: &'static str = "calc-dirty-rate";
+    type Output = Empty;
+}
+
+/// `query-dirty-rate`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QueryDirtyRate;
+
+/// `query-dirty-rate`'s reply.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct DirtyRateInfo {
+    /// MiB per second; absent until a measurement has completed.
+    #[serde(default)]
+    pub dirty_rate: Option<i64>,
+    /// `unstarted`, `measuring` or `measured`.
+    pub status: String,
+    #[serde(default)]
+    pub calc_time: u64,
+}
+
+impl Command for QueryDirtyRate {
+    const NAME: &'static str = "query-dirty-rate";
+    type Output = DirtyRateInfo;
+}
+
+/// `query-memory-size-summary`: the guest's RAM.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QueryMemorySizeSummary;
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct MemorySizeSummary {
+    pub base_memory: u64,
+    #[serde(default)]
+    pub plugged_memory: Option<u64>,
+}
+
+impl Command for QueryMemorySizeSummary {
+    const NAME: &'static str = "query-memory-size-summary";
+    type Output = MemorySizeSummary;
 }

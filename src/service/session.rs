@@ -569,6 +569,7 @@ mod tests {
             tls,
             tls_priority: Some("NORMAL:+NULL".into()),
             multifd: None,
+            multifd_compression: None,
             disks: Vec::new(),
             create_dest_disks: false,
             authz: Authz::Identity("CN=someone-else".into()),

@@ -2,36 +2,11 @@
 //! this machine's accelerator and keeps running across a TLS migration, and `bench --quick`
 //! (what CI runs as a smoke check) writes a report that parses.
 
-use std::path::Path;
-use std::time::Duration;
-
 use qemu_tls_migrate::migration::{Endpoint, FinalStatus, MigrationOptions};
-use qemu_tls_migrate::vm::workload::{self, PassLine, Workload};
+use qemu_tls_migrate::vm::workload::{self, Workload};
 use qemu_tls_migrate::vm::{Vm, VmConfig};
 
-use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab};
-
-/// How long to wait for the workload's next progress line (one comes about every 500 ms).
-const PASS_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Waits until the serial log at `path` holds a progress line with more than `after` passes.
-async fn pass_beyond(path: &Path, after: u64) -> PassLine {
-    let deadline = tokio::time::Instant::now() + PASS_TIMEOUT;
-    loop {
-        let serial = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = workload::pass_lines(&serial)
-            .into_iter()
-            .find(|l| l.passes > after)
-        {
-            return line;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no workload pass beyond {after} within {PASS_TIMEOUT:?}; serial log: {serial}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab, pass_beyond};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_dirties_its_working_set_and_keeps_running_after_a_tls_migration() {

@@ -84,9 +84,21 @@ impl Pair {
         disks: &[(&str, DiskFormat, u64)],
         tweak: impl FnOnce(&mut VmConfig),
     ) -> Pair {
+        Pair::start_on_filled(hosts, disks, tweak, true).await
+    }
+
+    /// [`Pair::start_on_with`], the source's RAM filled with random data (`fill`) or left as
+    /// the guest makes it (for a comparison random data would drown, such as compression's).
+    pub async fn start_on_filled(
+        hosts: &TwoHosts,
+        disks: &[(&str, DiskFormat, u64)],
+        tweak: impl FnOnce(&mut VmConfig),
+        fill: bool,
+    ) -> Pair {
         let (a, b) = (hosts.a.clone(), hosts.b.clone());
         Pair::start_full(
             test_dir(),
+            fill,
             disks,
             |c| {
                 c.netns = Some(b);
@@ -100,11 +112,12 @@ impl Pair {
     }
 
     async fn start_in(dir: TempDir, tweak: impl FnOnce(&mut VmConfig)) -> Pair {
-        Pair::start_full(dir, &[], tweak, None).await
+        Pair::start_full(dir, true, &[], tweak, None).await
     }
 
     async fn start_full(
         dir: TempDir,
+        fill: bool,
         disks: &[(&str, DiskFormat, u64)],
         tweak: impl FnOnce(&mut VmConfig),
         dest_netns: Option<String>,
@@ -132,16 +145,18 @@ impl Pair {
             dest_config.netns = dest_netns;
         }
         let dest = Vm::launch(dest_config).await.expect("destination VM");
-        source
-            .scribble_ram(u64::from(RAM_MIB / 2) << 20, 42)
-            .expect("fill source RAM");
+        if fill {
+            source
+                .scribble_ram(u64::from(RAM_MIB / 2) << 20, 42)
+                .expect("fill source RAM");
+        }
         Pair { dir, source, dest }
     }
 
     /// Starts a pair whose source has these disks (node name, format, MiB), each filled with
     /// its own byte pattern; the destination gets empty images of the same sizes.
     pub async fn start_with_disks(disks: &[(&str, DiskFormat, u64)]) -> Pair {
-        Pair::start_full(test_dir(), disks, |_| {}, None).await
+        Pair::start_full(test_dir(), true, disks, |_| {}, None).await
     }
 
     /// The source's and destination's image of each disk, in order.
@@ -688,6 +703,26 @@ impl TwoHosts {
             b_addr,
             veth_b,
         }
+    }
+
+    /// Bytes the source's side of the link has sent (its veth's `tx_bytes`): what crossed the
+    /// wire, TLS records and headers included.
+    pub fn source_tx_bytes(&self) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &self.b,
+                "-j",
+                "-s",
+                "link",
+                "show",
+                "dev",
+                &self.veth_b,
+            ])
+            .output()
+            .expect("ip -s link");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j JSON");
+        v[0]["stats64"]["tx"]["bytes"].as_u64().expect("tx bytes")
     }
 
     /// Takes the link down (or up again) on the source's side.
@@ -1617,4 +1652,28 @@ impl Drop for ExtraLink {
 /// (the README quotes some) and the JSON of runs whose outcome a reader may want to see.
 pub fn show(label: &str, what: &dyn std::fmt::Display) {
     eprintln!("{label}: {what}");
+}
+
+/// How long to wait for the workload's next progress line (one comes about every 500 ms).
+pub const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until the serial log at `path` holds a workload progress line with more than `after`
+/// passes.
+pub async fn pass_beyond(path: &Path, after: u64) -> qemu_tls_migrate::vm::workload::PassLine {
+    use qemu_tls_migrate::vm::workload;
+    let deadline = tokio::time::Instant::now() + PASS_TIMEOUT;
+    loop {
+        let serial = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = workload::pass_lines(&serial)
+            .into_iter()
+            .find(|l| l.passes > after)
+        {
+            return line;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no workload pass beyond {after} within {PASS_TIMEOUT:?}; serial log: {serial}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod block;
 mod cli;
+mod convergence;
 mod fixture;
 mod host;
 mod libvirt;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, DiskSelection, Endpoint, FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions,
-    RemoteTarget, Report, TransportChoice, UNLIMITED_BANDWIDTH,
+    self, Compression, Convergence, DiskSelection, DowntimeSteps, Endpoint, FinalStatus,
+    MAX_MULTIFD_CHANNELS, MigrationOptions, RemoteTarget, Report, Throttle, TimeoutAction,
+    TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
 };
 use qemu_tls_migrate::peer::Authz;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
@@ -84,6 +85,99 @@ pub struct TuningArgs {
     /// Print progress as JSON lines on stderr and exactly one JSON object on stdout at the end.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub convergence: ConvergenceArgs,
+}
+
+/// What helps a busy guest's migration finish (see the README's "When a VM will not
+/// converge"). The report's "convergence" member says what acted.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Convergence (guests that dirty memory fast)")]
+pub struct ConvergenceArgs {
+    /// Let QEMU throttle the guest's vCPUs when passes do not converge (auto-converge): it
+    /// takes --throttle-initial percent of their time first, --throttle-increment more each
+    /// pass after.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// With --auto-converge: first throttle, percent (QEMU's default 20).
+    #[arg(long, value_name = "PCT", requires = "auto_converge", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_initial: Option<u8>,
+    /// With --auto-converge: throttle added each pass, percent (QEMU's default 10).
+    #[arg(long, value_name = "PCT", requires = "auto_converge", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub throttle_increment: Option<u8>,
+    /// Send pages sent before as XBZRLE deltas, against a cache of SIZE (K/M/G suffix); with no
+    /// SIZE, sized from the guest's dirty rate sampled for a second first (two seconds of
+    /// dirtying, 64 MiB to half the RAM).
+    #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "auto", value_parser = parse_xbzrle)]
+    pub xbzrle: Option<XbzrleCache>,
+    /// Compress pages on the multifd channels (needs --multifd N; both sides use it).
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub compress: Option<CompressArg>,
+    /// Raise the allowed downtime while the migration runs, in STEPS equal steps up to MAX_MS,
+    /// one every EVERY_S seconds of the RAM phase (like Nova's downtime steps; defaults 10
+    /// steps, 5 s).
+    #[arg(long, value_name = "MAX_MS[:STEPS[:EVERY_S]]", value_parser = DowntimeSteps::parse)]
+    pub downtime_steps: Option<DowntimeSteps>,
+    /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
+    /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
+    /// vm.migrate.pauseafter; the report's guest_pause says for how long).
+    #[arg(long, value_enum, default_value = "abort")]
+    pub timeout_action: TimeoutActionArg,
+    /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
+    /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
+    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
+    pub completion_timeout_per_gib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    Zstd,
+    Zlib,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeoutActionArg {
+    Abort,
+    Pause,
+}
+
+fn parse_xbzrle(s: &str) -> Result<XbzrleCache, String> {
+    if s == "auto" {
+        return Ok(XbzrleCache::Auto);
+    }
+    match parse_bandwidth(s) {
+        Ok(bytes) if bytes >= 1 << 20 && bytes != UNLIMITED_BANDWIDTH => {
+            Ok(XbzrleCache::Bytes(bytes))
+        }
+        _ => Err(format!(
+            "{s:?}: a cache size of at least 1M (K/M/G suffix), or nothing for auto"
+        )),
+    }
+}
+
+impl ConvergenceArgs {
+    pub fn to_convergence(&self) -> Convergence {
+        Convergence {
+            auto_converge: self.auto_converge.then(|| {
+                let d = Throttle::default();
+                Throttle {
+                    initial: self.throttle_initial.unwrap_or(d.initial),
+                    increment: self.throttle_increment.unwrap_or(d.increment),
+                }
+            }),
+            xbzrle: self.xbzrle,
+            compress: self.compress.map(|c| match c {
+                CompressArg::Zstd => Compression::Zstd,
+                CompressArg::Zlib => Compression::Zlib,
+            }),
+            downtime_steps: self.downtime_steps,
+            timeout_action: match self.timeout_action {
+                TimeoutActionArg::Abort => TimeoutAction::Abort,
+                TimeoutActionArg::Pause => TimeoutAction::Pause,
+            },
+            completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +383,7 @@ impl TuningArgs {
         o.timeout = self.timeout.map(Duration::from_secs);
         o.stall_timeout = Duration::from_secs(self.stall_timeout);
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
+        o.convergence = self.convergence.to_convergence();
     }
 }
 

@@ -98,6 +98,7 @@ pub fn report_json(report: &Report) -> Value {
             "throughput_mbps": report.ram.throughput_mbps,
             "guest_ram_bytes": report.ram.total,
             "dirty_sync_count": report.ram.dirty_sync_count,
+            "multifd_bytes": report.ram.multifd_bytes,
         },
         "disks": report.disks,
         "ports": report.ports,
@@ -109,6 +110,9 @@ pub fn report_json(report: &Report) -> Value {
     });
     if let Some(access) = report.source_qmp_access {
         v["source_qmp"] = json!(access);
+    }
+    if !report.convergence.is_empty() {
+        v["convergence"] = json!(report.convergence);
     }
     if let Some(pause) = &report.guest_pause {
         v["guest_pause"] = json!(pause);

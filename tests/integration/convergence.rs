@@ -1,0 +1,248 @@
+//! Convergence options against real QEMU and our guest workload: a guest that dirties memory
+//! faster than the capped link moves it does not finish on its own, and finishes with help.
+
+use std::time::Duration;
+
+use qemu_tls_migrate::migration::{
+    Compression, FinalStatus, MigrationOptions, Report, Throttle, TimeoutAction, XbzrleCache,
+};
+use qemu_tls_migrate::vm::workload::workload_kernel;
+
+use crate::fixture::{self, Lab, Pair, pass_beyond};
+
+/// A pair whose guest dirties `wss_mib` MiB at `pages_per_sec`, running its workload.
+async fn dirtying_pair(wss_mib: u32, pages_per_sec: u32) -> Pair {
+    let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
+    let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
+    pass_beyond(pair.source.serial_path(), 0).await;
+    pair
+}
+
+/// 20000 pages/s over 64 MiB (about 78 MiB/s) against a 16 MiB/s link: never converges.
+async fn busy_pair() -> Pair {
+    dirtying_pair(64, 20_000).await
+}
+
+/// TLS options with the link capped at 16 MiB/s.
+fn capped(pair: &Pair, lab: &Lab) -> MigrationOptions {
+    let mut o = pair.tls_options(lab);
+    o.max_bandwidth = 16 << 20;
+    o
+}
+
+fn show(what: &str, r: &Report) {
+    fixture::show(
+        what,
+        &format!(
+            "{:?} ram {} bytes ({} on multifd) in {} ms, downtime {} ms, pause {:?}, convergence {}, error {:?}",
+            r.status,
+            r.ram.bytes,
+            r.ram.multifd_bytes,
+            r.ram.total_ms,
+            r.ram.downtime_ms,
+            r.guest_pause.as_ref().map(|p| p.ms),
+            serde_json::to_string(&r.convergence).unwrap_or_default(),
+            r.error.as_ref().map(|e| e.to_string())
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_guest_times_out_without_help_and_runs_on_at_the_source() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.timeout = Some(Duration::from_secs(6));
+
+    let report = fixture::migrate(&o).await;
+
+    show("no help", &report);
+    assert_eq!(report.status, FinalStatus::Failed);
+    assert_eq!(fixture::error_kind(&report), Some("timeout"));
+    assert_eq!(fixture::status(&pair.source).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_converge_lets_the_busy_guest_finish() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.convergence.auto_converge = Some(Throttle {
+        initial: 60,
+        increment: 20,
+    });
+
+    let report = fixture::migrate(&o).await;
+
+    show("auto-converge", &report);
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    assert!(
+        report
+            .convergence
+            .auto_converge_max_throttle_pct
+            .is_some_and(|p| p >= 60),
+        "{:?}",
+        report.convergence
+    );
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_action_pause_finishes_the_busy_guest_as_downtime() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.timeout = Some(Duration::from_secs(4));
+    o.convergence.timeout_action = TimeoutAction::Pause;
+
+    let report = fixture::migrate(&o).await;
+
+    show("timeout-action pause", &report);
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    assert_eq!(
+        report.convergence.timeout_action,
+        Some(TimeoutAction::Pause)
+    );
+    assert!(
+        report.guest_pause.as_ref().is_some_and(|p| p.ms > 100),
+        "the rest moved while the guest was paused: {:?}",
+        report.guest_pause
+    );
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downtime_steps_raise_the_limit_until_the_busy_guest_fits() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.timeout = Some(Duration::from_secs(60));
+    // 64 MiB at 16 MiB/s is 4 s: a limit of 6 s lets the last pass through.
+    o.convergence.downtime_steps = Some(qemu_tls_migrate::migration::DowntimeSteps {
+        max: Duration::from_secs(6),
+        steps: 2,
+        every: Duration::from_secs(2),
+    });
+
+    let report = fixture::migrate(&o).await;
+
+    show("downtime steps", &report);
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    let limits: Vec<u64> = report
+        .convergence
+        .downtime_steps
+        .iter()
+        .map(|s| s.limit_ms)
+        .collect();
+    assert_eq!(limits.last(), Some(&6000), "{limits:?}");
+}
+
+/// Two migrations of like pairs across two hosts, without and with `tweak`: their reports,
+/// and the bytes each sent across the link (QEMU 7.2's own counters count multifd pages before
+/// compression).
+async fn with_and_without(
+    wss_mib: u32,
+    pages_per_sec: u32,
+    fill: bool,
+    base: impl Fn(&mut MigrationOptions),
+    tweak: impl Fn(&mut MigrationOptions),
+) -> ((Report, u64), (Report, u64)) {
+    let lab = Lab::new("Test CA");
+    let mut reports = Vec::new();
+    for with in [false, true] {
+        let hosts = fixture::TwoHosts::create();
+        let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
+        let pair = Pair::start_on_filled(&hosts, &[], |c| c.kernel = Some(kernel), fill).await;
+        pass_beyond(pair.source.serial_path(), 0).await;
+        let mut o = pair.tls_options(&lab);
+        o.dest_address = Some(hosts.a_addr.clone());
+        base(&mut o);
+        if with {
+            tweak(&mut o);
+        }
+        let before = hosts.source_tx_bytes();
+        let report = fixture::migrate(&o).await;
+        let sent = hosts.source_tx_bytes() - before;
+        assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+        assert_eq!(fixture::status(&pair.dest).await, "running");
+        reports.push((report, sent));
+    }
+    let with = reports.pop().expect("with");
+    let without = reports.pop().expect("without");
+    (without, with)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xbzrle_sends_fewer_bytes_for_a_guest_rewriting_its_pages() {
+    // 16 MiB/s of rewrites against a 32 MiB/s link: several passes, each resending pages.
+    let (without, with) = with_and_without(
+        32,
+        4000,
+        true,
+        |o| o.max_bandwidth = 32 << 20,
+        |o| o.convergence.xbzrle = Some(XbzrleCache::Auto),
+    )
+    .await;
+
+    show("without xbzrle", &without.0);
+    show("with xbzrle", &with.0);
+    fixture::show(
+        "written by the source QEMU",
+        &format!("{} without, {} with", without.1, with.1),
+    );
+    assert!(
+        with.0
+            .convergence
+            .xbzrle_cache_bytes
+            .is_some_and(|b| b >= 64 << 20)
+    );
+    assert!(
+        with.0.ram.bytes < without.0.ram.bytes && with.1 < without.1,
+        "{:?} bytes with XBZRLE, {:?} without",
+        (with.0.ram.bytes, with.1),
+        (without.0.ram.bytes, without.1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_on_multifd_sends_fewer_bytes() {
+    // The workload's pages (one word each) compress; random data would not.
+    let (without, with) = with_and_without(
+        32,
+        1000,
+        false,
+        |o| o.multifd = Some(2),
+        |o| o.convergence.compress = Some(Compression::Zstd),
+    )
+    .await;
+
+    show("multifd 2", &without.0);
+    show("multifd 2 zstd", &with.0);
+    fixture::show(
+        "written by the source QEMU",
+        &format!("{} without, {} with", without.1, with.1),
+    );
+    // QEMU 7.2 counts multifd pages before compression, in `transferred` and `multifd_bytes`
+    // alike: the link's counter tells.
+    assert!(
+        with.1 * 2 < without.1,
+        "{} bytes across the link with zstd, {} without",
+        with.1,
+        without.1
+    );
+}
+
+#[tokio::test]
+async fn compression_without_multifd_is_refused_before_anything_changes() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let mut o = pair.tls_options(&lab);
+    o.convergence.compress = Some(Compression::Zstd);
+
+    let report = fixture::migrate(&o).await;
+
+    assert!(report.refused, "{report:?}");
+    assert_eq!(fixture::error_kind(&report), Some("usage"));
+    fixture::assert_source_untouched(&pair.source).await;
+}
