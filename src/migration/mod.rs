@@ -35,7 +35,9 @@ mod side;
 mod undo;
 
 pub use destination::{AbortOutcome, DestinationSide, Finished};
-pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
+pub use disks::{
+    CopyPlan, DiskProgress, DiskReport, DiskSelection, SourceDisk, backing_fingerprint,
+};
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
@@ -199,6 +201,17 @@ pub struct MigrationOptions {
     pub disks: DiskSelection,
     /// How mirrors treat guest writes during the copy.
     pub mirror_mode: CopyMode,
+    /// Whole chain or top image only, per disk.
+    pub disk_copy: CopyPlan,
+    /// Bytes per second each disk's mirror may copy (its `speed`); `None`: no limit. RAM's
+    /// `max_bandwidth` does not cover disks.
+    pub disk_bandwidth: Option<u64>,
+    /// Send zeroes as NBD `WRITE_ZEROES` requests (`detect-zeroes: unmap` on the source's NBD
+    /// client node) instead of as data; the destination then keeps them sparse too.
+    pub skip_zeroes: bool,
+    /// `HOST:PORT` the source's NBD clients connect to when it differs from where the
+    /// destination's NBD server listens (NAT, a proxy), like `source_connect` for RAM.
+    pub nbd_connect: Option<String>,
     /// Grow destination disks smaller than the source's instead of refusing.
     pub create_dest_disks: bool,
     /// Which source certificate the destination accepts, through an `authz-simple` object
@@ -236,6 +249,10 @@ impl MigrationOptions {
             dest_paused: false,
             disks: DiskSelection::None,
             mirror_mode: CopyMode::Background,
+            disk_copy: CopyPlan::default(),
+            disk_bandwidth: None,
+            skip_zeroes: true,
+            nbd_connect: None,
             create_dest_disks: false,
             authz: Authz::Off,
             shared_disks: Vec::new(),
@@ -277,6 +294,14 @@ impl MigrationOptions {
                 self.max_bandwidth
             ));
         }
+        if let Some(hp) = &self.nbd_connect
+            && split_host_port(hp).is_none()
+        {
+            problems.push(format!("NBD address {hp:?}: expected HOST:PORT"));
+        }
+        if self.disk_bandwidth == Some(0) {
+            problems.push("disk bandwidth 0 bytes/s: leave it out for no limit".into());
+        }
         let PortRange { first, last } = self.port_range;
         if first == 0 || last < first {
             problems.push(format!(
@@ -309,6 +334,23 @@ impl MigrationOptions {
     pub fn connect_host(&self) -> &str {
         self.listen_address()
     }
+
+    /// Where the source's NBD clients connect for a server on `port`: `nbd_connect` when set
+    /// (checked by [`MigrationOptions::validate`]), else the destination's address.
+    pub(crate) fn nbd_server(&self, port: u16) -> crate::qemu::InetAddress {
+        match self.nbd_connect.as_deref().and_then(split_host_port) {
+            Some((host, port)) => crate::qemu::InetAddress::new(host, port),
+            None => crate::qemu::InetAddress::new(self.connect_host(), port),
+        }
+    }
+}
+
+/// `HOST:PORT` (the host may be a bracketed IPv6 address) split in two; `None` when malformed.
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().ok().filter(|p| *p != 0)?;
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Runs `f` (libvirt's blocking calls) off the async threads, within `timeout`. A call that

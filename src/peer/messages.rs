@@ -117,6 +117,54 @@ pub struct DiskSpec {
     pub node: String,
     /// The source disk's virtual size in bytes.
     pub size: u64,
+    /// What is copied: the whole chain (the default, and what a peer that does not send this
+    /// field means) or the top image only.
+    #[serde(default, skip_serializing_if = "DiskCopy::is_full")]
+    pub copy: DiskCopy,
+    /// With [`DiskCopy::Top`]: the backing image the destination's disk must already sit on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<BackingSpec>,
+}
+
+/// How much of a disk's backing chain crosses the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskCopy {
+    /// Everything the guest sees, backing files included (`blockdev-mirror sync: full`).
+    #[default]
+    Full,
+    /// Only the top image (`sync: top`): the destination's disk is an overlay on the same
+    /// backing file (a template present on both hosts).
+    Top,
+}
+
+impl DiskCopy {
+    pub fn is_full(&self) -> bool {
+        *self == DiskCopy::Full
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskCopy::Full => "full",
+            DiskCopy::Top => "top",
+        }
+    }
+}
+
+/// The source's backing image of a disk copied top-only, as the destination checks its own
+/// against it. The file name is the one in the overlay's header (a local template path, never a
+/// URL: those are refused before anything is sent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingSpec {
+    pub filename: String,
+    /// Image format (`qcow2`, `raw`).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// A fingerprint of the file's bytes (see `migration::backing_fingerprint`), when the
+    /// source could read the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// Which TLS client identity the destination accepts (QEMU's `tls-authz`).
@@ -181,6 +229,7 @@ pub enum ErrorKind {
     DomainNotMovable,
     DomainExists,
     Libvirt,
+    BackingMismatch,
     #[serde(other)]
     Other,
 }
@@ -224,6 +273,7 @@ impl ErrorKind {
             ErrorKind::DomainNotMovable => "domain-not-movable",
             ErrorKind::DomainExists => "domain-exists",
             ErrorKind::Libvirt => "libvirt",
+            ErrorKind::BackingMismatch => "backing-mismatch",
             ErrorKind::Other => "other",
         }
     }
