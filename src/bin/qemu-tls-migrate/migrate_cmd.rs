@@ -9,7 +9,7 @@ use qemu_tls_migrate::migration::{
     self, DiskSelection, Endpoint, FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions,
     RemoteTarget, Report, TransportChoice, UNLIMITED_BANDWIDTH,
 };
-use qemu_tls_migrate::peer::Authz;
+use qemu_tls_migrate::peer::{Authz, DiskCopy};
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 use qemu_tls_migrate::qemu::CopyMode;
@@ -41,8 +41,9 @@ pub struct TuningArgs {
     /// unsecured ones (with a warning), refusal for a mixed pair.
     #[arg(long, value_enum, default_value = "auto")]
     pub transport: TransportArg,
-    /// Bandwidth cap in bytes per second, with an optional K/M/G suffix (powers of 1024), or
-    /// "unlimited". QEMU 7.2's own default would be 128M.
+    /// Bandwidth cap of the RAM migration stream (QEMU's max-bandwidth: RAM and device state,
+    /// not disks; see --disk-bandwidth) in bytes per second, with an optional K/M/G suffix
+    /// (powers of 1024), or "unlimited". QEMU 7.2's own default would be 128M.
     #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
     pub max_bandwidth: u64,
     /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
@@ -186,9 +187,33 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub dest_paused: bool,
     /// Copy this disk (block node name, as in -blockdev node-name=...) to the destination over
-    /// NBD before RAM moves. Repeat for several disks.
-    #[arg(long = "disk", value_name = "NODE", conflicts_with = "all_local_disks")]
-    pub disks: Vec<String>,
+    /// NBD before RAM moves. Repeat for several disks. ",copy=top" or ",copy=full" overrides
+    /// --disk-copy for this disk.
+    #[arg(
+        long = "disk",
+        value_name = "NODE[,copy=top|full]",
+        conflicts_with = "all_local_disks",
+        value_parser = parse_disk
+    )]
+    pub disks: Vec<(String, Option<DiskCopy>)>,
+    /// full: copy each disk's whole backing chain (what the guest sees); top: only its top
+    /// image (libvirt's --copy-storage-inc), for a qcow2 overlay on a template that the
+    /// destination already has: its disk must be an overlay on a backing file of the same
+    /// format, size and content (checked before anything starts; exit 3 otherwise).
+    #[arg(long, value_enum, default_value = "full")]
+    pub disk_copy: DiskCopyArg,
+    /// Cap of each disk's copy in bytes per second (the mirror's speed; K/M/G suffixes as
+    /// --max-bandwidth). Zeroes do not count. Default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
+    pub disk_bandwidth: Option<u64>,
+    /// skip: blocks of zeroes cross the wire as NBD write-zeroes requests and stay sparse on the
+    /// destination (detect-zeroes=unmap on the source's NBD client); copy: sent as data.
+    #[arg(long, value_enum, default_value = "skip")]
+    pub disk_zeroes: DiskZeroesArg,
+    /// HOST:PORT the source's NBD clients connect to when it differs from where the
+    /// destination's NBD server listens (NAT, a proxy).
+    #[arg(long, value_name = "HOST:PORT", hide = true)]
+    pub nbd_connect: Option<String>,
     /// Copy every writable disk that is not on shared storage. Shared means a network driver
     /// (nbd, rbd, iscsi, gluster, ssh, http...) or a file on NFS, CIFS/SMB, Ceph, FUSE
     /// (GlusterFS), GFS2, OCFS2 or Lustre, as statfs reports for the image's path.
@@ -236,13 +261,24 @@ impl MigrateArgs {
         o.tls_hostname = self.tls_hostname.clone();
         o.source_connect = self.source_connect.clone();
         o.dest_paused = self.dest_paused;
+        let mut nodes = Vec::new();
+        o.disk_copy.default = self.disk_copy.into();
+        for (node, copy) in &self.disks {
+            if let Some(copy) = copy {
+                o.disk_copy.per_node.insert(node.clone(), *copy);
+            }
+            nodes.push(node.clone());
+        }
         o.disks = if self.all_local_disks {
             DiskSelection::AllLocal
-        } else if self.disks.is_empty() {
+        } else if nodes.is_empty() {
             DiskSelection::None
         } else {
-            DiskSelection::Nodes(self.disks.clone())
+            DiskSelection::Nodes(nodes)
         };
+        o.disk_bandwidth = self.disk_bandwidth.filter(|b| *b != UNLIMITED_BANDWIDTH);
+        o.skip_zeroes = self.disk_zeroes == DiskZeroesArg::Skip;
+        o.nbd_connect = self.nbd_connect.clone();
         o.mirror_mode = match self.mirror_mode {
             MirrorModeArg::Background => CopyMode::Background,
             MirrorModeArg::WriteBlocking => CopyMode::WriteBlocking,
@@ -333,6 +369,51 @@ fn host_part(to: &str) -> &str {
         Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
         _ => to,
     }
+}
+
+/// `--disk-copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskCopyArg {
+    Full,
+    Top,
+}
+
+impl From<DiskCopyArg> for DiskCopy {
+    fn from(a: DiskCopyArg) -> DiskCopy {
+        match a {
+            DiskCopyArg::Full => DiskCopy::Full,
+            DiskCopyArg::Top => DiskCopy::Top,
+        }
+    }
+}
+
+/// `--disk-zeroes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskZeroesArg {
+    Skip,
+    Copy,
+}
+
+/// `--disk NODE[,copy=top|full]`: the node and, when given, its copy mode.
+fn parse_disk(s: &str) -> Result<(String, Option<DiskCopy>), String> {
+    let mut parts = s.split(',');
+    let node = parts.next().unwrap_or_default().trim();
+    if node.is_empty() {
+        return Err(format!("--disk {s:?}: expected NODE[,copy=top|full]"));
+    }
+    let mut copy = None;
+    for part in parts {
+        copy = Some(match part.trim() {
+            "copy=top" => DiskCopy::Top,
+            "copy=full" => DiskCopy::Full,
+            other => {
+                return Err(format!(
+                    "--disk {s:?}: unknown setting {other:?}; expected copy=top or copy=full"
+                ));
+            }
+        });
+    }
+    Ok((node.to_string(), copy))
 }
 
 fn parse_bandwidth(s: &str) -> Result<u64, String> {
@@ -592,6 +673,17 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_may_carry_its_copy_mode() {
+        assert_eq!(parse_disk("disk0"), Ok(("disk0".into(), None)));
+        assert_eq!(
+            parse_disk("disk0,copy=top"),
+            Ok(("disk0".into(), Some(DiskCopy::Top)))
+        );
+        assert!(parse_disk("disk0,copy=some").is_err());
+        assert!(parse_disk(",copy=top").is_err());
+    }
 
     #[test]
     fn bandwidth_accepts_suffixes_and_unlimited() {
