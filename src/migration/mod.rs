@@ -441,12 +441,15 @@ pub struct DestDomain {
 /// The incoming domain for the libvirt domain `name` (at `uri`): its migratable XML (or
 /// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and, when
 /// `copy_disks`, every writable file disk of the source's XML to create on the destination,
-/// with the format and virtual size of the source's image (`qemu-img info`).
+/// with the format and virtual size of the source's image (`qemu-img info`); with `top_only`,
+/// each as an overlay on the backing file of the same name as the source's, in its own
+/// directory on the destination.
 pub async fn dest_domain(
     uri: &str,
     name: &str,
     dest_xml: Option<String>,
     copy_disks: bool,
+    top_only: bool,
     timeout: Duration,
 ) -> Result<DestDomain, MigrationError> {
     use crate::libvirt::Libvirt;
@@ -484,10 +487,26 @@ pub async fn dest_domain(
                 .clone()
                 .or_else(|| info["format"].as_str().map(str::to_string))
                 .unwrap_or_else(|| "raw".into());
+            let backing = match (top_only, info["backing-filename"].as_str()) {
+                (true, Some(backing)) => Some(crate::peer::NewBacking {
+                    file_name: Path::new(backing)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    format: info["backing-filename-format"]
+                        .as_str()
+                        .unwrap_or("raw")
+                        .to_string(),
+                }),
+                // No backing file: the service makes a plain disk, and the preflight refuses
+                // the top-only copy naming it.
+                _ => None,
+            };
             disks.push(crate::peer::NewDisk {
                 target: disk.target.clone(),
                 format,
                 size,
+                backing,
             });
         }
         Ok(DestDomain { xml, disks })

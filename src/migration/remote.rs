@@ -28,8 +28,8 @@ use super::MigrationError;
 use super::destination::{AbortOutcome, Finished};
 use super::driver::Destination;
 use crate::peer::{
-    self, Channel, DestPlan, DestPrepared, ErrorKind, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
-    Message, PeerError,
+    self, Channel, DestPlan, DestPrepared, DiskCopy, ErrorKind, HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT, Message, PeerError,
 };
 use crate::pki::{self, Role, Security};
 
@@ -253,7 +253,17 @@ impl Destination for RemoteDestination {
             plan: plan.clone(),
         };
         match self.request(msg, REQUEST_TIMEOUT).await? {
-            Message::Preflighted => Ok(()),
+            Message::Preflighted { backing_checked } => {
+                match plan.disks.iter().find(|d| d.copy == DiskCopy::Top) {
+                    Some(disk) if !backing_checked => Err(MigrationError::BackingMismatch {
+                        node: disk.node.clone(),
+                        reason: "the destination host's service is too old to check backing \
+                                 files (upgrade it)"
+                            .into(),
+                    }),
+                    _ => Ok(()),
+                }
+            }
             other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
         }
     }

@@ -18,7 +18,8 @@ mod messages;
 mod tls;
 
 pub use messages::{
-    Authz, BackingSpec, DestPlan, DestPrepared, DiskCopy, DiskSpec, ErrorKind, Message, NewDisk,
+    Authz, BackingSpec, DestPlan, DestPrepared, DiskCopy, DiskSpec, ErrorKind, Message, NewBacking,
+    NewDisk,
 };
 pub use tls::{PeerIdentity, client_config, server_config, tls_failure_reason};
 

@@ -608,6 +608,7 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
                         name,
                         dest_xml,
                         options.disks == DiskSelection::AllLocal,
+                        options.disk_copy.default == DiskCopy::Top,
                         options.qmp_timeout,
                     )
                     .await?,
