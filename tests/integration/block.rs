@@ -314,16 +314,18 @@ async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_cha
     assert_eq!(top.status, FinalStatus::Completed, "{:?}", top.error);
     assert_eq!(full.status, FinalStatus::Completed, "{:?}", full.error);
     let (t, f) = (&top.disks[0], &full.disks[0]);
-    eprintln!(
-        "top: {} bytes on the wire, {} ms, to copy {}; full: {} bytes on the wire, {} ms, to \
-         copy {}; overlay allocated {overlay}",
+    fixture::note(format_args!(
+        "top: {} bytes on the wire, disks {} ms, migration {} ms, to copy {}; full: {} bytes \
+         on the wire, disks {} ms, migration {} ms, to copy {}; overlay allocated {overlay}",
         top_wire.sent(),
         t.ms,
+        top.wall.as_millis(),
         t.to_copy,
         full_wire.sent(),
         f.ms,
+        full.wall.as_millis(),
         f.to_copy
-    );
+    ));
     assert_eq!((t.copy, f.copy), (DiskCopy::Top, DiskCopy::Full));
     assert_eq!(t.to_copy, overlay, "top: bytes to copy are the overlay's");
     assert!(
@@ -461,11 +463,11 @@ async fn a_256_mib_disk_with_16_mib_of_data_crosses_the_wire_as_its_data_and_sta
     pair.quit_both().await;
     let (src, dst) = pair.disk_images().remove(0);
     let dst_allocated = fixture::allocated_size(&dst);
-    eprintln!(
+    fixture::note(format_args!(
         "sparse: {} bytes on the wire; allocated {src_allocated} on the source, {dst_allocated} \
          on the destination",
         wire.sent()
-    );
+    ));
     assert!(
         wire.sent() < 20 << 20,
         "{} bytes on the wire for 16 MiB of data in 256 MiB",
@@ -503,7 +505,7 @@ async fn zeroes_written_as_data_cross_the_wire_as_write_zeroes_unless_asked_to_c
     copy_pair.quit_both().await;
     let (skip_src, skip_dst) = skip_pair.disk_images().remove(0);
     let (copy_src, copy_dst) = copy_pair.disk_images().remove(0);
-    eprintln!(
+    fixture::note(format_args!(
         "16 MiB data + 32 MiB zeroes as data: skip {} bytes on the wire, destination {} \
          allocated; copy {} bytes, destination {} allocated; source {} allocated",
         skip_wire.sent(),
@@ -511,7 +513,7 @@ async fn zeroes_written_as_data_cross_the_wire_as_write_zeroes_unless_asked_to_c
         copy_wire.sent(),
         fixture::allocated_size(&copy_dst),
         fixture::allocated_size(&skip_src)
-    );
+    ));
     assert!(skip_wire.sent() < 20 << 20, "skip: {}", skip_wire.sent());
     assert!(copy_wire.sent() > 48 << 20, "copy: {}", copy_wire.sent());
     assert!(fixture::allocated_size(&skip_dst) < fixture::allocated_size(&skip_src));
@@ -532,11 +534,11 @@ async fn the_disk_bandwidth_cap_holds_the_copy_rate_and_the_migration_completes(
     assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
     let disk = &report.disks[0];
     let rate = (32u64 << 20) as f64 / (disk.ms as f64 / 1000.0);
-    eprintln!(
+    fixture::note(format_args!(
         "cap {CAP} B/s: 32 MiB in {} ms, {rate:.0} B/s, {} bytes on the wire",
         disk.ms,
         wire.sent()
-    );
+    ));
     assert!(
         rate < CAP as f64 * 1.25 && rate > CAP as f64 * 0.5,
         "{rate:.0} B/s under a cap of {CAP}"

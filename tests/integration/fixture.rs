@@ -702,6 +702,12 @@ impl Drop for CountingProxy {
     }
 }
 
+/// Writes a figure a test measured to stderr (seen with `--nocapture`): the README's block
+/// migration figures come from these lines.
+pub fn note(figures: std::fmt::Arguments<'_>) {
+    eprintln!("measured: {figures}");
+}
+
 /// Virtual size of an image, from `qemu-img info`.
 pub fn image_size(path: &Path) -> u64 {
     let out = std::process::Command::new("qemu-img")
