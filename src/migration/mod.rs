@@ -13,8 +13,10 @@
 //!    capabilities (`events`, `multifd`) and parameters (`tls-creds`, `tls-hostname`,
 //!    bandwidth, downtime) on both sides; a port from the range; `migrate-incoming`.
 //! 5. **Disks** (non-shared storage). The destination exports each disk over NBD (with the
-//!    same TLS credentials); the source adds an NBD client node per disk and mirrors into it
-//!    (`sync: full`, all disks at once), until every mirror is ready.
+//!    same TLS credentials); the source adds an NBD client node per disk (zeroes sent as
+//!    write-zeroes requests) and mirrors into it (`sync: full`, or `top` for an overlay whose
+//!    template the destination has too; all disks at once, each at most `--disk-bandwidth`),
+//!    until every mirror is ready.
 //! 6. **Migrate.** `migrate` on the source; follow `MIGRATION` events and `query-migrate`,
 //!    reporting progress; watch for a dead destination, a stall, the deadline, cancellation.
 //!    With disks, `pause-before-switchover` stops at `pre-switchover` with the source's CPUs

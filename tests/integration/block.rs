@@ -454,25 +454,40 @@ async fn sparse_pair(zero_mib: u64) -> Pair {
 async fn a_256_mib_disk_with_16_mib_of_data_crosses_the_wire_as_its_data_and_stays_sparse() {
     let lab = Lab::new("Test CA");
     let mut pair = sparse_pair(0).await;
+    let mut before_pair = sparse_pair(0).await;
     let (options, wire) = counted_disk_options(&pair, &lab, 49534, DiskCopy::Full).await;
+    // What every copy did before zeroes were skipped: for a sparse image, the same.
+    let (mut before, before_wire) =
+        counted_disk_options(&before_pair, &lab, 49542, DiskCopy::Full).await;
+    before.skip_zeroes = false;
     let src_allocated = fixture::allocated_size(&pair.disk_images()[0].0);
 
     let report = fixture::migrate(&options).await;
+    let before_report = fixture::migrate(&before).await;
 
     assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(
+        before_report.status,
+        FinalStatus::Completed,
+        "{:?}",
+        before_report.error
+    );
     pair.quit_both().await;
+    before_pair.quit_both().await;
     let (src, dst) = pair.disk_images().remove(0);
     let dst_allocated = fixture::allocated_size(&dst);
     fixture::note(format_args!(
-        "sparse: {} bytes on the wire; allocated {src_allocated} on the source, {dst_allocated} \
-         on the destination",
-        wire.sent()
+        "sparse: zeroes skipped {} bytes on the wire, zeroes copied {}; allocated \
+         {src_allocated} on the source, {dst_allocated} on the destination",
+        wire.sent(),
+        before_wire.sent()
     ));
-    assert!(
-        wire.sent() < 20 << 20,
-        "{} bytes on the wire for 16 MiB of data in 256 MiB",
-        wire.sent()
-    );
+    for sent in [wire.sent(), before_wire.sent()] {
+        assert!(
+            sent < 20 << 20,
+            "{sent} bytes on the wire for 16 MiB of data in 256 MiB"
+        );
+    }
     assert!(
         dst_allocated < src_allocated + (4 << 20),
         "destination {dst_allocated} bytes against the source's {src_allocated}"
