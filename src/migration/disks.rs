@@ -65,8 +65,10 @@ impl SourceDisk {
         format!("{OBJECT_PREFIX}mirror-{}", self.node)
     }
 
-    /// What the destination is told about this disk: its node and size, never its file name
-    /// (a path or URL may carry credentials and says nothing the destination needs).
+    /// What the destination is told about this disk: its node, size and copy mode, never its
+    /// file name (a path or URL may carry credentials and says nothing the destination needs).
+    /// A top-only disk adds its backing file's name, a local path (URLs are refused in
+    /// [`select`]), which the destination checks its own template against.
     pub fn spec(&self) -> DiskSpec {
         DiskSpec {
             node: self.node.clone(),
