@@ -172,7 +172,20 @@ pub(crate) fn select(
     }
     picked
         .into_iter()
-        .map(|n| source_disk(n, copy.for_node(&n.node_name)))
+        .map(|n| {
+            let explicit = copy.per_node.get(&n.node_name).copied();
+            let has_backing = n.image.as_ref().is_some_and(|i| i.backing_image.is_some());
+            match explicit {
+                Some(mode) => source_disk(n, mode),
+                // `top` for every disk, as libvirt's --copy-storage-inc: a disk with no
+                // backing file (a data disk beside a template-based root disk) is all top.
+                None if copy.default == DiskCopy::Top && !has_backing => {
+                    tracing::info!(node = %n.node_name, "no backing file: copied whole");
+                    source_disk(n, DiskCopy::Full)
+                }
+                None => source_disk(n, copy.default),
+            }
+        })
         .collect()
 }
 
@@ -573,6 +586,19 @@ mod tests {
 
         assert_eq!(err.kind(), "backing-mismatch");
         assert!(err.to_string().contains("no backing file"), "{err}");
+    }
+
+    #[test]
+    fn top_for_every_disk_copies_a_disk_without_backing_file_whole() {
+        let top_for_all = CopyPlan {
+            default: DiskCopy::Top,
+            per_node: BTreeMap::new(),
+        };
+
+        let disks = select(&blocks(), &DiskSelection::AllLocal, &top_for_all).expect("select");
+
+        assert_eq!(disks[0].copy, DiskCopy::Full);
+        assert_eq!(disks[0].backing, None);
     }
 
     #[test]

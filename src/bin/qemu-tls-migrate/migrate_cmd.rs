@@ -199,7 +199,8 @@ pub struct MigrateArgs {
     /// full: copy each disk's whole backing chain (what the guest sees); top: only its top
     /// image (libvirt's --copy-storage-inc), for a qcow2 overlay on a template that the
     /// destination already has: its disk must be an overlay on a backing file of the same
-    /// format, size and content (checked before anything starts; exit 3 otherwise).
+    /// format, size and content (checked before anything starts; exit 3 otherwise). A disk
+    /// without a backing file is copied whole (unless named with ,copy=top: then refused).
     #[arg(long, value_enum, default_value = "full")]
     pub disk_copy: DiskCopyArg,
     /// Cap of each disk's copy in bytes per second (the mirror's speed; K/M/G suffixes as
