@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use qemu_tls_migrate::peer::{self, Authz, Channel, DestPlan, DiskSpec, Message};
+use qemu_tls_migrate::peer::{self, Authz, Channel, DestPlan, DiskCopy, DiskSpec, Message};
 
 /// A `preflight` as a source sends it: the largest message of a migration.
 fn preflight() -> Message {
@@ -22,6 +22,8 @@ fn preflight() -> Message {
                 node: "disk0".into(),
                 device: Some("virtio-disk0".into()),
                 size: 20 << 30,
+                copy: DiskCopy::Full,
+                backing: None,
             }],
             create_dest_disks: false,
             authz: Authz::FromPeerCert,

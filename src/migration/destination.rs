@@ -136,7 +136,11 @@ impl DestinationSide {
             // Only the root nodes the guest's devices use may be exported: never a file node
             // or any other node a peer might name.
             let blocks = self.ctl.call("query-block", &QueryBlock).await?;
-            disks::check_destination(&blocks, &plan.disks, plan.create_dest_disks)?
+            let checked = disks::check_destination(&blocks, &plan.disks, plan.create_dest_disks)?;
+            // A top-only copy is only as good as the template under it: same bytes here.
+            disks::verify_backing_fingerprints(disks::backings_to_verify(&blocks, &plan.disks))
+                .await?;
+            checked
         };
         self.ports.push(ports::allocate(plan.port_range)?);
         if !plan.disks.is_empty() {

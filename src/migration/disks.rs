@@ -5,14 +5,21 @@
 //! or block device on this host, not on shared storage. Shared means a network protocol driver
 //! (`nbd`, `rbd`, `iscsi`, `gluster`, `ssh`, `http(s)`, ...) or a file on a network or cluster
 //! file system (NFS, CIFS/SMB, Ceph, GlusterFS over FUSE, GFS2, OCFS2), told by `statfs`.
+//!
+//! A disk is copied whole (`sync: full`) or top-only ([`DiskCopy::Top`], `sync: top`): then
+//! only its top image crosses the wire, and the destination's disk must already be an overlay
+//! on the same backing image, checked by format, virtual size and a fingerprint of the file
+//! ([`backing_fingerprint`]) before anything starts.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::{MigrationError, OBJECT_PREFIX};
-use crate::peer::DiskSpec;
-use crate::qemu::{BlockDeviceInfo, BlockInfo};
+use crate::peer::{BackingSpec, DiskCopy, DiskSpec};
+use crate::qemu::{BlockDeviceInfo, BlockInfo, ImageInfo};
 
 /// Which disks to copy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +46,16 @@ pub struct SourceDisk {
     pub size: u64,
     pub format: String,
     pub filename: String,
+    /// Whole chain or top image only.
+    #[serde(default)]
+    pub copy: DiskCopy,
+    /// With [`DiskCopy::Top`]: the backing image the destination must have too.
+    #[serde(default)]
+    pub backing: Option<BackingSpec>,
+    /// Bytes to copy: what the copied images take on the host (QEMU's `actual-size`, summed
+    /// over the chain for a full copy), not the virtual size.
+    #[serde(default)]
+    pub allocated: u64,
 }
 
 impl SourceDisk {
@@ -52,13 +69,17 @@ impl SourceDisk {
         format!("{OBJECT_PREFIX}mirror-{}", self.node)
     }
 
-    /// What the destination is told about this disk: its node and size, never its file name
-    /// (a path or URL may carry credentials and says nothing the destination needs).
+    /// What the destination is told about this disk: its node, size and copy mode, never its
+    /// file name (a path or URL may carry credentials and says nothing the destination needs).
+    /// A top-only disk adds its backing file's name, a local path (URLs are refused in
+    /// [`select`]), which the destination checks its own template against.
     pub fn spec(&self) -> DiskSpec {
         DiskSpec {
             node: self.node.clone(),
             device: self.device.clone(),
             size: self.size,
+            copy: self.copy,
+            backing: self.backing.clone(),
         }
     }
 }
@@ -75,6 +96,19 @@ pub fn device_id(block: &BlockInfo) -> Option<String> {
     })
 }
 
+/// How each disk is to be copied: one default, and exceptions by node name or device id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyPlan {
+    pub default: DiskCopy,
+    pub per_node: BTreeMap<String, DiskCopy>,
+}
+
+impl CopyPlan {
+    pub fn for_node(&self, node: &str) -> DiskCopy {
+        self.per_node.get(node).copied().unwrap_or(self.default)
+    }
+}
+
 /// The export's id on the destination; the export's NBD name is the node name.
 pub(crate) fn export_id(node: &str) -> String {
     format!("{OBJECT_PREFIX}export-{node}")
@@ -84,16 +118,28 @@ pub(crate) fn export_id(node: &str) -> String {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DiskProgress {
     pub device: String,
+    /// Bytes the mirror has dealt with (zeroes written as zeroes included).
     pub offset: u64,
+    /// The mirror's current estimate of its whole work.
     pub len: u64,
     pub ready: bool,
+    /// `full` or `top`.
+    pub copy: DiskCopy,
+    /// Bytes to copy: allocated in the copied images, not the virtual size.
+    pub to_copy: u64,
 }
 
 /// The copy of one disk, in the final report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DiskReport {
     pub device: String,
-    /// Bytes the mirror copied.
+    /// `full` (the whole chain) or `top` (the top image only).
+    pub copy: DiskCopy,
+    /// Bytes to copy: allocated in the copied images (QEMU's `actual-size`), not the virtual
+    /// size.
+    pub to_copy: u64,
+    /// Bytes the mirror copied (QEMU's job offset: ranges of zeroes it wrote as zeroes count
+    /// too, though they cost a few bytes on the wire).
     pub bytes: u64,
     /// Time from the mirror's start until source and destination were in sync.
     pub ms: u64,
@@ -101,29 +147,25 @@ pub struct DiskReport {
     pub throughput_mbps: f64,
 }
 
-/// Picks the disks to copy from the source's `query-block`.
+/// Picks the disks to copy from the source's `query-block`, each copied as `copy` says. A disk
+/// to copy top-only must have a backing file on the local file system (the same template is
+/// then looked for on the destination).
 pub(crate) fn select(
     blocks: &[BlockInfo],
     selection: &DiskSelection,
+    copy: &CopyPlan,
 ) -> Result<Vec<SourceDisk>, MigrationError> {
     let nodes: Vec<(&BlockDeviceInfo, Option<String>)> = blocks
         .iter()
         .filter_map(|b| b.inserted.as_ref().map(|n| (n, device_id(b))))
         .collect();
-    let to_disk = |(n, device): &(&BlockDeviceInfo, Option<String>)| SourceDisk {
-        node: n.node_name.clone(),
-        device: device.clone(),
-        size: n.image.as_ref().map(|i| i.virtual_size).unwrap_or(0),
-        format: n.drv.clone(),
-        filename: n.file.clone(),
-    };
-    match selection {
-        DiskSelection::None => Ok(Vec::new()),
-        DiskSelection::AllLocal => Ok(nodes
+    let picked: Vec<(&BlockDeviceInfo, Option<String>)> = match selection {
+        DiskSelection::None => Vec::new(),
+        DiskSelection::AllLocal => nodes
             .iter()
             .filter(|(n, _)| !n.ro && is_local(n))
-            .map(to_disk)
-            .collect()),
+            .cloned()
+            .collect(),
         DiskSelection::Nodes(names) => names
             .iter()
             .map(|name| {
@@ -132,14 +174,162 @@ pub(crate) fn select(
                     .find(|(n, device)| {
                         &n.node_name == name || device.as_deref() == Some(name.as_str())
                     })
-                    .map(to_disk)
+                    .cloned()
                     .ok_or_else(|| MigrationError::UnknownDisk {
                         node: name.clone(),
                         available: nodes.iter().map(|(n, _)| n.node_name.clone()).collect(),
                     })
             })
-            .collect(),
+            .collect::<Result<_, _>>()?,
+    };
+    if let Some(node) = copy.per_node.keys().find(|k| {
+        !picked
+            .iter()
+            .any(|(n, d)| &n.node_name == *k || d.as_ref() == Some(*k))
+    }) {
+        return Err(MigrationError::UnknownDisk {
+            node: format!("{node} (given a copy mode but not copied)"),
+            available: picked.iter().map(|(n, _)| n.node_name.clone()).collect(),
+        });
     }
+    picked
+        .into_iter()
+        .map(|(n, device)| {
+            let explicit = copy
+                .per_node
+                .get(&n.node_name)
+                .or_else(|| device.as_ref().and_then(|d| copy.per_node.get(d)))
+                .copied();
+            let has_backing = n.image.as_ref().is_some_and(|i| i.backing_image.is_some());
+            let disk = match explicit {
+                Some(mode) => source_disk(n, mode),
+                // `top` for every disk, as libvirt's --copy-storage-inc: a disk with no
+                // backing file (a data disk beside a template-based root disk) is all top.
+                None if copy.default == DiskCopy::Top && !has_backing => {
+                    tracing::info!(node = %n.node_name, "no backing file: copied whole");
+                    source_disk(n, DiskCopy::Full)
+                }
+                None => source_disk(n, copy.default),
+            };
+            disk.map(|d| SourceDisk { device, ..d })
+        })
+        .collect()
+}
+
+fn source_disk(n: &BlockDeviceInfo, copy: DiskCopy) -> Result<SourceDisk, MigrationError> {
+    let image = n.image.as_ref();
+    let allocated = |images: &mut dyn Iterator<Item = &ImageInfo>| {
+        images
+            .map(|i| i.actual_size.unwrap_or(i.virtual_size))
+            .sum()
+    };
+    let (backing, to_copy) = match (copy, image) {
+        (DiskCopy::Full, Some(image)) => (None, allocated(&mut image.chain())),
+        (DiskCopy::Full, None) => (None, 0),
+        (DiskCopy::Top, image) => {
+            let top = image.ok_or_else(|| MigrationError::BackingMismatch {
+                node: n.node_name.clone(),
+                reason: "QEMU reports no image for it".into(),
+            })?;
+            let below =
+                top.backing_image
+                    .as_deref()
+                    .ok_or_else(|| MigrationError::BackingMismatch {
+                        node: n.node_name.clone(),
+                        reason: "it has no backing file, so its top image is the whole disk".into(),
+                    })?;
+            if !Path::new(&below.filename).is_absolute() {
+                // A URL or json: name may carry credentials, and names nothing the
+                // destination could find as a file.
+                return Err(MigrationError::BackingMismatch {
+                    node: n.node_name.clone(),
+                    reason: "its backing image is not a local file".into(),
+                });
+            }
+            let spec = BackingSpec {
+                filename: below.filename.clone(),
+                format: below.format.clone(),
+                size: below.virtual_size,
+                fingerprint: None,
+            };
+            (Some(spec), allocated(&mut std::iter::once(top)))
+        }
+    };
+    Ok(SourceDisk {
+        node: n.node_name.clone(),
+        device: None,
+        size: image.map(|i| i.virtual_size).unwrap_or(0),
+        format: n.drv.clone(),
+        filename: n.file.clone(),
+        copy,
+        backing,
+        allocated: to_copy,
+    })
+}
+
+/// How many samples [`backing_fingerprint`] takes, and how large each is.
+const FINGERPRINT_SAMPLES: u64 = 64;
+const FINGERPRINT_SAMPLE_BYTES: u64 = 64 << 10;
+
+/// A fingerprint of a backing file's bytes: SHA-256 over its length and 64 samples of 64 KiB
+/// spread evenly over it (4 MiB read, whatever the size). Two copies of one template (copied
+/// with `cp`, `scp`, `rsync`) match; two different templates of one size almost never do. It is
+/// not a full checksum: a template changed in place between the samples would pass, which is
+/// why templates must be immutable (as CloudStack's are).
+pub fn backing_fingerprint(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&len.to_le_bytes());
+    let span = len.saturating_sub(FINGERPRINT_SAMPLE_BYTES);
+    let mut buf = vec![0u8; FINGERPRINT_SAMPLE_BYTES as usize];
+    for i in 0..FINGERPRINT_SAMPLES {
+        let offset = span / (FINGERPRINT_SAMPLES - 1) * i;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut read = 0;
+        loop {
+            let n = file.read(&mut buf[read..])?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        ctx.update(&buf[..read]);
+    }
+    let hex: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("sha256-sampled:{hex}"))
+}
+
+/// Fills in each top-only disk's backing fingerprint, reading the files off the async threads.
+/// A file this process cannot read leaves the fingerprint out (the destination then checks
+/// format and size only) and says so in the returned warnings.
+pub(crate) async fn fingerprint_backings(disks: &mut [SourceDisk]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for disk in disks.iter_mut() {
+        let Some(backing) = disk.backing.as_mut() else {
+            continue;
+        };
+        let path = PathBuf::from(&backing.filename);
+        let read = tokio::task::spawn_blocking(move || backing_fingerprint(&path)).await;
+        match read {
+            Ok(Ok(fp)) => backing.fingerprint = Some(fp),
+            Ok(Err(e)) => warnings.push(format!(
+                "cannot read the backing file {} of disk {} ({e}): the destination checks its \
+                 format and size only, not its content",
+                backing.filename, disk.node
+            )),
+            Err(_) => warnings.push(format!(
+                "fingerprinting the backing file {} failed",
+                backing.filename
+            )),
+        }
+    }
+    warnings
 }
 
 /// The source's writable local disks (by the rule of [`DiskSelection::AllLocal`]) that would
@@ -250,6 +440,9 @@ pub(crate) fn check_destination(
                 reason: "it is read-only".into(),
             });
         }
+        if disk.copy == DiskCopy::Top {
+            check_backing(node, disk)?;
+        }
         let size = node.image.as_ref().map(|i| i.virtual_size).unwrap_or(0);
         let grow = match (size >= disk.size, may_grow) {
             (true, _) => None,
@@ -273,6 +466,99 @@ pub(crate) fn check_destination(
     Ok(found)
 }
 
+/// For a top-only copy: the destination's disk sits on a backing image of the source's format
+/// and virtual size. (Its content is compared by [`verify_backing_fingerprints`].)
+fn check_backing(node: &BlockDeviceInfo, disk: &DiskSpec) -> Result<(), MigrationError> {
+    let refuse = |reason: String| MigrationError::BackingMismatch {
+        node: disk.node.clone(),
+        reason,
+    };
+    let Some(want) = &disk.backing else {
+        return Err(refuse("the source named no backing image".into()));
+    };
+    let below = node
+        .image
+        .as_ref()
+        .and_then(|i| i.backing_image.as_deref())
+        .ok_or_else(|| {
+            refuse(format!(
+                "the destination's disk has no backing file (the source's is {})",
+                want.filename
+            ))
+        })?;
+    if below.format != want.format || below.virtual_size != want.size {
+        return Err(refuse(format!(
+            "the destination's backing file {} is {} of {} bytes, the source's {} is {} of {} \
+             bytes",
+            below.filename, below.format, below.virtual_size, want.filename, want.format, want.size
+        )));
+    }
+    Ok(())
+}
+
+/// The destination's backing file of each top-only disk whose source sent a fingerprint:
+/// `(node, the destination's file, the source's fingerprint)`.
+pub(crate) fn backings_to_verify(
+    dest_blocks: &[BlockInfo],
+    disks: &[DiskSpec],
+) -> Vec<(String, PathBuf, String)> {
+    disks
+        .iter()
+        .filter(|d| d.copy == DiskCopy::Top)
+        .filter_map(|d| {
+            let want = d.backing.as_ref()?.fingerprint.clone()?;
+            let below = dest_blocks
+                .iter()
+                .filter_map(|b| b.inserted.as_ref())
+                .find(|n| n.node_name == d.node)?
+                .image
+                .as_ref()?
+                .backing_image
+                .as_deref()?;
+            Some((d.node.clone(), PathBuf::from(&below.filename), want))
+        })
+        .collect()
+}
+
+/// Compares each destination backing file's fingerprint with the source's; a file that cannot
+/// be read here is refused too (its content cannot be vouched for).
+pub(crate) async fn verify_backing_fingerprints(
+    backings: Vec<(String, PathBuf, String)>,
+) -> Result<(), MigrationError> {
+    for (node, path, want) in backings {
+        let file = path.clone();
+        let got = tokio::task::spawn_blocking(move || backing_fingerprint(&file))
+            .await
+            .map_err(|_| MigrationError::Failed {
+                desc: "fingerprinting a backing file failed".into(),
+            })?;
+        match got {
+            Ok(got) if got == want => {
+                tracing::info!(%node, file = %path.display(), "backing file matches the source's");
+            }
+            Ok(_) => {
+                return Err(MigrationError::BackingMismatch {
+                    node,
+                    reason: format!(
+                        "the destination's backing file {} differs from the source's in content",
+                        path.display()
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(MigrationError::BackingMismatch {
+                    node,
+                    reason: format!(
+                        "the destination's backing file {} cannot be read to compare it ({e})",
+                        path.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,9 +577,125 @@ mod tests {
         .expect("decode")
     }
 
+    fn spec(node: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            node: node.into(),
+            device: None,
+            size,
+            copy: DiskCopy::Full,
+            backing: None,
+        }
+    }
+
+    /// An overlay `disk0` of 1024 bytes on a raw template of 1024 bytes, as `query-block`
+    /// shows it, on the source (`/src`) or the destination (`/dst`).
+    fn overlay(dir: &str, template_format: &str, template_size: u64) -> Vec<BlockInfo> {
+        serde_json::from_value(json!([
+            {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
+             "file": format!("{dir}/o.qcow2"), "backing_file": format!("{dir}/t.img"),
+             "image": {"virtual-size": 1024, "filename": format!("{dir}/o.qcow2"),
+                "format": "qcow2", "actual-size": 300,
+                "backing-image": {"virtual-size": template_size,
+                    "filename": format!("{dir}/t.img"), "format": template_format,
+                    "actual-size": 1000}}}}
+        ]))
+        .expect("decode")
+    }
+
+    fn top_only() -> CopyPlan {
+        CopyPlan {
+            default: DiskCopy::Full,
+            per_node: [("disk0".to_string(), DiskCopy::Top)].into(),
+        }
+    }
+
+    #[test]
+    fn a_top_only_disk_names_its_backing_and_counts_the_top_image_only() {
+        let all = DiskSelection::AllLocal;
+
+        let full = select(&overlay("/src", "raw", 1024), &all, &CopyPlan::default()).expect("full");
+        let top = select(&overlay("/src", "raw", 1024), &all, &top_only()).expect("top");
+
+        assert_eq!((full[0].copy, full[0].allocated), (DiskCopy::Full, 1300));
+        assert_eq!((top[0].copy, top[0].allocated), (DiskCopy::Top, 300));
+        let backing = top[0].backing.as_ref().expect("backing");
+        assert_eq!(
+            (
+                backing.filename.as_str(),
+                backing.format.as_str(),
+                backing.size
+            ),
+            ("/src/t.img", "raw", 1024)
+        );
+    }
+
+    #[test]
+    fn top_only_is_refused_for_a_disk_without_backing_file() {
+        let err = select(&blocks(), &DiskSelection::AllLocal, &top_only()).expect_err("refused");
+
+        assert_eq!(err.kind(), "backing-mismatch");
+        assert!(err.to_string().contains("no backing file"), "{err}");
+    }
+
+    #[test]
+    fn top_for_every_disk_copies_a_disk_without_backing_file_whole() {
+        let top_for_all = CopyPlan {
+            default: DiskCopy::Top,
+            per_node: BTreeMap::new(),
+        };
+
+        let disks = select(&blocks(), &DiskSelection::AllLocal, &top_for_all).expect("select");
+
+        assert_eq!(disks[0].copy, DiskCopy::Full);
+        assert_eq!(disks[0].backing, None);
+    }
+
+    #[test]
+    fn the_destination_backing_must_match_in_format_and_size() {
+        let src = select(
+            &overlay("/src", "raw", 1024),
+            &DiskSelection::AllLocal,
+            &top_only(),
+        )
+        .expect("select");
+        let wanted: Vec<DiskSpec> = src.iter().map(SourceDisk::spec).collect();
+
+        assert!(check_destination(&overlay("/dst", "raw", 1024), &wanted, false).is_ok());
+        for (dest, why) in [
+            (overlay("/dst", "qcow2", 1024), "format"),
+            (overlay("/dst", "raw", 2048), "size"),
+            (blocks(), "no backing file"),
+        ] {
+            let err = check_destination(&dest, &wanted, false).expect_err(why);
+            assert_eq!(err.kind(), "backing-mismatch", "{why}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_backing_fingerprint_tells_copies_from_other_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        std::fs::write(&a, &data).expect("a");
+        std::fs::write(&b, &data).expect("b");
+        let mut other = data.clone();
+        other[0] ^= 1;
+        std::fs::write(&c, &other).expect("c");
+
+        let fp = |p: &Path| backing_fingerprint(p).expect("fingerprint");
+
+        assert_eq!(fp(&a), fp(&b));
+        assert_ne!(fp(&a), fp(&c));
+    }
+
     #[test]
     fn all_local_takes_writable_local_disks_only() {
-        let disks = select(&blocks(), &DiskSelection::AllLocal).expect("select");
+        let disks =
+            select(&blocks(), &DiskSelection::AllLocal, &CopyPlan::default()).expect("select");
         let names: Vec<&str> = disks.iter().map(|d| d.node.as_str()).collect();
         assert_eq!(names, ["disk0"]);
         assert_eq!(disks[0].size, 1024);
@@ -301,15 +703,19 @@ mod tests {
 
     #[test]
     fn an_unknown_node_is_an_error_listing_the_known_ones() {
-        let err =
-            select(&blocks(), &DiskSelection::Nodes(vec!["nope".into()])).expect_err("unknown");
+        let err = select(
+            &blocks(),
+            &DiskSelection::Nodes(vec!["nope".into()]),
+            &CopyPlan::default(),
+        )
+        .expect_err("unknown");
         let msg = err.to_string();
         assert!(msg.contains("nope") && msg.contains("disk0"), "{msg}");
     }
 
     #[test]
     fn a_smaller_destination_disk_is_refused_unless_it_may_grow() {
-        let src: Vec<DiskSpec> = select(&blocks(), &DiskSelection::AllLocal)
+        let src: Vec<DiskSpec> = select(&blocks(), &DiskSelection::AllLocal, &CopyPlan::default())
             .expect("select")
             .iter()
             .map(SourceDisk::spec)
@@ -340,27 +746,12 @@ mod tests {
              "file": "/d", "image": {"virtual-size": 1024}}}
         ]))
         .expect("decode");
-        let file_node = [DiskSpec {
-            node: "disk0-file".into(),
-            device: None,
-            size: 1024,
-        }];
+        let file_node = [spec("disk0-file", 1024)];
         assert!(matches!(
             check_destination(&dest, &file_node, false),
             Err(MigrationError::DestDiskMissing { .. })
         ));
-        let twice = [
-            DiskSpec {
-                node: "disk0".into(),
-                device: None,
-                size: 1024,
-            },
-            DiskSpec {
-                node: "disk0".into(),
-                device: None,
-                size: 1024,
-            },
-        ];
+        let twice = [spec("disk0", 1024), spec("disk0", 1024)];
         assert!(check_destination(&dest, &twice, false).is_err());
     }
 
@@ -402,9 +793,13 @@ mod tests {
     fn disks_are_matched_by_device_where_node_names_differ() {
         let source = libvirt_blocks("libvirt-2-format", "libvirt-1-format");
         let dest = libvirt_blocks("libvirt-1-format", "libvirt-2-format");
-        let picked = select(&source, &DiskSelection::Nodes(vec!["virtio-disk1".into()]))
-            .expect("by device id");
-        let specs: Vec<DiskSpec> = select(&source, &DiskSelection::AllLocal)
+        let picked = select(
+            &source,
+            &DiskSelection::Nodes(vec!["virtio-disk1".into()]),
+            &CopyPlan::default(),
+        )
+        .expect("by device id");
+        let specs: Vec<DiskSpec> = select(&source, &DiskSelection::AllLocal, &CopyPlan::default())
             .expect("all")
             .iter()
             .map(SourceDisk::spec)
@@ -445,6 +840,9 @@ mod tests {
             size: 1024,
             format: "qcow2".into(),
             filename: "rbd:pool/img:key=SECRET".into(),
+            copy: DiskCopy::Full,
+            backing: None,
+            allocated: 0,
         };
 
         let wire = serde_json::to_string(&disk.spec()).expect("encode");
@@ -459,7 +857,8 @@ mod tests {
     fn writable_local_disks_not_copied_nor_declared_shared_are_left_behind() {
         let blocks = blocks();
         assert_eq!(left_behind(&blocks, &[], &[]), ["disk0"]);
-        let copied = select(&blocks, &DiskSelection::AllLocal).expect("select");
+        let copied =
+            select(&blocks, &DiskSelection::AllLocal, &CopyPlan::default()).expect("select");
         assert!(left_behind(&blocks, &copied, &[]).is_empty());
         assert!(left_behind(&blocks, &[], &["disk0".to_string()]).is_empty());
     }

@@ -17,12 +17,12 @@ use super::{
     FinalStatus, GuestPause, MigrationError, MigrationOptions, PROGRESS_INTERVAL, Phase, Progress,
     RamReport, Report, Side, Timing, ToolUsage, Transport, TransportDecision, decide_transport,
 };
-use crate::peer::{DestPlan, DestPrepared};
+use crate::peer::{DestPlan, DestPrepared, DiskCopy};
 use crate::qemu::{
-    BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, CalcDirtyRate, InetAddress,
-    Migrate, MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
-    QueryBlock, QueryBlockJobs, QueryDirtyRate, QueryMemorySizeSummary, QueryMigrate, QueryStatus,
-    RamStats, Stop, tcp_uri,
+    BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, CalcDirtyRate, Migrate,
+    MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
+    MirrorSync, QueryBlock, QueryBlockJobs, QueryDirtyRate, QueryMemorySizeSummary, QueryMigrate,
+    QueryStatus, RamStats, Stop, tcp_uri,
 };
 use crate::qmp::{Events, Qmp, QmpError};
 
@@ -367,7 +367,11 @@ impl Run<'_> {
         let was_running = check_source(&src).await?;
         src.save_settings().await?;
         let blocks = src.call("query-block", &QueryBlock).await?;
-        let disks = disks::select(&blocks, &opts.disks)?;
+        let mut disks = disks::select(&blocks, &opts.disks, &opts.disk_copy)?;
+        for w in disks::fingerprint_backings(&mut disks).await {
+            tracing::warn!("{w}");
+            self.warnings.push(w);
+        }
         if !disks.is_empty() {
             tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
         }
@@ -727,10 +731,14 @@ impl Run<'_> {
             let add = BlockdevAddNbd {
                 driver: "nbd",
                 node_name: disk.nbd_node(),
-                server: InetAddress::new(opts.connect_host(), port),
+                server: opts.nbd_server(port),
                 export: disk.node.clone(),
                 tls_creds: tls.then(|| creds.to_string()),
                 tls_hostname: tls.then(|| opts.effective_tls_hostname().to_string()),
+                // The mirror already sends what the source's metadata says is unallocated or
+                // zero as WRITE_ZEROES; this catches data blocks that hold only zeroes.
+                discard: opts.skip_zeroes.then_some("unmap"),
+                detect_zeroes: opts.skip_zeroes.then_some("unmap"),
             };
             // Registered first: a command that times out may still be carried out.
             src.undo.push(Undo::DeleteBlockNode {
@@ -744,9 +752,15 @@ impl Run<'_> {
                 job_id: disk.job_id(),
                 device: disk.node.clone(),
                 target: disk.nbd_node(),
-                sync: "full",
+                sync: match disk.copy {
+                    DiskCopy::Full => MirrorSync::Full,
+                    DiskCopy::Top => MirrorSync::Top,
+                },
                 copy_mode: opts.mirror_mode,
+                speed: opts.disk_bandwidth,
             };
+            tracing::info!(node = %disk.node, copy = disk.copy.as_str(), to_copy = disk.allocated,
+                speed = ?opts.disk_bandwidth, "mirroring");
             src.undo.push(Undo::CancelJob {
                 job: disk.job_id(),
                 target: disk.nbd_node(),
@@ -760,6 +774,8 @@ impl Run<'_> {
                 offset: 0,
                 len: d.size,
                 ready: false,
+                copy: d.copy,
+                to_copy: d.allocated,
             })
             .collect();
         Ok(())
@@ -863,6 +879,8 @@ impl Run<'_> {
                 };
                 DiskReport {
                     device: p.device.clone(),
+                    copy: p.copy,
+                    to_copy: p.to_copy,
                     bytes: p.len,
                     ms,
                     throughput_mbps: (mbps * 10.0).round() / 10.0,

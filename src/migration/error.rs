@@ -121,6 +121,13 @@ pub enum MigrationError {
     DestDiskMissing { node: String },
     #[error("the destination's disk {node} cannot take the copy: {reason}")]
     DestDiskUnusable { node: String, reason: String },
+    #[error(
+        "disk {node} cannot be copied top-only: {reason}; put the same template on the \
+         destination once (e.g. scp it to the same path there), create the destination disk as \
+         an overlay of it (qemu-img create -f qcow2 -b TEMPLATE -F FORMAT DISK), or copy the \
+         whole chain (--disk-copy full)"
+    )]
+    BackingMismatch { node: String, reason: String },
     #[error("copying disk {node} to the destination failed: {desc}")]
     MirrorFailed { node: String, desc: String },
     #[error("no port for the migration stream")]
@@ -185,6 +192,7 @@ impl MigrationError {
                 ErrorKind::DestinationDisk
             }
             MigrationError::MirrorFailed { .. } => ErrorKind::MirrorFailed,
+            MigrationError::BackingMismatch { .. } => ErrorKind::BackingMismatch,
             MigrationError::Ports(_) => ErrorKind::Ports,
             MigrationError::TlsHandshake { .. } => ErrorKind::TlsHandshake,
             MigrationError::Failed { .. } => ErrorKind::MigrationFailed,

@@ -13,8 +13,10 @@
 //!    capabilities (`events`, `multifd`) and parameters (`tls-creds`, `tls-hostname`,
 //!    bandwidth, downtime) on both sides; a port from the range; `migrate-incoming`.
 //! 5. **Disks** (non-shared storage). The destination exports each disk over NBD (with the
-//!    same TLS credentials); the source adds an NBD client node per disk and mirrors into it
-//!    (`sync: full`, all disks at once), until every mirror is ready.
+//!    same TLS credentials); the source adds an NBD client node per disk (zeroes sent as
+//!    write-zeroes requests) and mirrors into it (`sync: full`, or `top` for an overlay whose
+//!    template the destination has too; all disks at once, each at most `--disk-bandwidth`),
+//!    until every mirror is ready.
 //! 6. **Migrate.** `migrate` on the source; follow `MIGRATION` events and `query-migrate`,
 //!    reporting progress; watch for a dead destination, a stall, the deadline, cancellation.
 //!    With disks, `pause-before-switchover` stops at `pre-switchover` with the source's CPUs
@@ -40,7 +42,9 @@ pub use convergence::{
     TimeoutAction, XbzrleCache,
 };
 pub use destination::{AbortOutcome, DestinationSide, Finished};
-pub use disks::{DiskProgress, DiskReport, DiskSelection, SourceDisk};
+pub use disks::{
+    CopyPlan, DiskProgress, DiskReport, DiskSelection, SourceDisk, backing_fingerprint,
+};
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
@@ -204,6 +208,17 @@ pub struct MigrationOptions {
     pub disks: DiskSelection,
     /// How mirrors treat guest writes during the copy.
     pub mirror_mode: CopyMode,
+    /// Whole chain or top image only, per disk.
+    pub disk_copy: CopyPlan,
+    /// Bytes per second each disk's mirror may copy (its `speed`); `None`: no limit. RAM's
+    /// `max_bandwidth` does not cover disks.
+    pub disk_bandwidth: Option<u64>,
+    /// Send zeroes as NBD `WRITE_ZEROES` requests (`detect-zeroes: unmap` on the source's NBD
+    /// client node) instead of as data; the destination then keeps them sparse too.
+    pub skip_zeroes: bool,
+    /// `HOST:PORT` the source's NBD clients connect to when it differs from where the
+    /// destination's NBD server listens (NAT, a proxy), like `source_connect` for RAM.
+    pub nbd_connect: Option<String>,
     /// Grow destination disks smaller than the source's instead of refusing.
     pub create_dest_disks: bool,
     /// Which source certificate the destination accepts, through an `authz-simple` object
@@ -243,6 +258,10 @@ impl MigrationOptions {
             dest_paused: false,
             disks: DiskSelection::None,
             mirror_mode: CopyMode::Background,
+            disk_copy: CopyPlan::default(),
+            disk_bandwidth: None,
+            skip_zeroes: true,
+            nbd_connect: None,
             create_dest_disks: false,
             authz: Authz::Off,
             shared_disks: Vec::new(),
@@ -285,6 +304,14 @@ impl MigrationOptions {
                 self.max_bandwidth
             ));
         }
+        if let Some(hp) = &self.nbd_connect
+            && split_host_port(hp).is_none()
+        {
+            problems.push(format!("NBD address {hp:?}: expected HOST:PORT"));
+        }
+        if self.disk_bandwidth == Some(0) {
+            problems.push("disk bandwidth 0 bytes/s: leave it out for no limit".into());
+        }
         let PortRange { first, last } = self.port_range;
         if first == 0 || last < first {
             problems.push(format!(
@@ -317,6 +344,23 @@ impl MigrationOptions {
     pub fn connect_host(&self) -> &str {
         self.listen_address()
     }
+
+    /// Where the source's NBD clients connect for a server on `port`: `nbd_connect` when set
+    /// (checked by [`MigrationOptions::validate`]), else the destination's address.
+    pub(crate) fn nbd_server(&self, port: u16) -> crate::qemu::InetAddress {
+        match self.nbd_connect.as_deref().and_then(split_host_port) {
+            Some((host, port)) => crate::qemu::InetAddress::new(host, port),
+            None => crate::qemu::InetAddress::new(self.connect_host(), port),
+        }
+    }
+}
+
+/// `HOST:PORT` (the host may be a bracketed IPv6 address) split in two; `None` when malformed.
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().ok().filter(|p| *p != 0)?;
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Runs `f` (libvirt's blocking calls) off the async threads, within `timeout`. A call that
@@ -471,12 +515,14 @@ pub struct DestDomain {
 /// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and the
 /// disks to create on the destination, with the format and virtual size of the source's image
 /// (`qemu-img info`): the writable file disks whose targets `create` names, or all of them
-/// when it is `None`.
+/// when it is `None`; with `top_only`, each as an overlay on the backing file of the same name
+/// as the source's, in its own directory on the destination.
 pub async fn dest_domain(
     uri: &str,
     name: &str,
     dest_xml: Option<String>,
     create: Option<Vec<String>>,
+    top_only: bool,
     timeout: Duration,
 ) -> Result<DestDomain, MigrationError> {
     use crate::libvirt::Libvirt;
@@ -515,10 +561,26 @@ pub async fn dest_domain(
                 .clone()
                 .or_else(|| info["format"].as_str().map(str::to_string))
                 .unwrap_or_else(|| "raw".into());
+            let backing = match (top_only, info["backing-filename"].as_str()) {
+                (true, Some(backing)) => Some(crate::peer::NewBacking {
+                    file_name: Path::new(backing)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    format: info["backing-filename-format"]
+                        .as_str()
+                        .unwrap_or("raw")
+                        .to_string(),
+                }),
+                // No backing file: the service makes a plain disk, and the preflight refuses
+                // the top-only copy naming it.
+                _ => None,
+            };
             disks.push(crate::peer::NewDisk {
                 target: disk.target.clone(),
                 format,
                 size,
+                backing,
             });
         }
         Ok(DestDomain { xml, disks })

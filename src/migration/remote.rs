@@ -28,8 +28,8 @@ use super::destination::{AbortOutcome, Finished};
 use super::driver::Destination;
 use super::{MigrationError, Side};
 use crate::peer::{
-    self, Channel, DestPlan, DestPrepared, ErrorKind, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
-    Message, PeerError,
+    self, Channel, DestPlan, DestPrepared, DiskCopy, ErrorKind, HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT, Message, PeerError,
 };
 use crate::pki::{self, Role, Security};
 
@@ -253,7 +253,17 @@ impl Destination for RemoteDestination {
             plan: plan.clone(),
         };
         match self.request(msg, REQUEST_TIMEOUT).await? {
-            Message::Preflighted => Ok(()),
+            Message::Preflighted { backing_checked } => {
+                match plan.disks.iter().find(|d| d.copy == DiskCopy::Top) {
+                    Some(disk) if !backing_checked => Err(MigrationError::BackingMismatch {
+                        node: disk.node.clone(),
+                        reason: "the destination host's service is too old to check backing \
+                                 files (upgrade it)"
+                            .into(),
+                    }),
+                    _ => Ok(()),
+                }
+            }
             other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
         }
     }
@@ -453,5 +463,97 @@ pub async fn migrate_remote(
             report.cleanup_errors = outcome.problems;
             report
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::{Authz, BackingSpec, DiskSpec};
+
+    /// The two ends a test holds: what the source sent, and the service's replies (kept open:
+    /// a closed channel would read as a lost service).
+    type Service = (
+        mpsc::UnboundedReceiver<Message>,
+        mpsc::UnboundedSender<Result<Message, PeerError>>,
+    );
+
+    /// A remote destination whose service answers the next request with `answer`.
+    fn answering(answer: Message) -> (RemoteDestination, Service) {
+        let (to_service, sent) = mpsc::unbounded_channel();
+        let (replies, from_service) = mpsc::unbounded_channel();
+        replies.send(Ok(answer)).expect("queue the answer");
+        let dest = RemoteDestination {
+            to_service,
+            from_service,
+            qmp: "vm1.sock".into(),
+            lost: None,
+            finish_sent: false,
+            changed: false,
+            cpus: 2,
+            remote_security: Security::Unsecured {
+                reason: String::new(),
+            },
+            server: "host-b".into(),
+        };
+        (dest, (sent, replies))
+    }
+
+    fn plan(copy: DiskCopy) -> DestPlan {
+        DestPlan {
+            tls: true,
+            tls_priority: None,
+            multifd: None,
+            multifd_compression: None,
+            disks: vec![DiskSpec {
+                node: "disk0".into(),
+                device: None,
+                size: 1 << 30,
+                copy,
+                backing: (copy == DiskCopy::Top).then(|| BackingSpec {
+                    filename: "/pool/template".into(),
+                    format: "raw".into(),
+                    size: 1 << 30,
+                    fingerprint: None,
+                }),
+            }],
+            create_dest_disks: false,
+            authz: Authz::Off,
+            listen_address: "198.18.0.1".into(),
+            port_range: crate::ports::DEFAULT_RANGE,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_top_only_copy_is_refused_by_a_service_that_did_not_check_the_backing() {
+        let old = Message::Preflighted {
+            backing_checked: false,
+        };
+        let (mut dest, _service) = answering(old.clone());
+        let (mut full_dest, _full_service) = answering(old);
+
+        let err = dest
+            .preflight(&plan(DiskCopy::Top))
+            .await
+            .expect_err("refused");
+        full_dest
+            .preflight(&plan(DiskCopy::Full))
+            .await
+            .expect("a full copy needs no backing check");
+
+        assert_eq!(err.kind(), "backing-mismatch");
+        assert!(err.to_string().contains("too old"), "{err}");
+        assert!(!dest.changed(), "a refusal: nothing was prepared");
+    }
+
+    #[tokio::test]
+    async fn a_top_only_copy_goes_on_once_the_service_checked_the_backing() {
+        let (mut dest, _service) = answering(Message::Preflighted {
+            backing_checked: true,
+        });
+
+        dest.preflight(&plan(DiskCopy::Top))
+            .await
+            .expect("checked by the service");
     }
 }

@@ -41,8 +41,13 @@ pub enum Message {
         qmp: String,
         plan: DestPlan,
     },
-    /// Service → source: the preflight passed.
-    Preflighted,
+    /// Service → source: the preflight passed. `backing_checked`: the service checked the
+    /// backing files of top-only disks (a service older than top-only copies leaves it out,
+    /// and the source must then refuse them: the old one never looked).
+    Preflighted {
+        #[serde(default)]
+        backing_checked: bool,
+    },
     /// Source → service: make the changes; answer with the ports.
     Prepare,
     /// Service → source.
@@ -111,6 +116,20 @@ pub struct NewDisk {
     pub target: String,
     pub format: String,
     pub size: u64,
+    /// Create it as an overlay on this backing file (for a top-only copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<NewBacking>,
+}
+
+/// The backing file of a [`NewDisk`]: the file of this name in the new disk's own directory
+/// (a storage pool: CloudStack keeps a template beside the volumes made from it, under the same
+/// name on every host). Only a name, never a path: a peer cannot point a new disk at any other
+/// file of the destination host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewBacking {
+    pub file_name: String,
+    /// Its image format (`qcow2`, `raw`).
+    pub format: String,
 }
 
 /// One disk the destination is to receive.
@@ -127,6 +146,54 @@ pub struct DiskSpec {
     pub device: Option<String>,
     /// The source disk's virtual size in bytes.
     pub size: u64,
+    /// What is copied: the whole chain (the default, and what a peer that does not send this
+    /// field means) or the top image only.
+    #[serde(default, skip_serializing_if = "DiskCopy::is_full")]
+    pub copy: DiskCopy,
+    /// With [`DiskCopy::Top`]: the backing image the destination's disk must already sit on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<BackingSpec>,
+}
+
+/// How much of a disk's backing chain crosses the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskCopy {
+    /// Everything the guest sees, backing files included (`blockdev-mirror sync: full`).
+    #[default]
+    Full,
+    /// Only the top image (`sync: top`): the destination's disk is an overlay on the same
+    /// backing file (a template present on both hosts).
+    Top,
+}
+
+impl DiskCopy {
+    pub fn is_full(&self) -> bool {
+        *self == DiskCopy::Full
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskCopy::Full => "full",
+            DiskCopy::Top => "top",
+        }
+    }
+}
+
+/// The source's backing image of a disk copied top-only, as the destination checks its own
+/// against it. The file name is the one in the overlay's header (a local template path, never a
+/// URL: those are refused before anything is sent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingSpec {
+    pub filename: String,
+    /// Image format (`qcow2`, `raw`).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// A fingerprint of the file's bytes (see `migration::backing_fingerprint`), when the
+    /// source could read the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// Which TLS client identity the destination accepts (QEMU's `tls-authz`).
@@ -191,6 +258,7 @@ pub enum ErrorKind {
     DomainNotMovable,
     DomainExists,
     Libvirt,
+    BackingMismatch,
     #[serde(other)]
     Other,
 }
@@ -234,6 +302,7 @@ impl ErrorKind {
             ErrorKind::DomainNotMovable => "domain-not-movable",
             ErrorKind::DomainExists => "domain-exists",
             ErrorKind::Libvirt => "libvirt",
+            ErrorKind::BackingMismatch => "backing-mismatch",
             ErrorKind::Other => "other",
         }
     }
@@ -261,6 +330,41 @@ mod tests {
         }
         let unknown: ErrorKind = serde_json::from_str("\"from-the-future\"").expect("decode");
         assert_eq!(unknown, ErrorKind::Other);
+    }
+
+    /// `Preflighted` as a build before top-only copies declared it.
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "kebab-case")]
+    enum OldMessage {
+        Preflighted,
+    }
+
+    #[test]
+    fn preflighted_stays_readable_both_ways_across_the_backing_checked_field() {
+        let new = serde_json::to_string(&Message::Preflighted {
+            backing_checked: true,
+        })
+        .expect("encode");
+        let old = serde_json::to_string(&OldMessage::Preflighted).expect("encode");
+
+        let old_reads_new: OldMessage = serde_json::from_str(&new).expect("an old peer reads it");
+        let new_reads_old: Message = serde_json::from_str(&old).expect("a new peer reads it");
+
+        assert_eq!(old_reads_new, OldMessage::Preflighted);
+        assert_eq!(
+            new_reads_old,
+            Message::Preflighted {
+                backing_checked: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_disk_spec_from_an_older_source_means_a_full_copy() {
+        let spec: DiskSpec =
+            serde_json::from_str(r#"{"node": "disk0", "size": 1024}"#).expect("decode");
+
+        assert_eq!((spec.copy, spec.backing), (DiskCopy::Full, None));
     }
 
     #[test]

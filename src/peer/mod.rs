@@ -17,7 +17,10 @@
 mod messages;
 mod tls;
 
-pub use messages::{Authz, DestPlan, DestPrepared, DiskSpec, ErrorKind, Message, NewDisk};
+pub use messages::{
+    Authz, BackingSpec, DestPlan, DestPrepared, DiskCopy, DiskSpec, ErrorKind, Message, NewBacking,
+    NewDisk,
+};
 pub use tls::{PeerIdentity, client_config, server_config, tls_failure_reason};
 
 use std::time::Duration;
@@ -206,6 +209,13 @@ mod tests {
                     node: "disk0".into(),
                     device: None,
                     size: 1 << 30,
+                    copy: DiskCopy::Top,
+                    backing: Some(BackingSpec {
+                        filename: "/templates/t.qcow2".into(),
+                        format: "qcow2".into(),
+                        size: 1 << 30,
+                        fingerprint: Some("sha256:00".into()),
+                    }),
                 }],
                 create_dest_disks: false,
                 authz: Authz::FromPeerCert,

@@ -55,6 +55,9 @@ pub struct BlockDeviceInfo {
     pub drv: String,
     #[serde(default)]
     pub file: String,
+    /// The backing file named in the image's header, when it has one.
+    #[serde(default)]
+    pub backing_file: Option<String>,
     pub image: Option<ImageInfo>,
 }
 
@@ -66,9 +69,19 @@ pub struct ImageInfo {
     pub format: String,
     #[serde(rename = "virtual-size", default)]
     pub virtual_size: u64,
-    /// The protocol layer below the format (for a qcow2 image: its `file` node).
+    /// Bytes the image file takes on the host (allocated blocks, metadata included).
+    #[serde(rename = "actual-size", default)]
+    pub actual_size: Option<u64>,
+    /// The next image down the backing chain (for an overlay: its template).
     #[serde(rename = "backing-image")]
     pub backing_image: Option<Box<ImageInfo>>,
+}
+
+impl ImageInfo {
+    /// This image and every image below it in the backing chain, top first.
+    pub fn chain(&self) -> impl Iterator<Item = &ImageInfo> {
+        std::iter::successors(Some(self), |i| i.backing_image.as_deref())
+    }
 }
 
 /// One entry of `query-block-jobs`.
@@ -198,6 +211,13 @@ pub struct BlockdevAddNbd {
     pub tls_creds: Option<String>,
     #[serde(rename = "tls-hostname", skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
+    /// `unmap` lets writes of zeroes through as discards (needed by `detect-zeroes: unmap`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discard: Option<&'static str>,
+    /// `unmap`: a write whose buffer is all zeroes goes out as an NBD `WRITE_ZEROES` request
+    /// (a few bytes on the wire) instead of the data, and the server may punch a hole.
+    #[serde(rename = "detect-zeroes", skip_serializing_if = "Option::is_none")]
+    pub detect_zeroes: Option<&'static str>,
 }
 
 impl Command for BlockdevAddNbd {
@@ -256,16 +276,29 @@ pub enum CopyMode {
     WriteBlocking,
 }
 
-/// `blockdev-mirror` with `sync: full`.
+/// What a mirror copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorSync {
+    /// The whole chain as the guest sees it.
+    Full,
+    /// Only what the top image holds; the target must already have the same backing chain.
+    Top,
+}
+
+/// `blockdev-mirror` into an existing target node.
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockdevMirror {
     #[serde(rename = "job-id")]
     pub job_id: String,
     pub device: String,
     pub target: String,
-    pub sync: &'static str,
+    pub sync: MirrorSync,
     #[serde(rename = "copy-mode")]
     pub copy_mode: CopyMode,
+    /// Bytes per second of data copied (zeroes and discards do not count); none: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
 }
 
 impl Command for BlockdevMirror {
@@ -341,5 +374,37 @@ mod tests {
         let node = info[0].inserted.as_ref().expect("inserted");
         assert_eq!(node.node_name, "disk0");
         assert_eq!(node.image.as_ref().map(|i| i.virtual_size), Some(64 << 20));
+    }
+
+    #[test]
+    fn an_overlay_of_qemu_7_2_shows_its_backing_chain() {
+        let v = json!({"node-name": "disk0", "ro": false, "drv": "qcow2", "file": "/o.qcow2",
+            "backing_file": "/t.qcow2", "backing_file_depth": 1,
+            "image": {"virtual-size": 1024, "filename": "/o.qcow2", "format": "qcow2",
+                "actual-size": 4096, "backing-filename": "/t.qcow2",
+                "backing-image": {"virtual-size": 1024, "filename": "/t.qcow2", "format": "raw",
+                    "actual-size": 8192}}});
+        let node: BlockDeviceInfo = serde_json::from_value(v).expect("decode");
+        let image = node.image.expect("image");
+        let chain: Vec<&str> = image.chain().map(|i| i.filename.as_str()).collect();
+        assert_eq!(chain, ["/o.qcow2", "/t.qcow2"]);
+        assert_eq!(node.backing_file.as_deref(), Some("/t.qcow2"));
+    }
+
+    #[test]
+    fn a_capped_top_mirror_encodes_as_qemu_expects() {
+        let m = BlockdevMirror {
+            job_id: "j".into(),
+            device: "disk0".into(),
+            target: "t".into(),
+            sync: MirrorSync::Top,
+            copy_mode: CopyMode::Background,
+            speed: Some(1 << 20),
+        };
+        assert_eq!(
+            serde_json::to_value(&m).expect("encode"),
+            json!({"job-id": "j", "device": "disk0", "target": "t", "sync": "top",
+                   "copy-mode": "background", "speed": 1048576})
+        );
     }
 }

@@ -136,7 +136,7 @@ fn start_blocking(
     let mut created = Vec::new();
     let made = (|| {
         for (disk, path) in &planned {
-            create_image(path, &disk.format, disk.size)?;
+            create_image(path, disk)?;
             created.push(path.clone());
         }
         let qmp = format!("{name}.sock");
@@ -165,12 +165,23 @@ fn start_blocking(
     }
 }
 
-/// An empty image at `path` (`qemu-img create`).
-fn create_image(path: &Path, format: &str, size: u64) -> Result<(), MigrationError> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", format])
+/// An empty image at `path` (`qemu-img create`), an overlay when `disk` names a backing file.
+fn create_image(path: &Path, disk: &NewDisk) -> Result<(), MigrationError> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", &disk.format]);
+    if let Some(backing) = &disk.backing {
+        let backing_path = backing_path(path, &backing.file_name).map_err(|reason| {
+            MigrationError::BackingMismatch {
+                node: disk.target.clone(),
+                reason,
+            }
+        })?;
+        tracing::info!(disk = %path.display(), backing = %backing_path.display(), "creating an overlay");
+        cmd.args(["-F", &backing.format, "-b"]).arg(backing_path);
+    }
+    let out = cmd
         .arg(path)
-        .arg(size.to_string())
+        .arg(disk.size.to_string())
         .output()
         .map_err(|e| MigrationError::Failed {
             desc: format!("cannot run qemu-img to create {}: {e}", path.display()),
@@ -185,6 +196,30 @@ fn create_image(path: &Path, format: &str, size: u64) -> Result<(), MigrationErr
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
         })
+    }
+}
+
+/// The backing file `file_name` beside the new disk `disk`: a plain name (no directory, not
+/// hidden) of a regular file that exists there.
+fn backing_path(disk: &Path, file_name: &str) -> Result<PathBuf, String> {
+    let plain = !file_name.is_empty()
+        && !file_name.contains('/')
+        && !file_name.starts_with('.')
+        && Path::new(file_name).file_name() == Some(std::ffi::OsStr::new(file_name));
+    if !plain {
+        return Err(format!(
+            "backing file name {file_name:?} is not a plain file name"
+        ));
+    }
+    let dir = disk.parent().unwrap_or(Path::new("/"));
+    let path = dir.join(file_name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(format!("{} is not a regular file", path.display())),
+        Err(e) => Err(format!(
+            "the destination has no template {} beside the new disk ({e})",
+            path.display()
+        )),
     }
 }
 

@@ -118,7 +118,10 @@ impl State {
                                 plan: Box::new(plan),
                                 incoming: None,
                             },
-                            Message::Preflighted,
+                            // DestinationSide::preflight checks every top-only disk's backing.
+                            Message::Preflighted {
+                                backing_checked: true,
+                            },
                         ),
                         Err(e) => (State::Greeted, error_message(&e, true)),
                     }
@@ -160,7 +163,10 @@ impl State {
                                 plan: Box::new(plan),
                                 incoming: Some(incoming),
                             },
-                            Message::Preflighted,
+                            // DestinationSide::preflight checks every top-only disk's backing.
+                            Message::Preflighted {
+                                backing_checked: true,
+                            },
                         ),
                         Err(e) => (State::DomainReady { incoming }, error_message(&e, false)),
                     }

@@ -1,17 +1,19 @@
 //! Block migration: local disks copied over NBD with the migration's TLS, guest writes during
 //! the copy, the export refusing clients without the CA's certificate, a destination killed
-//! mid-copy, and port allocation across concurrent migrations.
+//! mid-copy, port allocation across concurrent migrations, and what crosses the wire: top-only
+//! copies of overlays, zeroes skipped, the disk bandwidth cap.
 
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use qemu_tls_migrate::migration::{DiskSelection, FinalStatus, Phase};
+use qemu_tls_migrate::migration::{DiskSelection, FinalStatus, MigrationOptions, Phase};
+use qemu_tls_migrate::peer::DiskCopy;
 use qemu_tls_migrate::qemu::HumanMonitorCommand;
-use qemu_tls_migrate::vm::DiskFormat;
+use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, create_image};
 use tokio_util::sync::CancellationToken;
 
-use crate::fixture::{self, DEST_HOST, Lab, Pair};
+use crate::fixture::{self, CountingProxy, DEST_HOST, DestBacking, Lab, Pair};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
@@ -276,4 +278,288 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
         .unwrap_or_default();
     assert!(message.contains("49510-49510"), "{message}");
     fixture::assert_source_untouched(&c.source).await;
+}
+
+/// Options for a TLS migration of `pair`'s `disk0`, copied as `copy`, with its NBD traffic
+/// through a counting proxy. The range `first`..=`first + 1` is this test's alone: the
+/// migration takes `first`, NBD `first + 1`.
+async fn counted_disk_options(
+    pair: &Pair,
+    lab: &Lab,
+    first: u16,
+    copy: DiskCopy,
+) -> (MigrationOptions, CountingProxy) {
+    let mut options = pair.tls_options(lab);
+    options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
+    options.disk_copy.default = copy;
+    options.port_range = format!("{first}-{}", first + 1).parse().expect("range");
+    let proxy = CountingProxy::start(first + 1).await;
+    options.nbd_connect = Some(proxy.addr.clone());
+    (options, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_chain() {
+    let lab = Lab::new("Test CA");
+    let mut top_pair = Pair::start_with_overlay(256, 16, DestBacking::SameTemplate).await;
+    let mut full_pair = Pair::start_with_overlay(256, 16, DestBacking::None).await;
+    let (top_options, top_wire) = counted_disk_options(&top_pair, &lab, 49530, DiskCopy::Top).await;
+    let (full_options, full_wire) =
+        counted_disk_options(&full_pair, &lab, 49532, DiskCopy::Full).await;
+    let overlay = fixture::allocated_size(&top_pair.disk_images()[0].0);
+
+    let top = fixture::migrate(&top_options).await;
+    let full = fixture::migrate(&full_options).await;
+
+    assert_eq!(top.status, FinalStatus::Completed, "{:?}", top.error);
+    assert_eq!(full.status, FinalStatus::Completed, "{:?}", full.error);
+    let (t, f) = (&top.disks[0], &full.disks[0]);
+    fixture::note(format_args!(
+        "top: {} bytes on the wire, disks {} ms, migration {} ms, to copy {}; full: {} bytes \
+         on the wire, disks {} ms, migration {} ms, to copy {}; overlay allocated {overlay}",
+        top_wire.sent(),
+        t.ms,
+        top.wall.as_millis(),
+        t.to_copy,
+        full_wire.sent(),
+        f.ms,
+        full.wall.as_millis(),
+        f.to_copy
+    ));
+    assert_eq!((t.copy, f.copy), (DiskCopy::Top, DiskCopy::Full));
+    assert_eq!(t.to_copy, overlay, "top: bytes to copy are the overlay's");
+    assert!(
+        f.to_copy > 256 << 20,
+        "full: the template counts: {}",
+        f.to_copy
+    );
+    assert!(
+        top_wire.sent() > 16 << 20 && top_wire.sent() < overlay + (2 << 20),
+        "top: {} bytes on the wire for an overlay of {overlay}",
+        top_wire.sent()
+    );
+    assert!(
+        full_wire.sent() > 256 << 20,
+        "full: {} bytes on the wire",
+        full_wire.sent()
+    );
+    top_pair.quit_both().await;
+    full_pair.quit_both().await;
+    for (src, dst) in top_pair
+        .disk_images()
+        .into_iter()
+        .chain(full_pair.disk_images())
+    {
+        fixture::images_identical(&src, &dst)
+            .expect("the destination's chain reads as the source's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_is_refused_and_nothing_changed_when_the_destination_disk_has_no_backing_file() {
+    let lab = Lab::new("Test CA");
+    let mut pair = Pair::start_with_overlay(32, 4, DestBacking::None).await;
+    let mut options = pair.tls_options(&lab);
+    options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
+    options.disk_copy.default = DiskCopy::Top;
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Failed);
+    assert!(report.refused, "nothing may have been changed");
+    assert_eq!(fixture::error_kind(&report), Some("backing-mismatch"));
+    let message = fixture::error_message(&report);
+    assert!(message.contains("no backing file"), "{message}");
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+    assert!(fixture::tool_objects(&pair.dest).await.is_empty());
+    pair.quit_both().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
+    let lab = Lab::new("Test CA");
+    let (src_pki, dst_pki) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let mut pair = Pair::start_with_overlay(32, 4, DestBacking::OtherTemplate).await;
+    let (src_qmp, dst_qmp) = (
+        pair.source.qmp_path().display().to_string(),
+        pair.dest.qmp_path().display().to_string(),
+    );
+
+    let out = fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &src_qmp,
+        "--dest-qmp",
+        &dst_qmp,
+        "--dest-host",
+        DEST_HOST,
+        "--source-pki-dir",
+        src_pki.to_str().expect("utf-8"),
+        "--dest-pki-dir",
+        dst_pki.to_str().expect("utf-8"),
+        "--disk",
+        "disk0,copy=top",
+    ])
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("differs") && message.contains("--disk-copy full"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+    pair.quit_both().await;
+}
+
+/// A 256 MiB qcow2 `disk0` holding 16 MiB of data and, when `zero_mib` > 0, that many MiB of
+/// zeroes written as data (allocated); the destination gets an empty qcow2 of the same size.
+async fn sparse_pair(zero_mib: u64) -> Pair {
+    let dir = tempfile::Builder::new()
+        .prefix("qtm-test-")
+        .tempdir()
+        .expect("test dir");
+    let (src, dst) = (
+        dir.path().join("disk0.qcow2"),
+        dir.path().join("dest-disk0.qcow2"),
+    );
+    create_image(&src, DiskFormat::Qcow2, 256 << 20).expect("source image");
+    create_image(&dst, DiskFormat::Qcow2, 256 << 20).expect("destination image");
+    fixture::qemu_io(&src, DiskFormat::Qcow2, "write -P 0x44 0 8M");
+    fixture::qemu_io(&src, DiskFormat::Qcow2, "write -P 0x55 128M 8M");
+    if zero_mib > 0 {
+        fixture::qemu_io(
+            &src,
+            DiskFormat::Qcow2,
+            &format!("write -P 0 200M {zero_mib}M"),
+        );
+    }
+    let disk = DiskConfig {
+        node: "disk0".into(),
+        path: src,
+        format: DiskFormat::Qcow2,
+    };
+    Pair::start_with_images(dir, vec![disk], &[dst]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_disk_with_16_mib_of_data_crosses_the_wire_as_its_data_and_stays_sparse() {
+    let lab = Lab::new("Test CA");
+    let mut pair = sparse_pair(0).await;
+    let mut before_pair = sparse_pair(0).await;
+    let (options, wire) = counted_disk_options(&pair, &lab, 49534, DiskCopy::Full).await;
+    // What every copy did before zeroes were skipped: for a sparse image, the same.
+    let (mut before, before_wire) =
+        counted_disk_options(&before_pair, &lab, 49542, DiskCopy::Full).await;
+    before.skip_zeroes = false;
+    let src_allocated = fixture::allocated_size(&pair.disk_images()[0].0);
+
+    let report = fixture::migrate(&options).await;
+    let before_report = fixture::migrate(&before).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(
+        before_report.status,
+        FinalStatus::Completed,
+        "{:?}",
+        before_report.error
+    );
+    pair.quit_both().await;
+    before_pair.quit_both().await;
+    let (src, dst) = pair.disk_images().remove(0);
+    let dst_allocated = fixture::allocated_size(&dst);
+    fixture::note(format_args!(
+        "sparse: zeroes skipped {} bytes on the wire, zeroes copied {}; allocated \
+         {src_allocated} on the source, {dst_allocated} on the destination",
+        wire.sent(),
+        before_wire.sent()
+    ));
+    for sent in [wire.sent(), before_wire.sent()] {
+        assert!(
+            sent < 20 << 20,
+            "{sent} bytes on the wire for 16 MiB of data in 256 MiB"
+        );
+    }
+    assert!(
+        dst_allocated < src_allocated + (4 << 20),
+        "destination {dst_allocated} bytes against the source's {src_allocated}"
+    );
+    fixture::images_identical(&src, &dst).expect("identical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeroes_written_as_data_cross_the_wire_as_write_zeroes_unless_asked_to_copy_them() {
+    let lab = Lab::new("Test CA");
+    let mut skip_pair = sparse_pair(32).await;
+    let mut copy_pair = sparse_pair(32).await;
+    let (skip_options, skip_wire) =
+        counted_disk_options(&skip_pair, &lab, 49536, DiskCopy::Full).await;
+    let (mut copy_options, copy_wire) =
+        counted_disk_options(&copy_pair, &lab, 49538, DiskCopy::Full).await;
+    copy_options.skip_zeroes = false;
+
+    let skipped = fixture::migrate(&skip_options).await;
+    let copied = fixture::migrate(&copy_options).await;
+
+    assert_eq!(
+        skipped.status,
+        FinalStatus::Completed,
+        "{:?}",
+        skipped.error
+    );
+    assert_eq!(copied.status, FinalStatus::Completed, "{:?}", copied.error);
+    skip_pair.quit_both().await;
+    copy_pair.quit_both().await;
+    let (skip_src, skip_dst) = skip_pair.disk_images().remove(0);
+    let (copy_src, copy_dst) = copy_pair.disk_images().remove(0);
+    fixture::note(format_args!(
+        "16 MiB data + 32 MiB zeroes as data: skip {} bytes on the wire, destination {} \
+         allocated; copy {} bytes, destination {} allocated; source {} allocated",
+        skip_wire.sent(),
+        fixture::allocated_size(&skip_dst),
+        copy_wire.sent(),
+        fixture::allocated_size(&copy_dst),
+        fixture::allocated_size(&skip_src)
+    ));
+    assert!(skip_wire.sent() < 20 << 20, "skip: {}", skip_wire.sent());
+    assert!(copy_wire.sent() > 48 << 20, "copy: {}", copy_wire.sent());
+    assert!(fixture::allocated_size(&skip_dst) < fixture::allocated_size(&skip_src));
+    fixture::images_identical(&skip_src, &skip_dst).expect("identical (skip)");
+    fixture::images_identical(&copy_src, &copy_dst).expect("identical (copy)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_bandwidth_cap_holds_the_copy_rate_and_the_migration_completes() {
+    const CAP: u64 = 8 << 20;
+    let lab = Lab::new("Test CA");
+    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let (mut options, wire) = counted_disk_options(&pair, &lab, 49540, DiskCopy::Full).await;
+    options.disk_bandwidth = Some(CAP);
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    let disk = &report.disks[0];
+    let rate = (32u64 << 20) as f64 / (disk.ms as f64 / 1000.0);
+    fixture::note(format_args!(
+        "cap {CAP} B/s: 32 MiB in {} ms, {rate:.0} B/s, {} bytes on the wire",
+        disk.ms,
+        wire.sent()
+    ));
+    assert!(
+        rate < CAP as f64 * 1.25 && rate > CAP as f64 * 0.5,
+        "{rate:.0} B/s under a cap of {CAP}"
+    );
+    pair.quit_both().await;
+    for (src, dst) in pair.disk_images() {
+        fixture::images_identical(&src, &dst).expect("identical");
+    }
 }

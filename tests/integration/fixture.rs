@@ -153,6 +153,75 @@ impl Pair {
         Pair { dir, source, dest }
     }
 
+    /// Starts a pair from images made by the test: the source's disks as given, the
+    /// destination's at `dest_paths` (same node names and formats, in order).
+    pub async fn start_with_images(
+        dir: TempDir,
+        disks: Vec<DiskConfig>,
+        dest_paths: &[PathBuf],
+    ) -> Pair {
+        let mut config = VmConfig::new("source", &dir.path().join("source"));
+        config.ram_mib = RAM_MIB;
+        config.disks = disks;
+        let source = Vm::launch(config.clone()).await.expect("source VM");
+        let dest_config = config.destination("dest", &dir.path().join("dest"), dest_paths);
+        let dest = Vm::launch(dest_config).await.expect("destination VM");
+        Pair { dir, source, dest }
+    }
+
+    /// A pair whose one disk `disk0` is a qcow2 overlay on a raw template of `template_mib`
+    /// (all data), with `overlay_mib` of its own data written at 8 MiB. The destination's
+    /// `disk0` is an empty qcow2 overlay on the template `dest` asks for.
+    pub async fn start_with_overlay(
+        template_mib: u64,
+        overlay_mib: u64,
+        dest: DestBacking,
+    ) -> Pair {
+        let dir = test_dir();
+        let template = dir.path().join("src-template.raw");
+        create_image(&template, DiskFormat::Raw, template_mib << 20).expect("template");
+        qemu_io(
+            &template,
+            DiskFormat::Raw,
+            &format!("write -P 0x11 0 {template_mib}M"),
+        );
+        let overlay = dir.path().join("disk0.qcow2");
+        create_overlay(&overlay, &template);
+        qemu_io(
+            &overlay,
+            DiskFormat::Qcow2,
+            &format!("write -P 0x22 8M {overlay_mib}M"),
+        );
+        let dest_disk = dir.path().join("dest-disk0.qcow2");
+        let dest_template = dir.path().join("dst-template.raw");
+        match dest {
+            DestBacking::SameTemplate => {
+                std::fs::copy(&template, &dest_template).expect("copy of the template");
+                create_overlay(&dest_disk, &dest_template);
+            }
+            DestBacking::OtherTemplate => {
+                create_image(&dest_template, DiskFormat::Raw, template_mib << 20)
+                    .expect("other template");
+                qemu_io(
+                    &dest_template,
+                    DiskFormat::Raw,
+                    &format!("write -P 0x33 0 {template_mib}M"),
+                );
+                create_overlay(&dest_disk, &dest_template);
+            }
+            DestBacking::None => {
+                create_image(&dest_disk, DiskFormat::Qcow2, template_mib << 20)
+                    .expect("destination image");
+            }
+        }
+        let disk = DiskConfig {
+            node: "disk0".into(),
+            path: overlay,
+            format: DiskFormat::Qcow2,
+        };
+        Pair::start_with_images(dir, vec![disk], &[dest_disk]).await
+    }
+
     /// Starts a pair whose source has these disks (node name, format, MiB), each filled with
     /// its own byte pattern; the destination gets empty images of the same sizes.
     pub async fn start_with_disks(disks: &[(&str, DiskFormat, u64)]) -> Pair {
@@ -558,6 +627,110 @@ pub fn open_path_for_others(path: &Path) {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o055));
         }
     }
+}
+
+/// What the destination's disk of [`Pair::start_with_overlay`] sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestBacking {
+    /// A copy of the source's template (another path, the same bytes).
+    SameTemplate,
+    /// A template of the same format and size with other bytes.
+    OtherTemplate,
+    /// No backing file: a plain empty qcow2 of the template's size.
+    None,
+}
+
+/// `qemu-img create -f qcow2 -b BACKING -F raw PATH`: an empty overlay on a raw template.
+pub fn create_overlay(path: &Path, backing: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(backing)
+        .arg(path)
+        .output()
+        .expect("qemu-img create");
+    assert!(
+        out.status.success(),
+        "qemu-img create overlay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Bytes an image file takes on the host (`qemu-img info`'s `actual-size`).
+pub fn allocated_size(path: &Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img info");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+    v["actual-size"].as_u64().expect("actual-size")
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `127.0.0.1:port` that counts the bytes its clients
+/// send (every connection, for as long as it lives): what crossed the wire towards the server,
+/// TLS records and NBD headers included.
+pub struct CountingProxy {
+    pub addr: String,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    pub async fn start(port: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", port)).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let upstream = async move {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let downstream = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(upstream, downstream);
+                });
+            }
+        });
+        CountingProxy { addr, sent, task }
+    }
+
+    /// Bytes the clients sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes a figure a test measured to stderr (seen with `--nocapture`): the README's block
+/// migration figures come from these lines.
+pub fn note(figures: std::fmt::Arguments<'_>) {
+    eprintln!("measured: {figures}");
 }
 
 /// Virtual size of an image, from `qemu-img info`.

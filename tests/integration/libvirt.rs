@@ -260,6 +260,91 @@ fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_only_copy() {
+    let pair = LibvirtPair::shared();
+    let name = domain_name("overlay");
+    // The template under the same name in each host's pool, the VM's disk an overlay on it.
+    let template_name = format!("{name}-template.raw");
+    let (src_template, dst_template) = (
+        pair.b.images_dir().join(&template_name),
+        pair.a.images_dir().join(&template_name),
+    );
+    qemu_tls_migrate::vm::create_image(
+        &src_template,
+        qemu_tls_migrate::vm::DiskFormat::Raw,
+        64 << 20,
+    )
+    .expect("template");
+    crate::fixture::qemu_io(
+        &src_template,
+        qemu_tls_migrate::vm::DiskFormat::Raw,
+        "write -P 0x11 0 64M",
+    );
+    std::fs::copy(&src_template, &dst_template).expect("template copy on the destination");
+    let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
+    crate::fixture::create_overlay(&disk, &src_template);
+    crate::fixture::qemu_io(
+        &disk,
+        qemu_tls_migrate::vm::DiskFormat::Qcow2,
+        "write -P 0x22 1M 4M",
+    );
+    let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
+    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
+    std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
+    pair.b
+        .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
+        .await;
+    pair.b.virsh_ok(&["start", &name]).await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let mut args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
+    args.extend(["--disk-copy".to_string(), "top".to_string()]);
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["disks"][0]["copy"], "top", "{json}");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&dest_disk)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("JSON");
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        dst_template.to_str(),
+        "the destination's overlay sits on the destination's own template"
+    );
+    let dest_qmp = Qmp::connect(&pair.a.qmp_dir().join(format!("{name}.sock")), QMP_TIMEOUT)
+        .await
+        .expect("destination QMP");
+    let blocks = dest_qmp
+        .call(&qemu_tls_migrate::qemu::QueryBlock)
+        .await
+        .expect("query-block");
+    drop(dest_qmp);
+    let opened: Vec<String> = blocks
+        .iter()
+        .filter_map(|b| b.inserted.as_ref()?.image.as_ref())
+        .flat_map(|i| i.chain().map(|i| i.filename.clone()).collect::<Vec<_>>())
+        .collect();
+    assert!(
+        opened.contains(&dst_template.display().to_string()),
+        "the destination QEMU reads its own template: {opened:?}"
+    );
+    crate::fixture::images_identical(&disk, &dest_disk).expect("same content through the chain");
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     let pair = LibvirtPair::shared();
     let (name, _) = start_domain(&pair.b, "taken").await;

@@ -10,7 +10,7 @@ use qemu_tls_migrate::migration::{
     MAX_MULTIFD_CHANNELS, MigrationOptions, RemoteTarget, Report, Throttle, TimeoutAction,
     TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
 };
-use qemu_tls_migrate::peer::Authz;
+use qemu_tls_migrate::peer::{Authz, DiskCopy};
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 use qemu_tls_migrate::qemu::CopyMode;
@@ -42,8 +42,9 @@ pub struct TuningArgs {
     /// unsecured ones (with a warning), refusal for a mixed pair.
     #[arg(long, value_enum, default_value = "auto")]
     pub transport: TransportArg,
-    /// Bandwidth cap in bytes per second, with an optional K/M/G suffix (powers of 1024), or
-    /// "unlimited". QEMU 7.2's own default would be 128M.
+    /// Bandwidth cap of the RAM migration stream (QEMU's max-bandwidth: RAM and device state,
+    /// not disks; see --disk-bandwidth) in bytes per second, with an optional K/M/G suffix
+    /// (powers of 1024), or "unlimited". QEMU 7.2's own default would be 128M.
     #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
     pub max_bandwidth: u64,
     /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
@@ -283,9 +284,34 @@ pub struct MigrateArgs {
     pub dest_paused: bool,
     /// Copy this disk to the destination over NBD before RAM moves: its block node name (as in
     /// -blockdev node-name=...) or its device id (-device ...,id=); with --domain, its target
-    /// as in the domain's XML (vda). Repeat for several disks.
-    #[arg(long = "disk", value_name = "NODE", conflicts_with = "all_local_disks")]
-    pub disks: Vec<String>,
+    /// as in the domain's XML (vda). Repeat for several disks. ",copy=top" or ",copy=full"
+    /// overrides --disk-copy for this disk.
+    #[arg(
+        long = "disk",
+        value_name = "NODE[,copy=top|full]",
+        conflicts_with = "all_local_disks",
+        value_parser = parse_disk
+    )]
+    pub disks: Vec<(String, Option<DiskCopy>)>,
+    /// full: copy each disk's whole backing chain (what the guest sees); top: only its top
+    /// image (libvirt's --copy-storage-inc), for a qcow2 overlay on a template that the
+    /// destination already has: its disk must be an overlay on a backing file of the same
+    /// format, size and content (checked before anything starts; exit 3 otherwise). A disk
+    /// without a backing file is copied whole (unless named with ,copy=top: then refused).
+    #[arg(long, value_enum, default_value = "full")]
+    pub disk_copy: DiskCopyArg,
+    /// Cap of each disk's copy in bytes per second (the mirror's speed; K/M/G suffixes as
+    /// --max-bandwidth). Zeroes do not count. Default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
+    pub disk_bandwidth: Option<u64>,
+    /// skip: blocks of zeroes cross the wire as NBD write-zeroes requests and stay sparse on the
+    /// destination (detect-zeroes=unmap on the source's NBD client); copy: sent as data.
+    #[arg(long, value_enum, default_value = "skip")]
+    pub disk_zeroes: DiskZeroesArg,
+    /// HOST:PORT the source's NBD clients connect to when it differs from where the
+    /// destination's NBD server listens (NAT, a proxy).
+    #[arg(long, value_name = "HOST:PORT", hide = true)]
+    pub nbd_connect: Option<String>,
     /// Copy every writable disk that is not on shared storage. Shared means a network driver
     /// (nbd, rbd, iscsi, gluster, ssh, http...) or a file on NFS, CIFS/SMB, Ceph, FUSE
     /// (GlusterFS), GFS2, OCFS2 or Lustre, as statfs reports for the image's path.
@@ -333,13 +359,24 @@ impl MigrateArgs {
         o.tls_hostname = self.tls_hostname.clone();
         o.source_connect = self.source_connect.clone();
         o.dest_paused = self.dest_paused;
+        let mut nodes = Vec::new();
+        o.disk_copy.default = self.disk_copy.into();
+        for (node, copy) in &self.disks {
+            if let Some(copy) = copy {
+                o.disk_copy.per_node.insert(node.clone(), *copy);
+            }
+            nodes.push(node.clone());
+        }
         o.disks = if self.all_local_disks {
             DiskSelection::AllLocal
-        } else if self.disks.is_empty() {
+        } else if nodes.is_empty() {
             DiskSelection::None
         } else {
-            DiskSelection::Nodes(self.disks.clone())
+            DiskSelection::Nodes(nodes)
         };
+        o.disk_bandwidth = self.disk_bandwidth.filter(|b| *b != UNLIMITED_BANDWIDTH);
+        o.skip_zeroes = self.disk_zeroes == DiskZeroesArg::Skip;
+        o.nbd_connect = self.nbd_connect.clone();
         o.mirror_mode = match self.mirror_mode {
             MirrorModeArg::Background => CopyMode::Background,
             MirrorModeArg::WriteBlocking => CopyMode::WriteBlocking,
@@ -431,6 +468,51 @@ fn host_part(to: &str) -> &str {
         Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
         _ => to,
     }
+}
+
+/// `--disk-copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskCopyArg {
+    Full,
+    Top,
+}
+
+impl From<DiskCopyArg> for DiskCopy {
+    fn from(a: DiskCopyArg) -> DiskCopy {
+        match a {
+            DiskCopyArg::Full => DiskCopy::Full,
+            DiskCopyArg::Top => DiskCopy::Top,
+        }
+    }
+}
+
+/// `--disk-zeroes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskZeroesArg {
+    Skip,
+    Copy,
+}
+
+/// `--disk NODE[,copy=top|full]`: the node and, when given, its copy mode.
+fn parse_disk(s: &str) -> Result<(String, Option<DiskCopy>), String> {
+    let mut parts = s.split(',');
+    let node = parts.next().unwrap_or_default().trim();
+    if node.is_empty() {
+        return Err(format!("--disk {s:?}: expected NODE[,copy=top|full]"));
+    }
+    let mut copy = None;
+    for part in parts {
+        copy = Some(match part.trim() {
+            "copy=top" => DiskCopy::Top,
+            "copy=full" => DiskCopy::Full,
+            other => {
+                return Err(format!(
+                    "--disk {s:?}: unknown setting {other:?}; expected copy=top or copy=full"
+                ));
+            }
+        });
+    }
+    Ok((node.to_string(), copy))
 }
 
 fn parse_bandwidth(s: &str) -> Result<u64, String> {
@@ -632,10 +714,21 @@ async fn resolve_domain(
         DiskSelection::None => (DiskSelection::None, Some(Vec::new())),
     };
     let shared = source.devices_of(&options.shared_disks)?;
+    let mut per_node = std::collections::BTreeMap::new();
+    for (disk, copy) in &options.disk_copy.per_node {
+        per_node.insert(source.device_of(disk)?, *copy);
+    }
+    options.disk_copy.per_node = per_node;
     if args.to.is_some() {
-        let domain =
-            migration::dest_domain(&args.connect, name, dest_xml, create, options.qmp_timeout)
-                .await?;
+        let domain = migration::dest_domain(
+            &args.connect,
+            name,
+            dest_xml,
+            create,
+            options.disk_copy.default == DiskCopy::Top,
+            options.qmp_timeout,
+        )
+        .await?;
         options.dest_domain = Some(domain);
     }
     options.source.qmp = source.socket.clone();
@@ -711,6 +804,17 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_may_carry_its_copy_mode() {
+        assert_eq!(parse_disk("disk0"), Ok(("disk0".into(), None)));
+        assert_eq!(
+            parse_disk("disk0,copy=top"),
+            Ok(("disk0".into(), Some(DiskCopy::Top)))
+        );
+        assert!(parse_disk("disk0,copy=some").is_err());
+        assert!(parse_disk(",copy=top").is_err());
+    }
 
     #[test]
     fn bandwidth_accepts_suffixes_and_unlimited() {

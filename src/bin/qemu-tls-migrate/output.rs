@@ -55,9 +55,15 @@ impl ProgressOut {
                     let len: u64 = p.disks.iter().map(|d| d.len).sum();
                     let done: u64 = p.disks.iter().map(|d| d.offset).sum();
                     let ready = p.disks.iter().filter(|d| d.ready).count();
+                    let top = p.disks.iter().filter(|d| !d.copy.is_full()).count();
+                    let to_copy: u64 = p.disks.iter().map(|d| d.to_copy).sum();
                     bar.set_length(len);
                     bar.set_position(done);
-                    bar.set_message(format!("disks {ready}/{} in sync", p.disks.len()));
+                    bar.set_message(format!(
+                        "disks {ready}/{} in sync ({top} top-only), {} allocated to copy",
+                        p.disks.len(),
+                        indicatif::HumanBytes(to_copy)
+                    ));
                 } else if let Some(ram) = &p.ram {
                     bar.set_length(ram.total);
                     bar.set_position(ram.total.saturating_sub(ram.remaining));
@@ -166,8 +172,10 @@ pub fn print_report(report: &Report, json: bool) {
     }
     for d in &report.disks {
         println!(
-            "  disk {}: {} copied in {} ms, {:.1} Mbit/s",
+            "  disk {} ({} copy, {} allocated to copy): {} copied in {} ms, {:.1} Mbit/s",
             d.device,
+            d.copy.as_str(),
+            indicatif::HumanBytes(d.to_copy),
             indicatif::HumanBytes(d.bytes),
             d.ms,
             d.throughput_mbps
