@@ -156,6 +156,7 @@ pub async fn migrate_to<D: Destination>(
         deadline: opts.timeout,
         downtime_start_ms: DEFAULT_DOWNTIME_MS,
         convergence: ConvergenceReport::default(),
+        forecast: None,
     };
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
@@ -212,6 +213,7 @@ pub async fn migrate_to<D: Destination>(
         multifd: run.multifd,
         source_qmp_access: None,
         convergence: run.convergence,
+        forecast: run.forecast,
     }
 }
 
@@ -240,6 +242,7 @@ struct Run<'a> {
     /// The downtime limit the migration started with (ms), from which steps rise.
     downtime_start_ms: u64,
     convergence: ConvergenceReport,
+    forecast: Option<super::forecast::Forecast>,
 }
 
 /// When each phase began, for [`Timing`].
@@ -414,6 +417,22 @@ impl Run<'_> {
         self.downtime_start_ms = opts
             .downtime_limit
             .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64);
+        if opts.forecast {
+            let disk_bytes = disks.iter().map(SourceDisk::to_copy).sum();
+            let f = super::forecast::measure(&src, opts, self.transport, disk_bytes).await?;
+            if !f.converges {
+                let w = format!(
+                    "the forecast says this migration will not converge as configured (the \
+                     guest dirties {} MiB/s against {} Mbit/s); consider: {}",
+                    f.dirty_rate_mib_s,
+                    f.throughput_mbps,
+                    f.advice.join("; ")
+                );
+                tracing::warn!("{w}");
+                self.warnings.push(w);
+            }
+            self.forecast = Some(f);
+        }
         let behind = disks::left_behind(&blocks, &disks, &opts.shared_disks);
         if !behind.is_empty() {
             if !opts.allow_unsafe {
@@ -968,7 +987,7 @@ impl Run<'_> {
 }
 
 /// QEMU 7.2's default downtime limit (ms), when the caller sets none.
-const DEFAULT_DOWNTIME_MS: u64 = 300;
+pub(crate) const DEFAULT_DOWNTIME_MS: u64 = 300;
 
 /// How long [`sample_dirty_rate`] samples.
 const DIRTY_RATE_SAMPLE: Duration = Duration::from_secs(1);
@@ -1287,6 +1306,7 @@ mod tests {
             deadline: None,
             downtime_start_ms: DEFAULT_DOWNTIME_MS,
             convergence: ConvergenceReport::default(),
+            forecast: None,
         };
         let aborted_after = Arc::new(Mutex::new(None));
         let mut dest = FakeDestination {

@@ -32,6 +32,7 @@ mod destination;
 mod disks;
 mod driver;
 mod error;
+mod forecast;
 mod remote;
 mod report;
 mod side;
@@ -47,6 +48,7 @@ pub use disks::{
 };
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
+pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
 
@@ -233,6 +235,8 @@ pub struct MigrationOptions {
     pub dest_domain: Option<DestDomain>,
     /// What may help a busy guest's migration finish.
     pub convergence: Convergence,
+    /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
+    pub forecast: bool,
 }
 
 impl MigrationOptions {
@@ -268,6 +272,7 @@ impl MigrationOptions {
             allow_unsafe: false,
             dest_domain: None,
             convergence: Convergence::default(),
+            forecast: false,
         }
     }
 
@@ -378,6 +383,37 @@ pub(crate) async fn libvirt_call<T: Send + 'static>(
             desc: format!("libvirt did not answer within {timeout:?}"),
         }),
     }
+}
+
+/// The forecast for `opts`' source (`migrate --plan`): connects to the source's QMP, measures,
+/// predicts, and changes nothing. The transport is decided from the PKI directories as for a
+/// migration (it sets the throughput estimate).
+pub async fn plan(opts: &MigrationOptions) -> Result<Forecast, MigrationError> {
+    opts.validate()?;
+    let transport = match opts.transport {
+        TransportChoice::Tcp => Transport::Tcp,
+        TransportChoice::Tls => Transport::Tls,
+        TransportChoice::Auto => {
+            match decide_transport(opts.transport, &opts.source.pki_dir, &opts.dest.pki_dir) {
+                Ok(d) => d.transport,
+                // A remote destination's PKI is not here to look at: assume the usual case.
+                Err(_) => Transport::Tls,
+            }
+        }
+    };
+    let src = side::SideCtl::connect(
+        Side::Source,
+        &opts.source.qmp,
+        &opts.source.pki_dir,
+        opts.qmp_timeout,
+    )
+    .await?;
+    let blocks = src.call("query-block", &crate::qemu::QueryBlock).await?;
+    let disk_bytes = disks::select(&blocks, &opts.disks, &opts.disk_copy)?
+        .iter()
+        .map(SourceDisk::to_copy)
+        .sum();
+    forecast::measure(&src, opts, transport, disk_bytes).await
 }
 
 /// How the tool reaches a libvirt domain's QEMU.

@@ -246,3 +246,79 @@ async fn compression_without_multifd_is_refused_before_anything_changes() {
     assert_eq!(fixture::error_kind(&report), Some("usage"));
     fixture::assert_source_untouched(&pair.source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let (src_pki, dst_pki) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[fixture::DEST_HOST]),
+    );
+    let (src, dst) = (
+        pair.source.qmp_path().display().to_string(),
+        pair.dest.qmp_path().display().to_string(),
+    );
+
+    let out = fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--plan",
+        "--source-qmp",
+        &src,
+        "--dest-qmp",
+        &dst,
+        "--dest-host",
+        fixture::DEST_HOST,
+        "--source-pki-dir",
+        src_pki.to_str().expect("utf-8"),
+        "--dest-pki-dir",
+        dst_pki.to_str().expect("utf-8"),
+        "--max-bandwidth",
+        "16M",
+    ])
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    fixture::show("plan, busy guest", &json);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["forecast"]["converges"], false, "{json}");
+    assert!(
+        json["forecast"]["dirty_rate_mib_s"].as_f64() > Some(16.0),
+        "{json}"
+    );
+    assert!(
+        json["forecast"]["advice"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|s| s.as_str().is_some_and(|s| s.contains("--auto-converge")))),
+        "{json}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_says_go_for_an_idle_guest_and_predicts_its_time_within_a_factor_of_two() {
+    let lab = Lab::new("Test CA");
+    // 64 MiB of the 128 MiB filled with data by the fixture; the guest dirties nothing.
+    let pair = Pair::start().await;
+    let mut o = pair.tls_options(&lab);
+    o.max_bandwidth = 64 << 20;
+
+    let forecast = qemu_tls_migrate::migration::plan(&o).await.expect("plan");
+    o.forecast = true;
+    let report = fixture::migrate(&o).await;
+
+    fixture::show("plan, idle guest", &format!("{forecast:?}"));
+    show("idle guest", &report);
+    assert!(forecast.converges, "{forecast:?}");
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    let (predicted, measured) = (
+        forecast.predicted_total_ms as f64,
+        report.ram.total_ms as f64,
+    );
+    assert!(
+        predicted <= measured * 2.0 && measured <= predicted * 2.0,
+        "predicted {predicted} ms, measured {measured} ms"
+    );
+    assert!(report.forecast.is_some_and(|f| f.converges));
+}

@@ -128,6 +128,11 @@ pub struct ConvergenceArgs {
     /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
     #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
     pub completion_timeout_per_gib: Option<u64>,
+    /// Skip the forecast made before every migration (a second sampling the guest's dirty
+    /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
+    /// no-go is a warning.
+    #[arg(long)]
+    pub no_forecast: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -282,6 +287,11 @@ pub struct MigrateArgs {
     /// Leave the destination paused after the migration (like virsh migrate --suspend).
     #[arg(long)]
     pub dest_paused: bool,
+    /// Only forecast: sample the source guest's dirty rate and RAM, predict total time, passes
+    /// and downtime with these settings, say go or no-go with the settings that would make it
+    /// converge, and change nothing. Exit 0: it converges; 3: it will not as configured.
+    #[arg(long)]
+    pub plan: bool,
     /// Copy this disk to the destination over NBD before RAM moves: its block node name (as in
     /// -blockdev node-name=...) or its device id (-device ...,id=); with --domain, its target
     /// as in the domain's XML (vda). Repeat for several disks. ",copy=top" or ",copy=full"
@@ -421,6 +431,7 @@ impl TuningArgs {
         o.stall_timeout = Duration::from_secs(self.stall_timeout);
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
         o.convergence = self.convergence.to_convergence();
+        o.forecast = !self.convergence.no_forecast;
     }
 }
 
@@ -737,6 +748,25 @@ async fn resolve_domain(
     Ok(source)
 }
 
+/// `--plan`: the forecast alone.
+async fn plan(options: &MigrationOptions, json: bool) -> anyhow::Result<Outcome> {
+    match migration::plan(options).await {
+        Ok(f) => {
+            crate::output::print_forecast(&f, json);
+            Ok(if f.converges {
+                Outcome::Success
+            } else {
+                Outcome::Refused
+            })
+        }
+        Err(e) => {
+            let report = Report::refused(e, Duration::ZERO);
+            print_report(&report, json);
+            Ok(outcome_of(&report))
+        }
+    }
+}
+
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let mut options = args.options()?;
     // Lives until the migration is over: it may serve the source's QMP socket.
@@ -756,6 +786,9 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
                 return Ok(outcome_of(&report));
             }
         }
+    }
+    if args.plan {
+        return plan(&options, args.tuning.json).await;
     }
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),
