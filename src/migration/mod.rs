@@ -326,6 +326,12 @@ impl MigrationOptions {
         if self.dest_host.trim().is_empty() {
             problems.push("the destination host name is empty".into());
         }
+        if self.convergence.postcopy || self.convergence.timeout_action == TimeoutAction::Postcopy {
+            problems.push(convergence::POSTCOPY_REFUSED.into());
+        }
+        if self.convergence.compress.is_some() && self.multifd.is_none() && !self.multifd_auto {
+            problems.push("compression works on multifd channels only: add --multifd N".into());
+        }
         if problems.is_empty() {
             Ok(())
         } else {

@@ -322,3 +322,21 @@ async fn the_plan_says_go_for_an_idle_guest_and_predicts_its_time_within_a_facto
     );
     assert!(report.forecast.is_some_and(|f| f.converges));
 }
+
+#[tokio::test]
+async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let mut o = pair.tls_options(&lab);
+    o.convergence.postcopy = true;
+
+    let report = fixture::migrate(&o).await;
+
+    assert!(report.refused, "{report:?}");
+    let message = fixture::error_message(&report);
+    assert!(
+        message.contains("post-copy is refused") && message.contains("#1937"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}

@@ -121,13 +121,18 @@ pub struct ConvergenceArgs {
     pub downtime_steps: Option<DowntimeSteps>,
     /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
     /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
-    /// vm.migrate.pauseafter; the report's guest_pause says for how long).
+    /// vm.migrate.pauseafter; the report's guest_pause says for how long). postcopy is refused,
+    /// as --postcopy is.
     #[arg(long, value_enum, default_value = "abort")]
     pub timeout_action: TimeoutActionArg,
     /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
     /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
     #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
     pub completion_timeout_per_gib: Option<u64>,
+    /// Post-copy: always refused, with the reasons (a lost link would lose the VM; QEMU 7.2's
+    /// GnuTLS issue #1937 on TLS channels with a return path).
+    #[arg(long)]
+    pub postcopy: bool,
     /// Skip the forecast made before every migration (a second sampling the guest's dirty
     /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
     /// no-go is a warning.
@@ -145,6 +150,7 @@ pub enum CompressArg {
 pub enum TimeoutActionArg {
     Abort,
     Pause,
+    Postcopy,
 }
 
 fn parse_xbzrle(s: &str) -> Result<XbzrleCache, String> {
@@ -180,7 +186,9 @@ impl ConvergenceArgs {
             timeout_action: match self.timeout_action {
                 TimeoutActionArg::Abort => TimeoutAction::Abort,
                 TimeoutActionArg::Pause => TimeoutAction::Pause,
+                TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
             },
+            postcopy: self.postcopy,
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
         }
     }
