@@ -17,7 +17,7 @@ use crate::vm::Accel;
 pub const BASELINE: &str = "tcp";
 
 /// One migration's measurements.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct RunResult {
     /// Position in the run order (0-based, warm-up runs included).
     pub run: usize,
@@ -25,6 +25,9 @@ pub struct RunResult {
     /// Warm-up runs are reported but not summarised.
     pub warmup: bool,
     pub mode: String,
+    /// The migration completed; `false`: it did not converge by the deadline (rolled back), and
+    /// only `wall_ms` and `host_cpu_s` are measured.
+    pub completed: bool,
     /// QEMU's total migration time (`total-time`), setup to completion.
     pub total_ms: u64,
     pub setup_ms: u64,
@@ -157,6 +160,8 @@ pub struct ModeSummary {
     pub mode: Mode,
     pub description: String,
     pub runs: usize,
+    /// Measured runs that completed (the rest did not converge by the deadline).
+    pub completed: usize,
     pub metrics: Vec<MetricSummary>,
 }
 
@@ -308,7 +313,7 @@ pub fn summarise(modes: &[Mode], runs: &[RunResult]) -> Vec<ModeSummary> {
     let stats_of = |mode: &str, metric: Metric| {
         let samples: Vec<f64> = runs
             .iter()
-            .filter(|r| !r.warmup && r.mode == mode)
+            .filter(|r| !r.warmup && r.completed && r.mode == mode)
             .filter_map(|r| metric.of(r))
             .collect();
         Stat::of(&samples)
@@ -334,6 +339,10 @@ pub fn summarise(modes: &[Mode], runs: &[RunResult]) -> Vec<ModeSummary> {
                 runs: runs
                     .iter()
                     .filter(|r| !r.warmup && r.mode == mode.name)
+                    .count(),
+                completed: runs
+                    .iter()
+                    .filter(|r| !r.warmup && r.completed && r.mode == mode.name)
                     .count(),
                 metrics,
             }
@@ -376,7 +385,11 @@ pub fn render_table(report: &BenchReport) -> String {
         .map(|s| {
             vec![
                 s.mode.name.clone(),
-                s.runs.to_string(),
+                if s.completed == s.runs {
+                    s.runs.to_string()
+                } else {
+                    format!("{} ({} done)", s.runs, s.completed)
+                },
                 spread(s, Metric::TotalMs, 0),
                 s.get(Metric::WallMs)
                     .and_then(|m| m.ratio_to_tcp)
@@ -435,6 +448,17 @@ pub fn render_table(report: &BenchReport) -> String {
                 report.config.workload.working_set_mib, report.config.workload.pages_per_sec
             ),
             super::Profile::Static => "static: source paused, RAM pseudo-random".to_string(),
+            super::Profile::Heavy => format!(
+                "heavy: workload {} MiB at {} pages/s (0: unpaced){}, deadline {} s",
+                report.config.workload.working_set_mib,
+                report.config.workload.pages_per_sec,
+                report
+                    .config
+                    .max_bandwidth
+                    .map(|b| format!(", link capped at {} MiB/s", b >> 20))
+                    .unwrap_or_default(),
+                report.config.run_timeout.as_secs()
+            ),
         },
         if report.config.disk_mib > 0 {
             format!(", disk {} MiB", report.config.disk_mib)
@@ -587,6 +611,7 @@ mod tests {
             round: 0,
             warmup,
             mode: mode.into(),
+            completed: true,
             total_ms,
             setup_ms: 5,
             downtime_ms: 20,

@@ -534,7 +534,7 @@ fn parse_disk(s: &str) -> Result<(String, Option<DiskCopy>), String> {
     Ok((node.to_string(), copy))
 }
 
-fn parse_bandwidth(s: &str) -> Result<u64, String> {
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     if s.eq_ignore_ascii_case("unlimited") {
         return Ok(UNLIMITED_BANDWIDTH);
     }
