@@ -663,6 +663,7 @@ impl RunContext<'_> {
             total_ms: info.total_time.unwrap_or(report.ram.total_ms),
             setup_ms: info.setup_time.unwrap_or(0),
             downtime_ms: info.downtime.unwrap_or(report.ram.downtime_ms),
+            guest_pause_ms: report.guest_pause.as_ref().map(|p| p.ms),
             wall_ms: wall.as_millis() as u64,
             ram_bytes: ram.transferred,
             guest_ram_bytes: ram.total,

@@ -31,8 +31,10 @@ pub struct RunResult {
     /// QEMU's total migration time (`total-time`), setup to completion.
     pub total_ms: u64,
     pub setup_ms: u64,
-    /// Guest pause at switch-over.
+    /// Guest pause at switch-over, QEMU's estimate.
     pub downtime_ms: u64,
+    /// The guest's real pause: the source's STOP event to the destination's RESUME event.
+    pub guest_pause_ms: Option<u64>,
     /// Wall time of the tool's whole migration (preflight and clean-up included).
     pub wall_ms: u64,
     /// RAM bytes QEMU sent (`ram.transferred`).
@@ -87,6 +89,7 @@ pub enum Metric {
     WallMs,
     OverheadMs,
     RamMbps,
+    GuestPauseMs,
     DowntimeMs,
     SentRatio,
     SrcCpuS,
@@ -97,11 +100,12 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 12] = [
         Metric::TotalMs,
         Metric::WallMs,
         Metric::OverheadMs,
         Metric::RamMbps,
+        Metric::GuestPauseMs,
         Metric::DowntimeMs,
         Metric::SentRatio,
         Metric::SrcCpuS,
@@ -117,6 +121,7 @@ impl Metric {
             Metric::WallMs => "wall_ms",
             Metric::OverheadMs => "overhead_ms",
             Metric::RamMbps => "ram_mbps",
+            Metric::GuestPauseMs => "guest_pause_ms",
             Metric::DowntimeMs => "downtime_ms",
             Metric::SentRatio => "sent_ratio",
             Metric::SrcCpuS => "src_cpu_s",
@@ -133,6 +138,7 @@ impl Metric {
             Metric::WallMs => r.wall_ms as f64,
             Metric::OverheadMs => r.overhead_ms(),
             Metric::RamMbps => r.ram_mbps,
+            Metric::GuestPauseMs => return r.guest_pause_ms.map(|v| v as f64),
             Metric::DowntimeMs => r.downtime_ms as f64,
             Metric::SentRatio => r.sent_ratio(),
             Metric::SrcCpuS => r.src_cpu_s,
@@ -361,6 +367,7 @@ pub fn render_table(report: &BenchReport) -> String {
         "RAM Mbit/s",
         "x tcp",
         "downtime ms",
+        "pause ms",
         "sent/RAM",
         "src CPU s",
         "dst CPU s",
@@ -400,6 +407,7 @@ pub fn render_table(report: &BenchReport) -> String {
                     .and_then(|m| m.ratio_to_tcp)
                     .map_or("-".into(), |r| format!("{r:.2}")),
                 spread(s, Metric::DowntimeMs, 0),
+                spread(s, Metric::GuestPauseMs, 0),
                 spread(s, Metric::SentRatio, 2),
                 spread(s, Metric::SrcCpuS, 2),
                 spread(s, Metric::DstCpuS, 2),
@@ -615,6 +623,7 @@ mod tests {
             total_ms,
             setup_ms: 5,
             downtime_ms: 20,
+            guest_pause_ms: None,
             wall_ms: total_ms + 100,
             ram_bytes: 200 << 20,
             guest_ram_bytes: 100 << 20,
