@@ -188,7 +188,7 @@ async fn xbzrle_sends_fewer_bytes_for_a_guest_rewriting_its_pages() {
     show("without xbzrle", &without.0);
     show("with xbzrle", &with.0);
     fixture::show(
-        "written by the source QEMU",
+        "bytes across the link",
         &format!("{} without, {} with", without.1, with.1),
     );
     assert!(
@@ -220,7 +220,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
     show("multifd 2", &without.0);
     show("multifd 2 zstd", &with.0);
     fixture::show(
-        "written by the source QEMU",
+        "bytes across the link",
         &format!("{} without, {} with", without.1, with.1),
     );
     // QEMU 7.2 counts multifd pages before compression, in `transferred` and `multifd_bytes`
