@@ -994,14 +994,23 @@ const DIRTY_RATE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// The guest's dirty rate (MiB/s) over [`DIRTY_RATE_SAMPLE`] (`calc-dirty-rate`); read-only.
 pub(crate) async fn sample_dirty_rate(src: &SideCtl) -> Result<u64, MigrationError> {
+    start_dirty_rate(src).await?;
+    dirty_rate_result(src).await
+}
+
+/// Starts QEMU's dirty-rate measurement, which runs [`DIRTY_RATE_SAMPLE`] in the background.
+pub(crate) async fn start_dirty_rate(src: &SideCtl) -> Result<(), MigrationError> {
     let calc = CalcDirtyRate {
         calc_time: DIRTY_RATE_SAMPLE.as_secs(),
         sample_pages: None,
     };
-    src.call("calc-dirty-rate", &calc).await?;
+    src.call("calc-dirty-rate", &calc).await.map(drop)
+}
+
+/// Waits for the measurement [`start_dirty_rate`] started; MiB/s.
+pub(crate) async fn dirty_rate_result(src: &SideCtl) -> Result<u64, MigrationError> {
     let deadline = Instant::now() + DIRTY_RATE_SAMPLE + src.timeout;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let info = src.call("query-dirty-rate", &QueryDirtyRate).await?;
         if info.status == "measured" {
             return Ok(info.dirty_rate.unwrap_or(0).max(0) as u64);
@@ -1011,6 +1020,7 @@ pub(crate) async fn sample_dirty_rate(src: &SideCtl) -> Result<u64, MigrationErr
                 desc: format!("the dirty rate was not measured within {:?}", src.timeout),
             });
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -136,8 +136,10 @@ pub(crate) async fn measure(
         .call("query-memory-size-summary", &QueryMemorySizeSummary)
         .await?;
     let ram = summary.base_memory + summary.plugged_memory.unwrap_or(0);
-    let dirty_mib = super::driver::sample_dirty_rate(src).await?;
+    // The RAM is read while QEMU samples the dirty rate, which takes a second whatever we do.
+    super::driver::start_dirty_rate(src).await?;
     let data_share = data_share(src, ram).await?;
+    let dirty_mib = super::driver::dirty_rate_result(src).await?;
     let (throughput, from) = if opts.max_bandwidth < UNLIMITED_BANDWIDTH {
         (opts.max_bandwidth as f64, "max-bandwidth")
     } else if transport == Transport::Tls {

@@ -227,10 +227,11 @@ pub fn print_report(report: &Report, json: bool) {
     );
     if let Some(f) = &report.forecast {
         println!(
-            "  forecast: {}, {} ms predicted ({} passes) against {} ms measured",
+            "  forecast: {}, {} ms predicted ({} pass{}) against {} ms measured",
             if f.converges { "go" } else { "no-go" },
             f.predicted_total_ms,
             f.predicted_passes,
+            if f.predicted_passes == 1 { "" } else { "es" },
             report.ram.total_ms
         );
     }
