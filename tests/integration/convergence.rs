@@ -23,6 +23,19 @@ async fn busy_pair() -> Pair {
     dirtying_pair(64, 20_000).await
 }
 
+/// [`busy_pair`] under TCG, which tracks every guest write, so the RAM of the two sides can be
+/// compared afterwards (see `tls_migration_completes_and_guest_ram_is_identical`).
+async fn busy_tcg_pair() -> Pair {
+    let kernel = workload_kernel(64, 20_000).expect("workload");
+    let pair = Pair::start_with(|c| {
+        c.kernel = Some(kernel);
+        c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg);
+    })
+    .await;
+    pass_beyond(pair.source.serial_path(), 0).await;
+    pair
+}
+
 /// TLS options with the link capped at 16 MiB/s.
 fn capped(pair: &Pair, lab: &Lab) -> MigrationOptions {
     let mut o = pair.tls_options(lab);
@@ -65,8 +78,9 @@ async fn a_busy_guest_times_out_without_help_and_runs_on_at_the_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_converge_lets_the_busy_guest_finish() {
     let lab = Lab::new("Test CA");
-    let pair = busy_pair().await;
+    let pair = busy_tcg_pair().await;
     let mut o = capped(&pair, &lab);
+    o.dest_paused = true;
     o.convergence.auto_converge = Some(Throttle {
         initial: 60,
         increment: 20,
@@ -84,14 +98,34 @@ async fn auto_converge_lets_the_busy_guest_finish() {
         "{:?}",
         report.convergence
     );
-    assert_eq!(fixture::status(&pair.dest).await, "running");
+    assert_eq!(fixture::status(&pair.dest).await, "paused");
+    // Not compared: under TCG with auto-converge, QEMU 7.2 left one page different here (the
+    // guest's stack and tick counter, 0x105000) in every run, where the same busy guest moved
+    // with --timeout-action pause, and a lighter one without help, are identical page for
+    // page. See the README, "When a VM will not converge".
+    fixture::show("RAM after auto-converge", &ram_difference(&pair));
+}
+
+/// How many pages differ between the two sides' RAM, and the first of them.
+fn ram_difference(pair: &Pair) -> String {
+    let src = std::fs::read(pair.source.ram_path()).expect("source RAM");
+    let dst = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
+    let pages: Vec<usize> = (0..src.len() / 4096)
+        .filter(|p| src[p * 4096..(p + 1) * 4096] != dst[p * 4096..(p + 1) * 4096])
+        .collect();
+    format!(
+        "{} pages differ, first {:x?}",
+        pages.len(),
+        &pages[..pages.len().min(4)]
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeout_action_pause_finishes_the_busy_guest_as_downtime() {
+async fn timeout_action_pause_finishes_the_busy_guest_as_downtime_with_its_ram_intact() {
     let lab = Lab::new("Test CA");
-    let pair = busy_pair().await;
+    let pair = busy_tcg_pair().await;
     let mut o = capped(&pair, &lab);
+    o.dest_paused = true;
     o.timeout = Some(Duration::from_secs(4));
     o.convergence.timeout_action = TimeoutAction::Pause;
 
@@ -103,13 +137,18 @@ async fn timeout_action_pause_finishes_the_busy_guest_as_downtime() {
         report.convergence.timeout_action,
         Some(TimeoutAction::Pause)
     );
+    // The destination stays paused (to compare RAM), so the pause is dated from the action.
     assert!(
-        report.guest_pause.as_ref().is_some_and(|p| p.ms > 100),
-        "the rest moved while the guest was paused: {:?}",
-        report.guest_pause
+        report
+            .convergence
+            .timeout_action_at_ms
+            .is_some_and(|at| at < report.wall.as_millis() as u64),
+        "{:?}",
+        report.convergence
     );
-    assert_eq!(fixture::status(&pair.dest).await, "running");
+    assert_eq!(fixture::status(&pair.dest).await, "paused");
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    fixture::assert_ram_identical(&pair);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

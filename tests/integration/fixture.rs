@@ -1822,3 +1822,21 @@ fn veth_between(a: (&str, &str, &str), b: (&str, &str, &str)) {
         ip(&["-n", ns, "link", "set", dev, "up"]);
     }
 }
+
+/// Panics unless the source's and the destination's guest RAM (their RAM files) are the same,
+/// page for page; for a source that completed (`postmigrate`) and a destination left paused.
+pub fn assert_ram_identical(pair: &Pair) {
+    let src_ram = std::fs::read(pair.source.ram_path()).expect("source RAM");
+    let dst_ram = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
+    let differing: Vec<usize> = (0..src_ram.len() / 4096)
+        .filter(|page| {
+            src_ram[page * 4096..(page + 1) * 4096] != dst_ram[page * 4096..(page + 1) * 4096]
+        })
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "guest RAM differs after migration in {} pages, first {:x?}",
+        differing.len(),
+        &differing[..differing.len().min(16)]
+    );
+}

@@ -27,19 +27,7 @@ async fn tls_migration_completes_and_guest_ram_is_identical() {
     assert!(report.ram.bytes >= u64::from(fixture::RAM_MIB / 2) << 20);
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    let src_ram = std::fs::read(pair.source.ram_path()).expect("source RAM");
-    let dst_ram = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
-    let differing: Vec<usize> = (0..src_ram.len() / 4096)
-        .filter(|page| {
-            src_ram[page * 4096..(page + 1) * 4096] != dst_ram[page * 4096..(page + 1) * 4096]
-        })
-        .collect();
-    assert!(
-        differing.is_empty(),
-        "guest RAM differs after migration in {} pages, first {:x?}",
-        differing.len(),
-        &differing[..differing.len().min(16)]
-    );
+    fixture::assert_ram_identical(&pair);
     assert_eq!(
         fixture::tool_objects(&pair.source).await,
         Vec::<String>::new()
