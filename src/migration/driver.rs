@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::control::{self, AppliedControl, Control, ControlRequest};
 use super::convergence::{self, ConvergenceReport, DowntimeStep, TimeoutAction, XbzrleCache};
 use super::destination::{AbortOutcome, DestinationSide, Finished};
 use super::disks::{self, DiskProgress, DiskReport, SourceDisk};
@@ -156,6 +157,7 @@ pub async fn migrate_to<D: Destination>(
         deadline: opts.timeout,
         downtime_start_ms: DEFAULT_DOWNTIME_MS,
         convergence: ConvergenceReport::default(),
+        control: opts.control.as_ref().and_then(|c| c.take()),
     };
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
@@ -240,6 +242,8 @@ struct Run<'a> {
     /// The downtime limit the migration started with (ms), from which steps rise.
     downtime_start_ms: u64,
     convergence: ConvergenceReport,
+    /// Controls from another task ([`super::control`]), read by the watch loop.
+    control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
 }
 
 /// When each phase began, for [`Timing`].
@@ -547,7 +551,10 @@ impl Run<'_> {
         let mut watch = Watch::new(opts, self.deadline, self.started, "following the migration");
         watch.pause_at_deadline = opts.convergence.timeout_action == TimeoutAction::Pause;
         loop {
-            let status = match watch.next(src_events, dest, cancel).await? {
+            let status = match watch
+                .next(src_events, dest, cancel, &mut self.control)
+                .await?
+            {
                 Seen::Event(e) if e.event == "MIGRATION" => {
                     match serde_json::from_value::<MigrationEvent>(e.data) {
                         Ok(m) => {
@@ -594,6 +601,10 @@ impl Run<'_> {
                     self.convergence.timeout_action = Some(TimeoutAction::Pause);
                     self.convergence.timeout_action_at_ms =
                         Some(self.started.elapsed().as_millis() as u64);
+                    continue;
+                }
+                Seen::Control(request) => {
+                    self.answer_control(src, request).await;
                     continue;
                 }
             };
@@ -663,6 +674,10 @@ impl Run<'_> {
         let Some(limit) = steps.limit_at(self.downtime_start_ms, ram_start.elapsed()) else {
             return Ok(());
         };
+        if self.convergence.controls.iter().any(|c| c.sets_downtime()) {
+            // An operator set the limit while the migration ran: theirs stands.
+            return Ok(());
+        }
         let current = self
             .convergence
             .downtime_steps
@@ -686,6 +701,70 @@ impl Run<'_> {
             at_ms: ram_start.elapsed().as_millis() as u64,
             limit_ms: limit,
         });
+        Ok(())
+    }
+
+    /// Applies a control from another task on the source and answers it; a refused control
+    /// leaves the migration running as it was.
+    async fn answer_control(&mut self, src: &Qmp, request: ControlRequest) {
+        let result = self.apply_control(src, request.control).await;
+        if let Err(e) = &result {
+            tracing::warn!(control = ?request.control, "control refused: {e}");
+        }
+        // The asker may have given up waiting: nothing to tell then.
+        let _ = request.reply.send(result);
+    }
+
+    async fn apply_control(&mut self, src: &Qmp, control: Control) -> Result<(), MigrationError> {
+        let t = self.opts.qmp_timeout;
+        match control {
+            Control::SetMaxBandwidth(b) => {
+                if b == 0 || b > super::UNLIMITED_BANDWIDTH {
+                    return Err(MigrationError::BadOptions {
+                        what: format!(
+                            "bandwidth {b} bytes/s: use 1 to {} (unlimited)",
+                            super::UNLIMITED_BANDWIDTH
+                        ),
+                    });
+                }
+                let set = MigrateSetParameters {
+                    max_bandwidth: Some(b),
+                    ..Default::default()
+                };
+                let step = "migrate-set-parameters max-bandwidth (control)";
+                qmp(Side::Source, step, src.call_timeout(&set, t)).await?;
+            }
+            Control::SetDowntimeLimit(d) => {
+                let set = MigrateSetParameters {
+                    downtime_limit: Some(d.as_millis() as u64),
+                    ..Default::default()
+                };
+                let step = "migrate-set-parameters downtime-limit (control)";
+                qmp(Side::Source, step, src.call_timeout(&set, t)).await?;
+            }
+            Control::Pause => {
+                let status = qmp(
+                    Side::Source,
+                    "query-status",
+                    src.call_timeout(&QueryStatus, t),
+                )
+                .await?;
+                // Paused during the disk copy, the source must still be resumed on a roll-back
+                // (its resume is registered only when RAM starts to move).
+                if status.running
+                    && let Some(side) = self.src.as_mut()
+                    && !side.undo.iter().any(|u| matches!(u, Undo::ResumeSource))
+                {
+                    side.undo.push(Undo::ResumeSource);
+                }
+                qmp(Side::Source, "stop (control)", src.call_timeout(&Stop, t)).await?;
+            }
+        }
+        tracing::info!(?control, "control applied");
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        self.convergence
+            .controls
+            .push(AppliedControl::new(at_ms, control));
         Ok(())
     }
 
@@ -805,7 +884,11 @@ impl Run<'_> {
         };
         self.report(Phase::Disks, None, None);
         while ready.len() < disks.len() {
-            match watch.next(src_events, dest, cancel).await? {
+            match watch
+                .next(src_events, dest, cancel, &mut self.control)
+                .await?
+            {
+                Seen::Control(request) => self.answer_control(src, request).await,
                 Seen::Event(e) => {
                     let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else {
                         continue;
@@ -1023,6 +1106,8 @@ enum Seen {
     Tick,
     /// The deadline passed and the guest is to be paused (`--timeout-action pause`).
     Deadline,
+    /// A control from another task, to apply and answer.
+    Control(ControlRequest),
 }
 
 /// The one watch loop of a migration's long phases (disk copy, RAM): cancellation, the
@@ -1070,10 +1155,12 @@ impl Watch {
         src_events: &mut Events,
         dest: &mut D,
         cancel: &CancellationToken,
+        control: &mut Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     ) -> Result<Seen, MigrationError> {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
+                request = control::next_control(control) => return Ok(Seen::Control(request)),
                 _ = sleep_until_opt(self.deadline) => {
                     if self.pause_at_deadline {
                         self.deadline = None;
@@ -1287,6 +1374,7 @@ mod tests {
             deadline: None,
             downtime_start_ms: DEFAULT_DOWNTIME_MS,
             convergence: ConvergenceReport::default(),
+            control: None,
         };
         let aborted_after = Arc::new(Mutex::new(None));
         let mut dest = FakeDestination {

@@ -27,6 +27,7 @@
 //! 8. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
 //!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
 
+mod control;
 mod convergence;
 mod destination;
 mod disks;
@@ -37,6 +38,7 @@ mod report;
 mod side;
 mod undo;
 
+pub use control::{AppliedControl, Control, ControlHandle, ControlSender, control_channel};
 pub use convergence::{
     Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
     TimeoutAction, XbzrleCache,
@@ -233,6 +235,8 @@ pub struct MigrationOptions {
     pub dest_domain: Option<DestDomain>,
     /// What may help a busy guest's migration finish.
     pub convergence: Convergence,
+    /// Where controls from another task arrive while the migration runs ([`control_channel`]).
+    pub control: Option<ControlHandle>,
 }
 
 impl MigrationOptions {
@@ -268,6 +272,7 @@ impl MigrationOptions {
             allow_unsafe: false,
             dest_domain: None,
             convergence: Convergence::default(),
+            control: None,
         }
     }
 
