@@ -45,12 +45,10 @@ impl ProgressOut {
     pub fn update(&self, p: &Progress) {
         match self {
             ProgressOut::Silent => {}
-            ProgressOut::JsonLines(job) => {
-                let mut line = json!({"progress": p});
-                if let Some(id) = job {
-                    line["job"] = json!(id);
-                }
-                eprintln!("{line}");
+            ProgressOut::JsonLines(None) => eprintln!("{}", json!({"progress": p})),
+            // "progress" stays the line's first member, for readers that match the prefix.
+            ProgressOut::JsonLines(Some(id)) => {
+                eprintln!("{{\"progress\":{},\"job\":{}}}", json!(p), json!(id))
             }
             ProgressOut::Bar(bar) => {
                 bar.set_prefix(format!("{:?}", p.phase).to_lowercase());
