@@ -149,7 +149,7 @@ async fn jobs_lists_a_running_migration_and_an_unknown_id_exits_3_naming_it() {
         listed["vm"],
         job.pair.source.qmp_path().display().to_string()
     );
-    assert_eq!(listed["ram"]["total"].as_u64() > Some(0), true, "{listed}");
+    assert!(listed["ram"]["total"].as_u64() > Some(0), "{listed}");
     assert_eq!(unknown.status.code(), Some(3));
     let refusal = fixture::stdout_json(&unknown);
     assert_eq!(refusal["result"], "unknown-job", "{refusal}");

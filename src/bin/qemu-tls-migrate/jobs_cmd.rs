@@ -210,11 +210,9 @@ fn progress_text(j: &JobStatus) -> String {
     let secs = j.elapsed_ms as f64 / 1000.0;
     if let Some(ram) = &j.ram {
         let done = ram.total.saturating_sub(ram.remaining);
-        let pct = if ram.total == 0 {
-            0
-        } else {
-            done * 100 / ram.total
-        };
+        let pct = (done.saturating_mul(100))
+            .checked_div(ram.total)
+            .unwrap_or(0);
         return format!(
             "RAM {pct}% of {}, {} sent, {:.0} Mbit/s, {secs:.0} s",
             HumanBytes(ram.total),
