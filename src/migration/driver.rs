@@ -1287,7 +1287,7 @@ mod tests {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::migration::Endpoint;
@@ -1400,6 +1400,101 @@ mod tests {
             .collect();
         let before_abort = aborted_after.lock().expect("lock").expect("aborted");
         (error, sent, before_abort)
+    }
+
+    /// Applies `controls` in turn to a source whose guest runs, before RAM moves (nothing
+    /// on its undo stack); returns each answer, the commands the source got, the report's
+    /// controls and whether the source would be resumed on a roll-back.
+    async fn apply(
+        controls: &[Control],
+    ) -> (
+        Vec<Result<(), String>>,
+        Vec<(String, Value)>,
+        Vec<AppliedControl>,
+        bool,
+    ) {
+        let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
+        let log = peer.answer_all(|name, _| {
+            Ok(match name {
+                "query-status" => json!({"running": true, "status": "running"}),
+                _ => json!({}),
+            })
+        });
+        let src = SideCtl::with_qmp(Side::Source, qmp.clone(), Path::new("s"), Path::new("/"), T);
+        let endpoint = || Endpoint {
+            qmp: "x".into(),
+            pki_dir: "/".into(),
+        };
+        let opts = MigrationOptions::new(endpoint(), endpoint(), "dst");
+        let mut progress = |_: &Progress| {};
+        let mut run = Run {
+            opts: &opts,
+            started: Instant::now(),
+            progress: &mut progress,
+            warnings: Vec::new(),
+            transport: Transport::Tls,
+            ram: RamReport::default(),
+            src: Some(src),
+            ports: Vec::new(),
+            disk_progress: Vec::new(),
+            disk_reports: Vec::new(),
+            committed: None,
+            marks: Marks::default(),
+            multifd: None,
+            stopped_at_us: None,
+            deadline: None,
+            downtime_start_ms: DEFAULT_DOWNTIME_MS,
+            convergence: ConvergenceReport::default(),
+            control: None,
+        };
+        let mut answers = Vec::new();
+        for c in controls {
+            answers.push(run.apply_control(&qmp, *c).await.map_err(|e| e.to_string()));
+        }
+        let sent = log.lock().expect("lock").clone();
+        let resumes = run
+            .src
+            .as_ref()
+            .is_some_and(|s| s.undo.iter().any(|u| matches!(u, Undo::ResumeSource)));
+        (answers, sent, run.convergence.controls, resumes)
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_control_sets_the_parameter_and_is_recorded() {
+        let (answers, sent, controls, _) = apply(&[Control::SetMaxBandwidth(1 << 30)]).await;
+
+        assert_eq!(answers, vec![Ok(())]);
+        assert_eq!(sent[0].0, "migrate-set-parameters");
+        assert_eq!(sent[0].1["max-bandwidth"], 1u64 << 30, "{sent:?}");
+        assert_eq!(controls[0].what, "max-bandwidth");
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_of_zero_is_refused_without_touching_qemu() {
+        let (answers, sent, controls, _) = apply(&[Control::SetMaxBandwidth(0)]).await;
+
+        assert!(
+            answers[0]
+                .as_ref()
+                .is_err_and(|e| e.contains("bandwidth 0")),
+            "{answers:?}"
+        );
+        assert!(sent.is_empty(), "{sent:?}");
+        assert!(controls.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pause_during_the_disk_copy_stops_the_guest_and_registers_its_resume() {
+        let (answers, sent, controls, resumes) = apply(&[Control::Pause]).await;
+
+        assert_eq!(answers, vec![Ok(())]);
+        let names: Vec<&str> = sent.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["query-status", "stop"]);
+        assert_eq!(controls[0].what, "pause");
+        assert!(
+            resumes,
+            "a roll-back must resume the guest paused by the control"
+        );
     }
 
     #[tokio::test]

@@ -161,6 +161,7 @@ async fn jobs_lists_a_running_migration_and_an_unknown_id_exits_3_naming_it() {
         "{refusal}"
     );
     let table = String::from_utf8_lossy(&human.stdout);
+    fixture::show("jobs", &table);
     assert!(
         table.contains("vm-list") && table.contains("ram"),
         "{table}"
@@ -208,6 +209,8 @@ async fn jobs_set_max_bandwidth_lifts_the_cap_of_a_running_migration_and_it_comp
     let (pair, code, report, stderr) = job.finish().await;
 
     let answer = fixture::stdout_json(&set);
+    fixture::show("jobs set --json", &answer);
+    fixture::show("migrate --json", &report);
     assert_eq!(set.status.code(), Some(0), "{answer}");
     assert_eq!(
         answer["applied"],
