@@ -31,7 +31,7 @@ progress line and in its final JSON (\"job\"); choose it with `migrate --job-id`
 goes when the migration ends; a crashed one's is removed by the next listing.\n\n\
 Controls apply while disks or RAM move; earlier or later they are refused with a message.",
     after_help = "Examples:\n  \
-qemu-tls-migrate jobs                                  # id, pid, VM, phase, progress\n  \
+qemu-tls-migrate jobs                                  # id, pid, phase, VM, progress\n  \
 qemu-tls-migrate jobs set 3f9c2a1b --max-bandwidth 1G  # more bandwidth now\n  \
 qemu-tls-migrate jobs set 3f9c2a1b --downtime-limit 2000\n  \
 qemu-tls-migrate jobs pause 3f9c2a1b                   # finish now, as downtime\n  \
@@ -189,18 +189,20 @@ fn print_list(listed: &[JobStatus], json: bool) {
         println!("no migration is running on this host");
         return;
     }
+    let id_width = listed.iter().map(|j| j.id.len()).max().unwrap_or(0).max(2);
+    let vm_width = listed.iter().map(|j| j.vm.len()).max().unwrap_or(0).max(2);
     println!(
-        "{:<12} {:>8} {:<9} {:<44} VM",
-        "ID", "PID", "PHASE", "PROGRESS"
+        "{:<id_width$} {:>8} {:<9} {:<vm_width$} PROGRESS",
+        "ID", "PID", "PHASE", "VM"
     );
     for j in listed {
         println!(
-            "{:<12} {:>8} {:<9} {:<44} {}",
+            "{:<id_width$} {:>8} {:<9} {:<vm_width$} {}",
             j.id,
             j.pid,
             j.phase,
-            progress_text(j),
-            j.vm
+            j.vm,
+            progress_text(j)
         );
     }
 }
