@@ -207,8 +207,11 @@ qemu-tls-migrate migrate --source-qmp /run/vm1/qmp.sock --dest-qmp /run/vm1-in/q
 Block migration of a VM on local storage (the destination started with empty disks of the same \
 node names and sizes):\n  \
 qemu-tls-migrate migrate --source-qmp ... --dest-qmp ... --dest-host host-b --all-local-disks\n\n\
+While it runs, `qemu-tls-migrate jobs` lists it, and `jobs cancel ID`, `jobs set ID \
+--max-bandwidth RATE --downtime-limit MS` and `jobs pause ID` control it from any process of \
+this user (ID: --job-id, or \"job\" in the JSON progress lines; see `jobs --help`).\n\n\
 Exit codes: 0 completed, 1 migration failed (rolled back; or split-brain-risk: source left \
-paused), 2 bad command line, 3 refused before anything was changed on either side, 4 cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT (rolled back; a second signal \
+paused), 2 bad command line, 3 refused before anything was changed on either side, 4 cancelled by SIGINT, SIGTERM, SIGHUP, SIGQUIT or `jobs cancel` (rolled back; a second signal \
 during the rollback does not interrupt it).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
 \"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \
