@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use qemu_tls_migrate::vm::DiskFormat;
 use qemu_tls_migrate::vm::workload::workload_kernel;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
@@ -12,8 +13,8 @@ use tokio::process::Child;
 
 use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab, Pair, pass_beyond};
 
-/// A `migrate --json` of a guest dirtying 64 MiB at 20000 pages/s over a link capped at
-/// 8 MiB/s: it never finishes on its own. Its control socket lives in `run_dir`.
+/// A `migrate --json` that keeps busy long enough to be controlled. Its control socket lives
+/// in `run_dir`.
 struct BusyJob {
     _lab: Lab,
     pair: Pair,
@@ -25,16 +26,33 @@ struct BusyJob {
 }
 
 impl BusyJob {
-    /// Starts the migration as job `id` and waits until `jobs` lists it moving RAM.
+    /// A guest dirtying 64 MiB at 20000 pages/s over a link capped at 8 MiB/s: it never
+    /// finishes on its own. Returns once `jobs` lists it moving RAM.
     async fn start(id: &str) -> BusyJob {
+        let kernel = workload_kernel(64, 20_000).expect("workload");
+        let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
+        pass_beyond(pair.source.serial_path(), 0).await;
+        let job = BusyJob::launch(id, pair, &["--max-bandwidth", "8M"]);
+        job.wait_listed(|j| j["phase"] == "ram" && j["ram"]["transferred"].as_u64() > Some(0))
+            .await;
+        job
+    }
+
+    /// A 64 MiB disk copied at 2 MiB/s. Returns once `jobs` lists it copying the disk.
+    async fn start_copying_a_disk(id: &str) -> BusyJob {
+        let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 64)]).await;
+        let job = BusyJob::launch(id, pair, &["--disk", "disk0", "--disk-bandwidth", "2M"]);
+        job.wait_listed(|j| j["phase"] == "disks").await;
+        job
+    }
+
+    /// `migrate --json` of `pair` over TLS as job `id`, with `extra` arguments.
+    fn launch(id: &str, pair: Pair, extra: &[&str]) -> BusyJob {
         let lab = Lab::new("Test CA");
         let (src, dst) = (
             lab.host("src", &["src-host"]),
             lab.host("dst", &[DEST_HOST]),
         );
-        let kernel = workload_kernel(64, 20_000).expect("workload");
-        let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
-        pass_beyond(pair.source.serial_path(), 0).await;
         let dir = tempfile::tempdir().expect("run dir parent");
         let run_dir = dir.path().join("jobs");
         let args: Vec<String> = [
@@ -50,12 +68,11 @@ impl BusyJob {
             &src.display().to_string(),
             "--dest-pki-dir",
             &dst.display().to_string(),
-            "--max-bandwidth",
-            "8M",
             "--job-id",
             id,
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         let mut child = fixture::spawn_cli_env(&args, &[("QTM_RUN_DIR", &run_dir)]);
@@ -66,7 +83,7 @@ impl BusyJob {
             let _ = pipe.read_to_string(&mut text).await;
             text
         });
-        let job = BusyJob {
+        BusyJob {
             _lab: lab,
             pair,
             _dir: dir,
@@ -74,9 +91,7 @@ impl BusyJob {
             id: id.to_string(),
             child,
             stderr,
-        };
-        job.wait_listed_in_ram().await;
-        job
+        }
     }
 
     /// `qemu-tls-migrate ARGS` against this job's run directory.
@@ -84,8 +99,8 @@ impl BusyJob {
         fixture::run_cli_env(args, &[("QTM_RUN_DIR", &self.run_dir)]).await
     }
 
-    /// Polls `jobs --json` until this job shows the RAM phase with bytes moved.
-    async fn wait_listed_in_ram(&self) -> Value {
+    /// Polls `jobs --json` until this job is listed as `wanted` says.
+    async fn wait_listed(&self, wanted: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
         loop {
             let out = self.cli(&["jobs", "--json"]).await;
@@ -95,14 +110,13 @@ impl BusyJob {
                 .and_then(|jobs| jobs.iter().find(|j| j["id"] == self.id.as_str()))
                 .cloned();
             if let Some(job) = this
-                && job["phase"] == "ram"
-                && job["ram"]["transferred"].as_u64() > Some(0)
+                && wanted(&job)
             {
                 return job;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "job {} never listed moving RAM: {listed}",
+                "job {} never listed as expected: {listed}",
                 self.id
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -140,7 +154,7 @@ fn run_dir_entries(dir: &Path) -> Vec<String> {
 async fn jobs_lists_a_running_migration_and_an_unknown_id_exits_3_naming_it() {
     let job = BusyJob::start("vm-list").await;
 
-    let listed = job.wait_listed_in_ram().await;
+    let listed = job.wait_listed(|j| j["phase"] == "ram").await;
     let unknown = job.cli(&["jobs", "cancel", "no-such-job", "--json"]).await;
     let human = job.cli(&["jobs"]).await;
 
@@ -255,4 +269,23 @@ async fn jobs_pause_makes_a_busy_guest_finish_as_downtime() {
     );
     assert_eq!(fixture::status(&pair.dest).await, "running");
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_paused_during_the_disk_copy_runs_again_after_jobs_cancel() {
+    let job = BusyJob::start_copying_a_disk("vm-disks").await;
+
+    let pause = job.cli(&["jobs", "pause", "vm-disks", "--json"]).await;
+    let paused = fixture::status(&job.pair.source).await;
+    let cancel = job.cli(&["jobs", "cancel", "vm-disks", "--json"]).await;
+    let (pair, code, report, stderr) = job.finish().await;
+
+    assert_eq!(pause.status.code(), Some(0), "{pause:?}");
+    assert_eq!(paused, "paused");
+    assert_eq!(cancel.status.code(), Some(0), "{cancel:?}");
+    assert_eq!(code, Some(4), "{report}: {stderr}");
+    assert_eq!(report["status"], "cancelled");
+    fixture::assert_source_untouched(&pair.source).await;
+    let (nodes, jobs) = fixture::tool_block_leftovers(&pair.source).await;
+    assert!(nodes.is_empty() && jobs.is_empty(), "{nodes:?} {jobs:?}");
 }
