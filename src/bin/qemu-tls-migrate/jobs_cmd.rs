@@ -82,9 +82,24 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Outcome> {
     let timeout = Duration::from_secs(args.timeout);
     let (id, request) = match args.action.unwrap_or(JobsAction::List) {
         JobsAction::List => {
-            let listed = jobs::list(&dir, timeout).await?;
-            print_list(&listed, args.json);
-            return Ok(Outcome::Success);
+            return Ok(match jobs::list(&dir, timeout).await {
+                Ok(listed) => {
+                    print_list(&listed, args.json);
+                    Outcome::Success
+                }
+                Err(e) => {
+                    let message = crate::output::error_chain(&e).join(": ");
+                    if args.json {
+                        println!("{}", json!({"jobs": [], "error": message}));
+                    } else {
+                        #[allow(clippy::print_stderr)]
+                        {
+                            eprintln!("error: {message}");
+                        }
+                    }
+                    Outcome::Failed
+                }
+            });
         }
         JobsAction::Cancel { id } => (id, Request::Cancel),
         JobsAction::Set {
