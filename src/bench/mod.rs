@@ -56,6 +56,8 @@ pub const DEST_HOST: &str = "dst-host";
 pub const WORKLOAD_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default deadline of one migration.
 pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Deadline of each migration of the heavy profile, where some are not to converge.
+pub const HEAVY_RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// GnuTLS priority strings of the cipher modes. QEMU 7.2 links GnuTLS 3.7, which negotiates
 /// TLS 1.3 with each of these as the only cipher.
 pub const PRIORITY_AES128_GCM: &str = "NORMAL:-CIPHER-ALL:+AES-128-GCM";
@@ -75,6 +77,22 @@ pub struct Mode {
     /// QEMU migrates in plain TCP through an encrypting tunnel: a socat/OpenSSL TLS proxy pair
     /// (`tls-proxy`) or an SSH port forward (`ssh`).
     pub proxy: Option<ProxyKind>,
+    /// A convergence aid (over TLS): `auto-converge`, `xbzrle`, `zstd`, `pause-after`.
+    pub conv: Option<ConvMode>,
+}
+
+/// The convergence aids the bench compares (see [`crate::migration::Convergence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvMode {
+    /// QEMU throttles the guest's vCPUs (initial 20%, +10% a pass: QEMU's defaults).
+    AutoConverge,
+    /// Pages sent again go as XBZRLE deltas (cache sized from the dirty rate).
+    Xbzrle,
+    /// Two multifd channels, zstd-compressed.
+    Zstd,
+    /// At the bench's `pause_after`, the guest is paused and the rest moves as downtime.
+    PauseAfter,
 }
 
 impl Mode {
@@ -86,6 +104,7 @@ impl Mode {
             multifd: None,
             tls_priority: None,
             proxy: None,
+            conv: None,
         }
     }
 
@@ -97,6 +116,7 @@ impl Mode {
             multifd: None,
             tls_priority: None,
             proxy: None,
+            conv: None,
         }
     }
 
@@ -107,6 +127,22 @@ impl Mode {
             name: "tls-proxy".into(),
             proxy: Some(ProxyKind::Socat),
             ..Mode::tcp()
+        }
+    }
+
+    /// TLS with a convergence aid.
+    pub fn converging(conv: ConvMode) -> Mode {
+        let name = match conv {
+            ConvMode::AutoConverge => "auto-converge",
+            ConvMode::Xbzrle => "xbzrle",
+            ConvMode::Zstd => "zstd",
+            ConvMode::PauseAfter => "pause-after",
+        };
+        Mode {
+            name: name.into(),
+            conv: Some(conv),
+            multifd: (conv == ConvMode::Zstd).then_some(2),
+            ..Mode::tls()
         }
     }
 
@@ -172,6 +208,10 @@ impl Mode {
             "tls" => Some(Mode::tls()),
             "tls-proxy" => Some(Mode::tls_proxy()),
             "ssh" => Some(Mode::ssh()),
+            "auto-converge" => Some(Mode::converging(ConvMode::AutoConverge)),
+            "xbzrle" => Some(Mode::converging(ConvMode::Xbzrle)),
+            "zstd" => Some(Mode::converging(ConvMode::Zstd)),
+            "pause-after" => Some(Mode::converging(ConvMode::PauseAfter)),
             "tls-aes128" => Some(Mode::tls_cipher(name, PRIORITY_AES128_GCM)),
             "tls-aes256" => Some(Mode::tls_cipher(name, PRIORITY_AES256_GCM)),
             "tls-chacha20" => Some(Mode::tls_cipher(name, PRIORITY_CHACHA20)),
@@ -195,6 +235,13 @@ impl Mode {
         if let Some(p) = &self.tls_priority {
             s.push_str(&format!(", priority {p}"));
         }
+        match self.conv {
+            Some(ConvMode::AutoConverge) => s.push_str(", auto-converge"),
+            Some(ConvMode::Xbzrle) => s.push_str(", XBZRLE"),
+            Some(ConvMode::Zstd) => s.push_str(", zstd compression"),
+            Some(ConvMode::PauseAfter) => s.push_str(", guest paused at the deadline"),
+            None => {}
+        }
         s
     }
 }
@@ -215,6 +262,9 @@ pub enum Profile {
     /// The data plane alone: the source paused, its RAM (above the first MiB and the guest's
     /// own code) overwritten with pseudo-random bytes, so every page is sent once, in full.
     Static,
+    /// As `running`, with a workload that dirties faster than plain TLS moves it: migrations
+    /// that do not converge by the deadline are counted, not fatal.
+    Heavy,
 }
 
 /// A checked benchmark plan.
@@ -241,6 +291,10 @@ pub struct BenchConfig {
     pub accel: Option<Accel>,
     /// Deadline of each migration.
     pub run_timeout: Duration,
+    /// Cap of every mode's RAM stream, bytes per second; `None`: no cap.
+    pub max_bandwidth: Option<u64>,
+    /// The `pause-after` mode's deadline, after which it pauses the guest.
+    pub pause_after: Duration,
     /// Where VM directories go; `None`: `/dev/shm` if present, else the temporary directory.
     pub work_dir: Option<PathBuf>,
 }
@@ -551,8 +605,30 @@ impl RunContext<'_> {
         let report = migration::migrate(&options, &mut on_progress, cancel).await;
         let wall = started.elapsed();
         let host_cpu_s = (measure::host_busy_seconds().unwrap_or(0.0) - host_before).max(0.0);
-        let src_after = cpu(src_pid, &src_vcpus)?;
-        let dst_after = cpu(dst_pid, &dst_vcpus)?;
+        let timed_out = report
+            .error
+            .as_ref()
+            .is_some_and(|e| matches!(e, migration::MigrationError::Timeout { .. }));
+        if report.status == FinalStatus::Failed && timed_out {
+            // Did not converge by the deadline: a result of the run, not a failure of the
+            // bench (rolled back; the source ran on).
+            let result = RunResult {
+                run: index,
+                round,
+                warmup,
+                mode: mode.name.clone(),
+                completed: false,
+                wall_ms: wall.as_millis() as u64,
+                host_cpu_s,
+                ..RunResult::default()
+            };
+            drop(src_mon);
+            drop(dst_mon);
+            drop(source);
+            drop(dest);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok((result, version));
+        }
         if report.status != FinalStatus::Completed {
             if report.status == FinalStatus::Cancelled {
                 return Err(BenchError::Cancelled);
@@ -564,6 +640,8 @@ impl RunContext<'_> {
                 source: report.error.map(Box::new),
             });
         }
+        let src_after = cpu(src_pid, &src_vcpus)?;
+        let dst_after = cpu(dst_pid, &dst_vcpus)?;
         let info: MigrationInfo =
             src_mon
                 .call(&QueryMigrate)
@@ -581,9 +659,11 @@ impl RunContext<'_> {
             round,
             warmup,
             mode: mode.name.clone(),
+            completed: true,
             total_ms: info.total_time.unwrap_or(report.ram.total_ms),
             setup_ms: info.setup_time.unwrap_or(0),
             downtime_ms: info.downtime.unwrap_or(report.ram.downtime_ms),
+            guest_pause_ms: report.guest_pause.as_ref().map(|p| p.ms),
             wall_ms: wall.as_millis() as u64,
             ram_bytes: ram.transferred,
             guest_ram_bytes: ram.total,
@@ -629,6 +709,25 @@ impl RunContext<'_> {
         o.multifd = mode.multifd;
         o.tls_priority = mode.tls_priority.clone();
         o.timeout = Some(self.config.run_timeout);
+        if let Some(cap) = self.config.max_bandwidth {
+            o.max_bandwidth = cap;
+        }
+        match mode.conv {
+            Some(ConvMode::AutoConverge) => {
+                o.convergence.auto_converge = Some(crate::migration::Throttle::default());
+            }
+            Some(ConvMode::Xbzrle) => {
+                o.convergence.xbzrle = Some(crate::migration::XbzrleCache::Auto);
+            }
+            Some(ConvMode::Zstd) => {
+                o.convergence.compress = Some(crate::migration::Compression::Zstd);
+            }
+            Some(ConvMode::PauseAfter) => {
+                o.timeout = Some(self.config.pause_after);
+                o.convergence.timeout_action = crate::migration::TimeoutAction::Pause;
+            }
+            None => {}
+        }
         if self.config.disk_mib > 0 {
             o.disks = DiskSelection::AllLocal;
         }

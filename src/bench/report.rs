@@ -17,7 +17,7 @@ use crate::vm::Accel;
 pub const BASELINE: &str = "tcp";
 
 /// One migration's measurements.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct RunResult {
     /// Position in the run order (0-based, warm-up runs included).
     pub run: usize,
@@ -25,11 +25,16 @@ pub struct RunResult {
     /// Warm-up runs are reported but not summarised.
     pub warmup: bool,
     pub mode: String,
+    /// The migration completed; `false`: it did not converge by the deadline (rolled back), and
+    /// only `wall_ms` and `host_cpu_s` are measured.
+    pub completed: bool,
     /// QEMU's total migration time (`total-time`), setup to completion.
     pub total_ms: u64,
     pub setup_ms: u64,
-    /// Guest pause at switch-over.
+    /// Guest pause at switch-over, QEMU's estimate.
     pub downtime_ms: u64,
+    /// The guest's real pause: the source's STOP event to the destination's RESUME event.
+    pub guest_pause_ms: Option<u64>,
     /// Wall time of the tool's whole migration (preflight and clean-up included).
     pub wall_ms: u64,
     /// RAM bytes QEMU sent (`ram.transferred`).
@@ -84,6 +89,7 @@ pub enum Metric {
     WallMs,
     OverheadMs,
     RamMbps,
+    GuestPauseMs,
     DowntimeMs,
     SentRatio,
     SrcCpuS,
@@ -94,11 +100,12 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 12] = [
         Metric::TotalMs,
         Metric::WallMs,
         Metric::OverheadMs,
         Metric::RamMbps,
+        Metric::GuestPauseMs,
         Metric::DowntimeMs,
         Metric::SentRatio,
         Metric::SrcCpuS,
@@ -114,6 +121,7 @@ impl Metric {
             Metric::WallMs => "wall_ms",
             Metric::OverheadMs => "overhead_ms",
             Metric::RamMbps => "ram_mbps",
+            Metric::GuestPauseMs => "guest_pause_ms",
             Metric::DowntimeMs => "downtime_ms",
             Metric::SentRatio => "sent_ratio",
             Metric::SrcCpuS => "src_cpu_s",
@@ -130,6 +138,7 @@ impl Metric {
             Metric::WallMs => r.wall_ms as f64,
             Metric::OverheadMs => r.overhead_ms(),
             Metric::RamMbps => r.ram_mbps,
+            Metric::GuestPauseMs => return r.guest_pause_ms.map(|v| v as f64),
             Metric::DowntimeMs => r.downtime_ms as f64,
             Metric::SentRatio => r.sent_ratio(),
             Metric::SrcCpuS => r.src_cpu_s,
@@ -157,6 +166,8 @@ pub struct ModeSummary {
     pub mode: Mode,
     pub description: String,
     pub runs: usize,
+    /// Measured runs that completed (the rest did not converge by the deadline).
+    pub completed: usize,
     pub metrics: Vec<MetricSummary>,
 }
 
@@ -308,7 +319,7 @@ pub fn summarise(modes: &[Mode], runs: &[RunResult]) -> Vec<ModeSummary> {
     let stats_of = |mode: &str, metric: Metric| {
         let samples: Vec<f64> = runs
             .iter()
-            .filter(|r| !r.warmup && r.mode == mode)
+            .filter(|r| !r.warmup && r.completed && r.mode == mode)
             .filter_map(|r| metric.of(r))
             .collect();
         Stat::of(&samples)
@@ -335,6 +346,10 @@ pub fn summarise(modes: &[Mode], runs: &[RunResult]) -> Vec<ModeSummary> {
                     .iter()
                     .filter(|r| !r.warmup && r.mode == mode.name)
                     .count(),
+                completed: runs
+                    .iter()
+                    .filter(|r| !r.warmup && r.completed && r.mode == mode.name)
+                    .count(),
                 metrics,
             }
         })
@@ -352,6 +367,7 @@ pub fn render_table(report: &BenchReport) -> String {
         "RAM Mbit/s",
         "x tcp",
         "downtime ms",
+        "pause ms",
         "sent/RAM",
         "src CPU s",
         "dst CPU s",
@@ -376,7 +392,11 @@ pub fn render_table(report: &BenchReport) -> String {
         .map(|s| {
             vec![
                 s.mode.name.clone(),
-                s.runs.to_string(),
+                if s.completed == s.runs {
+                    s.runs.to_string()
+                } else {
+                    format!("{} ({} done)", s.runs, s.completed)
+                },
                 spread(s, Metric::TotalMs, 0),
                 s.get(Metric::WallMs)
                     .and_then(|m| m.ratio_to_tcp)
@@ -387,6 +407,7 @@ pub fn render_table(report: &BenchReport) -> String {
                     .and_then(|m| m.ratio_to_tcp)
                     .map_or("-".into(), |r| format!("{r:.2}")),
                 spread(s, Metric::DowntimeMs, 0),
+                spread(s, Metric::GuestPauseMs, 0),
                 spread(s, Metric::SentRatio, 2),
                 spread(s, Metric::SrcCpuS, 2),
                 spread(s, Metric::DstCpuS, 2),
@@ -435,6 +456,17 @@ pub fn render_table(report: &BenchReport) -> String {
                 report.config.workload.working_set_mib, report.config.workload.pages_per_sec
             ),
             super::Profile::Static => "static: source paused, RAM pseudo-random".to_string(),
+            super::Profile::Heavy => format!(
+                "heavy: workload {} MiB at {} pages/s (0: unpaced){}, deadline {} s",
+                report.config.workload.working_set_mib,
+                report.config.workload.pages_per_sec,
+                report
+                    .config
+                    .max_bandwidth
+                    .map(|b| format!(", link capped at {} MiB/s", b >> 20))
+                    .unwrap_or_default(),
+                report.config.run_timeout.as_secs()
+            ),
         },
         if report.config.disk_mib > 0 {
             format!(", disk {} MiB", report.config.disk_mib)
@@ -587,9 +619,11 @@ mod tests {
             round: 0,
             warmup,
             mode: mode.into(),
+            completed: true,
             total_ms,
             setup_ms: 5,
             downtime_ms: 20,
+            guest_pause_ms: None,
             wall_ms: total_ms + 100,
             ram_bytes: 200 << 20,
             guest_ram_bytes: 100 << 20,

@@ -28,7 +28,17 @@ pub enum TimeoutAction {
     Abort,
     /// Pause the guest so the migration finishes; the rest moves as downtime.
     Pause,
+    /// Switch to post-copy: always refused ([`POSTCOPY_REFUSED`]).
+    Postcopy,
 }
+
+/// Why post-copy is refused, in full: what `--postcopy` and `--timeout-action postcopy` say.
+pub const POSTCOPY_REFUSED: &str = "post-copy is refused: once it starts, the guest runs on the \
+destination while part of its memory is still on the source, so a cut link or a dead host \
+loses the VM (neither host holds a whole copy), against this tool's rule that a failure leaves \
+one whole, running copy; and QEMU 7.2 is affected by QEMU issue #1937 (GnuTLS can crash QEMU \
+after about 64 GB over a TLS channel with a return path, which post-copy needs). Use \
+--auto-converge, or --timeout-action pause, which finish a busy guest without that risk";
 
 /// Multifd compression methods of QEMU 7.2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -148,6 +158,8 @@ pub struct Convergence {
     /// A deadline of this much per GiB of guest RAM plus copied disk (KubeVirt's
     /// `completionTimeoutPerGiB`), so one number fits VMs of all sizes.
     pub completion_timeout_per_gib: Option<Duration>,
+    /// Post-copy was asked for (refused by [`crate::migration::MigrationOptions::validate`]).
+    pub postcopy: bool,
 }
 
 /// The deadline for `bytes` of RAM and disk at `per_gib` per GiB (at least one second).

@@ -59,6 +59,16 @@ pub struct SourceDisk {
 }
 
 impl SourceDisk {
+    /// Bytes the copy will move: what the copied images take on the host, or the virtual
+    /// size where QEMU does not say.
+    pub fn to_copy(&self) -> u64 {
+        if self.allocated > 0 {
+            self.allocated
+        } else {
+            self.size
+        }
+    }
+
     /// The NBD client node on the source that writes into the destination's export.
     pub fn nbd_node(&self) -> String {
         format!("{OBJECT_PREFIX}nbd-{}", self.node)

@@ -158,6 +158,7 @@ pub async fn migrate_to<D: Destination>(
         downtime_start_ms: DEFAULT_DOWNTIME_MS,
         convergence: ConvergenceReport::default(),
         control: opts.control.as_ref().and_then(|c| c.take()),
+        forecast: None,
     };
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
@@ -214,6 +215,7 @@ pub async fn migrate_to<D: Destination>(
         multifd: run.multifd,
         source_qmp_access: None,
         convergence: run.convergence,
+        forecast: run.forecast,
     }
 }
 
@@ -244,6 +246,7 @@ struct Run<'a> {
     convergence: ConvergenceReport,
     /// Controls from another task ([`super::control`]), read by the watch loop.
     control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
+    forecast: Option<super::forecast::Forecast>,
 }
 
 /// When each phase began, for [`Timing`].
@@ -418,6 +421,22 @@ impl Run<'_> {
         self.downtime_start_ms = opts
             .downtime_limit
             .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64);
+        if opts.forecast {
+            let disk_bytes = disks.iter().map(SourceDisk::to_copy).sum();
+            let f = super::forecast::measure(&src, opts, self.transport, disk_bytes).await?;
+            if !f.converges {
+                let w = format!(
+                    "the forecast says this migration will not converge as configured (the \
+                     guest dirties {} MiB/s against {} Mbit/s); consider: {}",
+                    f.dirty_rate_mib_s,
+                    f.throughput_mbps,
+                    f.advice.join("; ")
+                );
+                tracing::warn!("{w}");
+                self.warnings.push(w);
+            }
+            self.forecast = Some(f);
+        }
         let behind = disks::left_behind(&blocks, &disks, &opts.shared_disks);
         if !behind.is_empty() {
             if !opts.allow_unsafe {
@@ -1051,21 +1070,30 @@ impl Run<'_> {
 }
 
 /// QEMU 7.2's default downtime limit (ms), when the caller sets none.
-const DEFAULT_DOWNTIME_MS: u64 = 300;
+pub(crate) const DEFAULT_DOWNTIME_MS: u64 = 300;
 
 /// How long [`sample_dirty_rate`] samples.
 const DIRTY_RATE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// The guest's dirty rate (MiB/s) over [`DIRTY_RATE_SAMPLE`] (`calc-dirty-rate`); read-only.
 pub(crate) async fn sample_dirty_rate(src: &SideCtl) -> Result<u64, MigrationError> {
+    start_dirty_rate(src).await?;
+    dirty_rate_result(src).await
+}
+
+/// Starts QEMU's dirty-rate measurement, which runs [`DIRTY_RATE_SAMPLE`] in the background.
+pub(crate) async fn start_dirty_rate(src: &SideCtl) -> Result<(), MigrationError> {
     let calc = CalcDirtyRate {
         calc_time: DIRTY_RATE_SAMPLE.as_secs(),
         sample_pages: None,
     };
-    src.call("calc-dirty-rate", &calc).await?;
+    src.call("calc-dirty-rate", &calc).await.map(drop)
+}
+
+/// Waits for the measurement [`start_dirty_rate`] started; MiB/s.
+pub(crate) async fn dirty_rate_result(src: &SideCtl) -> Result<u64, MigrationError> {
     let deadline = Instant::now() + DIRTY_RATE_SAMPLE + src.timeout;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let info = src.call("query-dirty-rate", &QueryDirtyRate).await?;
         if info.status == "measured" {
             return Ok(info.dirty_rate.unwrap_or(0).max(0) as u64);
@@ -1075,6 +1103,7 @@ pub(crate) async fn sample_dirty_rate(src: &SideCtl) -> Result<u64, MigrationErr
                 desc: format!("the dirty rate was not measured within {:?}", src.timeout),
             });
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -1375,6 +1404,7 @@ mod tests {
             downtime_start_ms: DEFAULT_DOWNTIME_MS,
             convergence: ConvergenceReport::default(),
             control: None,
+            forecast: None,
         };
         let aborted_after = Arc::new(Mutex::new(None));
         let mut dest = FakeDestination {
@@ -1446,6 +1476,7 @@ mod tests {
             downtime_start_ms: DEFAULT_DOWNTIME_MS,
             convergence: ConvergenceReport::default(),
             control: None,
+            forecast: None,
         };
         let mut answers = Vec::new();
         for c in controls {

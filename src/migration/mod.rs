@@ -33,6 +33,7 @@ mod destination;
 mod disks;
 mod driver;
 mod error;
+mod forecast;
 mod remote;
 mod report;
 mod side;
@@ -49,6 +50,7 @@ pub use disks::{
 };
 pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
+pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
 
@@ -237,6 +239,8 @@ pub struct MigrationOptions {
     pub convergence: Convergence,
     /// Where controls from another task arrive while the migration runs ([`control_channel`]).
     pub control: Option<ControlHandle>,
+    /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
+    pub forecast: bool,
 }
 
 impl MigrationOptions {
@@ -273,6 +277,7 @@ impl MigrationOptions {
             dest_domain: None,
             convergence: Convergence::default(),
             control: None,
+            forecast: false,
         }
     }
 
@@ -325,6 +330,12 @@ impl MigrationOptions {
         }
         if self.dest_host.trim().is_empty() {
             problems.push("the destination host name is empty".into());
+        }
+        if self.convergence.postcopy || self.convergence.timeout_action == TimeoutAction::Postcopy {
+            problems.push(convergence::POSTCOPY_REFUSED.into());
+        }
+        if self.convergence.compress.is_some() && self.multifd.is_none() && !self.multifd_auto {
+            problems.push("compression works on multifd channels only: add --multifd N".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -383,6 +394,37 @@ pub(crate) async fn libvirt_call<T: Send + 'static>(
             desc: format!("libvirt did not answer within {timeout:?}"),
         }),
     }
+}
+
+/// The forecast for `opts`' source (`migrate --plan`): connects to the source's QMP, measures,
+/// predicts, and changes nothing. The transport is decided from the PKI directories as for a
+/// migration (it sets the throughput estimate).
+pub async fn plan(opts: &MigrationOptions) -> Result<Forecast, MigrationError> {
+    opts.validate()?;
+    let transport = match opts.transport {
+        TransportChoice::Tcp => Transport::Tcp,
+        TransportChoice::Tls => Transport::Tls,
+        TransportChoice::Auto => {
+            match decide_transport(opts.transport, &opts.source.pki_dir, &opts.dest.pki_dir) {
+                Ok(d) => d.transport,
+                // A remote destination's PKI is not here to look at: assume the usual case.
+                Err(_) => Transport::Tls,
+            }
+        }
+    };
+    let src = side::SideCtl::connect(
+        Side::Source,
+        &opts.source.qmp,
+        &opts.source.pki_dir,
+        opts.qmp_timeout,
+    )
+    .await?;
+    let blocks = src.call("query-block", &crate::qemu::QueryBlock).await?;
+    let disk_bytes = disks::select(&blocks, &opts.disks, &opts.disk_copy)?
+        .iter()
+        .map(SourceDisk::to_copy)
+        .sum();
+    forecast::measure(&src, opts, transport, disk_bytes).await
 }
 
 /// How the tool reaches a libvirt domain's QEMU.

@@ -167,6 +167,8 @@ pub struct Report {
     pub source_qmp_access: Option<super::QmpAccess>,
     /// What the convergence options did.
     pub convergence: super::ConvergenceReport,
+    /// The forecast made before starting, if one was asked for: compare with `ram`.
+    pub forecast: Option<super::Forecast>,
 }
 
 impl Report {
@@ -196,6 +198,7 @@ impl Report {
             multifd: None,
             source_qmp_access: None,
             convergence: super::ConvergenceReport::default(),
+            forecast: None,
         }
     }
 }

@@ -188,7 +188,7 @@ async fn xbzrle_sends_fewer_bytes_for_a_guest_rewriting_its_pages() {
     show("without xbzrle", &without.0);
     show("with xbzrle", &with.0);
     fixture::show(
-        "written by the source QEMU",
+        "bytes across the link",
         &format!("{} without, {} with", without.1, with.1),
     );
     assert!(
@@ -220,7 +220,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
     show("multifd 2", &without.0);
     show("multifd 2 zstd", &with.0);
     fixture::show(
-        "written by the source QEMU",
+        "bytes across the link",
         &format!("{} without, {} with", without.1, with.1),
     );
     // QEMU 7.2 counts multifd pages before compression, in `transferred` and `multifd_bytes`
@@ -244,5 +244,99 @@ async fn compression_without_multifd_is_refused_before_anything_changes() {
 
     assert!(report.refused, "{report:?}");
     assert_eq!(fixture::error_kind(&report), Some("usage"));
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let (src_pki, dst_pki) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[fixture::DEST_HOST]),
+    );
+    let (src, dst) = (
+        pair.source.qmp_path().display().to_string(),
+        pair.dest.qmp_path().display().to_string(),
+    );
+
+    let out = fixture::run_cli(&[
+        "migrate",
+        "--json",
+        "--plan",
+        "--source-qmp",
+        &src,
+        "--dest-qmp",
+        &dst,
+        "--dest-host",
+        fixture::DEST_HOST,
+        "--source-pki-dir",
+        src_pki.to_str().expect("utf-8"),
+        "--dest-pki-dir",
+        dst_pki.to_str().expect("utf-8"),
+        "--max-bandwidth",
+        "16M",
+    ])
+    .await;
+
+    let json = fixture::stdout_json(&out);
+    fixture::show("plan, busy guest", &json);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["forecast"]["converges"], false, "{json}");
+    assert!(
+        json["forecast"]["dirty_rate_mib_s"].as_f64() > Some(16.0),
+        "{json}"
+    );
+    assert!(
+        json["forecast"]["advice"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|s| s.as_str().is_some_and(|s| s.contains("--auto-converge")))),
+        "{json}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_says_go_for_an_idle_guest_and_predicts_its_time_within_a_factor_of_two() {
+    let lab = Lab::new("Test CA");
+    // 64 MiB of the 128 MiB filled with data by the fixture; the guest dirties nothing.
+    let pair = Pair::start().await;
+    let mut o = pair.tls_options(&lab);
+    o.max_bandwidth = 64 << 20;
+
+    let forecast = qemu_tls_migrate::migration::plan(&o).await.expect("plan");
+    o.forecast = true;
+    let report = fixture::migrate(&o).await;
+
+    fixture::show("plan, idle guest", &format!("{forecast:?}"));
+    show("idle guest", &report);
+    assert!(forecast.converges, "{forecast:?}");
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    let (predicted, measured) = (
+        forecast.predicted_total_ms as f64,
+        report.ram.total_ms as f64,
+    );
+    assert!(
+        predicted <= measured * 2.0 && measured <= predicted * 2.0,
+        "predicted {predicted} ms, measured {measured} ms"
+    );
+    assert!(report.forecast.is_some_and(|f| f.converges));
+}
+
+#[tokio::test]
+async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let mut o = pair.tls_options(&lab);
+    o.convergence.postcopy = true;
+
+    let report = fixture::migrate(&o).await;
+
+    assert!(report.refused, "{report:?}");
+    let message = fixture::error_message(&report);
+    assert!(
+        message.contains("post-copy is refused") && message.contains("#1937"),
+        "{message}"
+    );
     fixture::assert_source_untouched(&pair.source).await;
 }

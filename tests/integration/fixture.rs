@@ -853,44 +853,11 @@ impl TwoHosts {
         let (x, y) = (std::process::id() % 200, n % 60 * 4);
         let a_addr = format!("198.18.{x}.{}", y + 1);
         let b_addr = format!("198.18.{x}.{}", y + 2);
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         ip(&["netns", "add", &a]);
         ip(&["netns", "add", &b]);
-        ip(&[
-            "link", "add", &veth_a, "netns", &a, "type", "veth", "peer", "name", &veth_b, "netns",
-            &b,
-        ]);
-        ip(&[
-            "-n",
-            &a,
-            "addr",
-            "add",
-            &format!("{a_addr}/30"),
-            "dev",
-            &veth_a,
-        ]);
-        ip(&[
-            "-n",
-            &b,
-            "addr",
-            "add",
-            &format!("{b_addr}/30"),
-            "dev",
-            &veth_b,
-        ]);
-        for (ns, dev) in [(&a, &veth_a), (&b, &veth_b)] {
+        veth_between((&a, &veth_a, &a_addr), (&b, &veth_b, &b_addr));
+        for ns in [&a, &b] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
         }
         TwoHosts {
             a,
@@ -1794,27 +1761,7 @@ impl TwoHosts {
         let (x, y) = (std::process::id() % 200, n % 60 * 4);
         let a_addr = format!("198.19.{x}.{}", y + 1);
         let b_addr = format!("198.19.{x}.{}", y + 2);
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&[
-            "link", "add", &veth_a, "netns", &self.a, "type", "veth", "peer", "name", &veth_b,
-            "netns", &self.b,
-        ]);
-        let a_cidr = format!("{a_addr}/30");
-        let b_cidr = format!("{b_addr}/30");
-        ip(&["-n", &self.a, "addr", "add", &a_cidr, "dev", &veth_a]);
-        ip(&["-n", &self.b, "addr", "add", &b_cidr, "dev", &veth_b]);
-        ip(&["-n", &self.a, "link", "set", &veth_a, "up"]);
-        ip(&["-n", &self.b, "link", "set", &veth_b, "up"]);
+        veth_between((&self.a, &veth_a, &a_addr), (&self.b, &veth_b, &b_addr));
         ExtraLink {
             a_addr,
             b_addr,
@@ -1871,5 +1818,30 @@ pub async fn pass_beyond(path: &Path, after: u64) -> qemu_tls_migrate::vm::workl
             "no workload pass beyond {after} within {PASS_TIMEOUT:?}; serial log: {serial}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `ip ARGS`; panics with its stderr when it fails.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A veth pair between two namespaces, each end (namespace, device, address) with its /30
+/// address and up.
+fn veth_between(a: (&str, &str, &str), b: (&str, &str, &str)) {
+    ip(&[
+        "link", "add", a.1, "netns", a.0, "type", "veth", "peer", "name", b.1, "netns", b.0,
+    ]);
+    for (ns, dev, addr) in [a, b] {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]);
+        ip(&["-n", ns, "link", "set", dev, "up"]);
     }
 }

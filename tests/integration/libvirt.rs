@@ -435,24 +435,8 @@ async fn serve_libvirt_refuses_a_domain_of_the_same_name_running_there() {
     qcow2(&other_disk);
     let other_xml = pair.a.dir.path().join(format!("{name}-other.xml"));
     std::fs::write(&other_xml, small_domain_xml(&name, &other_disk, None)).expect("XML");
-    pair.a
-        .virsh_ok(&["create", other_xml.to_str().expect("UTF-8")])
-        .await;
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let (_, dest_disk) = refused_as_existing(&pair, &name, &other_xml).await;
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
-
-    let json = crate::fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
     assert!(!dest_disk.exists(), "no disk was created");
     assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
@@ -954,24 +938,9 @@ async fn serve_libvirt_refuses_the_same_uuid_running_there_under_another_name() 
         .expect("XML");
     let other_path = pair.a.dir.path().join(format!("{alias}.xml"));
     std::fs::write(&other_path, other_xml.as_str()).expect("XML");
-    pair.a
-        .virsh_ok(&["create", other_path.to_str().expect("UTF-8")])
-        .await;
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let (json, dest_disk) = refused_as_existing(&pair, &name, &other_path).await;
 
-    let json = crate::fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
     assert!(
         json["error"]["message"]
             .as_str()
@@ -1014,4 +983,28 @@ async fn a_disk_the_domain_does_not_have_is_refused_listing_its_targets() {
     assert!(message.contains("vdz") && message.contains("vda"), "{json}");
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
     pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// Starts the domain in `other_xml` on host a, then migrates domain `name` from host b through
+/// `serve --libvirt`: the migration must be refused as `domain-exists` (exit 3). Returns the
+/// JSON result and the destination disk path the source asked for.
+async fn refused_as_existing(
+    pair: &LibvirtPair,
+    name: &str,
+    other_xml: &Path,
+) -> (serde_json::Value, PathBuf) {
+    pair.a
+        .virsh_ok(&["create", other_xml.to_str().expect("UTF-8")])
+        .await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(pair, name, &dest_disk);
+    let (_lab, service, pki_b) = libvirt_service(pair).await;
+    let args = served_args(name, &service.addr, &pki_b, &dest_xml.display().to_string());
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
+    (json, dest_disk)
 }

@@ -12,8 +12,8 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use qemu_tls_migrate::bench::{
-    self, BenchConfig, BenchError, BenchEvent, BenchReport, DEFAULT_RUN_TIMEOUT, Mode,
-    WorkloadConfig,
+    self, BenchConfig, BenchError, BenchEvent, BenchReport, DEFAULT_RUN_TIMEOUT, HEAVY_RUN_TIMEOUT,
+    Mode, WorkloadConfig,
 };
 use qemu_tls_migrate::vm::Accel;
 use serde_json::json;
@@ -56,6 +56,10 @@ pub enum ProfileArg {
     Running,
     /// The data plane alone: the source paused, its RAM full of pseudo-random bytes.
     Static,
+    /// A guest dirtying faster than plain TLS moves it (default: half its RAM, unpaced), with a
+    /// 30 s deadline: runs that do not converge are counted, not fatal. For comparing the
+    /// convergence modes (auto-converge, xbzrle, zstd, pause-after).
+    Heavy,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -81,7 +85,10 @@ Modes: tcp, tls, tls-mfdN (TLS over N multifd channels), tcp-mfdN, tls-aes128, t
 tls-chacha20 (TLS limited to one cipher through the credentials' GnuTLS priority string), \
 tls-proxy (QEMU in plain TCP through a socat/OpenSSL TLS proxy pair: KubeVirt's and tunnelled \
 migration's design), ssh (QEMU in plain TCP through an SSH port forward into an sshd the bench \
-starts on loopback: Proxmox's secure migration).",
+starts on loopback: Proxmox's secure migration), and the convergence aids over TLS: \
+auto-converge, xbzrle, zstd (2 multifd channels, compressed), pause-after (the guest paused at \
+--pause-after seconds). With --profile heavy a run that does not converge by --timeout is \
+counted (runs column: \"3 (1 done)\"), not fatal.",
     after_help = "Examples:\n  qemu-tls-migrate bench --quick\n  \
 qemu-tls-migrate bench --ram-mib 1024 --working-set-mib 0 --repeat 5 --out bench-out\n  \
 qemu-tls-migrate bench --modes tcp,tls,tls-mfd4 --dirty-rate 50000 --json\n\n\
@@ -130,14 +137,15 @@ pub struct BenchArgs {
     /// Accelerator of the guests.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
-    /// Give up on a migration after this many seconds.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = DEFAULT_RUN_TIMEOUT.as_secs(),
-        value_parser = crate::migrate_cmd::timeout_secs()
-    )]
-    pub timeout: u64,
+    /// Give up on a migration after this many seconds (default 300; 30 with --profile heavy).
+    #[arg(long, value_name = "SECS", value_parser = crate::migrate_cmd::timeout_secs())]
+    pub timeout: Option<u64>,
+    /// Cap every mode's RAM stream (bytes per second, K/M/G suffix).
+    #[arg(long, value_name = "RATE", value_parser = crate::migrate_cmd::parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
+    /// The pause-after mode's deadline, after which it pauses the guest (seconds).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = crate::migrate_cmd::timeout_secs())]
+    pub pause_after: u64,
     /// Where the VMs' directories go (RAM files included; default /dev/shm when present).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
@@ -170,7 +178,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::by_name(s).ok_or_else(|| {
         format!(
             "unknown mode {s:?}: use tcp, tls, tls-mfdN, tcp-mfdN, tls-aes128, tls-aes256, \
-             tls-chacha20, tls-proxy or ssh"
+             tls-chacha20, tls-proxy, ssh, auto-converge, xbzrle, zstd or pause-after"
         )
     })
 }
@@ -190,7 +198,12 @@ impl BenchArgs {
             bail!("a mode is listed twice in --modes");
         }
         let ram_mib = self.ram_mib.unwrap_or(d.ram_mib);
-        let working_set_mib = self.working_set_mib.unwrap_or(d.working_set_mib);
+        let heavy = matches!(self.profile, ProfileArg::Heavy);
+        let working_set_mib = self.working_set_mib.unwrap_or(if heavy {
+            ram_mib / 2
+        } else {
+            d.working_set_mib
+        });
         // The working set starts at 4 MiB of guest RAM; the guest caps it to what there is.
         if working_set_mib > ram_mib.saturating_sub(6) {
             bail!(
@@ -208,12 +221,15 @@ impl BenchArgs {
             profile: match self.profile {
                 ProfileArg::Running => bench::Profile::Running,
                 ProfileArg::Static => bench::Profile::Static,
+                ProfileArg::Heavy => bench::Profile::Heavy,
             },
             modes,
             ram_mib,
             workload: WorkloadConfig {
                 working_set_mib,
-                pages_per_sec: self.dirty_rate.unwrap_or(d.dirty_rate),
+                pages_per_sec: self
+                    .dirty_rate
+                    .unwrap_or(if heavy { 0 } else { d.dirty_rate }),
             },
             disk_mib: self.disk_mib,
             file_fill_mib: self.file_fill_mib,
@@ -224,7 +240,13 @@ impl BenchArgs {
                 AccelArg::Kvm => Some(Accel::Kvm),
                 AccelArg::Tcg => Some(Accel::Tcg),
             },
-            run_timeout: Duration::from_secs(self.timeout),
+            run_timeout: Duration::from_secs(self.timeout.unwrap_or(if heavy {
+                HEAVY_RUN_TIMEOUT.as_secs()
+            } else {
+                DEFAULT_RUN_TIMEOUT.as_secs()
+            })),
+            max_bandwidth: self.max_bandwidth,
+            pause_after: Duration::from_secs(self.pause_after),
             work_dir: self.work_dir.clone(),
         })
     }

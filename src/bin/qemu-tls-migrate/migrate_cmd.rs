@@ -122,13 +122,23 @@ pub struct ConvergenceArgs {
     pub downtime_steps: Option<DowntimeSteps>,
     /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
     /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
-    /// vm.migrate.pauseafter; the report's guest_pause says for how long).
+    /// vm.migrate.pauseafter; the report's guest_pause says for how long). postcopy is refused,
+    /// as --postcopy is.
     #[arg(long, value_enum, default_value = "abort")]
     pub timeout_action: TimeoutActionArg,
     /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
     /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
     #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
     pub completion_timeout_per_gib: Option<u64>,
+    /// Post-copy: always refused, with the reasons (a lost link would lose the VM; QEMU 7.2's
+    /// GnuTLS issue #1937 on TLS channels with a return path).
+    #[arg(long)]
+    pub postcopy: bool,
+    /// Skip the forecast made before every migration (a second sampling the guest's dirty
+    /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
+    /// no-go is a warning.
+    #[arg(long)]
+    pub no_forecast: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,6 +151,7 @@ pub enum CompressArg {
 pub enum TimeoutActionArg {
     Abort,
     Pause,
+    Postcopy,
 }
 
 fn parse_xbzrle(s: &str) -> Result<XbzrleCache, String> {
@@ -176,7 +187,9 @@ impl ConvergenceArgs {
             timeout_action: match self.timeout_action {
                 TimeoutActionArg::Abort => TimeoutAction::Abort,
                 TimeoutActionArg::Pause => TimeoutAction::Pause,
+                TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
             },
+            postcopy: self.postcopy,
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
         }
     }
@@ -286,6 +299,11 @@ pub struct MigrateArgs {
     /// Leave the destination paused after the migration (like virsh migrate --suspend).
     #[arg(long)]
     pub dest_paused: bool,
+    /// Only forecast: sample the source guest's dirty rate and RAM, predict total time, passes
+    /// and downtime with these settings, say go or no-go with the settings that would make it
+    /// converge, and change nothing. Exit 0: it converges; 3: it will not as configured.
+    #[arg(long)]
+    pub plan: bool,
     /// Copy this disk to the destination over NBD before RAM moves: its block node name (as in
     /// -blockdev node-name=...) or its device id (-device ...,id=); with --domain, its target
     /// as in the domain's XML (vda). Repeat for several disks. ",copy=top" or ",copy=full"
@@ -429,6 +447,7 @@ impl TuningArgs {
         o.stall_timeout = Duration::from_secs(self.stall_timeout);
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
         o.convergence = self.convergence.to_convergence();
+        o.forecast = !self.convergence.no_forecast;
     }
 }
 
@@ -523,7 +542,7 @@ fn parse_disk(s: &str) -> Result<(String, Option<DiskCopy>), String> {
     Ok((node.to_string(), copy))
 }
 
-pub(crate) fn parse_bandwidth(s: &str) -> Result<u64, String> {
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     if s.eq_ignore_ascii_case("unlimited") {
         return Ok(UNLIMITED_BANDWIDTH);
     }
@@ -758,6 +777,25 @@ async fn resolve_domain(
     Ok(source)
 }
 
+/// `--plan`: the forecast alone.
+async fn plan(options: &MigrationOptions, json: bool) -> anyhow::Result<Outcome> {
+    match migration::plan(options).await {
+        Ok(f) => {
+            crate::output::print_forecast(&f, json);
+            Ok(if f.converges {
+                Outcome::Success
+            } else {
+                Outcome::Refused
+            })
+        }
+        Err(e) => {
+            let report = Report::refused(e, Duration::ZERO);
+            print_report(&report, json);
+            Ok(outcome_of(&report))
+        }
+    }
+}
+
 pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let mut options = args.options()?;
     // Lives until the migration is over: it may serve the source's QMP socket.
@@ -777,6 +815,9 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
                 return Ok(outcome_of(&report));
             }
         }
+    }
+    if args.plan {
+        return plan(&options, args.tuning.json).await;
     }
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),

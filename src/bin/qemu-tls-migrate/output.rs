@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qemu_tls_migrate::migration::{Progress, QmpAccess, Report};
+use qemu_tls_migrate::migration::{Forecast, Progress, QmpAccess, Report};
 use serde_json::{Value, json};
 
 /// Where progress goes.
@@ -129,6 +129,9 @@ pub fn report_json(report: &Report) -> Value {
     if !report.convergence.is_empty() {
         v["convergence"] = json!(report.convergence);
     }
+    if let Some(f) = &report.forecast {
+        v["forecast"] = json!(f);
+    }
     if let Some(pause) = &report.guest_pause {
         v["guest_pause"] = json!(pause);
     }
@@ -164,6 +167,36 @@ pub fn report_json_job(report: &Report, job: Option<&str>) -> Value {
         v["job"] = json!(id);
     }
     v
+}
+
+/// Prints a forecast (`migrate --plan`): one JSON object, or words.
+pub fn print_forecast(f: &Forecast, json: bool) {
+    if json {
+        println!("{}", json!({ "forecast": f }));
+        return;
+    }
+    println!(
+        "forecast: {} ({} MiB of {} MiB RAM holds data; the guest dirties {} MiB/s; {} Mbit/s from {})",
+        if f.converges {
+            "converges"
+        } else {
+            "will NOT converge as configured"
+        },
+        f.ram_data_bytes >> 20,
+        f.ram_bytes >> 20,
+        f.dirty_rate_mib_s,
+        f.throughput_mbps,
+        f.throughput_from
+    );
+    if f.converges {
+        println!(
+            "  predicted: {} ms in {} pass(es), downtime {} ms (limit {} ms)",
+            f.predicted_total_ms, f.predicted_passes, f.predicted_downtime_ms, f.downtime_limit_ms
+        );
+    }
+    for a in &f.advice {
+        println!("  would converge with: {a}");
+    }
 }
 
 /// Prints the final report: one JSON object on stdout, or a human summary.
@@ -218,6 +251,16 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
         t.finish_ms,
         t.cleanup_ms
     );
+    if let Some(f) = &report.forecast {
+        println!(
+            "  forecast: {}, {} ms predicted ({} pass{}) against {} ms measured",
+            if f.converges { "go" } else { "no-go" },
+            f.predicted_total_ms,
+            f.predicted_passes,
+            if f.predicted_passes == 1 { "" } else { "es" },
+            report.ram.total_ms
+        );
+    }
     if let Some(access) = report.source_qmp_access {
         let how = match access {
             QmpAccess::DeclaredMonitor => "its declared QMP monitor",
