@@ -7,6 +7,8 @@
 //!   with an undo stack that rolls back whatever was done.
 //! - [`libvirt`]: libvirt domains as endpoints: lookup, state, XML, declared QMP monitor,
 //!   create-paused / resume / destroy.
+//! - [`jobs`]: running migrations as jobs: a control socket each, listed and controlled by
+//!   other processes.
 //! - [`peer`]: the mutual-TLS control channel between a source and a destination host.
 //! - [`pki`]: load, validate and create PKI directories; decides whether a side is *secured*.
 //! - [`bench`]: benchmark harness (TLS against TCP, interleaved, with reports).
@@ -18,6 +20,7 @@
 
 pub mod bench;
 pub mod host;
+pub mod jobs;
 pub mod libvirt;
 pub mod migration;
 pub mod peer;

@@ -208,6 +208,9 @@ pub struct ConvergenceReport {
     /// The deadline in force (from --timeout or the completion timeout per GiB).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Controls applied while the migration ran (`jobs set`, `jobs pause`), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub controls: Vec<super::AppliedControl>,
 }
 
 impl ConvergenceReport {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::control::{self, AppliedControl, Control, ControlRequest};
 use super::convergence::{self, ConvergenceReport, DowntimeStep, TimeoutAction, XbzrleCache};
 use super::destination::{AbortOutcome, DestinationSide, Finished};
 use super::disks::{self, DiskProgress, DiskReport, SourceDisk};
@@ -156,6 +157,7 @@ pub async fn migrate_to<D: Destination>(
         deadline: opts.timeout,
         downtime_start_ms: DEFAULT_DOWNTIME_MS,
         convergence: ConvergenceReport::default(),
+        control: opts.control.as_ref().and_then(|c| c.take()),
         forecast: None,
     };
     if let Some(w) = &decision.warning {
@@ -242,6 +244,8 @@ struct Run<'a> {
     /// The downtime limit the migration started with (ms), from which steps rise.
     downtime_start_ms: u64,
     convergence: ConvergenceReport,
+    /// Controls from another task ([`super::control`]), read by the watch loop.
+    control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     forecast: Option<super::forecast::Forecast>,
 }
 
@@ -566,7 +570,10 @@ impl Run<'_> {
         let mut watch = Watch::new(opts, self.deadline, self.started, "following the migration");
         watch.pause_at_deadline = opts.convergence.timeout_action == TimeoutAction::Pause;
         loop {
-            let status = match watch.next(src_events, dest, cancel).await? {
+            let status = match watch
+                .next(src_events, dest, cancel, &mut self.control)
+                .await?
+            {
                 Seen::Event(e) if e.event == "MIGRATION" => {
                     match serde_json::from_value::<MigrationEvent>(e.data) {
                         Ok(m) => {
@@ -613,6 +620,10 @@ impl Run<'_> {
                     self.convergence.timeout_action = Some(TimeoutAction::Pause);
                     self.convergence.timeout_action_at_ms =
                         Some(self.started.elapsed().as_millis() as u64);
+                    continue;
+                }
+                Seen::Control(request) => {
+                    self.answer_control(src, request).await;
                     continue;
                 }
             };
@@ -682,6 +693,10 @@ impl Run<'_> {
         let Some(limit) = steps.limit_at(self.downtime_start_ms, ram_start.elapsed()) else {
             return Ok(());
         };
+        if self.convergence.controls.iter().any(|c| c.sets_downtime()) {
+            // An operator set the limit while the migration ran: theirs stands.
+            return Ok(());
+        }
         let current = self
             .convergence
             .downtime_steps
@@ -705,6 +720,70 @@ impl Run<'_> {
             at_ms: ram_start.elapsed().as_millis() as u64,
             limit_ms: limit,
         });
+        Ok(())
+    }
+
+    /// Applies a control from another task on the source and answers it; a refused control
+    /// leaves the migration running as it was.
+    async fn answer_control(&mut self, src: &Qmp, request: ControlRequest) {
+        let result = self.apply_control(src, request.control).await;
+        if let Err(e) = &result {
+            tracing::warn!(control = ?request.control, "control refused: {e}");
+        }
+        // The asker may have given up waiting: nothing to tell then.
+        let _ = request.reply.send(result);
+    }
+
+    async fn apply_control(&mut self, src: &Qmp, control: Control) -> Result<(), MigrationError> {
+        let t = self.opts.qmp_timeout;
+        match control {
+            Control::SetMaxBandwidth(b) => {
+                if b == 0 || b > super::UNLIMITED_BANDWIDTH {
+                    return Err(MigrationError::BadOptions {
+                        what: format!(
+                            "bandwidth {b} bytes/s: use 1 to {} (unlimited)",
+                            super::UNLIMITED_BANDWIDTH
+                        ),
+                    });
+                }
+                let set = MigrateSetParameters {
+                    max_bandwidth: Some(b),
+                    ..Default::default()
+                };
+                let step = "migrate-set-parameters max-bandwidth (control)";
+                qmp(Side::Source, step, src.call_timeout(&set, t)).await?;
+            }
+            Control::SetDowntimeLimit(d) => {
+                let set = MigrateSetParameters {
+                    downtime_limit: Some(d.as_millis() as u64),
+                    ..Default::default()
+                };
+                let step = "migrate-set-parameters downtime-limit (control)";
+                qmp(Side::Source, step, src.call_timeout(&set, t)).await?;
+            }
+            Control::Pause => {
+                let status = qmp(
+                    Side::Source,
+                    "query-status",
+                    src.call_timeout(&QueryStatus, t),
+                )
+                .await?;
+                // Paused during the disk copy, the source must still be resumed on a roll-back
+                // (its resume is registered only when RAM starts to move).
+                if status.running
+                    && let Some(side) = self.src.as_mut()
+                    && !side.undo.iter().any(|u| matches!(u, Undo::ResumeSource))
+                {
+                    side.undo.push(Undo::ResumeSource);
+                }
+                qmp(Side::Source, "stop (control)", src.call_timeout(&Stop, t)).await?;
+            }
+        }
+        tracing::info!(?control, "control applied");
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        self.convergence
+            .controls
+            .push(AppliedControl::new(at_ms, control));
         Ok(())
     }
 
@@ -824,7 +903,11 @@ impl Run<'_> {
         };
         self.report(Phase::Disks, None, None);
         while ready.len() < disks.len() {
-            match watch.next(src_events, dest, cancel).await? {
+            match watch
+                .next(src_events, dest, cancel, &mut self.control)
+                .await?
+            {
+                Seen::Control(request) => self.answer_control(src, request).await,
                 Seen::Event(e) => {
                     let Ok(job) = serde_json::from_value::<BlockJobEvent>(e.data.clone()) else {
                         continue;
@@ -1052,6 +1135,8 @@ enum Seen {
     Tick,
     /// The deadline passed and the guest is to be paused (`--timeout-action pause`).
     Deadline,
+    /// A control from another task, to apply and answer.
+    Control(ControlRequest),
 }
 
 /// The one watch loop of a migration's long phases (disk copy, RAM): cancellation, the
@@ -1099,10 +1184,12 @@ impl Watch {
         src_events: &mut Events,
         dest: &mut D,
         cancel: &CancellationToken,
+        control: &mut Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     ) -> Result<Seen, MigrationError> {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
+                request = control::next_control(control) => return Ok(Seen::Control(request)),
                 _ = sleep_until_opt(self.deadline) => {
                     if self.pause_at_deadline {
                         self.deadline = None;
@@ -1229,7 +1316,7 @@ mod tests {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::migration::Endpoint;
@@ -1316,6 +1403,7 @@ mod tests {
             deadline: None,
             downtime_start_ms: DEFAULT_DOWNTIME_MS,
             convergence: ConvergenceReport::default(),
+            control: None,
             forecast: None,
         };
         let aborted_after = Arc::new(Mutex::new(None));
@@ -1342,6 +1430,102 @@ mod tests {
             .collect();
         let before_abort = aborted_after.lock().expect("lock").expect("aborted");
         (error, sent, before_abort)
+    }
+
+    /// Applies `controls` in turn to a source whose guest runs, before RAM moves (nothing
+    /// on its undo stack); returns each answer, the commands the source got, the report's
+    /// controls and whether the source would be resumed on a roll-back.
+    async fn apply(
+        controls: &[Control],
+    ) -> (
+        Vec<Result<(), String>>,
+        Vec<(String, Value)>,
+        Vec<AppliedControl>,
+        bool,
+    ) {
+        let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
+        let log = peer.answer_all(|name, _| {
+            Ok(match name {
+                "query-status" => json!({"running": true, "status": "running"}),
+                _ => json!({}),
+            })
+        });
+        let src = SideCtl::with_qmp(Side::Source, qmp.clone(), Path::new("s"), Path::new("/"), T);
+        let endpoint = || Endpoint {
+            qmp: "x".into(),
+            pki_dir: "/".into(),
+        };
+        let opts = MigrationOptions::new(endpoint(), endpoint(), "dst");
+        let mut progress = |_: &Progress| {};
+        let mut run = Run {
+            opts: &opts,
+            started: Instant::now(),
+            progress: &mut progress,
+            warnings: Vec::new(),
+            transport: Transport::Tls,
+            ram: RamReport::default(),
+            src: Some(src),
+            ports: Vec::new(),
+            disk_progress: Vec::new(),
+            disk_reports: Vec::new(),
+            committed: None,
+            marks: Marks::default(),
+            multifd: None,
+            stopped_at_us: None,
+            deadline: None,
+            downtime_start_ms: DEFAULT_DOWNTIME_MS,
+            convergence: ConvergenceReport::default(),
+            control: None,
+            forecast: None,
+        };
+        let mut answers = Vec::new();
+        for c in controls {
+            answers.push(run.apply_control(&qmp, *c).await.map_err(|e| e.to_string()));
+        }
+        let sent = log.lock().expect("lock").clone();
+        let resumes = run
+            .src
+            .as_ref()
+            .is_some_and(|s| s.undo.iter().any(|u| matches!(u, Undo::ResumeSource)));
+        (answers, sent, run.convergence.controls, resumes)
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_control_sets_the_parameter_and_is_recorded() {
+        let (answers, sent, controls, _) = apply(&[Control::SetMaxBandwidth(1 << 30)]).await;
+
+        assert_eq!(answers, vec![Ok(())]);
+        assert_eq!(sent[0].0, "migrate-set-parameters");
+        assert_eq!(sent[0].1["max-bandwidth"], 1u64 << 30, "{sent:?}");
+        assert_eq!(controls[0].what, "max-bandwidth");
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_of_zero_is_refused_without_touching_qemu() {
+        let (answers, sent, controls, _) = apply(&[Control::SetMaxBandwidth(0)]).await;
+
+        assert!(
+            answers[0]
+                .as_ref()
+                .is_err_and(|e| e.contains("bandwidth 0")),
+            "{answers:?}"
+        );
+        assert!(sent.is_empty(), "{sent:?}");
+        assert!(controls.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pause_during_the_disk_copy_stops_the_guest_and_registers_its_resume() {
+        let (answers, sent, controls, resumes) = apply(&[Control::Pause]).await;
+
+        assert_eq!(answers, vec![Ok(())]);
+        let names: Vec<&str> = sent.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["query-status", "stop"]);
+        assert_eq!(controls[0].what, "pause");
+        assert!(
+            resumes,
+            "a roll-back must resume the guest paused by the control"
+        );
     }
 
     #[tokio::test]

@@ -27,6 +27,7 @@
 //! 8. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
 //!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
 
+mod control;
 mod convergence;
 mod destination;
 mod disks;
@@ -38,6 +39,7 @@ mod report;
 mod side;
 mod undo;
 
+pub use control::{AppliedControl, Control, ControlHandle, ControlSender, control_channel};
 pub use convergence::{
     Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
     TimeoutAction, XbzrleCache,
@@ -235,6 +237,8 @@ pub struct MigrationOptions {
     pub dest_domain: Option<DestDomain>,
     /// What may help a busy guest's migration finish.
     pub convergence: Convergence,
+    /// Where controls from another task arrive while the migration runs ([`control_channel`]).
+    pub control: Option<ControlHandle>,
     /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
     pub forecast: bool,
 }
@@ -272,6 +276,7 @@ impl MigrationOptions {
             allow_unsafe: false,
             dest_domain: None,
             convergence: Convergence::default(),
+            control: None,
             forecast: false,
         }
     }

@@ -594,6 +594,29 @@ pub async fn run_cli(args: &[&str]) -> Output {
         .expect("run qemu-tls-migrate")
 }
 
+/// [`run_cli`] with the environment variables `env` set (e.g. `QTM_RUN_DIR`).
+pub async fn run_cli_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run qemu-tls-migrate")
+}
+
+/// The CLI with `args` and the environment variables `env`, its stdout and stderr piped; killed
+/// when dropped.
+pub fn spawn_cli_env(args: &[String], env: &[(&str, &Path)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn qemu-tls-migrate")
+}
+
 /// [`run_cli`] with `cwd` as the current directory (for relative paths in `args`).
 pub async fn run_cli_from(cwd: &Path, args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))

@@ -6,6 +6,7 @@
 mod bench_cmd;
 mod demo;
 mod host_cmd;
+mod jobs_cmd;
 mod migrate_cmd;
 mod outcome;
 mod output;
@@ -31,7 +32,7 @@ Start with `qemu-tls-migrate demo` to see a whole TLS migration on this machine;
     after_help = "Every command takes --json for machine-readable output (one JSON object on \
 stdout; progress, where there is any, as JSON lines on stderr).\n\
 Exit codes: 0 success, 1 failed, 2 bad command line, 3 refused before changing anything, \
-4 cancelled."
+4 cancelled (`jobs`: 3 no such job)."
 )]
 struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, with QMP traffic).
@@ -53,6 +54,9 @@ enum Command {
     Demo(Box<demo::DemoArgs>),
     /// Benchmark native TLS against the plain TCP baseline, interleaved in one run.
     Bench(Box<bench_cmd::BenchArgs>),
+    /// List the migrations running on this host; cancel one, change its bandwidth or
+    /// downtime limit, or pause its guest.
+    Jobs(jobs_cmd::JobsArgs),
     /// Serve migrations into this host (the destination side of `migrate --to`).
     Serve(Box<serve_cmd::ServeArgs>),
     /// Check or create PKI directories (QEMU's tls-creds-x509 layout).
@@ -83,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Demo(args) => runtime()?.block_on(demo::run(*args, quiet)),
         Command::Bench(args) => runtime()?.block_on(bench_cmd::run(*args, quiet)),
         Command::Serve(args) => runtime()?.block_on(serve_cmd::run(*args)),
+        Command::Jobs(args) => runtime()?.block_on(jobs_cmd::run(args)),
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Host(cmd) => host_cmd::run(cmd),
     }

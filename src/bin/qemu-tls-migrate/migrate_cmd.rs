@@ -16,8 +16,9 @@ use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 use qemu_tls_migrate::qemu::CopyMode;
 use tokio_util::sync::CancellationToken;
 
+use crate::jobs_cmd::RunningJob;
 use crate::outcome::Outcome;
-use crate::output::{ProgressOut, print_report};
+use crate::output::{ProgressOut, print_report, print_report_job};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum MirrorModeArg {
@@ -219,8 +220,11 @@ qemu-tls-migrate migrate --source-qmp /run/vm1/qmp.sock --dest-qmp /run/vm1-in/q
 Block migration of a VM on local storage (the destination started with empty disks of the same \
 node names and sizes):\n  \
 qemu-tls-migrate migrate --source-qmp ... --dest-qmp ... --dest-host host-b --all-local-disks\n\n\
+While it runs, `qemu-tls-migrate jobs` lists it, and `jobs cancel ID`, `jobs set ID \
+--max-bandwidth RATE --downtime-limit MS` and `jobs pause ID` control it from any process of \
+this user (ID: --job-id, or \"job\" in the JSON progress lines; see `jobs --help`).\n\n\
 Exit codes: 0 completed, 1 migration failed (rolled back; or split-brain-risk: source left \
-paused), 2 bad command line, 3 refused before anything was changed on either side, 4 cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT (rolled back; a second signal \
+paused), 2 bad command line, 3 refused before anything was changed on either side, 4 cancelled by SIGINT, SIGTERM, SIGHUP, SIGQUIT or `jobs cancel` (rolled back; a second signal \
 during the rollback does not interrupt it).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
 \"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \
@@ -353,6 +357,10 @@ pub struct MigrateArgs {
     /// guest then runs on the destination without their contents (libvirt's --unsafe).
     #[arg(long = "unsafe")]
     pub allow_unsafe: bool,
+    /// This migration's job id for `qemu-tls-migrate jobs` (letters, digits, '.', '_', '-';
+    /// e.g. the VM's name); default: 8 random hexadecimal digits. An id in use is refused.
+    #[arg(long, value_name = "ID")]
+    pub job_id: Option<String>,
     /// Also write the final JSON object to this file (atomically: a temporary file renamed into
     /// place), so the result survives whatever the caller does with stdout and stderr.
     #[arg(long, value_name = "FILE")]
@@ -587,20 +595,33 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 
 /// Runs a migration with progress output and signals cancelling it (see [`cancel_on_signal`]).
 pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
-    run_migration_to(options, None, json, quiet).await
+    run_migration_to(options, None, json, quiet, None).await
 }
 
-/// [`run_migration`], to a remote service when `remote` is given.
+/// [`run_migration`], to a remote service when `remote` is given, controlled through `job`'s
+/// socket when given (`jobs cancel` cancels it as a signal does).
 pub async fn run_migration_to(
     options: &MigrationOptions,
     remote: Option<&RemoteTarget>,
     json: bool,
     quiet: bool,
+    job: Option<&RunningJob>,
 ) -> Report {
-    let out = ProgressOut::new(json, quiet);
-    let cancel = CancellationToken::new();
+    let mut out = ProgressOut::new(json, quiet);
+    let cancel = match job {
+        Some(job) => {
+            out = out.with_job(job.id());
+            job.cancel_token()
+        }
+        None => CancellationToken::new(),
+    };
     let watcher = tokio::spawn(cancel_on_signal(cancel.clone()));
-    let mut on_progress = |p: &migration::Progress| out.update(p);
+    let mut on_progress = |p: &migration::Progress| {
+        if let Some(job) = job {
+            job.update(p);
+        }
+        out.update(p)
+    };
     let report = match remote {
         None => migration::migrate(options, &mut on_progress, &cancel).await,
         Some(target) => migration::migrate_remote(options, target, &mut on_progress, &cancel).await,
@@ -819,7 +840,42 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         print_report(&report, args.tuning.json);
         return Ok(outcome_of(&report));
     }
-    let mut report = run_migration_to(&options, remote.as_ref(), args.tuning.json, quiet).await;
+    let vm = match (&args.domain, &args.source_qmp) {
+        (Some(domain), _) => format!("domain {domain}"),
+        (None, qmp) => qmp
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    };
+    let job = match RunningJob::start(args.job_id.as_deref(), vm, &mut options) {
+        Ok(job) => job,
+        Err(e) => {
+            // Before anything moves: a migration that cannot be cancelled by the caller must
+            // not start.
+            let what = crate::output::error_chain(&e).join(": ");
+            let report = Report::refused(
+                migration::MigrationError::BadOptions {
+                    what: format!("control socket: {what}"),
+                },
+                Duration::ZERO,
+            );
+            print_report(&report, args.tuning.json);
+            return Ok(outcome_of(&report));
+        }
+    };
+    tracing::info!(job = job.id(), "migration job started");
+    let mut report = run_migration_to(
+        &options,
+        remote.as_ref(),
+        args.tuning.json,
+        quiet,
+        Some(&job),
+    )
+    .await;
+    let job_id = job.id().to_string();
+    // The control socket goes before the result is printed: whoever reads the result and
+    // lists jobs then no longer sees this one.
+    drop(job);
     report.source_qmp_access = endpoint.as_ref().map(|e| e.access);
     drop(endpoint);
     if let (Some(name), true, FinalStatus::Completed) =
@@ -832,9 +888,12 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             ));
         }
     }
-    print_report(&report, args.tuning.json);
+    print_report_job(&report, args.tuning.json, Some(&job_id));
     if let Some(path) = &args.result_file
-        && let Err(e) = write_result_file(path, &crate::output::report_json(&report))
+        && let Err(e) = write_result_file(
+            path,
+            &crate::output::report_json_job(&report, Some(&job_id)),
+        )
     {
         // The migration's own outcome stands; the exit code must not lie about it.
         tracing::error!("{e:#}");

@@ -13,6 +13,8 @@ pub enum Outcome {
     /// pair, broken PKI, bad destination, a local disk left behind). Exit 2 is clap's, for
     /// command-line usage errors.
     Refused,
+    /// Exit 3 too, for `jobs`: no running job has the id asked for.
+    NotFound,
     /// Exit 4: cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT, with everything rolled back.
     Cancelled,
 }
@@ -22,7 +24,7 @@ impl Outcome {
         ExitCode::from(match self {
             Outcome::Success => 0,
             Outcome::Failed => 1,
-            Outcome::Refused => 3,
+            Outcome::Refused | Outcome::NotFound => 3,
             Outcome::Cancelled => 4,
         })
     }

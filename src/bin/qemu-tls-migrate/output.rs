@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 pub enum ProgressOut {
     /// A live bar on stderr (a terminal, no `--json`).
     Bar(ProgressBar),
-    /// One JSON object per line on stderr.
-    JsonLines,
+    /// One JSON object per line on stderr, with the job's id when it has one.
+    JsonLines(Option<String>),
     /// Nothing (`-q`, or not a terminal without `--json`).
     Silent,
 }
@@ -25,7 +25,7 @@ impl ProgressOut {
         if quiet {
             ProgressOut::Silent
         } else if json {
-            ProgressOut::JsonLines
+            ProgressOut::JsonLines(None)
         } else if !std::io::stderr().is_terminal() {
             ProgressOut::Silent
         } else {
@@ -45,9 +45,10 @@ impl ProgressOut {
     pub fn update(&self, p: &Progress) {
         match self {
             ProgressOut::Silent => {}
-            ProgressOut::JsonLines => {
-                let line = json!({"progress": p});
-                eprintln!("{line}");
+            ProgressOut::JsonLines(None) => eprintln!("{}", json!({"progress": p})),
+            // "progress" stays the line's first member, for readers that match the prefix.
+            ProgressOut::JsonLines(Some(id)) => {
+                eprintln!("{{\"progress\":{},\"job\":{}}}", json!(p), json!(id))
             }
             ProgressOut::Bar(bar) => {
                 bar.set_prefix(format!("{:?}", p.phase).to_lowercase());
@@ -82,6 +83,14 @@ impl ProgressOut {
                     bar.set_message(format!("{status:?}").to_lowercase());
                 }
             }
+        }
+    }
+
+    /// Names the job in every JSON progress line.
+    pub fn with_job(self, id: &str) -> ProgressOut {
+        match self {
+            ProgressOut::JsonLines(_) => ProgressOut::JsonLines(Some(id.to_string())),
+            other => other,
         }
     }
 
@@ -151,6 +160,15 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
     out
 }
 
+/// [`report_json`] with the job's id (`"job"`), when the run had one.
+pub fn report_json_job(report: &Report, job: Option<&str>) -> Value {
+    let mut v = report_json(report);
+    if let Some(id) = job {
+        v["job"] = json!(id);
+    }
+    v
+}
+
 /// Prints a forecast (`migrate --plan`): one JSON object, or words.
 pub fn print_forecast(f: &Forecast, json: bool) {
     if json {
@@ -183,15 +201,23 @@ pub fn print_forecast(f: &Forecast, json: bool) {
 
 /// Prints the final report: one JSON object on stdout, or a human summary.
 pub fn print_report(report: &Report, json: bool) {
+    print_report_job(report, json, None);
+}
+
+/// [`print_report`], naming the run's job.
+pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
     if json {
-        println!("{}", report_json(report));
+        println!("{}", report_json_job(report, job));
         return;
     }
     let transport = report
         .transport
         .map(|t| t.to_string())
         .unwrap_or_else(|| "-".into());
-    println!("migration {:?} over {transport}", report.status);
+    match job {
+        Some(id) => println!("migration {:?} over {transport} (job {id})", report.status),
+        None => println!("migration {:?} over {transport}", report.status),
+    }
     if report.ram.total_ms > 0 {
         println!(
             "  RAM: {} sent ({} guest RAM) in {} ms, downtime {} ms, {:.1} Mbit/s, {} dirty syncs",
