@@ -26,6 +26,7 @@ pub mod migration;
 pub mod peer;
 pub mod pki;
 pub mod ports;
+mod private_dir;
 pub mod qemu;
 pub mod qmp;
 pub mod service;

@@ -15,7 +15,6 @@ use std::fmt;
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -156,52 +155,22 @@ pub fn allocate_in(range: PortRange, dir: &Path) -> Result<PortLease, PortError>
 /// Creates the lock directory (mode 0700) when missing, and opens it, refusing one that is a
 /// symlink, not a directory, another user's, or writable by group or others.
 fn open_lock_dir(dir: &Path) -> Result<OwnedFd, PortError> {
-    let io_err = |source: std::io::Error| PortError::LockDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let unsafe_dir = |problem: String| PortError::UnsafeLockDir {
-        path: dir.to_path_buf(),
-        problem,
-    };
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).map_err(io_err)?;
+    use crate::private_dir::{self, DirProblem, Strictness};
+    match private_dir::open(dir, true, Strictness::NotWritableByOthers) {
+        Ok(Some(fd)) => Ok(fd),
+        Ok(None) => Err(PortError::LockDir {
+            path: dir.to_path_buf(),
+            source: std::io::ErrorKind::NotFound.into(),
+        }),
+        Err(DirProblem::Io(source)) => Err(PortError::LockDir {
+            path: dir.to_path_buf(),
+            source,
+        }),
+        Err(DirProblem::Unsafe(problem)) => Err(PortError::UnsafeLockDir {
+            path: dir.to_path_buf(),
+            problem,
+        }),
     }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => tracing::debug!(dir = %dir.display(), "port lock directory created"),
-        // Created earlier, or by a migration running beside this one: checked below.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(e)),
-    }
-    // A first look names what is wrong; the O_NOFOLLOW open below is what makes it safe
-    // against a swap between the two.
-    let kind = std::fs::symlink_metadata(dir).map_err(io_err)?.file_type();
-    if kind.is_symlink() {
-        return Err(unsafe_dir("it is a symbolic link".into()));
-    }
-    if !kind.is_dir() {
-        return Err(unsafe_dir("it is not a directory".into()));
-    }
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = nix::fcntl::open(dir, flags, Mode::empty()).map_err(|errno| match errno {
-        Errno::ELOOP | Errno::ENOTDIR => unsafe_dir("it is not a plain directory".into()),
-        other => io_err(other.into()),
-    })?;
-    let stat = nix::sys::stat::fstat(&fd).map_err(|e| io_err(e.into()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if stat.st_uid != me {
-        return Err(unsafe_dir(format!(
-            "it belongs to uid {}, not to this user (uid {me})",
-            stat.st_uid
-        )));
-    }
-    let mode = stat.st_mode & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "it is writable by group or others (mode {mode:04o})"
-        )));
-    }
-    Ok(fd)
 }
 
 /// Opens (creating, mode 0600) the lock file of `port` in the opened lock directory, never

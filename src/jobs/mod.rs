@@ -23,7 +23,6 @@ mod server;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -130,56 +129,17 @@ pub fn check_id(id: &str) -> Result<(), JobsError> {
 /// symlink, not a directory, another user's, or open to group or others. `None`: it does not
 /// exist (and `create` is false).
 fn open_run_dir(dir: &Path, create: bool) -> Result<Option<OwnedFd>, JobsError> {
-    let io_err = |source: std::io::Error| JobsError::RunDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let unsafe_dir = |problem: String| JobsError::UnsafeRunDir {
-        path: dir.to_path_buf(),
-        problem,
-    };
-    if create {
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err)?;
-        }
-        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-            Ok(()) => tracing::debug!(dir = %dir.display(), "jobs directory created"),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(e)),
-        }
-    }
-    // A first look names what is wrong; the O_NOFOLLOW open is what makes it safe.
-    let kind = match std::fs::symlink_metadata(dir) {
-        Ok(meta) => meta.file_type(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
-        Err(e) => return Err(io_err(e)),
-    };
-    if kind.is_symlink() {
-        return Err(unsafe_dir("it is a symbolic link".into()));
-    }
-    if !kind.is_dir() {
-        return Err(unsafe_dir("it is not a directory".into()));
-    }
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = nix::fcntl::open(dir, flags, Mode::empty()).map_err(|errno| match errno {
-        Errno::ELOOP | Errno::ENOTDIR => unsafe_dir("it is not a plain directory".into()),
-        other => io_err(other.into()),
-    })?;
-    let stat = nix::sys::stat::fstat(&fd).map_err(|e| io_err(e.into()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if stat.st_uid != me {
-        return Err(unsafe_dir(format!(
-            "it belongs to uid {}, not to this user (uid {me})",
-            stat.st_uid
-        )));
-    }
-    let mode = stat.st_mode & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(unsafe_dir(format!(
-            "it is open to group or others (mode {mode:04o}; 0700 expected)"
-        )));
-    }
-    Ok(Some(fd))
+    use crate::private_dir::{self, DirProblem, Strictness};
+    private_dir::open(dir, create, Strictness::OwnerOnly).map_err(|p| match p {
+        DirProblem::Io(source) => JobsError::RunDir {
+            path: dir.to_path_buf(),
+            source,
+        },
+        DirProblem::Unsafe(problem) => JobsError::UnsafeRunDir {
+            path: dir.to_path_buf(),
+            problem,
+        },
+    })
 }
 
 fn lock_name(id: &str) -> String {
