@@ -447,17 +447,11 @@ async fn serve_libvirt_refuses_a_domain_of_the_same_name_running_there() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_passthrough() {
     let pair = LibvirtPair::shared();
-    let name = domain_name("passthrough");
-    start_named_domain(&pair.b, &name, None).await;
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    // The two-disk domain of the end-to-end test, without a monitor in its XML.
+    let (name, disks) = start_busy_domain(&pair, "passthrough", false).await;
+    let dest_xml = busy_dest_xml(&pair, &name, &disks);
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
 
     let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
 
@@ -465,9 +459,14 @@ async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_pas
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["source_qmp"], "libvirt-passthrough", "{json}");
     assert_eq!(json["transport"], "tls");
-    assert_eq!(json["disks"].as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(json["disks"].as_array().map(Vec::len), Some(2), "{json}");
     assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    // The source is paused (postmigrate): its disks no longer change.
+    for (target, source, dest) in &disks {
+        crate::fixture::images_identical(source, dest)
+            .unwrap_or_else(|e| panic!("disk {target}: {e}"));
+    }
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
