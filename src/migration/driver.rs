@@ -22,8 +22,8 @@ use crate::peer::{DestPlan, DestPrepared, DiskCopy};
 use crate::qemu::{
     BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, CalcDirtyRate, Migrate,
     MigrateContinue, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
-    MirrorSync, QueryBlock, QueryBlockJobs, QueryDirtyRate, QueryMemorySizeSummary, QueryMigrate,
-    QueryStatus, RamStats, Stop, tcp_uri,
+    MirrorSync, QueryBlock, QueryBlockJobs, QueryDirtyRate, QueryKvm, QueryMemorySizeSummary,
+    QueryMigrate, QueryStatus, RamStats, Stop, tcp_uri,
 };
 use crate::qmp::{Events, Qmp, QmpError};
 
@@ -383,6 +383,14 @@ impl Run<'_> {
             tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
         }
         let conv = &opts.convergence;
+        if conv.auto_converge.is_some() {
+            let kvm = src.call("query-kvm", &QueryKvm).await?;
+            if !kvm.enabled {
+                return Err(MigrationError::BadOptions {
+                    what: AUTO_CONVERGE_ON_TCG.into(),
+                });
+            }
+        }
         if conv.compress.is_some() && multifd.is_none() {
             return Err(MigrationError::BadOptions {
                 what: "--compress needs multifd (--multifd N; --multifd auto chose none on this \
@@ -1068,6 +1076,12 @@ impl Run<'_> {
         Ok(())
     }
 }
+
+/// Why auto-converge is refused for a guest QEMU runs without KVM.
+const AUTO_CONVERGE_ON_TCG: &str = "--auto-converge is refused for a guest QEMU runs without KVM \
+(TCG): with QEMU 7.2's vCPU throttling, TCG's dirty tracking lost guest writes here (the \
+destination got a stale page of the guest's stack in every run), so the destination's memory \
+would not be the source's. Use --xbzrle, --downtime-steps or --timeout-action pause";
 
 /// QEMU 7.2's default downtime limit (ms), when the caller sets none.
 pub(crate) const DEFAULT_DOWNTIME_MS: u64 = 300;

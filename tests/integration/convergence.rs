@@ -76,9 +76,9 @@ async fn a_busy_guest_times_out_without_help_and_runs_on_at_the_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_converge_lets_the_busy_guest_finish() {
+async fn auto_converge_lets_the_busy_guest_finish_with_its_ram_intact() {
     let lab = Lab::new("Test CA");
-    let pair = busy_tcg_pair().await;
+    let pair = busy_pair().await;
     let mut o = capped(&pair, &lab);
     o.dest_paused = true;
     o.convergence.auto_converge = Some(Throttle {
@@ -89,6 +89,11 @@ async fn auto_converge_lets_the_busy_guest_finish() {
     let report = fixture::migrate(&o).await;
 
     show("auto-converge", &report);
+    if pair.source.accel == qemu_tls_migrate::vm::Accel::Tcg {
+        // No KVM on this machine: refused, as for any guest under TCG (see below).
+        assert!(report.refused, "{report:?}");
+        return;
+    }
     assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
     assert!(
         report
@@ -99,25 +104,40 @@ async fn auto_converge_lets_the_busy_guest_finish() {
         report.convergence
     );
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    // Not compared: under TCG with auto-converge, QEMU 7.2 left one page different here (the
-    // guest's stack and tick counter, 0x105000) in every run, where the same busy guest moved
-    // with --timeout-action pause, and a lighter one without help, are identical page for
-    // page. See the README, "When a VM will not converge".
-    fixture::show("RAM after auto-converge", &ram_difference(&pair));
+    // Nested KVM's dirty log misses SeaBIOS's e-segment page (0xe8000) in every migration on
+    // this kind of machine, whatever the settings (see migration.rs); nothing else may differ.
+    let differing = ram_difference(&pair);
+    assert!(
+        differing.iter().all(|&page| page == 0xe8),
+        "pages {differing:x?} differ after auto-converge"
+    );
 }
 
-/// How many pages differ between the two sides' RAM, and the first of them.
-fn ram_difference(pair: &Pair) -> String {
+#[tokio::test]
+async fn auto_converge_is_refused_for_a_guest_under_tcg() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start_with(|c| c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg)).await;
+    let mut o = pair.tls_options(&lab);
+    o.convergence.auto_converge = Some(Throttle::default());
+
+    let report = fixture::migrate(&o).await;
+
+    assert!(report.refused, "{report:?}");
+    assert!(
+        fixture::error_message(&report).contains("--auto-converge is refused"),
+        "{}",
+        fixture::error_message(&report)
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+/// The pages that differ between the two sides' RAM.
+fn ram_difference(pair: &Pair) -> Vec<usize> {
     let src = std::fs::read(pair.source.ram_path()).expect("source RAM");
     let dst = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
-    let pages: Vec<usize> = (0..src.len() / 4096)
+    (0..src.len() / 4096)
         .filter(|p| src[p * 4096..(p + 1) * 4096] != dst[p * 4096..(p + 1) * 4096])
-        .collect();
-    format!(
-        "{} pages differ, first {:x?}",
-        pages.len(),
-        &pages[..pages.len().min(4)]
-    )
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
