@@ -139,27 +139,7 @@ pub async fn migrate_to<D: Destination>(
     progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: &CancellationToken,
 ) -> Report {
-    let mut run = Run {
-        opts,
-        started,
-        progress,
-        warnings: Vec::new(),
-        transport: decision.transport,
-        ram: RamReport::default(),
-        src: None,
-        ports: Vec::new(),
-        disk_progress: Vec::new(),
-        disk_reports: Vec::new(),
-        committed: None,
-        marks: Marks::default(),
-        multifd: None,
-        stopped_at_us: None,
-        deadline: opts.timeout,
-        downtime_start_ms: DEFAULT_DOWNTIME_MS,
-        convergence: ConvergenceReport::default(),
-        control: opts.control.as_ref().and_then(|c| c.take()),
-        forecast: None,
-    };
+    let mut run = Run::new(opts, started, progress, decision.transport);
     if let Some(w) = &decision.warning {
         tracing::warn!("{w}");
         run.warnings.push(w.clone());
@@ -276,6 +256,39 @@ impl Marks {
             switchover_ms,
             finish_ms: ms(self.finish, self.finished),
             cleanup_ms: ms(self.cleanup, Some(end)),
+        }
+    }
+}
+
+impl<'a> Run<'a> {
+    /// A run that has done nothing yet; the deadline is `--timeout` until the completion
+    /// timeout per GiB is known, and the caller's control channel (if any) is taken over.
+    fn new(
+        opts: &'a MigrationOptions,
+        started: Instant,
+        progress: &'a mut (dyn FnMut(&Progress) + Send),
+        transport: Transport,
+    ) -> Run<'a> {
+        Run {
+            opts,
+            started,
+            progress,
+            warnings: Vec::new(),
+            transport,
+            ram: RamReport::default(),
+            src: None,
+            ports: Vec::new(),
+            disk_progress: Vec::new(),
+            disk_reports: Vec::new(),
+            committed: None,
+            marks: Marks::default(),
+            multifd: None,
+            stopped_at_us: None,
+            deadline: opts.timeout,
+            downtime_start_ms: DEFAULT_DOWNTIME_MS,
+            convergence: ConvergenceReport::default(),
+            control: opts.control.as_ref().and_then(|c| c.take()),
+            forecast: None,
         }
     }
 }
@@ -1399,27 +1412,9 @@ mod tests {
         };
         let opts = MigrationOptions::new(endpoint(), endpoint(), "dst");
         let mut progress = |_: &Progress| {};
-        let mut run = Run {
-            opts: &opts,
-            started: Instant::now(),
-            progress: &mut progress,
-            warnings: Vec::new(),
-            transport: Transport::Tls,
-            ram: RamReport::default(),
-            src: Some(src),
-            ports: Vec::new(),
-            disk_progress: Vec::new(),
-            disk_reports: Vec::new(),
-            committed,
-            marks: Marks::default(),
-            multifd: None,
-            stopped_at_us: None,
-            deadline: None,
-            downtime_start_ms: DEFAULT_DOWNTIME_MS,
-            convergence: ConvergenceReport::default(),
-            control: None,
-            forecast: None,
-        };
+        let mut run = Run::new(&opts, Instant::now(), &mut progress, Transport::Tls);
+        run.src = Some(src);
+        run.committed = committed;
         let aborted_after = Arc::new(Mutex::new(None));
         let mut dest = FakeDestination {
             stopped,
@@ -1471,27 +1466,8 @@ mod tests {
         };
         let opts = MigrationOptions::new(endpoint(), endpoint(), "dst");
         let mut progress = |_: &Progress| {};
-        let mut run = Run {
-            opts: &opts,
-            started: Instant::now(),
-            progress: &mut progress,
-            warnings: Vec::new(),
-            transport: Transport::Tls,
-            ram: RamReport::default(),
-            src: Some(src),
-            ports: Vec::new(),
-            disk_progress: Vec::new(),
-            disk_reports: Vec::new(),
-            committed: None,
-            marks: Marks::default(),
-            multifd: None,
-            stopped_at_us: None,
-            deadline: None,
-            downtime_start_ms: DEFAULT_DOWNTIME_MS,
-            convergence: ConvergenceReport::default(),
-            control: None,
-            forecast: None,
-        };
+        let mut run = Run::new(&opts, Instant::now(), &mut progress, Transport::Tls);
+        run.src = Some(src);
         let mut answers = Vec::new();
         for c in controls {
             answers.push(run.apply_control(&qmp, *c).await.map_err(|e| e.to_string()));
