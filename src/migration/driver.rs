@@ -411,37 +411,20 @@ impl Run<'_> {
                     .into(),
             });
         }
-        let needs_ram_size =
-            conv.completion_timeout_per_gib.is_some() || conv.xbzrle == Some(XbzrleCache::Auto);
-        let ram_size = if needs_ram_size {
-            let summary = src
-                .call("query-memory-size-summary", &QueryMemorySizeSummary)
-                .await?;
-            summary.base_memory + summary.plugged_memory.unwrap_or(0)
-        } else {
-            0
-        };
-        if let Some(per_gib) = conv.completion_timeout_per_gib {
-            let disk_bytes: u64 = disks.iter().map(|d| d.size).sum();
-            let by_size = convergence::completion_timeout(per_gib, ram_size + disk_bytes);
-            self.deadline = Some(self.deadline.map_or(by_size, |t| t.min(by_size)));
-        }
-        self.convergence.deadline_ms = self.deadline.map(|d| d.as_millis() as u64);
-        let xbzrle_cache = match conv.xbzrle {
-            Some(XbzrleCache::Bytes(b)) => Some(b),
-            Some(XbzrleCache::Auto) => {
-                let rate = sample_dirty_rate(&src).await?;
-                let cache = convergence::auto_xbzrle_cache(rate, ram_size);
-                tracing::info!(dirty_mib_per_s = rate, cache, "XBZRLE cache sized");
-                Some(cache)
+        // Cheap refusals before the forecast's second of sampling.
+        let behind = disks::left_behind(&blocks, &disks, &opts.shared_disks);
+        if !behind.is_empty() {
+            if !opts.allow_unsafe {
+                return Err(MigrationError::DiskLeftBehind { nodes: behind });
             }
-            None => None,
-        };
-        self.convergence.xbzrle_cache_bytes = xbzrle_cache;
-        self.convergence.compress = conv.compress;
-        self.downtime_start_ms = opts
-            .downtime_limit
-            .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64);
+            let w = format!(
+                "--unsafe: local disk(s) {} are not copied; the guest will not see their \
+                 contents on the destination",
+                behind.join(", ")
+            );
+            tracing::warn!("{w}");
+            self.warnings.push(w);
+        }
         if opts.forecast {
             let disk_bytes = disks.iter().map(SourceDisk::to_copy).sum();
             let f = super::forecast::measure(&src, opts, self.transport, disk_bytes).await?;
@@ -458,19 +441,43 @@ impl Run<'_> {
             }
             self.forecast = Some(f);
         }
-        let behind = disks::left_behind(&blocks, &disks, &opts.shared_disks);
-        if !behind.is_empty() {
-            if !opts.allow_unsafe {
-                return Err(MigrationError::DiskLeftBehind { nodes: behind });
+        // The forecast measured the RAM and the dirty rate already, when it ran.
+        let needs_ram_size =
+            conv.completion_timeout_per_gib.is_some() || conv.xbzrle == Some(XbzrleCache::Auto);
+        let ram_size = match &self.forecast {
+            Some(f) => f.ram_bytes,
+            None if needs_ram_size => {
+                let summary = src
+                    .call("query-memory-size-summary", &QueryMemorySizeSummary)
+                    .await?;
+                summary.base_memory + summary.plugged_memory.unwrap_or(0)
             }
-            let w = format!(
-                "--unsafe: local disk(s) {} are not copied; the guest will not see their \
-                 contents on the destination",
-                behind.join(", ")
-            );
-            tracing::warn!("{w}");
-            self.warnings.push(w);
+            None => 0,
+        };
+        if let Some(per_gib) = conv.completion_timeout_per_gib {
+            let disk_bytes: u64 = disks.iter().map(|d| d.size).sum();
+            let by_size = convergence::completion_timeout(per_gib, ram_size + disk_bytes);
+            self.deadline = Some(self.deadline.map_or(by_size, |t| t.min(by_size)));
         }
+        self.convergence.deadline_ms = self.deadline.map(|d| d.as_millis() as u64);
+        let xbzrle_cache = match conv.xbzrle {
+            Some(XbzrleCache::Bytes(b)) => Some(b),
+            Some(XbzrleCache::Auto) => {
+                let rate = match &self.forecast {
+                    Some(f) => f.dirty_rate_mib_s as u64,
+                    None => sample_dirty_rate(&src).await?,
+                };
+                let cache = convergence::auto_xbzrle_cache(rate, ram_size);
+                tracing::info!(dirty_mib_per_s = rate, cache, "XBZRLE cache sized");
+                Some(cache)
+            }
+            None => None,
+        };
+        self.convergence.xbzrle_cache_bytes = xbzrle_cache;
+        self.convergence.compress = conv.compress;
+        self.downtime_start_ms = opts
+            .downtime_limit
+            .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64);
         let plan = DestPlan {
             tls,
             tls_priority: opts.tls_priority.clone(),
