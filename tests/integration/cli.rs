@@ -9,26 +9,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::fixture::{self, DEST_HOST, Lab, Pair};
 
-fn migrate_args<'a>(pair: &'a Pair, src_pki: &'a str, dst_pki: &'a str) -> Vec<String> {
-    [
-        "migrate",
-        "--json",
-        "--source-qmp",
-        &pair.source.qmp_path().display().to_string(),
-        "--dest-qmp",
-        &pair.dest.qmp_path().display().to_string(),
-        "--dest-host",
-        DEST_HOST,
-        "--source-pki-dir",
-        src_pki,
-        "--dest-pki-dir",
-        dst_pki,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 /// A lab, a started pair and the `migrate --json` arguments of a TLS migration between them.
 async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
     let lab = Lab::new("Test CA");
@@ -37,7 +17,7 @@ async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
         lab.host("dst", &[DEST_HOST]),
     );
     let pair = Pair::start().await;
-    let args = migrate_args(
+    let args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
         dst.to_str().expect("utf-8"),
@@ -80,7 +60,7 @@ async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
     let unsecured = tempfile::tempdir().expect("empty dir");
     let src = lab.host("src", &["src-host"]);
     let pair = Pair::start().await;
-    let args = migrate_args(
+    let args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
         unsecured.path().to_str().expect("utf-8"),
@@ -121,7 +101,7 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
     );
     let pair =
         Pair::start_with_disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)]).await;
-    let mut args = migrate_args(
+    let mut args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
         dst.to_str().expect("utf-8"),
@@ -299,7 +279,7 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
     lab.host("dst", &[DEST_HOST]);
     let pair = Pair::start().await;
     // Relative to the lab directory, which is not QEMU's current directory.
-    let args = migrate_args(&pair, "src", "./dst");
+    let args = fixture::migrate_args(&pair, "src", "./dst");
 
     let out = fixture::run_cli_from(
         lab.dir.path(),
@@ -322,7 +302,7 @@ async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds
     );
     let pair = Pair::start().await;
     let result = pair.dir.path().join("result.json");
-    let mut args = migrate_args(
+    let mut args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
         dst.to_str().expect("utf-8"),

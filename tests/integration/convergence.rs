@@ -12,8 +12,23 @@ use crate::fixture::{self, Lab, Pair, pass_beyond};
 
 /// A pair whose guest dirties `wss_mib` MiB at `pages_per_sec`, running its workload.
 async fn dirtying_pair(wss_mib: u32, pages_per_sec: u32) -> Pair {
+    dirtying_pair_under(wss_mib, pages_per_sec, None).await
+}
+
+/// [`dirtying_pair`] under this accelerator (`None`: the fixture's probe).
+async fn dirtying_pair_under(
+    wss_mib: u32,
+    pages_per_sec: u32,
+    accel: Option<qemu_tls_migrate::vm::Accel>,
+) -> Pair {
     let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
-    let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
+    let pair = Pair::start_with(|c| {
+        c.kernel = Some(kernel);
+        if accel.is_some() {
+            c.accel = accel;
+        }
+    })
+    .await;
     pass_beyond(pair.source.serial_path(), 0).await;
     pair
 }
@@ -26,14 +41,7 @@ async fn busy_pair() -> Pair {
 /// [`busy_pair`] under TCG, which tracks every guest write, so the RAM of the two sides can be
 /// compared afterwards (see `tls_migration_completes_and_guest_ram_is_identical`).
 async fn busy_tcg_pair() -> Pair {
-    let kernel = workload_kernel(64, 20_000).expect("workload");
-    let pair = Pair::start_with(|c| {
-        c.kernel = Some(kernel);
-        c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg);
-    })
-    .await;
-    pass_beyond(pair.source.serial_path(), 0).await;
-    pair
+    dirtying_pair_under(64, 20_000, Some(qemu_tls_migrate::vm::Accel::Tcg)).await
 }
 
 /// TLS options with the link capped at 16 MiB/s.
@@ -316,29 +324,14 @@ async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing(
         lab.host("src", &["src-host"]),
         lab.host("dst", &[fixture::DEST_HOST]),
     );
-    let (src, dst) = (
-        pair.source.qmp_path().display().to_string(),
-        pair.dest.qmp_path().display().to_string(),
-    );
-
-    let out = fixture::run_cli(&[
-        "migrate",
-        "--json",
-        "--plan",
-        "--source-qmp",
-        &src,
-        "--dest-qmp",
-        &dst,
-        "--dest-host",
-        fixture::DEST_HOST,
-        "--source-pki-dir",
+    let mut args = fixture::migrate_args(
+        &pair,
         src_pki.to_str().expect("utf-8"),
-        "--dest-pki-dir",
         dst_pki.to_str().expect("utf-8"),
-        "--max-bandwidth",
-        "16M",
-    ])
-    .await;
+    );
+    args.extend(["--plan", "--max-bandwidth", "16M"].map(String::from));
+
+    let out = fixture::run_cli(&fixture::strs(&args)).await;
 
     let json = fixture::stdout_json(&out);
     fixture::show("plan, busy guest", &json);

@@ -680,13 +680,9 @@ pub fn create_overlay(path: &Path, backing: &Path) {
 
 /// Bytes an image file takes on the host (`qemu-img info`'s `actual-size`).
 pub fn allocated_size(path: &Path) -> u64 {
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .expect("qemu-img info");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
-    v["actual-size"].as_u64().expect("actual-size")
+    image_info(path)["actual-size"]
+        .as_u64()
+        .expect("actual-size")
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `127.0.0.1:port` that counts the bytes its clients
@@ -753,18 +749,24 @@ impl Drop for CountingProxy {
 /// Writes a figure a test measured to stderr (seen with `--nocapture`): the README's block
 /// migration figures come from these lines.
 pub fn note(figures: std::fmt::Arguments<'_>) {
-    eprintln!("measured: {figures}");
+    show("measured", &figures);
 }
 
 /// Virtual size of an image, from `qemu-img info`.
 pub fn image_size(path: &Path) -> u64 {
+    image_info(path)["virtual-size"]
+        .as_u64()
+        .expect("virtual-size")
+}
+
+/// `qemu-img info --output=json` of an image (opened shared, so a running QEMU may hold it).
+fn image_info(path: &Path) -> Value {
     let out = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(path)
         .output()
         .expect("qemu-img info");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
-    v["virtual-size"].as_u64().expect("virtual-size")
+    serde_json::from_slice(&out.stdout).expect("qemu-img info JSON")
 }
 
 /// Runs one qemu-io command on an image no QEMU has open.
@@ -1862,4 +1864,26 @@ pub fn assert_ram_identical(pair: &Pair) {
         differing.len(),
         &differing[..differing.len().min(16)]
     );
+}
+
+/// A `migrate --json` command line from `pair`'s source to its destination (as
+/// [`DEST_HOST`]), with these PKI directories.
+pub fn migrate_args(pair: &Pair, src_pki: &str, dst_pki: &str) -> Vec<String> {
+    [
+        "migrate",
+        "--json",
+        "--source-qmp",
+        &pair.source.qmp_path().display().to_string(),
+        "--dest-qmp",
+        &pair.dest.qmp_path().display().to_string(),
+        "--dest-host",
+        DEST_HOST,
+        "--source-pki-dir",
+        src_pki,
+        "--dest-pki-dir",
+        dst_pki,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

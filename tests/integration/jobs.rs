@@ -55,26 +55,12 @@ impl BusyJob {
         );
         let dir = tempfile::tempdir().expect("run dir parent");
         let run_dir = dir.path().join("jobs");
-        let args: Vec<String> = [
-            "migrate",
-            "--json",
-            "--source-qmp",
-            &pair.source.qmp_path().display().to_string(),
-            "--dest-qmp",
-            &pair.dest.qmp_path().display().to_string(),
-            "--dest-host",
-            DEST_HOST,
-            "--source-pki-dir",
+        let mut args = fixture::migrate_args(
+            &pair,
             &src.display().to_string(),
-            "--dest-pki-dir",
             &dst.display().to_string(),
-            "--job-id",
-            id,
-        ]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect();
+        );
+        args.extend(["--job-id", id].iter().chain(extra).map(|s| s.to_string()));
         let mut child = fixture::spawn_cli_env(&args, &[("QTM_RUN_DIR", &run_dir)]);
         // Drained all along: a full pipe would stall the tool.
         let mut pipe = child.stderr.take().expect("stderr");

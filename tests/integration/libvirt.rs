@@ -225,25 +225,39 @@ async fn a_domain_migrates_by_name_over_tls_into_a_domain_waiting_on_the_other_h
 #[tokio::test]
 async fn an_unknown_domain_is_refused_by_name_with_exit_3() {
     let pair = LibvirtPair::shared();
-    let uri = pair.b.uri();
 
-    let out = crate::fixture::run_cli(&[
+    refused_by_name(&pair, "qtm-no-such-domain", &[], "no-such-domain").await;
+}
+
+/// `migrate --domain NAME` (with `extra` arguments) from host b towards a destination that is
+/// never reached: it must be refused with exit 3 and error `kind`. Returns the JSON result.
+async fn refused_by_name(
+    pair: &LibvirtPair,
+    name: &str,
+    extra: &[&str],
+    kind: &str,
+) -> serde_json::Value {
+    let uri = pair.b.uri();
+    let mut args = vec![
         "migrate",
         "--json",
         "--domain",
-        "qtm-no-such-domain",
+        name,
         "--connect",
         &uri,
         "--dest-qmp",
         "/nonexistent.sock",
         "--dest-host",
         "host-a",
-    ])
-    .await;
+    ];
+    args.extend_from_slice(extra);
+
+    let out = crate::fixture::run_cli(&args).await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "no-such-domain", "{json}");
+    assert_eq!(json["error"]["kind"], kind, "{json}");
+    json
 }
 
 /// The source domain's migratable XML with its disk moved to `disk`: what the CloudStack agent
@@ -955,27 +969,9 @@ async fn serve_libvirt_refuses_the_same_uuid_running_there_under_another_name() 
 async fn a_disk_the_domain_does_not_have_is_refused_listing_its_targets() {
     let pair = LibvirtPair::shared();
     let (name, _) = start_domain(&pair.b, "nodisk").await;
-    let uri = pair.b.uri();
 
-    let out = crate::fixture::run_cli(&[
-        "migrate",
-        "--json",
-        "--domain",
-        &name,
-        "--connect",
-        &uri,
-        "--dest-qmp",
-        "/nonexistent.sock",
-        "--dest-host",
-        "host-a",
-        "--disk",
-        "vdz",
-    ])
-    .await;
+    let json = refused_by_name(&pair, &name, &["--disk", "vdz"], "unknown-disk").await;
 
-    let json = crate::fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "unknown-disk", "{json}");
     let message = json["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("vdz") && message.contains("vda"), "{json}");
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
