@@ -394,3 +394,44 @@ async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
     );
     fixture::assert_source_untouched(&pair.source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_lost_after_the_pause_action_leaves_the_source_running_again() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.timeout = Some(Duration::from_secs(3));
+    o.convergence.timeout_action = TimeoutAction::Pause;
+    let dest_pid = pair.dest.pid().expect("destination pid");
+    let mut killed = false;
+
+    // Paused at 3 s, the rest (about 64 MiB at 16 MiB/s) takes some 4 s more: kill the
+    // destination in between, while the guest is paused by the tool.
+    let report = fixture::migrate_observed(
+        &o,
+        |p| {
+            if !killed && p.elapsed_ms > 4500 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(dest_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed = true;
+            }
+        },
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+
+    show("destination lost after the pause", &report);
+    assert!(
+        killed,
+        "the migration ended before the destination could be killed"
+    );
+    assert_eq!(report.status, FinalStatus::Failed, "{report:?}");
+    assert_eq!(
+        report.convergence.timeout_action,
+        Some(TimeoutAction::Pause)
+    );
+    assert_ne!(fixture::error_kind(&report), Some("split-brain-risk"));
+    assert_eq!(fixture::status(&pair.source).await, "running");
+}
