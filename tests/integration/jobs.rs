@@ -32,7 +32,7 @@ impl BusyJob {
         let kernel = workload_kernel(64, 20_000).expect("workload");
         let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
         pass_beyond(pair.source.serial_path(), 0).await;
-        let job = BusyJob::launch(id, pair, &["--max-bandwidth", "8M"]);
+        let mut job = BusyJob::launch(id, pair, &["--max-bandwidth", "8M"]);
         job.wait_listed(|j| j["phase"] == "ram" && j["ram"]["transferred"].as_u64() > Some(0))
             .await;
         job
@@ -41,7 +41,7 @@ impl BusyJob {
     /// A 64 MiB disk copied at 2 MiB/s. Returns once `jobs` lists it copying the disk.
     async fn start_copying_a_disk(id: &str) -> BusyJob {
         let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 64)]).await;
-        let job = BusyJob::launch(id, pair, &["--disk", "disk0", "--disk-bandwidth", "2M"]);
+        let mut job = BusyJob::launch(id, pair, &["--disk", "disk0", "--disk-bandwidth", "2M"]);
         job.wait_listed(|j| j["phase"] == "disks").await;
         job
     }
@@ -86,7 +86,7 @@ impl BusyJob {
     }
 
     /// Polls `jobs --json` until this job is listed as `wanted` says.
-    async fn wait_listed(&self, wanted: impl Fn(&Value) -> bool) -> Value {
+    async fn wait_listed(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
         loop {
             let out = self.cli(&["jobs", "--json"]).await;
@@ -99,6 +99,14 @@ impl BusyJob {
                 && wanted(&job)
             {
                 return job;
+            }
+            // A migration that ended cannot be listed any more: say why it ended.
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let stderr = (&mut self.stderr).await.unwrap_or_default();
+                panic!(
+                    "job {} ended ({status}) before it was listed as expected: {stderr}",
+                    self.id
+                );
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -138,7 +146,7 @@ fn run_dir_entries(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_lists_a_running_migration_and_an_unknown_id_exits_3_naming_it() {
-    let job = BusyJob::start("vm-list").await;
+    let mut job = BusyJob::start("vm-list").await;
 
     let listed = job.wait_listed(|j| j["phase"] == "ram").await;
     let unknown = job.cli(&["jobs", "cancel", "no-such-job", "--json"]).await;
