@@ -41,6 +41,18 @@ pub struct Finished {
 
 /// How long to wait for the `RESUME` event after `cont` answered, for the pause figure only.
 const RESUME_EVENT_WAIT: Duration = Duration::from_secs(2);
+/// When `cont` has not answered after this long, a `query-status` is sent behind it.
+const CONT_PROBE_AFTER: Duration = Duration::from_secs(1);
+/// After `cont` went unanswered: how many new connections ask whether the guest runs, each
+/// allowed [`ASK_AGAIN_TIMEOUT`], [`ASK_AGAIN_PAUSE`] apart (about 20 s in all).
+const ASK_AGAIN_TRIES: u32 = 3;
+const ASK_AGAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const ASK_AGAIN_PAUSE: Duration = Duration::from_secs(2);
+
+/// An event's timestamp in microseconds since the epoch.
+fn event_time(e: &crate::qmp::Event) -> Option<i64> {
+    e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds)
+}
 
 /// How a destination rolled back, as the source needs to know it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,8 +73,33 @@ pub struct DestinationSide {
     has_disks: bool,
     /// What each disk needs, from the preflight.
     dest_disks: Vec<DestDisk>,
-    /// `cont` was sent (whether or not QEMU answered): the guest may have run here.
-    resumed: bool,
+    /// Whether this QEMU may run the guest; decides what a roll-back may do to it.
+    resume: Resume,
+}
+
+/// Whether a destination may run the guest. Its autostart is off before it gets the
+/// migration, so only the tool's `cont` can start it: once that was sent, nothing of the
+/// tool's stops, quits or kills this QEMU again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resume {
+    /// No `cont` was sent, or QEMU is known not to have carried it out.
+    NotSent,
+    /// `cont` was sent and its outcome could not be learnt: the guest may run here.
+    MayRun,
+    /// QEMU confirmed the guest runs here.
+    Running,
+}
+
+/// What asking a destination to resume led to.
+enum ResumeOutcome {
+    /// The guest runs; the `RESUME` event's time when QEMU said.
+    Running(Option<i64>),
+    /// QEMU did not carry `cont` out: it answered with an error, or a `query-status` it
+    /// answered after `cont` on the same connection found the guest not running and no
+    /// `RESUME` event came before that answer.
+    NotResumed(String),
+    /// No answer that tells: what was last seen of the destination.
+    Unknown(String),
 }
 
 impl std::fmt::Debug for DestinationSide {
@@ -102,7 +139,7 @@ impl DestinationSide {
             ports: Vec::new(),
             has_disks: false,
             dest_disks: Vec::new(),
-            resumed: false,
+            resume: Resume::NotSent,
         })
     }
 
@@ -354,12 +391,28 @@ impl DestinationSide {
         }
         let mut resumed_at_us = None;
         if resume && !status.running {
-            self.resumed = true;
-            qmp.call_timeout(&Cont, FINISH_TIMEOUT)
-                .await
-                .map_err(|e| self.ctl.error("cont", e))?;
-            tracing::info!("destination resumed");
-            resumed_at_us = self.resume_event_time().await;
+            // From here on the guest may run on this host, whatever `cont` answers.
+            self.resume = Resume::MayRun;
+            match self.resume_and_confirm().await {
+                ResumeOutcome::Running(at) => {
+                    self.resume = Resume::Running;
+                    tracing::info!("destination resumed");
+                    resumed_at_us = match at {
+                        Some(at) => Some(at),
+                        None => self.resume_event_time().await,
+                    };
+                }
+                ResumeOutcome::NotResumed(why) => {
+                    self.resume = Resume::NotSent;
+                    return Err(MigrationError::DestinationNotResumed { desc: why });
+                }
+                ResumeOutcome::Unknown(last_seen) => {
+                    return Err(MigrationError::DestinationResumeUnknown {
+                        holder: self.holder(),
+                        last_seen,
+                    });
+                }
+            }
         } else if !resume && status.running {
             qmp.call_timeout(&Stop, FINISH_TIMEOUT)
                 .await
@@ -373,12 +426,119 @@ impl DestinationSide {
         })
     }
 
+    /// Sends `cont` and learns whether the guest now runs here. QEMU answers one
+    /// connection's commands in order, so besides `cont`'s own reply (and the `RESUME` event
+    /// it causes), a `query-status` sent after it tells, once answered, what `cont` did; that
+    /// catches a reply lost on the way while `cont` itself takes as long as it needs. When
+    /// nothing answers within [`FINISH_TIMEOUT`], it asks again on new connections
+    /// ([`DestinationSide::ask_again`]).
+    async fn resume_and_confirm(&mut self) -> ResumeOutcome {
+        let qmp = self.ctl.qmp.clone();
+        let cont = qmp.call_timeout(&Cont, FINISH_TIMEOUT);
+        let probe = async {
+            tokio::time::sleep(CONT_PROBE_AFTER).await;
+            qmp.call_timeout(&QueryStatus, FINISH_TIMEOUT).await
+        };
+        tokio::pin!(cont, probe);
+        let (mut cont_done, mut probe_done) = (false, false);
+        let mut last_seen = "cont sent, no answer".to_string();
+        let deadline = super::deadline_after(FINISH_TIMEOUT);
+        loop {
+            tokio::select! {
+                reply = &mut cont, if !cont_done => {
+                    cont_done = true;
+                    match reply {
+                        Ok(_) => return ResumeOutcome::Running(None),
+                        // QEMU refused it: the guest was not started.
+                        Err(e) if e.qemu_error().is_some() => {
+                            return ResumeOutcome::NotResumed(format!("QEMU refused cont: {e}"));
+                        }
+                        Err(e) => {
+                            tracing::warn!("no answer to cont: {e}; asking the destination again");
+                            last_seen = format!("cont sent, then: {e}");
+                            if e.is_closed() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                status = &mut probe, if !probe_done => {
+                    probe_done = true;
+                    match status {
+                        Ok(s) if s.running => {
+                            tracing::warn!("cont's reply was lost; query-status says the guest runs");
+                            return ResumeOutcome::Running(None);
+                        }
+                        // Answered after `cont`, so `cont` was dealt with; no RESUME came
+                        // before this answer, so it never ran.
+                        Ok(s) => {
+                            return ResumeOutcome::NotResumed(format!(
+                                "cont was not carried out: query-status after it says {}",
+                                s.status
+                            ));
+                        }
+                        Err(e) => {
+                            last_seen = format!("cont sent, then query-status: {e}");
+                            if e.is_closed() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                event = self.events.next() => match event {
+                    Some(e) if e.event == "RESUME" => {
+                        return ResumeOutcome::Running(event_time(&e));
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+            if cont_done && probe_done {
+                break;
+            }
+        }
+        self.ask_again(last_seen).await
+    }
+
+    /// After `cont` went unanswered: closes the connection (QEMU then drops whatever of it it
+    /// had not started, so that `cont` cannot be carried out later from it) and asks on new
+    /// connections, [`ASK_AGAIN_TRIES`] times, whether the guest runs. Only "running" tells
+    /// anything: any other state seen on a new connection might be a guest that ran and
+    /// stopped again, so it is reported, not acted on.
+    async fn ask_again(&mut self, mut last_seen: String) -> ResumeOutcome {
+        self.ctl.qmp.close().await;
+        for attempt in 1..=ASK_AGAIN_TRIES {
+            let asked = async {
+                let qmp = crate::qmp::Qmp::connect(&self.ctl.socket, ASK_AGAIN_TIMEOUT).await?;
+                let status = qmp.call_timeout(&QueryStatus, ASK_AGAIN_TIMEOUT).await;
+                qmp.close().await;
+                status
+            };
+            match asked.await {
+                Ok(s) if s.running => {
+                    tracing::warn!(attempt, "the destination runs the guest (asked again)");
+                    return ResumeOutcome::Running(None);
+                }
+                Ok(s) => {
+                    last_seen = format!("{}, on a new connection after cont", s.status);
+                }
+                Err(e) => {
+                    last_seen = format!("no answer on a new connection ({e})");
+                }
+            }
+            tracing::warn!(attempt, %last_seen, "the destination's state after cont is unknown");
+            tokio::time::sleep(ASK_AGAIN_PAUSE).await;
+        }
+        ResumeOutcome::Unknown(last_seen)
+    }
+
     /// The timestamp of the `RESUME` event that follows `cont`, in microseconds since the epoch.
     async fn resume_event_time(&mut self) -> Option<i64> {
         let wait = async {
             while let Some(e) = self.events.next().await {
                 if e.event == "RESUME" {
-                    return e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds);
+                    return event_time(&e);
                 }
             }
             None
@@ -399,19 +559,38 @@ impl DestinationSide {
         format!("the destination QEMU ({})", self.ctl.socket.display())
     }
 
-    /// Whether the guest may have run here: `cont` was sent.
-    pub fn resumed(&self) -> bool {
-        self.resumed
+    /// Whether the guest may run here: `cont` was sent and not known to have failed.
+    pub fn may_run(&self) -> bool {
+        self.resume != Resume::NotSent
     }
 
     /// Rolls back everything: after `migrate-incoming` that means shutting the destination
     /// QEMU down, which cannot take another migration. Releases the ports.
+    ///
+    /// A destination that may run the guest ([`DestinationSide::may_run`]) is left exactly as
+    /// it is: never stopped or quit, and none of the tool's other changes undone either (a
+    /// QEMU that did not answer would hold each undo to its timeout, and the operator needs
+    /// to find it as it was); the outcome lists what stays.
     pub async fn abort(&mut self) -> AbortOutcome {
-        let problems = self.ctl.unwind(false).await;
         self.ports.clear();
+        if self.may_run() {
+            let left = std::mem::take(&mut self.ctl.undo);
+            tracing::error!(socket = %self.ctl.socket.display(), "the destination may run the guest: leaving it as it is");
+            let mut problems = vec![format!(
+                "destination: left as it is, since it may run the guest ({}): nothing was \
+                 stopped or removed there",
+                self.ctl.socket.display()
+            )];
+            problems.extend(left.iter().filter_map(Undo::left_behind));
+            return AbortOutcome {
+                stopped: false,
+                problems,
+            };
+        }
+        let problems = self.ctl.unwind(false).await;
         AbortOutcome {
             // Autostart was off before `migrate-incoming`, so only our `cont` could run it.
-            stopped: !self.resumed,
+            stopped: true,
             problems,
         }
     }
@@ -458,6 +637,99 @@ mod tests {
         );
         let side = DestinationSide::attach_ctl(ctl).await.expect("attach");
         (side, received)
+    }
+
+    /// How a fake destination treats `cont` (the state is loaded before `cont` comes).
+    #[derive(Clone, Copy)]
+    enum OnCont {
+        /// Carries it out, but the reply is lost; later commands are answered.
+        RunsReplyLost,
+        /// Neither `cont` nor anything after it is ever answered (a hung QEMU).
+        Hangs,
+    }
+
+    async fn loaded_destination(on_cont: OnCont) -> (DestinationSide, Received) {
+        let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
+        let (loaded, running, hung) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let received = peer.answer_some(move |name, _| {
+            if hung.load(Ordering::SeqCst) {
+                return None;
+            }
+            Some(Ok(match name {
+                "query-status" if running.load(Ordering::SeqCst) => {
+                    json!({"running": true, "status": "running"})
+                }
+                "query-status" if loaded.load(Ordering::SeqCst) => {
+                    json!({"running": false, "status": "paused"})
+                }
+                "query-status" => json!({"running": false, "status": "inmigrate"}),
+                "query-migrate-capabilities" => json!([]),
+                "migrate-incoming" => {
+                    loaded.store(true, Ordering::SeqCst);
+                    json!({})
+                }
+                "cont" => {
+                    match on_cont {
+                        OnCont::RunsReplyLost => running.store(true, Ordering::SeqCst),
+                        OnCont::Hangs => hung.store(true, Ordering::SeqCst),
+                    }
+                    return None;
+                }
+                _ => json!({}),
+            }))
+        });
+        let ctl = SideCtl::with_qmp(
+            Side::Destination,
+            qmp,
+            Path::new("/nonexistent/fake.sock"),
+            Path::new("/nonexistent"),
+            T,
+        );
+        let mut side = DestinationSide::attach_ctl(ctl).await.expect("attach");
+        side.preflight(&plan()).await.expect("preflight");
+        side.prepare(&plan()).await.expect("prepare");
+        (side, received)
+    }
+
+    #[tokio::test]
+    async fn a_lost_reply_to_cont_is_settled_by_the_status_asked_behind_it() {
+        let (mut side, received) = loaded_destination(OnCont::RunsReplyLost).await;
+
+        let finished = side.finish(true).await;
+
+        assert!(finished.is_ok(), "{finished:?}");
+        let sent = names(&received);
+        assert!(position(&sent, "cont") < sent.len() - 1, "{sent:?}");
+        assert!(!sent.contains(&"quit".to_string()), "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_that_never_answers_cont_is_left_as_it_is() {
+        let (mut side, received) = loaded_destination(OnCont::Hangs).await;
+
+        let err = side.finish(true).await.expect_err("state unknown");
+        let sent_before_abort = names(&received).len();
+        let outcome = side.abort().await;
+
+        assert!(
+            matches!(err, MigrationError::DestinationResumeUnknown { .. }),
+            "{err}"
+        );
+        assert!(!outcome.stopped, "the guest may run there");
+        assert_eq!(
+            names(&received).len(),
+            sent_before_abort,
+            "nothing sent to a destination that may run the guest"
+        );
+        assert!(
+            outcome.problems.iter().any(|p| p.contains("left as it is")),
+            "{:?}",
+            outcome.problems
+        );
     }
 
     fn plan() -> DestPlan {

@@ -51,9 +51,11 @@ pub enum MigrationError {
     DiskLeftBehind { nodes: Vec<String> },
     #[error(
         "the migration passed the point of no return ({reason}) and the destination's state \
-         cannot be known, so the source VM was left paused and not resumed: the running copy may \
-         be on {holder}; check there (query-status, or virsh domstate) before resuming the source \
-         or destroying either copy"
+         cannot be known, so the source VM was left paused here and not resumed, and nothing was \
+         stopped or removed on the destination: the running copy may be on {holder}; check there \
+         (query-status, or virsh domstate): if it runs, the migration completed and the source \
+         must not be resumed (shut it down); resume the source only once the destination is \
+         known not to run and is stopped for good; never resume both"
     )]
     SplitBrainRisk {
         reason: String,
@@ -140,6 +142,13 @@ pub enum MigrationError {
     Failed { desc: String },
     #[error("the destination went away during the migration{}", .desc.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
     DestinationDied { desc: Option<String> },
+    #[error("the destination did not resume: {desc}")]
+    DestinationNotResumed { desc: String },
+    #[error(
+        "the destination was told to resume (cont) and did not confirm; asked again, it was last \
+         seen: {last_seen}; it may be running the guest ({holder})"
+    )]
+    DestinationResumeUnknown { holder: String, last_seen: String },
     #[error("the destination did not finish loading the migration within {after:?}")]
     DestinationNotFinished { after: Duration },
     #[error(
@@ -198,6 +207,8 @@ impl MigrationError {
             MigrationError::Failed { .. } => ErrorKind::MigrationFailed,
             MigrationError::DestinationDied { .. } => ErrorKind::DestinationDied,
             MigrationError::DestinationNotFinished { .. } => ErrorKind::Timeout,
+            MigrationError::DestinationNotResumed { .. }
+            | MigrationError::DestinationResumeUnknown { .. } => ErrorKind::MigrationFailed,
             MigrationError::Stalled { .. } => ErrorKind::Stalled,
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
             MigrationError::Cancelled => ErrorKind::Cancelled,

@@ -62,6 +62,27 @@ impl Undo {
         )
     }
 
+    /// What stays on a QEMU that is left as it is (one that may run the guest), for the
+    /// report; `None` for actions that change nothing there.
+    pub(crate) fn left_behind(&self) -> Option<String> {
+        let side = self.side();
+        match self {
+            Undo::DeleteObject { id, .. } => Some(format!("{side}: object {id} left in place")),
+            Undo::RestoreCapabilities { .. } => Some(format!(
+                "{side}: migration capabilities left as the tool set them"
+            )),
+            Undo::RestoreParameters { .. } => Some(format!(
+                "{side}: migration parameters left as the tool set them"
+            )),
+            Undo::StopNbdServer => Some(format!("{side}: NBD server left running")),
+            Undo::DeleteBlockNode { node, .. } => {
+                Some(format!("{side}: block node {node} left in place"))
+            }
+            Undo::CancelJob { job, .. } => Some(format!("{side}: block job {job} left running")),
+            Undo::CancelMigration | Undo::ResumeSource | Undo::TearDownDestination => None,
+        }
+    }
+
     /// Undos registered before the command they undo, so the thing may not exist.
     fn may_not_exist(&self) -> bool {
         matches!(

@@ -49,8 +49,17 @@ impl FakeQemu {
     /// Answers every command until the client goes: `{"return": answer(name, arguments)}`, or
     /// an error reply when `answer` returns `Err(desc)`. Returns the record of what was asked.
     pub fn answer_all(
-        mut self,
+        self,
         answer: impl Fn(&str, &Value) -> Result<Value, String> + Send + 'static,
+    ) -> Received {
+        self.answer_some(move |name, args| Some(answer(name, args)))
+    }
+
+    /// [`FakeQemu::answer_all`], but a command for which `answer` returns `None` gets no reply
+    /// at all (a reply lost on the way, or a QEMU that never answers).
+    pub fn answer_some(
+        mut self,
+        answer: impl Fn(&str, &Value) -> Option<Result<Value, String>> + Send + 'static,
     ) -> Received {
         let received: Received = Arc::default();
         let record = received.clone();
@@ -62,8 +71,9 @@ impl FakeQemu {
                     r.push((name.clone(), args.clone()));
                 }
                 let reply = match answer(&name, &args) {
-                    Ok(ret) => json!({"return": ret, "id": cmd["id"]}),
-                    Err(desc) => {
+                    None => continue,
+                    Some(Ok(ret)) => json!({"return": ret, "id": cmd["id"]}),
+                    Some(Err(desc)) => {
                         json!({"error": {"class": "GenericError", "desc": desc}, "id": cmd["id"]})
                     }
                 };

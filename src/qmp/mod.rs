@@ -227,6 +227,17 @@ impl Qmp {
             .unwrap_or(false)
     }
 
+    /// Ends this client's side of the connection (shuts its write half down, which QEMU reads
+    /// as the client leaving): QEMU then drops whatever it had not started of this
+    /// connection's commands and serves the next client of its socket. Every clone is closed
+    /// with it.
+    pub async fn close(&self) {
+        let mut writer = self.writer.lock().await;
+        if let Err(e) = writer.shutdown().await {
+            tracing::debug!(peer = %self.shared.peer, "closing the QMP connection: {e}");
+        }
+    }
+
     /// Starts receiving events. Only events that arrive after this call are delivered.
     pub fn subscribe(&self) -> Events {
         let (tx, rx) = mpsc::unbounded_channel();

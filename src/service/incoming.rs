@@ -49,7 +49,13 @@ impl IncomingDomain {
         .await
     }
 
+    /// The domain's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Destroys the domain (if it still runs) and deletes the disks this service created.
+    /// Only for a domain that never ran the guest: the caller checks.
     pub async fn remove(self) -> Vec<String> {
         let IncomingDomain {
             uri,

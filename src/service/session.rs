@@ -267,8 +267,18 @@ impl State {
                 None,
             ),
         };
-        if let Some(incoming) = incoming {
-            outcome.problems.extend(incoming.remove().await);
+        match incoming {
+            // The destination QEMU may run the guest: its domain and disks stay.
+            Some(incoming) if !outcome.stopped => {
+                tracing::error!(domain = %incoming.name(), "the incoming domain may run the guest: left as it is");
+                outcome.problems.push(format!(
+                    "destination: the domain {} and its disks were left in place, since it may \
+                     run the guest",
+                    incoming.name()
+                ));
+            }
+            Some(incoming) => outcome.problems.extend(incoming.remove().await),
+            None => {}
         }
         outcome
     }

@@ -450,6 +450,8 @@ pub struct QmpDelayProxy {
     pub path: PathBuf,
     task: tokio::task::JoinHandle<()>,
     held: Arc<tokio::sync::Notify>,
+    /// The name of every command passed on to QEMU, in order, over all connections.
+    commands: Arc<Mutex<Vec<String>>>,
 }
 
 impl QmpDelayProxy {
@@ -459,7 +461,22 @@ impl QmpDelayProxy {
         delayed: impl Fn(&Value) -> bool + Send + Sync + 'static,
         delay: Duration,
     ) -> QmpDelayProxy {
+        QmpDelayProxy::start_with(target, path, delayed, delay, || {}).await
+    }
+
+    /// [`QmpDelayProxy::start`] that also runs `before` just before a held command is passed
+    /// on to QEMU (e.g. to SIGSTOP that QEMU, so the command waits in its socket).
+    pub async fn start_with(
+        target: &Path,
+        path: &Path,
+        delayed: impl Fn(&Value) -> bool + Send + Sync + 'static,
+        delay: Duration,
+        before: impl Fn() + Send + Sync + 'static,
+    ) -> QmpDelayProxy {
         use tokio::io::AsyncBufReadExt;
+        let before = Arc::new(before);
+        let commands: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = commands.clone();
         let listener = tokio::net::UnixListener::bind(path).expect("proxy socket");
         let target = target.to_path_buf();
         let delayed = Arc::new(delayed);
@@ -472,6 +489,8 @@ impl QmpDelayProxy {
                 };
                 let delayed = delayed.clone();
                 let note = note.clone();
+                let before = before.clone();
+                let seen = seen.clone();
                 tokio::spawn(async move {
                     let (cr, mut cw) = client.into_split();
                     let (sr, mut sw) = server.into_split();
@@ -488,10 +507,15 @@ impl QmpDelayProxy {
                     let upstream = async move {
                         let mut lines = tokio::io::BufReader::new(cr).lines();
                         while let Ok(Some(line)) = lines.next_line().await {
-                            if let Ok(cmd) = serde_json::from_str::<Value>(&line)
+                            let cmd = serde_json::from_str::<Value>(&line).ok();
+                            if let Some(name) = cmd.as_ref().and_then(|c| c["execute"].as_str()) {
+                                seen.lock().expect("lock").push(name.to_string());
+                            }
+                            if let Some(cmd) = cmd
                                 && delayed(&cmd)
                             {
                                 held_up.lock().expect("lock").push(cmd["id"].clone());
+                                before();
                                 note.notify_one();
                             }
                             if sw.write_all(format!("{line}\n").as_bytes()).await.is_err() {
@@ -527,7 +551,18 @@ impl QmpDelayProxy {
             path: path.to_path_buf(),
             task,
             held: held_note,
+            commands,
         }
+    }
+
+    /// The commands passed on to QEMU after the first one named `name`.
+    pub fn commands_after(&self, name: &str) -> Vec<String> {
+        let all = self.commands.lock().expect("lock");
+        all.iter()
+            .skip_while(|c| *c != name)
+            .skip(1)
+            .cloned()
+            .collect()
     }
 
     /// Resolves once a command whose reply is held back has reached QEMU.
@@ -540,6 +575,29 @@ impl Drop for QmpDelayProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Longer than any test runs: a reply held this long is lost.
+pub const FOREVER: Duration = Duration::from_secs(24 * 3600);
+
+/// Sends `signal` to the process `pid` (a QEMU the test owns).
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+    nix::sys::signal::kill(pid, signal).expect("signal the QEMU");
+}
+
+/// Whether the process `pid` still exists (a zombie counts as gone).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
 }
 
 /// A matcher for [`QmpDelayProxy`]: the command named `name`.

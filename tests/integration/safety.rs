@@ -2,7 +2,10 @@
 //! whatever the destination's last step does, no plaintext unless both ends allow it, no local
 //! disk left behind, and nothing of the tool's left after a command QEMU carried out late.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use qemu_tls_migrate::migration::FinalStatus;
 use qemu_tls_migrate::vm::DiskFormat;
@@ -138,6 +141,167 @@ async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_t
     assert_eq!(dest_state, "running");
     assert_ne!(fixture::status(&pair.source).await, "running");
     pair.quit_both().await;
+}
+
+/// How long the destination QEMU is frozen (SIGSTOP) right after `cont` reached it: past
+/// everything the tool waits for at the end (60 s for `cont`, then about 20 s of asking again).
+const FROZEN_FOR: Duration = Duration::from_secs(90);
+
+/// A proxy in front of `pair`'s destination that loses every reply to `cont`; with `freeze`,
+/// it also SIGSTOPs the destination QEMU just before passing `cont` on, and returns when it
+/// did so through the returned cell.
+async fn lossy_cont_proxy(
+    pair: &Pair,
+    socket: &std::path::Path,
+    freeze: bool,
+) -> (QmpDelayProxy, Arc<Mutex<Option<Instant>>>) {
+    let frozen_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let (cell, pid) = (frozen_at.clone(), pair.dest.pid().expect("destination pid"));
+    let proxy = QmpDelayProxy::start_with(
+        pair.dest.qmp_path(),
+        socket,
+        fixture::command_named("cont"),
+        fixture::FOREVER,
+        move || {
+            if freeze {
+                fixture::signal(pid, Signal::SIGSTOP);
+                *cell.lock().expect("lock") = Some(Instant::now());
+            }
+        },
+    )
+    .await;
+    (proxy, frozen_at)
+}
+
+/// Waits out the rest of [`FROZEN_FOR`] since `frozen_at`, then lets the QEMU `pid` run again.
+async fn thaw_after_frozen_for(frozen_at: &Mutex<Option<Instant>>, pid: u32) -> Duration {
+    let at = frozen_at
+        .lock()
+        .expect("lock")
+        .expect("the destination was frozen");
+    let given_up_after = at.elapsed();
+    // The scenario's length, not a wait for an event: the QEMU stays frozen this long.
+    tokio::time::sleep(FROZEN_FOR.saturating_sub(at.elapsed())).await;
+    fixture::signal(pid, Signal::SIGCONT);
+    given_up_after
+}
+
+/// Once `cont` was sent, nothing that could stop or end the guest there followed it.
+fn assert_harmless_after_cont(proxy: &QmpDelayProxy) {
+    let after = proxy.commands_after("cont");
+    assert!(
+        after.iter().all(|c| c == "query-status"),
+        "after cont the tool sent {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_cont_ends_with_the_destination_running_locally() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let (proxy, _) = lossy_cont_proxy(&pair, &pair.dir.path().join("lossy.sock"), false).await;
+    let mut options = pair.tls_options(&lab);
+    options.dest.qmp = proxy.path.clone();
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let _proxy = lossy_cont_proxy(&pair, &qmp_dir.path().join("lossy.sock"), false).await;
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "lossy.sock", &[]);
+
+    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stays_paused() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start().await;
+    let dest_pid = pair.dest.pid().expect("destination pid");
+    let (proxy, frozen_at) =
+        lossy_cont_proxy(&pair, &pair.dir.path().join("frozen.sock"), true).await;
+    let mut options = pair.tls_options(&lab);
+    options.dest.qmp = proxy.path.clone();
+
+    let report = fixture::migrate(&options).await;
+    let source_status = fixture::status(&pair.source).await;
+    let given_up_after = thaw_after_frozen_for(&frozen_at, dest_pid).await;
+
+    fixture::show("gave up after", &format!("{given_up_after:?}"));
+    assert_eq!(report.status, FinalStatus::Failed);
+    assert_eq!(fixture::error_kind(&report), Some("split-brain-risk"));
+    assert!(
+        given_up_after < FROZEN_FOR,
+        "the tool waited for the frozen QEMU"
+    );
+    assert_eq!(source_status, "postmigrate", "the source must stay paused");
+    assert_harmless_after_cont(&proxy);
+    assert!(
+        fixture::process_alive(dest_pid),
+        "the destination QEMU was killed"
+    );
+    let dest_status = fixture::status(&pair.dest).await;
+    assert!(
+        ["running", "paused"].contains(&dest_status.as_str()),
+        "{dest_status}"
+    );
+    assert!(
+        !fixture::tool_objects(&pair.dest).await.is_empty(),
+        "the destination was left as it was"
+    );
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let dest_pid = pair.dest.pid().expect("destination pid");
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let (proxy, frozen_at) =
+        lossy_cont_proxy(&pair, &qmp_dir.path().join("frozen.sock"), true).await;
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "frozen.sock", &[]);
+
+    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let source_status = fixture::status(&pair.source).await;
+    let given_up_after = thaw_after_frozen_for(&frozen_at, dest_pid).await;
+
+    let json = fixture::stdout_json(&out);
+    fixture::show("gave up after", &format!("{given_up_after:?}"));
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["error"]["kind"], "split-brain-risk", "{json}");
+    assert!(
+        given_up_after < FROZEN_FOR,
+        "the tool waited for the frozen QEMU"
+    );
+    assert_eq!(source_status, "postmigrate", "the source must stay paused");
+    assert_harmless_after_cont(&proxy);
+    assert!(
+        fixture::process_alive(dest_pid),
+        "the destination QEMU was killed"
+    );
+    let dest_status = fixture::status(&pair.dest).await;
+    assert!(
+        ["running", "paused"].contains(&dest_status.as_str()),
+        "{dest_status}"
+    );
+    assert!(!fixture::tool_objects(&pair.dest).await.is_empty());
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
