@@ -388,10 +388,7 @@ impl Run<'_> {
         src.save_settings().await?;
         let blocks = src.call("query-block", &QueryBlock).await?;
         let mut disks = disks::select(&blocks, &opts.disks, &opts.disk_copy)?;
-        for w in disks::fingerprint_backings(&mut disks).await {
-            tracing::warn!("{w}");
-            self.warnings.push(w);
-        }
+        disks::fingerprint_backings(&mut disks).await?;
         if !disks.is_empty() {
             tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
         }
