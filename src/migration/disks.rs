@@ -260,10 +260,17 @@ fn source_disk(n: &BlockDeviceInfo, copy: DiskCopy) -> Result<SourceDisk, Migrat
             (Some(spec), allocated(&mut std::iter::once(top)))
         }
     };
+    // Without a size, every destination disk would look large enough.
+    let size = image
+        .map(|i| i.virtual_size)
+        .ok_or_else(|| MigrationError::SourceDiskUnusable {
+            node: n.node_name.clone(),
+            reason: "QEMU reports no image for it, so its size is unknown".into(),
+        })?;
     Ok(SourceDisk {
         node: n.node_name.clone(),
         device: None,
-        size: image.map(|i| i.virtual_size).unwrap_or(0),
+        size,
         format: n.drv.clone(),
         filename: n.file.clone(),
         copy,
@@ -764,6 +771,21 @@ mod tests {
         let err = check_destination(&dest, &src, true).expect_err("refused");
 
         assert_eq!(err.kind(), "destination-disk");
+    }
+
+    #[test]
+    fn a_source_disk_qemu_gives_no_size_for_is_refused_not_taken_for_empty() {
+        let blocks: Vec<BlockInfo> = serde_json::from_value(json!([
+            {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
+             "file": "/tmp/a.qcow2"}}
+        ]))
+        .expect("decode");
+
+        let err =
+            select(&blocks, &DiskSelection::AllLocal, &CopyPlan::default()).expect_err("refused");
+
+        assert_eq!(err.kind(), "source-not-ready");
+        assert!(err.to_string().contains("disk0"), "{err}");
     }
 
     #[test]

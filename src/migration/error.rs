@@ -114,6 +114,8 @@ pub enum MigrationError {
         node: String,
         available: Vec<String>,
     },
+    #[error("the source's disk {node} cannot be copied: {reason}")]
+    SourceDiskUnusable { node: String, reason: String },
     #[error(
         "the destination has no block node {node} to copy the disk into: start it with a disk of \
          the same node name (-blockdev ...,node-name={node})"
@@ -188,6 +190,7 @@ impl MigrationError {
             MigrationError::Qmp { source, .. } if source.is_closed() => ErrorKind::QemuGone,
             MigrationError::Qmp { .. } => ErrorKind::Qmp,
             MigrationError::UnknownDisk { .. } => ErrorKind::UnknownDisk,
+            MigrationError::SourceDiskUnusable { .. } => ErrorKind::SourceNotReady,
             MigrationError::DestDiskMissing { .. } | MigrationError::DestDiskUnusable { .. } => {
                 ErrorKind::DestinationDisk
             }

@@ -273,35 +273,36 @@ fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_only_copy() {
-    let pair = LibvirtPair::shared();
-    let name = domain_name("overlay");
-    // The template under the same name in each host's pool, the VM's disk an overlay on it.
+/// A running domain on host b whose disk is a qcow2 overlay (4 MiB of its own data) on a
+/// 64 MiB raw template in b's pool, and a template of the same file name in a's pool: a copy of
+/// b's when `same`, another of the same size when not. Returns the domain's name, its disk, and
+/// a's template.
+async fn start_overlay_domain(
+    pair: &LibvirtPair,
+    what: &str,
+    same: bool,
+) -> (String, PathBuf, PathBuf) {
+    use qemu_tls_migrate::vm::DiskFormat;
+    let name = domain_name(what);
     let template_name = format!("{name}-template.raw");
     let (src_template, dst_template) = (
         pair.b.images_dir().join(&template_name),
         pair.a.images_dir().join(&template_name),
     );
-    qemu_tls_migrate::vm::create_image(
-        &src_template,
-        qemu_tls_migrate::vm::DiskFormat::Raw,
-        64 << 20,
-    )
-    .expect("template");
-    crate::fixture::qemu_io(
-        &src_template,
-        qemu_tls_migrate::vm::DiskFormat::Raw,
-        "write -P 0x11 0 64M",
-    );
-    std::fs::copy(&src_template, &dst_template).expect("template copy on the destination");
+    for (template, pattern) in [
+        (&src_template, 0x11),
+        (&dst_template, if same { 0x11 } else { 0x33 }),
+    ] {
+        qemu_tls_migrate::vm::create_image(template, DiskFormat::Raw, 64 << 20).expect("template");
+        crate::fixture::qemu_io(
+            template,
+            DiskFormat::Raw,
+            &format!("write -P 0x{pattern:x} 0 64M"),
+        );
+    }
     let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
     crate::fixture::create_overlay(&disk, &src_template);
-    crate::fixture::qemu_io(
-        &disk,
-        qemu_tls_migrate::vm::DiskFormat::Qcow2,
-        "write -P 0x22 1M 4M",
-    );
+    crate::fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x22 1M 4M");
     let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
     let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
     std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
@@ -309,6 +310,13 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_on
         .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
         .await;
     pair.b.virsh_ok(&["start", &name]).await;
+    (name, disk, dst_template)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_refuses_a_top_only_copy_onto_another_template_of_the_same_name() {
+    let pair = LibvirtPair::shared();
+    let (name, _disk, dst_template) = start_overlay_domain(&pair, "wrongtpl", false).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
@@ -319,6 +327,43 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_on
         &dest_xml.display().to_string(),
     );
     args.extend(["--disk-copy".to_string(), "top".to_string()]);
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("differs") && message.contains(&dst_template.display().to_string()),
+        "{message}"
+    );
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await.trim(),
+        "running",
+        "the source runs on"
+    );
+    let listed = pair.a.virsh_ok(&["list", "--all", "--name"]).await;
+    assert!(!listed.lines().any(|l| l.trim() == name), "{listed}");
+    assert!(!dest_disk.exists(), "the disk made for the copy is removed");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_disk_copied_top_only() {
+    let pair = LibvirtPair::shared();
+    let (name, disk, dst_template) = start_overlay_domain(&pair, "overlay", true).await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let mut args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
+    // Top-only for this disk alone (`--disk-copy top` for all is the refusal test's).
+    args.retain(|a| a != "--all-local-disks");
+    args.extend(["--disk".to_string(), "vda,copy=top".to_string()]);
 
     let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
 
