@@ -218,7 +218,7 @@ impl DestinationSide {
             }
             self.ctl.undo.push(Undo::StopNbdServer);
             let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
-            let port = self
+            let started = self
                 .bind_retrying(plan.port_range, port, "nbd-server-start", |port| {
                     let mut start = NbdServerStart::inet(&plan.listen_address, port);
                     if plan.tls {
@@ -228,7 +228,20 @@ impl DestinationSide {
                     let qmp = qmp.clone();
                     async move { qmp.call_timeout(&start, t).await.map(drop) }
                 })
-                .await?;
+                .await;
+            let port = match started {
+                Ok(port) => port,
+                Err(e) => {
+                    // Refused, not timed out: no server of ours runs. One that runs is another
+                    // run's ("NBD server already running"), and is not ours to stop.
+                    let maybe_ours =
+                        matches!(&e, MigrationError::Qmp { source, .. } if source.is_timeout());
+                    if !maybe_ours {
+                        self.ctl.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
+                    }
+                    return Err(e);
+                }
+            };
             nbd_port = Some(port);
             // The disks the preflight matched and checked, and no others.
             for d in &self.dest_disks {
@@ -433,9 +446,20 @@ mod tests {
 
     /// [`incoming_destination`] whose `query-block` answers `blocks`.
     async fn incoming_destination_with(blocks: serde_json::Value) -> (DestinationSide, Received) {
+        incoming_destination_answering(blocks, |_| None).await
+    }
+
+    /// [`incoming_destination_with`], answering the commands `refuse` picks with its error.
+    async fn incoming_destination_answering(
+        blocks: serde_json::Value,
+        refuse: impl Fn(&str) -> Option<String> + Send + 'static,
+    ) -> (DestinationSide, Received) {
         let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
         let loaded = Arc::new(AtomicBool::new(false));
         let received = peer.answer_all(move |name, _| {
+            if let Some(desc) = refuse(name) {
+                return Err(desc);
+            }
             Ok(match name {
                 "query-block" => blocks.clone(),
                 "query-status" if loaded.load(Ordering::SeqCst) => {
@@ -607,6 +631,26 @@ mod tests {
         assert_eq!(exports.len(), 1, "{exports:?}");
         assert_eq!(exports[0]["node-name"], "dstdisk");
         assert_eq!(exports[0]["name"], "srcdisk");
+    }
+
+    #[tokio::test]
+    async fn an_nbd_server_another_run_started_is_not_stopped_by_this_runs_roll_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let template = dir.path().join("template.raw");
+        std::fs::write(&template, vec![0x11u8; 1 << 20]).expect("template");
+        let (mut side, received) = incoming_destination_answering(overlay_on(&template), |name| {
+            (name == "nbd-server-start").then(|| "NBD server already running".to_string())
+        })
+        .await;
+        let plan = top_only_plan(&template);
+        side.preflight(&plan).await.expect("preflight");
+
+        let err = side.prepare(&plan).await.expect_err("refused by QEMU");
+        side.abort().await;
+
+        assert_eq!(err.kind(), "qmp", "{err}");
+        let sent = names(&received);
+        assert!(!sent.contains(&"nbd-server-stop".to_string()), "{sent:?}");
     }
 
     #[tokio::test]

@@ -69,14 +69,16 @@ impl SourceDisk {
         }
     }
 
-    /// The NBD client node on the source that writes into the destination's export.
-    pub fn nbd_node(&self) -> String {
-        format!("{OBJECT_PREFIX}nbd-{}", self.node)
+    /// The NBD client node on the source that writes into the destination's export, for the
+    /// run `run` (see [`run_id`]) and this disk's place `index` in its copy: QEMU limits node
+    /// names to 31 characters, too few for a libvirt node name beside the run's id.
+    pub fn nbd_node(&self, run: &str, index: usize) -> String {
+        format!("{OBJECT_PREFIX}nbd-{run}-{index}")
     }
 
-    /// The mirror job's id.
-    pub fn job_id(&self) -> String {
-        format!("{OBJECT_PREFIX}mirror-{}", self.node)
+    /// The mirror job's id, for the run `run`.
+    pub fn job_id(&self, run: &str) -> String {
+        format!("{OBJECT_PREFIX}mirror-{run}-{}", self.node)
     }
 
     /// What the destination is told about this disk: its node, size and copy mode, never its
@@ -104,6 +106,22 @@ pub fn device_id(block: &BlockInfo) -> Option<String> {
         Some(rest) => rest.split('/').next().unwrap_or(rest).to_string(),
         None => qdev.to_string(),
     })
+}
+
+/// A fresh id for one run, 8 hexadecimal digits, in the names of the nodes and jobs it creates:
+/// two runs never share a name, so neither can collide with, or undo, what the other made
+/// (QOM object ids carry the process id and a counter for the same reason).
+pub(crate) fn run_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 4];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        // No randomness: the process id and the time tell live runs apart too.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        return format!("{:08x}", std::process::id() ^ nanos);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How each disk is to be copied: one default, and exceptions by node name or device id.
@@ -771,6 +789,31 @@ mod tests {
         let err = check_destination(&dest, &src, true).expect_err("refused");
 
         assert_eq!(err.kind(), "destination-disk");
+    }
+
+    #[test]
+    fn what_two_runs_create_never_shares_a_name_and_fits_qemus_node_name_limit() {
+        let disk = SourceDisk {
+            node: "libvirt-12-format".into(),
+            device: Some("virtio-disk0".into()),
+            size: 1024,
+            format: "qcow2".into(),
+            filename: "/pool/a.qcow2".into(),
+            copy: DiskCopy::Full,
+            backing: None,
+            allocated: 0,
+        };
+        let (a, b) = (run_id(), run_id());
+
+        assert_ne!(a, b);
+        assert_ne!(disk.nbd_node(&a, 0), disk.nbd_node(&b, 0));
+        assert_ne!(disk.job_id(&a), disk.job_id(&b));
+        // QEMU 7.2 refuses node names of 32 characters or more.
+        assert!(
+            disk.nbd_node(&a, 99).len() < 32,
+            "{}",
+            disk.nbd_node(&a, 99)
+        );
     }
 
     #[test]

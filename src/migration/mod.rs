@@ -64,6 +64,7 @@ use crate::peer::Authz;
 use crate::pki::{self, Role, Security};
 use crate::ports::PortRange;
 use crate::qemu::CopyMode;
+use crate::vm_lock::{VmKey, VmLock};
 
 /// `max-bandwidth` meaning "no limit": the largest value QEMU accepts (libvirt uses the same).
 /// QEMU 7.2's own default is 128 MiB/s, which would throttle a loopback or 10G link.
@@ -241,6 +242,14 @@ pub struct MigrationOptions {
     pub control: Option<ControlHandle>,
     /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
     pub forecast: bool,
+    /// This run's job id (`migrate --job-id`, or the one the jobs module chose): kept in the
+    /// VM's lock ([`crate::vm_lock`]), so that a second run on the same VM is told which run
+    /// holds it.
+    pub job_id: Option<String>,
+    /// When the source is a libvirt domain: its UUID, a key of the VM's lock beside the source
+    /// socket (a passthrough socket is private to each run, so it alone would not tell two
+    /// runs on one domain apart).
+    pub source_domain_uuid: Option<String>,
 }
 
 impl MigrationOptions {
@@ -278,6 +287,8 @@ impl MigrationOptions {
             convergence: Convergence::default(),
             control: None,
             forecast: false,
+            job_id: None,
+            source_domain_uuid: None,
         }
     }
 
@@ -371,6 +382,14 @@ impl MigrationOptions {
     }
 }
 
+/// Takes the lock of `opts`' source VM (its socket, and its domain's UUID when it is one) for
+/// this run: a run that holds it is the only one driving that VM. Changes nothing.
+pub(crate) fn lock_source(opts: &MigrationOptions) -> Result<VmLock, MigrationError> {
+    let mut keys = vec![VmKey::socket(&opts.source.qmp)];
+    keys.extend(opts.source_domain_uuid.as_deref().map(VmKey::domain));
+    Ok(VmLock::acquire(&keys, opts.job_id.as_deref())?)
+}
+
 /// `HOST:PORT` (the host may be a bracketed IPv6 address) split in two; `None` when malformed.
 fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
@@ -443,6 +462,8 @@ pub enum QmpAccess {
 #[derive(Debug)]
 pub struct DomainEndpoint {
     pub name: String,
+    /// The domain's UUID: what names it to the VM lock whatever socket reaches it.
+    pub uuid: String,
     pub socket: PathBuf,
     pub access: QmpAccess,
     /// The domain's disks, from its live XML (with their QEMU device ids).
@@ -510,9 +531,11 @@ pub async fn domain_endpoint(
         }
         let xml = domain.live_xml()?;
         let disks = xml.disks()?;
+        let uuid = domain.uuid()?;
         if let Some(monitor) = xml.declared_monitor()? {
             return Ok(DomainEndpoint {
                 name,
+                uuid,
                 socket: monitor.path,
                 access: QmpAccess::DeclaredMonitor,
                 disks,
@@ -524,6 +547,7 @@ pub async fn domain_endpoint(
         let passthrough = Passthrough::start(&uri, &name)?;
         Ok(DomainEndpoint {
             name,
+            uuid,
             socket: passthrough.path().to_path_buf(),
             access: QmpAccess::LibvirtPassthrough,
             disks,

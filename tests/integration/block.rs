@@ -536,6 +536,35 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let mut args = fixture::migrate_args(
+        &pair,
+        lab.host("src", &["src-host"]).to_str().expect("utf-8"),
+        lab.host("dst", &[DEST_HOST]).to_str().expect("utf-8"),
+    );
+    args.extend(["--disk", "disk0", "--disk-bandwidth", "1M"].map(String::from));
+    let mut killed = fixture::spawn_cli_env(&args, &[]);
+    let orphan = fixture::wait_block_job(&pair.source).await;
+    let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    killed.wait().await.expect("reaped");
+    let mut options = pair.tls_options(&lab);
+    options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
+
+    let report = fixture::migrate(&options).await;
+
+    assert!(report.refused, "{:?}", report.error);
+    assert_eq!(fixture::error_kind(&report), Some("source-not-ready"));
+    let message = fixture::error_message(&report);
+    assert!(message.contains(&orphan), "{message}");
+    let (jobs, _) = fixture::tool_block_leftovers(&pair.source).await;
+    assert_eq!(jobs, [orphan], "the killed run's job is not ours to end");
+    assert_eq!(fixture::status(&pair.source).await, "running");
+}
+
 /// A 256 MiB qcow2 `disk0` holding 16 MiB of data and, when `zero_mib` > 0, that many MiB of
 /// zeroes written as data (allocated); the destination gets an empty qcow2 of the same size.
 async fn sparse_pair(zero_mib: u64) -> Pair {

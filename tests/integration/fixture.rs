@@ -876,6 +876,22 @@ pub async fn tool_block_leftovers(vm: &Vm) -> (Vec<String>, Vec<String>) {
     (jobs, nodes)
 }
 
+/// Waits (60 s at most) until `vm` runs a block job of this tool's; returns its id.
+pub async fn wait_block_job(vm: &Vm) -> String {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Some(job) = tool_block_leftovers(vm).await.0.into_iter().next() {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never ran a block job of the tool's",
+            vm.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn test_dir() -> TempDir {
     tempfile::Builder::new()
         .prefix("qtm-test-")

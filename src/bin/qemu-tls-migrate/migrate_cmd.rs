@@ -785,6 +785,7 @@ async fn resolve_domain(
         options.dest_domain = Some(domain);
     }
     options.source.qmp = source.socket.clone();
+    options.source_domain_uuid = Some(source.uuid.clone());
     options.disks = disks;
     options.shared_disks = shared;
     Ok(source)
