@@ -14,6 +14,7 @@
 //! - [`bench`]: benchmark harness (TLS against TCP, interleaved, with reports).
 //! - [`host`]: secured-host state, CloudStack certificate layout, qemu.conf/libvirtd.conf, firewall.
 //! - [`ports`]: migration and NBD port allocation, safe across concurrent migrations on one host.
+//! - [`vm_lock`]: one migration at a time per VM, across processes.
 //! - [`vm`]: launching local QEMU processes (demo, benchmarks, tests).
 //! - [`qemu`]: typed QMP commands and replies, tolerant of QEMU 7.2.
 //! - [`qmp`]: the asynchronous QMP protocol client; knows nothing of QEMU's command names.
@@ -31,3 +32,4 @@ pub mod qemu;
 pub mod qmp;
 pub mod service;
 pub mod vm;
+pub mod vm_lock;

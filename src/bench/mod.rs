@@ -780,6 +780,7 @@ impl RunContext<'_> {
             node: "disk0".into(),
             path,
             format: DiskFormat::Raw,
+            device: None,
         };
         Ok((vec![disk(src)], vec![disk(dst)]))
     }

@@ -173,11 +173,10 @@ impl DestinationSide {
             // Only the root nodes the guest's devices use may be exported: never a file node
             // or any other node a peer might name.
             let blocks = self.ctl.call("query-block", &QueryBlock).await?;
-            let checked = disks::check_destination(&blocks, &plan.disks, plan.create_dest_disks)?;
+            let matched = disks::check_destination(&blocks, &plan.disks, plan.create_dest_disks)?;
             // A top-only copy is only as good as the template under it: same bytes here.
-            disks::verify_backing_fingerprints(disks::backings_to_verify(&blocks, &plan.disks))
-                .await?;
-            checked
+            disks::verify_backing_fingerprints(&matched).await?;
+            matched
         };
         self.ports.push(ports::allocate(plan.port_range)?);
         if !plan.disks.is_empty() {
@@ -256,7 +255,7 @@ impl DestinationSide {
             }
             self.ctl.undo.push(Undo::StopNbdServer);
             let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
-            let port = self
+            let started = self
                 .bind_retrying(plan.port_range, port, "nbd-server-start", |port| {
                     let mut start = NbdServerStart::inet(&plan.listen_address, port);
                     if plan.tls {
@@ -266,15 +265,24 @@ impl DestinationSide {
                     let qmp = qmp.clone();
                     async move { qmp.call_timeout(&start, t).await.map(drop) }
                 })
-                .await?;
+                .await;
+            let port = match started {
+                Ok(port) => port,
+                Err(e) => {
+                    // Refused, not timed out: no server of ours runs. One that runs is another
+                    // run's ("NBD server already running"), and is not ours to stop.
+                    let maybe_ours =
+                        matches!(&e, MigrationError::Qmp { source, .. } if source.is_timeout());
+                    if !maybe_ours {
+                        self.ctl.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
+                    }
+                    return Err(e);
+                }
+            };
             nbd_port = Some(port);
-            for (disk, d) in plan.disks.iter().zip(&self.dest_disks) {
-                // Exported under the source's node name, which is what the source asks for.
-                let export = BlockExportAdd::nbd_writable(
-                    &disks::export_id(&disk.node),
-                    &d.node,
-                    &disk.node,
-                );
+            // The disks the preflight matched and checked, and no others.
+            for d in &self.dest_disks {
+                let export = BlockExportAdd::nbd_writable(&object_id("export"), &d.node, &d.export);
                 self.ctl.call("block-export-add", &export).await?;
             }
             self.has_disks = true;
@@ -612,10 +620,27 @@ mod tests {
     /// A destination QEMU that waits with `-incoming defer` and has loaded the state once
     /// `migrate-incoming` was sent.
     async fn incoming_destination() -> (DestinationSide, Received) {
+        incoming_destination_with(json!([])).await
+    }
+
+    /// [`incoming_destination`] whose `query-block` answers `blocks`.
+    async fn incoming_destination_with(blocks: serde_json::Value) -> (DestinationSide, Received) {
+        incoming_destination_answering(blocks, |_| None).await
+    }
+
+    /// [`incoming_destination_with`], answering the commands `refuse` picks with its error.
+    async fn incoming_destination_answering(
+        blocks: serde_json::Value,
+        refuse: impl Fn(&str) -> Option<String> + Send + 'static,
+    ) -> (DestinationSide, Received) {
         let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
         let loaded = Arc::new(AtomicBool::new(false));
         let received = peer.answer_all(move |name, _| {
+            if let Some(desc) = refuse(name) {
+                return Err(desc);
+            }
             Ok(match name {
+                "query-block" => blocks.clone(),
                 "query-status" if loaded.load(Ordering::SeqCst) => {
                     json!({"running": false, "status": "paused"})
                 }
@@ -799,6 +824,105 @@ mod tests {
 
         assert!(names(&received).contains(&"cont".to_string()));
         assert!(!outcome.stopped, "the guest may have run here");
+    }
+
+    /// A destination whose disk is node `dstdisk` on device `vd0`, an overlay on `template`.
+    fn overlay_on(template: &Path) -> serde_json::Value {
+        json!([{"device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+            "inserted": {"node-name": "dstdisk", "ro": false, "drv": "qcow2", "file": "/d.qcow2",
+                "image": {"virtual-size": 1048576, "filename": "/d.qcow2", "format": "qcow2",
+                    "backing-image": {"virtual-size": 1048576, "format": "raw",
+                        "filename": template.display().to_string()}}}}])
+    }
+
+    /// A plan copying the source's `srcdisk` (device `vd0`) top-only onto a template whose
+    /// fingerprint is `template`'s.
+    fn top_only_plan(template: &Path) -> DestPlan {
+        DestPlan {
+            disks: vec![crate::peer::DiskSpec {
+                node: "srcdisk".into(),
+                device: Some("vd0".into()),
+                size: 1048576,
+                copy: crate::peer::DiskCopy::Top,
+                backing: Some(crate::peer::BackingSpec {
+                    filename: "/src/template.raw".into(),
+                    format: "raw".into(),
+                    size: 1048576,
+                    fingerprint: Some(disks::backing_fingerprint(template).expect("read")),
+                }),
+            }],
+            ..plan()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_template_under_another_node_name_is_compared_and_refused_when_it_differs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mine, theirs) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        std::fs::write(&mine, vec![0x11u8; 1 << 20]).expect("source template");
+        std::fs::write(&theirs, vec![0x33u8; 1 << 20]).expect("another template");
+        let (mut side, received) = incoming_destination_with(overlay_on(&theirs)).await;
+
+        let err = side
+            .preflight(&top_only_plan(&mine))
+            .await
+            .expect_err("refused");
+
+        assert_eq!(err.kind(), "backing-mismatch", "{err}");
+        assert!(err.to_string().contains("differs"), "{err}");
+        assert!(!side.changed());
+        assert_eq!(
+            names(&received),
+            [
+                "query-status",
+                "query-migrate-capabilities",
+                "query-migrate-parameters",
+                "query-block"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_disk_the_preflight_matched_is_the_one_exported_under_the_sources_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let template = dir.path().join("template.raw");
+        std::fs::write(&template, vec![0x11u8; 1 << 20]).expect("template");
+        let (mut side, received) = incoming_destination_with(overlay_on(&template)).await;
+        let plan = top_only_plan(&template);
+
+        side.preflight(&plan).await.expect("preflight");
+        side.prepare(&plan).await.expect("prepare");
+
+        let exports: Vec<serde_json::Value> = received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(name, _)| name == "block-export-add")
+            .map(|(_, args)| args.clone())
+            .collect();
+        assert_eq!(exports.len(), 1, "{exports:?}");
+        assert_eq!(exports[0]["node-name"], "dstdisk");
+        assert_eq!(exports[0]["name"], "srcdisk");
+    }
+
+    #[tokio::test]
+    async fn an_nbd_server_another_run_started_is_not_stopped_by_this_runs_roll_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let template = dir.path().join("template.raw");
+        std::fs::write(&template, vec![0x11u8; 1 << 20]).expect("template");
+        let (mut side, received) = incoming_destination_answering(overlay_on(&template), |name| {
+            (name == "nbd-server-start").then(|| "NBD server already running".to_string())
+        })
+        .await;
+        let plan = top_only_plan(&template);
+        side.preflight(&plan).await.expect("preflight");
+
+        let err = side.prepare(&plan).await.expect_err("refused by QEMU");
+        side.abort().await;
+
+        assert_eq!(err.kind(), "qmp", "{err}");
+        let sent = names(&received);
+        assert!(!sent.contains(&"nbd-server-stop".to_string()), "{sent:?}");
     }
 
     #[tokio::test]

@@ -69,14 +69,16 @@ impl SourceDisk {
         }
     }
 
-    /// The NBD client node on the source that writes into the destination's export.
-    pub fn nbd_node(&self) -> String {
-        format!("{OBJECT_PREFIX}nbd-{}", self.node)
+    /// The NBD client node on the source that writes into the destination's export, for the
+    /// run `run` (see [`run_id`]) and this disk's place `index` in its copy: QEMU limits node
+    /// names to 31 characters, too few for a libvirt node name beside the run's id.
+    pub fn nbd_node(&self, run: &str, index: usize) -> String {
+        format!("{OBJECT_PREFIX}nbd-{run}-{index}")
     }
 
-    /// The mirror job's id.
-    pub fn job_id(&self) -> String {
-        format!("{OBJECT_PREFIX}mirror-{}", self.node)
+    /// The mirror job's id, for the run `run`.
+    pub fn job_id(&self, run: &str) -> String {
+        format!("{OBJECT_PREFIX}mirror-{run}-{}", self.node)
     }
 
     /// What the destination is told about this disk: its node, size and copy mode, never its
@@ -106,6 +108,22 @@ pub fn device_id(block: &BlockInfo) -> Option<String> {
     })
 }
 
+/// A fresh id for one run, 8 hexadecimal digits, in the names of the nodes and jobs it creates:
+/// two runs never share a name, so neither can collide with, or undo, what the other made
+/// (QOM object ids carry the process id and a counter for the same reason).
+pub(crate) fn run_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 4];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        // No randomness: the process id and the time tell live runs apart too.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        return format!("{:08x}", std::process::id() ^ nanos);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// How each disk is to be copied: one default, and exceptions by node name or device id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopyPlan {
@@ -117,11 +135,6 @@ impl CopyPlan {
     pub fn for_node(&self, node: &str) -> DiskCopy {
         self.per_node.get(node).copied().unwrap_or(self.default)
     }
-}
-
-/// The export's id on the destination; the export's NBD name is the node name.
-pub(crate) fn export_id(node: &str) -> String {
-    format!("{OBJECT_PREFIX}export-{node}")
 }
 
 /// Mirror progress of one disk.
@@ -265,10 +278,17 @@ fn source_disk(n: &BlockDeviceInfo, copy: DiskCopy) -> Result<SourceDisk, Migrat
             (Some(spec), allocated(&mut std::iter::once(top)))
         }
     };
+    // Without a size, every destination disk would look large enough.
+    let size = image
+        .map(|i| i.virtual_size)
+        .ok_or_else(|| MigrationError::SourceDiskUnusable {
+            node: n.node_name.clone(),
+            reason: "QEMU reports no image for it, so its size is unknown".into(),
+        })?;
     Ok(SourceDisk {
         node: n.node_name.clone(),
         device: None,
-        size: image.map(|i| i.virtual_size).unwrap_or(0),
+        size,
         format: n.drv.clone(),
         filename: n.file.clone(),
         copy,
@@ -316,30 +336,32 @@ pub fn backing_fingerprint(path: &Path) -> std::io::Result<String> {
 }
 
 /// Fills in each top-only disk's backing fingerprint, reading the files off the async threads.
-/// A file this process cannot read leaves the fingerprint out (the destination then checks
-/// format and size only) and says so in the returned warnings.
-pub(crate) async fn fingerprint_backings(disks: &mut [SourceDisk]) -> Vec<String> {
-    let mut warnings = Vec::new();
+/// A file this process cannot read is refused: without its fingerprint the destination could
+/// check the template's format and size only, and a template of the same size with other bytes
+/// would give a disk that reads as neither.
+pub(crate) async fn fingerprint_backings(disks: &mut [SourceDisk]) -> Result<(), MigrationError> {
     for disk in disks.iter_mut() {
         let Some(backing) = disk.backing.as_mut() else {
             continue;
         };
         let path = PathBuf::from(&backing.filename);
         let read = tokio::task::spawn_blocking(move || backing_fingerprint(&path)).await;
+        let refuse = |why: String| MigrationError::BackingMismatch {
+            node: disk.node.clone(),
+            reason: format!(
+                "its backing file {} cannot be read by this process ({why}), so the \
+                 destination's template cannot be compared with it; make the file readable by \
+                 the user this tool runs as",
+                backing.filename
+            ),
+        };
         match read {
             Ok(Ok(fp)) => backing.fingerprint = Some(fp),
-            Ok(Err(e)) => warnings.push(format!(
-                "cannot read the backing file {} of disk {} ({e}): the destination checks its \
-                 format and size only, not its content",
-                backing.filename, disk.node
-            )),
-            Err(_) => warnings.push(format!(
-                "fingerprinting the backing file {} failed",
-                backing.filename
-            )),
+            Ok(Err(e)) => return Err(refuse(e.to_string())),
+            Err(_) => return Err(refuse("the reading task failed".into())),
         }
     }
-    warnings
+    Ok(())
 }
 
 /// The source's writable local disks (by the rule of [`DiskSelection::AllLocal`]) that would
@@ -398,20 +420,37 @@ fn is_local(node: &BlockDeviceInfo) -> bool {
     }
 }
 
-/// The destination's disk for one source disk, and what must be done before it can take it.
+/// The destination's disk for one source disk, as [`check_destination`] chose it once: every
+/// later check and the exports use this, never a lookup of their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DestDisk {
+    /// The source's node name: the name the destination exports the disk under, which is what
+    /// the source's NBD client asks for.
+    pub export: String,
     /// The destination's root node for the disk.
     pub node: String,
     /// Smaller than the source: grow it (`--create-dest-disks`) to this many bytes.
     pub grow: Option<u64>,
+    /// For a top-only copy: the destination's backing file, which must have the source's
+    /// fingerprint ([`verify_backing_fingerprints`]).
+    pub backing: Option<BackingCheck>,
+}
+
+/// What the destination's template of a top-only disk must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BackingCheck {
+    /// The destination's backing file, as its QEMU opened it.
+    pub path: PathBuf,
+    /// The source's fingerprint of its own backing file.
+    pub fingerprint: String,
 }
 
 /// Checks the destination has, for each disk, the root node attached to the same guest device
 /// (or, for a disk named by node alone or whose device the destination lacks, a root node of
-/// that name attached to a device: never a file node or a node no device uses), writable and
-/// as large as the source's (or smaller and allowed to grow to exactly the source's size). A
-/// disk asked for twice is refused.
+/// that name), writable and as large as the source's (or smaller and allowed to grow to exactly
+/// the source's size); for a top-only disk, a backing image of the source's format and size,
+/// whose file is then compared by [`verify_backing_fingerprints`]. A disk asked for twice, or
+/// two source disks on one destination disk, are refused.
 pub(crate) fn check_destination(
     dest_blocks: &[BlockInfo],
     disks: &[DiskSpec],
@@ -423,12 +462,12 @@ pub(crate) fn check_destination(
         .collect();
     let mut found: Vec<DestDisk> = Vec::with_capacity(disks.len());
     for (i, disk) in disks.iter().enumerate() {
-        let twice = |reason: &str| MigrationError::DestDiskUnusable {
+        let unusable = |reason: &str| MigrationError::DestDiskUnusable {
             node: disk.node.clone(),
             reason: reason.into(),
         };
         if disks[..i].iter().any(|d| d.node == disk.node) {
-            return Err(twice("it is named twice"));
+            return Err(unusable("it is named twice"));
         }
         let by_device = disk
             .device
@@ -440,45 +479,48 @@ pub(crate) fn check_destination(
                 node: disk.node.clone(),
             })?;
         if found.iter().any(|f| f.node == node.node_name) {
-            return Err(twice(
+            return Err(unusable(
                 "another source disk maps to the same destination disk",
             ));
         }
         if node.ro {
-            return Err(MigrationError::DestDiskUnusable {
-                node: disk.node.clone(),
-                reason: "it is read-only".into(),
-            });
+            return Err(unusable("it is read-only"));
         }
-        if disk.copy == DiskCopy::Top {
-            check_backing(node, disk)?;
-        }
-        let size = node.image.as_ref().map(|i| i.virtual_size).unwrap_or(0);
+        let backing = match disk.copy {
+            DiskCopy::Top => Some(check_backing(node, disk)?),
+            DiskCopy::Full => None,
+        };
+        let Some(size) = node.image.as_ref().map(|i| i.virtual_size) else {
+            return Err(unusable(&format!(
+                "QEMU reports no image for its node {}, so its size cannot be checked",
+                node.node_name
+            )));
+        };
         let grow = match (size >= disk.size, may_grow) {
             (true, _) => None,
             (false, true) => Some(disk.size),
             (false, false) => {
-                return Err(MigrationError::DestDiskUnusable {
-                    node: disk.node.clone(),
-                    reason: format!(
-                        "it holds {size} bytes, the source disk {} bytes; grow it, or pass \
-                         --create-dest-disks",
-                        disk.size
-                    ),
-                });
+                return Err(unusable(&format!(
+                    "it holds {size} bytes, the source disk {} bytes; grow it, or pass \
+                     --create-dest-disks",
+                    disk.size
+                )));
             }
         };
         found.push(DestDisk {
+            export: disk.node.clone(),
             node: node.node_name.clone(),
             grow,
+            backing,
         });
     }
     Ok(found)
 }
 
 /// For a top-only copy: the destination's disk sits on a backing image of the source's format
-/// and virtual size. (Its content is compared by [`verify_backing_fingerprints`].)
-fn check_backing(node: &BlockDeviceInfo, disk: &DiskSpec) -> Result<(), MigrationError> {
+/// and virtual size, and the source sent its backing file's fingerprint. Returns what
+/// [`verify_backing_fingerprints`] must compare.
+fn check_backing(node: &BlockDeviceInfo, disk: &DiskSpec) -> Result<BackingCheck, MigrationError> {
     let refuse = |reason: String| MigrationError::BackingMismatch {
         node: disk.node.clone(),
         reason,
@@ -503,66 +545,54 @@ fn check_backing(node: &BlockDeviceInfo, disk: &DiskSpec) -> Result<(), Migratio
             below.filename, below.format, below.virtual_size, want.filename, want.format, want.size
         )));
     }
-    Ok(())
+    // Format and size alone would pass a template of the same size with other bytes.
+    let Some(fingerprint) = want.fingerprint.clone() else {
+        return Err(refuse(format!(
+            "the source sent no fingerprint of its backing file {}, so the destination's {} \
+             cannot be compared with it (the source could not read it, or runs an older \
+             version)",
+            want.filename, below.filename
+        )));
+    };
+    Ok(BackingCheck {
+        path: PathBuf::from(&below.filename),
+        fingerprint,
+    })
 }
 
-/// The destination's backing file of each top-only disk whose source sent a fingerprint:
-/// `(node, the destination's file, the source's fingerprint)`.
-pub(crate) fn backings_to_verify(
-    dest_blocks: &[BlockInfo],
-    disks: &[DiskSpec],
-) -> Vec<(String, PathBuf, String)> {
-    disks
-        .iter()
-        .filter(|d| d.copy == DiskCopy::Top)
-        .filter_map(|d| {
-            let want = d.backing.as_ref()?.fingerprint.clone()?;
-            let below = dest_blocks
-                .iter()
-                .filter_map(|b| b.inserted.as_ref())
-                .find(|n| n.node_name == d.node)?
-                .image
-                .as_ref()?
-                .backing_image
-                .as_deref()?;
-            Some((d.node.clone(), PathBuf::from(&below.filename), want))
-        })
-        .collect()
-}
-
-/// Compares each destination backing file's fingerprint with the source's; a file that cannot
-/// be read here is refused too (its content cannot be vouched for).
-pub(crate) async fn verify_backing_fingerprints(
-    backings: Vec<(String, PathBuf, String)>,
-) -> Result<(), MigrationError> {
-    for (node, path, want) in backings {
-        let file = path.clone();
+/// Compares the destination's backing file of each top-only disk with the source's
+/// fingerprint; a file that cannot be read here is refused too (its content cannot be vouched
+/// for).
+pub(crate) async fn verify_backing_fingerprints(disks: &[DestDisk]) -> Result<(), MigrationError> {
+    for disk in disks {
+        let Some(check) = &disk.backing else {
+            continue;
+        };
+        let refuse = |reason: String| MigrationError::BackingMismatch {
+            node: disk.export.clone(),
+            reason,
+        };
+        let file = check.path.clone();
         let got = tokio::task::spawn_blocking(move || backing_fingerprint(&file))
             .await
             .map_err(|_| MigrationError::Failed {
                 desc: "fingerprinting a backing file failed".into(),
             })?;
         match got {
-            Ok(got) if got == want => {
-                tracing::info!(%node, file = %path.display(), "backing file matches the source's");
+            Ok(got) if got == check.fingerprint => {
+                tracing::info!(node = %disk.node, file = %check.path.display(), "backing file matches the source's");
             }
             Ok(_) => {
-                return Err(MigrationError::BackingMismatch {
-                    node,
-                    reason: format!(
-                        "the destination's backing file {} differs from the source's in content",
-                        path.display()
-                    ),
-                });
+                return Err(refuse(format!(
+                    "the destination's backing file {} differs from the source's in content",
+                    check.path.display()
+                )));
             }
             Err(e) => {
-                return Err(MigrationError::BackingMismatch {
-                    node,
-                    reason: format!(
-                        "the destination's backing file {} cannot be read to compare it ({e})",
-                        path.display()
-                    ),
-                });
+                return Err(refuse(format!(
+                    "the destination's backing file {} cannot be read to compare it ({e})",
+                    check.path.display()
+                )));
             }
         }
     }
@@ -619,6 +649,188 @@ mod tests {
         }
     }
 
+    /// The specs the source sends for `disks`, each backing with a fingerprint as if read.
+    fn fingerprinted(disks: &[SourceDisk]) -> Vec<DiskSpec> {
+        disks
+            .iter()
+            .map(|d| {
+                let mut spec = d.spec();
+                if let Some(b) = spec.backing.as_mut() {
+                    b.fingerprint = Some("sha256-sampled:source".into());
+                }
+                spec
+            })
+            .collect()
+    }
+
+    /// `overlay`, its node `node` on device `device` (libvirt's case: node names differ
+    /// between the hosts, device ids do not).
+    fn overlay_on(dir: &str, node: &str, device: &str) -> Vec<BlockInfo> {
+        let mut blocks = overlay(dir, "raw", 1024);
+        blocks[0].qdev = Some(format!("/machine/peripheral/{device}/virtio-backend"));
+        if let Some(n) = blocks[0].inserted.as_mut() {
+            n.node_name = node.into();
+        }
+        blocks
+    }
+
+    #[test]
+    fn a_top_only_disk_under_another_node_name_is_checked_against_the_destinations_template() {
+        let src = select(
+            &overlay_on("/src", "srcdisk", "vd0"),
+            &DiskSelection::Nodes(vec!["vd0".into()]),
+            &CopyPlan {
+                default: DiskCopy::Top,
+                per_node: BTreeMap::new(),
+            },
+        )
+        .expect("select");
+
+        let matched = check_destination(
+            &overlay_on("/dst", "dstdisk", "vd0"),
+            &fingerprinted(&src),
+            false,
+        )
+        .expect("matched by device");
+
+        assert_eq!(
+            matched,
+            [DestDisk {
+                export: "srcdisk".into(),
+                node: "dstdisk".into(),
+                grow: None,
+                backing: Some(BackingCheck {
+                    path: "/dst/t.img".into(),
+                    fingerprint: "sha256-sampled:source".into(),
+                }),
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn another_template_under_another_node_name_is_refused_by_content() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mine, theirs) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+        std::fs::write(&mine, vec![0x11u8; 1 << 20]).expect("source template");
+        std::fs::write(&theirs, vec![0x33u8; 1 << 20]).expect("other template");
+        let disk = DestDisk {
+            export: "srcdisk".into(),
+            node: "dstdisk".into(),
+            grow: None,
+            backing: Some(BackingCheck {
+                path: theirs.clone(),
+                fingerprint: backing_fingerprint(&mine).expect("fingerprint"),
+            }),
+        };
+
+        let err = verify_backing_fingerprints(&[disk])
+            .await
+            .expect_err("refused");
+
+        assert_eq!(err.kind(), "backing-mismatch");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("differs") && msg.contains(&theirs.display().to_string()),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_top_only_disk_whose_source_sent_no_fingerprint_is_refused() {
+        let src = select(
+            &overlay("/src", "raw", 1024),
+            &DiskSelection::AllLocal,
+            &top_only(),
+        )
+        .expect("select");
+        let unfingerprinted: Vec<DiskSpec> = src.iter().map(SourceDisk::spec).collect();
+
+        let err = check_destination(&overlay("/dst", "raw", 1024), &unfingerprinted, false)
+            .expect_err("refused");
+
+        assert_eq!(err.kind(), "backing-mismatch");
+        assert!(err.to_string().contains("no fingerprint"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_backing_file_the_source_cannot_read_is_refused_naming_it_and_the_fix() {
+        let mut disks = select(
+            &overlay("/nonexistent-qtm-test", "raw", 1024),
+            &DiskSelection::AllLocal,
+            &top_only(),
+        )
+        .expect("select");
+
+        let err = fingerprint_backings(&mut disks).await.expect_err("refused");
+
+        assert_eq!(err.kind(), "backing-mismatch");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent-qtm-test/t.img")
+                && msg.contains("readable")
+                && msg.contains("--disk-copy full"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_destination_disk_qemu_gives_no_size_for_is_refused_not_taken_for_empty() {
+        let src: Vec<DiskSpec> = select(&blocks(), &DiskSelection::AllLocal, &CopyPlan::default())
+            .expect("select")
+            .iter()
+            .map(SourceDisk::spec)
+            .collect();
+        let dest: Vec<BlockInfo> = serde_json::from_value(json!([
+            {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
+             "file": "/d"}}
+        ]))
+        .expect("decode");
+
+        let err = check_destination(&dest, &src, true).expect_err("refused");
+
+        assert_eq!(err.kind(), "destination-disk");
+    }
+
+    #[test]
+    fn what_two_runs_create_never_shares_a_name_and_fits_qemus_node_name_limit() {
+        let disk = SourceDisk {
+            node: "libvirt-12-format".into(),
+            device: Some("virtio-disk0".into()),
+            size: 1024,
+            format: "qcow2".into(),
+            filename: "/pool/a.qcow2".into(),
+            copy: DiskCopy::Full,
+            backing: None,
+            allocated: 0,
+        };
+        let (a, b) = (run_id(), run_id());
+
+        assert_ne!(a, b);
+        assert_ne!(disk.nbd_node(&a, 0), disk.nbd_node(&b, 0));
+        assert_ne!(disk.job_id(&a), disk.job_id(&b));
+        // QEMU 7.2 refuses node names of 32 characters or more.
+        assert!(
+            disk.nbd_node(&a, 99).len() < 32,
+            "{}",
+            disk.nbd_node(&a, 99)
+        );
+    }
+
+    #[test]
+    fn a_source_disk_qemu_gives_no_size_for_is_refused_not_taken_for_empty() {
+        let blocks: Vec<BlockInfo> = serde_json::from_value(json!([
+            {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
+             "file": "/tmp/a.qcow2"}}
+        ]))
+        .expect("decode");
+
+        let err =
+            select(&blocks, &DiskSelection::AllLocal, &CopyPlan::default()).expect_err("refused");
+
+        assert_eq!(err.kind(), "source-not-ready");
+        assert!(err.to_string().contains("disk0"), "{err}");
+    }
+
     #[test]
     fn a_top_only_disk_names_its_backing_and_counts_the_top_image_only() {
         let all = DiskSelection::AllLocal;
@@ -668,7 +880,7 @@ mod tests {
             &top_only(),
         )
         .expect("select");
-        let wanted: Vec<DiskSpec> = src.iter().map(SourceDisk::spec).collect();
+        let wanted = fingerprinted(&src);
 
         assert!(check_destination(&overlay("/dst", "raw", 1024), &wanted, false).is_ok());
         for (dest, why) in [
@@ -739,8 +951,10 @@ mod tests {
         assert_eq!(
             check_destination(&dest, &src, true).expect("grow"),
             vec![DestDisk {
+                export: "disk0".into(),
                 node: "disk0".into(),
-                grow: Some(1024)
+                grow: Some(1024),
+                backing: None,
             }]
         );
         assert!(matches!(

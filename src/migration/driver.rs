@@ -26,6 +26,7 @@ use crate::qemu::{
     QueryMigrate, QueryStatus, RamStats, Stop, tcp_uri,
 };
 use crate::qmp::{Events, Qmp, QmpError};
+use crate::vm_lock::VmLock;
 
 /// After the destination went away, how long the source has to report the failure in its own
 /// words before the migration is declared lost.
@@ -116,6 +117,11 @@ pub async fn migrate(
     if let Err(error) = opts.validate() {
         return Report::refused(error, started.elapsed());
     }
+    // Before anything else, and held until the roll-back is over: no other run drives this VM.
+    let lock = match super::lock_source(opts) {
+        Ok(lock) => lock,
+        Err(error) => return Report::refused(error, started.elapsed()),
+    };
     // The transport comes from the PKI directories alone: nothing is connected yet.
     let decision = decide_transport(opts.transport, &opts.source.pki_dir, &opts.dest.pki_dir);
     let attach = async {
@@ -125,16 +131,21 @@ pub async fn migrate(
         Ok((decision, side))
     };
     match attach.await {
-        Ok((decision, side)) => migrate_to(opts, decision, side, started, progress, cancel).await,
+        Ok((decision, side)) => {
+            migrate_to(opts, decision, side, &lock, started, progress, cancel).await
+        }
         Err(error) => Report::refused(error, started.elapsed()),
     }
 }
 
 /// Runs one migration from the source in `opts` to `dest`, with the transport already decided.
+/// `_lock` is the source VM's lock, which the caller holds until this returns: the proof that
+/// no other run drives the same VM (see [`crate::vm_lock`]).
 pub async fn migrate_to<D: Destination>(
     opts: &MigrationOptions,
     decision: TransportDecision,
     mut dest: D,
+    _lock: &VmLock,
     started: Instant,
     progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: &CancellationToken,
@@ -227,6 +238,8 @@ struct Run<'a> {
     /// Controls from another task ([`super::control`]), read by the watch loop.
     control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     forecast: Option<super::forecast::Forecast>,
+    /// In the names of the nodes and jobs this run creates ([`disks::run_id`]).
+    run_id: String,
 }
 
 /// When each phase began, for [`Timing`].
@@ -289,6 +302,7 @@ impl<'a> Run<'a> {
             convergence: ConvergenceReport::default(),
             control: opts.control.as_ref().and_then(|c| c.take()),
             forecast: None,
+            run_id: disks::run_id(),
         }
     }
 }
@@ -388,9 +402,9 @@ impl Run<'_> {
         src.save_settings().await?;
         let blocks = src.call("query-block", &QueryBlock).await?;
         let mut disks = disks::select(&blocks, &opts.disks, &opts.disk_copy)?;
-        for w in disks::fingerprint_backings(&mut disks).await {
-            tracing::warn!("{w}");
-            self.warnings.push(w);
+        disks::fingerprint_backings(&mut disks).await?;
+        if !disks.is_empty() {
+            check_no_orphan_mirrors(&src).await?;
         }
         if !disks.is_empty() {
             tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
@@ -851,12 +865,13 @@ impl Run<'_> {
         creds: &str,
     ) -> Result<(), MigrationError> {
         let opts = self.opts;
+        let run = self.run_id.as_str();
         let src = self.src.as_mut().ok_or(MigrationError::Cancelled)?;
         let tls = !creds.is_empty();
-        for disk in disks {
+        for (i, disk) in disks.iter().enumerate() {
             let add = BlockdevAddNbd {
                 driver: "nbd",
-                node_name: disk.nbd_node(),
+                node_name: disk.nbd_node(run, i),
                 server: opts.nbd_server(port),
                 export: disk.node.clone(),
                 tls_creds: tls.then(|| creds.to_string()),
@@ -869,15 +884,15 @@ impl Run<'_> {
             // Registered first: a command that times out may still be carried out.
             src.undo.push(Undo::DeleteBlockNode {
                 side: Side::Source,
-                node: disk.nbd_node(),
+                node: disk.nbd_node(run, i),
             });
             src.call("blockdev-add nbd", &add).await?;
         }
-        for disk in disks {
+        for (i, disk) in disks.iter().enumerate() {
             let mirror = BlockdevMirror {
-                job_id: disk.job_id(),
+                job_id: disk.job_id(run),
                 device: disk.node.clone(),
-                target: disk.nbd_node(),
+                target: disk.nbd_node(run, i),
                 sync: match disk.copy {
                     DiskCopy::Full => MirrorSync::Full,
                     DiskCopy::Top => MirrorSync::Top,
@@ -888,8 +903,8 @@ impl Run<'_> {
             tracing::info!(node = %disk.node, copy = disk.copy.as_str(), to_copy = disk.allocated,
                 speed = ?opts.disk_bandwidth, "mirroring");
             src.undo.push(Undo::CancelJob {
-                job: disk.job_id(),
-                target: disk.nbd_node(),
+                job: disk.job_id(run),
+                target: disk.nbd_node(run, i),
             });
             src.call("blockdev-mirror", &mirror).await?;
         }
@@ -923,10 +938,12 @@ impl Run<'_> {
         let started = Instant::now();
         let mut ready: HashMap<String, u64> = HashMap::new();
         let mut watch = Watch::new(opts, self.deadline, self.started, "copying disks");
+        let run = self.run_id.clone();
+        // Events of another run's jobs (one killed earlier) are not ours to follow.
         let node_of = |job: &str| {
             disks
                 .iter()
-                .find(|d| d.job_id() == job)
+                .find(|d| d.job_id(&run) == job)
                 .map(|d| d.node.clone())
         };
         self.report(Phase::Disks, None, None);
@@ -1029,9 +1046,10 @@ impl Run<'_> {
         src_events: &mut Events,
     ) -> Result<(), MigrationError> {
         let t = self.opts.qmp_timeout;
+        let run = self.run_id.clone();
         for disk in disks {
             let cancel = BlockJobCancel {
-                device: disk.job_id(),
+                device: disk.job_id(&run),
                 force: false,
             };
             qmp(
@@ -1041,7 +1059,7 @@ impl Run<'_> {
             )
             .await?;
         }
-        let mut pending: Vec<String> = disks.iter().map(|d| d.job_id()).collect();
+        let mut pending: Vec<String> = disks.iter().map(|d| d.job_id(&run)).collect();
         let deadline = Instant::now().checked_add(t);
         while !pending.is_empty() {
             let event = tokio::select! {
@@ -1067,7 +1085,7 @@ impl Run<'_> {
             }
             let node = disks
                 .iter()
-                .find(|d| d.job_id() == job.device)
+                .find(|d| d.job_id(&run) == job.device)
                 .map(|d| d.node.clone())
                 .unwrap_or_else(|| job.device.clone());
             match (e.event.as_str(), job.error) {
@@ -1161,6 +1179,26 @@ async fn check_source(src: &SideCtl) -> Result<bool, MigrationError> {
         });
     }
     Ok(status.running)
+}
+
+/// Refuses to copy disks while a mirror of this tool's is still on the source: the VM's lock
+/// says no other run drives this VM, so it was left by a run that was killed before it could
+/// clean up, and it still holds its disk (a new mirror of that disk would fail half way, after
+/// the destination was prepared). Another run's job is never ours to cancel.
+async fn check_no_orphan_mirrors(src: &SideCtl) -> Result<(), MigrationError> {
+    let jobs = src.call("query-block-jobs", &QueryBlockJobs).await?;
+    let orphans: Vec<String> = jobs
+        .into_iter()
+        .map(|j| j.device)
+        .filter(|id| id.starts_with(super::OBJECT_PREFIX))
+        .collect();
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    Err(MigrationError::OrphanJobs {
+        socket: src.socket.clone(),
+        jobs: orphans,
+    })
 }
 
 /// What the watch loop saw: a source event, or a tick to poll progress on.

@@ -7,6 +7,7 @@ use super::Side;
 use crate::peer::ErrorKind;
 use crate::ports::PortError;
 use crate::qmp::QmpError;
+use crate::vm_lock::VmLockError;
 
 /// Why a migration did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,14 @@ pub enum MigrationError {
     #[error("the source VM ({socket}) cannot be migrated in state {status}")]
     SourceNotReady { socket: PathBuf, status: String },
     #[error(
+        "the source QEMU ({socket}) still runs block job(s) {} left by a run of this tool that \
+         ended without cleaning up (killed?), which hold its disks; nothing was changed: end \
+         them (QMP block-job-cancel with force true, then blockdev-del of their qtm-nbd-* \
+         nodes) and migrate again",
+        .jobs.join(", ")
+    )]
+    OrphanJobs { socket: PathBuf, jobs: Vec<String> },
+    #[error(
         "the {side} QEMU ({socket}) cannot load the TLS credentials in {dir}: {desc}; the QEMU \
          process (not only root) must be able to read them: check owner, group and mode, e.g. \
          0640 root:qemu for keys"
@@ -116,6 +125,8 @@ pub enum MigrationError {
         node: String,
         available: Vec<String>,
     },
+    #[error("the source's disk {node} cannot be copied: {reason}")]
+    SourceDiskUnusable { node: String, reason: String },
     #[error(
         "the destination has no block node {node} to copy the disk into: start it with a disk of \
          the same node name (-blockdev ...,node-name={node})"
@@ -134,6 +145,8 @@ pub enum MigrationError {
     MirrorFailed { node: String, desc: String },
     #[error("no port for the migration stream")]
     Ports(#[from] PortError),
+    #[error(transparent)]
+    VmLock(#[from] VmLockError),
     #[error(
         "TLS handshake failed: {desc}; check that both hosts' certificates come from the same CA and that the destination's certificate names {hostname}"
     )]
@@ -191,18 +204,26 @@ impl MigrationError {
             MigrationError::Connect { source, .. } if source.is_timeout() => ErrorKind::Timeout,
             MigrationError::Connect { .. } => ErrorKind::Connect,
             MigrationError::DestinationNotIncoming { .. } => ErrorKind::DestinationNotIncoming,
-            MigrationError::SourceNotReady { .. } => ErrorKind::SourceNotReady,
+            MigrationError::SourceNotReady { .. } | MigrationError::OrphanJobs { .. } => {
+                ErrorKind::SourceNotReady
+            }
             MigrationError::CredentialsUnusable { .. } => ErrorKind::CredentialsUnusable,
             MigrationError::Qmp { source, .. } if source.is_timeout() => ErrorKind::Timeout,
             MigrationError::Qmp { source, .. } if source.is_closed() => ErrorKind::QemuGone,
             MigrationError::Qmp { .. } => ErrorKind::Qmp,
             MigrationError::UnknownDisk { .. } => ErrorKind::UnknownDisk,
+            MigrationError::SourceDiskUnusable { .. } => ErrorKind::SourceNotReady,
             MigrationError::DestDiskMissing { .. } | MigrationError::DestDiskUnusable { .. } => {
                 ErrorKind::DestinationDisk
             }
             MigrationError::MirrorFailed { .. } => ErrorKind::MirrorFailed,
             MigrationError::BackingMismatch { .. } => ErrorKind::BackingMismatch,
             MigrationError::Ports(_) => ErrorKind::Ports,
+            MigrationError::VmLock(VmLockError::Busy { .. } | VmLockError::Contended { .. }) => {
+                ErrorKind::Busy
+            }
+            // The same directory as the port leases, with the same fix.
+            MigrationError::VmLock(_) => ErrorKind::Ports,
             MigrationError::TlsHandshake { .. } => ErrorKind::TlsHandshake,
             MigrationError::Failed { .. } => ErrorKind::MigrationFailed,
             MigrationError::DestinationDied { .. } => ErrorKind::DestinationDied,

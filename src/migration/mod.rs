@@ -64,6 +64,7 @@ use crate::peer::Authz;
 use crate::pki::{self, Role, Security};
 use crate::ports::PortRange;
 use crate::qemu::CopyMode;
+use crate::vm_lock::{VmKey, VmLock};
 
 /// `max-bandwidth` meaning "no limit": the largest value QEMU accepts (libvirt uses the same).
 /// QEMU 7.2's own default is 128 MiB/s, which would throttle a loopback or 10G link.
@@ -241,6 +242,14 @@ pub struct MigrationOptions {
     pub control: Option<ControlHandle>,
     /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
     pub forecast: bool,
+    /// This run's job id (`migrate --job-id`, or the one the jobs module chose): kept in the
+    /// VM's lock ([`crate::vm_lock`]), so that a second run on the same VM is told which run
+    /// holds it.
+    pub job_id: Option<String>,
+    /// When the source is a libvirt domain: its UUID, a key of the VM's lock beside the source
+    /// socket (a passthrough socket is private to each run, so it alone would not tell two
+    /// runs on one domain apart).
+    pub source_domain_uuid: Option<String>,
 }
 
 impl MigrationOptions {
@@ -278,6 +287,8 @@ impl MigrationOptions {
             convergence: Convergence::default(),
             control: None,
             forecast: false,
+            job_id: None,
+            source_domain_uuid: None,
         }
     }
 
@@ -371,6 +382,14 @@ impl MigrationOptions {
     }
 }
 
+/// Takes the lock of `opts`' source VM (its socket, and its domain's UUID when it is one) for
+/// this run: a run that holds it is the only one driving that VM. Changes nothing.
+pub(crate) fn lock_source(opts: &MigrationOptions) -> Result<VmLock, MigrationError> {
+    let mut keys = vec![VmKey::socket(&opts.source.qmp)];
+    keys.extend(opts.source_domain_uuid.as_deref().map(VmKey::domain));
+    Ok(VmLock::acquire(&keys, opts.job_id.as_deref())?)
+}
+
 /// `HOST:PORT` (the host may be a bracketed IPv6 address) split in two; `None` when malformed.
 fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
@@ -443,6 +462,8 @@ pub enum QmpAccess {
 #[derive(Debug)]
 pub struct DomainEndpoint {
     pub name: String,
+    /// The domain's UUID: what names it to the VM lock whatever socket reaches it.
+    pub uuid: String,
     pub socket: PathBuf,
     pub access: QmpAccess,
     /// The domain's disks, from its live XML (with their QEMU device ids).
@@ -510,9 +531,11 @@ pub async fn domain_endpoint(
         }
         let xml = domain.live_xml()?;
         let disks = xml.disks()?;
+        let uuid = domain.uuid()?;
         if let Some(monitor) = xml.declared_monitor()? {
             return Ok(DomainEndpoint {
                 name,
+                uuid,
                 socket: monitor.path,
                 access: QmpAccess::DeclaredMonitor,
                 disks,
@@ -524,6 +547,7 @@ pub async fn domain_endpoint(
         let passthrough = Passthrough::start(&uri, &name)?;
         Ok(DomainEndpoint {
             name,
+            uuid,
             socket: passthrough.path().to_path_buf(),
             access: QmpAccess::LibvirtPassthrough,
             disks,
@@ -562,14 +586,18 @@ pub struct DestDomain {
 /// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and the
 /// disks to create on the destination, with the format and virtual size of the source's image
 /// (`qemu-img info`): the writable file disks whose targets `create` names, or all of them
-/// when it is `None`; with `top_only`, each as an overlay on the backing file of the same name
-/// as the source's, in its own directory on the destination.
+/// when it is `None`; those whose targets `top_only` names, each as an overlay on the backing
+/// file of the same name as the source's, in its own directory on the destination.
+///
+/// A disk `create` names that is not a writable disk of the domain is refused, not left out.
+/// A block or network disk is not made here (the service creates files only): the
+/// destination's own checks find whether it has it.
 pub async fn dest_domain(
     uri: &str,
     name: &str,
     dest_xml: Option<String>,
     create: Option<Vec<String>>,
-    top_only: bool,
+    top_only: Vec<String>,
     timeout: Duration,
 ) -> Result<DestDomain, MigrationError> {
     use crate::libvirt::Libvirt;
@@ -577,48 +605,66 @@ pub async fn dest_domain(
     libvirt_call(timeout, move || {
         let source_xml = Libvirt::connect(&uri)?.domain(&name)?.migratable_xml()?;
         let xml = dest_xml.unwrap_or_else(|| source_xml.as_str().to_string());
-        let mut disks = Vec::new();
-        let writable = source_xml
-            .disks()?
+        let all = source_xml.disks()?;
+        if let Some(targets) = &create {
+            for target in targets {
+                let why = match all.iter().find(|d| &d.target == target) {
+                    None => Some("the domain has no such disk".to_string()),
+                    Some(d) if d.device != "disk" => Some(format!("it is a {}", d.device)),
+                    Some(d) if d.readonly => Some("it is read-only".to_string()),
+                    Some(_) => None,
+                };
+                if let Some(why) = why {
+                    return Err(MigrationError::BadOptions {
+                        what: format!(
+                            "disk {target} of domain {name} cannot be created on the destination \
+                             host ({why}); leave it out of --disk, or declare it shared \
+                             (--shared-disk {target}) if the destination reaches it"
+                        ),
+                    });
+                }
+            }
+        }
+        let writable = all
             .into_iter()
             .filter(|d| d.device == "disk" && !d.readonly)
             .filter(|d| create.as_ref().is_none_or(|t| t.contains(&d.target)));
+        let mut disks = Vec::new();
         for disk in writable {
             let Some(file) = &disk.file else { continue };
-            let out = std::process::Command::new("qemu-img")
-                .args(["info", "-U", "--output=json"])
-                .arg(file)
-                .output()
-                .map_err(|e| MigrationError::Failed {
-                    desc: format!("cannot run qemu-img info on {}: {e}", file.display()),
-                })?;
-            let info: serde_json::Value =
-                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let info = image_info(file)?;
             let size = info["virtual-size"]
                 .as_u64()
                 .ok_or_else(|| MigrationError::Failed {
-                    desc: format!(
-                        "qemu-img info {}: {}",
-                        file.display(),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ),
+                    desc: format!("qemu-img info {}: no virtual size", file.display()),
                 })?;
             let format = disk
                 .format
                 .clone()
                 .or_else(|| info["format"].as_str().map(str::to_string))
                 .unwrap_or_else(|| "raw".into());
-            let backing = match (top_only, info["backing-filename"].as_str()) {
-                (true, Some(backing)) => Some(crate::peer::NewBacking {
-                    file_name: Path::new(backing)
+            let backing = match (
+                top_only.contains(&disk.target),
+                info["backing-filename"].as_str(),
+            ) {
+                (true, Some(backing)) => {
+                    let file_name = Path::new(backing)
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    format: info["backing-filename-format"]
-                        .as_str()
-                        .unwrap_or("raw")
-                        .to_string(),
-                }),
+                        .filter(|n| !n.is_empty())
+                        .ok_or_else(|| MigrationError::BackingMismatch {
+                            node: disk.target.clone(),
+                            reason: format!("its backing file {backing:?} has no file name"),
+                        })?;
+                    Some(crate::peer::NewBacking {
+                        file_name,
+                        // Checked against the source's on the destination (format and size).
+                        format: info["backing-filename-format"]
+                            .as_str()
+                            .unwrap_or("raw")
+                            .to_string(),
+                    })
+                }
                 // No backing file: the service makes a plain disk, and the preflight refuses
                 // the top-only copy naming it.
                 _ => None,
@@ -633,6 +679,24 @@ pub async fn dest_domain(
         Ok(DestDomain { xml, disks })
     })
     .await
+}
+
+/// `qemu-img info -U --output=json` of `file`.
+fn image_info(file: &Path) -> Result<serde_json::Value, MigrationError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(file)
+        .output()
+        .map_err(|e| MigrationError::Failed {
+            desc: format!("cannot run qemu-img info on {}: {e}", file.display()),
+        })?;
+    serde_json::from_slice(&out.stdout).map_err(|_| MigrationError::Failed {
+        desc: format!(
+            "qemu-img info {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    })
 }
 
 /// The transport decision and any warning that goes with it.

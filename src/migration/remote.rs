@@ -426,6 +426,12 @@ pub async fn migrate_remote(
     if let Err(e) = opts.validate() {
         return super::Report::refused(e, started.elapsed());
     }
+    // Before anything else (the incoming domain included), and held until the roll-back is
+    // over: no other run drives this VM.
+    let lock = match super::lock_source(opts) {
+        Ok(lock) => lock,
+        Err(e) => return super::Report::refused(e, started.elapsed()),
+    };
     let src_security = pki::assess(&opts.source.pki_dir, Role::Client);
     // A service only ever runs on a secured host (its channel is mutual TLS), so an unsecured
     // source makes a mixed pair: refused by the rule, before the channel fails on the missing
@@ -454,7 +460,9 @@ pub async fn migrate_remote(
         (decision, _) => decision,
     };
     match ready {
-        Ok(decision) => super::migrate_to(opts, decision, dest, started, progress, cancel).await,
+        Ok(decision) => {
+            super::migrate_to(opts, decision, dest, &lock, started, progress, cancel).await
+        }
         Err(e) => {
             let refused = !dest.changed;
             let outcome = dest.abort().await;

@@ -81,12 +81,24 @@ pub fn create_image(path: &Path, format: DiskFormat, size: u64) -> Result<(), Vm
     Ok(())
 }
 
-/// One disk: an image file as block node `node`, attached to a virtio-blk device `node-dev`.
+/// One disk: an image file as block node `node`, attached to a virtio-blk device (`node-dev`
+/// unless `device` names it).
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
     pub node: String,
     pub path: PathBuf,
     pub format: DiskFormat,
+    /// The device's id; `None`: `NODE-dev`.
+    pub device: Option<String>,
+}
+
+impl DiskConfig {
+    /// The id of the virtio-blk device the disk is attached to.
+    pub fn device_id(&self) -> String {
+        self.device
+            .clone()
+            .unwrap_or_else(|| format!("{}-dev", self.node))
+    }
 }
 
 /// A guest kernel booted with `-kernel` (a multiboot ELF).
@@ -146,6 +158,7 @@ impl VmConfig {
                 node: d.node.clone(),
                 path: p.clone(),
                 format: d.format,
+                device: d.device.clone(),
             })
             .collect();
         VmConfig {
@@ -418,7 +431,7 @@ fn qemu_args(
         push(&["-blockdev", &node.to_string()]);
         push(&[
             "-device",
-            &format!("virtio-blk-pci,drive={0},id={0}-dev", disk.node),
+            &format!("virtio-blk-pci,drive={},id={}", disk.node, disk.device_id()),
         ]);
     }
     if let Some(kernel) = &config.kernel {

@@ -13,7 +13,9 @@ use qemu_tls_migrate::qemu::HumanMonitorCommand;
 use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, create_image};
 use tokio_util::sync::CancellationToken;
 
-use crate::fixture::{self, CountingProxy, DEST_HOST, DestBacking, Lab, Pair};
+use serde_json::Value;
+
+use crate::fixture::{self, CountingProxy, DEST_HOST, DestBacking, DiskNames, Lab, Pair, Service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
@@ -420,6 +422,149 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
     pair.quit_both().await;
 }
 
+/// `migrate --json` of `pair` with `extra`, through the CLI, with fresh PKIs from `lab`.
+async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::Output, Value) {
+    let (src_pki, dst_pki) = (
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
+    );
+    let mut args = fixture::migrate_args(
+        pair,
+        src_pki.to_str().expect("utf-8"),
+        dst_pki.to_str().expect("utf-8"),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let json = fixture::stdout_json(&out);
+    (out, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused_unchanged() {
+    let lab = Lab::new("Test CA");
+    let mut pair =
+        Pair::start_with_overlay_named(64, 4, DestBacking::OtherTemplate, DiskNames::DIFFERENT)
+            .await;
+
+    let (out, json) = migrate_cli(&pair, &lab, &["--disk", "vd0,copy=top"]).await;
+
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("differs") && message.contains("dst-template.raw"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(
+        fixture::tool_block_leftovers(&pair.source).await,
+        (vec![], vec![])
+    );
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+    assert!(fixture::tool_objects(&pair.dest).await.is_empty());
+    pair.quit_both().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_only_copy_onto_the_same_template_under_other_node_names_completes_and_disks_equal() {
+    let lab = Lab::new("Test CA");
+    let mut pair =
+        Pair::start_with_overlay_named(64, 4, DestBacking::SameTemplate, DiskNames::DIFFERENT)
+            .await;
+
+    let (out, json) = migrate_cli(&pair, &lab, &["--disk", "vd0,copy=top"]).await;
+
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["disks"][0]["copy"], "top", "{json}");
+    pair.quit_both().await;
+    for (src, dst) in pair.disk_images() {
+        fixture::images_identical(&src, &dst)
+            .expect("the destination's chain reads as the source's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_template() {
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    let mut wrong =
+        Pair::start_with_overlay_named(64, 4, DestBacking::OtherTemplate, DiskNames::DIFFERENT)
+            .await;
+    let mut right =
+        Pair::start_with_overlay_named(64, 4, DestBacking::SameTemplate, DiskNames::DIFFERENT)
+            .await;
+    let serve = |pair: &Pair| {
+        let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+        let pki_a = pki_a.clone();
+        async move { Service::start(None, "127.0.0.1", &pki_a, &qmp_dir, &[]).await }
+    };
+    let (wrong_service, right_service) = (serve(&wrong).await, serve(&right).await);
+    let args = |pair: &Pair, service: &Service| {
+        fixture::migrate_to_args(
+            pair,
+            &service.addr,
+            &pki_b,
+            "qmp.sock",
+            &["--disk", "vd0,copy=top"],
+        )
+    };
+
+    let refused = fixture::run_cli(&fixture::strs(&args(&wrong, &wrong_service))).await;
+    let completed = fixture::run_cli(&fixture::strs(&args(&right, &right_service))).await;
+
+    let (refused_json, completed_json) = (
+        fixture::stdout_json(&refused),
+        fixture::stdout_json(&completed),
+    );
+    assert_eq!(refused.status.code(), Some(3), "{refused_json}");
+    assert_eq!(
+        refused_json["error"]["kind"], "backing-mismatch",
+        "{refused_json}"
+    );
+    fixture::assert_source_untouched(&wrong.source).await;
+    assert_eq!(fixture::status(&wrong.dest).await, "inmigrate");
+    assert!(fixture::tool_objects(&wrong.dest).await.is_empty());
+    assert_eq!(completed.status.code(), Some(0), "{completed_json}");
+    wrong.quit_both().await;
+    right.quit_both().await;
+    for (src, dst) in right.disk_images() {
+        fixture::images_identical(&src, &dst)
+            .expect("the destination's chain reads as the source's");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let mut args = fixture::migrate_args(
+        &pair,
+        lab.host("src", &["src-host"]).to_str().expect("utf-8"),
+        lab.host("dst", &[DEST_HOST]).to_str().expect("utf-8"),
+    );
+    args.extend(["--disk", "disk0", "--disk-bandwidth", "1M"].map(String::from));
+    let mut killed = fixture::spawn_cli_env(&args, &[]);
+    let orphan = fixture::wait_block_job(&pair.source).await;
+    let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    killed.wait().await.expect("reaped");
+    let mut options = pair.tls_options(&lab);
+    options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
+
+    let report = fixture::migrate(&options).await;
+
+    assert!(report.refused, "{:?}", report.error);
+    assert_eq!(fixture::error_kind(&report), Some("source-not-ready"));
+    let message = fixture::error_message(&report);
+    assert!(message.contains(&orphan), "{message}");
+    let (jobs, _) = fixture::tool_block_leftovers(&pair.source).await;
+    assert_eq!(jobs, [orphan], "the killed run's job is not ours to end");
+    assert_eq!(fixture::status(&pair.source).await, "running");
+}
+
 /// A 256 MiB qcow2 `disk0` holding 16 MiB of data and, when `zero_mib` > 0, that many MiB of
 /// zeroes written as data (allocated); the destination gets an empty qcow2 of the same size.
 async fn sparse_pair(zero_mib: u64) -> Pair {
@@ -446,6 +591,7 @@ async fn sparse_pair(zero_mib: u64) -> Pair {
         node: "disk0".into(),
         path: src,
         format: DiskFormat::Qcow2,
+        device: None,
     };
     Pair::start_with_images(dir, vec![disk], &[dst]).await
 }

@@ -160,11 +160,25 @@ impl Pair {
         disks: Vec<DiskConfig>,
         dest_paths: &[PathBuf],
     ) -> Pair {
+        Pair::start_with_images_as(dir, disks, dest_paths, &[]).await
+    }
+
+    /// [`Pair::start_with_images`], the destination's disks named `dest_nodes` (in order; the
+    /// source's names for the rest).
+    async fn start_with_images_as(
+        dir: TempDir,
+        disks: Vec<DiskConfig>,
+        dest_paths: &[PathBuf],
+        dest_nodes: &[&str],
+    ) -> Pair {
         let mut config = VmConfig::new("source", &dir.path().join("source"));
         config.ram_mib = RAM_MIB;
         config.disks = disks;
         let source = Vm::launch(config.clone()).await.expect("source VM");
-        let dest_config = config.destination("dest", &dir.path().join("dest"), dest_paths);
+        let mut dest_config = config.destination("dest", &dir.path().join("dest"), dest_paths);
+        for (disk, node) in dest_config.disks.iter_mut().zip(dest_nodes) {
+            disk.node = node.to_string();
+        }
         let dest = Vm::launch(dest_config).await.expect("destination VM");
         Pair { dir, source, dest }
     }
@@ -176,6 +190,17 @@ impl Pair {
         template_mib: u64,
         overlay_mib: u64,
         dest: DestBacking,
+    ) -> Pair {
+        Pair::start_with_overlay_named(template_mib, overlay_mib, dest, DiskNames::SAME).await
+    }
+
+    /// [`Pair::start_with_overlay`] with the disk's node names on each side and its device id
+    /// as `names` says (libvirt's case: one device id, node names that differ).
+    pub async fn start_with_overlay_named(
+        template_mib: u64,
+        overlay_mib: u64,
+        dest: DestBacking,
+        names: DiskNames<'_>,
     ) -> Pair {
         let dir = test_dir();
         let template = dir.path().join("src-template.raw");
@@ -215,11 +240,12 @@ impl Pair {
             }
         }
         let disk = DiskConfig {
-            node: "disk0".into(),
+            node: names.source.into(),
             path: overlay,
             format: DiskFormat::Qcow2,
+            device: names.device.map(str::to_string),
         };
-        Pair::start_with_images(dir, vec![disk], &[dest_disk]).await
+        Pair::start_with_images_as(dir, vec![disk], &[dest_disk], &[names.dest]).await
     }
 
     /// Starts a pair whose source has these disks (node name, format, MiB), each filled with
@@ -721,6 +747,31 @@ pub enum DestBacking {
     None,
 }
 
+/// The node names of a pair's disk on each side and the id of the device both attach it to.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskNames<'a> {
+    pub source: &'a str,
+    pub dest: &'a str,
+    /// `None`: `NODE-dev` (the source's node name).
+    pub device: Option<&'a str>,
+}
+
+impl DiskNames<'static> {
+    /// `disk0` on both sides, on device `disk0-dev`.
+    pub const SAME: DiskNames<'static> = DiskNames {
+        source: "disk0",
+        dest: "disk0",
+        device: None,
+    };
+    /// libvirt's case: node `srcdisk` on the source, `dstdisk` on the destination, both on
+    /// device `vd0`.
+    pub const DIFFERENT: DiskNames<'static> = DiskNames {
+        source: "srcdisk",
+        dest: "dstdisk",
+        device: Some("vd0"),
+    };
+}
+
 /// `qemu-img create -f qcow2 -b BACKING -F raw PATH`: an empty overlay on a raw template.
 pub fn create_overlay(path: &Path, backing: &Path) {
     let out = std::process::Command::new("qemu-img")
@@ -881,6 +932,22 @@ pub async fn tool_block_leftovers(vm: &Vm) -> (Vec<String>, Vec<String>) {
         .filter(|n| n.starts_with(migration::OBJECT_PREFIX))
         .collect();
     (jobs, nodes)
+}
+
+/// Waits (60 s at most) until `vm` runs a block job of this tool's; returns its id.
+pub async fn wait_block_job(vm: &Vm) -> String {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Some(job) = tool_block_leftovers(vm).await.0.into_iter().next() {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never ran a block job of the tool's",
+            vm.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn test_dir() -> TempDir {
@@ -1195,6 +1262,7 @@ fn make_disks(dir: &Path, disks: &[(&str, DiskFormat, u64)]) -> Vec<DiskConfig> 
                 node: node.to_string(),
                 path,
                 format: *format,
+                device: None,
             }
         })
         .collect()

@@ -283,3 +283,98 @@ async fn a_guest_paused_during_the_disk_copy_runs_again_after_jobs_cancel() {
     let (nodes, jobs) = fixture::tool_block_leftovers(&pair.source).await;
     assert!(nodes.is_empty() && jobs.is_empty(), "{nodes:?} {jobs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first_completes() {
+    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let mut first = BusyJob::launch(
+        "first-run",
+        pair,
+        &["--disk", "disk0", "--disk-bandwidth", "4M"],
+    );
+    first.wait_listed(|j| j["phase"] == "disks").await;
+    let lab = Lab::new("Test CA");
+    // An agent's retry: the same VM, the same destination.
+    let retry_args = fixture::migrate_args(
+        &first.pair,
+        &lab.host("src", &["src-host"]).display().to_string(),
+        &lab.host("dst", &[DEST_HOST]).display().to_string(),
+    );
+    let mut retry_args = retry_args;
+    retry_args.extend(["--job-id", "retry", "--disk", "disk0"].map(String::from));
+
+    let retry = first.cli(&fixture::strs(&retry_args)).await;
+    let (mut pair, code, report, stderr) = first.finish().await;
+
+    let refusal = fixture::stdout_json(&retry);
+    fixture::show("the retry's refusal", &refusal["error"]["message"]);
+    assert_eq!(retry.status.code(), Some(3), "{refusal}");
+    assert_eq!(refusal["error"]["kind"], "busy", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("job first-run"), "{message}");
+    assert_eq!(code, Some(0), "{report}: {stderr}");
+    assert_eq!(report["status"], "completed");
+    assert!(fixture::tool_objects(&pair.source).await.is_empty());
+    assert_eq!(
+        fixture::tool_block_leftovers(&pair.source).await,
+        (vec![], vec![])
+    );
+    pair.quit_both().await;
+    for (src, dst) in pair.disk_images() {
+        fixture::images_identical(&src, &dst).expect("the first run's copy is whole");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
+    let pair = Pair::start().await;
+    let next_dest = pair.next_destination("dest2").await;
+    // The killed run waits on its destination's first answer, holding the VM's lock.
+    let proxy = fixture::QmpDelayProxy::start(
+        pair.dest.qmp_path(),
+        &pair.dir.path().join("held.sock"),
+        fixture::command_named("query-status"),
+        Duration::from_secs(300),
+    )
+    .await;
+    let killed_id = format!("killed-{}", std::process::id());
+    let lab = Lab::new("Test CA");
+    let (src, dst) = (
+        lab.host("src", &["src-host"]).display().to_string(),
+        lab.host("dst", &[DEST_HOST]).display().to_string(),
+    );
+    let mut killed_args = fixture::migrate_args(&pair, &src, &dst);
+    let dest_at = killed_args
+        .iter()
+        .position(|a| a == "--dest-qmp")
+        .expect("--dest-qmp");
+    killed_args[dest_at + 1] = proxy.path.display().to_string();
+    killed_args.extend(["--job-id".to_string(), killed_id.clone()]);
+    let mut killed = fixture::spawn_cli_env(&killed_args, &[]);
+    proxy.holding().await;
+    let record = held_lock_record(&killed_id).expect("the run holds its VM's lock");
+    let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    killed.wait().await.expect("reaped");
+    let mut next_args = fixture::migrate_args(&pair, &src, &dst);
+    next_args[dest_at + 1] = next_dest.qmp_path().display().to_string();
+
+    let next = fixture::run_cli(&fixture::strs(&next_args)).await;
+
+    let report = fixture::stdout_json(&next);
+    assert!(record.contains(&killed_id), "{record}");
+    assert_eq!(next.status.code(), Some(0), "{report}");
+    assert_eq!(report["status"], "completed");
+    assert_eq!(fixture::status(&next_dest).await, "running");
+}
+
+/// The contents of the VM lock file (in the port lock directory) that names job `id`.
+fn held_lock_record(id: &str) -> Option<String> {
+    let dir = qemu_tls_migrate::ports::lock_dir();
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .find(|text| text.contains(&format!("\"job\":\"{id}\"")))
+}

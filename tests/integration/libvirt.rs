@@ -273,35 +273,36 @@ fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_only_copy() {
-    let pair = LibvirtPair::shared();
-    let name = domain_name("overlay");
-    // The template under the same name in each host's pool, the VM's disk an overlay on it.
+/// A running domain on host b whose disk is a qcow2 overlay (4 MiB of its own data) on a
+/// 64 MiB raw template in b's pool, and a template of the same file name in a's pool: a copy of
+/// b's when `same`, another of the same size when not. Returns the domain's name, its disk, and
+/// a's template.
+async fn start_overlay_domain(
+    pair: &LibvirtPair,
+    what: &str,
+    same: bool,
+) -> (String, PathBuf, PathBuf) {
+    use qemu_tls_migrate::vm::DiskFormat;
+    let name = domain_name(what);
     let template_name = format!("{name}-template.raw");
     let (src_template, dst_template) = (
         pair.b.images_dir().join(&template_name),
         pair.a.images_dir().join(&template_name),
     );
-    qemu_tls_migrate::vm::create_image(
-        &src_template,
-        qemu_tls_migrate::vm::DiskFormat::Raw,
-        64 << 20,
-    )
-    .expect("template");
-    crate::fixture::qemu_io(
-        &src_template,
-        qemu_tls_migrate::vm::DiskFormat::Raw,
-        "write -P 0x11 0 64M",
-    );
-    std::fs::copy(&src_template, &dst_template).expect("template copy on the destination");
+    for (template, pattern) in [
+        (&src_template, 0x11),
+        (&dst_template, if same { 0x11 } else { 0x33 }),
+    ] {
+        qemu_tls_migrate::vm::create_image(template, DiskFormat::Raw, 64 << 20).expect("template");
+        crate::fixture::qemu_io(
+            template,
+            DiskFormat::Raw,
+            &format!("write -P 0x{pattern:x} 0 64M"),
+        );
+    }
     let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
     crate::fixture::create_overlay(&disk, &src_template);
-    crate::fixture::qemu_io(
-        &disk,
-        qemu_tls_migrate::vm::DiskFormat::Qcow2,
-        "write -P 0x22 1M 4M",
-    );
+    crate::fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x22 1M 4M");
     let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
     let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
     std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
@@ -309,6 +310,13 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_on
         .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
         .await;
     pair.b.virsh_ok(&["start", &name]).await;
+    (name, disk, dst_template)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_refuses_a_top_only_copy_onto_another_template_of_the_same_name() {
+    let pair = LibvirtPair::shared();
+    let (name, _disk, dst_template) = start_overlay_domain(&pair, "wrongtpl", false).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
@@ -319,6 +327,43 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_on
         &dest_xml.display().to_string(),
     );
     args.extend(["--disk-copy".to_string(), "top".to_string()]);
+
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("differs") && message.contains(&dst_template.display().to_string()),
+        "{message}"
+    );
+    assert_eq!(
+        pair.b.virsh_ok(&["domstate", &name]).await.trim(),
+        "running",
+        "the source runs on"
+    );
+    let listed = pair.a.virsh_ok(&["list", "--all", "--name"]).await;
+    assert!(!listed.lines().any(|l| l.trim() == name), "{listed}");
+    assert!(!dest_disk.exists(), "the disk made for the copy is removed");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_disk_copied_top_only() {
+    let pair = LibvirtPair::shared();
+    let (name, disk, dst_template) = start_overlay_domain(&pair, "overlay", true).await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
+    let (_lab, service, pki_b) = libvirt_service(&pair).await;
+    let mut args = served_args(
+        &name,
+        &service.addr,
+        &pki_b,
+        &dest_xml.display().to_string(),
+    );
+    // Top-only for this disk alone (`--disk-copy top` for all is the refusal test's).
+    args.retain(|a| a != "--all-local-disks");
+    args.extend(["--disk".to_string(), "vda,copy=top".to_string()]);
 
     let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
 
@@ -483,6 +528,120 @@ async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_pas
     }
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_busy() {
+    use qemu_tls_migrate::vm::DiskFormat;
+    let pair = LibvirtPair::shared();
+    let name = domain_name("busy");
+    // 16 MiB of data, copied at 2 MiB/s: the first run copies for some 8 s.
+    let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
+    qcow2(&disk);
+    crate::fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x5a 0 16M");
+    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
+    // No monitor of its own: each run reaches QEMU through a passthrough socket of its own, so
+    // only the domain's UUID tells that two runs drive one VM.
+    std::fs::write(&xml_path, small_domain_xml(&name, &disk, None)).expect("XML");
+    pair.b
+        .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
+        .await;
+    pair.b.virsh_ok(&["start", &name]).await;
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    qcow2(&dest_disk);
+    let dest_monitor = pair.a.qmp_dir().join(format!("{name}-in.sock"));
+    let dest_xml = Libvirt::connect(&pair.b.uri())
+        .and_then(|l| l.domain(&name))
+        .and_then(|d| d.migratable_xml())
+        .and_then(|x| x.with_disk_file("vda", &dest_disk))
+        .and_then(|x| x.with_monitor(&dest_monitor))
+        .and_then(|x| x.with_qemu_args(&["-incoming", "defer"]))
+        .expect("destination XML");
+    Libvirt::connect(&pair.a.uri())
+        .and_then(|l| l.create_paused(&dest_xml))
+        .expect("destination domain");
+    let lab = crate::fixture::Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    crate::fixture::open_path_for_others(&pki_a);
+    let args = |job: &str| -> Vec<String> {
+        [
+            "migrate",
+            "--json",
+            "--domain",
+            &name,
+            "--connect",
+            &pair.b.uri(),
+            "--dest-qmp",
+            &dest_monitor.display().to_string(),
+            "--dest-host",
+            "host-a",
+            "--dest-address",
+            &pair.hosts.a_addr,
+            "--source-pki-dir",
+            &pki_b.display().to_string(),
+            "--dest-pki-dir",
+            &pki_a.display().to_string(),
+            "--disk",
+            "vda",
+            "--disk-bandwidth",
+            "2M",
+            "--job-id",
+            job,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let first_id = format!("{name}-first");
+    let first = tokio::spawn({
+        let args = args(&first_id);
+        async move { crate::fixture::run_cli(&crate::fixture::strs(&args)).await }
+    });
+    wait_block_job(&pair, &name).await;
+
+    let retry =
+        crate::fixture::run_cli(&crate::fixture::strs(&args(&format!("{name}-retry")))).await;
+    let first = first.await.expect("first run");
+
+    let refusal = crate::fixture::stdout_json(&retry);
+    assert_eq!(retry.status.code(), Some(3), "{refusal}");
+    assert_eq!(refusal["error"]["kind"], "busy", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains(&format!("job {first_id}")), "{message}");
+    let report = crate::fixture::stdout_json(&first);
+    assert_eq!(first.status.code(), Some(0), "{report}");
+    assert_eq!(report["source_qmp"], "libvirt-passthrough", "{report}");
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// Waits (60 s at most) until the source domain `name` runs a block job (asked through
+/// libvirt's own monitor).
+async fn wait_block_job(pair: &LibvirtPair, name: &str) {
+    let (uri, name) = (pair.b.uri(), name.to_string());
+    let seen = tokio::task::spawn_blocking(move || {
+        let domain = Libvirt::connect(&uri)
+            .and_then(|l| l.domain(&name))
+            .expect("source domain");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let reply = domain
+                .monitor_command(r#"{"execute":"query-block-jobs"}"#)
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+            if v["return"].as_array().is_some_and(|jobs| !jobs.is_empty()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })
+    .await
+    .expect("poller");
+    assert!(seen, "the first run never started copying the disk");
 }
 
 /// A domain on host b made for a full migration: our guest workload (its RAM not zero pages),

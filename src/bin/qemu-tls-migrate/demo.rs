@@ -97,6 +97,7 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
             node: "disk0".into(),
             path: disk_paths.0.clone(),
             format: DiskFormat::Qcow2,
+            device: None,
         });
         say(format!(
             "local disk disk0: {} MiB qcow2 full of data; an empty one waits on the destination",

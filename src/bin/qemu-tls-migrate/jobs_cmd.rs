@@ -283,6 +283,8 @@ impl RunningJob {
         });
         let server = JobServer::start(&jobs::run_dir(), &id, Arc::new(Answer(state.clone())))?;
         options.control = Some(handle);
+        // Named to a second run on the same VM, which the VM's lock refuses.
+        options.job_id = Some(id);
         Ok(RunningJob { server, state })
     }
 

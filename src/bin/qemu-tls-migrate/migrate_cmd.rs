@@ -760,18 +760,32 @@ async fn resolve_domain(
     }
     options.disk_copy.per_node = per_node;
     if args.to.is_some() {
+        // Each disk's own copy mode (`--disk vda,copy=top`), by target as the XML names it.
+        let top_only = source
+            .disks
+            .iter()
+            .filter(|d| {
+                let copy = d
+                    .alias
+                    .as_ref()
+                    .map_or(options.disk_copy.default, |a| options.disk_copy.for_node(a));
+                copy == DiskCopy::Top
+            })
+            .map(|d| d.target.clone())
+            .collect();
         let domain = migration::dest_domain(
             &args.connect,
             name,
             dest_xml,
             create,
-            options.disk_copy.default == DiskCopy::Top,
+            top_only,
             options.qmp_timeout,
         )
         .await?;
         options.dest_domain = Some(domain);
     }
     options.source.qmp = source.socket.clone();
+    options.source_domain_uuid = Some(source.uuid.clone());
     options.disks = disks;
     options.shared_disks = shared;
     Ok(source)
