@@ -16,6 +16,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::PeerError;
+use crate::pki::DnError;
 use crate::pki::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -152,8 +153,9 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, PeerError> {
 /// Who is on the other end, from the certificate it presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
-    /// Subject distinguished name as QEMU's `authz-simple` matches it (`CN=host-a`).
-    pub dn: String,
+    /// Subject distinguished name exactly as QEMU's `authz-simple` compares it (GnuTLS's
+    /// string, [`crate::pki::dn`]: `C=US,O=Acme,CN=host-a`), or why QEMU cannot be given it.
+    pub dn: Result<String, DnError>,
     /// The names the certificate is valid for: its DNS and IP subject alternative names, or,
     /// only when it has none, its common names (RFC 6125: SANs take precedence over the CN).
     pub names: Vec<String>,
@@ -166,7 +168,7 @@ impl PeerIdentity {
     pub fn from_der(der: &[u8]) -> Option<PeerIdentity> {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        let dn = cert.subject().to_string();
+        let dn = crate::pki::qemu_authz_dn(cert.subject().as_raw());
         let mut names = Vec::new();
         let mut ips = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -196,6 +198,14 @@ impl PeerIdentity {
                 .collect();
         }
         Some(PeerIdentity { dn, names, ips })
+    }
+
+    /// The subject for a log line: the DN, or why it cannot be an `authz-simple` identity.
+    pub fn subject(&self) -> String {
+        match &self.dn {
+            Ok(dn) => dn.clone(),
+            Err(e) => format!("(a subject QEMU's authz cannot match: {e})"),
+        }
     }
 
     /// Whether one of the certificate's names is in `allowed` (an empty list allows every

@@ -338,7 +338,7 @@ pub async fn run(
             .await;
         return Err(err);
     };
-    tracing::info!(%remote, client = %identity.dn, "source connected");
+    tracing::info!(%remote, client = %identity.subject(), "source connected");
     let cx = Context {
         opts: opts.clone(),
         identity,
@@ -496,7 +496,7 @@ pub fn apply_policy(
         if !opts.allow_plain {
             return Err(MigrationError::PlainRefused);
         }
-        tracing::warn!(client = %identity.dn, "plain TCP migration allowed by --allow-plain: RAM and disks cross the network unencrypted");
+        tracing::warn!(client = %identity.subject(), "plain TCP migration allowed by --allow-plain: RAM and disks cross the network unencrypted");
     }
     // The destination's cipher floor is this host's choice, not the peer's.
     if plan.tls_priority.is_some() && plan.tls_priority != opts.tls_priority {
@@ -512,7 +512,14 @@ pub fn apply_policy(
     plan.authz = match plan.authz {
         Authz::Off if opts.allow_clients.is_empty() => Authz::Off,
         _ if !plan.tls => Authz::Off,
-        _ => Authz::Identity(identity.dn.clone()),
+        _ => Authz::Identity(
+            identity
+                .dn
+                .clone()
+                .map_err(|e| MigrationError::AuthzSubject {
+                    desc: e.to_string(),
+                })?,
+        ),
     };
     Ok(plan)
 }
@@ -564,7 +571,7 @@ mod tests {
 
     fn identity() -> PeerIdentity {
         PeerIdentity {
-            dn: "CN=host-b".into(),
+            dn: Ok("CN=host-b".into()),
             names: vec!["host-b".into()],
             ips: Vec::new(),
         }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qemu_tls_migrate::migration::{self, Endpoint, MigrationOptions, Progress, Report};
-use qemu_tls_migrate::pki::{HostCert, LabCa};
+use qemu_tls_migrate::pki::{DistinguishedName, DnType, DnValue, HostCert, LabCa};
 use qemu_tls_migrate::qemu::{QomList, QueryStatus};
 use qemu_tls_migrate::qmp::Qmp;
 use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, Vm, VmConfig, create_image};
@@ -52,6 +52,73 @@ impl Lab {
         self.ca.write_host_dir(&dir, &cert).expect("host PKI dir");
         dir
     }
+
+    /// [`Lab::host`], the certificates' subject `subject` instead of `CN=<first name>`.
+    pub fn host_with_subject(
+        &self,
+        dir_name: &str,
+        names: &[&str],
+        subject: DistinguishedName,
+    ) -> PathBuf {
+        let dir = self.dir.path().join(dir_name);
+        let cert = HostCert::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .with_subject(subject);
+        self.ca.write_host_dir(&dir, &cert).expect("host PKI dir");
+        dir
+    }
+}
+
+/// Subjects the `tls-authz` tests issue source certificates with, each named: several RDNs,
+/// a value with a comma (and other characters RFC 4514 escapes), UTF-8 values, and the shape of
+/// a CloudStack KVM agent's certificate (`keytool -dname cn=FQDN,ou=cloudstack,o=cloudstack,
+/// c=cloudstack` in `scripts/util/keystore-setup`, re-issued by the management server's root
+/// CA through `X500Principal`: CN first, every value a PrintableString).
+pub fn authz_subjects() -> Vec<(&'static str, DistinguishedName)> {
+    let printable = |s: &str| DnValue::PrintableString(s.try_into().expect("printable"));
+    let dn = |attrs: Vec<(DnType, DnValue)>| {
+        let mut dn = DistinguishedName::new();
+        for (ty, value) in attrs {
+            dn.push(ty, value);
+        }
+        dn
+    };
+    vec![
+        (
+            "several RDNs",
+            dn(vec![
+                (DnType::CountryName, printable("US")),
+                (DnType::StateOrProvinceName, "Bavaria".into()),
+                (DnType::LocalityName, "Munich".into()),
+                (DnType::OrganizationName, "Acme".into()),
+                (DnType::OrganizationalUnitName, "Migrations".into()),
+                (DnType::CommonName, "host-b".into()),
+            ]),
+        ),
+        (
+            "a comma and other specials",
+            dn(vec![
+                (DnType::OrganizationName, "Acme, Inc.".into()),
+                (DnType::OrganizationalUnitName, "#1 <ops>; \\a+b\" ".into()),
+                (DnType::CommonName, "host-b".into()),
+            ]),
+        ),
+        (
+            "UTF-8",
+            dn(vec![
+                (DnType::OrganizationName, "Ünïcødé 日本".into()),
+                (DnType::CommonName, "hôte-b".into()),
+            ]),
+        ),
+        (
+            "CloudStack agent",
+            dn(vec![
+                (DnType::CommonName, printable("kvm-b.cloud.example")),
+                (DnType::OrganizationalUnitName, printable("cloudstack")),
+                (DnType::OrganizationName, printable("cloudstack")),
+                (DnType::CountryName, printable("cloudstack")),
+            ]),
+        ),
+    ]
 }
 
 /// A source VM and a destination VM waiting with `-incoming defer`.
