@@ -633,6 +633,20 @@ mod tests {
     }
 
     #[test]
+    fn a_subject_qemus_authz_cannot_match_is_refused_before_anything_changes() {
+        let mut o = opts();
+        o.allow_clients = vec!["host-b".into()];
+        let mut unmatchable = identity();
+        unmatchable.dn = Err(crate::pki::DnError::Empty);
+
+        let err = apply_policy(plan(true), &o, &Security::Secured, &unmatchable, None)
+            .expect_err("refused");
+
+        assert_eq!(err.kind(), "not-allowed");
+        assert!(err.to_string().contains("tls-authz"), "{err}");
+    }
+
+    #[test]
     fn a_broken_service_host_takes_no_migration_and_an_unsecured_one_no_tls() {
         let broken = Security::Broken {
             problems: vec!["server-key.pem: readable by all".into()],

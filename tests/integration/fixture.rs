@@ -68,6 +68,15 @@ impl Lab {
     }
 }
 
+/// The DER of the client certificate in a host PKI directory.
+pub fn client_cert_der(pki: &Path) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(pki.join(qemu_tls_migrate::pki::CLIENT_CERT))
+        .expect("client certificate")
+        .to_vec()
+}
+
 /// Subjects the `tls-authz` tests issue source certificates with, each named: several RDNs,
 /// a value with a comma (and other characters RFC 4514 escapes), UTF-8 values, and the shape of
 /// a CloudStack KVM agent's certificate (`keytool -dname cn=FQDN,ou=cloudstack,o=cloudstack,
