@@ -1233,6 +1233,108 @@ pub fn connect_in_netns(netns: &str, addr: &str) -> tokio::net::TcpStream {
     tokio::net::TcpStream::from_std(stream).expect("tokio stream")
 }
 
+/// Idle TCP connections to a service from one network namespace (so from one address) that
+/// never send a ClientHello: each is kept open until the service closes it, then opened again
+/// (after a short pause when the service refused it as busy, so the flood does not spin). Stops
+/// on drop.
+pub struct IdleFlood {
+    stop: CancellationToken,
+    counts: Arc<FloodCounts>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What a flood's connections got from the service.
+#[derive(Debug, Default)]
+pub struct FloodCounts {
+    /// Connections opened.
+    pub opened: std::sync::atomic::AtomicU64,
+    /// Refused at once with the busy alert.
+    pub busy: std::sync::atomic::AtomicU64,
+    /// Closed by the service with nothing sent (the handshake deadline).
+    pub closed_silently: std::sync::atomic::AtomicU64,
+    /// Anything else the service sent.
+    pub other: std::sync::atomic::AtomicU64,
+}
+
+impl IdleFlood {
+    /// Starts `connections` idle connections from namespace `netns` to `addr`.
+    pub fn start(netns: &str, addr: &str, connections: usize) -> IdleFlood {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = CancellationToken::new();
+        let counts = Arc::new(FloodCounts::default());
+        let tasks = (0..connections)
+            .map(|_| {
+                let (netns, addr) = (netns.to_string(), addr.to_string());
+                let (stop, counts) = (stop.clone(), counts.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let (ns, to) = (netns.clone(), addr.clone());
+                        let Ok(mut tcp) =
+                            tokio::task::spawn_blocking(move || connect_in_netns(&ns, &to)).await
+                        else {
+                            return;
+                        };
+                        counts.opened.fetch_add(1, Relaxed);
+                        let mut got = Vec::new();
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tcp.read_to_end(&mut got) => {}
+                        }
+                        if got == qemu_tls_migrate::peer::BUSY_ALERT {
+                            counts.busy.fetch_add(1, Relaxed);
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            }
+                        } else if got.is_empty() {
+                            counts.closed_silently.fetch_add(1, Relaxed);
+                        } else {
+                            counts.other.fetch_add(1, Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        IdleFlood {
+            stop,
+            counts,
+            tasks,
+        }
+    }
+
+    /// What the connections got so far.
+    pub fn counts(&self) -> &FloodCounts {
+        &self.counts
+    }
+
+    /// Waits until the flood has opened at least `n` connections (each accepted by the
+    /// service: held in a handshake, or refused).
+    pub async fn wait_opened(&self, n: u64) {
+        tokio::time::timeout(EVENT_TIMEOUT, async {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while self
+                .counts
+                .opened
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < n
+            {
+                tick.tick().await;
+            }
+        })
+        .await
+        .expect("the flood connects");
+    }
+}
+
+impl Drop for IdleFlood {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// The user libvirt's QEMU runs as on Debian (`qemu.conf` default).
 pub const LIBVIRT_QEMU_USER: &str = "libvirt-qemu";
 /// How long a libvirt host's daemons may take to open their sockets.
