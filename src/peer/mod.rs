@@ -15,6 +15,8 @@
 //! This module knows the protocol only: its messages ([`messages`]) are plain data.
 
 mod messages;
+#[cfg(test)]
+mod proptests;
 mod tls;
 
 pub use messages::{
