@@ -259,9 +259,9 @@ pub fn tls_failure_reason(e: &std::io::Error) -> String {
     else {
         return match e.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                "the peer closed the connection during the handshake: a service does so when it \
-                 ends a handshake that took too long (over its deadline, or cut short to let \
-                 another in when all its handshake slots were taken); see its log"
+                "the peer closed the connection during the handshake (a service closes one over \
+                 its 3 s deadline, or cuts the oldest short when all its handshake slots are \
+                 taken: see its log; a source closes when it gives up)"
                     .into()
             }
             _ => e.to_string(),

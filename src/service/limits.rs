@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How long a handshake must have been pending before a newcomer may cut it short when every
-/// slot is taken: far beyond a real one (2-3 ms here, see the README), well below the
+/// slot is taken: far beyond a real one (2-4 ms here, see the README), well below the
 /// handshake deadline.
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 

@@ -39,10 +39,10 @@ use crate::peer::{
 };
 use crate::pki::{self, Role, Security};
 
-/// How long a new connection has to finish the TLS handshake: a real one takes 2-3 ms here
-/// (median of 20 between two network namespaces, 40 ms at worst on a loaded 2-core host; see
-/// the README), so 3 s leaves a loaded host ample room while a connection that never sends its
-/// ClientHello holds its slot only briefly.
+/// How long a new connection has to finish the TLS handshake: a real one takes 2-4 ms here
+/// (median of 20 between two network namespaces; under 100 ms at worst on a loaded 2-core
+/// host; see the README), so 3 s leaves a loaded host ample room while a connection that never
+/// sends its ClientHello holds its slot only briefly.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Where a session is.
