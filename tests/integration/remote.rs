@@ -411,3 +411,29 @@ async fn sources_with_many_part_utf8_and_cloudstack_subjects_migrate_through_an_
         assert_eq!(fixture::status(&pair.dest).await, "running", "{what}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sources_from_one_address_all_get_in_one_after_another() {
+    let lab = Lab::new("Test CA");
+    let pki_a = lab.host("host-a", &["host-a"]);
+    let pki_b = lab.host("host-b", &["host-b"]);
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let service = Service::start(None, "127.0.0.1", &pki_a, qmp_dir.path(), &[]).await;
+    let target = qemu_tls_migrate::migration::RemoteTarget {
+        address: service.addr.clone(),
+        server_name: "host-a".into(),
+        qmp: "vm.sock".into(),
+        pki_dir: pki_b,
+    };
+
+    // Four times the per-address limit at once: the refused ones are told busy and retry.
+    let connects = (0..4 * qemu_tls_migrate::service::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
+        .map(|_| qemu_tls_migrate::migration::RemoteDestination::connect(&target));
+    let results = futures_util::future::join_all(connects).await;
+
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
