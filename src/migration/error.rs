@@ -174,6 +174,13 @@ pub enum MigrationError {
     Cancelled,
     #[error("bad migration options: {what}")]
     BadOptions { what: String },
+    /// The source's certificate has a subject QEMU's `tls-authz` cannot be set to match.
+    #[error(
+        "the source's certificate subject cannot be given to QEMU's tls-authz: {desc}; issue \
+         the source a certificate whose subject QEMU can match (e.g. CN=<host> only), or migrate \
+         without --authz to a service without --allow-client"
+    )]
+    AuthzSubject { desc: String },
     /// Reported by the destination host's service, or about the channel to it.
     #[error("destination host: {message}")]
     Remote {
@@ -201,6 +208,7 @@ impl MigrationError {
             MigrationError::SplitBrainRisk { .. } => ErrorKind::SplitBrainRisk,
             MigrationError::PlainRefused => ErrorKind::PlainRefused,
             MigrationError::BadRequest { .. } => ErrorKind::BadRequest,
+            MigrationError::AuthzSubject { .. } => ErrorKind::NotAllowed,
             MigrationError::Connect { source, .. } if source.is_timeout() => ErrorKind::Timeout,
             MigrationError::Connect { .. } => ErrorKind::Connect,
             MigrationError::DestinationNotIncoming { .. } => ErrorKind::DestinationNotIncoming,

@@ -42,6 +42,21 @@ const FINISH_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a new connection has to finish the TLS handshake and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many more times a source tries when the service says it is busy.
+const BUSY_RETRIES: u32 = 4;
+/// The first pause before trying again; each next one doubles (0.1 + 0.2 + 0.4 + 0.8 s).
+const BUSY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The pause before busy retry `n` (from 0): [`BUSY_BACKOFF`] doubled `n` times, plus up to
+/// 50 ms from the clock, so sources refused together do not come back together.
+fn busy_pause(n: u32) -> Duration {
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() % 50_000_000)
+        .unwrap_or(0);
+    BUSY_BACKOFF * 2u32.saturating_pow(n) + Duration::from_nanos(u64::from(jitter))
+}
+
 /// Where a source finds a destination host's service.
 #[derive(Debug, Clone)]
 pub struct RemoteTarget {
@@ -101,19 +116,13 @@ impl RemoteDestination {
             refusal: true,
         })?;
         let refusal = |e: PeerError| MigrationError::Remote {
-            kind: ErrorKind::Connect,
+            kind: match e.kind() {
+                ErrorKind::Busy => ErrorKind::Busy,
+                _ => ErrorKind::Connect,
+            },
             message: e.to_string(),
             refusal: true,
         };
-        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&address))
-            .await
-            .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?
-            .map_err(|source| {
-                refusal(PeerError::Connect {
-                    addr: address.clone(),
-                    source,
-                })
-            })?;
         let name =
             rustls::pki_types::ServerName::try_from(target.server_name.clone()).map_err(|e| {
                 MigrationError::Remote {
@@ -122,19 +131,47 @@ impl RemoteDestination {
                     refusal: true,
                 }
             })?;
-        let tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            TlsConnector::from(config).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?
-        .map_err(|source| {
-            refusal(PeerError::Tls {
-                peer: address.clone(),
-                reason: peer::tls_failure_reason(&source),
-                source,
-            })
-        })?;
+        let connector = TlsConnector::from(config);
+        let mut busy_retries = 0;
+        let tls = loop {
+            let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&address))
+                .await
+                .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?
+                .map_err(|source| {
+                    refusal(PeerError::Connect {
+                        addr: address.clone(),
+                        source,
+                    })
+                })?;
+            let handshake =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?;
+            match handshake {
+                Ok(tls) => break tls,
+                // A service over its handshake or session limits says so before any handshake:
+                // a burst of migrations from one host gets through one after another.
+                Err(source) if peer::is_busy_refusal(&source) && busy_retries < BUSY_RETRIES => {
+                    let pause = busy_pause(busy_retries);
+                    tracing::info!(%address, ?pause, "the service is busy; trying again");
+                    tokio::time::sleep(pause).await;
+                    busy_retries += 1;
+                }
+                Err(source) if peer::is_busy_refusal(&source) => {
+                    return Err(refusal(PeerError::Busy {
+                        peer: address.clone(),
+                        tries: BUSY_RETRIES + 1,
+                    }));
+                }
+                Err(source) => {
+                    return Err(refusal(PeerError::Tls {
+                        peer: address.clone(),
+                        reason: peer::tls_failure_reason(&source),
+                        source,
+                    }));
+                }
+            }
+        };
         let mut channel = Channel::new(tls);
         let hello = Message::Hello {
             client: std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -15,13 +15,17 @@
 //! This module knows the protocol only: its messages ([`messages`]) are plain data.
 
 mod messages;
+#[cfg(test)]
+mod proptests;
 mod tls;
 
 pub use messages::{
     Authz, BackingSpec, DestPlan, DestPrepared, DiskCopy, DiskSpec, ErrorKind, Message, NewBacking,
     NewDisk,
 };
-pub use tls::{PeerIdentity, client_config, server_config, tls_failure_reason};
+pub use tls::{
+    BUSY_ALERT, PeerIdentity, client_config, is_busy_refusal, server_config, tls_failure_reason,
+};
 
 use std::time::Duration;
 
@@ -102,6 +106,16 @@ pub enum PeerError {
     NotReading(Duration),
     #[error("unexpected message: {0}")]
     Unexpected(String),
+    #[error(
+        "the handshake was cut short: every handshake slot was taken and this one was the oldest"
+    )]
+    CutShort,
+    #[error(
+        "the service at {peer} is busy: it refused the connection {tries} times before any \
+         handshake, being over its limit of TLS handshakes in flight (from this address, or in \
+         all) or of sessions; try again later (the service logs which limit)"
+    )]
+    Busy { peer: String, tries: u32 },
 }
 
 /// A framed, versioned message stream over any byte stream (TLS in production).
@@ -187,6 +201,7 @@ impl PeerError {
             PeerError::NotAllowed { .. } => ErrorKind::NotAllowed,
             PeerError::Silent(_) | PeerError::NotReading(_) => ErrorKind::Timeout,
             PeerError::Credentials { .. } => ErrorKind::Credentials,
+            PeerError::Busy { .. } | PeerError::CutShort => ErrorKind::Busy,
             _ => ErrorKind::Channel,
         }
     }

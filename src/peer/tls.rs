@@ -16,6 +16,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::PeerError;
+use crate::pki::DnError;
 use crate::pki::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -152,8 +153,9 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, PeerError> {
 /// Who is on the other end, from the certificate it presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
-    /// Subject distinguished name as QEMU's `authz-simple` matches it (`CN=host-a`).
-    pub dn: String,
+    /// Subject distinguished name exactly as QEMU's `authz-simple` compares it (GnuTLS's
+    /// string, [`crate::pki::dn`]: `C=US,O=Acme,CN=host-a`), or why QEMU cannot be given it.
+    pub dn: Result<String, DnError>,
     /// The names the certificate is valid for: its DNS and IP subject alternative names, or,
     /// only when it has none, its common names (RFC 6125: SANs take precedence over the CN).
     pub names: Vec<String>,
@@ -166,7 +168,7 @@ impl PeerIdentity {
     pub fn from_der(der: &[u8]) -> Option<PeerIdentity> {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        let dn = cert.subject().to_string();
+        let dn = crate::pki::qemu_authz_dn(cert.subject().as_raw());
         let mut names = Vec::new();
         let mut ips = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -198,6 +200,14 @@ impl PeerIdentity {
         Some(PeerIdentity { dn, names, ips })
     }
 
+    /// The subject for a log line: the DN, or why it cannot be an `authz-simple` identity.
+    pub fn subject(&self) -> String {
+        match &self.dn {
+            Ok(dn) => dn.clone(),
+            Err(e) => format!("(a subject QEMU's authz cannot match: {e})"),
+        }
+    }
+
     /// Whether one of the certificate's names is in `allowed` (an empty list allows every
     /// name). DNS names compare without regard to case; an allowed entry that is an IP address
     /// (either family, any notation) matches an IP subject alternative name of that address.
@@ -214,6 +224,31 @@ impl PeerIdentity {
     }
 }
 
+/// What the service writes to a connection it will not start a handshake on (over a handshake
+/// or session limit) before closing it: a plaintext TLS record holding a fatal `user_canceled`
+/// alert, which RFC 8446 defines as "canceling the handshake for some reason unrelated to a
+/// protocol failure". A source's TLS library reports it as that alert, so the source can say
+/// the service is busy instead of guessing at certificates. Seven bytes, written without
+/// waiting, costing the service no handshake.
+pub const BUSY_ALERT: [u8; 7] = [
+    21, // content type: alert
+    3, 3, // record version: TLS 1.2 (what TLS 1.3 records carry too)
+    0, 2,  // length
+    2,  // level: fatal
+    90, // description: user_canceled
+];
+
+/// Whether a failed handshake is the service's [`BUSY_ALERT`].
+pub fn is_busy_refusal(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UserCanceled
+        ))
+    )
+}
+
 /// Describes why a TLS handshake failed, for the service's log and the source's error: the
 /// rustls error inside `e` mapped to what an operator can check.
 pub fn tls_failure_reason(e: &std::io::Error) -> String {
@@ -224,8 +259,9 @@ pub fn tls_failure_reason(e: &std::io::Error) -> String {
     else {
         return match e.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                "the peer closed the connection during the handshake (it may have refused our \
-                 certificate)"
+                "the peer closed the connection during the handshake (a service closes one over \
+                 its 3 s deadline, or cuts the oldest short when all its handshake slots are \
+                 taken: see its log; a source closes when it gives up)"
                     .into()
             }
             _ => e.to_string(),
@@ -261,6 +297,12 @@ pub fn tls_failure_reason(e: &std::io::Error) -> String {
         }
         TlsError::AlertReceived(AlertDescription::UnknownCA | AlertDescription::BadCertificate) => {
             "the peer refused our certificate (it trusts another CA, or our certificate is bad)"
+                .into()
+        }
+        TlsError::AlertReceived(AlertDescription::UserCanceled) => {
+            "the service is busy: it is over its limit of TLS handshakes in flight (from this \
+             address, or in all) or of sessions, and refused the connection before the handshake; \
+             try again in a moment (the service logs which limit)"
                 .into()
         }
         TlsError::AlertReceived(AlertDescription::CertificateRequired) => {
@@ -342,6 +384,25 @@ mod tests {
                 || reason.contains("refused our certificate"),
             "{reason}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_source_reads_the_services_busy_alert_as_a_busy_service() {
+        let dir = tempfile::tempdir().expect("dir");
+        LabCa::generate("Our CA")
+            .expect("ca")
+            .write_host_dir(dir.path(), &HostCert::new(vec!["host-a".to_string()]))
+            .expect("dir");
+        let client = tokio_rustls::TlsConnector::from(client_config(dir.path()).expect("client"));
+        let (a, mut service) = tokio::io::duplex(64 * 1024);
+        let name = rustls::pki_types::ServerName::try_from("host-a").expect("name");
+        use tokio::io::AsyncWriteExt;
+        service.write_all(&BUSY_ALERT).await.expect("write");
+
+        let err = client.connect(name, a).await.expect_err("refused");
+
+        assert!(is_busy_refusal(&err), "{err}");
+        assert!(tls_failure_reason(&err).contains("busy"));
     }
 
     #[test]

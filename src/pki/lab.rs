@@ -3,7 +3,9 @@
 //! Keys are ECDSA P-256 (QEMU 7.2's GnuTLS accepts them). Leaf certificates carry what QEMU
 //! checks: key usage DigitalSignature + KeyEncipherment, extended key usage serverAuth (server
 //! certificate) or clientAuth (client certificate), and a subject of just `CN=<first name>` so
-//! that an `authz-simple` object can name the peer as `CN=host-a`.
+//! that an `authz-simple` object can name the peer as `CN=host-a`, unless another subject is
+//! chosen ([`HostCert::with_subject`]: several RDNs, any string types, as CloudStack's CA or
+//! another one would issue them).
 
 use std::fmt;
 use std::fs;
@@ -47,6 +49,8 @@ pub struct HostCert {
     pub not_after: OffsetDateTime,
     /// Serial number; `None` lets rcgen pick one (a hash of the public key).
     pub serial: Option<u64>,
+    /// The subject, RDNs in this order; `None`: `CN=<first name>`.
+    pub subject: Option<DistinguishedName>,
 }
 
 impl HostCert {
@@ -58,7 +62,15 @@ impl HostCert {
             not_before: now - BACKDATE,
             not_after: now + HOST_VALIDITY,
             serial: None,
+            subject: None,
         }
+    }
+
+    /// The same certificate with `subject` instead of `CN=<first name>` (one attribute per RDN,
+    /// in the order pushed, each of the string type given).
+    pub fn with_subject(mut self, subject: DistinguishedName) -> HostCert {
+        self.subject = Some(subject);
+        self
     }
 
     fn params(&self, ekus: Vec<ExtendedKeyUsagePurpose>) -> Result<CertificateParams, PkiError> {
@@ -71,9 +83,11 @@ impl HostCert {
                 what: format!("certificate parameters for {cn}"),
                 source,
             })?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn.as_str());
-        params.distinguished_name = dn;
+        params.distinguished_name = self.subject.clone().unwrap_or_else(|| {
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, cn.as_str());
+            dn
+        });
         params.not_before = self.not_before;
         params.not_after = self.not_after;
         params.serial_number = self

@@ -14,8 +14,11 @@
 //! - [`assess`] runs the checks one side needs and answers [`Security::Secured`] or
 //!   [`Security::Unsecured`] with the first reason (what `--transport auto` uses).
 //! - [`LabCa`], [`HostCert`] and [`init_lab`] make a lab CA and host certificates with rcgen.
+//! - [`certificate_authz_dn`] gives a certificate's subject as QEMU's `authz-simple` compares it
+//!   (GnuTLS's string, [`dn`]).
 
 mod check;
+pub mod dn;
 mod error;
 mod lab;
 
@@ -26,8 +29,11 @@ pub use check::{
     CheckOptions, FileReport, Finding, FindingKind, Report, Severity, WARN_DAYS_LEFT, check_dir,
     check_dir_with, qemu_group,
 };
+pub use dn::{DnError, certificate_authz_dn, qemu_authz_dn};
 pub use error::PkiError;
 pub use lab::{HostCert, LabCa, LabSummary, init_lab};
+/// What a chosen certificate subject is made of ([`HostCert::with_subject`]).
+pub use rcgen::{DistinguishedName, DnType, DnValue};
 
 /// Where QEMU looks when `default_tls_x509_cert_dir` is not set, and where CloudStack puts the
 /// files (`qemu.conf`'s default).

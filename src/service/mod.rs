@@ -4,7 +4,10 @@
 //!
 //! The accept loop keeps the service alive against its peers:
 //! 1. at most [`ServeOptions::max_sessions`] sessions and [`ServeOptions::max_handshakes`]
-//!    TLS handshakes at once; a connection over either limit is closed at once;
+//!    TLS handshakes at once, at most [`ServeOptions::max_handshakes_per_address`] of them from
+//!    one source address, each with [`session::HANDSHAKE_TIMEOUT`]; when all handshake slots
+//!    are taken the oldest stalled one is cut short ([`limits`]); a connection over a limit
+//!    gets [`peer::BUSY_ALERT`] (so its source reports a busy service) and is closed at once;
 //! 2. a failing `accept` (out of file descriptors, say) backs off instead of spinning;
 //! 3. every send to a peer has a time limit ([`crate::peer::SEND_TIMEOUT`]), so neither a
 //!    session nor shutdown can be held up by a peer that stops reading;
@@ -17,13 +20,14 @@
 //! and the NBD server (`tls-authz` for the certificate the source presented).
 
 pub mod incoming;
+pub mod limits;
 pub mod session;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +39,10 @@ use crate::ports::PortRange;
 pub const DEFAULT_MAX_SESSIONS: usize = 16;
 /// TLS handshakes in flight at once unless told otherwise.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 8;
+/// TLS handshakes in flight at once from one source address unless told otherwise: a source
+/// host opens one connection per migration, and retries a few times when told the service is
+/// busy, so a burst of migrations from one host gets through one after another.
+pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 2;
 /// Longest pause after a failed `accept`.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -58,6 +66,7 @@ pub struct ServeOptions {
     pub tls_priority: Option<String>,
     pub max_sessions: usize,
     pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
     /// Manage incoming libvirt domains at this URI (`--libvirt`): a source may ask the
     /// service to start its domain here.
     pub libvirt: Option<String>,
@@ -78,6 +87,7 @@ impl ServeOptions {
             tls_priority: None,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             libvirt: None,
         }
     }
@@ -123,7 +133,7 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(config);
     let opts = Arc::new(opts.clone());
     let sessions_free = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
-    let handshakes_free = Arc::new(Semaphore::new(opts.max_handshakes.max(1)));
+    let handshakes = limits::Handshakes::new(opts.max_handshakes, opts.max_handshakes_per_address);
     let mut sessions = tokio::task::JoinSet::new();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -146,17 +156,22 @@ pub async fn serve(
                     }
                 };
                 let Ok(session_permit) = sessions_free.clone().try_acquire_owned() else {
-                    tracing::warn!(%remote, limit = opts.max_sessions, "too many sessions: connection closed");
+                    tracing::warn!(%remote, limit = opts.max_sessions, "too many sessions: connection refused as busy");
+                    refuse_busy(tcp);
                     continue;
                 };
-                let Ok(handshake_permit) = handshakes_free.clone().try_acquire_owned() else {
-                    tracing::warn!(%remote, limit = opts.max_handshakes, "too many TLS handshakes in flight: connection closed");
-                    continue;
+                let slot = match handshakes.admit(remote.ip(), Instant::now()) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        tracing::warn!(%remote, ?refusal, "too many TLS handshakes in flight: connection refused as busy");
+                        refuse_busy(tcp);
+                        continue;
+                    }
                 };
                 let (acceptor, opts, stop) = (acceptor.clone(), opts.clone(), shutdown.clone());
                 sessions.spawn(async move {
                     let _session_permit = session_permit;
-                    if let Err(e) = session::run(tcp, acceptor, handshake_permit, &opts, stop).await {
+                    if let Err(e) = session::run(tcp, acceptor, slot, &opts, stop).await {
                         tracing::warn!(%remote, "session ended: {e}");
                     }
                 });
@@ -168,6 +183,24 @@ pub async fn serve(
     tracing::info!("shutting down: rolling back running sessions");
     while sessions.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Tells a connection the service will not serve that it is busy ([`peer::BUSY_ALERT`]) and
+/// closes it, never waiting on it: the alert fits a fresh socket's send buffer, and what the
+/// peer already sent is read first so that closing sends a FIN, not a reset that could discard
+/// the alert on its way.
+fn refuse_busy(tcp: TcpStream) {
+    let _ = tcp.try_write(&peer::BUSY_ALERT);
+    let mut sink = [0u8; 2048];
+    for _ in 0..8 {
+        if !matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    // Half-closed, so the FIN follows the alert at once.
+    if let Ok(tcp) = tcp.into_std() {
+        let _ = tcp.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 /// This host's name, as the service introduces itself.

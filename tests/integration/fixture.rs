@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qemu_tls_migrate::migration::{self, Endpoint, MigrationOptions, Progress, Report};
-use qemu_tls_migrate::pki::{HostCert, LabCa};
+use qemu_tls_migrate::pki::{DistinguishedName, DnType, DnValue, HostCert, LabCa};
 use qemu_tls_migrate::qemu::{QomList, QueryStatus};
 use qemu_tls_migrate::qmp::Qmp;
 use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, Vm, VmConfig, create_image};
@@ -52,6 +52,82 @@ impl Lab {
         self.ca.write_host_dir(&dir, &cert).expect("host PKI dir");
         dir
     }
+
+    /// [`Lab::host`], the certificates' subject `subject` instead of `CN=<first name>`.
+    pub fn host_with_subject(
+        &self,
+        dir_name: &str,
+        names: &[&str],
+        subject: DistinguishedName,
+    ) -> PathBuf {
+        let dir = self.dir.path().join(dir_name);
+        let cert = HostCert::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .with_subject(subject);
+        self.ca.write_host_dir(&dir, &cert).expect("host PKI dir");
+        dir
+    }
+}
+
+/// The DER of the client certificate in a host PKI directory.
+pub fn client_cert_der(pki: &Path) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(pki.join(qemu_tls_migrate::pki::CLIENT_CERT))
+        .expect("client certificate")
+        .to_vec()
+}
+
+/// Subjects the `tls-authz` tests issue source certificates with, each named: several RDNs,
+/// a value with a comma (and other characters RFC 4514 escapes), UTF-8 values, and the shape of
+/// a CloudStack KVM agent's certificate (`keytool -dname cn=FQDN,ou=cloudstack,o=cloudstack,
+/// c=cloudstack` in `scripts/util/keystore-setup`, re-issued by the management server's root
+/// CA through `X500Principal`: CN first, every value a PrintableString).
+pub fn authz_subjects() -> Vec<(&'static str, DistinguishedName)> {
+    let printable = |s: &str| DnValue::PrintableString(s.try_into().expect("printable"));
+    let dn = |attrs: Vec<(DnType, DnValue)>| {
+        let mut dn = DistinguishedName::new();
+        for (ty, value) in attrs {
+            dn.push(ty, value);
+        }
+        dn
+    };
+    vec![
+        (
+            "several RDNs",
+            dn(vec![
+                (DnType::CountryName, printable("US")),
+                (DnType::StateOrProvinceName, "Bavaria".into()),
+                (DnType::LocalityName, "Munich".into()),
+                (DnType::OrganizationName, "Acme".into()),
+                (DnType::OrganizationalUnitName, "Migrations".into()),
+                (DnType::CommonName, "host-b".into()),
+            ]),
+        ),
+        (
+            "a comma and other specials",
+            dn(vec![
+                (DnType::OrganizationName, "Acme, Inc.".into()),
+                (DnType::OrganizationalUnitName, "#1 <ops>; \\a+b\" ".into()),
+                (DnType::CommonName, "host-b".into()),
+            ]),
+        ),
+        (
+            "UTF-8",
+            dn(vec![
+                (DnType::OrganizationName, "Ünïcødé 日本".into()),
+                (DnType::CommonName, "hôte-b".into()),
+            ]),
+        ),
+        (
+            "CloudStack agent",
+            dn(vec![
+                (DnType::CommonName, printable("kvm-b.cloud.example")),
+                (DnType::OrganizationalUnitName, printable("cloudstack")),
+                (DnType::OrganizationName, printable("cloudstack")),
+                (DnType::CountryName, printable("cloudstack")),
+            ]),
+        ),
+    ]
 }
 
 /// A source VM and a destination VM waiting with `-incoming defer`.
@@ -1281,6 +1357,108 @@ pub fn connect_in_netns(netns: &str, addr: &str) -> tokio::net::TcpStream {
     .expect("netns thread");
     stream.set_nonblocking(true).expect("nonblocking");
     tokio::net::TcpStream::from_std(stream).expect("tokio stream")
+}
+
+/// Idle TCP connections to a service from one network namespace (so from one address) that
+/// never send a ClientHello: each is kept open until the service closes it, then opened again
+/// (after a short pause when the service refused it as busy, so the flood does not spin). Stops
+/// on drop.
+pub struct IdleFlood {
+    stop: CancellationToken,
+    counts: Arc<FloodCounts>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What a flood's connections got from the service.
+#[derive(Debug, Default)]
+pub struct FloodCounts {
+    /// Connections opened.
+    pub opened: std::sync::atomic::AtomicU64,
+    /// Refused at once with the busy alert.
+    pub busy: std::sync::atomic::AtomicU64,
+    /// Closed by the service with nothing sent (the handshake deadline).
+    pub closed_silently: std::sync::atomic::AtomicU64,
+    /// Anything else the service sent.
+    pub other: std::sync::atomic::AtomicU64,
+}
+
+impl IdleFlood {
+    /// Starts `connections` idle connections from namespace `netns` to `addr`.
+    pub fn start(netns: &str, addr: &str, connections: usize) -> IdleFlood {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = CancellationToken::new();
+        let counts = Arc::new(FloodCounts::default());
+        let tasks = (0..connections)
+            .map(|_| {
+                let (netns, addr) = (netns.to_string(), addr.to_string());
+                let (stop, counts) = (stop.clone(), counts.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let (ns, to) = (netns.clone(), addr.clone());
+                        let Ok(mut tcp) =
+                            tokio::task::spawn_blocking(move || connect_in_netns(&ns, &to)).await
+                        else {
+                            return;
+                        };
+                        counts.opened.fetch_add(1, Relaxed);
+                        let mut got = Vec::new();
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tcp.read_to_end(&mut got) => {}
+                        }
+                        if got == qemu_tls_migrate::peer::BUSY_ALERT {
+                            counts.busy.fetch_add(1, Relaxed);
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            }
+                        } else if got.is_empty() {
+                            counts.closed_silently.fetch_add(1, Relaxed);
+                        } else {
+                            counts.other.fetch_add(1, Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        IdleFlood {
+            stop,
+            counts,
+            tasks,
+        }
+    }
+
+    /// What the connections got so far.
+    pub fn counts(&self) -> &FloodCounts {
+        &self.counts
+    }
+
+    /// Waits until the flood has opened at least `n` connections (each accepted by the
+    /// service: held in a handshake, or refused).
+    pub async fn wait_opened(&self, n: u64) {
+        tokio::time::timeout(EVENT_TIMEOUT, async {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while self
+                .counts
+                .opened
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < n
+            {
+                tick.tick().await;
+            }
+        })
+        .await
+        .expect("the flood connects");
+    }
+}
+
+impl Drop for IdleFlood {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// The user libvirt's QEMU runs as on Debian (`qemu.conf` default).

@@ -1,6 +1,7 @@
 //! Integration tests against real QEMU 7.2 processes, real TLS and real sockets.
 //! One test binary; every QEMU is started through `fixture`.
 
+mod authz_dn;
 mod bench;
 mod block;
 mod cli;

@@ -416,3 +416,38 @@ async fn a_destination_authorising_another_identity_refuses_the_source() {
     );
     fixture::assert_source_untouched(&pair.source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_authorises_a_many_part_subject_only_in_the_form_gnutls_prints_it() {
+    let lab = Lab::new("Test CA");
+    let (_, subject) = fixture::authz_subjects()
+        .into_iter()
+        .next()
+        .expect("a subject");
+    let src_pki = lab.host_with_subject("src", &["src-host"], subject);
+    let dst_pki = lab.host("dst", &[DEST_HOST]);
+    let der = fixture::client_cert_der(&src_pki);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("certificate");
+    // What the service set as tls-authz before (x509-parser's rendering of the same name).
+    let other_rendering = cert.subject().to_string();
+    let gnutls_form = qemu_tls_migrate::pki::certificate_authz_dn(&der).expect("subject");
+    let refused_pair = Pair::start().await;
+    let mut refused_options = refused_pair.options(&src_pki, &dst_pki);
+    refused_options.authz = qemu_tls_migrate::peer::Authz::Identity(other_rendering.clone());
+    let pair = Pair::start().await;
+    let mut options = pair.options(&src_pki, &dst_pki);
+    options.authz = qemu_tls_migrate::peer::Authz::Identity(gnutls_form.clone());
+
+    let refused = fixture::migrate(&refused_options).await;
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(
+        gnutls_form,
+        "C=US,ST=Bavaria,L=Munich,O=Acme,OU=Migrations,CN=host-b"
+    );
+    assert_eq!(refused.status, FinalStatus::Failed, "{other_rendering}");
+    fixture::assert_source_untouched(&refused_pair.source).await;
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(report.transport, Some(Transport::Tls));
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}

@@ -341,3 +341,99 @@ async fn one_service_takes_two_migrations_at_once() {
     assert_eq!(fixture::status(&first.dest).await, "running");
     assert_eq!(fixture::status(&second.dest).await, "running");
 }
+
+/// The identity of the `authz-simple` object the destination's `tls-authz` names, read through
+/// its watcher socket as soon as the service has set it (while the migration runs).
+async fn destination_authz_identity(dest: &qemu_tls_migrate::vm::Vm) -> String {
+    let watcher = fixture::monitor(dest).await;
+    tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
+        loop {
+            let params = watcher
+                .execute_raw("query-migrate-parameters", None, fixture::EVENT_TIMEOUT)
+                .await
+                .expect("parameters");
+            if let Some(authz) = params["tls-authz"].as_str().filter(|a| !a.is_empty()) {
+                let identity = watcher
+                    .execute_raw(
+                        "qom-get",
+                        Some(serde_json::json!({"path": format!("/objects/{authz}"), "property": "identity"})),
+                        fixture::EVENT_TIMEOUT,
+                    )
+                    .await
+                    .expect("the authz object's identity");
+                return identity.as_str().expect("a string").to_string();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the service sets tls-authz on the destination")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_with_many_part_utf8_and_cloudstack_subjects_migrate_through_an_allow_list() {
+    let (hosts, lab, pki_a, _) = fixture::two_secured_hosts();
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let service = Service::start(
+        Some(&hosts.a),
+        &hosts.a_addr,
+        &pki_a,
+        qmp_dir.path(),
+        &["host-b"],
+    )
+    .await;
+    for (i, (what, subject)) in fixture::authz_subjects().into_iter().enumerate() {
+        let pki_b = lab.host_with_subject(&format!("host-b-{i}"), &["host-b"], subject);
+        let dn = qemu_tls_migrate::pki::certificate_authz_dn(&fixture::client_cert_der(&pki_b))
+            .expect("a subject QEMU can match");
+        let pair = Pair::start_on(&hosts, &[]).await;
+        let sock = format!("vm{i}.sock");
+        std::os::unix::fs::symlink(pair.dest.qmp_path(), qmp_dir.path().join(&sock)).expect("link");
+        let args = fixture::migrate_to_args(
+            &pair,
+            &service.addr,
+            &pki_b,
+            &sock,
+            &["--max-bandwidth", "32M"],
+        );
+        let child = fixture::spawn_cli_in(&hosts.b, &args);
+
+        let identity = destination_authz_identity(&pair.dest).await;
+        let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
+            .await
+            .expect("the migration ends")
+            .expect("wait");
+
+        let json = fixture::stdout_json(&out);
+        assert_eq!(out.status.code(), Some(0), "{what}: {json}");
+        assert_eq!(json["transport"], "tls", "{what}");
+        assert_eq!(identity, dn, "{what}: the destination's tls-authz identity");
+        assert_eq!(fixture::status(&pair.dest).await, "running", "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sources_from_one_address_all_get_in_one_after_another() {
+    let lab = Lab::new("Test CA");
+    let pki_a = lab.host("host-a", &["host-a"]);
+    let pki_b = lab.host("host-b", &["host-b"]);
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let service = Service::start(None, "127.0.0.1", &pki_a, qmp_dir.path(), &[]).await;
+    let target = qemu_tls_migrate::migration::RemoteTarget {
+        address: service.addr.clone(),
+        server_name: "host-a".into(),
+        qmp: "vm.sock".into(),
+        pki_dir: pki_b,
+    };
+
+    // Four times the per-address limit at once: the refused ones are told busy and retry.
+    let connects = (0..4 * qemu_tls_migrate::service::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
+        .map(|_| qemu_tls_migrate::migration::RemoteDestination::connect(&target));
+    let results = futures_util::future::join_all(connects).await;
+
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}

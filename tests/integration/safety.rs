@@ -616,3 +616,86 @@ async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() 
     .await;
     assert!(third.is_ok(), "the slot was never freed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_from_another() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let mut handshakes = Vec::new();
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let tls = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
+        handshakes.push(started.elapsed());
+        // The service's side of the handshake is over (its slot given back) once it answers.
+        let mut channel = qemu_tls_migrate::peer::Channel::new(tls);
+        let hello = qemu_tls_migrate::peer::Message::Hello {
+            client: "measure".into(),
+        };
+        channel.send(&hello).await.expect("hello");
+        channel.recv(fixture::EVENT_TIMEOUT).await.expect("welcome");
+    }
+    handshakes.sort();
+    // From the service's own address: another address than the source's (host b).
+    let flood = fixture::IdleFlood::start(&hosts.a, &service.addr, 16);
+    flood.wait_opened(16).await;
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
+
+    let started = std::time::Instant::now();
+    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let took = started.elapsed();
+
+    let json = fixture::stdout_json(&out);
+    let counts = flood.counts();
+    fixture::note(format_args!(
+        "TLS handshake with the service: median {:?} of 20 (min {:?}, max {:?}); migration beside \
+         a flood of 16 idle connections from one address: {took:?}; flood: {} opened, {} refused \
+         as busy, {} closed at the handshake deadline",
+        handshakes[10],
+        handshakes[0],
+        handshakes[19],
+        counts.opened.load(Relaxed),
+        counts.busy.load(Relaxed),
+        counts.closed_silently.load(Relaxed),
+    ));
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+    assert_eq!(
+        counts.other.load(Relaxed),
+        0,
+        "the service sent the flood more than an alert"
+    );
+    assert!(
+        handshakes[10] < Duration::from_secs(1),
+        "a real handshake takes {:?}, near the service's deadline",
+        handshakes[10]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_over_the_services_handshake_limit_is_told_the_service_is_busy() {
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
+    let pair = Pair::start_on(&hosts, &[]).await;
+    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    // From the source's own address: it holds every handshake slot that address gets.
+    let flood = fixture::IdleFlood::start(&hosts.b, &service.addr, 4);
+    flood.wait_opened(4).await;
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
+
+    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["error"]["kind"], "busy", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("busy") && message.contains("limit"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
+    drop(flood);
+}

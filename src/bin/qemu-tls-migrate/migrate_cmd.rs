@@ -481,9 +481,12 @@ fn client_dn(pki_dir: &std::path::Path) -> anyhow::Result<String> {
             path.display()
         )
     })?;
-    qemu_tls_migrate::peer::PeerIdentity::from_der(der.as_ref())
-        .map(|id| id.dn)
-        .ok_or_else(|| anyhow::anyhow!("--authz: cannot read the subject of {}", path.display()))
+    qemu_tls_migrate::pki::certificate_authz_dn(der.as_ref()).map_err(|e| {
+        anyhow::anyhow!(
+            "--authz: the subject of {} cannot be QEMU's tls-authz identity: {e}",
+            path.display()
+        )
+    })
 }
 
 /// The host of `HOST[:PORT]` (IPv6 in brackets).

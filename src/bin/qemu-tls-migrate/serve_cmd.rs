@@ -10,7 +10,10 @@ use qemu_tls_migrate::migration;
 use qemu_tls_migrate::peer::DEFAULT_PORT;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
-use qemu_tls_migrate::service::{self, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, ServeOptions};
+use qemu_tls_migrate::service::{
+    self, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, DEFAULT_MAX_SESSIONS,
+    ServeOptions,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::outcome::Outcome;
@@ -70,9 +73,13 @@ pub struct ServeArgs {
     /// Most sources served at once; more connections are closed at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
-    /// Most TLS handshakes in flight at once.
+    /// Most TLS handshakes in flight at once; when all are taken, one pending for over a
+    /// second is cut short for a newcomer. More connections are told the service is busy.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES)]
     pub max_handshakes: usize,
+    /// Most TLS handshakes in flight at once from one source address.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)]
+    pub max_handshakes_per_address: usize,
     /// Start incoming libvirt domains for sources that migrate a domain (`migrate --domain`):
     /// from the XML they send, paused, waiting with -incoming defer and a QMP monitor in
     /// --qmp-dir, with empty disks created for those to be copied (never over an existing
@@ -102,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     opts.tls_priority = args.tls_priority.clone();
     opts.max_sessions = args.max_sessions;
     opts.max_handshakes = args.max_handshakes;
+    opts.max_handshakes_per_address = args.max_handshakes_per_address;
     opts.libvirt = args.libvirt.then(|| args.connect.clone());
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
