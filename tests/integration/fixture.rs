@@ -1970,9 +1970,17 @@ impl LinkCapture {
             ready_tx.send(()).expect("ready");
             let (mut frames, mut seen) = (0u64, Vec::with_capacity(64 << 20));
             let mut buf = vec![0u8; 256 * 1024];
-            while !stopped.load(Ordering::SeqCst) {
+            loop {
                 let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
                     Ok(n) => n,
+                    // Stopped: the frames already queued are read first, until the socket
+                    // has been idle for one receive timeout, so what was sent before the
+                    // stop is all seen.
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)
+                        if stopped.load(Ordering::SeqCst) =>
+                    {
+                        break;
+                    }
                     Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
                     Err(e) => panic!("capture: {e}"),
                 };
