@@ -231,7 +231,12 @@ impl State {
             })),
             (state, other) => {
                 let refusal = !state.changed();
-                let e = PeerError::Unexpected(format!("{other:?} in state {}", state.name()));
+                // The type only: a message (a start-domain's whole XML) is never echoed back.
+                let e = PeerError::Unexpected(format!(
+                    "{} in state {}",
+                    other.type_name(),
+                    state.name()
+                ));
                 Step::Reply(
                     state,
                     Message::Error {
@@ -433,7 +438,7 @@ pub async fn run(
                             Message::Ping => Message::Pong,
                             other => Message::Error {
                                 kind: ErrorKind::Busy,
-                                message: format!("{other:?} while a request is under way"),
+                                message: format!("{} while a request is under way", other.type_name()),
                                 refusal: false,
                             },
                         })
@@ -646,6 +651,32 @@ mod tests {
         for bad in ["", ".", "..", "../etc/x", "a/b", "a\0b"] {
             assert!(qmp_path(dir, bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_message_out_of_order_is_named_by_its_type_never_echoed_back() {
+        let cx = Context {
+            opts: std::sync::Arc::new(opts()),
+            identity: identity(),
+            local_address: None,
+        };
+        let xml = "<domain><name>secret-vm</name></domain>".to_string();
+
+        let Step::Reply(_, reply) = State::Done.step(
+            Message::StartDomain {
+                xml,
+                disks: Vec::new(),
+            },
+            &cx,
+        ) else {
+            panic!("a start-domain once done is answered at once");
+        };
+
+        let Message::Error { message, .. } = reply else {
+            panic!("an error: {reply:?}");
+        };
+        assert!(message.contains("start-domain"), "{message}");
+        assert!(!message.contains("secret-vm"), "{message}");
     }
 
     #[test]
