@@ -91,6 +91,8 @@ pub struct Context {
     pub identity: PeerIdentity,
     /// The address the source reached this service on: the destination listens there too.
     pub local_address: Option<String>,
+    /// The QMP sockets this session holds, released when the session ends.
+    pub holds: std::sync::Arc<std::sync::Mutex<Vec<super::held::Hold>>>,
 }
 
 impl State {
@@ -130,7 +132,7 @@ impl State {
             (State::Greeted, Message::StartDomain { xml, disks }) => {
                 let cx = cx.clone();
                 Step::Work(Box::pin(async move {
-                    let Some(uri) = cx.opts.libvirt.clone() else {
+                    let Some(host) = cx.opts.prepared.clone() else {
                         let e = MigrationError::BadRequest {
                             desc: "this service manages no libvirt domains (start it with \
                                    --libvirt)"
@@ -138,9 +140,9 @@ impl State {
                         };
                         return (State::Greeted, error_message(&e, true));
                     };
-                    match IncomingDomain::start(&uri, &cx.opts.qmp_dir, &xml, &disks).await {
+                    match IncomingDomain::start(host, &xml, &disks).await {
                         Ok(incoming) => {
-                            let qmp = incoming.qmp.clone();
+                            let qmp = incoming.qmp_name();
                             (
                                 State::DomainReady {
                                     incoming: Box::new(incoming),
@@ -156,7 +158,8 @@ impl State {
                 let cx = cx.clone();
                 Step::Work(Box::pin(async move {
                     // The domain's own socket, whatever name came with the request.
-                    match preflight(&cx, &incoming.qmp.clone(), plan).await {
+                    let path = incoming.qmp_path().to_path_buf();
+                    match preflight_at(&cx, &path, plan).await {
                         Ok((side, plan)) => (
                             State::Preflighted {
                                 side: Box::new(side),
@@ -204,16 +207,31 @@ impl State {
                     }
                 }
             })),
-            (State::Prepared { mut side, incoming }, Message::Finish { resume }) => {
+            (
+                State::Prepared {
+                    mut side,
+                    mut incoming,
+                },
+                Message::Finish { resume },
+            ) => {
                 Step::Work(Box::pin(async move {
+                    // Written down first: from here the domain may run the guest.
+                    if let Some(incoming) = incoming.as_mut() {
+                        incoming.mark_resuming();
+                    }
                     match side.finish(resume).await {
-                        Ok(done) => (
-                            State::Done,
-                            Message::Finished {
-                                problems: done.problems,
-                                resumed_at_us: done.resumed_at_us,
-                            },
-                        ),
+                        Ok(done) => {
+                            if let Some(incoming) = incoming {
+                                incoming.settle();
+                            }
+                            (
+                                State::Done,
+                                Message::Finished {
+                                    problems: done.problems,
+                                    resumed_at_us: done.resumed_at_us,
+                                },
+                            )
+                        }
                         // The source decides what comes next (it asks for an abort).
                         Err(e) => (State::Prepared { side, incoming }, error_message(&e, false)),
                     }
@@ -348,6 +366,7 @@ pub async fn run(
         opts: opts.clone(),
         identity,
         local_address,
+        holds: Default::default(),
     };
 
     let mut state = Some(State::Greeted);
@@ -522,12 +541,35 @@ pub fn apply_policy(
     Ok(plan)
 }
 
+/// Preflight on the socket named `qmp` in `--qmp-dir`, which this session then holds (another
+/// session naming it is refused `busy`) until it ends; released at once when refused.
 async fn preflight(
     cx: &Context,
     qmp: &str,
     plan: DestPlan,
 ) -> Result<(DestinationSide, DestPlan), MigrationError> {
     let path = qmp_path(&cx.opts.qmp_dir, qmp)?;
+    let hold = cx
+        .opts
+        .held
+        .hold(&path)
+        .ok_or_else(|| MigrationError::QmpSocketHeld {
+            socket: path.clone(),
+        })?;
+    let prepared = preflight_at(cx, &path, plan).await?;
+    cx.holds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(hold);
+    Ok(prepared)
+}
+
+/// Attaches to the destination QEMU at `path` and checks it can take `plan`, changing nothing.
+async fn preflight_at(
+    cx: &Context,
+    path: &Path,
+    plan: DestPlan,
+) -> Result<(DestinationSide, DestPlan), MigrationError> {
     let security = pki::assess(&cx.opts.pki_dir, Role::Server);
     let plan = apply_policy(
         plan,
@@ -536,7 +578,7 @@ async fn preflight(
         &cx.identity,
         cx.local_address.as_deref(),
     )?;
-    let mut side = DestinationSide::attach(&path, &cx.opts.pki_dir, cx.opts.qmp_timeout).await?;
+    let mut side = DestinationSide::attach(path, &cx.opts.pki_dir, cx.opts.qmp_timeout).await?;
     if let Err(e) = side.preflight(&plan).await {
         side.abort().await;
         return Err(e);
@@ -659,6 +701,7 @@ mod tests {
             opts: std::sync::Arc::new(opts()),
             identity: identity(),
             local_address: None,
+            holds: Default::default(),
         };
         let xml = "<domain><name>secret-vm</name></domain>".to_string();
 
@@ -685,6 +728,7 @@ mod tests {
             opts: std::sync::Arc::new(opts()),
             identity: identity(),
             local_address: None,
+            holds: Default::default(),
         };
         let Step::Reply(state, reply) = State::Greeted.step(Message::Prepare, &cx) else {
             panic!("prepare before preflight must be answered at once");

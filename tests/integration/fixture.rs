@@ -951,7 +951,10 @@ impl Service {
         Service::launch(cmd, listen_ip, pki, qmp_dir, allow, extra).await
     }
 
-    /// [`Service::start_with`] inside a libvirt host's namespaces (its own libvirtd).
+    /// [`Service::start_with`] inside a libvirt host's namespaces (its own libvirtd). With
+    /// `--libvirt` among `extra`, the host's images directory is its `--storage-dir`, the guest
+    /// workload's directory its `--boot-dir`, and, unless `extra` names one, a `--state-dir` of
+    /// its own (services running side by side never share records).
     pub async fn start_in_libvirt_host(
         host: &LibvirtHost,
         listen_ip: &str,
@@ -959,8 +962,26 @@ impl Service {
         qmp_dir: &Path,
         extra: &[&str],
     ) -> Service {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(1);
         let cmd = host.command(env!("CARGO_BIN_EXE_qemu-tls-migrate"));
-        Service::launch(cmd, listen_ip, pki, qmp_dir, &[], extra).await
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        if extra.contains(&"--libvirt") {
+            let kernel = qemu_tls_migrate::vm::workload::workload_kernel(1, 1).expect("workload");
+            let boot = kernel.path.parent().expect("the workload's directory");
+            args.extend([
+                "--storage-dir".to_string(),
+                host.images_dir().display().to_string(),
+                "--boot-dir".to_string(),
+                boot.display().to_string(),
+            ]);
+            if !extra.contains(&"--state-dir") {
+                let n = NEXT.fetch_add(1, Ordering::SeqCst);
+                let state = host.dir.path().join(format!("state-{n}"));
+                args.extend(["--state-dir".to_string(), state.display().to_string()]);
+            }
+        }
+        Service::launch(cmd, listen_ip, pki, qmp_dir, &[], &strs(&args)).await
     }
 
     async fn launch(
@@ -1003,6 +1024,15 @@ impl Service {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL (no chance to clean up, as after a crash), and waits until it is gone.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL the service");
+        tokio::time::timeout(EVENT_TIMEOUT, self.child.wait())
+            .await
+            .expect("the service dies")
+            .expect("wait");
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit code.
@@ -1335,6 +1365,15 @@ exec sleep infinity >/dev/null"#;
     /// This host's `/run`, seen from outside its mount namespace.
     pub fn run_dir(&self) -> PathBuf {
         self.dir.path().join("run")
+    }
+
+    /// A path inside this host's mount namespace as seen from outside it (`/run` is
+    /// [`LibvirtHost::run_dir`]; other paths are the same on both sides).
+    pub fn outside(&self, inside: &Path) -> PathBuf {
+        match inside.strip_prefix("/run") {
+            Ok(rest) => self.run_dir().join(rest),
+            Err(_) => inside.to_path_buf(),
+        }
     }
 
     /// A directory QEMU (as libvirt-qemu) can create QMP sockets in.

@@ -336,7 +336,7 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_top_on
         dst_template.to_str(),
         "the destination's overlay sits on the destination's own template"
     );
-    let dest_qmp = Qmp::connect(&pair.a.qmp_dir().join(format!("{name}.sock")), QMP_TIMEOUT)
+    let dest_qmp = Qmp::connect(&incoming_monitor(&pair.a, &name).await, QMP_TIMEOUT)
         .await
         .expect("destination QMP");
     let blocks = dest_qmp
@@ -385,6 +385,22 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     assert!(!pair.a.virsh(&["domstate", &name]).await.status.success());
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
     pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// The QMP socket `serve --libvirt` gave the incoming domain `name` on `host` (its path seen
+/// from outside the host's namespaces).
+async fn incoming_monitor(host: &LibvirtHost, name: &str) -> PathBuf {
+    let (uri, name) = (host.uri(), name.to_string());
+    let inside = tokio::task::spawn_blocking(move || {
+        Libvirt::connect(&uri)
+            .and_then(|l| l.domain(&name))
+            .and_then(|d| d.declared_monitor())
+    })
+    .await
+    .expect("lookup")
+    .expect("the incoming domain")
+    .expect("a declared monitor");
+    host.outside(&inside)
 }
 
 /// A lab PKI and `serve --libvirt` on host a (its QMP directory, its libvirtd); returns the
