@@ -10,7 +10,10 @@
 //!    then `hello` → `welcome` with this host's [`crate::pki::Security`] verdict.
 //! 2. `preflight {qmp, plan}`: the service applies its own policy to the plan (plain TCP only
 //!    with `--allow-plain`, its own TLS priority, listen address and ports, `tls-authz`), attaches
-//!    to `--qmp-dir/qmp` and checks, changing nothing → `preflighted`, or a refusal.
+//!    to `--qmp-dir/qmp` and checks, changing nothing → `preflighted`, or a refusal. From then on
+//!    the session holds that socket ([`super::held`]): another session naming it is `busy`.
+//!    (With `--libvirt`, `start-domain` comes first and the preflight is on the incoming
+//!    domain's own socket, whatever name is sent.)
 //! 3. `prepare` → `prepared {ports}`; from here the destination is changed.
 //! 4. `finish {resume}` → `finished`; or `abort` → `aborted {stopped}`.
 //!

@@ -22,13 +22,18 @@ use crate::outcome::Outcome;
 --to THIS-HOST --dest-qmp NAME`, over mutual TLS: this service presents the host's server \
 certificate and requires a client certificate from the same CA (--allow-client narrows which \
 names). For each source it attaches to the destination QEMU whose QMP socket is NAME in --qmp-dir \
-(started with -incoming defer; nothing outside that directory can be named), prepares it \
+(started with -incoming defer; nothing outside that directory can be named; the first session \
+to name a socket holds it until it ends, and another gets `busy`), prepares it \
 (credentials, NBD exports, incoming port from --port-range), and finishes or aborts on the \
 source's word. If the source goes silent or the connection drops, the destination is torn down \
 and its ports released, and the service goes on serving. Several migrations may run at once. \
-SIGTERM, SIGINT, SIGHUP or SIGQUIT rolls back running sessions and exits 0.",
+SIGTERM, SIGINT, SIGHUP or SIGQUIT rolls back running sessions and exits 0. With --libvirt, \
+the service starts incoming domains itself, built from what it allows (see --libvirt), with \
+disks only in --storage-dir and --shared-dir, and records them in --state-dir: on start-up, \
+before accepting connections, it rolls back the domains and disks a killed predecessor left.",
     after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
---allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
+--allow-client host-a\n  qemu-tls-migrate serve --libvirt --storage-dir /mnt/PRIMARY-POOL \
+--graphics-listen 10.1.1.5 --allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
 service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
 service accepts connections."
 )]
