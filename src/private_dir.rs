@@ -28,10 +28,13 @@ pub(crate) enum Strictness {
     NotWritableByOthers,
     /// Nobody else may even look (`0o077` clear: 0700).
     OwnerOnly,
+    /// The owner and one group (`gid`, e.g. QEMU's, which creates sockets there) may write, no
+    /// one else (`0o002` clear, group `gid` when group-writable); created 0770 with that group.
+    SharedWithGroup { gid: u32 },
 }
 
-/// Opens `dir`, creating it (mode 0700, parents as needed) when `create`; `None` when it does
-/// not exist and `create` is false. Refuses a symbolic link, a non-directory, another user's
+/// Opens `dir`, creating it (mode 0700, or 0770 for [`Strictness::SharedWithGroup`], parents as
+/// needed) when `create`; `None` when it does not exist and `create` is false. Refuses a symbolic link, a non-directory, another user's
 /// directory, or one with the mode bits `strict` forbids.
 pub(crate) fn open(
     dir: &Path,
@@ -42,8 +45,24 @@ pub(crate) fn open(
         if let Some(parent) = dir.parent() {
             std::fs::create_dir_all(parent).map_err(DirProblem::Io)?;
         }
-        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-            Ok(()) => tracing::debug!(dir = %dir.display(), "private directory created"),
+        let mode = match strict {
+            Strictness::SharedWithGroup { .. } => 0o770,
+            _ => 0o700,
+        };
+        match std::fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {
+                if let Strictness::SharedWithGroup { gid } = strict {
+                    // The group first, then the mode the umask may have narrowed.
+                    nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(gid)))
+                        .map_err(|e| DirProblem::Io(e.into()))?;
+                    std::fs::set_permissions(
+                        dir,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o770),
+                    )
+                    .map_err(DirProblem::Io)?;
+                }
+                tracing::debug!(dir = %dir.display(), "private directory created")
+            }
             // Created earlier, or by a process running beside this one: checked below.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(DirProblem::Io(e)),
@@ -83,6 +102,15 @@ pub(crate) fn open(
         Strictness::OwnerOnly if mode & 0o077 != 0 => Err(DirProblem::Unsafe(format!(
             "it is open to group or others (mode {mode:04o}; 0700 expected)"
         ))),
+        Strictness::SharedWithGroup { .. } if mode & 0o002 != 0 => Err(DirProblem::Unsafe(
+            format!("it is writable by others (mode {mode:04o}; 0770 expected)"),
+        )),
+        Strictness::SharedWithGroup { gid } if mode & 0o020 != 0 && stat.st_gid != gid => {
+            Err(DirProblem::Unsafe(format!(
+                "it is writable by group {}, not by QEMU's group {gid} alone",
+                stat.st_gid
+            )))
+        }
         _ => Ok(Some(fd)),
     }
 }

@@ -84,6 +84,13 @@ pub enum LibvirtError {
     Passthrough { name: String, reason: String },
     #[error("cannot start libvirt's event loop: {reason}")]
     EventLoop { reason: String },
+    #[error("libvirt at {uri} failed to {action}")]
+    Host {
+        action: &'static str,
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
 }
 
 /// A domain's run state as libvirt reports it (`virsh domstate`), with libvirt's reason code
@@ -214,6 +221,50 @@ impl Libvirt {
             Err(source) => Err(LibvirtError::Domain {
                 action: "look up by UUID",
                 name: uuid.to_string(),
+                uri: self.uri.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// The emulators this libvirt offers (each `<emulator>` of its capabilities), the one an
+    /// incoming domain may name.
+    pub fn emulators(&self) -> Result<Vec<String>, LibvirtError> {
+        let caps = self
+            .conn
+            .get_capabilities()
+            .map_err(|source| LibvirtError::Host {
+                action: "report its capabilities",
+                uri: self.uri.clone(),
+                source,
+            })?;
+        let doc = roxmltree::Document::parse(&caps)
+            .map_err(|source| LibvirtError::XmlParse { source })?;
+        let mut emulators: Vec<String> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("emulator"))
+            .filter_map(|n| n.text())
+            .map(|t| t.trim().to_string())
+            .collect();
+        emulators.sort();
+        emulators.dedup();
+        Ok(emulators)
+    }
+
+    /// Whether a libvirt network named `name` exists here and is active.
+    pub fn network_active(&self, name: &str) -> Result<bool, LibvirtError> {
+        if name.contains('\0') {
+            return Ok(false);
+        }
+        match virt::network::Network::lookup_by_name(&self.conn, name) {
+            Ok(net) => net.is_active().map_err(|source| LibvirtError::Host {
+                action: "check a network",
+                uri: self.uri.clone(),
+                source,
+            }),
+            Err(e) if e.code() == ErrorNumber::NoNetwork => Ok(false),
+            Err(source) => Err(LibvirtError::Host {
+                action: "look up a network",
                 uri: self.uri.clone(),
                 source,
             }),

@@ -80,6 +80,11 @@ pub enum MigrationError {
          twice: stop or rename that one first"
     )]
     DomainExists { name: String },
+    #[error(
+        "another source's session holds the QMP socket {socket} on the destination host; wait \
+         until its migration ends, or name another socket"
+    )]
+    QmpSocketHeld { socket: PathBuf },
     #[error("cannot reach the {side} QEMU's QMP socket {socket}")]
     Connect {
         side: Side,
@@ -248,6 +253,7 @@ impl MigrationError {
             MigrationError::Libvirt(_) => ErrorKind::Libvirt,
             MigrationError::DomainNotMovable { .. } => ErrorKind::DomainNotMovable,
             MigrationError::DomainExists { .. } => ErrorKind::DomainExists,
+            MigrationError::QmpSocketHeld { .. } => ErrorKind::Busy,
         }
     }
 

@@ -87,6 +87,32 @@ pub enum Message {
     Pong,
 }
 
+impl Message {
+    /// The message's type as it crosses the wire (`start-domain`, `preflight`, ...): what an
+    /// error about a message names, never the message itself (a `start-domain` carries a whole
+    /// domain XML, a `preflight` a plan).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::StartDomain { .. } => "start-domain",
+            Message::DomainStarted { .. } => "domain-started",
+            Message::Preflight { .. } => "preflight",
+            Message::Preflighted { .. } => "preflighted",
+            Message::Prepare => "prepare",
+            Message::Prepared { .. } => "prepared",
+            Message::Finish { .. } => "finish",
+            Message::Finished { .. } => "finished",
+            Message::Abort => "abort",
+            Message::Aborted { .. } => "aborted",
+            Message::Gone { .. } => "gone",
+            Message::Error { .. } => "error",
+            Message::Ping => "ping",
+            Message::Pong => "pong",
+        }
+    }
+}
+
 /// What the source asks of the destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DestPlan {
@@ -365,6 +391,23 @@ mod tests {
             serde_json::from_str(r#"{"node": "disk0", "size": 1024}"#).expect("decode");
 
         assert_eq!((spec.copy, spec.backing), (DiskCopy::Full, None));
+    }
+
+    #[test]
+    fn each_type_name_is_the_tag_the_message_is_sent_with() {
+        let messages = [
+            Message::StartDomain {
+                xml: "<domain/>".into(),
+                disks: Vec::new(),
+            },
+            Message::Prepare,
+            Message::Finish { resume: true },
+            Message::Ping,
+        ];
+        for msg in messages {
+            let json = serde_json::to_value(&msg).expect("encode");
+            assert_eq!(json["type"], msg.type_name());
+        }
     }
 
     #[test]

@@ -19,9 +19,13 @@
 //! `--allow-client` restricts the control channel, the same restriction on the migration stream
 //! and the NBD server (`tls-authz` for the certificate the source presented).
 
+pub mod allowed;
+pub mod held;
 pub mod incoming;
 pub mod limits;
+pub mod records;
 pub mod session;
+pub mod storage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,6 +74,13 @@ pub struct ServeOptions {
     /// Manage incoming libvirt domains at this URI (`--libvirt`): a source may ask the
     /// service to start its domain here.
     pub libvirt: Option<String>,
+    /// With `libvirt`: what an incoming domain may use here, and where the service keeps its
+    /// sockets and records.
+    pub incoming: incoming::IncomingOptions,
+    /// The QMP sockets the sessions hold (shared by every session of one service).
+    pub(crate) held: held::HeldSockets,
+    /// With `libvirt`: what [`serve`] prepared from `incoming` before accepting connections.
+    pub(crate) prepared: Option<Arc<incoming::Host>>,
 }
 
 impl ServeOptions {
@@ -89,6 +100,9 @@ impl ServeOptions {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             libvirt: None,
+            incoming: incoming::IncomingOptions::default(),
+            held: held::HeldSockets::default(),
+            prepared: None,
         }
     }
 }
@@ -99,6 +113,8 @@ impl ServeOptions {
 pub enum ServiceError {
     #[error("cannot load the service's TLS credentials")]
     Credentials(#[source] PeerError),
+    #[error("cannot serve incoming libvirt domains")]
+    Incoming(#[source] incoming::SetupError),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
@@ -116,6 +132,18 @@ pub async fn serve(
 ) -> Result<(), ServiceError> {
     let config = peer::server_config(&opts.pki_dir, &opts.allow_clients)
         .map_err(ServiceError::Credentials)?;
+    let mut opts = opts.clone();
+    if let Some(uri) = &opts.libvirt {
+        // Before any source can connect: what an earlier run left is rolled back first.
+        let host = Arc::new(
+            incoming::prepare(uri, &opts.incoming, &opts.qmp_dir)
+                .map_err(ServiceError::Incoming)?,
+        );
+        for problem in incoming::recover(host.clone()).await {
+            tracing::warn!("{problem}");
+        }
+        opts.prepared = Some(host);
+    }
     let listen = peer::with_default_port(&opts.listen);
     let listener = TcpListener::bind(&listen)
         .await
@@ -131,7 +159,7 @@ pub async fn serve(
         tracing::warn!("--allow-plain: sources may migrate into this host without TLS");
     }
     let acceptor = TlsAcceptor::from(config);
-    let opts = Arc::new(opts.clone());
+    let opts = Arc::new(opts);
     let sessions_free = Arc::new(Semaphore::new(opts.max_sessions.max(1)));
     let handshakes = limits::Handshakes::new(opts.max_handshakes, opts.max_handshakes_per_address);
     let mut sessions = tokio::task::JoinSet::new();

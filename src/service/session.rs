@@ -10,7 +10,10 @@
 //!    then `hello` → `welcome` with this host's [`crate::pki::Security`] verdict.
 //! 2. `preflight {qmp, plan}`: the service applies its own policy to the plan (plain TCP only
 //!    with `--allow-plain`, its own TLS priority, listen address and ports, `tls-authz`), attaches
-//!    to `--qmp-dir/qmp` and checks, changing nothing → `preflighted`, or a refusal.
+//!    to `--qmp-dir/qmp` and checks, changing nothing → `preflighted`, or a refusal. From then on
+//!    the session holds that socket ([`super::held`]): another session naming it is `busy`.
+//!    (With `--libvirt`, `start-domain` comes first and the preflight is on the incoming
+//!    domain's own socket, whatever name is sent.)
 //! 3. `prepare` → `prepared {ports}`; from here the destination is changed.
 //! 4. `finish {resume}` → `finished`; or `abort` → `aborted {stopped}`.
 //!
@@ -94,6 +97,8 @@ pub struct Context {
     pub identity: PeerIdentity,
     /// The address the source reached this service on: the destination listens there too.
     pub local_address: Option<String>,
+    /// The QMP sockets this session holds, released when the session ends.
+    pub holds: std::sync::Arc<std::sync::Mutex<Vec<super::held::Hold>>>,
 }
 
 impl State {
@@ -133,7 +138,7 @@ impl State {
             (State::Greeted, Message::StartDomain { xml, disks }) => {
                 let cx = cx.clone();
                 Step::Work(Box::pin(async move {
-                    let Some(uri) = cx.opts.libvirt.clone() else {
+                    let Some(host) = cx.opts.prepared.clone() else {
                         let e = MigrationError::BadRequest {
                             desc: "this service manages no libvirt domains (start it with \
                                    --libvirt)"
@@ -141,9 +146,9 @@ impl State {
                         };
                         return (State::Greeted, error_message(&e, true));
                     };
-                    match IncomingDomain::start(&uri, &cx.opts.qmp_dir, &xml, &disks).await {
+                    match IncomingDomain::start(host, &xml, &disks).await {
                         Ok(incoming) => {
-                            let qmp = incoming.qmp.clone();
+                            let qmp = incoming.qmp_name();
                             (
                                 State::DomainReady {
                                     incoming: Box::new(incoming),
@@ -159,7 +164,8 @@ impl State {
                 let cx = cx.clone();
                 Step::Work(Box::pin(async move {
                     // The domain's own socket, whatever name came with the request.
-                    match preflight(&cx, &incoming.qmp.clone(), plan).await {
+                    let path = incoming.qmp_path().to_path_buf();
+                    match preflight_at(&cx, &path, plan).await {
                         Ok((side, plan)) => (
                             State::Preflighted {
                                 side: Box::new(side),
@@ -207,18 +213,42 @@ impl State {
                     }
                 }
             })),
-            (State::Prepared { mut side, incoming }, Message::Finish { resume }) => {
+            (
+                State::Prepared {
+                    mut side,
+                    mut incoming,
+                },
+                Message::Finish { resume },
+            ) => {
                 Step::Work(Box::pin(async move {
+                    // Written down first: from here the domain may run the guest.
+                    if let Some(incoming) = incoming.as_mut() {
+                        incoming.mark_resuming();
+                    }
                     match side.finish(resume).await {
-                        Ok(done) => (
-                            State::Done,
-                            Message::Finished {
-                                problems: done.problems,
-                                resumed_at_us: done.resumed_at_us,
-                            },
-                        ),
+                        Ok(done) => {
+                            if let Some(incoming) = incoming {
+                                incoming.settle();
+                            }
+                            (
+                                State::Done,
+                                Message::Finished {
+                                    problems: done.problems,
+                                    resumed_at_us: done.resumed_at_us,
+                                },
+                            )
+                        }
                         // The source decides what comes next (it asks for an abort).
-                        Err(e) => (State::Prepared { side, incoming }, error_message(&e, false)),
+                        Err(e) => {
+                            // Failed before `cont` was sent: the domain never ran the guest,
+                            // so a roll-back may remove it after all.
+                            if !side.may_run()
+                                && let Some(incoming) = incoming.as_mut()
+                            {
+                                incoming.clear_resuming();
+                            }
+                            (State::Prepared { side, incoming }, error_message(&e, false))
+                        }
                     }
                 }))
             }
@@ -234,7 +264,12 @@ impl State {
             })),
             (state, other) => {
                 let refusal = !state.changed();
-                let e = PeerError::Unexpected(format!("{other:?} in state {}", state.name()));
+                // The type only: a message (a start-domain's whole XML) is never echoed back.
+                let e = PeerError::Unexpected(format!(
+                    "{} in state {}",
+                    other.type_name(),
+                    state.name()
+                ));
                 Step::Reply(
                     state,
                     Message::Error {
@@ -279,6 +314,8 @@ impl State {
                      run the guest",
                     incoming.name()
                 ));
+                // It is this host's VM now, whichever copy runs: no restart may remove it.
+                incoming.settle();
             }
             Some(incoming) => outcome.problems.extend(incoming.remove().await),
             None => {}
@@ -359,6 +396,7 @@ pub async fn run(
         opts: opts.clone(),
         identity,
         local_address,
+        holds: Default::default(),
     };
 
     let mut state = Some(State::Greeted);
@@ -449,7 +487,7 @@ pub async fn run(
                             Message::Ping => Message::Pong,
                             other => Message::Error {
                                 kind: ErrorKind::Busy,
-                                message: format!("{other:?} while a request is under way"),
+                                message: format!("{} while a request is under way", other.type_name()),
                                 refusal: false,
                             },
                         })
@@ -540,12 +578,35 @@ pub fn apply_policy(
     Ok(plan)
 }
 
+/// Preflight on the socket named `qmp` in `--qmp-dir`, which this session then holds (another
+/// session naming it is refused `busy`) until it ends; released at once when refused.
 async fn preflight(
     cx: &Context,
     qmp: &str,
     plan: DestPlan,
 ) -> Result<(DestinationSide, DestPlan), MigrationError> {
     let path = qmp_path(&cx.opts.qmp_dir, qmp)?;
+    let hold = cx
+        .opts
+        .held
+        .hold(&path)
+        .ok_or_else(|| MigrationError::QmpSocketHeld {
+            socket: path.clone(),
+        })?;
+    let prepared = preflight_at(cx, &path, plan).await?;
+    cx.holds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(hold);
+    Ok(prepared)
+}
+
+/// Attaches to the destination QEMU at `path` and checks it can take `plan`, changing nothing.
+async fn preflight_at(
+    cx: &Context,
+    path: &Path,
+    plan: DestPlan,
+) -> Result<(DestinationSide, DestPlan), MigrationError> {
     let security = pki::assess(&cx.opts.pki_dir, Role::Server);
     let plan = apply_policy(
         plan,
@@ -554,7 +615,7 @@ async fn preflight(
         &cx.identity,
         cx.local_address.as_deref(),
     )?;
-    let mut side = DestinationSide::attach(&path, &cx.opts.pki_dir, cx.opts.qmp_timeout).await?;
+    let mut side = DestinationSide::attach(path, &cx.opts.pki_dir, cx.opts.qmp_timeout).await?;
     if let Err(e) = side.preflight(&plan).await {
         side.abort().await;
         return Err(e);
@@ -686,11 +747,39 @@ mod tests {
     }
 
     #[test]
+    fn a_message_out_of_order_is_named_by_its_type_never_echoed_back() {
+        let cx = Context {
+            opts: std::sync::Arc::new(opts()),
+            identity: identity(),
+            local_address: None,
+            holds: Default::default(),
+        };
+        let xml = "<domain><name>secret-vm</name></domain>".to_string();
+
+        let Step::Reply(_, reply) = State::Done.step(
+            Message::StartDomain {
+                xml,
+                disks: Vec::new(),
+            },
+            &cx,
+        ) else {
+            panic!("a start-domain once done is answered at once");
+        };
+
+        let Message::Error { message, .. } = reply else {
+            panic!("an error: {reply:?}");
+        };
+        assert!(message.contains("start-domain"), "{message}");
+        assert!(!message.contains("secret-vm"), "{message}");
+    }
+
+    #[test]
     fn a_request_out_of_order_is_refused_without_a_change() {
         let cx = Context {
             opts: std::sync::Arc::new(opts()),
             identity: identity(),
             local_address: None,
+            holds: Default::default(),
         };
         let Step::Reply(state, reply) = State::Greeted.step(Message::Prepare, &cx) else {
             panic!("prepare before preflight must be answered at once");

@@ -1152,7 +1152,10 @@ impl Service {
         Service::launch(cmd, listen_ip, pki, qmp_dir, allow, extra).await
     }
 
-    /// [`Service::start_with`] inside a libvirt host's namespaces (its own libvirtd).
+    /// [`Service::start_with`] inside a libvirt host's namespaces (its own libvirtd). With
+    /// `--libvirt` among `extra`, the host's images directory is its `--storage-dir`, the guest
+    /// workload's directory its `--boot-dir`, and, unless `extra` names one, a `--state-dir` of
+    /// its own (services running side by side never share records).
     pub async fn start_in_libvirt_host(
         host: &LibvirtHost,
         listen_ip: &str,
@@ -1160,8 +1163,26 @@ impl Service {
         qmp_dir: &Path,
         extra: &[&str],
     ) -> Service {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(1);
         let cmd = host.command(env!("CARGO_BIN_EXE_qemu-tls-migrate"));
-        Service::launch(cmd, listen_ip, pki, qmp_dir, &[], extra).await
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        if extra.contains(&"--libvirt") {
+            let kernel = qemu_tls_migrate::vm::workload::workload_kernel(1, 1).expect("workload");
+            let boot = kernel.path.parent().expect("the workload's directory");
+            args.extend([
+                "--storage-dir".to_string(),
+                host.images_dir().display().to_string(),
+                "--boot-dir".to_string(),
+                boot.display().to_string(),
+            ]);
+            if !extra.contains(&"--state-dir") {
+                let n = NEXT.fetch_add(1, Ordering::SeqCst);
+                let state = host.dir.path().join(format!("state-{n}"));
+                args.extend(["--state-dir".to_string(), state.display().to_string()]);
+            }
+        }
+        Service::launch(cmd, listen_ip, pki, qmp_dir, &[], &strs(&args)).await
     }
 
     async fn launch(
@@ -1204,6 +1225,15 @@ impl Service {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL (no chance to clean up, as after a crash), and waits until it is gone.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL the service");
+        tokio::time::timeout(EVENT_TIMEOUT, self.child.wait())
+            .await
+            .expect("the service dies")
+            .expect("wait");
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit code.
@@ -1320,6 +1350,44 @@ pub async fn try_tls_client(
         .connect(name, tcp)
         .await
 }
+
+/// A source speaking the control protocol to a service by hand (from host `b`), one request
+/// at a time: for what the tool itself never sends.
+pub struct PeerClient {
+    channel: qemu_tls_migrate::peer::Channel<tokio_rustls::client::TlsStream<TcpStream>>,
+}
+
+impl PeerClient {
+    /// Connects with the client certificate in `pki` and says hello.
+    pub async fn connect(hosts: &TwoHosts, addr: &str, pki: &Path) -> PeerClient {
+        use qemu_tls_migrate::peer::Message;
+        let mut client = PeerClient {
+            channel: qemu_tls_migrate::peer::Channel::new(tls_client(hosts, addr, pki).await),
+        };
+        let welcome = client
+            .ask(Message::Hello {
+                client: "test".into(),
+            })
+            .await;
+        assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
+        client
+    }
+
+    /// Sends `msg` and returns the service's answer (pings aside).
+    pub async fn ask(
+        &mut self,
+        msg: qemu_tls_migrate::peer::Message,
+    ) -> qemu_tls_migrate::peer::Message {
+        self.channel.send(&msg).await.expect("send to the service");
+        self.channel
+            .recv(LIBVIRT_REQUEST_TIMEOUT)
+            .await
+            .expect("the service answers")
+    }
+}
+
+/// How long a request that makes a libvirt domain may take.
+pub const LIBVIRT_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Source disk images (node name, format, MiB) in `dir`, each filled with its own pattern.
 fn make_disks(dir: &Path, disks: &[(&str, DiskFormat, u64)]) -> Vec<DiskConfig> {
@@ -1641,6 +1709,15 @@ exec sleep infinity >/dev/null"#;
         self.dir.path().join("run")
     }
 
+    /// A path inside this host's mount namespace as seen from outside it (`/run` is
+    /// [`LibvirtHost::run_dir`]; other paths are the same on both sides).
+    pub fn outside(&self, inside: &Path) -> PathBuf {
+        match inside.strip_prefix("/run") {
+            Ok(rest) => self.run_dir().join(rest),
+            Err(_) => inside.to_path_buf(),
+        }
+    }
+
     /// A directory QEMU (as libvirt-qemu) can create QMP sockets in.
     pub fn qmp_dir(&self) -> PathBuf {
         self.dir.path().join("qmp")
@@ -1843,6 +1920,117 @@ impl LibvirtPair {
         *shared = Arc::downgrade(&pair);
         pair
     }
+}
+
+impl LibvirtPair {
+    /// A Linux bridge of this name in both hosts' network namespaces (made once), for
+    /// domains with an interface, as CloudStack's `cloudbr0`.
+    pub fn bridge(&self) -> &'static str {
+        const BRIDGE: &str = "qtmbr0";
+        for ns in [&self.hosts.a, &self.hosts.b] {
+            let exists = std::process::Command::new("ip")
+                .args(["-n", ns, "link", "show", BRIDGE])
+                .output()
+                .expect("ip link show")
+                .status
+                .success();
+            if !exists {
+                // Two tests may race to make it: a bridge that exists by now is as good.
+                let _ = std::process::Command::new("ip")
+                    .args(["-n", ns, "link", "add", BRIDGE, "type", "bridge"])
+                    .output();
+                ip(&["-n", ns, "link", "set", BRIDGE, "up"]);
+            }
+        }
+        BRIDGE
+    }
+}
+
+/// A domain shaped as CloudStack's agent defines one (LibvirtVMDef: SMBIOS sysinfo, boot
+/// order, `on_*`, cputune shares, a custom CPU model and topology, acpi/apic/pae, kvmclock, a
+/// qcow2 `vda` with a serial, an empty IDE cdrom, a virtio interface on `bridge`, pty serial
+/// and console, VNC with a password, the guest agent's channel, a USB tablet, cirrus video, a
+/// virtio rng on /dev/urandom, an i6300esb watchdog, a virtio balloon), TCG, [`RAM_MIB`],
+/// with a QMP monitor declared at `monitor`. (No `<bandwidth>`: this kernel lacks the `sfq`
+/// qdisc libvirt shapes it with.)
+pub fn cloudstack_domain_xml(name: &str, disk: &Path, monitor: &Path, bridge: &str) -> String {
+    format!(
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <description>Debian GNU/Linux 12 (64-bit)</description>
+  <sysinfo type='smbios'>
+    <system>
+      <entry name='manufacturer'>Apache Software Foundation</entry>
+      <entry name='product'>CloudStack KVM Hypervisor</entry>
+    </system>
+  </sysinfo>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='cdrom'/>
+    <boot dev='hd'/>
+    <smbios mode='sysinfo'/>
+  </os>
+  <on_reboot>restart</on_reboot>
+  <on_poweroff>destroy</on_poweroff>
+  <on_crash>destroy</on_crash>
+  <memory unit='MiB'>{RAM_MIB}</memory>
+  <currentMemory unit='MiB'>{RAM_MIB}</currentMemory>
+  <vcpu>1</vcpu>
+  <cputune><shares>1000</shares></cputune>
+  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model>\
+<topology sockets='1' cores='1' threads='1'/></cpu>
+  <features><pae/><apic/><acpi/></features>
+  <clock offset='utc'><timer name='kvmclock'/></clock>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk device='disk' type='file'><driver name='qemu' type='qcow2' cache='none'/>\
+<source file='{disk}'/><target dev='vda' bus='virtio'/><serial>9a2b7c1d3e4f</serial></disk>
+    <disk device='cdrom' type='file'><driver name='qemu' type='raw'/>\
+<target dev='hdc' bus='ide'/><readonly/></disk>
+    <interface type='bridge'><source bridge='{bridge}'/><mac address='02:00:4c:5e:00:01'/>\
+<model type='virtio'/><link state='up'/></interface>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target port='0'/></console>
+    <graphics type='vnc' autoport='yes' listen='127.0.0.1' passwd='s3cret'/>
+    <channel type='unix'><source mode='bind' \
+path='/var/lib/libvirt/qemu/{name}.org.qemu.guest_agent.0'/>\
+<target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <input type='tablet' bus='usb'/>
+    <video><model type='cirrus'/></video>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend>\
+<rate period='1000' bytes='2048'/></rng>
+    <watchdog model='i6300esb' action='none'/>
+    <memballoon model='virtio'><stats period='0'/></memballoon>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:{monitor},server=on,wait=off'/>
+  </qemu:commandline>
+</domain>
+",
+        disk = disk.display(),
+        monitor = monitor.display(),
+    )
+}
+
+/// PIDs of every QEMU process on this machine, whichever host started it.
+pub fn all_qemu_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect()
+}
+
+/// The command line of process `pid`, its arguments joined by spaces ("" once it is gone).
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
 }
 
 /// A unique domain name for a test (`qtm-<what>-<pid>-<n>`).

@@ -13,7 +13,7 @@ use crate::fixture::{LibvirtHost, LibvirtPair, domain_name, small_domain_xml};
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An empty qcow2 image of 64 MiB at `path`.
-fn qcow2(path: &Path) {
+pub(crate) fn qcow2(path: &Path) {
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(path)
@@ -25,7 +25,7 @@ fn qcow2(path: &Path) {
 
 /// Defines and starts (with `virsh`, inside `host`) a small domain with a qcow2 disk and a QMP
 /// monitor declared in `<qemu:commandline>`; returns its name and monitor path.
-async fn start_domain(host: &LibvirtHost, what: &str) -> (String, PathBuf) {
+pub(crate) async fn start_domain(host: &LibvirtHost, what: &str) -> (String, PathBuf) {
     let name = domain_name(what);
     let monitor = host.qmp_dir().join(format!("{name}.sock"));
     start_named_domain(host, &name, Some(&monitor)).await;
@@ -262,7 +262,7 @@ async fn refused_by_name(
 
 /// The source domain's migratable XML with its disk moved to `disk`: what the CloudStack agent
 /// passes as `--dest-xml`. Written to a file in `dir`.
-fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
+pub(crate) fn dest_xml_file(pair: &LibvirtPair, name: &str, disk: &Path) -> PathBuf {
     let xml = Libvirt::connect(&pair.b.uri())
         .and_then(|l| l.domain(name))
         .and_then(|d| d.migratable_xml())
@@ -381,7 +381,7 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_disk_c
         dst_template.to_str(),
         "the destination's overlay sits on the destination's own template"
     );
-    let dest_qmp = Qmp::connect(&pair.a.qmp_dir().join(format!("{name}.sock")), QMP_TIMEOUT)
+    let dest_qmp = Qmp::connect(&incoming_monitor(&pair.a, &name).await, QMP_TIMEOUT)
         .await
         .expect("destination QMP");
     let blocks = dest_qmp
@@ -432,16 +432,32 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
 
+/// The QMP socket `serve --libvirt` gave the incoming domain `name` on `host` (its path seen
+/// from outside the host's namespaces).
+pub(crate) async fn incoming_monitor(host: &LibvirtHost, name: &str) -> PathBuf {
+    let (uri, name) = (host.uri(), name.to_string());
+    let inside = tokio::task::spawn_blocking(move || {
+        Libvirt::connect(&uri)
+            .and_then(|l| l.domain(&name))
+            .and_then(|d| d.declared_monitor())
+    })
+    .await
+    .expect("lookup")
+    .expect("the incoming domain")
+    .expect("a declared monitor");
+    host.outside(&inside)
+}
+
 /// A lab PKI and `serve --libvirt` on host a (its QMP directory, its libvirtd); returns the
 /// lab (kept alive by the caller), the service and host b's PKI directory.
-async fn libvirt_service(
+pub(crate) async fn libvirt_service(
     pair: &LibvirtPair,
 ) -> (crate::fixture::Lab, crate::fixture::Service, String) {
     libvirt_service_on(pair, &pair.hosts.a_addr, &["--libvirt"]).await
 }
 
 /// [`libvirt_service`] listening on `addr`, with these arguments added (`--libvirt` among them).
-async fn libvirt_service_on(
+pub(crate) async fn libvirt_service_on(
     pair: &LibvirtPair,
     addr: &str,
     extra: &[&str],
@@ -464,7 +480,7 @@ async fn libvirt_service_on(
 }
 
 /// A `migrate --domain NAME --to SERVICE` command line with `--dest-xml` and disk copy.
-fn served_args(name: &str, service: &str, pki: &str, dest_xml: &str) -> Vec<String> {
+pub(crate) fn served_args(name: &str, service: &str, pki: &str, dest_xml: &str) -> Vec<String> {
     [
         "migrate",
         "--json",
@@ -904,7 +920,7 @@ async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
 }
 
 /// Waits (60 s at most) until host a has no domain `name` and none of the disks.
-async fn wait_destination_clean(
+pub(crate) async fn wait_destination_clean(
     pair: &LibvirtPair,
     name: &str,
     disks: &[(&str, PathBuf, PathBuf)],

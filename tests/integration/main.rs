@@ -8,6 +8,7 @@ mod cli;
 mod convergence;
 mod fixture;
 mod host;
+mod incoming;
 mod jobs;
 mod libvirt;
 mod migration;

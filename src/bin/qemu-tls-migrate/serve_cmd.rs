@@ -10,6 +10,7 @@ use qemu_tls_migrate::migration;
 use qemu_tls_migrate::peer::DEFAULT_PORT;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
+use qemu_tls_migrate::service::incoming::IncomingOptions;
 use qemu_tls_migrate::service::{
     self, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, DEFAULT_MAX_SESSIONS,
     ServeOptions,
@@ -24,13 +25,18 @@ use crate::outcome::Outcome;
 --to THIS-HOST --dest-qmp NAME`, over mutual TLS: this service presents the host's server \
 certificate and requires a client certificate from the same CA (--allow-client narrows which \
 names). For each source it attaches to the destination QEMU whose QMP socket is NAME in --qmp-dir \
-(started with -incoming defer; nothing outside that directory can be named), prepares it \
+(started with -incoming defer; nothing outside that directory can be named; the first session \
+to name a socket holds it until it ends, and another gets `busy`), prepares it \
 (credentials, NBD exports, incoming port from --port-range), and finishes or aborts on the \
 source's word. If the source goes silent or the connection drops, the destination is torn down \
 and its ports released, and the service goes on serving. Several migrations may run at once. \
-SIGTERM, SIGINT, SIGHUP or SIGQUIT rolls back running sessions and exits 0.",
+SIGTERM, SIGINT, SIGHUP or SIGQUIT rolls back running sessions and exits 0. With --libvirt, \
+the service starts incoming domains itself, built from what it allows (see --libvirt), with \
+disks only in --storage-dir and --shared-dir, and records them in --state-dir: on start-up, \
+before accepting connections, it rolls back the domains and disks a killed predecessor left.",
     after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
---allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
+--allow-client host-a\n  qemu-tls-migrate serve --libvirt --storage-dir /mnt/PRIMARY-POOL \
+--graphics-listen 10.1.1.5 --allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
 service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
 service accepts connections."
 )]
@@ -80,12 +86,63 @@ pub struct ServeArgs {
     /// Most TLS handshakes in flight at once from one source address.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)]
     pub max_handshakes_per_address: usize,
-    /// Start incoming libvirt domains for sources that migrate a domain (`migrate --domain`):
-    /// from the XML they send, paused, waiting with -incoming defer and a QMP monitor in
-    /// --qmp-dir, with empty disks created for those to be copied (never over an existing
-    /// file); destroyed, and the disks deleted, if the migration does not finish.
+    /// Start incoming libvirt domains for sources that migrate a domain (`migrate --domain`).
+    /// The service builds each from the parts of the source's XML it allows (memory, vCPUs,
+    /// CPU model, os, features, clock, file disks, controllers, interfaces on a bridge or
+    /// network that exists here, pty serial/console, graphics, video, input, guest-agent and
+    /// SPICE channels, rng from /dev/urandom, memballoon, watchdog) and refuses anything else
+    /// by name (bad-request): <qemu:commandline> arguments, <seclabel>, <hostdev>,
+    /// <filesystem>, block or network disks, another <emulator>, ... It starts the domain
+    /// paused, waiting with -incoming defer and a QMP monitor of its own in --libvirt-qmp-dir,
+    /// with empty disks created for those to be copied (inside a --storage-dir, never over an
+    /// existing file); destroyed, and the disks deleted, if the migration does not finish.
     #[arg(long)]
     pub libvirt: bool,
+    /// With --libvirt: disks the service creates must lie in this directory once resolved
+    /// (`..` and symbolic links); repeat for several (CloudStack's primary-storage mount
+    /// points).
+    #[arg(long = "storage-dir", value_name = "DIR", requires = "libvirt")]
+    pub storage_dirs: Vec<PathBuf>,
+    /// With --libvirt: disks the incoming domain uses without a copy (shared storage, ISOs)
+    /// must lie in this directory; repeat for several.
+    #[arg(long = "shared-dir", value_name = "DIR", requires = "libvirt")]
+    pub shared_dirs: Vec<PathBuf>,
+    /// With --libvirt: kernels, initrds and firmware an incoming domain boots must lie in this
+    /// directory; repeat for several. Without it, a domain naming one is refused.
+    #[arg(long = "boot-dir", value_name = "DIR", requires = "libvirt")]
+    pub boot_dirs: Vec<PathBuf>,
+    /// With --libvirt: the address an incoming domain's VNC or SPICE graphics listen on,
+    /// whatever the source's XML says (ports chosen by libvirt).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = service::incoming::DEFAULT_GRAPHICS_LISTEN,
+        requires = "libvirt"
+    )]
+    pub graphics_listen: String,
+    /// With --libvirt: where the service records the incoming domains and disks it makes, so
+    /// that after a crash the next start rolls back what was left, before accepting
+    /// connections (created mode 0700).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = service::incoming::DEFAULT_STATE_DIR,
+        requires = "libvirt"
+    )]
+    pub state_dir: PathBuf,
+    /// With --libvirt: where incoming domains' QMP sockets are made, under names the service
+    /// chooses; writable only by the service and QEMU's group (created mode 0770). Must not be
+    /// --qmp-dir.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = service::incoming::DEFAULT_SOCKET_DIR,
+        requires = "libvirt"
+    )]
+    pub libvirt_qmp_dir: PathBuf,
+    /// With --libvirt: the group libvirt's QEMU runs in (default: libvirt-qemu, or qemu).
+    #[arg(long, value_name = "GROUP", requires = "libvirt")]
+    pub qemu_group: Option<String>,
     /// libvirt URI for --libvirt.
     #[arg(long, value_name = "URI", default_value = qemu_tls_migrate::libvirt::DEFAULT_URI)]
     pub connect: String,
@@ -111,6 +168,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     opts.max_handshakes = args.max_handshakes;
     opts.max_handshakes_per_address = args.max_handshakes_per_address;
     opts.libvirt = args.libvirt.then(|| args.connect.clone());
+    opts.incoming = IncomingOptions {
+        storage_dirs: args.storage_dirs.clone(),
+        shared_dirs: args.shared_dirs.clone(),
+        boot_dirs: args.boot_dirs.clone(),
+        graphics_listen: args.graphics_listen.clone(),
+        state_dir: args.state_dir.clone(),
+        socket_dir: args.libvirt_qmp_dir.clone(),
+        qemu_group: args.qemu_group.clone(),
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
     let json = args.json;
