@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 use crate::peer::{self, PeerError};
 use crate::ports::PortRange;
 
+/// How long a session waits for [`ServeOptions::qmp_interpose_dir`]'s socket to appear.
+pub const INTERPOSE_WAIT: Duration = Duration::from_secs(30);
+
 /// Sessions served at once unless told otherwise.
 pub const DEFAULT_MAX_SESSIONS: usize = 16;
 /// TLS handshakes in flight at once unless told otherwise.
@@ -77,6 +80,10 @@ pub struct ServeOptions {
     /// With `libvirt`: what an incoming domain may use here, and where the service keeps its
     /// sockets and records.
     pub incoming: incoming::IncomingOptions,
+    /// A test seam, never needed in production: reach each incoming domain's QMP socket
+    /// through the file of the same name in this directory (a proxy a test puts there, to
+    /// lose replies on cue), waited for up to [`INTERPOSE_WAIT`]. Only the operator sets it.
+    pub qmp_interpose_dir: Option<PathBuf>,
     /// The QMP sockets the sessions hold (shared by every session of one service).
     pub(crate) held: held::HeldSockets,
     /// With `libvirt`: what [`serve`] prepared from `incoming` before accepting connections.
@@ -100,6 +107,7 @@ impl ServeOptions {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             libvirt: None,
+            qmp_interpose_dir: None,
             incoming: incoming::IncomingOptions::default(),
             held: held::HeldSockets::default(),
             prepared: None,

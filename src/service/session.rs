@@ -164,7 +164,7 @@ impl State {
                 let cx = cx.clone();
                 Step::Work(Box::pin(async move {
                     // The domain's own socket, whatever name came with the request.
-                    let path = incoming.qmp_path().to_path_buf();
+                    let path = interposed(&cx.opts, incoming.qmp_path()).await;
                     match preflight_at(&cx, &path, plan).await {
                         Ok((side, plan)) => (
                             State::Preflighted {
@@ -599,6 +599,21 @@ async fn preflight(
         .unwrap_or_else(|e| e.into_inner())
         .push(hold);
     Ok(prepared)
+}
+
+/// `socket`, or (with the test seam [`ServeOptions::qmp_interpose_dir`]) the file of its name
+/// in that directory, once it appears.
+async fn interposed(opts: &ServeOptions, socket: &Path) -> PathBuf {
+    let (Some(dir), Some(name)) = (&opts.qmp_interpose_dir, socket.file_name()) else {
+        return socket.to_path_buf();
+    };
+    let path = dir.join(name);
+    let deadline = Instant::now() + super::INTERPOSE_WAIT;
+    while !path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::warn!(socket = %path.display(), "test seam: reaching the incoming domain through an interposed socket");
+    path
 }
 
 /// Attaches to the destination QEMU at `path` and checks it can take `plan`, changing nothing.

@@ -2,6 +2,7 @@
 //! destination `a`), shared by the tests of this file that run at the same time.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qemu_tls_migrate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
@@ -1177,4 +1178,166 @@ async fn refused_as_existing(
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
     (json, dest_disk)
+}
+
+/// The names of the incoming domains' QMP sockets in `dir` now.
+fn incoming_sockets(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with("qtm-in-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How the proxy in front of an incoming domain's QMP socket treats `cont`.
+#[derive(Clone, Copy, PartialEq)]
+enum OnCont {
+    /// Its reply is lost.
+    LoseReply,
+    /// The domain's QEMU is also SIGSTOPped just before `cont` reaches it.
+    Freeze,
+}
+
+/// Starts the agent's migration of a busy domain through a service whose way to the incoming
+/// domain's QEMU goes through a proxy that treats `cont` as `on_cont`; returns the domain,
+/// its disks, the migration's output, the proxy and when the QEMU was frozen (if it was).
+async fn migrate_through_a_lossy_proxy(
+    pair: &LibvirtPair,
+    what: &str,
+    on_cont: OnCont,
+) -> (
+    String,
+    Vec<(&'static str, PathBuf, PathBuf)>,
+    std::process::Output,
+    crate::fixture::QmpDelayProxy,
+    Arc<Mutex<Option<(u32, std::time::Instant)>>>,
+) {
+    let (name, disks) = start_busy_domain(pair, what, true).await;
+    let dest_xml = busy_dest_xml(pair, &name, &disks);
+    let interpose = tempfile::tempdir_in(pair.a.dir.path()).expect("interpose dir");
+    let interpose_arg = interpose.path().display().to_string();
+    // Sockets of this service's own, so that the watch below sees only this test's domain.
+    let sockets = pair.a.dir.path().join(format!("sockets-{name}"));
+    let sockets_arg = sockets.display().to_string();
+    let extra = [
+        "--libvirt",
+        "--qmp-interpose-dir",
+        &interpose_arg,
+        "--libvirt-qmp-dir",
+        &sockets_arg,
+    ];
+    let (_lab, service, pki_b) = libvirt_service_on(pair, &pair.hosts.a_addr, &extra).await;
+    let before = incoming_sockets(&sockets);
+    let at = interpose.path().to_path_buf();
+    let pid_file = pair.a.run_dir().join(format!("libvirt/qemu/{name}.pid"));
+    let frozen: Arc<Mutex<Option<(u32, std::time::Instant)>>> = Arc::default();
+    let cell = frozen.clone();
+    // Puts the proxy in place once the service made the domain's socket.
+    let proxy = tokio::spawn(async move {
+        let socket = tokio::time::timeout(crate::fixture::EVENT_TIMEOUT, async {
+            loop {
+                if let Some(new) = incoming_sockets(&sockets)
+                    .into_iter()
+                    .find(|n| !before.contains(n))
+                {
+                    return new;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the service makes the incoming domain's socket");
+        crate::fixture::QmpDelayProxy::start_with(
+            &sockets.join(&socket),
+            &at.join(&socket),
+            crate::fixture::command_named("cont"),
+            crate::fixture::FOREVER,
+            move || {
+                if on_cont == OnCont::Freeze {
+                    let pid = std::fs::read_to_string(&pid_file)
+                        .ok()
+                        .and_then(|p| p.trim().parse().ok())
+                        .expect("the incoming domain's QEMU pid");
+                    crate::fixture::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+                    *cell.lock().expect("lock") = Some((pid, std::time::Instant::now()));
+                }
+            },
+        )
+        .await
+    });
+    let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
+    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let proxy = proxy.await.expect("proxy");
+    drop(interpose);
+    (name, disks, out, proxy, frozen)
+}
+
+/// `cont`'s reply lost between the service and the incoming domain's QEMU: the service learns
+/// from QEMU that the guest runs there, never destroys that domain, and the migration ends
+/// with the one copy running on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_cont_leaves_the_incoming_domain_running_and_the_source_paused() {
+    let pair = LibvirtPair::shared();
+
+    let (name, disks, out, _proxy, _) =
+        migrate_through_a_lossy_proxy(&pair, "lossy", OnCont::LoseReply).await;
+
+    let json = crate::fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    for (target, source, dest) in &disks {
+        crate::fixture::images_identical(source, dest)
+            .unwrap_or_else(|e| panic!("disk {target}: {e}"));
+    }
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// The incoming domain's QEMU frozen for 90 s right after `cont` reached it: the tool gives up
+/// while it is frozen, the service leaves the domain as it is (never `virsh destroy`), and
+/// the source stays paused; once it thaws, the domain is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incoming_domain_frozen_right_after_cont_is_left_alone_and_the_source_stays_paused() {
+    let pair = LibvirtPair::shared();
+
+    let (name, _disks, out, proxy, frozen) =
+        migrate_through_a_lossy_proxy(&pair, "frozen", OnCont::Freeze).await;
+    let source_state = pair.b.virsh_ok(&["domstate", &name]).await;
+    let (pid, at) = frozen.lock().expect("lock").expect("the domain was frozen");
+    let given_up_after = at.elapsed();
+    // The scenario's length, not a wait for an event: the QEMU stays frozen this long.
+    tokio::time::sleep(Duration::from_secs(90).saturating_sub(at.elapsed())).await;
+    crate::fixture::signal(pid, nix::sys::signal::Signal::SIGCONT);
+
+    let json = crate::fixture::stdout_json(&out);
+    crate::fixture::show("gave up after", &format!("{given_up_after:?}"));
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["error"]["kind"], "split-brain-risk", "{json}");
+    assert!(
+        given_up_after < Duration::from_secs(90),
+        "the tool waited for the frozen QEMU"
+    );
+    assert_eq!(source_state, "paused", "the source must stay paused");
+    let after = proxy.commands_after("cont");
+    assert!(
+        after.iter().all(|c| c == "query-status"),
+        "after cont the service sent {after:?}"
+    );
+    assert!(
+        crate::fixture::process_alive(pid),
+        "the incoming domain's QEMU was killed"
+    );
+    let dest_state = pair.a.virsh_ok(&["domstate", &name]).await;
+    assert!(
+        ["running", "paused"].contains(&dest_state.as_str()),
+        "{dest_state}"
+    );
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
 }

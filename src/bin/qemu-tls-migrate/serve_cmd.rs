@@ -146,6 +146,10 @@ pub struct ServeArgs {
     /// libvirt URI for --libvirt.
     #[arg(long, value_name = "URI", default_value = qemu_tls_migrate::libvirt::DEFAULT_URI)]
     pub connect: String,
+    /// Testing only: reach incoming domains' QMP sockets through files of the same names in
+    /// DIR (proxies a test puts there).
+    #[arg(long, value_name = "DIR", hide = true, requires = "libvirt")]
+    pub qmp_interpose_dir: Option<PathBuf>,
     /// Print {"listening": "ADDR:PORT"} on stdout once ready.
     #[arg(long)]
     pub json: bool,
@@ -168,6 +172,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     opts.max_handshakes = args.max_handshakes;
     opts.max_handshakes_per_address = args.max_handshakes_per_address;
     opts.libvirt = args.libvirt.then(|| args.connect.clone());
+    opts.qmp_interpose_dir = args.qmp_interpose_dir.clone();
     opts.incoming = IncomingOptions {
         storage_dirs: args.storage_dirs.clone(),
         shared_dirs: args.shared_dirs.clone(),
