@@ -48,16 +48,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Migrate a running VM to a QEMU waiting with -incoming defer.
+    // `about` rather than doc comments: a variant's doc comment would replace the long help
+    // its Args define (clap resets long_about to the comment).
+    #[command(about = "Migrate a running VM to a QEMU waiting with -incoming defer.")]
     Migrate(Box<migrate_cmd::MigrateArgs>),
-    /// Show a complete TLS migration between two local VMs, with nothing to prepare.
+    #[command(
+        about = "Show a complete TLS migration between two local VMs, with nothing to prepare."
+    )]
     Demo(Box<demo::DemoArgs>),
-    /// Benchmark native TLS against the plain TCP baseline, interleaved in one run.
+    #[command(
+        about = "Benchmark native TLS against the plain TCP baseline, interleaved in one run."
+    )]
     Bench(Box<bench_cmd::BenchArgs>),
-    /// List the migrations running on this host; cancel one, change its bandwidth or
-    /// downtime limit, or pause its guest.
+    #[command(
+        about = "List the migrations running on this host; cancel one, change its bandwidth or downtime limit, or pause its guest."
+    )]
     Jobs(jobs_cmd::JobsArgs),
-    /// Serve migrations into this host (the destination side of `migrate --to`).
+    #[command(about = "Serve migrations into this host (the destination side of `migrate --to`).")]
     Serve(Box<serve_cmd::ServeArgs>),
     /// Check or create PKI directories (QEMU's tls-creds-x509 layout).
     #[command(subcommand)]
@@ -116,4 +123,28 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn each_command_shows_its_own_long_help() {
+        let mut cli = Cli::command();
+        for (name, words) in [
+            ("migrate", "Per migration the tool creates tls-creds-x509"),
+            ("serve", "SIGTERM"),
+            (
+                "jobs",
+                "List the migrations running on this host, and control one",
+            ),
+        ] {
+            let sub = cli.find_subcommand_mut(name).expect("subcommand");
+            let help = sub.render_long_help().to_string();
+            assert!(help.contains(words), "{name} --help: {help}");
+        }
+    }
 }
