@@ -15,16 +15,20 @@ use tokio_util::sync::CancellationToken;
 
 use serde_json::Value;
 
-use crate::fixture::{self, CountingProxy, DEST_HOST, DestBacking, DiskNames, Lab, Pair, Service};
+use crate::fixture::{
+    self, CountingProxy, DEST_HOST, DestBacking, DiskNames, GuestRam, Lab, Overlay, Pair, Service,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[
-        ("disk0", DiskFormat::Qcow2, 48),
-        ("disk1", DiskFormat::Raw, 32),
-    ])
-    .await;
+    let mut pair = Pair::builder()
+        .disks(&[
+            ("disk0", DiskFormat::Qcow2, 48),
+            ("disk1", DiskFormat::Raw, 32),
+        ])
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::AllLocal;
 
@@ -47,7 +51,10 @@ async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_writes_during_the_mirror_reach_the_destination() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 256)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 256)])
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
     let copying = Arc::new(AtomicBool::new(false));
@@ -147,7 +154,10 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
     let other = Lab::new("Another CA");
     let src_pki = lab.host("src", &["src-host"]);
     let intruder_pki = other.host("intruder", &["src-host"]);
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 16)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 16)])
+        .start()
+        .await;
     let mut options = pair.options(&src_pki, &lab.host("dst", &[DEST_HOST]));
     options.disks = DiskSelection::AllLocal;
     // The migration port is taken first, the NBD port second, from a range no other test uses.
@@ -187,7 +197,10 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_killed_mid_mirror_leaves_the_source_running_with_intact_disks() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 128)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 128)])
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::AllLocal;
     let (src_image, _) = pair.disk_images()[0].clone();
@@ -234,9 +247,9 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
         lab.host("dst", &[DEST_HOST]),
     );
     let (a, b, c) = (
-        Pair::start().await,
-        Pair::start().await,
-        Pair::start().await,
+        Pair::builder().start().await,
+        Pair::builder().start().await,
+        Pair::builder().start().await,
     );
     let mut slow = a.options(&src_pki, &dst_pki);
     slow.max_bandwidth = 16 << 20;
@@ -303,8 +316,26 @@ async fn counted_disk_options(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_chain() {
     let lab = Lab::new("Test CA");
-    let mut top_pair = Pair::start_with_overlay(256, 16, DestBacking::SameTemplate).await;
-    let mut full_pair = Pair::start_with_overlay(256, 16, DestBacking::None).await;
+    let mut top_pair = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 256,
+            overlay_mib: 16,
+            dest: DestBacking::SameTemplate,
+            names: DiskNames::SAME,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
+    let mut full_pair = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 256,
+            overlay_mib: 16,
+            dest: DestBacking::None,
+            names: DiskNames::SAME,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let (top_options, top_wire) = counted_disk_options(&top_pair, &lab, 49530, DiskCopy::Top).await;
     let (full_options, full_wire) =
         counted_disk_options(&full_pair, &lab, 49532, DiskCopy::Full).await;
@@ -360,7 +391,16 @@ async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_cha
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_is_refused_and_nothing_changed_when_the_destination_disk_has_no_backing_file() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_overlay(32, 4, DestBacking::None).await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 32,
+            overlay_mib: 4,
+            dest: DestBacking::None,
+            names: DiskNames::SAME,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
     options.disk_copy.default = DiskCopy::Top;
@@ -385,7 +425,16 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
         lab.host("src", &["src-host"]),
         lab.host("dst", &[DEST_HOST]),
     );
-    let mut pair = Pair::start_with_overlay(32, 4, DestBacking::OtherTemplate).await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 32,
+            overlay_mib: 4,
+            dest: DestBacking::OtherTemplate,
+            names: DiskNames::SAME,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let (src_qmp, dst_qmp) = (
         pair.source.qmp_path().display().to_string(),
         pair.dest.qmp_path().display().to_string(),
@@ -442,9 +491,16 @@ async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::O
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused_unchanged() {
     let lab = Lab::new("Test CA");
-    let mut pair =
-        Pair::start_with_overlay_named(64, 4, DestBacking::OtherTemplate, DiskNames::DIFFERENT)
-            .await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 64,
+            overlay_mib: 4,
+            dest: DestBacking::OtherTemplate,
+            names: DiskNames::DIFFERENT,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
 
     let (out, json) = migrate_cli(&pair, &lab, &["--disk", "vd0,copy=top"]).await;
 
@@ -468,9 +524,16 @@ async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_onto_the_same_template_under_other_node_names_completes_and_disks_equal() {
     let lab = Lab::new("Test CA");
-    let mut pair =
-        Pair::start_with_overlay_named(64, 4, DestBacking::SameTemplate, DiskNames::DIFFERENT)
-            .await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 64,
+            overlay_mib: 4,
+            dest: DestBacking::SameTemplate,
+            names: DiskNames::DIFFERENT,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
 
     let (out, json) = migrate_cli(&pair, &lab, &["--disk", "vd0,copy=top"]).await;
 
@@ -490,12 +553,26 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
         lab.host("host-a", &["host-a"]),
         lab.host("host-b", &["host-b"]),
     );
-    let mut wrong =
-        Pair::start_with_overlay_named(64, 4, DestBacking::OtherTemplate, DiskNames::DIFFERENT)
-            .await;
-    let mut right =
-        Pair::start_with_overlay_named(64, 4, DestBacking::SameTemplate, DiskNames::DIFFERENT)
-            .await;
+    let mut wrong = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 64,
+            overlay_mib: 4,
+            dest: DestBacking::OtherTemplate,
+            names: DiskNames::DIFFERENT,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
+    let mut right = Pair::builder()
+        .overlay(Overlay {
+            template_mib: 64,
+            overlay_mib: 4,
+            dest: DestBacking::SameTemplate,
+            names: DiskNames::DIFFERENT,
+        })
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let serve = |pair: &Pair| {
         let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
         let pki_a = pki_a.clone();
@@ -539,7 +616,10 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
     let mut args = fixture::migrate_args(
         &pair,
         lab.host("src", &["src-host"]).to_str().expect("utf-8"),
@@ -593,7 +673,11 @@ async fn sparse_pair(zero_mib: u64) -> Pair {
         format: DiskFormat::Qcow2,
         device: None,
     };
-    Pair::start_with_images(dir, vec![disk], &[dst]).await
+    Pair::builder()
+        .images(dir, vec![disk], vec![dst])
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,7 +770,10 @@ async fn zeroes_written_as_data_cross_the_wire_as_write_zeroes_unless_asked_to_c
 async fn the_disk_bandwidth_cap_holds_the_copy_rate_and_the_migration_completes() {
     const CAP: u64 = 8 << 20;
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
     let (mut options, wire) = counted_disk_options(&pair, &lab, 49540, DiskCopy::Full).await;
     options.disk_bandwidth = Some(CAP);
 

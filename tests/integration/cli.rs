@@ -16,7 +16,7 @@ async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
         lab.host("src", &["src-host"]),
         lab.host("dst", &[DEST_HOST]),
     );
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
@@ -59,7 +59,7 @@ async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
     let lab = Lab::new("Test CA");
     let unsecured = tempfile::tempdir().expect("empty dir");
     let src = lab.host("src", &["src-host"]);
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
@@ -99,8 +99,10 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
         lab.host("src", &["src-host"]),
         lab.host("dst", &[DEST_HOST]),
     );
-    let pair =
-        Pair::start_with_disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)])
+        .start()
+        .await;
     let mut args = fixture::migrate_args(
         &pair,
         src.to_str().expect("utf-8"),
@@ -277,7 +279,7 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
     let lab = Lab::new("Test CA");
     lab.host("src", &["src-host"]);
     lab.host("dst", &[DEST_HOST]);
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     // Relative to the lab directory, which is not QEMU's current directory.
     let args = fixture::migrate_args(&pair, "src", "./dst");
 
@@ -300,7 +302,7 @@ async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds
         lab.host("src", &["src-host"]),
         lab.host("dst", &[DEST_HOST]),
     );
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let result = pair.dir.path().join("result.json");
     let mut args = fixture::migrate_args(
         &pair,

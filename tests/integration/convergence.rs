@@ -8,7 +8,7 @@ use qemu_tls_migrate::migration::{
 };
 use qemu_tls_migrate::vm::workload::workload_kernel;
 
-use crate::fixture::{self, Lab, Pair, pass_beyond};
+use crate::fixture::{self, GuestRam, Lab, Pair, pass_beyond};
 
 /// A pair whose guest dirties `wss_mib` MiB at `pages_per_sec`, running its workload.
 async fn dirtying_pair(wss_mib: u32, pages_per_sec: u32) -> Pair {
@@ -22,13 +22,15 @@ async fn dirtying_pair_under(
     accel: Option<qemu_tls_migrate::vm::Accel>,
 ) -> Pair {
     let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
-    let pair = Pair::start_with(|c| {
-        c.kernel = Some(kernel);
-        if accel.is_some() {
-            c.accel = accel;
-        }
-    })
-    .await;
+    let pair = Pair::builder()
+        .tweak(|c| {
+            c.kernel = Some(kernel);
+            if accel.is_some() {
+                c.accel = accel;
+            }
+        })
+        .start()
+        .await;
     pass_beyond(pair.source.serial_path(), 0).await;
     pair
 }
@@ -124,7 +126,10 @@ async fn auto_converge_lets_the_busy_guest_finish_with_its_ram_intact() {
 #[tokio::test]
 async fn auto_converge_is_refused_for_a_guest_under_tcg() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with(|c| c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg)).await;
+    let pair = Pair::builder()
+        .tweak(|c| c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg))
+        .start()
+        .await;
     let mut o = pair.tls_options(&lab);
     o.convergence.auto_converge = Some(Throttle::default());
 
@@ -211,7 +216,7 @@ async fn downtime_steps_raise_the_limit_until_the_busy_guest_fits() {
 async fn with_and_without(
     wss_mib: u32,
     pages_per_sec: u32,
-    fill: bool,
+    ram: GuestRam,
     base: impl Fn(&mut MigrationOptions),
     tweak: impl Fn(&mut MigrationOptions),
 ) -> ((Report, u64), (Report, u64)) {
@@ -220,7 +225,12 @@ async fn with_and_without(
     for with in [false, true] {
         let hosts = fixture::TwoHosts::create();
         let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
-        let pair = Pair::start_on_filled(&hosts, &[], |c| c.kernel = Some(kernel), fill).await;
+        let pair = Pair::builder()
+            .on(&hosts)
+            .ram(ram)
+            .tweak(|c| c.kernel = Some(kernel))
+            .start()
+            .await;
         pass_beyond(pair.source.serial_path(), 0).await;
         let mut o = pair.tls_options(&lab);
         o.dest_address = Some(hosts.a_addr.clone());
@@ -248,7 +258,7 @@ async fn xbzrle_sends_fewer_bytes_for_a_guest_rewriting_its_pages() {
     let (without, with) = with_and_without(
         32,
         6000,
-        true,
+        GuestRam::Filled,
         |o| o.max_bandwidth = 32 << 20,
         |o| o.convergence.xbzrle = Some(XbzrleCache::Auto),
     )
@@ -280,7 +290,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
     let (without, with) = with_and_without(
         32,
         1000,
-        false,
+        GuestRam::AsBooted,
         |o| o.multifd = Some(2),
         |o| o.convergence.compress = Some(Compression::Zstd),
     )
@@ -305,7 +315,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
 #[tokio::test]
 async fn compression_without_multifd_is_refused_before_anything_changes() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut o = pair.tls_options(&lab);
     o.convergence.compress = Some(Compression::Zstd);
 
@@ -354,7 +364,7 @@ async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing(
 async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
     let lab = Lab::new("Test CA");
     // 64 MiB of the 128 MiB filled with data by the fixture; the guest dirties nothing.
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut o = pair.tls_options(&lab);
     o.max_bandwidth = 64 << 20;
 
@@ -378,7 +388,7 @@ async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
 #[tokio::test]
 async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut o = pair.tls_options(&lab);
     o.convergence.postcopy = true;
 

@@ -407,7 +407,7 @@ fn plan() -> DestPlan {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_source_naming_a_qmp_socket_another_session_holds_is_refused_busy() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = fixture::Pair::start_on(&hosts, &[]).await;
+    let pair = fixture::Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let qmp = pair
         .dest

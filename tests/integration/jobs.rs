@@ -30,7 +30,10 @@ impl BusyJob {
     /// finishes on its own. Returns once `jobs` lists it moving RAM.
     async fn start(id: &str) -> BusyJob {
         let kernel = workload_kernel(64, 20_000).expect("workload");
-        let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
+        let pair = Pair::builder()
+            .tweak(|c| c.kernel = Some(kernel))
+            .start()
+            .await;
         pass_beyond(pair.source.serial_path(), 0).await;
         let mut job = BusyJob::launch(id, pair, &["--max-bandwidth", "8M"]);
         job.wait_listed(|j| j["phase"] == "ram" && j["ram"]["transferred"].as_u64() > Some(0))
@@ -40,7 +43,10 @@ impl BusyJob {
 
     /// A 64 MiB disk copied at 2 MiB/s. Returns once `jobs` lists it copying the disk.
     async fn start_copying_a_disk(id: &str) -> BusyJob {
-        let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 64)]).await;
+        let pair = Pair::builder()
+            .disks(&[("disk0", DiskFormat::Qcow2, 64)])
+            .start()
+            .await;
         let mut job = BusyJob::launch(id, pair, &["--disk", "disk0", "--disk-bandwidth", "2M"]);
         job.wait_listed(|j| j["phase"] == "disks").await;
         job
@@ -286,7 +292,10 @@ async fn a_guest_paused_during_the_disk_copy_runs_again_after_jobs_cancel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first_completes() {
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
     let mut first = BusyJob::launch(
         "first-run",
         pair,
@@ -327,7 +336,7 @@ async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let next_dest = pair.next_destination("dest2").await;
     // The killed run waits on its destination's first answer, holding the VM's lock.
     let proxy = fixture::QmpDelayProxy::start(

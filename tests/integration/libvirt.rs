@@ -1014,12 +1014,12 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
     // The same VM as bare QEMU processes on the same two hosts and link (the fixture also
     // fills 64 MiB of its RAM, which the workload's 64 MiB mostly overlap).
     let kernel = qemu_tls_migrate::vm::workload::workload_kernel(64, 100).expect("workload");
-    let bare = crate::fixture::Pair::start_on_with(
-        &pair.hosts,
-        &[("vda", DiskFormat::Qcow2, 64), ("vdb", DiskFormat::Raw, 32)],
-        |c| c.kernel = Some(kernel),
-    )
-    .await;
+    let bare = crate::fixture::Pair::builder()
+        .on(&pair.hosts)
+        .disks(&[("vda", DiskFormat::Qcow2, 64), ("vdb", DiskFormat::Raw, 32)])
+        .tweak(|c| c.kernel = Some(kernel))
+        .start()
+        .await;
     let qmp_dir = bare.dest.qmp_path().parent().expect("dir").to_path_buf();
     let pki_a = lab.host("host-a", &["host-a"]);
     let bare_service = crate::fixture::Service::start(

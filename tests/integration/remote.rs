@@ -28,7 +28,11 @@ use fixture::strs;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let mut pair = Pair::start_on(&hosts, &[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let mut pair = Pair::builder()
+        .on(&hosts)
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let mut service =
         Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["host-b"]).await;
@@ -74,7 +78,7 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
     let lab = Lab::new("Test CA");
     let other = Lab::new("Another CA");
     let pki_a = lab.host("host-a", &["host-a"]);
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let mut service =
         Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["host-b"]).await;
@@ -123,7 +127,7 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migration() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let mut pair = Pair::start_on(&hosts, &[]).await;
+    let mut pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let mut service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
     let args = migrate_to_args(
@@ -309,8 +313,8 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
 async fn one_service_takes_two_migrations_at_once() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let (first, second) = (
-        Pair::start_on(&hosts, &[]).await,
-        Pair::start_on(&hosts, &[]).await,
+        Pair::builder().on(&hosts).start().await,
+        Pair::builder().on(&hosts).start().await,
     );
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     for (name, pair) in [("vm1.sock", &first), ("vm2.sock", &second)] {
@@ -386,7 +390,7 @@ async fn sources_with_many_part_utf8_and_cloudstack_subjects_migrate_through_an_
         let pki_b = lab.host_with_subject(&format!("host-b-{i}"), &["host-b"], subject);
         let dn = qemu_tls_migrate::pki::certificate_authz_dn(&fixture::client_cert_der(&pki_b))
             .expect("a subject QEMU can match");
-        let pair = Pair::start_on(&hosts, &[]).await;
+        let pair = Pair::builder().on(&hosts).start().await;
         let sock = format!("vm{i}.sock");
         std::os::unix::fs::symlink(pair.dest.qmp_path(), qmp_dir.path().join(&sock)).expect("link");
         let args = fixture::migrate_to_args(

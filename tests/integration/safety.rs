@@ -20,7 +20,7 @@ const PAST_THE_HEARTBEAT: Duration = Duration::from_secs(9);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let proxy = QmpDelayProxy::start(
         pair.dest.qmp_path(),
         &pair.dir.path().join("slow-dest.sock"),
@@ -43,7 +43,10 @@ async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with(|c| c.incoming_autostart = true).await;
+    let pair = Pair::builder()
+        .tweak(|c| c.incoming_autostart = true)
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.dest_paused = true;
     let watcher = fixture::monitor(&pair.dest).await;
@@ -68,7 +71,7 @@ async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_copy_remotely() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let _proxy = QmpDelayProxy::start(
         pair.dest.qmp_path(),
@@ -92,7 +95,7 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_the_risk() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let mut pair = Pair::start_on(&hosts, &[]).await;
+    let mut pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     // The destination's last step answers late, so the cut lands while `finish` is under way.
     let proxy = QmpDelayProxy::start(
@@ -198,7 +201,7 @@ fn assert_harmless_after_cont(proxy: &QmpDelayProxy) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_to_cont_ends_with_the_destination_running_locally() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let (proxy, _) = lossy_cont_proxy(&pair, &pair.dir.path().join("lossy.sock"), false).await;
     let mut options = pair.tls_options(&lab);
     options.dest.qmp = proxy.path.clone();
@@ -213,7 +216,7 @@ async fn a_lost_reply_to_cont_ends_with_the_destination_running_locally() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let _proxy = lossy_cont_proxy(&pair, &qmp_dir.path().join("lossy.sock"), false).await;
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
@@ -230,7 +233,7 @@ async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stays_paused() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let dest_pid = pair.dest.pid().expect("destination pid");
     let (proxy, frozen_at) =
         lossy_cont_proxy(&pair, &pair.dir.path().join("frozen.sock"), true).await;
@@ -269,7 +272,7 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stay
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let dest_pid = pair.dest.pid().expect("destination pid");
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let (proxy, frozen_at) =
@@ -315,7 +318,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
     for key in [src.join("client-key.pem"), dst.join("server-key.pem")] {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let (src_qmp, dst_qmp) = (
         pair.source.qmp_path().display().to_string(),
         pair.dest.qmp_path().display().to_string(),
@@ -350,7 +353,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
     let args = fixture::migrate_to_args(
@@ -373,7 +376,7 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its_own_priority() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let service =
         Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["HOST-B"]).await;
@@ -442,7 +445,10 @@ async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_disk_neither_copied_nor_declared_shared_is_refused() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 8)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 8)])
+        .start()
+        .await;
     let options = pair.tls_options(&lab);
 
     let refused = fixture::migrate(&options).await;
@@ -463,7 +469,10 @@ async fn a_local_disk_neither_copied_nor_declared_shared_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_node_added_after_the_timeout_is_still_removed() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 8)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 8)])
+        .start()
+        .await;
     let proxy = QmpDelayProxy::start(
         pair.source.qmp_path(),
         &pair.dir.path().join("slow-source.sock"),
@@ -494,7 +503,7 @@ async fn a_block_node_added_after_the_timeout_is_still_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_added_after_the_timeout_are_still_removed() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     // The source's credentials (created by the preflight, kept for the migration) answer late.
     let proxy = QmpDelayProxy::start(
         pair.source.qmp_path(),
@@ -621,7 +630,7 @@ async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() 
 async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_from_another() {
     use std::sync::atomic::Ordering::Relaxed;
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
     let mut handshakes = Vec::new();
@@ -677,7 +686,7 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_over_the_services_handshake_limit_is_told_the_service_is_busy() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
     let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
     // From the source's own address: it holds every handshake slot that address gets.
