@@ -6,7 +6,7 @@ use qemu_tls_migrate::migration::{Endpoint, FinalStatus, MigrationOptions};
 use qemu_tls_migrate::vm::workload::{self, Workload};
 use qemu_tls_migrate::vm::{Vm, VmConfig};
 
-use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab, pass_beyond};
+use crate::fixture::{self, Cli, DEST_HOST, EVENT_TIMEOUT, Lab, pass_beyond};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_dirties_its_working_set_and_keeps_running_after_a_tls_migration() {
@@ -60,7 +60,7 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
     let out = tempfile::tempdir().expect("out dir");
     let out_dir = out.path().to_str().expect("utf-8 path");
 
-    let run = fixture::run_cli(&[
+    let run = Cli::new(&[
         "bench",
         "--quick",
         "--modes",
@@ -74,6 +74,7 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
         "--out",
         out_dir,
     ])
+    .output()
     .await;
 
     let stderr = String::from_utf8_lossy(&run.stderr);

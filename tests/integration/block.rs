@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use serde_json::Value;
 
 use crate::fixture::{
-    self, CountingProxy, DEST_HOST, DestBacking, DiskNames, GuestRam, Lab, Overlay, Pair, Service,
+    self, Cli, CountingProxy, DEST_HOST, DestBacking, DiskNames, GuestRam, Lab, Overlay, Pair,
+    Service,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,7 +441,7 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
         pair.dest.qmp_path().display().to_string(),
     );
 
-    let out = fixture::run_cli(&[
+    let out = Cli::new(&[
         "migrate",
         "--json",
         "--source-qmp",
@@ -456,6 +457,7 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
         "--disk",
         "disk0,copy=top",
     ])
+    .output()
     .await;
 
     let json = fixture::stdout_json(&out);
@@ -483,7 +485,7 @@ async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::O
         dst_pki.to_str().expect("utf-8"),
     );
     args.extend(extra.iter().map(|s| s.to_string()));
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
     let json = fixture::stdout_json(&out);
     (out, json)
 }
@@ -576,7 +578,7 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
     let serve = |pair: &Pair| {
         let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
         let pki_a = pki_a.clone();
-        async move { Service::start(None, "127.0.0.1", &pki_a, &qmp_dir, &[]).await }
+        async move { Service::builder(&pki_a, &qmp_dir).start().await }
     };
     let (wrong_service, right_service) = (serve(&wrong).await, serve(&right).await);
     let args = |pair: &Pair, service: &Service| {
@@ -589,8 +591,8 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
         )
     };
 
-    let refused = fixture::run_cli(&fixture::strs(&args(&wrong, &wrong_service))).await;
-    let completed = fixture::run_cli(&fixture::strs(&args(&right, &right_service))).await;
+    let refused = Cli::new(&args(&wrong, &wrong_service)).output().await;
+    let completed = Cli::new(&args(&right, &right_service)).output().await;
 
     let (refused_json, completed_json) = (
         fixture::stdout_json(&refused),
@@ -626,7 +628,7 @@ async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
         lab.host("dst", &[DEST_HOST]).to_str().expect("utf-8"),
     );
     args.extend(["--disk", "disk0", "--disk-bandwidth", "1M"].map(String::from));
-    let mut killed = fixture::spawn_cli_env(&args, &[]);
+    let mut killed = Cli::new(&args).spawn();
     let orphan = fixture::wait_block_job(&pair.source).await;
     let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");

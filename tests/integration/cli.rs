@@ -1,13 +1,13 @@
 //! The command line as CloudStack's agent and a person use it: the JSON contract, exit codes,
 //! and SIGINT cancelling a running migration with everything rolled back.
 
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use nix::sys::signal::Signal;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::fixture::{self, DEST_HOST, Lab, Pair};
+use crate::fixture::{self, Cli, DEST_HOST, Lab, Pair};
 
 /// A lab, a started pair and the `migrate --json` arguments of a TLS migration between them.
 async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
@@ -29,7 +29,7 @@ async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
 async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
     let (_lab, _pair, args) = tls_pair_and_args().await;
 
-    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -66,7 +66,7 @@ async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
         unsecured.path().to_str().expect("utf-8"),
     );
 
-    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -110,7 +110,7 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
     );
     args.extend(["--authz".to_string(), "--all-local-disks".to_string()]);
 
-    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -120,7 +120,7 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
 #[tokio::test]
 async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
     for flag in ["--timeout", "--stall-timeout", "--qmp-timeout"] {
-        let out = fixture::run_cli(&[
+        let out = Cli::new(&[
             "migrate",
             "--source-qmp",
             "/nonexistent/src.sock",
@@ -131,6 +131,7 @@ async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
             flag,
             "18446744073709551615",
         ])
+        .output()
         .await;
 
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -142,13 +143,14 @@ async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
 
 #[tokio::test]
 async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
-    let out = fixture::run_cli(&[
+    let out = Cli::new(&[
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--qmp-timeout",
         "18446744073709551615",
     ])
+    .output()
     .await;
 
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -158,7 +160,7 @@ async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
 
 #[tokio::test]
 async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage() {
-    let out = fixture::run_cli(&[
+    let out = Cli::new(&[
         "migrate",
         "--json",
         "--source-qmp",
@@ -168,6 +170,7 @@ async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage(
         "--dest-host",
         "",
     ])
+    .output()
     .await;
 
     let json = fixture::stdout_json(&out);
@@ -188,12 +191,7 @@ async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage(
 async fn migrate_and_signal(signals: &[Signal]) -> (Lab, Pair, Output, String) {
     let (lab, pair, mut args) = tls_pair_and_args().await;
     args.extend(["--max-bandwidth".to_string(), "8M".to_string()]);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = Cli::new(&args).spawn();
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
@@ -283,11 +281,7 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
     // Relative to the lab directory, which is not QEMU's current directory.
     let args = fixture::migrate_args(&pair, "src", "./dst");
 
-    let out = fixture::run_cli_from(
-        lab.dir.path(),
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    let out = Cli::new(&args).cwd(lab.dir.path()).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -315,7 +309,7 @@ async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds
         result.display().to_string(),
     ]);
 
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -335,7 +329,7 @@ async fn multifd_auto_picks_channels_from_the_cpus_and_reports_them() {
     args.extend(["--multifd".to_string(), "auto".to_string()]);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
 
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");

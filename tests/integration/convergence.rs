@@ -8,7 +8,7 @@ use qemu_tls_migrate::migration::{
 };
 use qemu_tls_migrate::vm::workload::workload_kernel;
 
-use crate::fixture::{self, GuestRam, Lab, Pair, pass_beyond};
+use crate::fixture::{self, Cli, GuestRam, Lab, Pair, pass_beyond};
 
 /// A pair whose guest dirties `wss_mib` MiB at `pages_per_sec`, running its workload.
 async fn dirtying_pair(wss_mib: u32, pages_per_sec: u32) -> Pair {
@@ -341,7 +341,7 @@ async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing(
     );
     args.extend(["--plan", "--max-bandwidth", "16M"].map(String::from));
 
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     fixture::show("plan, busy guest", &json);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use qemu_tls_migrate::libvirt::Libvirt;
 use qemu_tls_migrate::peer::{Authz, DestPlan, ErrorKind, Message, NewDisk};
 
-use crate::fixture::{self, LibvirtPair, PeerClient, Service, domain_name, strs};
+use crate::fixture::{self, Cli, LibvirtPair, PeerClient, Service, domain_name};
 use crate::libvirt::{
     dest_xml_file, libvirt_service, libvirt_service_on, served_args, start_domain,
     wait_destination_clean,
@@ -320,7 +320,7 @@ async fn a_service_killed_while_a_domain_waits_is_cleaned_up_by_the_next_before_
         records(&state),
     );
     let args = served_args(&name, &next.addr, &pki_b2, &xml_path.display().to_string());
-    let out = pair.b.run_cli(&strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     assert_eq!(
         left,
@@ -370,7 +370,7 @@ async fn a_cloudstack_shaped_domain_migrates_through_the_allow_list() {
         &dest_xml.display().to_string(),
     );
 
-    let out = pair.b.run_cli(&strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -416,7 +416,7 @@ async fn a_second_source_naming_a_qmp_socket_another_session_holds_is_refused_bu
         .expect("name")
         .to_string_lossy()
         .to_string();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let preflight = || Message::Preflight {
         qmp: qmp.clone(),
         plan: plan(),

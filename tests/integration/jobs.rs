@@ -1,6 +1,7 @@
 //! `jobs`: another process (CloudStack's agent, an operator) lists, cancels, speeds up or
 //! pauses a `migrate` that runs a busy guest over TLS, through the job's control socket.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::process::Child;
 
-use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab, Pair, pass_beyond};
+use crate::fixture::{self, Cli, DEST_HOST, EVENT_TIMEOUT, Lab, Pair, pass_beyond};
 
 /// A `migrate --json` that keeps busy long enough to be controlled. Its control socket lives
 /// in `run_dir`.
@@ -67,7 +68,7 @@ impl BusyJob {
             &dst.display().to_string(),
         );
         args.extend(["--job-id", id].iter().chain(extra).map(|s| s.to_string()));
-        let mut child = fixture::spawn_cli_env(&args, &[("QTM_RUN_DIR", &run_dir)]);
+        let mut child = Cli::new(&args).env("QTM_RUN_DIR", &run_dir).spawn();
         // Drained all along: a full pipe would stall the tool.
         let mut pipe = child.stderr.take().expect("stderr");
         let stderr = tokio::spawn(async move {
@@ -87,8 +88,11 @@ impl BusyJob {
     }
 
     /// `qemu-tls-migrate ARGS` against this job's run directory.
-    async fn cli(&self, args: &[&str]) -> Output {
-        fixture::run_cli_env(args, &[("QTM_RUN_DIR", &self.run_dir)]).await
+    async fn cli(&self, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
+        Cli::new(args)
+            .env("QTM_RUN_DIR", &self.run_dir)
+            .output()
+            .await
     }
 
     /// Polls `jobs --json` until this job is listed as `wanted` says.
@@ -312,7 +316,7 @@ async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first
     let mut retry_args = retry_args;
     retry_args.extend(["--job-id", "retry", "--disk", "disk0"].map(String::from));
 
-    let retry = first.cli(&fixture::strs(&retry_args)).await;
+    let retry = first.cli(&retry_args).await;
     let (mut pair, code, report, stderr) = first.finish().await;
 
     let refusal = fixture::stdout_json(&retry);
@@ -359,7 +363,7 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
         .expect("--dest-qmp");
     killed_args[dest_at + 1] = proxy.path.display().to_string();
     killed_args.extend(["--job-id".to_string(), killed_id.clone()]);
-    let mut killed = fixture::spawn_cli_env(&killed_args, &[]);
+    let mut killed = Cli::new(&killed_args).spawn();
     proxy.holding().await;
     let record = held_lock_record(&killed_id).expect("the run holds its VM's lock");
     let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
@@ -368,7 +372,7 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
     let mut next_args = fixture::migrate_args(&pair, &src, &dst);
     next_args[dest_at + 1] = next_dest.qmp_path().display().to_string();
 
-    let next = fixture::run_cli(&fixture::strs(&next_args)).await;
+    let next = Cli::new(&next_args).output().await;
 
     let report = fixture::stdout_json(&next);
     assert!(record.contains(&killed_id), "{record}");

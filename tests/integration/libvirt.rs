@@ -9,7 +9,7 @@ use qemu_tls_migrate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
 use qemu_tls_migrate::qemu::QueryStatus;
 use qemu_tls_migrate::qmp::Qmp;
 
-use crate::fixture::{LibvirtHost, LibvirtPair, domain_name, small_domain_xml};
+use crate::fixture::{Cli, LibvirtHost, LibvirtPair, domain_name, small_domain_xml};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -146,7 +146,7 @@ async fn migratable_xml_starts_paused_on_the_other_host_then_resumes_and_is_dest
 async fn our_binary_runs_inside_a_libvirt_host_and_sees_its_libvirtd() {
     let pair = LibvirtPair::shared();
 
-    let version = pair.a.run_cli(&["--version"]).await;
+    let version = Cli::new(&["--version"]).in_host(&pair.a).output().await;
     let socket = pair
         .a
         .command("test")
@@ -192,7 +192,7 @@ async fn a_domain_migrates_by_name_over_tls_into_a_domain_waiting_on_the_other_h
     let (b_uri, a_monitor) = (pair.b.uri(), dest_monitor.display().to_string());
     let (pki_a, pki_b) = (pki_a.display().to_string(), pki_b.display().to_string());
 
-    let out = crate::fixture::run_cli(&[
+    let out = Cli::new(&[
         "migrate",
         "--json",
         "--domain",
@@ -211,6 +211,7 @@ async fn a_domain_migrates_by_name_over_tls_into_a_domain_waiting_on_the_other_h
         &pki_a,
         "--all-local-disks",
     ])
+    .output()
     .await;
 
     let json = crate::fixture::stdout_json(&out);
@@ -253,7 +254,7 @@ async fn refused_by_name(
     ];
     args.extend_from_slice(extra);
 
-    let out = crate::fixture::run_cli(&args).await;
+    let out = Cli::new(&args).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -329,7 +330,7 @@ async fn serve_libvirt_refuses_a_top_only_copy_onto_another_template_of_the_same
     );
     args.extend(["--disk-copy".to_string(), "top".to_string()]);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
@@ -366,7 +367,7 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_disk_c
     args.retain(|a| a != "--all-local-disks");
     args.extend(["--disk".to_string(), "vda,copy=top".to_string()]);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -419,7 +420,7 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
         &dest_xml.display().to_string(),
     );
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -469,14 +470,12 @@ pub(crate) async fn libvirt_service_on(
         lab.host("host-b", &["host-b"]),
     );
     crate::fixture::open_path_for_others(&pki_a);
-    let service = crate::fixture::Service::start_in_libvirt_host(
-        &pair.a,
-        addr,
-        &pki_a,
-        &pair.a.qmp_dir(),
-        extra,
-    )
-    .await;
+    let service = crate::fixture::Service::builder(&pki_a, &pair.a.qmp_dir())
+        .in_host(&pair.a)
+        .listen(addr)
+        .args(extra)
+        .start()
+        .await;
     (lab, service, pki_b.display().to_string())
 }
 
@@ -529,7 +528,7 @@ async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_pas
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
     let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -614,12 +613,11 @@ async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_
     let first_id = format!("{name}-first");
     let first = tokio::spawn({
         let args = args(&first_id);
-        async move { crate::fixture::run_cli(&crate::fixture::strs(&args)).await }
+        async move { Cli::new(&args).output().await }
     });
     wait_block_job(&pair, &name).await;
 
-    let retry =
-        crate::fixture::run_cli(&crate::fixture::strs(&args(&format!("{name}-retry")))).await;
+    let retry = Cli::new(&args(&format!("{name}-retry"))).output().await;
     let first = first.await.expect("first run");
 
     let refusal = crate::fixture::stdout_json(&retry);
@@ -789,7 +787,7 @@ async fn a_domain_with_two_local_disks_migrates_through_serve_libvirt_with_nothi
     let control = control.finish();
     let capture = crate::fixture::LinkCapture::start(&pair.hosts.a, needles);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let seen = capture.finish();
     let json = crate::fixture::stdout_json(&out);
@@ -842,7 +840,7 @@ async fn an_unsecured_source_is_refused_by_a_secured_service_and_nothing_is_made
     let unsecured_dir = unsecured.path().display().to_string();
     let args = agent_args(&name, &service.addr, &unsecured_dir, &dest_xml);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     crate::fixture::show("unsecured source", &json);
@@ -864,7 +862,7 @@ async fn a_service_whose_libvirtd_is_down_refuses_and_nothing_is_made_there() {
         libvirt_service_on(&pair, &pair.hosts.a_addr, &["--libvirt", "--connect", &uri]).await;
     let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     crate::fixture::show("libvirtd down", &json);
@@ -958,7 +956,7 @@ async fn interrupted_during_the_ram_phase(
     args.extend(["--max-bandwidth", "8M", "--timeout", "60"].map(String::from));
     let run = {
         let pair = pair.clone();
-        tokio::spawn(async move { pair.b.run_cli(&crate::fixture::strs(&args)).await })
+        tokio::spawn(async move { Cli::new(&args).in_host(&pair.b).output().await })
     };
 
     wait_ram_phase(pair, &name).await;
@@ -1022,14 +1020,10 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
         .await;
     let qmp_dir = bare.dest.qmp_path().parent().expect("dir").to_path_buf();
     let pki_a = lab.host("host-a", &["host-a"]);
-    let bare_service = crate::fixture::Service::start(
-        Some(&pair.hosts.a),
-        &pair.hosts.a_addr,
-        &pki_a,
-        &qmp_dir,
-        &[],
-    )
-    .await;
+    let bare_service = crate::fixture::Service::builder(&pki_a, &qmp_dir)
+        .on(&pair.hosts)
+        .start()
+        .await;
     let qmp_name = bare
         .dest
         .qmp_path()
@@ -1045,9 +1039,8 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
         &["--disk", "vda", "--disk", "vdb"],
     );
 
-    let domain_out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
-    let bare_out =
-        crate::fixture::run_cli_in(&pair.hosts.b, &crate::fixture::strs(&bare_args)).await;
+    let domain_out = Cli::new(&args).in_host(&pair.b).output().await;
+    let bare_out = Cli::new(&bare_args).in_netns(&pair.hosts.b).output().await;
 
     let (domain, bare_json) = (
         crate::fixture::stdout_json(&domain_out),
@@ -1079,10 +1072,9 @@ async fn the_tool_killed_during_the_ram_phase_leaves_the_service_to_roll_back_on
     // RAM takes about 8 s at this rate: the service notices the silent channel (6 s) first.
     args.extend(["--max-bandwidth", "4M"].map(String::from));
     // As the agent does on its timeout: SIGKILL, no chance to clean up.
-    let mut tool = pair
-        .b
-        .command(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
-        .args(&args)
+    let mut tool = Cli::new(&args)
+        .in_host(&pair.b)
+        .command()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1172,7 +1164,7 @@ async fn refused_as_existing(
     let (_lab, service, pki_b) = libvirt_service(pair).await;
     let args = served_args(name, &service.addr, &pki_b, &dest_xml.display().to_string());
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = crate::fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -1270,7 +1262,7 @@ async fn migrate_through_a_lossy_proxy(
         .await
     });
     let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
     let proxy = proxy.await.expect("proxy");
     drop(interpose);
     (name, disks, out, proxy, frozen)

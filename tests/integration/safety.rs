@@ -12,7 +12,7 @@ use qemu_tls_migrate::vm::DiskFormat;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::fixture::{self, Lab, Pair, QmpDelayProxy, Service};
+use crate::fixture::{self, Cli, Lab, Pair, QmpDelayProxy, Service};
 
 /// Longer than the control channel's heartbeat timeout (6 s).
 const PAST_THE_HEARTBEAT: Duration = Duration::from_secs(9);
@@ -80,10 +80,13 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
         PAST_THE_HEARTBEAT,
     )
     .await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -105,9 +108,12 @@ async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_t
         Duration::from_secs(15),
     )
     .await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
-    let child = fixture::spawn_cli_in(&hosts.b, &args);
+    let child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
     fixture::wait_migration_completed(&pair.source).await;
     tokio::time::timeout(fixture::EVENT_TIMEOUT, proxy.holding())
@@ -219,10 +225,13 @@ async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
     let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let _proxy = lossy_cont_proxy(&pair, &qmp_dir.path().join("lossy.sock"), false).await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "lossy.sock", &[]);
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -277,10 +286,13 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let (proxy, frozen_at) =
         lossy_cont_proxy(&pair, &qmp_dir.path().join("frozen.sock"), true).await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "frozen.sock", &[]);
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
     let source_status = fixture::status(&pair.source).await;
     let given_up_after = thaw_after_frozen_for(&frozen_at, dest_pid).await;
 
@@ -325,7 +337,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
     );
     let (src_dir, dst_dir) = (src.display().to_string(), dst.display().to_string());
 
-    let out = fixture::run_cli(&[
+    let out = Cli::new(&[
         "migrate",
         "--json",
         "--source-qmp",
@@ -339,6 +351,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
         "--dest-pki-dir",
         &dst_dir,
     ])
+    .output()
     .await;
 
     let json = fixture::stdout_json(&out);
@@ -355,7 +368,7 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let args = fixture::migrate_to_args(
         &pair,
         &service.addr,
@@ -364,7 +377,7 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
         &["--transport", "tcp"],
     );
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -378,8 +391,11 @@ async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["HOST-B"]).await;
+    let service = Service::builder(&pki_a, &qmp_dir)
+        .on(&hosts)
+        .allow(&["HOST-B"])
+        .start()
+        .await;
     // No --authz: the service restricts the migration stream by itself. A cipher priority
     // from the source must not become the destination's.
     let args = fixture::migrate_to_args(
@@ -389,7 +405,7 @@ async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its
         "qmp.sock",
         &["--max-bandwidth", "16M", "--tls-priority", "NORMAL"],
     );
-    let mut child = fixture::spawn_cli_in(&hosts.b, &args);
+    let mut child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
     let watcher = fixture::monitor(&pair.dest).await;
     let (authz, priority) = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
@@ -536,8 +552,10 @@ async fn credentials_added_after_the_timeout_are_still_removed() {
 async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let mut service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let mut service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let mut greedy = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
     // Pings, each answered with a pong this client never reads, until both buffers are full.
     let ping =
@@ -580,15 +598,11 @@ async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
 async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let service = Service::start_with(
-        Some(&hosts.a),
-        &hosts.a_addr,
-        &pki_a,
-        qmp_dir.path(),
-        &[],
-        &["--max-sessions", "1"],
-    )
-    .await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .args(&["--max-sessions", "1"])
+        .start()
+        .await;
     let mut first = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
     let hello = qemu_tls_migrate::peer::encode(&qemu_tls_migrate::peer::Message::Hello {
         client: "first".into(),
@@ -632,7 +646,7 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let mut handshakes = Vec::new();
     for _ in 0..20 {
         let started = std::time::Instant::now();
@@ -653,7 +667,7 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
 
     let started = std::time::Instant::now();
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
     let took = started.elapsed();
 
     let json = fixture::stdout_json(&out);
@@ -688,13 +702,13 @@ async fn a_source_over_the_services_handshake_limit_is_told_the_service_is_busy(
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     // From the source's own address: it holds every handshake slot that address gets.
     let flood = fixture::IdleFlood::start(&hosts.b, &service.addr, 4);
     flood.wait_opened(4).await;
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
