@@ -60,7 +60,7 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
     let out = tempfile::tempdir().expect("out dir");
     let out_dir = out.path().to_str().expect("utf-8 path");
 
-    let run = Cli::new(&[
+    let run = Cli::new([
         "bench",
         "--quick",
         "--modes",

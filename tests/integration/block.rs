@@ -441,7 +441,7 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
         pair.dest.qmp_path().display().to_string(),
     );
 
-    let out = Cli::new(&[
+    let out = Cli::new([
         "migrate",
         "--json",
         "--source-qmp",
@@ -591,8 +591,8 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
         )
     };
 
-    let refused = Cli::new(&args(&wrong, &wrong_service)).output().await;
-    let completed = Cli::new(&args(&right, &right_service)).output().await;
+    let refused = Cli::new(args(&wrong, &wrong_service)).output().await;
+    let completed = Cli::new(args(&right, &right_service)).output().await;
 
     let (refused_json, completed_json) = (
         fixture::stdout_json(&refused),

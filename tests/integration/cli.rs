@@ -120,7 +120,7 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
 #[tokio::test]
 async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
     for flag in ["--timeout", "--stall-timeout", "--qmp-timeout"] {
-        let out = Cli::new(&[
+        let out = Cli::new([
             "migrate",
             "--source-qmp",
             "/nonexistent/src.sock",
@@ -143,7 +143,7 @@ async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
 
 #[tokio::test]
 async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
-    let out = Cli::new(&[
+    let out = Cli::new([
         "serve",
         "--listen",
         "127.0.0.1:0",
@@ -160,7 +160,7 @@ async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
 
 #[tokio::test]
 async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage() {
-    let out = Cli::new(&[
+    let out = Cli::new([
         "migrate",
         "--json",
         "--source-qmp",

@@ -302,7 +302,7 @@ fn host_secure_dry_run_prints_a_diff_and_changes_nothing() {
     let root = cloudstack_root();
     let before = snapshot(root.path());
 
-    let out = Cli::new(&[
+    let out = Cli::new([
         "host",
         "secure",
         "--root",
@@ -356,7 +356,7 @@ fn host_status_reports_unsecured_then_secured() {
     let root = cloudstack_root();
     let status = |root: &Path| {
         let out =
-            Cli::new(&["host", "status", "--root", path_str(root), "--json"]).output_blocking();
+            Cli::new(["host", "status", "--root", path_str(root), "--json"]).output_blocking();
         let json: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
         (out.status.code(), json)
     };
@@ -557,7 +557,7 @@ fn host_status_accepts_single_quoted_values_and_non_utf8_bytes() {
     .expect("write");
 
     let out =
-        Cli::new(&["host", "status", "--root", path_str(root.path()), "--json"]).output_blocking();
+        Cli::new(["host", "status", "--root", path_str(root.path()), "--json"]).output_blocking();
 
     let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert!(secured.status.success(), "{secured:?}");

@@ -146,7 +146,7 @@ async fn migratable_xml_starts_paused_on_the_other_host_then_resumes_and_is_dest
 async fn our_binary_runs_inside_a_libvirt_host_and_sees_its_libvirtd() {
     let pair = LibvirtPair::shared();
 
-    let version = Cli::new(&["--version"]).in_host(&pair.a).output().await;
+    let version = Cli::new(["--version"]).in_host(&pair.a).output().await;
     let socket = pair
         .a
         .command("test")
@@ -192,7 +192,7 @@ async fn a_domain_migrates_by_name_over_tls_into_a_domain_waiting_on_the_other_h
     let (b_uri, a_monitor) = (pair.b.uri(), dest_monitor.display().to_string());
     let (pki_a, pki_b) = (pki_a.display().to_string(), pki_b.display().to_string());
 
-    let out = Cli::new(&[
+    let out = Cli::new([
         "migrate",
         "--json",
         "--domain",
@@ -617,7 +617,7 @@ async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_
     });
     wait_block_job(&pair, &name).await;
 
-    let retry = Cli::new(&args(&format!("{name}-retry"))).output().await;
+    let retry = Cli::new(args(&format!("{name}-retry"))).output().await;
     let first = first.await.expect("first run");
 
     let refusal = crate::fixture::stdout_json(&retry);

@@ -18,7 +18,7 @@ use crate::fixture::Cli;
 fn lab() -> (TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("lab");
-    let done = Cli::new(&[
+    let done = Cli::new([
         "pki",
         "init",
         "--out",
@@ -39,7 +39,7 @@ fn path_str(p: &Path) -> &str {
 
 /// `pki check --json` on `dir` for host name host-a: (exit code, report).
 fn check(dir: &Path) -> (i32, Value) {
-    let out = Cli::new(&[
+    let out = Cli::new([
         "pki",
         "check",
         "--dir",
@@ -225,7 +225,7 @@ fn pki_check_text_output_names_file_and_fix() {
     let dir = lab.join("host-a");
     fs::remove_file(dir.join(pki::SERVER_KEY)).expect("remove");
 
-    let out = Cli::new(&[
+    let out = Cli::new([
         "pki",
         "check",
         "--dir",

@@ -86,7 +86,7 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
         .await;
 
     let foreign = other.host("host-b", &["host-b"]);
-    let out = Cli::new(&migrate_to_args(&pair, &service, &foreign, &[]))
+    let out = Cli::new(migrate_to_args(&pair, &service, &foreign, &[]))
         .in_netns(&hosts.b)
         .output()
         .await;
@@ -95,7 +95,7 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
     assert_eq!(json["error"]["kind"], "connect", "{json}");
 
     let unlisted = lab.host("host-c", &["host-c"]);
-    let out = Cli::new(&migrate_to_args(&pair, &service, &unlisted, &[]))
+    let out = Cli::new(migrate_to_args(&pair, &service, &unlisted, &[]))
         .in_netns(&hosts.b)
         .output()
         .await;
@@ -190,7 +190,7 @@ async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migrat
     let next_dir = next.qmp_path().parent().expect("dir").to_path_buf();
     drop(service);
     let service = Service::builder(&pki_a, &next_dir).on(&hosts).start().await;
-    let out = Cli::new(&migrate_to_args(&pair, &service, &pki_b, &[]))
+    let out = Cli::new(migrate_to_args(&pair, &service, &pki_b, &[]))
         .in_netns(&hosts.b)
         .output()
         .await;

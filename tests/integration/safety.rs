@@ -337,7 +337,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
     );
     let (src_dir, dst_dir) = (src.display().to_string(), dst.display().to_string());
 
-    let out = Cli::new(&[
+    let out = Cli::new([
         "migrate",
         "--json",
         "--source-qmp",
