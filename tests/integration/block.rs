@@ -285,7 +285,7 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
     assert_eq!(rb.status, FinalStatus::Completed, "{:?}", rb.error);
     assert_eq!(ra.ports, [49510]);
     assert_ne!(rb.ports, [49510], "two migrations at once share a port");
-    assert_eq!(fixture::error_kind(&rc), Some("ports"), "{:?}", rc.error);
+    fixture::assert_error_kind(&rc, "ports");
     let message = rc
         .error
         .as_ref()
@@ -318,22 +318,12 @@ async fn counted_disk_options(
 async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_chain() {
     let lab = Lab::new("Test CA");
     let mut top_pair = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 256,
-            overlay_mib: 16,
-            dest: DestBacking::SameTemplate,
-            names: DiskNames::SAME,
-        })
+        .overlay(Overlay::new(256, 16, DestBacking::SameTemplate))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
     let mut full_pair = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 256,
-            overlay_mib: 16,
-            dest: DestBacking::None,
-            names: DiskNames::SAME,
-        })
+        .overlay(Overlay::new(256, 16, DestBacking::None))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
@@ -393,12 +383,7 @@ async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_cha
 async fn top_is_refused_and_nothing_changed_when_the_destination_disk_has_no_backing_file() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 32,
-            overlay_mib: 4,
-            dest: DestBacking::None,
-            names: DiskNames::SAME,
-        })
+        .overlay(Overlay::new(32, 4, DestBacking::None))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
@@ -419,48 +404,26 @@ async fn top_is_refused_and_nothing_changed_when_the_destination_disk_has_no_bac
     pair.quit_both().await;
 }
 
+/// `migrate --json` of `pair` with `extra`, through the CLI, with fresh PKIs from `lab`.
+async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::Output, Value) {
+    let mut args = pair.tls_args(lab);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = Cli::new(&args).output().await;
+    let json = fixture::stdout_json(&out);
+    (out, json)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
     let lab = Lab::new("Test CA");
-    let (src_pki, dst_pki) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
     let mut pair = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 32,
-            overlay_mib: 4,
-            dest: DestBacking::OtherTemplate,
-            names: DiskNames::SAME,
-        })
+        .overlay(Overlay::new(32, 4, DestBacking::OtherTemplate))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
-    let (src_qmp, dst_qmp) = (
-        pair.source.qmp_path().display().to_string(),
-        pair.dest.qmp_path().display().to_string(),
-    );
 
-    let out = Cli::new([
-        "migrate",
-        "--json",
-        "--source-qmp",
-        &src_qmp,
-        "--dest-qmp",
-        &dst_qmp,
-        "--dest-host",
-        DEST_HOST,
-        "--source-pki-dir",
-        src_pki.to_str().expect("utf-8"),
-        "--dest-pki-dir",
-        dst_pki.to_str().expect("utf-8"),
-        "--disk",
-        "disk0,copy=top",
-    ])
-    .output()
-    .await;
+    let (out, json) = migrate_cli(&pair, &lab, &["--disk", "disk0,copy=top"]).await;
 
-    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
     let message = json["error"]["message"].as_str().unwrap_or("");
@@ -473,33 +436,11 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
     pair.quit_both().await;
 }
 
-/// `migrate --json` of `pair` with `extra`, through the CLI, with fresh PKIs from `lab`.
-async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::Output, Value) {
-    let (src_pki, dst_pki) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let mut args = fixture::migrate_args(
-        pair,
-        src_pki.to_str().expect("utf-8"),
-        dst_pki.to_str().expect("utf-8"),
-    );
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let out = Cli::new(&args).output().await;
-    let json = fixture::stdout_json(&out);
-    (out, json)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused_unchanged() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 64,
-            overlay_mib: 4,
-            dest: DestBacking::OtherTemplate,
-            names: DiskNames::DIFFERENT,
-        })
+        .overlay(Overlay::new(64, 4, DestBacking::OtherTemplate).named(DiskNames::DIFFERENT))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
@@ -527,12 +468,7 @@ async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused
 async fn a_top_only_copy_onto_the_same_template_under_other_node_names_completes_and_disks_equal() {
     let lab = Lab::new("Test CA");
     let mut pair = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 64,
-            overlay_mib: 4,
-            dest: DestBacking::SameTemplate,
-            names: DiskNames::DIFFERENT,
-        })
+        .overlay(Overlay::new(64, 4, DestBacking::SameTemplate).named(DiskNames::DIFFERENT))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
@@ -556,27 +492,17 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
         lab.host("host-b", &["host-b"]),
     );
     let mut wrong = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 64,
-            overlay_mib: 4,
-            dest: DestBacking::OtherTemplate,
-            names: DiskNames::DIFFERENT,
-        })
+        .overlay(Overlay::new(64, 4, DestBacking::OtherTemplate).named(DiskNames::DIFFERENT))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
     let mut right = Pair::builder()
-        .overlay(Overlay {
-            template_mib: 64,
-            overlay_mib: 4,
-            dest: DestBacking::SameTemplate,
-            names: DiskNames::DIFFERENT,
-        })
+        .overlay(Overlay::new(64, 4, DestBacking::SameTemplate).named(DiskNames::DIFFERENT))
         .ram(GuestRam::AsBooted)
         .start()
         .await;
     let serve = |pair: &Pair| {
-        let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+        let qmp_dir = fixture::qmp_dir(&pair.dest);
         let pki_a = pki_a.clone();
         async move { Service::builder(&pki_a, &qmp_dir).start().await }
     };
@@ -622,11 +548,7 @@ async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
         .disks(&[("disk0", DiskFormat::Qcow2, 32)])
         .start()
         .await;
-    let mut args = fixture::migrate_args(
-        &pair,
-        lab.host("src", &["src-host"]).to_str().expect("utf-8"),
-        lab.host("dst", &[DEST_HOST]).to_str().expect("utf-8"),
-    );
+    let mut args = pair.tls_args(&lab);
     args.extend(["--disk", "disk0", "--disk-bandwidth", "1M"].map(String::from));
     let mut killed = Cli::new(&args).spawn();
     let orphan = fixture::wait_block_job(&pair.source).await;

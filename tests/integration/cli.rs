@@ -1,6 +1,7 @@
 //! The command line as CloudStack's agent and a person use it: the JSON contract, exit codes,
 //! and SIGINT cancelling a running migration with everything rolled back.
 
+use std::path::Path;
 use std::process::Output;
 
 use nix::sys::signal::Signal;
@@ -12,16 +13,8 @@ use crate::fixture::{self, Cli, DEST_HOST, Lab, Pair};
 /// A lab, a started pair and the `migrate --json` arguments of a TLS migration between them.
 async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
     let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
     let pair = Pair::builder().start().await;
-    let args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let args = pair.tls_args(&lab);
     (lab, pair, args)
 }
 
@@ -60,11 +53,7 @@ async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
     let unsecured = tempfile::tempdir().expect("empty dir");
     let src = lab.host("src", &["src-host"]);
     let pair = Pair::builder().start().await;
-    let args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        unsecured.path().to_str().expect("utf-8"),
-    );
+    let args = fixture::migrate_args(&pair, &src, unsecured.path());
 
     let out = Cli::new(&args).output().await;
 
@@ -95,19 +84,11 @@ async fn sigint_cancels_a_running_migration_and_rolls_back_with_exit_4() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
     let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
     let pair = Pair::builder()
         .disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)])
         .start()
         .await;
-    let mut args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let mut args = pair.tls_args(&lab);
     args.extend(["--authz".to_string(), "--all-local-disks".to_string()]);
 
     let out = Cli::new(&args).output().await;
@@ -194,19 +175,8 @@ async fn migrate_and_signal(signals: &[Signal]) -> (Lab, Pair, Output, String) {
     let mut child = Cli::new(&args).spawn();
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 0 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(
-        moving.ok(),
-        Some(true),
+    assert!(
+        fixture::ram_transferred_beyond(&mut stderr, 0).await,
         "the migration never started moving bytes"
     );
 
@@ -279,7 +249,7 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
     lab.host("dst", &[DEST_HOST]);
     let pair = Pair::builder().start().await;
     // Relative to the lab directory, which is not QEMU's current directory.
-    let args = fixture::migrate_args(&pair, "src", "./dst");
+    let args = fixture::migrate_args(&pair, Path::new("src"), Path::new("./dst"));
 
     let out = Cli::new(&args).cwd(lab.dir.path()).output().await;
 
@@ -292,17 +262,9 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds_it() {
     let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
     let pair = Pair::builder().start().await;
     let result = pair.dir.path().join("result.json");
-    let mut args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let mut args = pair.tls_args(&lab);
     args.extend([
         "-q".to_string(),
         "--result-file".to_string(),

@@ -116,7 +116,7 @@ async fn auto_converge_lets_the_busy_guest_finish_with_its_ram_intact() {
     assert_eq!(fixture::status(&pair.dest).await, "paused");
     // Nested KVM's dirty log misses SeaBIOS's e-segment page (0xe8000) in every migration on
     // this kind of machine, whatever the settings (see migration.rs); nothing else may differ.
-    let differing = ram_difference(&pair);
+    let differing = fixture::ram_difference(&pair);
     assert!(
         differing.iter().all(|&page| page == 0xe8),
         "pages {differing:x?} differ after auto-converge"
@@ -142,15 +142,6 @@ async fn auto_converge_is_refused_for_a_guest_under_tcg() {
         fixture::error_message(&report)
     );
     fixture::assert_source_untouched(&pair.source).await;
-}
-
-/// The pages that differ between the two sides' RAM.
-fn ram_difference(pair: &Pair) -> Vec<usize> {
-    let src = std::fs::read(pair.source.ram_path()).expect("source RAM");
-    let dst = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
-    (0..src.len() / 4096)
-        .filter(|p| src[p * 4096..(p + 1) * 4096] != dst[p * 4096..(p + 1) * 4096])
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,15 +321,7 @@ async fn compression_without_multifd_is_refused_before_anything_changes() {
 async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing() {
     let lab = Lab::new("Test CA");
     let pair = busy_pair().await;
-    let (src_pki, dst_pki) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[fixture::DEST_HOST]),
-    );
-    let mut args = fixture::migrate_args(
-        &pair,
-        src_pki.to_str().expect("utf-8"),
-        dst_pki.to_str().expect("utf-8"),
-    );
+    let mut args = pair.tls_args(&lab);
     args.extend(["--plan", "--max-bandwidth", "16M"].map(String::from));
 
     let out = Cli::new(&args).output().await;

@@ -11,8 +11,8 @@ use qemu_tls_migrate::peer::{Authz, DestPlan, ErrorKind, Message, NewDisk};
 
 use crate::fixture::{self, Cli, LibvirtPair, PeerClient, Service, domain_name};
 use crate::libvirt::{
-    dest_xml_file, libvirt_service, libvirt_service_on, served_args, start_domain,
-    wait_destination_clean,
+    dest_xml_file, libvirt_service, libvirt_service_on, served_args, served_migration,
+    start_domain, wait_destination_clean,
 };
 
 /// The disk a source asks the service to create for a [`start_domain`] domain: its qcow2
@@ -361,14 +361,7 @@ async fn a_cloudstack_shaped_domain_migrates_through_the_allow_list() {
         .await;
     pair.b.virsh_ok(&["start", &name]).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let (_lab, _service, args) = served_migration(&pair, &name, &dest_disk).await;
 
     let out = Cli::new(&args).in_host(&pair.b).output().await;
 
@@ -408,7 +401,7 @@ fn plan() -> DestPlan {
 async fn a_second_source_naming_a_qmp_socket_another_session_holds_is_refused_busy() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = fixture::Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let qmp = pair
         .dest
         .qmp_path()

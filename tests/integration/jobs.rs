@@ -56,17 +56,9 @@ impl BusyJob {
     /// `migrate --json` of `pair` over TLS as job `id`, with `extra` arguments.
     fn launch(id: &str, pair: Pair, extra: &[&str]) -> BusyJob {
         let lab = Lab::new("Test CA");
-        let (src, dst) = (
-            lab.host("src", &["src-host"]),
-            lab.host("dst", &[DEST_HOST]),
-        );
         let dir = tempfile::tempdir().expect("run dir parent");
         let run_dir = dir.path().join("jobs");
-        let mut args = fixture::migrate_args(
-            &pair,
-            &src.display().to_string(),
-            &dst.display().to_string(),
-        );
+        let mut args = pair.tls_args(&lab);
         args.extend(["--job-id", id].iter().chain(extra).map(|s| s.to_string()));
         let mut child = Cli::new(&args).env("QTM_RUN_DIR", &run_dir).spawn();
         // Drained all along: a full pipe would stall the tool.
@@ -308,12 +300,7 @@ async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first
     first.wait_listed(|j| j["phase"] == "disks").await;
     let lab = Lab::new("Test CA");
     // An agent's retry: the same VM, the same destination.
-    let retry_args = fixture::migrate_args(
-        &first.pair,
-        &lab.host("src", &["src-host"]).display().to_string(),
-        &lab.host("dst", &[DEST_HOST]).display().to_string(),
-    );
-    let mut retry_args = retry_args;
+    let mut retry_args = first.pair.tls_args(&lab);
     retry_args.extend(["--job-id", "retry", "--disk", "disk0"].map(String::from));
 
     let retry = first.cli(&retry_args).await;
@@ -353,8 +340,8 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
     let killed_id = format!("killed-{}", std::process::id());
     let lab = Lab::new("Test CA");
     let (src, dst) = (
-        lab.host("src", &["src-host"]).display().to_string(),
-        lab.host("dst", &[DEST_HOST]).display().to_string(),
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
     );
     let mut killed_args = fixture::migrate_args(&pair, &src, &dst);
     let dest_at = killed_args

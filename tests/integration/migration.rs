@@ -139,12 +139,7 @@ async fn a_wrong_ca_on_one_side_fails_the_handshake_and_the_source_runs_on() {
     let report = fixture::migrate(&options).await;
 
     assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("tls-handshake"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "tls-handshake");
     fixture::assert_source_untouched(&pair.source).await;
 }
 
@@ -160,12 +155,7 @@ async fn a_certificate_not_naming_the_tls_hostname_is_refused_at_the_handshake()
     let report = fixture::migrate(&options).await;
 
     assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("tls-handshake"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "tls-handshake");
     let message = fixture::error_message(&report);
     assert!(message.contains(DEST_HOST), "{message}");
     fixture::assert_source_untouched(&pair.source).await;
@@ -193,12 +183,7 @@ async fn a_key_qemu_cannot_read_is_caught_by_the_preflight() {
 
     let report = fixture::migrate(&options).await;
 
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("credentials-unusable"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "credentials-unusable");
     let message = fixture::error_message(&report);
     assert!(message.contains("source"), "{message}");
     assert!(
@@ -278,12 +263,7 @@ async fn a_destination_that_stops_answering_mid_migration_times_out() {
 
     assert!(stopped);
     assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("stalled"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "stalled");
     fixture::assert_source_untouched(&pair.source).await;
     pair.dest.kill().await;
 }
@@ -300,28 +280,13 @@ async fn a_destination_whose_qmp_never_answers_is_a_timeout_naming_its_socket() 
     let report = fixture::migrate(&options).await;
 
     nix::sys::signal::kill(dest_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("timeout"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "timeout");
     let message = fixture::error_message(&report);
     assert!(
         message.contains(&pair.dest.qmp_path().display().to_string()),
         "{message}"
     );
     fixture::assert_source_untouched(&pair.source).await;
-}
-
-/// The DER bytes of the first certificate in a PEM file.
-fn cert_der(path: &std::path::Path) -> Vec<u8> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    CertificateDer::from_pem_file(path)
-        .expect("PEM certificate")
-        .as_ref()
-        .to_vec()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -335,8 +300,8 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     let host_a = lab.host("host-a", &[DEST_HOST, "host-a"]);
     let host_b = lab.host("host-b", &[DEST_HOST, "host-b"]);
     let pair = Pair::builder().start().await;
-    let old_b = cert_der(&host_b.join("server-cert.pem"));
-    let old_a = cert_der(&host_a.join("server-cert.pem"));
+    let old_b = fixture::cert_der(&host_b.join("server-cert.pem"));
+    let old_a = fixture::cert_der(&host_a.join("server-cert.pem"));
     // TLS 1.2, so that the server's Certificate message crosses the wire in the clear.
     let priority = Some("NORMAL:-VERS-ALL:+VERS-TLS1.2".to_string());
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
@@ -361,7 +326,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     };
     renew(&host_a, "host-a", 0xA2);
     renew(&host_b, "host-b", 0xB2);
-    let new_a = cert_der(&host_a.join("server-cert.pem"));
+    let new_a = fixture::cert_der(&host_a.join("server-cert.pem"));
     assert_ne!(new_a, old_a);
 
     // Back again: the VM runs on the first destination (host-b), and a new QEMU on host-a

@@ -12,7 +12,7 @@ use qemu_tls_migrate::pki::{self, HostCert, LabCa, Role};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::fixture::Cli;
+use crate::fixture::{self, Cli};
 
 /// A lab made by `pki init --host host-a --host host-b`; returns (tempdir, lab dir).
 fn lab() -> (TempDir, PathBuf) {
@@ -208,7 +208,7 @@ fn pki_check_garbage_text_is_garbage() {
 fn pki_check_der_where_pem_is_expected_says_convert() {
     let (_tmp, lab) = lab();
     let dir = lab.join("host-a");
-    let der = cert_der(&dir.join(pki::SERVER_CERT));
+    let der = fixture::cert_der(&dir.join(pki::SERVER_CERT));
     fs::write(dir.join(pki::SERVER_CERT), der).expect("write");
 
     let (code, report) = check(&dir);
@@ -255,14 +255,6 @@ fn pki_check_missing_directory_exits_1() {
 
     assert_eq!(code, 1);
     assert_eq!(findings(&report), one("dir-missing", "nope"));
-}
-
-/// The DER of the first certificate in a PEM file.
-fn cert_der(path: &Path) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_file(path)
-        .expect("PEM certificate")
-        .to_vec()
 }
 
 // ---- QEMU 7.2 and GnuTLS accept what `pki init` makes ----

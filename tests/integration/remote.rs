@@ -29,8 +29,7 @@ async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
         .disks(&[("disk0", DiskFormat::Qcow2, 32)])
         .start()
         .await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let mut service = Service::builder(&pki_a, &qmp_dir)
+    let mut service = Service::builder(&pki_a, &fixture::qmp_dir(&pair.dest))
         .on(&hosts)
         .allow(&["host-b"])
         .start()
@@ -55,9 +54,7 @@ async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["disks"][0]["device"], "disk0");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    let src_ram = std::fs::read(pair.source.ram_path()).expect("source RAM");
-    let dst_ram = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
-    assert!(src_ram == dst_ram, "guest RAM differs after migration");
+    fixture::assert_ram_identical(&pair);
     assert!(service.is_running());
     assert_eq!(
         service.stop().await,
@@ -78,30 +75,23 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
     let other = Lab::new("Another CA");
     let pki_a = lab.host("host-a", &["host-a"]);
     let pair = Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let mut service = Service::builder(&pki_a, &qmp_dir)
+    let mut service = Service::builder(&pki_a, &fixture::qmp_dir(&pair.dest))
         .on(&hosts)
         .allow(&["host-b"])
         .start()
         .await;
 
     let foreign = other.host("host-b", &["host-b"]);
-    let out = Cli::new(migrate_to_args(&pair, &service, &foreign, &[]))
-        .in_netns(&hosts.b)
-        .output()
-        .await;
-    let json = fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "connect", "{json}");
-
     let unlisted = lab.host("host-c", &["host-c"]);
-    let out = Cli::new(migrate_to_args(&pair, &service, &unlisted, &[]))
-        .in_netns(&hosts.b)
-        .output()
-        .await;
-    let json = fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "connect", "{json}");
+    for pki in [&foreign, &unlisted] {
+        let out = Cli::new(migrate_to_args(&pair, &service, pki, &[]))
+            .in_netns(&hosts.b)
+            .output()
+            .await;
+        let json = fixture::stdout_json(&out);
+        assert_eq!(out.status.code(), Some(3), "{json}");
+        assert_eq!(json["error"]["kind"], "connect", "{json}");
+    }
 
     let mut plain = fixture::connect_in_netns(&hosts.b, &service.addr);
     plain
@@ -128,7 +118,7 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
 async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migration() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let mut pair = Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let mut service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let args = migrate_to_args(
         &pair,
@@ -138,17 +128,10 @@ async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migrat
     );
     let mut child = Cli::new(&args).in_netns(&hosts.b).spawn();
     let mut progress = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        while let Ok(Some(line)) = progress.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(moving.ok(), Some(true), "the migration never got going");
+    assert!(
+        fixture::ram_transferred_beyond(&mut progress, 4 << 20).await,
+        "the migration never got going"
+    );
 
     hosts.link(false);
     let drain = tokio::spawn(async move { while let Ok(Some(_)) = progress.next_line().await {} });
@@ -187,7 +170,7 @@ async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migrat
         "bad-request",
         "nothing outside --qmp-dir can be named"
     );
-    let next_dir = next.qmp_path().parent().expect("dir").to_path_buf();
+    let next_dir = fixture::qmp_dir(&next);
     drop(service);
     let service = Service::builder(&pki_a, &next_dir).on(&hosts).start().await;
     let out = Cli::new(migrate_to_args(&pair, &service, &pki_b, &[]))
@@ -341,29 +324,11 @@ async fn one_service_takes_two_migrations_at_once() {
 /// The identity of the `authz-simple` object the destination's `tls-authz` names, read through
 /// its watcher socket as soon as the service has set it (while the migration runs).
 async fn destination_authz_identity(dest: &qemu_tls_migrate::vm::Vm) -> String {
-    let watcher = fixture::monitor(dest).await;
-    tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        loop {
-            let params = watcher
-                .execute_raw("query-migrate-parameters", None, fixture::EVENT_TIMEOUT)
-                .await
-                .expect("parameters");
-            if let Some(authz) = params["tls-authz"].as_str().filter(|a| !a.is_empty()) {
-                let identity = watcher
-                    .execute_raw(
-                        "qom-get",
-                        Some(serde_json::json!({"path": format!("/objects/{authz}"), "property": "identity"})),
-                        fixture::EVENT_TIMEOUT,
-                    )
-                    .await
-                    .expect("the authz object's identity");
-                return identity.as_str().expect("a string").to_string();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the service sets tls-authz on the destination")
+    let (identity, _) = fixture::wait_migration_object(dest, "tls-authz", "identity").await;
+    identity
+        .as_str()
+        .expect("the authz object's identity")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

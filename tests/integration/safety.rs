@@ -2,6 +2,7 @@
 //! whatever the destination's last step does, no plaintext unless both ends allow it, no local
 //! disk left behind, and nothing of the tool's left after a command QEMU carried out late.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,25 @@ use qemu_tls_migrate::vm::DiskFormat;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::fixture::{self, Cli, Lab, Pair, QmpDelayProxy, Service};
+use crate::fixture::{self, Cli, Lab, Pair, QmpDelayProxy, Service, TwoHosts};
 
 /// Longer than the control channel's heartbeat timeout (6 s).
 const PAST_THE_HEARTBEAT: Duration = Duration::from_secs(9);
+
+/// The service on host a of `hosts` (PKI directories `pkis`: host a's, host b's) serving the
+/// sockets in `qmp_dir`, and a `migrate --to` command line of `pair` from host b naming
+/// `socket` there.
+async fn serve_through(
+    hosts: &TwoHosts,
+    (pki_a, pki_b): (&Path, &Path),
+    pair: &Pair,
+    qmp_dir: &Path,
+    socket: &str,
+) -> (Service, Vec<String>) {
+    let service = Service::builder(pki_a, qmp_dir).on(hosts).start().await;
+    let args = fixture::migrate_to_args(pair, &service.addr, pki_b, socket, &[]);
+    (service, args)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
@@ -80,11 +96,8 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
         PAST_THE_HEARTBEAT,
     )
     .await;
-    let service = Service::builder(&pki_a, qmp_dir.path())
-        .on(&hosts)
-        .start()
-        .await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
+    let (_service, args) =
+        serve_through(&hosts, (&pki_a, &pki_b), &pair, qmp_dir.path(), "slow.sock").await;
 
     let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
@@ -108,11 +121,8 @@ async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_t
         Duration::from_secs(15),
     )
     .await;
-    let service = Service::builder(&pki_a, qmp_dir.path())
-        .on(&hosts)
-        .start()
-        .await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
+    let (_service, args) =
+        serve_through(&hosts, (&pki_a, &pki_b), &pair, qmp_dir.path(), "slow.sock").await;
     let child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
     fixture::wait_migration_completed(&pair.source).await;
@@ -195,13 +205,42 @@ async fn thaw_after_frozen_for(frozen_at: &Mutex<Option<Instant>>, pid: u32) -> 
     given_up_after
 }
 
-/// Once `cont` was sent, nothing that could stop or end the guest there followed it.
-fn assert_harmless_after_cont(proxy: &QmpDelayProxy) {
+/// What must hold once the tool gave up on `pair`'s destination (QEMU `dest_pid`), frozen
+/// right after `cont` reached it through `proxy`, `given_up_after` it was frozen, the source's
+/// status then being `source_status`: the tool did not wait for the thaw, the source stayed
+/// paused, nothing that could stop or end the guest there followed `cont`, and that QEMU lives
+/// on as it was.
+async fn assert_frozen_destination_left_alone(
+    pair: &Pair,
+    dest_pid: u32,
+    proxy: &QmpDelayProxy,
+    source_status: &str,
+    given_up_after: Duration,
+) {
+    assert!(
+        given_up_after < FROZEN_FOR,
+        "the tool waited for the frozen QEMU"
+    );
+    assert_eq!(source_status, "postmigrate", "the source must stay paused");
     let after = proxy.commands_after("cont");
     assert!(
         after.iter().all(|c| c == "query-status"),
         "after cont the tool sent {after:?}"
     );
+    assert!(
+        fixture::process_alive(dest_pid),
+        "the destination QEMU was killed"
+    );
+    let dest_status = fixture::status(&pair.dest).await;
+    assert!(
+        ["running", "paused"].contains(&dest_status.as_str()),
+        "{dest_status}"
+    );
+    assert!(
+        !fixture::tool_objects(&pair.dest).await.is_empty(),
+        "the destination was left as it was"
+    );
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,11 +264,14 @@ async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
     let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let _proxy = lossy_cont_proxy(&pair, &qmp_dir.path().join("lossy.sock"), false).await;
-    let service = Service::builder(&pki_a, qmp_dir.path())
-        .on(&hosts)
-        .start()
-        .await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "lossy.sock", &[]);
+    let (_service, args) = serve_through(
+        &hosts,
+        (&pki_a, &pki_b),
+        &pair,
+        qmp_dir.path(),
+        "lossy.sock",
+    )
+    .await;
 
     let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
@@ -256,26 +298,8 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stay
     fixture::show("gave up after", &format!("{given_up_after:?}"));
     assert_eq!(report.status, FinalStatus::Failed);
     assert_eq!(fixture::error_kind(&report), Some("split-brain-risk"));
-    assert!(
-        given_up_after < FROZEN_FOR,
-        "the tool waited for the frozen QEMU"
-    );
-    assert_eq!(source_status, "postmigrate", "the source must stay paused");
-    assert_harmless_after_cont(&proxy);
-    assert!(
-        fixture::process_alive(dest_pid),
-        "the destination QEMU was killed"
-    );
-    let dest_status = fixture::status(&pair.dest).await;
-    assert!(
-        ["running", "paused"].contains(&dest_status.as_str()),
-        "{dest_status}"
-    );
-    assert!(
-        !fixture::tool_objects(&pair.dest).await.is_empty(),
-        "the destination was left as it was"
-    );
-    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_frozen_destination_left_alone(&pair, dest_pid, &proxy, &source_status, given_up_after)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,11 +310,14 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let (proxy, frozen_at) =
         lossy_cont_proxy(&pair, &qmp_dir.path().join("frozen.sock"), true).await;
-    let service = Service::builder(&pki_a, qmp_dir.path())
-        .on(&hosts)
-        .start()
-        .await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "frozen.sock", &[]);
+    let (_service, args) = serve_through(
+        &hosts,
+        (&pki_a, &pki_b),
+        &pair,
+        qmp_dir.path(),
+        "frozen.sock",
+    )
+    .await;
 
     let out = Cli::new(&args).in_netns(&hosts.b).output().await;
     let source_status = fixture::status(&pair.source).await;
@@ -300,23 +327,8 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
     fixture::show("gave up after", &format!("{given_up_after:?}"));
     assert_eq!(out.status.code(), Some(1), "{json}");
     assert_eq!(json["error"]["kind"], "split-brain-risk", "{json}");
-    assert!(
-        given_up_after < FROZEN_FOR,
-        "the tool waited for the frozen QEMU"
-    );
-    assert_eq!(source_status, "postmigrate", "the source must stay paused");
-    assert_harmless_after_cont(&proxy);
-    assert!(
-        fixture::process_alive(dest_pid),
-        "the destination QEMU was killed"
-    );
-    let dest_status = fixture::status(&pair.dest).await;
-    assert!(
-        ["running", "paused"].contains(&dest_status.as_str()),
-        "{dest_status}"
-    );
-    assert!(!fixture::tool_objects(&pair.dest).await.is_empty());
-    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_frozen_destination_left_alone(&pair, dest_pid, &proxy, &source_status, given_up_after)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,7 +379,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
 async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let args = fixture::migrate_to_args(
         &pair,
@@ -390,7 +402,7 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
 async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its_own_priority() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let service = Service::builder(&pki_a, &qmp_dir)
         .on(&hosts)
         .allow(&["HOST-B"])
@@ -407,31 +419,9 @@ async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its
     );
     let mut child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
-    let watcher = fixture::monitor(&pair.dest).await;
-    let (authz, priority) = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        loop {
-            let params = watcher
-                .execute_raw("query-migrate-parameters", None, fixture::EVENT_TIMEOUT)
-                .await
-                .expect("parameters");
-            let creds = params["tls-creds"].as_str().unwrap_or_default().to_string();
-            if !creds.is_empty() {
-                let priority = watcher
-                    .execute_raw(
-                        "qom-get",
-                        Some(serde_json::json!({"path": format!("/objects/{creds}"), "property": "priority"})),
-                        fixture::EVENT_TIMEOUT,
-                    )
-                    .await
-                    .unwrap_or(Value::Null);
-                return (params["tls-authz"].clone(), priority);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the destination gets its credentials");
-    drop(watcher);
+    let (priority, params) =
+        fixture::wait_migration_object(&pair.dest, "tls-creds", "priority").await;
+    let authz = params["tls-authz"].clone();
     let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
         let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
         while let Ok(Some(_)) = stderr.next_line().await {}
@@ -503,12 +493,7 @@ async fn a_block_node_added_after_the_timeout_is_still_removed() {
 
     let report = fixture::migrate(&options).await;
 
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("timeout"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "timeout");
     assert_eq!(
         fixture::tool_block_leftovers(&pair.source).await,
         (Vec::new(), Vec::new())
@@ -539,12 +524,7 @@ async fn credentials_added_after_the_timeout_are_still_removed() {
 
     let report = fixture::migrate(&options).await;
 
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("timeout"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "timeout");
     fixture::assert_source_untouched(&pair.source).await;
 }
 
@@ -645,7 +625,7 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
     use std::sync::atomic::Ordering::Relaxed;
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let mut handshakes = Vec::new();
     for _ in 0..20 {
@@ -701,7 +681,7 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
 async fn a_source_over_the_services_handshake_limit_is_told_the_service_is_busy() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let pair = Pair::builder().on(&hosts).start().await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     // From the source's own address: it holds every handshake slot that address gets.
     let flood = fixture::IdleFlood::start(&hosts.b, &service.addr, 4);
