@@ -4,9 +4,8 @@
 
 use qemu_tls_migrate::migration::{Endpoint, FinalStatus, MigrationOptions};
 use qemu_tls_migrate::vm::workload::{self, Workload};
-use qemu_tls_migrate::vm::{Vm, VmConfig};
 
-use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab, pass_beyond};
+use crate::fixture::{self, Cli, DEST_HOST, EVENT_TIMEOUT, GuestRam, Lab, Pair, pass_beyond};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_dirties_its_working_set_and_keeps_running_after_a_tls_migration() {
@@ -15,18 +14,21 @@ async fn workload_dirties_its_working_set_and_keeps_running_after_a_tls_migratio
         lab.host("src", &["src-host"]),
         lab.host("dst", &[DEST_HOST]),
     );
-    let dir = tempfile::tempdir().expect("test dir");
-    let mut config = VmConfig::new("workload-source", &dir.path().join("source"));
-    config.ram_mib = 64;
+    let dir = tempfile::tempdir().expect("workload dir");
     let load = Workload {
         working_set_mib: 8,
         pages_per_sec: 0,
     };
-    config.kernel = Some(load.kernel_in(dir.path()).expect("install the workload"));
-    let source = Vm::launch(config.clone()).await.expect("source VM");
-    let dest = Vm::launch(config.destination("workload-dest", &dir.path().join("dest"), &[]))
-        .await
-        .expect("destination VM");
+    let kernel = load.kernel_in(dir.path()).expect("install the workload");
+    let pair = Pair::builder()
+        .ram(GuestRam::AsBooted)
+        .tweak(|c| {
+            c.ram_mib = 64;
+            c.kernel = Some(kernel);
+        })
+        .start()
+        .await;
+    let (source, dest) = (&pair.source, &pair.dest);
 
     let first = pass_beyond(source.serial_path(), 0).await;
     let later = pass_beyond(source.serial_path(), first.passes).await;
@@ -60,7 +62,7 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
     let out = tempfile::tempdir().expect("out dir");
     let out_dir = out.path().to_str().expect("utf-8 path");
 
-    let run = fixture::run_cli(&[
+    let run = Cli::new([
         "bench",
         "--quick",
         "--modes",
@@ -74,6 +76,7 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
         "--out",
         out_dir,
     ])
+    .output()
     .await;
 
     let stderr = String::from_utf8_lossy(&run.stderr);

@@ -15,16 +15,21 @@ use tokio_util::sync::CancellationToken;
 
 use serde_json::Value;
 
-use crate::fixture::{self, CountingProxy, DEST_HOST, DestBacking, DiskNames, Lab, Pair, Service};
+use crate::fixture::{
+    self, Cli, CountingProxy, DEST_HOST, DestBacking, DiskNames, GuestRam, Lab, Overlay, Pair,
+    Service,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[
-        ("disk0", DiskFormat::Qcow2, 48),
-        ("disk1", DiskFormat::Raw, 32),
-    ])
-    .await;
+    let mut pair = Pair::builder()
+        .disks(&[
+            ("disk0", DiskFormat::Qcow2, 48),
+            ("disk1", DiskFormat::Raw, 32),
+        ])
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::AllLocal;
 
@@ -47,7 +52,10 @@ async fn two_local_disks_migrate_over_tls_and_the_images_are_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_writes_during_the_mirror_reach_the_destination() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 256)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 256)])
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
     let copying = Arc::new(AtomicBool::new(false));
@@ -147,7 +155,10 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
     let other = Lab::new("Another CA");
     let src_pki = lab.host("src", &["src-host"]);
     let intruder_pki = other.host("intruder", &["src-host"]);
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 16)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 16)])
+        .start()
+        .await;
     let mut options = pair.options(&src_pki, &lab.host("dst", &[DEST_HOST]));
     options.disks = DiskSelection::AllLocal;
     // The migration port is taken first, the NBD port second, from a range no other test uses.
@@ -187,7 +198,10 @@ async fn the_nbd_export_refuses_clients_without_the_cas_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_killed_mid_mirror_leaves_the_source_running_with_intact_disks() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 128)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 128)])
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::AllLocal;
     let (src_image, _) = pair.disk_images()[0].clone();
@@ -234,9 +248,9 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
         lab.host("dst", &[DEST_HOST]),
     );
     let (a, b, c) = (
-        Pair::start().await,
-        Pair::start().await,
-        Pair::start().await,
+        Pair::builder().start().await,
+        Pair::builder().start().await,
+        Pair::builder().start().await,
     );
     let mut slow = a.options(&src_pki, &dst_pki);
     slow.max_bandwidth = 16 << 20;
@@ -271,7 +285,7 @@ async fn concurrent_migrations_get_different_ports_and_a_one_port_range_runs_out
     assert_eq!(rb.status, FinalStatus::Completed, "{:?}", rb.error);
     assert_eq!(ra.ports, [49510]);
     assert_ne!(rb.ports, [49510], "two migrations at once share a port");
-    assert_eq!(fixture::error_kind(&rc), Some("ports"), "{:?}", rc.error);
+    fixture::assert_error_kind(&rc, "ports");
     let message = rc
         .error
         .as_ref()
@@ -303,8 +317,16 @@ async fn counted_disk_options(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_chain() {
     let lab = Lab::new("Test CA");
-    let mut top_pair = Pair::start_with_overlay(256, 16, DestBacking::SameTemplate).await;
-    let mut full_pair = Pair::start_with_overlay(256, 16, DestBacking::None).await;
+    let mut top_pair = Pair::builder()
+        .overlay(Overlay::new(256, 16, DestBacking::SameTemplate))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
+    let mut full_pair = Pair::builder()
+        .overlay(Overlay::new(256, 16, DestBacking::None))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let (top_options, top_wire) = counted_disk_options(&top_pair, &lab, 49530, DiskCopy::Top).await;
     let (full_options, full_wire) =
         counted_disk_options(&full_pair, &lab, 49532, DiskCopy::Full).await;
@@ -360,7 +382,11 @@ async fn a_top_only_copy_sends_about_the_overlay_where_a_full_copy_sends_the_cha
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_is_refused_and_nothing_changed_when_the_destination_disk_has_no_backing_file() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_overlay(32, 4, DestBacking::None).await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay::new(32, 4, DestBacking::None))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
     options.disk_copy.default = DiskCopy::Top;
@@ -378,38 +404,26 @@ async fn top_is_refused_and_nothing_changed_when_the_destination_disk_has_no_bac
     pair.quit_both().await;
 }
 
+/// `migrate --json` of `pair` with `extra`, through the CLI, with fresh PKIs from `lab`.
+async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::Output, Value) {
+    let mut args = pair.tls_args(lab);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = Cli::new(&args).output().await;
+    let json = fixture::stdout_json(&out);
+    (out, json)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
     let lab = Lab::new("Test CA");
-    let (src_pki, dst_pki) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let mut pair = Pair::start_with_overlay(32, 4, DestBacking::OtherTemplate).await;
-    let (src_qmp, dst_qmp) = (
-        pair.source.qmp_path().display().to_string(),
-        pair.dest.qmp_path().display().to_string(),
-    );
+    let mut pair = Pair::builder()
+        .overlay(Overlay::new(32, 4, DestBacking::OtherTemplate))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
 
-    let out = fixture::run_cli(&[
-        "migrate",
-        "--json",
-        "--source-qmp",
-        &src_qmp,
-        "--dest-qmp",
-        &dst_qmp,
-        "--dest-host",
-        DEST_HOST,
-        "--source-pki-dir",
-        src_pki.to_str().expect("utf-8"),
-        "--dest-pki-dir",
-        dst_pki.to_str().expect("utf-8"),
-        "--disk",
-        "disk0,copy=top",
-    ])
-    .await;
+    let (out, json) = migrate_cli(&pair, &lab, &["--disk", "disk0,copy=top"]).await;
 
-    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
     let message = json["error"]["message"].as_str().unwrap_or("");
@@ -422,29 +436,14 @@ async fn top_is_refused_with_exit_3_when_the_destination_template_differs() {
     pair.quit_both().await;
 }
 
-/// `migrate --json` of `pair` with `extra`, through the CLI, with fresh PKIs from `lab`.
-async fn migrate_cli(pair: &Pair, lab: &Lab, extra: &[&str]) -> (std::process::Output, Value) {
-    let (src_pki, dst_pki) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let mut args = fixture::migrate_args(
-        pair,
-        src_pki.to_str().expect("utf-8"),
-        dst_pki.to_str().expect("utf-8"),
-    );
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
-    let json = fixture::stdout_json(&out);
-    (out, json)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused_unchanged() {
     let lab = Lab::new("Test CA");
-    let mut pair =
-        Pair::start_with_overlay_named(64, 4, DestBacking::OtherTemplate, DiskNames::DIFFERENT)
-            .await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay::new(64, 4, DestBacking::OtherTemplate).named(DiskNames::DIFFERENT))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
 
     let (out, json) = migrate_cli(&pair, &lab, &["--disk", "vd0,copy=top"]).await;
 
@@ -468,9 +467,11 @@ async fn a_top_only_copy_onto_another_template_under_other_node_names_is_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_only_copy_onto_the_same_template_under_other_node_names_completes_and_disks_equal() {
     let lab = Lab::new("Test CA");
-    let mut pair =
-        Pair::start_with_overlay_named(64, 4, DestBacking::SameTemplate, DiskNames::DIFFERENT)
-            .await;
+    let mut pair = Pair::builder()
+        .overlay(Overlay::new(64, 4, DestBacking::SameTemplate).named(DiskNames::DIFFERENT))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
 
     let (out, json) = migrate_cli(&pair, &lab, &["--disk", "vd0,copy=top"]).await;
 
@@ -490,16 +491,20 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
         lab.host("host-a", &["host-a"]),
         lab.host("host-b", &["host-b"]),
     );
-    let mut wrong =
-        Pair::start_with_overlay_named(64, 4, DestBacking::OtherTemplate, DiskNames::DIFFERENT)
-            .await;
-    let mut right =
-        Pair::start_with_overlay_named(64, 4, DestBacking::SameTemplate, DiskNames::DIFFERENT)
-            .await;
+    let mut wrong = Pair::builder()
+        .overlay(Overlay::new(64, 4, DestBacking::OtherTemplate).named(DiskNames::DIFFERENT))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
+    let mut right = Pair::builder()
+        .overlay(Overlay::new(64, 4, DestBacking::SameTemplate).named(DiskNames::DIFFERENT))
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await;
     let serve = |pair: &Pair| {
-        let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+        let qmp_dir = fixture::qmp_dir(&pair.dest);
         let pki_a = pki_a.clone();
-        async move { Service::start(None, "127.0.0.1", &pki_a, &qmp_dir, &[]).await }
+        async move { Service::builder(&pki_a, &qmp_dir).start().await }
     };
     let (wrong_service, right_service) = (serve(&wrong).await, serve(&right).await);
     let args = |pair: &Pair, service: &Service| {
@@ -512,8 +517,8 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
         )
     };
 
-    let refused = fixture::run_cli(&fixture::strs(&args(&wrong, &wrong_service))).await;
-    let completed = fixture::run_cli(&fixture::strs(&args(&right, &right_service))).await;
+    let refused = Cli::new(args(&wrong, &wrong_service)).output().await;
+    let completed = Cli::new(args(&right, &right_service)).output().await;
 
     let (refused_json, completed_json) = (
         fixture::stdout_json(&refused),
@@ -539,14 +544,13 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
-    let mut args = fixture::migrate_args(
-        &pair,
-        lab.host("src", &["src-host"]).to_str().expect("utf-8"),
-        lab.host("dst", &[DEST_HOST]).to_str().expect("utf-8"),
-    );
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
+    let mut args = pair.tls_args(&lab);
     args.extend(["--disk", "disk0", "--disk-bandwidth", "1M"].map(String::from));
-    let mut killed = fixture::spawn_cli_env(&args, &[]);
+    let mut killed = Cli::new(&args).spawn();
     let orphan = fixture::wait_block_job(&pair.source).await;
     let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
@@ -593,7 +597,11 @@ async fn sparse_pair(zero_mib: u64) -> Pair {
         format: DiskFormat::Qcow2,
         device: None,
     };
-    Pair::start_with_images(dir, vec![disk], &[dst]).await
+    Pair::builder()
+        .images(dir, vec![disk], vec![dst])
+        .ram(GuestRam::AsBooted)
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,7 +694,10 @@ async fn zeroes_written_as_data_cross_the_wire_as_write_zeroes_unless_asked_to_c
 async fn the_disk_bandwidth_cap_holds_the_copy_rate_and_the_migration_completes() {
     const CAP: u64 = 8 << 20;
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let mut pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
     let (mut options, wire) = counted_disk_options(&pair, &lab, 49540, DiskCopy::Full).await;
     options.disk_bandwidth = Some(CAP);
 

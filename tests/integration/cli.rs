@@ -1,27 +1,20 @@
 //! The command line as CloudStack's agent and a person use it: the JSON contract, exit codes,
 //! and SIGINT cancelling a running migration with everything rolled back.
 
-use std::process::{Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 
 use nix::sys::signal::Signal;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::fixture::{self, DEST_HOST, Lab, Pair};
+use crate::fixture::{self, Cli, DEST_HOST, Lab, Pair};
 
 /// A lab, a started pair and the `migrate --json` arguments of a TLS migration between them.
 async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
     let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let pair = Pair::start().await;
-    let args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let pair = Pair::builder().start().await;
+    let args = pair.tls_args(&lab);
     (lab, pair, args)
 }
 
@@ -29,7 +22,7 @@ async fn tls_pair_and_args() -> (Lab, Pair, Vec<String>) {
 async fn migrate_json_reports_a_completed_tls_migration_and_exits_0() {
     let (_lab, _pair, args) = tls_pair_and_args().await;
 
-    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -59,14 +52,10 @@ async fn migrate_json_refuses_a_mixed_pair_with_exit_3() {
     let lab = Lab::new("Test CA");
     let unsecured = tempfile::tempdir().expect("empty dir");
     let src = lab.host("src", &["src-host"]);
-    let pair = Pair::start().await;
-    let args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        unsecured.path().to_str().expect("utf-8"),
-    );
+    let pair = Pair::builder().start().await;
+    let args = fixture::migrate_args(&pair, &src, unsecured.path());
 
-    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -95,20 +84,14 @@ async fn sigint_cancels_a_running_migration_and_rolls_back_with_exit_4() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
     let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let pair =
-        Pair::start_with_disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)]).await;
-    let mut args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let pair = Pair::builder()
+        .disks(&[("disk0", qemu_tls_migrate::vm::DiskFormat::Qcow2, 8)])
+        .start()
+        .await;
+    let mut args = pair.tls_args(&lab);
     args.extend(["--authz".to_string(), "--all-local-disks".to_string()]);
 
-    let out = fixture::run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -118,7 +101,7 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
 #[tokio::test]
 async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
     for flag in ["--timeout", "--stall-timeout", "--qmp-timeout"] {
-        let out = fixture::run_cli(&[
+        let out = Cli::new([
             "migrate",
             "--source-qmp",
             "/nonexistent/src.sock",
@@ -129,6 +112,7 @@ async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
             flag,
             "18446744073709551615",
         ])
+        .output()
         .await;
 
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -140,13 +124,14 @@ async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
 
 #[tokio::test]
 async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
-    let out = fixture::run_cli(&[
+    let out = Cli::new([
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--qmp-timeout",
         "18446744073709551615",
     ])
+    .output()
     .await;
 
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -156,7 +141,7 @@ async fn a_huge_serve_qmp_timeout_is_a_usage_error_naming_the_flag() {
 
 #[tokio::test]
 async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage() {
-    let out = fixture::run_cli(&[
+    let out = Cli::new([
         "migrate",
         "--json",
         "--source-qmp",
@@ -166,6 +151,7 @@ async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage(
         "--dest-host",
         "",
     ])
+    .output()
     .await;
 
     let json = fixture::stdout_json(&out);
@@ -186,27 +172,11 @@ async fn an_empty_dest_host_is_refused_by_validation_with_exit_3_and_kind_usage(
 async fn migrate_and_signal(signals: &[Signal]) -> (Lab, Pair, Output, String) {
     let (lab, pair, mut args) = tls_pair_and_args().await;
     args.extend(["--max-bandwidth".to_string(), "8M".to_string()]);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = Cli::new(&args).spawn();
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 0 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(
-        moving.ok(),
-        Some(true),
+    assert!(
+        fixture::ram_transferred_beyond(&mut stderr, 0).await,
         "the migration never started moving bytes"
     );
 
@@ -277,15 +247,11 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
     let lab = Lab::new("Test CA");
     lab.host("src", &["src-host"]);
     lab.host("dst", &[DEST_HOST]);
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     // Relative to the lab directory, which is not QEMU's current directory.
-    let args = fixture::migrate_args(&pair, "src", "./dst");
+    let args = fixture::migrate_args(&pair, Path::new("src"), Path::new("./dst"));
 
-    let out = fixture::run_cli_from(
-        lab.dir.path(),
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    let out = Cli::new(&args).cwd(lab.dir.path()).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -296,24 +262,16 @@ async fn relative_pki_dirs_are_resolved_against_the_current_directory_and_comple
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_quiet_writes_one_object_and_nothing_else_and_the_result_file_holds_it() {
     let lab = Lab::new("Test CA");
-    let (src, dst) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[DEST_HOST]),
-    );
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let result = pair.dir.path().join("result.json");
-    let mut args = fixture::migrate_args(
-        &pair,
-        src.to_str().expect("utf-8"),
-        dst.to_str().expect("utf-8"),
-    );
+    let mut args = pair.tls_args(&lab);
     args.extend([
         "-q".to_string(),
         "--result-file".to_string(),
         result.display().to_string(),
     ]);
 
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -333,7 +291,7 @@ async fn multifd_auto_picks_channels_from_the_cpus_and_reports_them() {
     args.extend(["--multifd".to_string(), "auto".to_string()]);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
 
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");

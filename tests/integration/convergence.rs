@@ -8,7 +8,7 @@ use qemu_tls_migrate::migration::{
 };
 use qemu_tls_migrate::vm::workload::workload_kernel;
 
-use crate::fixture::{self, Lab, Pair, pass_beyond};
+use crate::fixture::{self, Cli, GuestRam, Lab, Pair, pass_beyond};
 
 /// A pair whose guest dirties `wss_mib` MiB at `pages_per_sec`, running its workload.
 async fn dirtying_pair(wss_mib: u32, pages_per_sec: u32) -> Pair {
@@ -22,13 +22,15 @@ async fn dirtying_pair_under(
     accel: Option<qemu_tls_migrate::vm::Accel>,
 ) -> Pair {
     let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
-    let pair = Pair::start_with(|c| {
-        c.kernel = Some(kernel);
-        if accel.is_some() {
-            c.accel = accel;
-        }
-    })
-    .await;
+    let pair = Pair::builder()
+        .tweak(|c| {
+            c.kernel = Some(kernel);
+            if accel.is_some() {
+                c.accel = accel;
+            }
+        })
+        .start()
+        .await;
     pass_beyond(pair.source.serial_path(), 0).await;
     pair
 }
@@ -114,7 +116,7 @@ async fn auto_converge_lets_the_busy_guest_finish_with_its_ram_intact() {
     assert_eq!(fixture::status(&pair.dest).await, "paused");
     // Nested KVM's dirty log misses SeaBIOS's e-segment page (0xe8000) in every migration on
     // this kind of machine, whatever the settings (see migration.rs); nothing else may differ.
-    let differing = ram_difference(&pair);
+    let differing = fixture::ram_difference(&pair);
     assert!(
         differing.iter().all(|&page| page == 0xe8),
         "pages {differing:x?} differ after auto-converge"
@@ -124,7 +126,10 @@ async fn auto_converge_lets_the_busy_guest_finish_with_its_ram_intact() {
 #[tokio::test]
 async fn auto_converge_is_refused_for_a_guest_under_tcg() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with(|c| c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg)).await;
+    let pair = Pair::builder()
+        .tweak(|c| c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg))
+        .start()
+        .await;
     let mut o = pair.tls_options(&lab);
     o.convergence.auto_converge = Some(Throttle::default());
 
@@ -137,15 +142,6 @@ async fn auto_converge_is_refused_for_a_guest_under_tcg() {
         fixture::error_message(&report)
     );
     fixture::assert_source_untouched(&pair.source).await;
-}
-
-/// The pages that differ between the two sides' RAM.
-fn ram_difference(pair: &Pair) -> Vec<usize> {
-    let src = std::fs::read(pair.source.ram_path()).expect("source RAM");
-    let dst = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
-    (0..src.len() / 4096)
-        .filter(|p| src[p * 4096..(p + 1) * 4096] != dst[p * 4096..(p + 1) * 4096])
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +207,7 @@ async fn downtime_steps_raise_the_limit_until_the_busy_guest_fits() {
 async fn with_and_without(
     wss_mib: u32,
     pages_per_sec: u32,
-    fill: bool,
+    ram: GuestRam,
     base: impl Fn(&mut MigrationOptions),
     tweak: impl Fn(&mut MigrationOptions),
 ) -> ((Report, u64), (Report, u64)) {
@@ -220,7 +216,12 @@ async fn with_and_without(
     for with in [false, true] {
         let hosts = fixture::TwoHosts::create();
         let kernel = workload_kernel(wss_mib, pages_per_sec).expect("workload");
-        let pair = Pair::start_on_filled(&hosts, &[], |c| c.kernel = Some(kernel), fill).await;
+        let pair = Pair::builder()
+            .on(&hosts)
+            .ram(ram)
+            .tweak(|c| c.kernel = Some(kernel))
+            .start()
+            .await;
         pass_beyond(pair.source.serial_path(), 0).await;
         let mut o = pair.tls_options(&lab);
         o.dest_address = Some(hosts.a_addr.clone());
@@ -248,7 +249,7 @@ async fn xbzrle_sends_fewer_bytes_for_a_guest_rewriting_its_pages() {
     let (without, with) = with_and_without(
         32,
         6000,
-        true,
+        GuestRam::Filled,
         |o| o.max_bandwidth = 32 << 20,
         |o| o.convergence.xbzrle = Some(XbzrleCache::Auto),
     )
@@ -280,7 +281,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
     let (without, with) = with_and_without(
         32,
         1000,
-        false,
+        GuestRam::AsBooted,
         |o| o.multifd = Some(2),
         |o| o.convergence.compress = Some(Compression::Zstd),
     )
@@ -305,7 +306,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
 #[tokio::test]
 async fn compression_without_multifd_is_refused_before_anything_changes() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut o = pair.tls_options(&lab);
     o.convergence.compress = Some(Compression::Zstd);
 
@@ -320,18 +321,10 @@ async fn compression_without_multifd_is_refused_before_anything_changes() {
 async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing() {
     let lab = Lab::new("Test CA");
     let pair = busy_pair().await;
-    let (src_pki, dst_pki) = (
-        lab.host("src", &["src-host"]),
-        lab.host("dst", &[fixture::DEST_HOST]),
-    );
-    let mut args = fixture::migrate_args(
-        &pair,
-        src_pki.to_str().expect("utf-8"),
-        dst_pki.to_str().expect("utf-8"),
-    );
+    let mut args = pair.tls_args(&lab);
     args.extend(["--plan", "--max-bandwidth", "16M"].map(String::from));
 
-    let out = fixture::run_cli(&fixture::strs(&args)).await;
+    let out = Cli::new(&args).output().await;
 
     let json = fixture::stdout_json(&out);
     fixture::show("plan, busy guest", &json);
@@ -354,7 +347,7 @@ async fn the_plan_says_no_go_for_the_busy_guest_with_advice_and_changes_nothing(
 async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
     let lab = Lab::new("Test CA");
     // 64 MiB of the 128 MiB filled with data by the fixture; the guest dirties nothing.
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut o = pair.tls_options(&lab);
     o.max_bandwidth = 64 << 20;
 
@@ -378,7 +371,7 @@ async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
 #[tokio::test]
 async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut o = pair.tls_options(&lab);
     o.convergence.postcopy = true;
 

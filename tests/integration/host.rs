@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use qemu_tls_migrate::pki::{HostCert, LabCa};
 use serde_json::Value;
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qemu-tls-migrate");
+use crate::fixture::Cli;
 
 /// Abridged from Debian 12's /etc/libvirt/qemu.conf: the TLS block and its neighbours.
 const STOCK_QEMU_CONF: &str = r#"# Main configuration file for the QEMU driver.
@@ -92,13 +92,6 @@ unix_sock_rw_perms = "0770"
 log_level = 3
 "#;
 
-fn tool(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run qemu-tls-migrate")
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
@@ -151,7 +144,7 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, (String, u32)> {
 fn secure(root: &Path, extra: &[&str]) -> (Output, Value) {
     let mut args = vec!["host", "secure", "--root", path_str(root), "--json"];
     args.extend_from_slice(extra);
-    let out = tool(&args);
+    let out = Cli::new(&args).output_blocking();
     let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out, json)
 }
@@ -264,18 +257,25 @@ fn host_secure_root_lays_out_pki_and_libvirt_symlinks() {
     );
 }
 
-#[test]
-fn host_secure_root_twice_changes_nothing() {
-    let root = cloudstack_root();
-    let (first, _) = secure(root.path(), &[]);
-    let after_first = snapshot(root.path());
+/// Runs `host secure` on `root` twice: both succeed, and the second changes nothing (it says
+/// so, and every file is as the first left it).
+fn assert_a_second_secure_changes_nothing(root: &Path) {
+    let (first, _) = secure(root, &[]);
+    let after_first = snapshot(root);
 
-    let (second, report) = secure(root.path(), &[]);
+    let (second, report) = secure(root, &[]);
 
     assert!(first.status.success(), "{first:?}");
     assert!(second.status.success(), "{second:?}");
     assert_eq!(report["changes"], serde_json::json!([]), "{report:#}");
-    assert_eq!(snapshot(root.path()), after_first);
+    assert_eq!(snapshot(root), after_first);
+}
+
+#[test]
+fn host_secure_root_twice_changes_nothing() {
+    let root = cloudstack_root();
+
+    assert_a_second_secure_changes_nothing(root.path());
 }
 
 #[test]
@@ -309,13 +309,14 @@ fn host_secure_dry_run_prints_a_diff_and_changes_nothing() {
     let root = cloudstack_root();
     let before = snapshot(root.path());
 
-    let out = tool(&[
+    let out = Cli::new([
         "host",
         "secure",
         "--root",
         path_str(root.path()),
         "--dry-run",
-    ]);
+    ])
+    .output_blocking();
 
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
@@ -361,7 +362,8 @@ fn host_secure_from_takes_certs_from_another_dir() {
 fn host_status_reports_unsecured_then_secured() {
     let root = cloudstack_root();
     let status = |root: &Path| {
-        let out = tool(&["host", "status", "--root", path_str(root), "--json"]);
+        let out =
+            Cli::new(["host", "status", "--root", path_str(root), "--json"]).output_blocking();
         let json: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
         (out.status.code(), json)
     };
@@ -456,15 +458,8 @@ fn host_secure_symlinked_configs_twice_changes_nothing() {
     fs::rename(libvirt.join("qemu.conf"), libvirt.join("real/qemu.conf")).expect("move");
     std::os::unix::fs::symlink("/etc/libvirt/real/qemu.conf", libvirt.join("qemu.conf"))
         .expect("symlink");
-    let (first, _) = secure(root.path(), &[]);
-    let after_first = snapshot(root.path());
 
-    let (second, report) = secure(root.path(), &[]);
-
-    assert!(first.status.success(), "{first:?}");
-    assert!(second.status.success(), "{second:?}");
-    assert_eq!(report["changes"], serde_json::json!([]), "{report:#}");
-    assert_eq!(snapshot(root.path()), after_first);
+    assert_a_second_secure_changes_nothing(root.path());
 }
 
 #[test]
@@ -561,7 +556,8 @@ fn host_status_accepts_single_quoted_values_and_non_utf8_bytes() {
     )
     .expect("write");
 
-    let out = tool(&["host", "status", "--root", path_str(root.path()), "--json"]);
+    let out =
+        Cli::new(["host", "status", "--root", path_str(root.path()), "--json"]).output_blocking();
 
     let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert!(secured.status.success(), "{secured:?}");

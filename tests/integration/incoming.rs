@@ -9,10 +9,10 @@ use std::time::Duration;
 use qemu_tls_migrate::libvirt::Libvirt;
 use qemu_tls_migrate::peer::{Authz, DestPlan, ErrorKind, Message, NewDisk};
 
-use crate::fixture::{self, LibvirtPair, PeerClient, Service, domain_name, strs};
+use crate::fixture::{self, Cli, LibvirtPair, PeerClient, Service, domain_name};
 use crate::libvirt::{
-    dest_xml_file, libvirt_service, libvirt_service_on, served_args, start_domain,
-    wait_destination_clean,
+    dest_xml_file, libvirt_service, libvirt_service_on, served_args, served_migration,
+    start_domain, wait_destination_clean,
 };
 
 /// The disk a source asks the service to create for a [`start_domain`] domain: its qcow2
@@ -320,7 +320,7 @@ async fn a_service_killed_while_a_domain_waits_is_cleaned_up_by_the_next_before_
         records(&state),
     );
     let args = served_args(&name, &next.addr, &pki_b2, &xml_path.display().to_string());
-    let out = pair.b.run_cli(&strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     assert_eq!(
         left,
@@ -361,16 +361,9 @@ async fn a_cloudstack_shaped_domain_migrates_through_the_allow_list() {
         .await;
     pair.b.virsh_ok(&["start", &name]).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let (_lab, _service, args) = served_migration(&pair, &name, &dest_disk).await;
 
-    let out = pair.b.run_cli(&strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -407,8 +400,8 @@ fn plan() -> DestPlan {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_source_naming_a_qmp_socket_another_session_holds_is_refused_busy() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = fixture::Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let pair = fixture::Pair::builder().on(&hosts).start().await;
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
     let qmp = pair
         .dest
         .qmp_path()
@@ -416,7 +409,7 @@ async fn a_second_source_naming_a_qmp_socket_another_session_holds_is_refused_bu
         .expect("name")
         .to_string_lossy()
         .to_string();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let preflight = || Message::Preflight {
         qmp: qmp.clone(),
         plan: plan(),

@@ -1,6 +1,7 @@
 //! `jobs`: another process (CloudStack's agent, an operator) lists, cancels, speeds up or
 //! pauses a `migrate` that runs a busy guest over TLS, through the job's control socket.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::process::Child;
 
-use crate::fixture::{self, DEST_HOST, EVENT_TIMEOUT, Lab, Pair, pass_beyond};
+use crate::fixture::{self, Cli, DEST_HOST, EVENT_TIMEOUT, Lab, Pair, pass_beyond};
 
 /// A `migrate --json` that keeps busy long enough to be controlled. Its control socket lives
 /// in `run_dir`.
@@ -30,7 +31,10 @@ impl BusyJob {
     /// finishes on its own. Returns once `jobs` lists it moving RAM.
     async fn start(id: &str) -> BusyJob {
         let kernel = workload_kernel(64, 20_000).expect("workload");
-        let pair = Pair::start_with(|c| c.kernel = Some(kernel)).await;
+        let pair = Pair::builder()
+            .tweak(|c| c.kernel = Some(kernel))
+            .start()
+            .await;
         pass_beyond(pair.source.serial_path(), 0).await;
         let mut job = BusyJob::launch(id, pair, &["--max-bandwidth", "8M"]);
         job.wait_listed(|j| j["phase"] == "ram" && j["ram"]["transferred"].as_u64() > Some(0))
@@ -40,7 +44,10 @@ impl BusyJob {
 
     /// A 64 MiB disk copied at 2 MiB/s. Returns once `jobs` lists it copying the disk.
     async fn start_copying_a_disk(id: &str) -> BusyJob {
-        let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 64)]).await;
+        let pair = Pair::builder()
+            .disks(&[("disk0", DiskFormat::Qcow2, 64)])
+            .start()
+            .await;
         let mut job = BusyJob::launch(id, pair, &["--disk", "disk0", "--disk-bandwidth", "2M"]);
         job.wait_listed(|j| j["phase"] == "disks").await;
         job
@@ -49,19 +56,11 @@ impl BusyJob {
     /// `migrate --json` of `pair` over TLS as job `id`, with `extra` arguments.
     fn launch(id: &str, pair: Pair, extra: &[&str]) -> BusyJob {
         let lab = Lab::new("Test CA");
-        let (src, dst) = (
-            lab.host("src", &["src-host"]),
-            lab.host("dst", &[DEST_HOST]),
-        );
         let dir = tempfile::tempdir().expect("run dir parent");
         let run_dir = dir.path().join("jobs");
-        let mut args = fixture::migrate_args(
-            &pair,
-            &src.display().to_string(),
-            &dst.display().to_string(),
-        );
+        let mut args = pair.tls_args(&lab);
         args.extend(["--job-id", id].iter().chain(extra).map(|s| s.to_string()));
-        let mut child = fixture::spawn_cli_env(&args, &[("QTM_RUN_DIR", &run_dir)]);
+        let mut child = Cli::new(&args).env("QTM_RUN_DIR", &run_dir).spawn();
         // Drained all along: a full pipe would stall the tool.
         let mut pipe = child.stderr.take().expect("stderr");
         let stderr = tokio::spawn(async move {
@@ -81,8 +80,11 @@ impl BusyJob {
     }
 
     /// `qemu-tls-migrate ARGS` against this job's run directory.
-    async fn cli(&self, args: &[&str]) -> Output {
-        fixture::run_cli_env(args, &[("QTM_RUN_DIR", &self.run_dir)]).await
+    async fn cli(&self, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
+        Cli::new(args)
+            .env("QTM_RUN_DIR", &self.run_dir)
+            .output()
+            .await
     }
 
     /// Polls `jobs --json` until this job is listed as `wanted` says.
@@ -286,7 +288,10 @@ async fn a_guest_paused_during_the_disk_copy_runs_again_after_jobs_cancel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first_completes() {
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 32)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
     let mut first = BusyJob::launch(
         "first-run",
         pair,
@@ -295,15 +300,10 @@ async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first
     first.wait_listed(|j| j["phase"] == "disks").await;
     let lab = Lab::new("Test CA");
     // An agent's retry: the same VM, the same destination.
-    let retry_args = fixture::migrate_args(
-        &first.pair,
-        &lab.host("src", &["src-host"]).display().to_string(),
-        &lab.host("dst", &[DEST_HOST]).display().to_string(),
-    );
-    let mut retry_args = retry_args;
+    let mut retry_args = first.pair.tls_args(&lab);
     retry_args.extend(["--job-id", "retry", "--disk", "disk0"].map(String::from));
 
-    let retry = first.cli(&fixture::strs(&retry_args)).await;
+    let retry = first.cli(&retry_args).await;
     let (mut pair, code, report, stderr) = first.finish().await;
 
     let refusal = fixture::stdout_json(&retry);
@@ -327,7 +327,7 @@ async fn a_second_migrate_of_a_vm_copying_its_disk_is_refused_busy_and_the_first
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let next_dest = pair.next_destination("dest2").await;
     // The killed run waits on its destination's first answer, holding the VM's lock.
     let proxy = fixture::QmpDelayProxy::start(
@@ -340,8 +340,8 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
     let killed_id = format!("killed-{}", std::process::id());
     let lab = Lab::new("Test CA");
     let (src, dst) = (
-        lab.host("src", &["src-host"]).display().to_string(),
-        lab.host("dst", &[DEST_HOST]).display().to_string(),
+        lab.host("src", &["src-host"]),
+        lab.host("dst", &[DEST_HOST]),
     );
     let mut killed_args = fixture::migrate_args(&pair, &src, &dst);
     let dest_at = killed_args
@@ -350,7 +350,7 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
         .expect("--dest-qmp");
     killed_args[dest_at + 1] = proxy.path.display().to_string();
     killed_args.extend(["--job-id".to_string(), killed_id.clone()]);
-    let mut killed = fixture::spawn_cli_env(&killed_args, &[]);
+    let mut killed = Cli::new(&killed_args).spawn();
     proxy.holding().await;
     let record = held_lock_record(&killed_id).expect("the run holds its VM's lock");
     let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
@@ -359,7 +359,7 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
     let mut next_args = fixture::migrate_args(&pair, &src, &dst);
     next_args[dest_at + 1] = next_dest.qmp_path().display().to_string();
 
-    let next = fixture::run_cli(&fixture::strs(&next_args)).await;
+    let next = Cli::new(&next_args).output().await;
 
     let report = fixture::stdout_json(&next);
     assert!(record.contains(&killed_id), "{record}");

@@ -8,20 +8,37 @@ use std::time::Duration;
 use qemu_tls_migrate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
 use qemu_tls_migrate::qemu::QueryStatus;
 use qemu_tls_migrate::qmp::Qmp;
+use qemu_tls_migrate::vm::{DiskFormat, create_image};
 
-use crate::fixture::{LibvirtHost, LibvirtPair, domain_name, small_domain_xml};
+use crate::fixture::{
+    self, Cli, Lab, LibvirtHost, LibvirtPair, Service, domain_name, open_path_for_others,
+    small_domain_xml,
+};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An empty qcow2 image of 64 MiB at `path`.
 pub(crate) fn qcow2(path: &Path) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg("64M")
-        .output()
-        .expect("qemu-img create");
-    assert!(out.status.success(), "qemu-img create: {out:?}");
+    create_image(path, DiskFormat::Qcow2, 64 << 20).expect("qemu-img create");
+}
+
+/// Domain `name`'s migratable XML on host b.
+fn source_xml(pair: &LibvirtPair, name: &str) -> DomainXml {
+    Libvirt::connect(&pair.b.uri())
+        .and_then(|l| l.domain(name))
+        .and_then(|d| d.migratable_xml())
+        .expect("migratable XML")
+}
+
+/// A lab PKI: host-a's directory (readable by libvirt's QEMU) and host-b's.
+fn libvirt_lab() -> (Lab, PathBuf, PathBuf) {
+    let lab = Lab::new("Test CA");
+    let (pki_a, pki_b) = (
+        lab.host("host-a", &["host-a"]),
+        lab.host("host-b", &["host-b"]),
+    );
+    open_path_for_others(&pki_a);
+    (lab, pki_a, pki_b)
 }
 
 /// Defines and starts (with `virsh`, inside `host`) a small domain with a qcow2 disk and a QMP
@@ -146,7 +163,7 @@ async fn migratable_xml_starts_paused_on_the_other_host_then_resumes_and_is_dest
 async fn our_binary_runs_inside_a_libvirt_host_and_sees_its_libvirtd() {
     let pair = LibvirtPair::shared();
 
-    let version = pair.a.run_cli(&["--version"]).await;
+    let version = Cli::new(["--version"]).in_host(&pair.a).output().await;
     let socket = pair
         .a
         .command("test")
@@ -166,54 +183,19 @@ async fn our_binary_runs_inside_a_libvirt_host_and_sees_its_libvirtd() {
 async fn a_domain_migrates_by_name_over_tls_into_a_domain_waiting_on_the_other_host() {
     let pair = LibvirtPair::shared();
     let (name, _) = start_domain(&pair.b, "by-name").await;
-    let xml = Libvirt::connect(&pair.b.uri())
-        .and_then(|l| l.domain(&name))
-        .and_then(|d| d.migratable_xml())
-        .expect("migratable XML");
-    // The destination as `serve --libvirt` is to make it: the same XML, its own empty disk and
-    // monitor, started paused and waiting with -incoming defer.
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    qcow2(&dest_disk);
-    let dest_monitor = pair.a.qmp_dir().join(format!("{name}-in.sock"));
-    let dest_xml = xml
-        .with_disk_file("vda", &dest_disk)
-        .and_then(|x| x.with_monitor(&dest_monitor))
-        .and_then(|x| x.with_qemu_args(&["-incoming", "defer"]))
-        .expect("destination XML");
-    Libvirt::connect(&pair.a.uri())
-        .and_then(|l| l.create_paused(&dest_xml))
-        .expect("destination domain");
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let (b_uri, a_monitor) = (pair.b.uri(), dest_monitor.display().to_string());
-    let (pki_a, pki_b) = (pki_a.display().to_string(), pki_b.display().to_string());
-
-    let out = crate::fixture::run_cli(&[
-        "migrate",
-        "--json",
-        "--domain",
+    let dest_monitor = start_waiting_destination(&pair, &name);
+    let (_lab, pki_a, pki_b) = libvirt_lab();
+    let args = by_name_args(
+        &pair,
         &name,
-        "--connect",
-        &b_uri,
-        "--dest-qmp",
-        &a_monitor,
-        "--dest-host",
-        "host-a",
-        "--dest-address",
-        &pair.hosts.a_addr,
-        "--source-pki-dir",
-        &pki_b,
-        "--dest-pki-dir",
-        &pki_a,
-        "--all-local-disks",
-    ])
-    .await;
+        &dest_monitor,
+        (&pki_a, &pki_b),
+        &["--all-local-disks"],
+    );
 
-    let json = crate::fixture::stdout_json(&out);
+    let out = Cli::new(&args).output().await;
+
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["disks"].as_array().map(Vec::len), Some(1), "{json}");
@@ -228,6 +210,57 @@ async fn an_unknown_domain_is_refused_by_name_with_exit_3() {
     let pair = LibvirtPair::shared();
 
     refused_by_name(&pair, "qtm-no-such-domain", &[], "no-such-domain").await;
+}
+
+/// The destination as `serve --libvirt` is to make it for domain `name` of host b: the same
+/// XML, its own empty disk and monitor, started paused on host a and waiting with `-incoming
+/// defer`. Returns its monitor.
+fn start_waiting_destination(pair: &LibvirtPair, name: &str) -> PathBuf {
+    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
+    qcow2(&dest_disk);
+    let dest_monitor = pair.a.qmp_dir().join(format!("{name}-in.sock"));
+    let dest_xml = source_xml(pair, name)
+        .with_disk_file("vda", &dest_disk)
+        .and_then(|x| x.with_monitor(&dest_monitor))
+        .and_then(|x| x.with_qemu_args(&["-incoming", "defer"]))
+        .expect("destination XML");
+    Libvirt::connect(&pair.a.uri())
+        .and_then(|l| l.create_paused(&dest_xml))
+        .expect("destination domain");
+    dest_monitor
+}
+
+/// `migrate --json --domain NAME` from host b straight to the QEMU at `dest_monitor` on host
+/// a (over a's address), with the PKI directories `pkis` (host a's, host b's) and `extra`.
+fn by_name_args(
+    pair: &LibvirtPair,
+    name: &str,
+    dest_monitor: &Path,
+    (pki_a, pki_b): (&Path, &Path),
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "migrate",
+        "--json",
+        "--domain",
+        name,
+        "--connect",
+        &pair.b.uri(),
+        "--dest-qmp",
+        &dest_monitor.display().to_string(),
+        "--dest-host",
+        "host-a",
+        "--dest-address",
+        &pair.hosts.a_addr,
+        "--source-pki-dir",
+        &pki_b.display().to_string(),
+        "--dest-pki-dir",
+        &pki_a.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
 }
 
 /// `migrate --domain NAME` (with `extra` arguments) from host b towards a destination that is
@@ -253,9 +286,9 @@ async fn refused_by_name(
     ];
     args.extend_from_slice(extra);
 
-    let out = crate::fixture::run_cli(&args).await;
+    let out = Cli::new(&args).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], kind, "{json}");
     json
@@ -283,7 +316,6 @@ async fn start_overlay_domain(
     what: &str,
     same: bool,
 ) -> (String, PathBuf, PathBuf) {
-    use qemu_tls_migrate::vm::DiskFormat;
     let name = domain_name(what);
     let template_name = format!("{name}-template.raw");
     let (src_template, dst_template) = (
@@ -295,15 +327,15 @@ async fn start_overlay_domain(
         (&dst_template, if same { 0x11 } else { 0x33 }),
     ] {
         qemu_tls_migrate::vm::create_image(template, DiskFormat::Raw, 64 << 20).expect("template");
-        crate::fixture::qemu_io(
+        fixture::qemu_io(
             template,
             DiskFormat::Raw,
             &format!("write -P 0x{pattern:x} 0 64M"),
         );
     }
     let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
-    crate::fixture::create_overlay(&disk, &src_template);
-    crate::fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x22 1M 4M");
+    fixture::create_overlay(&disk, &src_template);
+    fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x22 1M 4M");
     let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
     let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
     std::fs::write(&xml_path, small_domain_xml(&name, &disk, Some(&monitor))).expect("XML");
@@ -319,19 +351,12 @@ async fn serve_libvirt_refuses_a_top_only_copy_onto_another_template_of_the_same
     let pair = LibvirtPair::shared();
     let (name, _disk, dst_template) = start_overlay_domain(&pair, "wrongtpl", false).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let mut args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let (_lab, _service, mut args) = served_migration(&pair, &name, &dest_disk).await;
     args.extend(["--disk-copy".to_string(), "top".to_string()]);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(json["error"]["kind"], "backing-mismatch", "{json}");
     let message = json["error"]["message"].as_str().unwrap_or("");
     assert!(
@@ -354,29 +379,17 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_disk_c
     let pair = LibvirtPair::shared();
     let (name, disk, dst_template) = start_overlay_domain(&pair, "overlay", true).await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let mut args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let (_lab, _service, mut args) = served_migration(&pair, &name, &dest_disk).await;
     // Top-only for this disk alone (`--disk-copy top` for all is the refusal test's).
     args.retain(|a| a != "--all-local-disks");
     args.extend(["--disk".to_string(), "vda,copy=top".to_string()]);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["disks"][0]["copy"], "top", "{json}");
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(&dest_disk)
-        .output()
-        .expect("qemu-img info");
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("JSON");
+    let info = fixture::image_info(&dest_disk);
     assert_eq!(
         info["backing-filename"].as_str(),
         dst_template.to_str(),
@@ -399,7 +412,7 @@ async fn serve_libvirt_creates_the_overlay_on_its_own_template_copy_for_a_disk_c
         opened.contains(&dst_template.display().to_string()),
         "the destination QEMU reads its own template: {opened:?}"
     );
-    crate::fixture::images_identical(&disk, &dest_disk).expect("same content through the chain");
+    fixture::images_identical(&disk, &dest_disk).expect("same content through the chain");
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
@@ -410,18 +423,11 @@ async fn serve_libvirt_refuses_an_existing_disk_path_and_leaves_no_domain() {
     let (name, _) = start_domain(&pair.b, "taken").await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
     std::fs::write(&dest_disk, b"someone else's data").expect("existing file");
-    let dest_xml = dest_xml_file(&pair, &name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(&pair).await;
-    let args = served_args(
-        &name,
-        &service.addr,
-        &pki_b,
-        &dest_xml.display().to_string(),
-    );
+    let (_lab, _service, args) = served_migration(&pair, &name, &dest_disk).await;
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "destination-disk", "{json}");
     assert_eq!(
@@ -451,9 +457,7 @@ pub(crate) async fn incoming_monitor(host: &LibvirtHost, name: &str) -> PathBuf 
 
 /// A lab PKI and `serve --libvirt` on host a (its QMP directory, its libvirtd); returns the
 /// lab (kept alive by the caller), the service and host b's PKI directory.
-pub(crate) async fn libvirt_service(
-    pair: &LibvirtPair,
-) -> (crate::fixture::Lab, crate::fixture::Service, String) {
+pub(crate) async fn libvirt_service(pair: &LibvirtPair) -> (Lab, Service, String) {
     libvirt_service_on(pair, &pair.hosts.a_addr, &["--libvirt"]).await
 }
 
@@ -462,22 +466,29 @@ pub(crate) async fn libvirt_service_on(
     pair: &LibvirtPair,
     addr: &str,
     extra: &[&str],
-) -> (crate::fixture::Lab, crate::fixture::Service, String) {
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let service = crate::fixture::Service::start_in_libvirt_host(
-        &pair.a,
-        addr,
-        &pki_a,
-        &pair.a.qmp_dir(),
-        extra,
-    )
-    .await;
+) -> (Lab, Service, String) {
+    let (lab, pki_a, pki_b) = libvirt_lab();
+    let service = Service::builder(&pki_a, &pair.a.qmp_dir())
+        .in_host(&pair.a)
+        .listen(addr)
+        .args(extra)
+        .start()
+        .await;
     (lab, service, pki_b.display().to_string())
+}
+
+/// `serve --libvirt` on host a and the agent's command line that migrates domain `name` of
+/// host b there, its disk moved to `dest_disk` (see [`dest_xml_file`]): the lab (kept alive by
+/// the caller), the service and the arguments.
+pub(crate) async fn served_migration(
+    pair: &LibvirtPair,
+    name: &str,
+    dest_disk: &Path,
+) -> (Lab, Service, Vec<String>) {
+    let dest_xml = dest_xml_file(pair, name, dest_disk);
+    let (lab, service, pki_b) = libvirt_service(pair).await;
+    let args = served_args(name, &service.addr, &pki_b, &dest_xml.display().to_string());
+    (lab, service, args)
 }
 
 /// A `migrate --domain NAME --to SERVICE` command line with `--dest-xml` and disk copy.
@@ -529,33 +540,26 @@ async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_pas
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
     let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["source_qmp"], "libvirt-passthrough", "{json}");
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["disks"].as_array().map(Vec::len), Some(2), "{json}");
-    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
-    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
-    // The source is paused (postmigrate): its disks no longer change.
-    for (target, source, dest) in &disks {
-        crate::fixture::images_identical(source, dest)
-            .unwrap_or_else(|e| panic!("disk {target}: {e}"));
-    }
+    assert_moved(&pair, &name, &disks).await;
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_busy() {
-    use qemu_tls_migrate::vm::DiskFormat;
     let pair = LibvirtPair::shared();
     let name = domain_name("busy");
     // 16 MiB of data, copied at 2 MiB/s: the first run copies for some 8 s.
     let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
     qcow2(&disk);
-    crate::fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x5a 0 16M");
+    fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x5a 0 16M");
     let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
     // No monitor of its own: each run reaches QEMU through a passthrough socket of its own, so
     // only the domain's UUID tells that two runs drive one VM.
@@ -564,70 +568,28 @@ async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_
         .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
         .await;
     pair.b.virsh_ok(&["start", &name]).await;
-    let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    qcow2(&dest_disk);
-    let dest_monitor = pair.a.qmp_dir().join(format!("{name}-in.sock"));
-    let dest_xml = Libvirt::connect(&pair.b.uri())
-        .and_then(|l| l.domain(&name))
-        .and_then(|d| d.migratable_xml())
-        .and_then(|x| x.with_disk_file("vda", &dest_disk))
-        .and_then(|x| x.with_monitor(&dest_monitor))
-        .and_then(|x| x.with_qemu_args(&["-incoming", "defer"]))
-        .expect("destination XML");
-    Libvirt::connect(&pair.a.uri())
-        .and_then(|l| l.create_paused(&dest_xml))
-        .expect("destination domain");
-    let lab = crate::fixture::Lab::new("Test CA");
-    let (pki_a, pki_b) = (
-        lab.host("host-a", &["host-a"]),
-        lab.host("host-b", &["host-b"]),
-    );
-    crate::fixture::open_path_for_others(&pki_a);
-    let args = |job: &str| -> Vec<String> {
-        [
-            "migrate",
-            "--json",
-            "--domain",
-            &name,
-            "--connect",
-            &pair.b.uri(),
-            "--dest-qmp",
-            &dest_monitor.display().to_string(),
-            "--dest-host",
-            "host-a",
-            "--dest-address",
-            &pair.hosts.a_addr,
-            "--source-pki-dir",
-            &pki_b.display().to_string(),
-            "--dest-pki-dir",
-            &pki_a.display().to_string(),
-            "--disk",
-            "vda",
-            "--disk-bandwidth",
-            "2M",
-            "--job-id",
-            job,
-        ]
-        .map(String::from)
-        .to_vec()
+    let dest_monitor = start_waiting_destination(&pair, &name);
+    let (_lab, pki_a, pki_b) = libvirt_lab();
+    let args = |job: &str| {
+        let extra = ["--disk", "vda", "--disk-bandwidth", "2M", "--job-id", job];
+        by_name_args(&pair, &name, &dest_monitor, (&pki_a, &pki_b), &extra)
     };
     let first_id = format!("{name}-first");
     let first = tokio::spawn({
         let args = args(&first_id);
-        async move { crate::fixture::run_cli(&crate::fixture::strs(&args)).await }
+        async move { Cli::new(&args).output().await }
     });
     wait_block_job(&pair, &name).await;
 
-    let retry =
-        crate::fixture::run_cli(&crate::fixture::strs(&args(&format!("{name}-retry")))).await;
+    let retry = Cli::new(args(&format!("{name}-retry"))).output().await;
     let first = first.await.expect("first run");
 
-    let refusal = crate::fixture::stdout_json(&retry);
+    let refusal = fixture::stdout_json(&retry);
     assert_eq!(retry.status.code(), Some(3), "{refusal}");
     assert_eq!(refusal["error"]["kind"], "busy", "{refusal}");
     let message = refusal["error"]["message"].as_str().unwrap_or("");
     assert!(message.contains(&format!("job {first_id}")), "{message}");
-    let report = crate::fixture::stdout_json(&first);
+    let report = fixture::stdout_json(&first);
     assert_eq!(first.status.code(), Some(0), "{report}");
     assert_eq!(report["source_qmp"], "libvirt-passthrough", "{report}");
     assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
@@ -638,18 +600,31 @@ async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_
 /// Waits (60 s at most) until the source domain `name` runs a block job (asked through
 /// libvirt's own monitor).
 async fn wait_block_job(pair: &LibvirtPair, name: &str) {
+    let seen = source_monitor_says(pair, name, r#"{"execute":"query-block-jobs"}"#, |v| {
+        v["return"].as_array().is_some_and(|jobs| !jobs.is_empty())
+    })
+    .await;
+    assert!(seen, "the first run never started copying the disk");
+}
+
+/// Asks the source domain `name`'s QEMU `command` through libvirt's own monitor (beside the
+/// tool's declared one) until its reply satisfies `done`, 60 s at most; whether it did.
+async fn source_monitor_says(
+    pair: &LibvirtPair,
+    name: &str,
+    command: &'static str,
+    done: fn(&serde_json::Value) -> bool,
+) -> bool {
     let (uri, name) = (pair.b.uri(), name.to_string());
-    let seen = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let domain = Libvirt::connect(&uri)
             .and_then(|l| l.domain(&name))
             .expect("source domain");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::time::Instant::now() < deadline {
-            let reply = domain
-                .monitor_command(r#"{"execute":"query-block-jobs"}"#)
-                .unwrap_or_default();
+            let reply = domain.monitor_command(command).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
-            if v["return"].as_array().is_some_and(|jobs| !jobs.is_empty()) {
+            if done(&v) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -657,8 +632,7 @@ async fn wait_block_job(pair: &LibvirtPair, name: &str) {
         false
     })
     .await
-    .expect("poller");
-    assert!(seen, "the first run never started copying the disk");
+    .expect("poller")
 }
 
 /// A domain on host b made for a full migration: our guest workload (its RAM not zero pages),
@@ -680,7 +654,6 @@ async fn start_domain_dirtying(
     monitor: bool,
     wss_mib: u32,
 ) -> (String, Vec<(&'static str, PathBuf, PathBuf)>) {
-    use qemu_tls_migrate::vm::DiskFormat;
     let name = domain_name(what);
     let images = pair.b.images_dir();
     let disks = vec![
@@ -688,26 +661,20 @@ async fn start_domain_dirtying(
             "vda",
             images.join(format!("{name}.qcow2")),
             DiskFormat::Qcow2,
-            "64M",
+            64,
             0x5a,
         ),
         (
             "vdb",
             images.join(format!("{name}.raw")),
             DiskFormat::Raw,
-            "32M",
+            32,
             0xa5,
         ),
     ];
-    for (_, path, format, size, pattern) in &disks {
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", format.as_str()])
-            .arg(path)
-            .arg(size)
-            .output()
-            .expect("qemu-img create");
-        assert!(out.status.success(), "{out:?}");
-        crate::fixture::qemu_io(path, *format, &format!("write -P {pattern} 0 {size}"));
+    for (_, path, format, mib, pattern) in &disks {
+        create_image(path, *format, mib << 20).expect("qemu-img create");
+        fixture::qemu_io(path, *format, &format!("write -P {pattern} 0 {mib}M"));
     }
     let kernel = qemu_tls_migrate::vm::workload::workload_kernel(wss_mib, 100).expect("workload");
     let monitor_path = pair.b.qmp_dir().join(format!("{name}.sock"));
@@ -715,7 +682,7 @@ async fn start_domain_dirtying(
         .iter()
         .map(|(t, p, f, _, _)| (*t, p.as_path(), *f))
         .collect();
-    let xml = crate::fixture::domain_xml(
+    let xml = fixture::domain_xml(
         &name,
         &spec,
         monitor.then_some(monitor_path.as_path()),
@@ -779,23 +746,23 @@ async fn a_domain_with_two_local_disks_migrates_through_serve_libvirt_with_nothi
         vec![0x5a; 512],
         vec![0xa5; 512],
     ];
-    let control = crate::fixture::LinkCapture::start(&pair.hosts.a, needles.clone());
-    crate::fixture::send_in_clear(
+    let control = fixture::LinkCapture::start(&pair.hosts.a, needles.clone());
+    fixture::send_in_clear(
         &pair.hosts.b,
         &pair.hosts.a,
         &pair.hosts.a_addr,
         &[0x5a; 4096],
     );
     let control = control.finish();
-    let capture = crate::fixture::LinkCapture::start(&pair.hosts.a, needles);
+    let capture = fixture::LinkCapture::start(&pair.hosts.a, needles);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
     let seen = capture.finish();
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     // Shown with --nocapture: the figures the README quotes.
-    crate::fixture::show("libvirt domain migration", &json);
-    crate::fixture::show("capture", &format!("{seen:?}"));
+    fixture::show("libvirt domain migration", &json);
+    fixture::show("capture", &format!("{seen:?}"));
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["source_qmp"], "declared-monitor");
@@ -813,8 +780,7 @@ async fn a_domain_with_two_local_disks_migrates_through_serve_libvirt_with_nothi
         "--destroy-source stops the source once the destination runs"
     );
     for (target, source, dest) in &disks {
-        crate::fixture::images_identical(source, dest)
-            .unwrap_or_else(|e| panic!("disk {target}: {e}"));
+        fixture::images_identical(source, dest).unwrap_or_else(|e| panic!("disk {target}: {e}"));
     }
     assert!(
         control.found[2].1 > 0,
@@ -838,14 +804,14 @@ async fn an_unsecured_source_is_refused_by_a_secured_service_and_nothing_is_made
     let dest_xml = busy_dest_xml(&pair, &name, &disks);
     let (_lab, service, _pki_b) = libvirt_service(&pair).await;
     let unsecured = tempfile::tempdir().expect("empty PKI dir");
-    crate::fixture::open_path_for_others(unsecured.path());
+    fixture::open_path_for_others(unsecured.path());
     let unsecured_dir = unsecured.path().display().to_string();
     let args = agent_args(&name, &service.addr, &unsecured_dir, &dest_xml);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
-    crate::fixture::show("unsecured source", &json);
+    let json = fixture::stdout_json(&out);
+    fixture::show("unsecured source", &json);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "mixed-security", "{json}");
     assert_nothing_moved(&pair, &name, &disks).await;
@@ -864,10 +830,10 @@ async fn a_service_whose_libvirtd_is_down_refuses_and_nothing_is_made_there() {
         libvirt_service_on(&pair, &pair.hosts.a_addr, &["--libvirt", "--connect", &uri]).await;
     let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
-    crate::fixture::show("libvirtd down", &json);
+    let json = fixture::stdout_json(&out);
+    fixture::show("libvirtd down", &json);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert!(
         json["error"]["message"]
@@ -892,31 +858,23 @@ async fn assert_nothing_moved(pair: &LibvirtPair, name: &str, disks: &[(&str, Pa
     }
 }
 
+/// Domain `name` runs on host a and is paused on host b, and each of `disks` has the same
+/// content on both hosts (the source is paused, postmigrate: its disks no longer change).
+async fn assert_moved(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, PathBuf)]) {
+    assert_eq!(pair.a.virsh_ok(&["domstate", name]).await, "running");
+    assert_eq!(pair.b.virsh_ok(&["domstate", name]).await, "paused");
+    for (target, source, dest) in disks {
+        fixture::images_identical(source, dest).unwrap_or_else(|e| panic!("disk {target}: {e}"));
+    }
+}
+
 /// Waits until the source domain's own migration is sending RAM (asked through libvirt's
 /// monitor, beside the tool's declared one), within 60 s.
 async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
-    let (uri, name) = (pair.b.uri(), name.to_string());
-    let seen = tokio::task::spawn_blocking(move || {
-        let domain = Libvirt::connect(&uri)
-            .and_then(|l| l.domain(&name))
-            .expect("source domain");
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while std::time::Instant::now() < deadline {
-            let reply = domain
-                .monitor_command(r#"{"execute":"query-migrate"}"#)
-                .unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
-            if v["return"]["status"] == "active"
-                && v["return"]["ram"]["transferred"].as_u64() > Some(0)
-            {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+    let seen = source_monitor_says(pair, name, r#"{"execute":"query-migrate"}"#, |v| {
+        v["return"]["status"] == "active" && v["return"]["ram"]["transferred"].as_u64() > Some(0)
     })
-    .await
-    .expect("poller");
+    .await;
     assert!(seen, "the migration never reached its RAM phase");
 }
 
@@ -958,15 +916,15 @@ async fn interrupted_during_the_ram_phase(
     args.extend(["--max-bandwidth", "8M", "--timeout", "60"].map(String::from));
     let run = {
         let pair = pair.clone();
-        tokio::spawn(async move { pair.b.run_cli(&crate::fixture::strs(&args)).await })
+        tokio::spawn(async move { Cli::new(&args).in_host(&pair.b).output().await })
     };
 
     wait_ram_phase(pair, &name).await;
     interrupt.await;
     let out = run.await.expect("migration");
 
-    let json = crate::fixture::stdout_json(&out);
-    crate::fixture::show(what, &json);
+    let json = fixture::stdout_json(&out);
+    fixture::show(what, &json);
     assert_ne!(out.status.code(), Some(0), "{json}");
     assert_eq!(
         pair.b.virsh_ok(&["domstate", &name]).await,
@@ -1004,7 +962,6 @@ async fn a_link_cut_during_the_ram_phase_leaves_the_source_running_and_the_servi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side() {
-    use qemu_tls_migrate::vm::DiskFormat;
     let pair = LibvirtPair::shared();
     // The libvirt domain: 128 MiB, our workload dirtying 64 MiB, qcow2 64 MiB + raw 32 MiB.
     let (name, disks) = start_domain_dirtying(&pair, "timed", true, 64).await;
@@ -1014,22 +971,18 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
     // The same VM as bare QEMU processes on the same two hosts and link (the fixture also
     // fills 64 MiB of its RAM, which the workload's 64 MiB mostly overlap).
     let kernel = qemu_tls_migrate::vm::workload::workload_kernel(64, 100).expect("workload");
-    let bare = crate::fixture::Pair::start_on_with(
-        &pair.hosts,
-        &[("vda", DiskFormat::Qcow2, 64), ("vdb", DiskFormat::Raw, 32)],
-        |c| c.kernel = Some(kernel),
-    )
-    .await;
-    let qmp_dir = bare.dest.qmp_path().parent().expect("dir").to_path_buf();
+    let bare = fixture::Pair::builder()
+        .on(&pair.hosts)
+        .disks(&[("vda", DiskFormat::Qcow2, 64), ("vdb", DiskFormat::Raw, 32)])
+        .tweak(|c| c.kernel = Some(kernel))
+        .start()
+        .await;
+    let qmp_dir = fixture::qmp_dir(&bare.dest);
     let pki_a = lab.host("host-a", &["host-a"]);
-    let bare_service = crate::fixture::Service::start(
-        Some(&pair.hosts.a),
-        &pair.hosts.a_addr,
-        &pki_a,
-        &qmp_dir,
-        &[],
-    )
-    .await;
+    let bare_service = fixture::Service::builder(&pki_a, &qmp_dir)
+        .on(&pair.hosts)
+        .start()
+        .await;
     let qmp_name = bare
         .dest
         .qmp_path()
@@ -1037,7 +990,7 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
         .expect("socket name")
         .to_string_lossy()
         .to_string();
-    let bare_args = crate::fixture::migrate_to_args(
+    let bare_args = fixture::migrate_to_args(
         &bare,
         &bare_service.addr,
         Path::new(&pki_b),
@@ -1045,19 +998,18 @@ async fn a_libvirt_domain_and_a_bare_qemu_of_the_same_size_migrate_side_by_side(
         &["--disk", "vda", "--disk", "vdb"],
     );
 
-    let domain_out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
-    let bare_out =
-        crate::fixture::run_cli_in(&pair.hosts.b, &crate::fixture::strs(&bare_args)).await;
+    let domain_out = Cli::new(&args).in_host(&pair.b).output().await;
+    let bare_out = Cli::new(&bare_args).in_netns(&pair.hosts.b).output().await;
 
     let (domain, bare_json) = (
-        crate::fixture::stdout_json(&domain_out),
-        crate::fixture::stdout_json(&bare_out),
+        fixture::stdout_json(&domain_out),
+        fixture::stdout_json(&bare_out),
     );
     assert_eq!(domain_out.status.code(), Some(0), "{domain}");
     assert_eq!(bare_out.status.code(), Some(0), "{bare_json}");
     // No timing is asserted (this machine is noisy): the figures are shown for the README.
     for (what, json) in [("libvirt domain", &domain), ("bare QEMU", &bare_json)] {
-        crate::fixture::show(
+        fixture::show(
             what,
             &format!(
                 "wall {} ms, timing {}, RAM {} bytes, disks {}",
@@ -1079,10 +1031,9 @@ async fn the_tool_killed_during_the_ram_phase_leaves_the_service_to_roll_back_on
     // RAM takes about 8 s at this rate: the service notices the silent channel (6 s) first.
     args.extend(["--max-bandwidth", "4M"].map(String::from));
     // As the agent does on its timeout: SIGKILL, no chance to clean up.
-    let mut tool = pair
-        .b
-        .command(env!("CARGO_BIN_EXE_qemu-tls-migrate"))
-        .args(&args)
+    let mut tool = Cli::new(&args)
+        .in_host(&pair.b)
+        .command()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1102,7 +1053,7 @@ async fn the_tool_killed_during_the_ram_phase_leaves_the_service_to_roll_back_on
     .await
     .expect("query")
     .expect("source QEMU answers");
-    crate::fixture::show("source after the kill", &format!("{qemu:?}"));
+    fixture::show("source after the kill", &format!("{qemu:?}"));
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
     assert!(qemu.0.contains(r#""status":"running""#), "{qemu:?}");
     pair.b.virsh_ok(&["destroy", &name]).await;
@@ -1168,13 +1119,11 @@ async fn refused_as_existing(
         .virsh_ok(&["create", other_xml.to_str().expect("UTF-8")])
         .await;
     let dest_disk = pair.a.images_dir().join(format!("{name}-in.qcow2"));
-    let dest_xml = dest_xml_file(pair, name, &dest_disk);
-    let (_lab, service, pki_b) = libvirt_service(pair).await;
-    let args = served_args(name, &service.addr, &pki_b, &dest_xml.display().to_string());
+    let (_lab, _service, args) = served_migration(pair, name, &dest_disk).await;
 
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
     assert_eq!(json["error"]["kind"], "domain-exists", "{json}");
     (json, dest_disk)
@@ -1213,7 +1162,7 @@ async fn migrate_through_a_lossy_proxy(
     String,
     Vec<(&'static str, PathBuf, PathBuf)>,
     std::process::Output,
-    crate::fixture::QmpDelayProxy,
+    fixture::QmpDelayProxy,
     Arc<Mutex<Option<(u32, std::time::Instant)>>>,
 ) {
     let (name, disks) = start_busy_domain(pair, what, true).await;
@@ -1238,7 +1187,7 @@ async fn migrate_through_a_lossy_proxy(
     let cell = frozen.clone();
     // Puts the proxy in place once the service made the domain's socket.
     let proxy = tokio::spawn(async move {
-        let socket = tokio::time::timeout(crate::fixture::EVENT_TIMEOUT, async {
+        let socket = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
             loop {
                 if let Some(new) = incoming_sockets(&sockets)
                     .into_iter()
@@ -1251,18 +1200,18 @@ async fn migrate_through_a_lossy_proxy(
         })
         .await
         .expect("the service makes the incoming domain's socket");
-        crate::fixture::QmpDelayProxy::start_with(
+        fixture::QmpDelayProxy::start_with(
             &sockets.join(&socket),
             &at.join(&socket),
-            crate::fixture::command_named("cont"),
-            crate::fixture::FOREVER,
+            fixture::command_named("cont"),
+            fixture::FOREVER,
             move || {
                 if on_cont == OnCont::Freeze {
                     let pid = std::fs::read_to_string(&pid_file)
                         .ok()
                         .and_then(|p| p.trim().parse().ok())
                         .expect("the incoming domain's QEMU pid");
-                    crate::fixture::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+                    fixture::signal(pid, nix::sys::signal::Signal::SIGSTOP);
                     *cell.lock().expect("lock") = Some((pid, std::time::Instant::now()));
                 }
             },
@@ -1270,7 +1219,7 @@ async fn migrate_through_a_lossy_proxy(
         .await
     });
     let args = agent_args(&name, &service.addr, &pki_b, &dest_xml);
-    let out = pair.b.run_cli(&crate::fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_host(&pair.b).output().await;
     let proxy = proxy.await.expect("proxy");
     drop(interpose);
     (name, disks, out, proxy, frozen)
@@ -1286,14 +1235,9 @@ async fn a_lost_reply_to_cont_leaves_the_incoming_domain_running_and_the_source_
     let (name, disks, out, _proxy, _) =
         migrate_through_a_lossy_proxy(&pair, "lossy", OnCont::LoseReply).await;
 
-    let json = crate::fixture::stdout_json(&out);
+    let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
-    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
-    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
-    for (target, source, dest) in &disks {
-        crate::fixture::images_identical(source, dest)
-            .unwrap_or_else(|e| panic!("disk {target}: {e}"));
-    }
+    assert_moved(&pair, &name, &disks).await;
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;
 }
@@ -1312,10 +1256,10 @@ async fn an_incoming_domain_frozen_right_after_cont_is_left_alone_and_the_source
     let given_up_after = at.elapsed();
     // The scenario's length, not a wait for an event: the QEMU stays frozen this long.
     tokio::time::sleep(Duration::from_secs(90).saturating_sub(at.elapsed())).await;
-    crate::fixture::signal(pid, nix::sys::signal::Signal::SIGCONT);
+    fixture::signal(pid, nix::sys::signal::Signal::SIGCONT);
 
-    let json = crate::fixture::stdout_json(&out);
-    crate::fixture::show("gave up after", &format!("{given_up_after:?}"));
+    let json = fixture::stdout_json(&out);
+    fixture::show("gave up after", &format!("{given_up_after:?}"));
     assert_eq!(out.status.code(), Some(1), "{json}");
     assert_eq!(json["error"]["kind"], "split-brain-risk", "{json}");
     assert!(
@@ -1329,7 +1273,7 @@ async fn an_incoming_domain_frozen_right_after_cont_is_left_alone_and_the_source
         "after cont the service sent {after:?}"
     );
     assert!(
-        crate::fixture::process_alive(pid),
+        fixture::process_alive(pid),
         "the incoming domain's QEMU was killed"
     );
     let dest_state = pair.a.virsh_ok(&["domstate", &name]).await;

@@ -16,7 +16,10 @@ async fn tls_migration_completes_and_guest_ram_is_identical() {
     // TCG: under this machine's nested KVM, idle SeaBIOS writes its e-segment page (0xe8000)
     // without KVM's dirty log seeing it, so that one page can differ whatever the tool does
     // (shown by migrating a stopped source: identical). TCG tracks every guest write.
-    let pair = Pair::start_with(|c| c.accel = Some(Accel::Tcg)).await;
+    let pair = Pair::builder()
+        .tweak(|c| c.accel = Some(Accel::Tcg))
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.dest_paused = true;
 
@@ -45,7 +48,7 @@ async fn tls_on_the_wire_then_tcp_onwards_without_stale_settings() {
         lab.host("src", &["src-host"]),
         lab.host("dst", &[DEST_HOST]),
     );
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
     let mut options = pair.options(&src_pki, &dst_pki);
     options.source_connect = Some(tap.addr.clone());
@@ -86,7 +89,7 @@ async fn tls_on_the_wire_then_tcp_onwards_without_stale_settings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_unsecured_hosts_migrate_over_tcp_with_a_warning() {
     let empty = tempfile::tempdir().expect("empty PKI dir");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let options = pair.options(empty.path(), empty.path());
 
     let report = fixture::migrate(&options).await;
@@ -105,7 +108,7 @@ async fn two_unsecured_hosts_migrate_over_tcp_with_a_warning() {
 async fn a_mixed_pair_is_refused_before_either_vm_is_touched() {
     let lab = Lab::new("Test CA");
     let unsecured = tempfile::tempdir().expect("empty PKI dir");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let before = fixture::migrate_parameters(&pair.source).await;
     let options = pair.options(&lab.host("src", &["src-host"]), unsecured.path());
 
@@ -127,7 +130,7 @@ async fn a_mixed_pair_is_refused_before_either_vm_is_touched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_on_one_side_fails_the_handshake_and_the_source_runs_on() {
     let (lab_a, lab_b) = (Lab::new("CA A"), Lab::new("CA B"));
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let options = pair.options(
         &lab_a.host("src", &["src-host"]),
         &lab_b.host("dst", &[DEST_HOST]),
@@ -136,19 +139,14 @@ async fn a_wrong_ca_on_one_side_fails_the_handshake_and_the_source_runs_on() {
     let report = fixture::migrate(&options).await;
 
     assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("tls-handshake"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "tls-handshake");
     fixture::assert_source_untouched(&pair.source).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_not_naming_the_tls_hostname_is_refused_at_the_handshake() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let options = pair.options(
         &lab.host("src", &["src-host"]),
         &lab.host("dst", &["some-other-host"]),
@@ -157,12 +155,7 @@ async fn a_certificate_not_naming_the_tls_hostname_is_refused_at_the_handshake()
     let report = fixture::migrate(&options).await;
 
     assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("tls-handshake"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "tls-handshake");
     let message = fixture::error_message(&report);
     assert!(message.contains(DEST_HOST), "{message}");
     fixture::assert_source_untouched(&pair.source).await;
@@ -177,7 +170,10 @@ async fn a_key_qemu_cannot_read_is_caught_by_the_preflight() {
     fixture::open_path_for_others(&dst_pki);
     // The source QEMU runs as nobody (as libvirt runs QEMU as its own user); the key stays
     // 0640 root:root, so root can read it and QEMU cannot.
-    let pair = Pair::start_with(|c| c.run_as = Some("nobody".into())).await;
+    let pair = Pair::builder()
+        .tweak(|c| c.run_as = Some("nobody".into()))
+        .start()
+        .await;
     // The destination runs as nobody too; give it its key so only the source is affected.
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("passwd")
@@ -187,12 +183,7 @@ async fn a_key_qemu_cannot_read_is_caught_by_the_preflight() {
 
     let report = fixture::migrate(&options).await;
 
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("credentials-unusable"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "credentials-unusable");
     let message = fixture::error_message(&report);
     assert!(message.contains("source"), "{message}");
     assert!(
@@ -205,7 +196,7 @@ async fn a_key_qemu_cannot_read_is_caught_by_the_preflight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_killed_mid_migration_leaves_the_source_running() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start().await;
+    let mut pair = Pair::builder().start().await;
     let mut options = pair.tls_options(&lab);
     options.max_bandwidth = 16 << 20; // 64 MiB of data takes ~4 s
     let dest_pid = pair.dest.pid().expect("destination pid");
@@ -250,7 +241,7 @@ async fn a_destination_killed_mid_migration_leaves_the_source_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_stops_answering_mid_migration_times_out() {
     let lab = Lab::new("Test CA");
-    let mut pair = Pair::start().await;
+    let mut pair = Pair::builder().start().await;
     let mut options = pair.tls_options(&lab);
     options.max_bandwidth = 16 << 20;
     options.stall_timeout = Duration::from_secs(3);
@@ -272,12 +263,7 @@ async fn a_destination_that_stops_answering_mid_migration_times_out() {
 
     assert!(stopped);
     assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("stalled"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "stalled");
     fixture::assert_source_untouched(&pair.source).await;
     pair.dest.kill().await;
 }
@@ -285,7 +271,7 @@ async fn a_destination_that_stops_answering_mid_migration_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_whose_qmp_never_answers_is_a_timeout_naming_its_socket() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut options = pair.tls_options(&lab);
     options.qmp_timeout = Duration::from_secs(2);
     let dest_pid = nix::unistd::Pid::from_raw(pair.dest.pid().expect("pid") as i32);
@@ -294,28 +280,13 @@ async fn a_destination_whose_qmp_never_answers_is_a_timeout_naming_its_socket() 
     let report = fixture::migrate(&options).await;
 
     nix::sys::signal::kill(dest_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("timeout"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "timeout");
     let message = fixture::error_message(&report);
     assert!(
         message.contains(&pair.dest.qmp_path().display().to_string()),
         "{message}"
     );
     fixture::assert_source_untouched(&pair.source).await;
-}
-
-/// The DER bytes of the first certificate in a PEM file.
-fn cert_der(path: &std::path::Path) -> Vec<u8> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    CertificateDer::from_pem_file(path)
-        .expect("PEM certificate")
-        .as_ref()
-        .to_vec()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -328,9 +299,9 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     // Both hosts carry the name the tests connect with, so the VM can migrate back and forth.
     let host_a = lab.host("host-a", &[DEST_HOST, "host-a"]);
     let host_b = lab.host("host-b", &[DEST_HOST, "host-b"]);
-    let pair = Pair::start().await;
-    let old_b = cert_der(&host_b.join("server-cert.pem"));
-    let old_a = cert_der(&host_a.join("server-cert.pem"));
+    let pair = Pair::builder().start().await;
+    let old_b = fixture::cert_der(&host_b.join("server-cert.pem"));
+    let old_a = fixture::cert_der(&host_a.join("server-cert.pem"));
     // TLS 1.2, so that the server's Certificate message crosses the wire in the clear.
     let priority = Some("NORMAL:-VERS-ALL:+VERS-TLS1.2".to_string());
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
@@ -355,7 +326,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     };
     renew(&host_a, "host-a", 0xA2);
     renew(&host_b, "host-b", 0xB2);
-    let new_a = cert_der(&host_a.join("server-cert.pem"));
+    let new_a = fixture::cert_der(&host_a.join("server-cert.pem"));
     assert_ne!(new_a, old_a);
 
     // Back again: the VM runs on the first destination (host-b), and a new QEMU on host-a
@@ -382,7 +353,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let before = fixture::migrate_parameters(&pair.source).await;
     let mut options = pair.tls_options(&lab);
     options.multifd = Some(4);
@@ -399,7 +370,7 @@ async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_authorising_another_identity_refuses_the_source() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut options = pair.tls_options(&lab);
     options.authz = qemu_tls_migrate::peer::Authz::Identity("CN=some-other-host".into());
 
@@ -431,10 +402,10 @@ async fn qemu_authorises_a_many_part_subject_only_in_the_form_gnutls_prints_it()
     // What the service set as tls-authz before (x509-parser's rendering of the same name).
     let other_rendering = cert.subject().to_string();
     let gnutls_form = qemu_tls_migrate::pki::certificate_authz_dn(&der).expect("subject");
-    let refused_pair = Pair::start().await;
+    let refused_pair = Pair::builder().start().await;
     let mut refused_options = refused_pair.options(&src_pki, &dst_pki);
     refused_options.authz = qemu_tls_migrate::peer::Authz::Identity(other_rendering.clone());
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let mut options = pair.options(&src_pki, &dst_pki);
     options.authz = qemu_tls_migrate::peer::Authz::Identity(gnutls_form.clone());
 

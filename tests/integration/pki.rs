@@ -12,20 +12,13 @@ use qemu_tls_migrate::pki::{self, HostCert, LabCa, Role};
 use serde_json::Value;
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qemu-tls-migrate");
-
-fn tool(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run qemu-tls-migrate")
-}
+use crate::fixture::{self, Cli};
 
 /// A lab made by `pki init --host host-a --host host-b`; returns (tempdir, lab dir).
 fn lab() -> (TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("lab");
-    let done = tool(&[
+    let done = Cli::new([
         "pki",
         "init",
         "--out",
@@ -34,7 +27,8 @@ fn lab() -> (TempDir, PathBuf) {
         "host-a",
         "--host",
         "host-b",
-    ]);
+    ])
+    .output_blocking();
     assert!(done.status.success(), "pki init: {done:?}");
     (tmp, out)
 }
@@ -45,7 +39,7 @@ fn path_str(p: &Path) -> &str {
 
 /// `pki check --json` on `dir` for host name host-a: (exit code, report).
 fn check(dir: &Path) -> (i32, Value) {
-    let out = tool(&[
+    let out = Cli::new([
         "pki",
         "check",
         "--dir",
@@ -53,7 +47,8 @@ fn check(dir: &Path) -> (i32, Value) {
         "--hostname",
         "host-a",
         "--json",
-    ]);
+    ])
+    .output_blocking();
     let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     (out.status.code().expect("exit code"), report)
 }
@@ -213,7 +208,7 @@ fn pki_check_garbage_text_is_garbage() {
 fn pki_check_der_where_pem_is_expected_says_convert() {
     let (_tmp, lab) = lab();
     let dir = lab.join("host-a");
-    let der = cert_der(&dir.join(pki::SERVER_CERT));
+    let der = fixture::cert_der(&dir.join(pki::SERVER_CERT));
     fs::write(dir.join(pki::SERVER_CERT), der).expect("write");
 
     let (code, report) = check(&dir);
@@ -230,14 +225,15 @@ fn pki_check_text_output_names_file_and_fix() {
     let dir = lab.join("host-a");
     fs::remove_file(dir.join(pki::SERVER_KEY)).expect("remove");
 
-    let out = tool(&[
+    let out = Cli::new([
         "pki",
         "check",
         "--dir",
         path_str(&dir),
         "--hostname",
         "host-a",
-    ]);
+    ])
+    .output_blocking();
 
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
@@ -259,14 +255,6 @@ fn pki_check_missing_directory_exits_1() {
 
     assert_eq!(code, 1);
     assert_eq!(findings(&report), one("dir-missing", "nope"));
-}
-
-/// The DER of the first certificate in a PEM file.
-fn cert_der(path: &Path) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_file(path)
-        .expect("PEM certificate")
-        .to_vec()
 }
 
 // ---- QEMU 7.2 and GnuTLS accept what `pki init` makes ----

@@ -1,8 +1,6 @@
 //! Two hosts: the destination service in one network namespace, the source command in
 //! another, joined by a veth pair, so migration and control traffic really cross between them.
 
-use std::process::Stdio;
-
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use qemu_tls_migrate::peer::{self, ErrorKind, MAX_FRAME, Message};
@@ -11,7 +9,7 @@ use qemu_tls_migrate::vm::DiskFormat;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::fixture::{self, Lab, Pair, Service, TwoHosts};
+use crate::fixture::{self, Cli, Lab, Pair, Service, TwoHosts};
 
 /// A source `migrate --to` command line from host `b` to the service, naming `qmp.sock`.
 fn migrate_to_args(
@@ -23,15 +21,19 @@ fn migrate_to_args(
     fixture::migrate_to_args(pair, &service.addr, pki, "qmp.sock", extra)
 }
 
-use fixture::strs;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let mut pair = Pair::start_on(&hosts, &[("disk0", DiskFormat::Qcow2, 32)]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let mut service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["host-b"]).await;
+    let mut pair = Pair::builder()
+        .on(&hosts)
+        .disks(&[("disk0", DiskFormat::Qcow2, 32)])
+        .start()
+        .await;
+    let mut service = Service::builder(&pki_a, &fixture::qmp_dir(&pair.dest))
+        .on(&hosts)
+        .allow(&["host-b"])
+        .start()
+        .await;
     let args = migrate_to_args(
         &pair,
         &service,
@@ -39,7 +41,7 @@ async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
         &["--all-local-disks", "--dest-paused", "--authz"],
     );
 
-    let out = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(
@@ -52,9 +54,7 @@ async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["disks"][0]["device"], "disk0");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    let src_ram = std::fs::read(pair.source.ram_path()).expect("source RAM");
-    let dst_ram = std::fs::read(pair.dest.ram_path()).expect("destination RAM");
-    assert!(src_ram == dst_ram, "guest RAM differs after migration");
+    fixture::assert_ram_identical(&pair);
     assert!(service.is_running());
     assert_eq!(
         service.stop().await,
@@ -74,30 +74,24 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
     let lab = Lab::new("Test CA");
     let other = Lab::new("Another CA");
     let pki_a = lab.host("host-a", &["host-a"]);
-    let pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let mut service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["host-b"]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
+    let mut service = Service::builder(&pki_a, &fixture::qmp_dir(&pair.dest))
+        .on(&hosts)
+        .allow(&["host-b"])
+        .start()
+        .await;
 
     let foreign = other.host("host-b", &["host-b"]);
-    let out = fixture::run_cli_in(
-        &hosts.b,
-        &strs(&migrate_to_args(&pair, &service, &foreign, &[])),
-    )
-    .await;
-    let json = fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "connect", "{json}");
-
     let unlisted = lab.host("host-c", &["host-c"]);
-    let out = fixture::run_cli_in(
-        &hosts.b,
-        &strs(&migrate_to_args(&pair, &service, &unlisted, &[])),
-    )
-    .await;
-    let json = fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(3), "{json}");
-    assert_eq!(json["error"]["kind"], "connect", "{json}");
+    for pki in [&foreign, &unlisted] {
+        let out = Cli::new(migrate_to_args(&pair, &service, pki, &[]))
+            .in_netns(&hosts.b)
+            .output()
+            .await;
+        let json = fixture::stdout_json(&out);
+        assert_eq!(out.status.code(), Some(3), "{json}");
+        assert_eq!(json["error"]["kind"], "connect", "{json}");
+    }
 
     let mut plain = fixture::connect_in_netns(&hosts.b, &service.addr);
     plain
@@ -123,39 +117,21 @@ async fn foreign_and_unlisted_certificates_are_refused_at_the_handshake_and_plai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migration() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let mut pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let mut service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let mut pair = Pair::builder().on(&hosts).start().await;
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
+    let mut service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let args = migrate_to_args(
         &pair,
         &service,
         &pki_b,
         &["--max-bandwidth", "8M", "--stall-timeout", "3"],
     );
-    let mut child = tokio::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &hosts.b,
-            env!("CARGO_BIN_EXE_qemu-tls-migrate"),
-        ])
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the source command");
+    let mut child = Cli::new(&args).in_netns(&hosts.b).spawn();
     let mut progress = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let moving = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        while let Ok(Some(line)) = progress.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["progress"]["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(moving.ok(), Some(true), "the migration never got going");
+    assert!(
+        fixture::ram_transferred_beyond(&mut progress, 4 << 20).await,
+        "the migration never got going"
+    );
 
     hosts.link(false);
     let drain = tokio::spawn(async move { while let Ok(Some(_)) = progress.next_line().await {} });
@@ -188,20 +164,19 @@ async fn a_cut_link_rolls_both_sides_back_and_the_service_serves_the_next_migrat
             }
         })
         .collect();
-    let refused = fixture::run_cli_in(&hosts.b, &strs(&args)).await;
+    let refused = Cli::new(&args).in_netns(&hosts.b).output().await;
     assert_eq!(
         fixture::stdout_json(&refused)["error"]["kind"],
         "bad-request",
         "nothing outside --qmp-dir can be named"
     );
-    let next_dir = next.qmp_path().parent().expect("dir").to_path_buf();
+    let next_dir = fixture::qmp_dir(&next);
     drop(service);
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &next_dir, &[]).await;
-    let out = fixture::run_cli_in(
-        &hosts.b,
-        &strs(&migrate_to_args(&pair, &service, &pki_b, &[])),
-    )
-    .await;
+    let service = Service::builder(&pki_a, &next_dir).on(&hosts).start().await;
+    let out = Cli::new(migrate_to_args(&pair, &service, &pki_b, &[]))
+        .in_netns(&hosts.b)
+        .output()
+        .await;
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
     assert_eq!(fixture::status(&next).await, "running");
@@ -243,8 +218,10 @@ async fn reply(
 async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_keeps_serving() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("empty qmp dir");
-    let mut service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let mut service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
 
     let mut c = tls_channel(&hosts, &service, &pki_b).await;
     c.send(Bytes::from_static(b"\x00\x01garbage{{"))
@@ -309,14 +286,17 @@ async fn garbage_oversized_and_wrong_version_frames_are_refused_and_the_service_
 async fn one_service_takes_two_migrations_at_once() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let (first, second) = (
-        Pair::start_on(&hosts, &[]).await,
-        Pair::start_on(&hosts, &[]).await,
+        Pair::builder().on(&hosts).start().await,
+        Pair::builder().on(&hosts).start().await,
     );
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     for (name, pair) in [("vm1.sock", &first), ("vm2.sock", &second)] {
         std::os::unix::fs::symlink(pair.dest.qmp_path(), qmp_dir.path().join(name)).expect("link");
     }
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let args_for = |pair: &Pair, name: &str| -> Vec<String> {
         migrate_to_args(pair, &service, &pki_b, &[])
             .into_iter()
@@ -324,11 +304,10 @@ async fn one_service_takes_two_migrations_at_once() {
             .collect()
     };
     let (a1, a2) = (args_for(&first, "vm1.sock"), args_for(&second, "vm2.sock"));
-    let (a1, a2) = (strs(&a1), strs(&a2));
 
     let (o1, o2) = tokio::join!(
-        fixture::run_cli_in(&hosts.b, &a1),
-        fixture::run_cli_in(&hosts.b, &a2)
+        Cli::new(&a1).in_netns(&hosts.b).output(),
+        Cli::new(&a2).in_netns(&hosts.b).output()
     );
 
     let (j1, j2) = (fixture::stdout_json(&o1), fixture::stdout_json(&o2));
@@ -345,48 +324,27 @@ async fn one_service_takes_two_migrations_at_once() {
 /// The identity of the `authz-simple` object the destination's `tls-authz` names, read through
 /// its watcher socket as soon as the service has set it (while the migration runs).
 async fn destination_authz_identity(dest: &qemu_tls_migrate::vm::Vm) -> String {
-    let watcher = fixture::monitor(dest).await;
-    tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        loop {
-            let params = watcher
-                .execute_raw("query-migrate-parameters", None, fixture::EVENT_TIMEOUT)
-                .await
-                .expect("parameters");
-            if let Some(authz) = params["tls-authz"].as_str().filter(|a| !a.is_empty()) {
-                let identity = watcher
-                    .execute_raw(
-                        "qom-get",
-                        Some(serde_json::json!({"path": format!("/objects/{authz}"), "property": "identity"})),
-                        fixture::EVENT_TIMEOUT,
-                    )
-                    .await
-                    .expect("the authz object's identity");
-                return identity.as_str().expect("a string").to_string();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the service sets tls-authz on the destination")
+    let (identity, _) = fixture::wait_migration_object(dest, "tls-authz", "identity").await;
+    identity
+        .as_str()
+        .expect("the authz object's identity")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_with_many_part_utf8_and_cloudstack_subjects_migrate_through_an_allow_list() {
     let (hosts, lab, pki_a, _) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let service = Service::start(
-        Some(&hosts.a),
-        &hosts.a_addr,
-        &pki_a,
-        qmp_dir.path(),
-        &["host-b"],
-    )
-    .await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .allow(&["host-b"])
+        .start()
+        .await;
     for (i, (what, subject)) in fixture::authz_subjects().into_iter().enumerate() {
         let pki_b = lab.host_with_subject(&format!("host-b-{i}"), &["host-b"], subject);
         let dn = qemu_tls_migrate::pki::certificate_authz_dn(&fixture::client_cert_der(&pki_b))
             .expect("a subject QEMU can match");
-        let pair = Pair::start_on(&hosts, &[]).await;
+        let pair = Pair::builder().on(&hosts).start().await;
         let sock = format!("vm{i}.sock");
         std::os::unix::fs::symlink(pair.dest.qmp_path(), qmp_dir.path().join(&sock)).expect("link");
         let args = fixture::migrate_to_args(
@@ -396,7 +354,7 @@ async fn sources_with_many_part_utf8_and_cloudstack_subjects_migrate_through_an_
             &sock,
             &["--max-bandwidth", "32M"],
         );
-        let child = fixture::spawn_cli_in(&hosts.b, &args);
+        let child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
         let identity = destination_authz_identity(&pair.dest).await;
         let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, child.wait_with_output())
@@ -418,7 +376,7 @@ async fn a_burst_of_sources_from_one_address_all_get_in_one_after_another() {
     let pki_a = lab.host("host-a", &["host-a"]);
     let pki_b = lab.host("host-b", &["host-b"]);
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let service = Service::start(None, "127.0.0.1", &pki_a, qmp_dir.path(), &[]).await;
+    let service = Service::builder(&pki_a, qmp_dir.path()).start().await;
     let target = qemu_tls_migrate::migration::RemoteTarget {
         address: service.addr.clone(),
         server_name: "host-a".into(),

@@ -2,6 +2,7 @@
 //! whatever the destination's last step does, no plaintext unless both ends allow it, no local
 //! disk left behind, and nothing of the tool's left after a command QEMU carried out late.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,15 +13,30 @@ use qemu_tls_migrate::vm::DiskFormat;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::fixture::{self, Lab, Pair, QmpDelayProxy, Service};
+use crate::fixture::{self, Cli, Lab, Pair, QmpDelayProxy, Service, TwoHosts};
 
 /// Longer than the control channel's heartbeat timeout (6 s).
 const PAST_THE_HEARTBEAT: Duration = Duration::from_secs(9);
 
+/// The service on host a of `hosts` (PKI directories `pkis`: host a's, host b's) serving the
+/// sockets in `qmp_dir`, and a `migrate --to` command line of `pair` from host b naming
+/// `socket` there.
+async fn serve_through(
+    hosts: &TwoHosts,
+    (pki_a, pki_b): (&Path, &Path),
+    pair: &Pair,
+    qmp_dir: &Path,
+    socket: &str,
+) -> (Service, Vec<String>) {
+    let service = Service::builder(pki_a, qmp_dir).on(hosts).start().await;
+    let args = fixture::migrate_to_args(pair, &service.addr, pki_b, socket, &[]);
+    (service, args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let proxy = QmpDelayProxy::start(
         pair.dest.qmp_path(),
         &pair.dir.path().join("slow-dest.sock"),
@@ -43,7 +59,10 @@ async fn a_destination_slow_to_resume_ends_with_one_running_copy_locally() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with(|c| c.incoming_autostart = true).await;
+    let pair = Pair::builder()
+        .tweak(|c| c.incoming_autostart = true)
+        .start()
+        .await;
     let mut options = pair.tls_options(&lab);
     options.dest_paused = true;
     let watcher = fixture::monitor(&pair.dest).await;
@@ -68,7 +87,7 @@ async fn a_destination_started_without_dash_s_runs_only_when_the_tool_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_copy_remotely() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let _proxy = QmpDelayProxy::start(
         pair.dest.qmp_path(),
@@ -77,10 +96,10 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
         PAST_THE_HEARTBEAT,
     )
     .await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
+    let (_service, args) =
+        serve_through(&hosts, (&pki_a, &pki_b), &pair, qmp_dir.path(), "slow.sock").await;
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(0), "{json}");
@@ -92,7 +111,7 @@ async fn a_destination_slow_to_resume_past_the_heartbeat_ends_with_one_running_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_the_risk() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let mut pair = Pair::start_on(&hosts, &[]).await;
+    let mut pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     // The destination's last step answers late, so the cut lands while `finish` is under way.
     let proxy = QmpDelayProxy::start(
@@ -102,9 +121,9 @@ async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_t
         Duration::from_secs(15),
     )
     .await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "slow.sock", &[]);
-    let child = fixture::spawn_cli_in(&hosts.b, &args);
+    let (_service, args) =
+        serve_through(&hosts, (&pki_a, &pki_b), &pair, qmp_dir.path(), "slow.sock").await;
+    let child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
     fixture::wait_migration_completed(&pair.source).await;
     tokio::time::timeout(fixture::EVENT_TIMEOUT, proxy.holding())
@@ -186,70 +205,28 @@ async fn thaw_after_frozen_for(frozen_at: &Mutex<Option<Instant>>, pid: u32) -> 
     given_up_after
 }
 
-/// Once `cont` was sent, nothing that could stop or end the guest there followed it.
-fn assert_harmless_after_cont(proxy: &QmpDelayProxy) {
-    let after = proxy.commands_after("cont");
-    assert!(
-        after.iter().all(|c| c == "query-status"),
-        "after cont the tool sent {after:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_reply_to_cont_ends_with_the_destination_running_locally() {
-    let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
-    let (proxy, _) = lossy_cont_proxy(&pair, &pair.dir.path().join("lossy.sock"), false).await;
-    let mut options = pair.tls_options(&lab);
-    options.dest.qmp = proxy.path.clone();
-
-    let report = fixture::migrate(&options).await;
-
-    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
-    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
-    assert_eq!(fixture::status(&pair.dest).await, "running");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
-    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let _proxy = lossy_cont_proxy(&pair, &qmp_dir.path().join("lossy.sock"), false).await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "lossy.sock", &[]);
-
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
-
-    let json = fixture::stdout_json(&out);
-    assert_eq!(out.status.code(), Some(0), "{json}");
-    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
-    assert_eq!(fixture::status(&pair.dest).await, "running");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stays_paused() {
-    let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
-    let dest_pid = pair.dest.pid().expect("destination pid");
-    let (proxy, frozen_at) =
-        lossy_cont_proxy(&pair, &pair.dir.path().join("frozen.sock"), true).await;
-    let mut options = pair.tls_options(&lab);
-    options.dest.qmp = proxy.path.clone();
-
-    let report = fixture::migrate(&options).await;
-    let source_status = fixture::status(&pair.source).await;
-    let given_up_after = thaw_after_frozen_for(&frozen_at, dest_pid).await;
-
-    fixture::show("gave up after", &format!("{given_up_after:?}"));
-    assert_eq!(report.status, FinalStatus::Failed);
-    assert_eq!(fixture::error_kind(&report), Some("split-brain-risk"));
+/// What must hold once the tool gave up on `pair`'s destination (QEMU `dest_pid`), frozen
+/// right after `cont` reached it through `proxy`, `given_up_after` it was frozen, the source's
+/// status then being `source_status`: the tool did not wait for the thaw, the source stayed
+/// paused, nothing that could stop or end the guest there followed `cont`, and that QEMU lives
+/// on as it was.
+async fn assert_frozen_destination_left_alone(
+    pair: &Pair,
+    dest_pid: u32,
+    proxy: &QmpDelayProxy,
+    source_status: &str,
+    given_up_after: Duration,
+) {
     assert!(
         given_up_after < FROZEN_FOR,
         "the tool waited for the frozen QEMU"
     );
     assert_eq!(source_status, "postmigrate", "the source must stay paused");
-    assert_harmless_after_cont(&proxy);
+    let after = proxy.commands_after("cont");
+    assert!(
+        after.iter().all(|c| c == "query-status"),
+        "after cont the tool sent {after:?}"
+    );
     assert!(
         fixture::process_alive(dest_pid),
         "the destination QEMU was killed"
@@ -267,17 +244,82 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_cont_ends_with_the_destination_running_locally() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::builder().start().await;
+    let (proxy, _) = lossy_cont_proxy(&pair, &pair.dir.path().join("lossy.sock"), false).await;
+    let mut options = pair.tls_options(&lab);
+    options.dest.qmp = proxy.path.clone();
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_cont_ends_with_the_destination_running_remotely() {
+    let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
+    let pair = Pair::builder().on(&hosts).start().await;
+    let qmp_dir = tempfile::tempdir().expect("qmp dir");
+    let _proxy = lossy_cont_proxy(&pair, &qmp_dir.path().join("lossy.sock"), false).await;
+    let (_service, args) = serve_through(
+        &hosts,
+        (&pki_a, &pki_b),
+        &pair,
+        qmp_dir.path(),
+        "lossy.sock",
+    )
+    .await;
+
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_frozen_right_after_cont_is_left_alone_and_the_source_stays_paused() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::builder().start().await;
+    let dest_pid = pair.dest.pid().expect("destination pid");
+    let (proxy, frozen_at) =
+        lossy_cont_proxy(&pair, &pair.dir.path().join("frozen.sock"), true).await;
+    let mut options = pair.tls_options(&lab);
+    options.dest.qmp = proxy.path.clone();
+
+    let report = fixture::migrate(&options).await;
+    let source_status = fixture::status(&pair.source).await;
+    let given_up_after = thaw_after_frozen_for(&frozen_at, dest_pid).await;
+
+    fixture::show("gave up after", &format!("{given_up_after:?}"));
+    assert_eq!(report.status, FinalStatus::Failed);
+    assert_eq!(fixture::error_kind(&report), Some("split-brain-risk"));
+    assert_frozen_destination_left_alone(&pair, dest_pid, &proxy, &source_status, given_up_after)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
     let dest_pid = pair.dest.pid().expect("destination pid");
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let (proxy, frozen_at) =
         lossy_cont_proxy(&pair, &qmp_dir.path().join("frozen.sock"), true).await;
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
-    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "frozen.sock", &[]);
+    let (_service, args) = serve_through(
+        &hosts,
+        (&pki_a, &pki_b),
+        &pair,
+        qmp_dir.path(),
+        "frozen.sock",
+    )
+    .await;
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
     let source_status = fixture::status(&pair.source).await;
     let given_up_after = thaw_after_frozen_for(&frozen_at, dest_pid).await;
 
@@ -285,23 +327,8 @@ async fn a_destination_frozen_right_after_cont_is_left_alone_by_the_service() {
     fixture::show("gave up after", &format!("{given_up_after:?}"));
     assert_eq!(out.status.code(), Some(1), "{json}");
     assert_eq!(json["error"]["kind"], "split-brain-risk", "{json}");
-    assert!(
-        given_up_after < FROZEN_FOR,
-        "the tool waited for the frozen QEMU"
-    );
-    assert_eq!(source_status, "postmigrate", "the source must stay paused");
-    assert_harmless_after_cont(&proxy);
-    assert!(
-        fixture::process_alive(dest_pid),
-        "the destination QEMU was killed"
-    );
-    let dest_status = fixture::status(&pair.dest).await;
-    assert!(
-        ["running", "paused"].contains(&dest_status.as_str()),
-        "{dest_status}"
-    );
-    assert!(!fixture::tool_objects(&pair.dest).await.is_empty());
-    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    assert_frozen_destination_left_alone(&pair, dest_pid, &proxy, &source_status, given_up_after)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,14 +342,14 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
     for key in [src.join("client-key.pem"), dst.join("server-key.pem")] {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     let (src_qmp, dst_qmp) = (
         pair.source.qmp_path().display().to_string(),
         pair.dest.qmp_path().display().to_string(),
     );
     let (src_dir, dst_dir) = (src.display().to_string(), dst.display().to_string());
 
-    let out = fixture::run_cli(&[
+    let out = Cli::new([
         "migrate",
         "--json",
         "--source-qmp",
@@ -336,6 +363,7 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
         "--dest-pki-dir",
         &dst_dir,
     ])
+    .output()
     .await;
 
     let json = fixture::stdout_json(&out);
@@ -350,9 +378,9 @@ async fn keys_readable_by_all_are_a_broken_secured_host_refused_with_exit_3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let args = fixture::migrate_to_args(
         &pair,
         &service.addr,
@@ -361,7 +389,7 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
         &["--transport", "tcp"],
     );
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
@@ -373,10 +401,13 @@ async fn a_service_refuses_a_plain_migration_unless_started_with_allow_plain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its_own_priority() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &["HOST-B"]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
+    let service = Service::builder(&pki_a, &qmp_dir)
+        .on(&hosts)
+        .allow(&["HOST-B"])
+        .start()
+        .await;
     // No --authz: the service restricts the migration stream by itself. A cipher priority
     // from the source must not become the destination's.
     let args = fixture::migrate_to_args(
@@ -386,33 +417,11 @@ async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its
         "qmp.sock",
         &["--max-bandwidth", "16M", "--tls-priority", "NORMAL"],
     );
-    let mut child = fixture::spawn_cli_in(&hosts.b, &args);
+    let mut child = Cli::new(&args).in_netns(&hosts.b).spawn();
 
-    let watcher = fixture::monitor(&pair.dest).await;
-    let (authz, priority) = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
-        loop {
-            let params = watcher
-                .execute_raw("query-migrate-parameters", None, fixture::EVENT_TIMEOUT)
-                .await
-                .expect("parameters");
-            let creds = params["tls-creds"].as_str().unwrap_or_default().to_string();
-            if !creds.is_empty() {
-                let priority = watcher
-                    .execute_raw(
-                        "qom-get",
-                        Some(serde_json::json!({"path": format!("/objects/{creds}"), "property": "priority"})),
-                        fixture::EVENT_TIMEOUT,
-                    )
-                    .await
-                    .unwrap_or(Value::Null);
-                return (params["tls-authz"].clone(), priority);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the destination gets its credentials");
-    drop(watcher);
+    let (priority, params) =
+        fixture::wait_migration_object(&pair.dest, "tls-creds", "priority").await;
+    let authz = params["tls-authz"].clone();
     let out = tokio::time::timeout(fixture::EVENT_TIMEOUT, async {
         let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
         while let Ok(Some(_)) = stderr.next_line().await {}
@@ -442,7 +451,10 @@ async fn a_restricted_service_authorises_the_presented_certificate_and_keeps_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_disk_neither_copied_nor_declared_shared_is_refused() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 8)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 8)])
+        .start()
+        .await;
     let options = pair.tls_options(&lab);
 
     let refused = fixture::migrate(&options).await;
@@ -463,7 +475,10 @@ async fn a_local_disk_neither_copied_nor_declared_shared_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_node_added_after_the_timeout_is_still_removed() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start_with_disks(&[("disk0", DiskFormat::Qcow2, 8)]).await;
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 8)])
+        .start()
+        .await;
     let proxy = QmpDelayProxy::start(
         pair.source.qmp_path(),
         &pair.dir.path().join("slow-source.sock"),
@@ -478,12 +493,7 @@ async fn a_block_node_added_after_the_timeout_is_still_removed() {
 
     let report = fixture::migrate(&options).await;
 
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("timeout"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "timeout");
     assert_eq!(
         fixture::tool_block_leftovers(&pair.source).await,
         (Vec::new(), Vec::new())
@@ -494,7 +504,7 @@ async fn a_block_node_added_after_the_timeout_is_still_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_added_after_the_timeout_are_still_removed() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::start().await;
+    let pair = Pair::builder().start().await;
     // The source's credentials (created by the preflight, kept for the migration) answer late.
     let proxy = QmpDelayProxy::start(
         pair.source.qmp_path(),
@@ -514,12 +524,7 @@ async fn credentials_added_after_the_timeout_are_still_removed() {
 
     let report = fixture::migrate(&options).await;
 
-    assert_eq!(
-        fixture::error_kind(&report),
-        Some("timeout"),
-        "{:?}",
-        report.error
-    );
+    fixture::assert_error_kind(&report, "timeout");
     fixture::assert_source_untouched(&pair.source).await;
 }
 
@@ -527,8 +532,10 @@ async fn credentials_added_after_the_timeout_are_still_removed() {
 async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let mut service =
-        Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, qmp_dir.path(), &[]).await;
+    let mut service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .start()
+        .await;
     let mut greedy = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
     // Pings, each answered with a pong this client never reads, until both buffers are full.
     let ping =
@@ -571,15 +578,11 @@ async fn a_peer_that_never_reads_cannot_hold_up_the_service_or_its_shutdown() {
 async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    let service = Service::start_with(
-        Some(&hosts.a),
-        &hosts.a_addr,
-        &pki_a,
-        qmp_dir.path(),
-        &[],
-        &["--max-sessions", "1"],
-    )
-    .await;
+    let service = Service::builder(&pki_a, qmp_dir.path())
+        .on(&hosts)
+        .args(&["--max-sessions", "1"])
+        .start()
+        .await;
     let mut first = fixture::tls_client(&hosts, &service.addr, &pki_b).await;
     let hello = qemu_tls_migrate::peer::encode(&qemu_tls_migrate::peer::Message::Hello {
         client: "first".into(),
@@ -621,9 +624,9 @@ async fn a_service_at_its_session_limit_closes_new_connections_until_one_ends() 
 async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_from_another() {
     use std::sync::atomic::Ordering::Relaxed;
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     let mut handshakes = Vec::new();
     for _ in 0..20 {
         let started = std::time::Instant::now();
@@ -644,7 +647,7 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
 
     let started = std::time::Instant::now();
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
     let took = started.elapsed();
 
     let json = fixture::stdout_json(&out);
@@ -677,15 +680,15 @@ async fn a_flood_of_idle_connections_from_one_address_does_not_stop_a_migration_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_over_the_services_handshake_limit_is_told_the_service_is_busy() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
-    let pair = Pair::start_on(&hosts, &[]).await;
-    let qmp_dir = pair.dest.qmp_path().parent().expect("dir").to_path_buf();
-    let service = Service::start(Some(&hosts.a), &hosts.a_addr, &pki_a, &qmp_dir, &[]).await;
+    let pair = Pair::builder().on(&hosts).start().await;
+    let qmp_dir = fixture::qmp_dir(&pair.dest);
+    let service = Service::builder(&pki_a, &qmp_dir).on(&hosts).start().await;
     // From the source's own address: it holds every handshake slot that address gets.
     let flood = fixture::IdleFlood::start(&hosts.b, &service.addr, 4);
     flood.wait_opened(4).await;
     let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
 
-    let out = fixture::run_cli_in(&hosts.b, &fixture::strs(&args)).await;
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
     let json = fixture::stdout_json(&out);
     assert_eq!(out.status.code(), Some(3), "{json}");
