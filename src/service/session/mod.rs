@@ -29,7 +29,7 @@ mod state;
 mod testing;
 
 pub use policy::{apply_policy, qmp_path};
-pub use state::{State, Step};
+pub use state::{Footprint, State, Step};
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -120,7 +120,7 @@ pub async fn run(
         if work.is_none() {
             if let Some(result) = ending.take() {
                 if let Some(state) = state.take() {
-                    if state.changed() || matches!(state, State::Preflighted { .. }) {
+                    if state.footprint() != Footprint::None {
                         tracing::warn!(%remote, "rolling back the destination: the session ended early");
                         for p in state.roll_back().await.problems {
                             tracing::warn!("{p}");
@@ -173,7 +173,7 @@ pub async fn run(
                     Err(e) => {
                         channel_ok = false;
                         if matches!(e, PeerError::Frame(_) | PeerError::Version { .. }) {
-                            let refusal = !state.as_ref().is_some_and(State::changed);
+                            let refusal = state.as_ref().is_none_or(State::refusal);
                             let _ = channel.send(&Message::Error { kind: e.kind(), message: e.to_string(), refusal }).await;
                         }
                         ending.get_or_insert(Err(e));

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::Context;
 use super::policy::{apply_policy, qmp_path};
 use crate::migration::{DestinationSide, MigrationError};
-use crate::peer::{DestPlan, Message, PeerError};
+use crate::peer::{DestPlan, Message, NewDisk, PeerError};
 use crate::pki::{self, Role};
 use crate::service::incoming::IncomingDomain;
 use crate::service::{ServeOptions, hostname};
@@ -56,6 +56,21 @@ impl std::fmt::Debug for Step {
         }
     }
 }
+/// How far a session reached into this host. The one answer behind both what an error reply
+/// says (a refusal, `refusal: true`, only while nothing was changed) and what a session that
+/// ends early rolls back (whatever its state holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Footprint {
+    /// Nothing attached, nothing made.
+    None,
+    /// Attached to a destination QEMU and checked: the session holds that connection, the
+    /// ports it leased and the credentials the check made, and changed nothing the migration
+    /// would use.
+    Checked,
+    /// The destination was changed (possibly only partly), or a domain was made for the source.
+    Changed,
+}
+
 impl State {
     /// Starts the work for `msg` in this state, or answers at once with the unchanged state.
     pub fn step(self, msg: Message, cx: &Context) -> Step {
@@ -63,176 +78,43 @@ impl State {
             (state, Message::Ping) => Step::Reply(state, Message::Pong),
             (state @ State::Greeted, Message::Hello { client }) => {
                 tracing::debug!(%client, "hello");
-                let security = pki::assess(&cx.opts.pki_dir, Role::Server);
-                let welcome = Message::Welcome {
-                    server: hostname(),
-                    security,
-                    cpus: crate::migration::host_cpus(),
-                };
-                Step::Reply(state, welcome)
+                Step::Reply(state, welcome(cx))
             }
             (State::Greeted, Message::Preflight { qmp, plan }) => {
-                let cx = cx.clone();
-                Step::Work(Box::pin(async move {
-                    match preflight(&cx, &qmp, plan).await {
-                        Ok((side, plan)) => (
-                            State::Preflighted {
-                                side: Box::new(side),
-                                plan: Box::new(plan),
-                                incoming: None,
-                            },
-                            // DestinationSide::preflight checks every top-only disk's backing.
-                            Message::Preflighted {
-                                backing_checked: true,
-                            },
-                        ),
-                        Err(e) => (State::Greeted, error_message(&e, true)),
-                    }
-                }))
+                work(preflight(cx.clone(), Target::Named(qmp), plan))
+            }
+            // The domain's own socket, whatever name came with the request.
+            (State::DomainReady { incoming }, Message::Preflight { plan, .. }) => {
+                work(preflight(cx.clone(), Target::Incoming(incoming), plan))
             }
             (State::Greeted, Message::StartDomain { xml, disks }) => {
-                let cx = cx.clone();
-                Step::Work(Box::pin(async move {
-                    let Some(host) = cx.opts.prepared.clone() else {
-                        let e = MigrationError::BadRequest {
-                            desc: "this service manages no libvirt domains (start it with \
-                                   --libvirt)"
-                                .into(),
-                        };
-                        return (State::Greeted, error_message(&e, true));
-                    };
-                    match IncomingDomain::start(host, &xml, &disks).await {
-                        Ok(incoming) => {
-                            let qmp = incoming.qmp_name();
-                            (
-                                State::DomainReady {
-                                    incoming: Box::new(incoming),
-                                },
-                                Message::DomainStarted { qmp },
-                            )
-                        }
-                        Err(e) => (State::Greeted, error_message(&e, true)),
-                    }
-                }))
-            }
-            (State::DomainReady { incoming }, Message::Preflight { plan, .. }) => {
-                let cx = cx.clone();
-                Step::Work(Box::pin(async move {
-                    // The domain's own socket, whatever name came with the request.
-                    let path = interposed(&cx.opts, incoming.qmp_path()).await;
-                    match preflight_at(&cx, &path, plan).await {
-                        Ok((side, plan)) => (
-                            State::Preflighted {
-                                side: Box::new(side),
-                                plan: Box::new(plan),
-                                incoming: Some(incoming),
-                            },
-                            // DestinationSide::preflight checks every top-only disk's backing.
-                            Message::Preflighted {
-                                backing_checked: true,
-                            },
-                        ),
-                        Err(e) => (State::DomainReady { incoming }, error_message(&e, false)),
-                    }
-                }))
+                work(start_domain(cx.clone(), xml, disks))
             }
             (
                 State::Preflighted {
-                    mut side,
+                    side,
                     plan,
                     incoming,
                 },
                 Message::Prepare,
-            ) => Step::Work(Box::pin(async move {
-                match side.prepare(&plan).await {
-                    Ok(prepared) => (
-                        State::Prepared { side, incoming },
-                        Message::Prepared { prepared },
-                    ),
-                    Err(e) => {
-                        // Refused only when nothing was changed (or made) yet.
-                        let refusal = !side.changed() && incoming.is_none();
-                        let reply = error_message(&e, refusal);
-                        if side.changed() {
-                            (State::Prepared { side, incoming }, reply)
-                        } else {
-                            (
-                                State::Preflighted {
-                                    side,
-                                    plan,
-                                    incoming,
-                                },
-                                reply,
-                            )
-                        }
-                    }
-                }
-            })),
-            (
-                State::Prepared {
-                    mut side,
-                    mut incoming,
-                },
-                Message::Finish { resume },
-            ) => {
-                Step::Work(Box::pin(async move {
-                    // Written down first: from here the domain may run the guest.
-                    if let Some(incoming) = incoming.as_mut() {
-                        incoming.mark_resuming();
-                    }
-                    match side.finish(resume).await {
-                        Ok(done) => {
-                            if let Some(incoming) = incoming {
-                                incoming.settle();
-                            }
-                            (
-                                State::Done,
-                                Message::Finished {
-                                    problems: done.problems,
-                                    resumed_at_us: done.resumed_at_us,
-                                },
-                            )
-                        }
-                        // The source decides what comes next (it asks for an abort).
-                        Err(e) => {
-                            // Failed before `cont` was sent: the domain never ran the guest,
-                            // so a roll-back may remove it after all.
-                            if !side.may_run()
-                                && let Some(incoming) = incoming.as_mut()
-                            {
-                                incoming.clear_resuming();
-                            }
-                            (State::Prepared { side, incoming }, error_message(&e, false))
-                        }
-                    }
-                }))
+            ) => work(prepare(side, plan, incoming)),
+            (State::Prepared { side, incoming }, Message::Finish { resume }) => {
+                work(finish(side, incoming, resume))
             }
-            (state, Message::Abort) => Step::Work(Box::pin(async move {
-                let outcome = state.roll_back().await;
-                (
-                    State::Done,
-                    Message::Aborted {
-                        stopped: outcome.stopped,
-                        problems: outcome.problems,
-                    },
-                )
-            })),
+            (state, Message::Abort) => work(abort(state)),
             (state, other) => {
-                let refusal = !state.changed();
                 // The type only: a message (a start-domain's whole XML) is never echoed back.
                 let e = PeerError::Unexpected(format!(
                     "{} in state {}",
                     other.type_name(),
                     state.name()
                 ));
-                Step::Reply(
-                    state,
-                    Message::Error {
-                        kind: e.kind(),
-                        message: e.to_string(),
-                        refusal,
-                    },
-                )
+                let reply = Message::Error {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                    refusal: state.refusal(),
+                };
+                Step::Reply(state, reply)
             }
         }
     }
@@ -278,17 +160,30 @@ impl State {
         outcome
     }
 
-    /// Whether this state holds a destination that was changed (or made for the source).
-    pub fn changed(&self) -> bool {
-        matches!(
-            self,
-            State::Prepared { .. }
-                | State::DomainReady { .. }
-                | State::Preflighted {
-                    incoming: Some(_),
-                    ..
-                }
-        )
+    /// How far this state reached into this host.
+    pub fn footprint(&self) -> Footprint {
+        match self {
+            State::Greeted | State::Done => Footprint::None,
+            State::Preflighted { incoming: None, .. } => Footprint::Checked,
+            State::Preflighted {
+                incoming: Some(_), ..
+            }
+            | State::DomainReady { .. }
+            | State::Prepared { .. } => Footprint::Changed,
+        }
+    }
+
+    /// Whether an error reply in this state says that nothing was changed.
+    pub fn refusal(&self) -> bool {
+        self.footprint() != Footprint::Changed
+    }
+
+    /// The state a failed `preflight` goes back to: waiting with its domain, or greeted.
+    fn before_preflight(incoming: Option<Box<IncomingDomain>>) -> State {
+        match incoming {
+            Some(incoming) => State::DomainReady { incoming },
+            None => State::Greeted,
+        }
     }
 
     fn name(&self) -> &'static str {
@@ -301,9 +196,156 @@ impl State {
         }
     }
 }
+
+/// What a request's work hands back: the next state, and the reply or why the request failed.
+type Outcome = (State, Result<Message, MigrationError>);
+
+/// `request` as the session's work; a failure's reply is a refusal exactly when the state it
+/// leaves is one ([`State::refusal`]).
+fn work(request: impl Future<Output = Outcome> + Send + 'static) -> Step {
+    Step::Work(Box::pin(async move {
+        let (next, result) = request.await;
+        let reply = result.unwrap_or_else(|e| error_message(&e, next.refusal()));
+        (next, reply)
+    }))
+}
+
+/// The answer to `hello`: this host, its security verdict and its CPUs.
+fn welcome(cx: &Context) -> Message {
+    Message::Welcome {
+        server: hostname(),
+        security: pki::assess(&cx.opts.pki_dir, Role::Server),
+        cpus: crate::migration::host_cpus(),
+    }
+}
+
+/// The destination QEMU a `preflight` attaches to.
+enum Target {
+    /// From `Greeted`: the socket of this name in `--qmp-dir`.
+    Named(String),
+    /// From `DomainReady`: the incoming domain's own socket.
+    Incoming(Box<IncomingDomain>),
+}
+
+/// `preflight` on `target`: `Preflighted` (with the incoming domain, if any) when the
+/// destination can take the plan; otherwise the state it came from.
+async fn preflight(cx: Context, target: Target, plan: DestPlan) -> Outcome {
+    let (checked, incoming) = match target {
+        Target::Named(qmp) => (preflight_named(&cx, &qmp, plan).await, None),
+        Target::Incoming(incoming) => {
+            let path = interposed(&cx.opts, incoming.qmp_path()).await;
+            (preflight_at(&cx, &path, plan).await, Some(incoming))
+        }
+    };
+    match checked {
+        Ok((side, plan)) => (
+            State::Preflighted {
+                side: Box::new(side),
+                plan: Box::new(plan),
+                incoming,
+            },
+            // DestinationSide::preflight checks every top-only disk's backing.
+            Ok(Message::Preflighted {
+                backing_checked: true,
+            }),
+        ),
+        Err(e) => (State::before_preflight(incoming), Err(e)),
+    }
+}
+
+/// `start-domain` (`--libvirt` only): the incoming domain built, made and started paused.
+async fn start_domain(cx: Context, xml: String, disks: Vec<NewDisk>) -> Outcome {
+    let Some(host) = cx.opts.prepared.clone() else {
+        let e = MigrationError::BadRequest {
+            desc: "this service manages no libvirt domains (start it with --libvirt)".into(),
+        };
+        return (State::Greeted, Err(e));
+    };
+    match IncomingDomain::start(host, &xml, &disks).await {
+        Ok(incoming) => {
+            let qmp = incoming.qmp_name();
+            let incoming = Box::new(incoming);
+            (
+                State::DomainReady { incoming },
+                Ok(Message::DomainStarted { qmp }),
+            )
+        }
+        Err(e) => (State::Greeted, Err(e)),
+    }
+}
+
+/// `prepare`: the destination changed to take the migration. A failure that changed nothing
+/// leaves the session preflighted.
+async fn prepare(
+    mut side: Box<DestinationSide>,
+    plan: Box<DestPlan>,
+    incoming: Option<Box<IncomingDomain>>,
+) -> Outcome {
+    match side.prepare(&plan).await {
+        Ok(prepared) => (
+            State::Prepared { side, incoming },
+            Ok(Message::Prepared { prepared }),
+        ),
+        Err(e) if side.changed() => (State::Prepared { side, incoming }, Err(e)),
+        Err(e) => (
+            State::Preflighted {
+                side,
+                plan,
+                incoming,
+            },
+            Err(e),
+        ),
+    }
+}
+
+/// `finish`: the destination loaded, resumed when asked, and kept. After a failure the source
+/// decides what comes next (it asks for an abort).
+async fn finish(
+    mut side: Box<DestinationSide>,
+    mut incoming: Option<Box<IncomingDomain>>,
+    resume: bool,
+) -> Outcome {
+    // Written down first: from here the domain may run the guest.
+    if let Some(incoming) = incoming.as_mut() {
+        incoming.mark_resuming();
+    }
+    match side.finish(resume).await {
+        Ok(done) => {
+            if let Some(incoming) = incoming {
+                incoming.settle();
+            }
+            let reply = Message::Finished {
+                problems: done.problems,
+                resumed_at_us: done.resumed_at_us,
+            };
+            (State::Done, Ok(reply))
+        }
+        Err(e) => {
+            // Failed before `cont` was sent: the domain never ran the guest, so a roll-back
+            // may remove it after all.
+            if !side.may_run()
+                && let Some(incoming) = incoming.as_mut()
+            {
+                incoming.clear_resuming();
+            }
+            (State::Prepared { side, incoming }, Err(e))
+        }
+    }
+}
+
+/// `abort`: whatever the state holds rolled back.
+async fn abort(state: State) -> Outcome {
+    let outcome = state.roll_back().await;
+    let reply = Message::Aborted {
+        stopped: outcome.stopped,
+        problems: outcome.problems,
+    };
+    (State::Done, Ok(reply))
+}
+
 /// Preflight on the socket named `qmp` in `--qmp-dir`, which this session then holds (another
 /// session naming it is refused `busy`) until it ends; released at once when refused.
-async fn preflight(
+async fn preflight_named(
     cx: &Context,
     qmp: &str,
     plan: DestPlan,
