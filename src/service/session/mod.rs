@@ -17,12 +17,17 @@
 //! 3. `prepare` → `prepared {ports}`; from here the destination is changed.
 //! 4. `finish {resume}` → `finished`; or `abort` → `aborted {stopped}`.
 //!
-//! A request runs as the session's one piece of work *beside* the loop that reads frames, so
-//! pings are answered at every moment, however long `prepare` or `finish` take. When the channel
-//! is lost (closed, or silent for [`HEARTBEAT_TIMEOUT`]) or the service shuts down, the work
-//! under way is completed, and whatever was prepared and not finished is rolled back: a `finish`
-//! under way is completed because the source has already handed the VM over.
+//! A request runs as the session's one piece of work *beside* the loop that reads frames
+//! (`activity.rs`), so pings are answered at every moment, however long `prepare` or `finish`
+//! take. When the channel is lost (closed, or silent for [`crate::peer::HEARTBEAT_TIMEOUT`]) or
+//! the service shuts down, the work under way is completed, and whatever was prepared and not
+//! finished is rolled back: a `finish` under way is completed because the source has already
+//! handed the VM over. What each request does in each state is in `state.rs`; one
+//! [`Footprint`] per state decides both whether an error reply is a refusal and what an early
+//! end rolls back. The service's policy for a plan and the socket names a source may use are
+//! in `policy.rs`.
 
+mod activity;
 mod policy;
 mod state;
 #[cfg(test)]
@@ -32,22 +37,19 @@ pub use policy::{apply_policy, qmp_path};
 pub use state::{Footprint, State, Step};
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::ServeOptions;
 use super::limits::HandshakeSlot;
-use crate::peer::{
-    Channel, ErrorKind, HEARTBEAT_TIMEOUT, Message, PeerError, PeerIdentity, tls_failure_reason,
-};
-use state::Work;
+use crate::peer::{Channel, Message, PeerError, PeerIdentity, tls_failure_reason};
 
 /// How long a new connection has to finish the TLS handshake: a real one takes 2-4 ms here
 /// (median of 20 between two network namespaces; under 100 ms at worst on a loaded 2-core
 /// host; see the README), so 3 s leaves a loaded host ample room while a connection that never
 /// sends its ClientHello holds its slot only briefly.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What the session knows of its peer and host, for each step.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -58,6 +60,7 @@ pub struct Context {
     /// The QMP sockets this session holds, released when the session ends.
     pub holds: std::sync::Arc<std::sync::Mutex<Vec<super::held::Hold>>>,
 }
+
 /// Runs one source's session: handshake, then requests until finished, aborted, or the
 /// channel is lost; whatever was prepared and not finished is rolled back.
 pub async fn run(
@@ -110,107 +113,5 @@ pub async fn run(
         holds: Default::default(),
     };
 
-    let mut state = Some(State::Greeted);
-    let mut work: Option<Work> = None;
-    // Why the session is ending, once it is: it ends as soon as no work is under way.
-    let mut ending: Option<Result<(), PeerError>> = None;
-    let mut channel_ok = true;
-    let mut last_heard = Instant::now();
-    loop {
-        if work.is_none() {
-            if let Some(result) = ending.take() {
-                if let Some(state) = state.take() {
-                    if state.footprint() != Footprint::None {
-                        tracing::warn!(%remote, "rolling back the destination: the session ended early");
-                        for p in state.roll_back().await.problems {
-                            tracing::warn!("{p}");
-                        }
-                    }
-                }
-                return result;
-            }
-            if matches!(state, Some(State::Done)) {
-                return Ok(());
-            }
-        }
-        let idle = work.is_none();
-        let dest_gone = async {
-            match (&mut state, idle) {
-                (Some(State::Prepared { side, .. }), true) => side.gone().await,
-                _ => std::future::pending().await,
-            }
-        };
-        let running = async {
-            match work.as_mut() {
-                Some(w) => w.await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            (next, reply) = running => {
-                work = None;
-                state = Some(next);
-                if channel_ok && let Err(e) = channel.send(&reply).await {
-                    channel_ok = false;
-                    ending.get_or_insert(Err(e));
-                }
-            }
-            _ = shutdown.cancelled(), if ending.is_none() => {
-                ending = Some(Err(PeerError::Closed));
-            }
-            _ = tokio::time::sleep_until(last_heard + HEARTBEAT_TIMEOUT), if channel_ok => {
-                channel_ok = false;
-                ending.get_or_insert(Err(PeerError::Silent(HEARTBEAT_TIMEOUT)));
-            }
-            _ = dest_gone => {
-                let _ = channel.send(&Message::Gone { reason: "the destination QEMU exited".into() }).await;
-                ending.get_or_insert(Err(PeerError::Closed));
-            }
-            msg = channel.next(), if channel_ok => {
-                last_heard = Instant::now();
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        channel_ok = false;
-                        if matches!(e, PeerError::Frame(_) | PeerError::Version { .. }) {
-                            let refusal = state.as_ref().is_none_or(State::refusal);
-                            let _ = channel.send(&Message::Error { kind: e.kind(), message: e.to_string(), refusal }).await;
-                        }
-                        ending.get_or_insert(Err(e));
-                        continue;
-                    }
-                };
-                let reply = match (state.take(), &work) {
-                    (Some(current), None) => match current.step(msg, &cx) {
-                        Step::Work(w) => {
-                            work = Some(w);
-                            None
-                        }
-                        Step::Reply(current, reply) => {
-                            state = Some(current);
-                            Some(reply)
-                        }
-                    },
-                    // Busy: only pings are answered while a request runs.
-                    (current, _) => {
-                        state = current;
-                        Some(match msg {
-                            Message::Ping => Message::Pong,
-                            other => Message::Error {
-                                kind: ErrorKind::Busy,
-                                message: format!("{} while a request is under way", other.type_name()),
-                                refusal: false,
-                            },
-                        })
-                    }
-                };
-                if let Some(reply) = reply
-                    && let Err(e) = channel.send(&reply).await
-                {
-                    channel_ok = false;
-                    ending.get_or_insert(Err(e));
-                }
-            }
-        }
-    }
+    activity::serve(channel, &cx, &shutdown, &remote).await
 }

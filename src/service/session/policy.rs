@@ -83,22 +83,8 @@ pub fn apply_policy(
 }
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{identity, opts};
+    use super::super::testing::{identity, opts, plan};
     use super::*;
-
-    fn plan(tls: bool) -> DestPlan {
-        DestPlan {
-            tls,
-            tls_priority: Some("NORMAL:+NULL".into()),
-            multifd: None,
-            multifd_compression: None,
-            disks: Vec::new(),
-            create_dest_disks: false,
-            authz: Authz::Identity("CN=someone-else".into()),
-            listen_address: "0.0.0.0".into(),
-            port_range: "1-65535".parse().expect("range"),
-        }
-    }
 
     #[test]
     fn a_plain_plan_is_refused_unless_the_service_allows_plain() {
