@@ -236,15 +236,16 @@ mod tests {
     /// Longer than any step here takes; shorter than the heartbeat timeout.
     const T: Duration = Duration::from_secs(5);
 
-    /// A session serving an in-memory channel, with plain migrations allowed and `qmp_dir` as
-    /// its QMP directory: the source's end of the channel, the service's shutdown, the session.
-    fn session(
-        qmp_dir: &Path,
-    ) -> (
+    /// The source's end of a session's channel, the service's shutdown, and the session's task.
+    type Session = (
         Channel<DuplexStream>,
         CancellationToken,
         JoinHandle<Result<(), PeerError>>,
-    ) {
+    );
+
+    /// A session serving an in-memory channel, with plain migrations allowed and `qmp_dir` as
+    /// its QMP directory: the source's end of the channel, the service's shutdown, the session.
+    fn session(qmp_dir: &Path) -> Session {
         let mut o = opts();
         o.qmp_dir = qmp_dir.to_path_buf();
         o.allow_plain = true;
@@ -274,16 +275,8 @@ mod tests {
         }
     }
 
-    /// A session prepared on a [`fake_destination`] in `dir` whose command `held` waits.
-    async fn prepared(
-        dir: &Path,
-        held: &'static str,
-    ) -> (
-        Channel<DuplexStream>,
-        CancellationToken,
-        JoinHandle<Result<(), PeerError>>,
-        FakeDestination,
-    ) {
+    /// A session preflighted on a [`fake_destination`] in `dir` whose command `held` waits.
+    async fn preflighted(dir: &Path, held: &'static str) -> (Session, FakeDestination) {
         let qemu = fake_destination(&dir.join("vm.sock"), held);
         let (mut source, shutdown, task) = session(dir);
         let checked = ask(&mut source, preflight()).await;
@@ -291,9 +284,23 @@ mod tests {
             matches!(checked, Message::Preflighted { .. }),
             "{checked:?}"
         );
+        ((source, shutdown, task), qemu)
+    }
+
+    /// [`preflighted`], then prepared.
+    async fn prepared(dir: &Path, held: &'static str) -> (Session, FakeDestination) {
+        let ((mut source, shutdown, task), qemu) = preflighted(dir, held).await;
         let prepared = ask(&mut source, Message::Prepare).await;
         assert!(matches!(prepared, Message::Prepared { .. }), "{prepared:?}");
-        (source, shutdown, task, qemu)
+        ((source, shutdown, task), qemu)
+    }
+
+    /// How the session `task` ended.
+    async fn ended(task: JoinHandle<Result<(), PeerError>>) -> Result<(), PeerError> {
+        tokio::time::timeout(T, task)
+            .await
+            .expect("the session ends")
+            .expect("the session's task")
     }
 
     #[tokio::test]
@@ -333,24 +340,16 @@ mod tests {
     #[tokio::test]
     async fn a_channel_lost_while_prepare_runs_ends_the_session_after_it_and_rolls_it_back() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut qemu = fake_destination(&dir.path().join("vm.sock"), "migrate-incoming");
-        let (mut source, _shutdown, task) = session(dir.path());
-        let checked = ask(&mut source, preflight()).await;
+        let ((mut source, _shutdown, task), mut qemu) =
+            preflighted(dir.path(), "migrate-incoming").await;
         source.send(&Message::Prepare).await.expect("send");
         qemu.received("migrate-incoming").await;
 
         drop(source);
         qemu.release.notify_one();
         let after = qemu.rest().await;
-        let ended = tokio::time::timeout(T, task)
-            .await
-            .expect("ends")
-            .expect("task");
+        let ended = ended(task).await;
 
-        assert!(
-            matches!(checked, Message::Preflighted { .. }),
-            "{checked:?}"
-        );
         // Prepare went on to its end (`stop` comes after `migrate-incoming`), then was undone.
         assert_eq!(after.last().map(String::as_str), Some("quit"), "{after:?}");
         assert!(matches!(ended, Err(PeerError::Closed)), "{ended:?}");
@@ -359,22 +358,13 @@ mod tests {
     #[tokio::test]
     async fn a_channel_closed_after_preflight_changes_nothing_on_the_destination() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut qemu = fake_destination(&dir.path().join("vm.sock"), "");
-        let (mut source, _shutdown, task) = session(dir.path());
-        let checked = ask(&mut source, preflight()).await;
+        let ((source, _shutdown, task), mut qemu) = preflighted(dir.path(), "").await;
         let preflight_sent = qemu.so_far();
 
         drop(source);
-        let ended = tokio::time::timeout(T, task)
-            .await
-            .expect("ends")
-            .expect("task");
+        let ended = ended(task).await;
         let after = qemu.rest().await;
 
-        assert!(
-            matches!(checked, Message::Preflighted { .. }),
-            "{checked:?}"
-        );
         assert!(preflight_sent.contains(&"query-status".to_string()));
         assert!(after.is_empty(), "{after:?}");
         assert!(matches!(ended, Err(PeerError::Closed)), "{ended:?}");
@@ -383,13 +373,10 @@ mod tests {
     #[tokio::test]
     async fn a_channel_closed_while_prepared_rolls_the_destination_back() {
         let dir = tempfile::tempdir().expect("dir");
-        let (source, _shutdown, task, mut qemu) = prepared(dir.path(), "").await;
+        let ((source, _shutdown, task), mut qemu) = prepared(dir.path(), "").await;
 
         drop(source);
-        let ended = tokio::time::timeout(T, task)
-            .await
-            .expect("ends")
-            .expect("task");
+        let ended = ended(task).await;
         let after = qemu.rest().await;
 
         assert_eq!(after.last().map(String::as_str), Some("quit"), "{after:?}");
@@ -399,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn a_finish_under_way_at_shutdown_is_completed_answered_and_kept() {
         let dir = tempfile::tempdir().expect("dir");
-        let (mut source, shutdown, task, mut qemu) = prepared(dir.path(), "cont").await;
+        let ((mut source, shutdown, task), mut qemu) = prepared(dir.path(), "cont").await;
         source
             .send(&Message::Finish { resume: true })
             .await
@@ -410,10 +397,7 @@ mod tests {
         let pong = ask(&mut source, Message::Ping).await;
         qemu.release.notify_one();
         let finished = source.recv(T).await.expect("the finish's reply");
-        let ended = tokio::time::timeout(T, task)
-            .await
-            .expect("ends")
-            .expect("task");
+        let ended = ended(task).await;
         qemu.exit.cancel();
         let after = qemu.rest().await;
 
@@ -426,14 +410,11 @@ mod tests {
     #[tokio::test]
     async fn a_destination_gone_while_prepared_is_told_to_the_source_and_the_session_ends() {
         let dir = tempfile::tempdir().expect("dir");
-        let (mut source, _shutdown, task, qemu) = prepared(dir.path(), "").await;
+        let ((mut source, _shutdown, task), qemu) = prepared(dir.path(), "").await;
 
         qemu.exit.cancel();
         let gone = source.recv(T).await.expect("a message");
-        let ended = tokio::time::timeout(T, task)
-            .await
-            .expect("ends")
-            .expect("task");
+        let ended = ended(task).await;
 
         assert!(matches!(gone, Message::Gone { .. }), "{gone:?}");
         assert!(matches!(ended, Err(PeerError::Closed)), "{ended:?}");
