@@ -56,6 +56,7 @@ impl std::fmt::Debug for Step {
         }
     }
 }
+
 /// How far a session reached into this host. The one answer behind both what an error reply
 /// says (a refusal, `refusal: true`, only while nothing was changed) and what a session that
 /// ends early rolls back (whatever its state holds).
@@ -419,9 +420,52 @@ fn error_message(e: &MigrationError, refusal: bool) -> Message {
 }
 #[cfg(test)]
 mod tests {
-    use super::super::testing::context;
+    use super::super::testing::{context, fake_destination, plan};
     use super::*;
     use crate::peer::ErrorKind;
+
+    #[tokio::test]
+    async fn an_error_reply_is_a_refusal_until_the_destination_is_changed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let socket = dir.path().join("vm.sock");
+        let _qemu = fake_destination(&socket, "");
+        let timeout = std::time::Duration::from_secs(5);
+        let mut side = DestinationSide::attach(&socket, Path::new("/nonexistent"), timeout)
+            .await
+            .expect("attach");
+        let plan = DestPlan {
+            port_range: crate::ports::DEFAULT_RANGE,
+            ..plan(false)
+        };
+        side.preflight(&plan).await.expect("preflight");
+        let preflighted = State::Preflighted {
+            side: Box::new(side),
+            plan: Box::new(plan.clone()),
+            incoming: None,
+        };
+        let checked = (preflighted.footprint(), preflighted.refusal());
+        let State::Preflighted { mut side, .. } = preflighted else {
+            panic!("preflighted");
+        };
+
+        side.prepare(&plan).await.expect("prepare");
+        let prepared = State::Prepared {
+            side,
+            incoming: None,
+        };
+
+        assert_eq!(
+            (State::Greeted.footprint(), State::Greeted.refusal()),
+            (Footprint::None, true)
+        );
+        assert_eq!(checked, (Footprint::Checked, true));
+        assert_eq!(
+            (prepared.footprint(), prepared.refusal()),
+            (Footprint::Changed, false)
+        );
+        assert_eq!(State::Done.footprint(), Footprint::None);
+        prepared.roll_back().await;
+    }
 
     #[test]
     fn a_message_out_of_order_is_named_by_its_type_never_echoed_back() {
