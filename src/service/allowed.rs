@@ -1234,30 +1234,7 @@ fn apply_disks(
     disks: &[NewDisk],
     dirs: &StorageDirs,
 ) -> Result<Vec<PlannedDisk>, AllowError> {
-    for (i, disk) in disks.iter().enumerate() {
-        if disks[..i].iter().any(|d| d.target == disk.target) {
-            return Err(not_allowed(format!(
-                "disk {} asked for twice",
-                short(&disk.target)
-            )));
-        }
-        let formats = ["raw", "qcow2"];
-        let backing_ok = disk
-            .backing
-            .as_ref()
-            .is_none_or(|b| formats.contains(&b.format.as_str()));
-        if !formats.contains(&disk.format.as_str()) || !backing_ok || disk.size == 0 {
-            return Err(not_allowed_because(
-                format!(
-                    "disk {} to be created as {:?} of {} bytes",
-                    short(&disk.target),
-                    short(&disk.format),
-                    disk.size
-                ),
-                "only raw and qcow2 images, over raw or qcow2 templates, of a size above 0",
-            ));
-        }
-    }
+    check_new_disks(disks)?;
     let Some(devices) = domain.child_mut("devices") else {
         return match disks.first() {
             Some(d) => Err(not_allowed(format!(
@@ -1295,50 +1272,9 @@ fn apply_disks(
             return Err(not_allowed(format!("two disks with target {target}")));
         }
         targets.push(target.clone());
-        let format = element
-            .child("driver")
-            .and_then(|d| d.attr("type"))
-            .map(str::to_string);
-        let Some(source) = element.child_mut("source") else {
-            if let Some(d) = disks.iter().find(|d| d.target == target) {
-                return Err(not_allowed(format!(
-                    "no file for disk {}; nothing to create",
-                    d.target
-                )));
-            }
+        let new = disks.iter().find(|d| d.target == target);
+        let Some((resolved, made)) = place_disk(element, &target, new, dirs)? else {
             continue;
-        };
-        let Some(file) = source.attr("file").map(PathBuf::from) else {
-            if disks.iter().any(|d| d.target == target) {
-                return Err(not_allowed(format!(
-                    "no file for disk {target}; nothing to create"
-                )));
-            }
-            continue;
-        };
-        let disk_error = |source| AllowError::Disk {
-            target: target.clone(),
-            source,
-        };
-        let resolved = match disks.iter().find(|d| d.target == target) {
-            Some(new) => {
-                if format.as_ref().is_some_and(|f| *f != new.format) {
-                    return Err(not_allowed(format!(
-                        "disk {target} to be created as {} but opened as {}",
-                        new.format,
-                        format.unwrap_or_default()
-                    )));
-                }
-                let path = dirs.new_disk(&file).map_err(disk_error)?;
-                planned.push(PlannedDisk {
-                    disk: new.clone(),
-                    path: path.clone(),
-                });
-                path
-            }
-            None => dirs
-                .existing_file(&file, Place::Shared)
-                .map_err(disk_error)?,
         };
         if paths.contains(&resolved) {
             return Err(not_allowed(format!(
@@ -1346,10 +1282,96 @@ fn apply_disks(
                 resolved.display()
             )));
         }
-        paths.push(resolved.clone());
-        source.set_attr("file", &resolved.to_string_lossy());
+        paths.push(resolved);
+        planned.extend(made);
     }
     Ok(planned)
+}
+
+/// The disks the source asks to be created: each named once, raw or qcow2 (over a raw or
+/// qcow2 template), of a size above 0.
+fn check_new_disks(disks: &[NewDisk]) -> Result<(), AllowError> {
+    for (i, disk) in disks.iter().enumerate() {
+        if disks[..i].iter().any(|d| d.target == disk.target) {
+            return Err(not_allowed(format!(
+                "disk {} asked for twice",
+                short(&disk.target)
+            )));
+        }
+        let formats = ["raw", "qcow2"];
+        let backing_ok = disk
+            .backing
+            .as_ref()
+            .is_none_or(|b| formats.contains(&b.format.as_str()));
+        if !formats.contains(&disk.format.as_str()) || !backing_ok || disk.size == 0 {
+            return Err(not_allowed_because(
+                format!(
+                    "disk {} to be created as {:?} of {} bytes",
+                    short(&disk.target),
+                    short(&disk.format),
+                    disk.size
+                ),
+                "only raw and qcow2 images, over raw or qcow2 templates, of a size above 0",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One `<disk>` of target `target`: its `<source file>` resolved (inside a storage directory
+/// when the source asks for it as `new`, else an existing file inside a shared directory) and
+/// rewritten; the resolved path and the disk to create, or `None` for a disk with no file.
+fn place_disk(
+    element: &mut Element,
+    target: &str,
+    new: Option<&NewDisk>,
+    dirs: &StorageDirs,
+) -> Result<Option<(PathBuf, Option<PlannedDisk>)>, AllowError> {
+    let format = element
+        .child("driver")
+        .and_then(|d| d.attr("type"))
+        .map(str::to_string);
+    let file = element
+        .child_mut("source")
+        .and_then(|source| source.attr("file").map(PathBuf::from));
+    let Some(file) = file else {
+        return match new {
+            Some(_) => Err(not_allowed(format!(
+                "no file for disk {target}; nothing to create"
+            ))),
+            None => Ok(None),
+        };
+    };
+    let disk_error = |source| AllowError::Disk {
+        target: target.to_string(),
+        source,
+    };
+    let (resolved, made) = match new {
+        Some(new) => {
+            if format.as_ref().is_some_and(|f| *f != new.format) {
+                return Err(not_allowed(format!(
+                    "disk {target} to be created as {} but opened as {}",
+                    new.format,
+                    format.unwrap_or_default()
+                )));
+            }
+            let path = dirs.new_disk(&file).map_err(disk_error)?;
+            let made = PlannedDisk {
+                disk: new.clone(),
+                path: path.clone(),
+            };
+            (path, Some(made))
+        }
+        None => (
+            dirs.existing_file(&file, Place::Shared)
+                .map_err(disk_error)?,
+            None,
+        ),
+    };
+    if let Some(source) = element.child_mut("source") {
+        source.set_attr("file", &resolved.to_string_lossy());
+    }
+    Ok(Some((resolved, made)))
 }
 
 /// Kernel, initrd and loader files must lie in a boot directory.
@@ -1377,106 +1399,15 @@ fn apply_devices(domain: &mut Element, policy: &Policy<'_>) -> Result<(), AllowE
     let Some(devices) = domain.child_mut("devices") else {
         return Ok(());
     };
-    if let Some(emulator) = devices.child("emulator").and_then(|e| e.text.as_deref())
-        && !policy.emulators.iter().any(|e| e == emulator)
-    {
-        return Err(not_allowed_because(
-            format!("the emulator {:?}", short(emulator)),
-            format!(
-                "this host's libvirt offers {}",
-                if policy.emulators.is_empty() {
-                    "none".to_string()
-                } else {
-                    policy.emulators.join(", ")
-                }
-            ),
-        ));
-    }
+    check_emulator(devices, policy.emulators)?;
     for interface in devices.children.iter().filter(|c| c.name == "interface") {
-        let kind = interface.attr("type").unwrap_or_default().to_string();
-        let source = interface.child("source");
-        match kind.as_str() {
-            "bridge" => {
-                let bridge = source
-                    .and_then(|s| s.attr("bridge"))
-                    .ok_or_else(|| not_allowed("an <interface type='bridge'> without a bridge"))?;
-                if source.is_some_and(|s| s.attr("network").is_some()) {
-                    return Err(not_allowed("an interface with both a bridge and a network"));
-                }
-                if !(policy.bridge_exists)(bridge) {
-                    return Err(not_allowed_because(
-                        format!("an interface on bridge {bridge}"),
-                        "no such bridge exists here",
-                    ));
-                }
-            }
-            _ => {
-                let network = source.and_then(|s| s.attr("network")).ok_or_else(|| {
-                    not_allowed("an <interface type='network'> without a network")
-                })?;
-                if source.is_some_and(|s| s.attr("bridge").is_some())
-                    || interface.child("virtualport").is_some()
-                {
-                    return Err(not_allowed(
-                        "an <interface type='network'> with a bridge or a virtual port",
-                    ));
-                }
-                if !(policy.network_active)(network) {
-                    return Err(not_allowed_because(
-                        format!("an interface on libvirt network {network}"),
-                        "no such network is active here",
-                    ));
-                }
-            }
-        }
+        check_interface(interface, policy)?;
     }
     for graphics in devices.children_mut("graphics") {
-        // Where it listens is this host's choice, and libvirt picks the ports.
-        graphics.remove_attr("port");
-        graphics.remove_attr("tlsPort");
-        graphics.set_attr("autoport", "yes");
-        graphics.set_attr("listen", policy.graphics_listen);
-        graphics.children.retain(|c| c.name != "listen");
-        graphics.children.push(Element {
-            name: "listen".into(),
-            attrs: vec![
-                ("type", "address".into()),
-                ("address", policy.graphics_listen.into()),
-            ],
-            text: None,
-            children: Vec::new(),
-        });
+        listen_here(graphics, policy.graphics_listen);
     }
     for channel in devices.children_mut("channel") {
-        let kind = channel.attr("type").unwrap_or_default().to_string();
-        let target = channel
-            .child("target")
-            .and_then(|t| t.attr("name"))
-            .unwrap_or_default()
-            .to_string();
-        match (kind.as_str(), target.as_str()) {
-            ("unix", "org.qemu.guest_agent.0") => {
-                // libvirt chooses the socket's path in its own directory.
-                channel.children.retain(|c| c.name != "source");
-                channel.children.insert(
-                    0,
-                    Element {
-                        name: "source".into(),
-                        attrs: vec![("mode", "bind".into())],
-                        text: None,
-                        children: Vec::new(),
-                    },
-                );
-            }
-            ("spicevmc", "com.redhat.spice.0") if channel.child("source").is_none() => {}
-            _ => {
-                return Err(not_allowed_because(
-                    format!("a <channel type={kind:?}> named {target:?}"),
-                    "only the guest agent's unix channel (org.qemu.guest_agent.0) and SPICE's \
-                     (com.redhat.spice.0) are",
-                ));
-            }
-        }
+        apply_channel(channel)?;
     }
     for rng in devices.children.iter().filter(|c| c.name == "rng") {
         if rng.child("backend").is_none() {
@@ -1484,6 +1415,115 @@ fn apply_devices(domain: &mut Element, policy: &Policy<'_>) -> Result<(), AllowE
         }
     }
     Ok(())
+}
+
+/// The `<emulator>`, if named, must be one this host's libvirt offers.
+fn check_emulator(devices: &Element, emulators: &[String]) -> Result<(), AllowError> {
+    if let Some(emulator) = devices.child("emulator").and_then(|e| e.text.as_deref())
+        && !emulators.iter().any(|e| e == emulator)
+    {
+        return Err(not_allowed_because(
+            format!("the emulator {:?}", short(emulator)),
+            format!(
+                "this host's libvirt offers {}",
+                if emulators.is_empty() {
+                    "none".to_string()
+                } else {
+                    emulators.join(", ")
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An `<interface>` is on a bridge that exists here or on a libvirt network active here.
+fn check_interface(interface: &Element, policy: &Policy<'_>) -> Result<(), AllowError> {
+    let kind = interface.attr("type").unwrap_or_default().to_string();
+    let source = interface.child("source");
+    match kind.as_str() {
+        "bridge" => {
+            let bridge = source
+                .and_then(|s| s.attr("bridge"))
+                .ok_or_else(|| not_allowed("an <interface type='bridge'> without a bridge"))?;
+            if source.is_some_and(|s| s.attr("network").is_some()) {
+                return Err(not_allowed("an interface with both a bridge and a network"));
+            }
+            if !(policy.bridge_exists)(bridge) {
+                return Err(not_allowed_because(
+                    format!("an interface on bridge {bridge}"),
+                    "no such bridge exists here",
+                ));
+            }
+        }
+        _ => {
+            let network = source
+                .and_then(|s| s.attr("network"))
+                .ok_or_else(|| not_allowed("an <interface type='network'> without a network"))?;
+            if source.is_some_and(|s| s.attr("bridge").is_some())
+                || interface.child("virtualport").is_some()
+            {
+                return Err(not_allowed(
+                    "an <interface type='network'> with a bridge or a virtual port",
+                ));
+            }
+            if !(policy.network_active)(network) {
+                return Err(not_allowed_because(
+                    format!("an interface on libvirt network {network}"),
+                    "no such network is active here",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `<graphics>` listen where this host says, on ports libvirt picks.
+fn listen_here(graphics: &mut Element, address: &str) {
+    graphics.remove_attr("port");
+    graphics.remove_attr("tlsPort");
+    graphics.set_attr("autoport", "yes");
+    graphics.set_attr("listen", address);
+    graphics.children.retain(|c| c.name != "listen");
+    graphics.children.push(Element {
+        name: "listen".into(),
+        attrs: vec![("type", "address".into()), ("address", address.into())],
+        text: None,
+        children: Vec::new(),
+    });
+}
+
+/// A `<channel>` is the guest agent's unix channel (its socket where libvirt chooses) or
+/// SPICE's.
+fn apply_channel(channel: &mut Element) -> Result<(), AllowError> {
+    let kind = channel.attr("type").unwrap_or_default().to_string();
+    let target = channel
+        .child("target")
+        .and_then(|t| t.attr("name"))
+        .unwrap_or_default()
+        .to_string();
+    match (kind.as_str(), target.as_str()) {
+        ("unix", "org.qemu.guest_agent.0") => {
+            // libvirt chooses the socket's path in its own directory.
+            channel.children.retain(|c| c.name != "source");
+            channel.children.insert(
+                0,
+                Element {
+                    name: "source".into(),
+                    attrs: vec![("mode", "bind".into())],
+                    text: None,
+                    children: Vec::new(),
+                },
+            );
+            Ok(())
+        }
+        ("spicevmc", "com.redhat.spice.0") if channel.child("source").is_none() => Ok(()),
+        _ => Err(not_allowed_because(
+            format!("a <channel type={kind:?}> named {target:?}"),
+            "only the guest agent's unix channel (org.qemu.guest_agent.0) and SPICE's \
+             (com.redhat.spice.0) are",
+        )),
+    }
 }
 
 impl AllowedDomain {

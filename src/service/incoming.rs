@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::allowed::{self, AllowError, Policy};
+use super::allowed::{self, AllowError, AllowedDomain, Policy};
 use super::records::{Record, RecordError, RecordFile, Records};
 use super::storage::{self, CreatedFile, StorageDirs, StorageError};
 use crate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
@@ -316,6 +316,7 @@ impl IncomingDomain {
     }
 }
 
+/// Steps 1-4 of the module docs, in libvirt's thread; on failure nothing is left behind.
 fn start_blocking(
     host: &Host,
     xml: &str,
@@ -332,13 +333,44 @@ fn start_blocking(
         network_active: &network_active,
     };
     let domain = allowed::build(xml, disks, &policy).map_err(refusal)?;
-    let name = domain.name.clone();
-    match libvirt.domain(&name) {
-        Ok(d) if d.is_active()? => return Err(MigrationError::DomainExists { name }),
+    refuse_if_running(&libvirt, &domain)?;
+    let qmp = incoming_socket(&host.socket_dir)?;
+    let mut record = write_record(host, &domain, &qmp)?;
+    let mut created = Vec::new();
+    let made = create_disks(&domain, &mut record, &mut created)
+        .and_then(|()| create_paused(&libvirt, &domain, &qmp));
+    if let Err(e) = made {
+        for p in delete_all(&created) {
+            tracing::warn!("{p}");
+        }
+        if let Err(e) = record.remove() {
+            tracing::warn!("{e}");
+        }
+        return Err(e);
+    }
+    tracing::info!(domain = %domain.name, disks = created.len(), qmp = %qmp.display(), "incoming domain started paused");
+    Ok(IncomingDomain {
+        uri: host.uri.clone(),
+        name: domain.name,
+        uuid: domain.uuid,
+        created_disks: created,
+        qmp,
+        record,
+    })
+}
+
+/// Step 2: a domain of the same name, or the same VM under another name (its UUID), already
+/// running here is refused: it would be the same VM running twice.
+fn refuse_if_running(libvirt: &Libvirt, domain: &AllowedDomain) -> Result<(), MigrationError> {
+    match libvirt.domain(&domain.name) {
+        Ok(d) if d.is_active()? => {
+            return Err(MigrationError::DomainExists {
+                name: domain.name.clone(),
+            });
+        }
         Ok(_) | Err(LibvirtError::NoSuchDomain { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    // The same VM under another name is the same VM running twice.
     if let Some(d) = libvirt.domain_by_uuid(&domain.uuid)?
         && d.is_active()?
     {
@@ -346,7 +378,15 @@ fn start_blocking(
             name: format!("{} (with the same UUID {})", d.name(), domain.uuid),
         });
     }
-    let qmp = incoming_socket(&host.socket_dir)?;
+    Ok(())
+}
+
+/// Step 3's record, under the id of the domain's socket `qmp`, before anything is created.
+fn write_record(
+    host: &Host,
+    domain: &AllowedDomain,
+    qmp: &Path,
+) -> Result<RecordFile, MigrationError> {
     let id = qmp
         .file_stem()
         .map(|s| {
@@ -355,80 +395,71 @@ fn start_blocking(
                 .to_string()
         })
         .unwrap_or_default();
-    let mut record = host
-        .records
-        .create(
-            &id,
-            Record {
-                uri: host.uri.clone(),
-                name: name.clone(),
-                uuid: domain.uuid.clone(),
-                qmp: qmp.clone(),
-                disks: Vec::new(),
-                resuming: false,
-            },
-        )
-        .map_err(|e| MigrationError::Failed {
-            desc: error_chain(&e),
-        })?;
-    let mut created = Vec::new();
-    let made = (|| {
-        for planned in &domain.new_disks {
-            let file = storage::create_exclusive(&planned.path)
-                .map_err(|e| disk_error(&planned.disk.target, e))?;
-            created.push(file.clone());
-            record
-                .update(|r| r.disks.push(file.clone()))
-                .map_err(|e| MigrationError::Failed {
-                    desc: error_chain(&e),
-                })?;
-            create_image(&planned.path, &planned.disk)?;
-            if !storage::is_still(&file) {
-                return Err(MigrationError::DestDiskUnusable {
-                    node: planned.disk.target.clone(),
-                    reason: format!(
-                        "{} was replaced while it was being created",
-                        planned.path.display()
-                    ),
-                });
-            }
-        }
-        let xml = DomainXml::parse(domain.render(&qmp))?;
-        let started = libvirt.create_paused(&xml)?;
-        // libvirt read the name and UUID the service checked (it wrote them itself).
-        let uuid = started.uuid()?;
-        if !uuid.eq_ignore_ascii_case(&domain.uuid) {
-            let _ = started.destroy();
-            return Err(MigrationError::Failed {
-                desc: format!(
-                    "libvirt started {name} with UUID {uuid}, not {}",
-                    domain.uuid
+    let record = Record {
+        uri: host.uri.clone(),
+        name: domain.name.clone(),
+        uuid: domain.uuid.clone(),
+        qmp: qmp.to_path_buf(),
+        disks: Vec::new(),
+        resuming: false,
+    };
+    host.records.create(&id, record).map_err(failed)
+}
+
+/// Step 3's disks: each created exclusively, written down in `record` and pushed to `created`
+/// as soon as it exists, then made an empty image of the source's format and size.
+fn create_disks(
+    domain: &AllowedDomain,
+    record: &mut RecordFile,
+    created: &mut Vec<CreatedFile>,
+) -> Result<(), MigrationError> {
+    for planned in &domain.new_disks {
+        let file = storage::create_exclusive(&planned.path)
+            .map_err(|e| disk_error(&planned.disk.target, e))?;
+        created.push(file.clone());
+        record
+            .update(|r| r.disks.push(file.clone()))
+            .map_err(failed)?;
+        create_image(&planned.path, &planned.disk)?;
+        if !storage::is_still(&file) {
+            return Err(MigrationError::DestDiskUnusable {
+                node: planned.disk.target.clone(),
+                reason: format!(
+                    "{} was replaced while it was being created",
+                    planned.path.display()
                 ),
             });
         }
-        Ok(())
-    })();
-    match made {
-        Ok(()) => {
-            tracing::info!(domain = %name, disks = created.len(), qmp = %qmp.display(), "incoming domain started paused");
-            Ok(IncomingDomain {
-                uri: host.uri.clone(),
-                name,
-                uuid: domain.uuid,
-                created_disks: created,
-                qmp,
-                record,
-            })
-        }
-        Err(e) => {
-            for p in delete_all(&created) {
-                tracing::warn!("{p}");
-            }
-            if let Err(e) = record.remove() {
-                tracing::warn!("{e}");
-            }
-            Err(e)
-        }
+    }
+    Ok(())
+}
+
+/// Step 4: the domain started paused with its monitor at `qmp`.
+fn create_paused(
+    libvirt: &Libvirt,
+    domain: &AllowedDomain,
+    qmp: &Path,
+) -> Result<(), MigrationError> {
+    let xml = DomainXml::parse(domain.render(qmp))?;
+    let started = libvirt.create_paused(&xml)?;
+    // libvirt read the name and UUID the service checked (it wrote them itself).
+    let uuid = started.uuid()?;
+    if !uuid.eq_ignore_ascii_case(&domain.uuid) {
+        let _ = started.destroy();
+        return Err(MigrationError::Failed {
+            desc: format!(
+                "libvirt started {} with UUID {uuid}, not {}",
+                domain.name, domain.uuid
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A record that cannot be written, as the source sees it.
+fn failed(e: RecordError) -> MigrationError {
+    MigrationError::Failed {
+        desc: error_chain(&e),
     }
 }
 

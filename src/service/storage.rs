@@ -283,6 +283,13 @@ pub fn remove_created(file: &CreatedFile) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// The new directory `name` in `root`.
+    fn new_dir(root: &Path, name: &str) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).expect("dir");
+        dir
+    }
+
     fn dirs(storage: &Path, shared: &Path) -> StorageDirs {
         StorageDirs::new(&[storage.to_path_buf()], &[shared.to_path_buf()], &[])
             .expect("directories")
@@ -337,9 +344,7 @@ mod tests {
     #[test]
     fn a_symlinked_directory_out_of_the_storage_dir_and_a_symlink_as_the_file_are_refused() {
         let root = tempfile::tempdir().expect("tmp");
-        let (storage, elsewhere) = (root.path().join("pool"), root.path().join("etc"));
-        std::fs::create_dir(&storage).expect("dir");
-        std::fs::create_dir(&elsewhere).expect("dir");
+        let (storage, elsewhere) = (new_dir(root.path(), "pool"), new_dir(root.path(), "etc"));
         std::os::unix::fs::symlink(&elsewhere, storage.join("link")).expect("dir link");
         std::os::unix::fs::symlink(elsewhere.join("x"), storage.join("vol.qcow2"))
             .expect("file link");
@@ -387,9 +392,7 @@ mod tests {
     #[test]
     fn a_shared_disk_must_be_an_existing_regular_file_in_a_shared_dir() {
         let root = tempfile::tempdir().expect("tmp");
-        let (storage, shared) = (root.path().join("pool"), root.path().join("nfs"));
-        std::fs::create_dir(&storage).expect("dir");
-        std::fs::create_dir(&shared).expect("dir");
+        let (storage, shared) = (new_dir(root.path(), "pool"), new_dir(root.path(), "nfs"));
         std::fs::write(shared.join("vol"), b"").expect("file");
         std::fs::write(storage.join("other-vm"), b"").expect("file");
         let d = dirs(&storage, &shared);

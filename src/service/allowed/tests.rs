@@ -570,6 +570,13 @@ fn assert_inside_the_list(out: &str, host: &Host, allowed: &AllowedDomain) {
     let doc = Document::parse(out).expect("the built domain is well-formed");
     let root = doc.root_element();
     assert_eq!(root.tag_name().name(), "domain");
+    assert_on_the_list(root, out);
+    assert_the_host_rules(root, out, host, allowed);
+}
+
+/// Every element, attribute and text below `root` (of the document `out`) is on the list, and
+/// the one `<qemu:commandline>` is the service's monitor and `-incoming defer`.
+fn assert_on_the_list(root: roxmltree::Node<'_, '_>, out: &str) {
     let mut commandlines = 0;
     let mut stack = vec![(root, "domain".to_string())];
     while let Some((node, path)) = stack.pop() {
@@ -625,6 +632,16 @@ fn assert_inside_the_list(out: &str, host: &Host, allowed: &AllowedDomain) {
         }
     }
     assert_eq!(commandlines, 1, "{out}");
+}
+
+/// The host's rules hold in the built domain `root` (of the document `out`): files in its
+/// directories, graphics on its address, its emulator, its bridge or network, its name.
+fn assert_the_host_rules(
+    root: roxmltree::Node<'_, '_>,
+    out: &str,
+    host: &Host,
+    allowed: &AllowedDomain,
+) {
     let all = |name: &'static str| root.descendants().filter(move |n| n.has_tag_name(name));
     for source in all("disk").flat_map(|d| d.children().filter(|c| c.has_tag_name("source"))) {
         if let Some(file) = source.attribute("file") {
@@ -933,11 +950,79 @@ mod mutate {
             .replace('"', "&quot;")
     }
 
+    /// `xml` with the bytes `r` replaced by `with`.
+    fn spliced(xml: &str, r: std::ops::Range<usize>, with: &str) -> String {
+        format!("{}{}{}", &xml[..r.start], with, &xml[r.end..])
+    }
+
+    /// [`Op::Insert`] into `parent`.
+    fn insert(
+        xml: &str,
+        parent: roxmltree::Node<'_, '_>,
+        pos: usize,
+        name: &str,
+        attr: Option<&(String, String)>,
+        text: Option<&str>,
+    ) -> String {
+        let attr = attr
+            .map(|(n, v)| format!(" {n}='{}'", esc(v)))
+            .unwrap_or_default();
+        let new = match text {
+            Some(t) => format!("<{name}{attr}>{}</{name}>", esc(t)),
+            None => format!("<{name}{attr}/>"),
+        };
+        match parent.children().nth(pos) {
+            Some(child) => spliced(xml, child.range().start..child.range().start, &new),
+            None => {
+                let r = parent.range();
+                let inner = &xml[r.clone()];
+                match inner.rfind("</") {
+                    Some(i) if !inner.ends_with("/>") => {
+                        spliced(xml, r.start + i..r.start + i, &new)
+                    }
+                    _ => xml.to_string(),
+                }
+            }
+        }
+    }
+
+    /// [`Op::Rename`] of `e`.
+    fn rename(xml: &str, e: roxmltree::Node<'_, '_>, name: &str) -> String {
+        let r = e.range();
+        let text = &xml[r.clone()];
+        let old = &text[1..text
+            .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
+            .unwrap_or(1)];
+        let mut renamed = format!("<{name}{}", &text[1 + old.len()..]);
+        let end = format!("</{old}>");
+        if renamed.ends_with(&end) {
+            renamed.truncate(renamed.len() - end.len());
+            renamed.push_str(&format!("</{name}>"));
+        }
+        spliced(xml, r, &renamed)
+    }
+
+    /// [`Op::SetAttr`] on `e`.
+    fn set_attr(xml: &str, e: roxmltree::Node<'_, '_>, name: &str, value: &str) -> String {
+        match e.attributes().find(|a| a.name() == name) {
+            Some(a) => spliced(xml, a.range_value(), &esc(value)),
+            None => {
+                let start = e.range().start
+                    + 1
+                    + e.tag_name().name().len()
+                    + e.tag_name()
+                        .namespace()
+                        .and_then(|ns| e.lookup_prefix(ns))
+                        .map(|p| p.len() + 1)
+                        .unwrap_or(0);
+                spliced(xml, start..start, &format!(" {name}='{}'", esc(value)))
+            }
+        }
+    }
+
     /// `op` applied to `xml`; a document that no longer parses gets raw insertions only.
     pub fn apply(xml: &str, op: &Op) -> String {
-        let splice = |r: std::ops::Range<usize>, with: &str| {
-            format!("{}{}{}", &xml[..r.start], with, &xml[r.end..])
-        };
+        let splice = |r: std::ops::Range<usize>, with: &str| spliced(xml, r, with);
         let Ok(doc) = Document::parse(xml) else {
             return match op {
                 Op::Raw { at, raw } => {
@@ -960,62 +1045,16 @@ mod mutate {
                 name,
                 attr,
                 text,
-            } => {
-                let parent = element(*at);
-                let attr = attr
-                    .as_ref()
-                    .map(|(n, v)| format!(" {n}='{}'", esc(v)))
-                    .unwrap_or_default();
-                let new = match text {
-                    Some(t) => format!("<{name}{attr}>{}</{name}>", esc(t)),
-                    None => format!("<{name}{attr}/>"),
-                };
-                match parent.children().nth(*pos) {
-                    Some(child) => splice(child.range().start..child.range().start, &new),
-                    None => {
-                        let r = parent.range();
-                        let inner = &xml[r.clone()];
-                        match inner.rfind("</") {
-                            Some(i) if !inner.ends_with("/>") => {
-                                splice(r.start + i..r.start + i, &new)
-                            }
-                            _ => xml.to_string(),
-                        }
-                    }
-                }
-            }
-            Op::Rename { at, name } => {
-                let e = element(*at);
-                let r = e.range();
-                let text = &xml[r.clone()];
-                let old = &text[1..text
-                    .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
-                    .unwrap_or(1)];
-                let mut renamed = format!("<{name}{}", &text[1 + old.len()..]);
-                let end = format!("</{old}>");
-                if renamed.ends_with(&end) {
-                    renamed.truncate(renamed.len() - end.len());
-                    renamed.push_str(&format!("</{name}>"));
-                }
-                splice(r, &renamed)
-            }
-            Op::SetAttr { at, name, value } => {
-                let e = element(*at);
-                match e.attributes().find(|a| a.name() == name) {
-                    Some(a) => splice(a.range_value(), &esc(value)),
-                    None => {
-                        let start = e.range().start
-                            + 1
-                            + e.tag_name().name().len()
-                            + e.tag_name()
-                                .namespace()
-                                .and_then(|ns| e.lookup_prefix(ns))
-                                .map(|p| p.len() + 1)
-                                .unwrap_or(0);
-                        splice(start..start, &format!(" {name}='{}'", esc(value)))
-                    }
-                }
-            }
+            } => insert(
+                xml,
+                element(*at),
+                *pos,
+                name,
+                attr.as_ref(),
+                text.as_deref(),
+            ),
+            Op::Rename { at, name } => rename(xml, element(*at), name),
+            Op::SetAttr { at, name, value } => set_attr(xml, element(*at), name, value),
             Op::RemoveAttr { at, n } => match element(*at).attributes().nth(*n) {
                 Some(a) => splice(a.range(), ""),
                 None => xml.to_string(),
