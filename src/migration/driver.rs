@@ -571,7 +571,7 @@ impl Run<'_> {
         }
         src.undo.push(Undo::CancelMigration);
         let uri = match &opts.source_connect {
-            Some(hostport) => format!("tcp:{hostport}"),
+            Some(a) => tcp_uri(&a.host, a.port_or(prepared.migration_port)),
             None => tcp_uri(opts.connect_host(), prepared.migration_port),
         };
         tracing::info!(%uri, transport = %self.transport, "starting migration");

@@ -190,7 +190,7 @@ pub struct MigrationOptions {
     pub dest_address: Option<String>,
     /// `HOST:PORT` the source connects to when it differs from where the destination listens
     /// (NAT, port forwarding, a proxy).
-    pub source_connect: Option<String>,
+    pub source_connect: Option<crate::addr::Address>,
     pub transport: TransportChoice,
     pub tls_hostname: Option<String>,
     /// GnuTLS priority string for both credentials objects (cipher choice).
@@ -223,7 +223,7 @@ pub struct MigrationOptions {
     pub skip_zeroes: bool,
     /// `HOST:PORT` the source's NBD clients connect to when it differs from where the
     /// destination's NBD server listens (NAT, a proxy), like `source_connect` for RAM.
-    pub nbd_connect: Option<String>,
+    pub nbd_connect: Option<crate::addr::Address>,
     /// Grow destination disks smaller than the source's instead of refusing.
     pub create_dest_disks: bool,
     /// Which source certificate the destination accepts, through an `authz-simple` object
@@ -325,10 +325,13 @@ impl MigrationOptions {
                 self.max_bandwidth
             ));
         }
-        if let Some(hp) = &self.nbd_connect
-            && split_host_port(hp).is_none()
-        {
-            problems.push(format!("NBD address {hp:?}: expected HOST:PORT"));
+        for (what, address) in [
+            ("--source-connect", &self.source_connect),
+            ("--nbd-connect", &self.nbd_connect),
+        ] {
+            if let Some(Err(e)) = address.as_ref().map(crate::addr::Address::require_port) {
+                problems.push(format!("{what}: {e}"));
+            }
         }
         if self.disk_bandwidth == Some(0) {
             problems.push("disk bandwidth 0 bytes/s: leave it out for no limit".into());
@@ -375,8 +378,8 @@ impl MigrationOptions {
     /// Where the source's NBD clients connect for a server on `port`: `nbd_connect` when set
     /// (checked by [`MigrationOptions::validate`]), else the destination's address.
     pub(crate) fn nbd_server(&self, port: u16) -> crate::qemu::InetAddress {
-        match self.nbd_connect.as_deref().and_then(split_host_port) {
-            Some((host, port)) => crate::qemu::InetAddress::new(host, port),
+        match &self.nbd_connect {
+            Some(a) => crate::qemu::InetAddress::new(&a.host, a.port_or(port)),
             None => crate::qemu::InetAddress::new(self.connect_host(), port),
         }
     }
@@ -388,14 +391,6 @@ pub(crate) fn lock_source(opts: &MigrationOptions) -> Result<VmLock, MigrationEr
     let mut keys = vec![VmKey::socket(&opts.source.qmp)];
     keys.extend(opts.source_domain_uuid.as_deref().map(VmKey::domain));
     Ok(VmLock::acquire(&keys, opts.job_id.as_deref())?)
-}
-
-/// `HOST:PORT` (the host may be a bracketed IPv6 address) split in two; `None` when malformed.
-fn split_host_port(s: &str) -> Option<(&str, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = port.parse().ok().filter(|p| *p != 0)?;
-    (!host.is_empty()).then_some((host, port))
 }
 
 /// Runs `f` (libvirt's blocking calls) off the async threads, within `timeout`. A call that

@@ -60,8 +60,8 @@ fn busy_pause(n: u32) -> Duration {
 /// Where a source finds a destination host's service.
 #[derive(Debug, Clone)]
 pub struct RemoteTarget {
-    /// `HOST[:PORT]` of the service.
-    pub address: String,
+    /// The service's address (the port defaults to [`crate::peer::DEFAULT_PORT`]).
+    pub address: crate::addr::Address,
     /// The name the service's certificate must carry (the destination host's name).
     pub server_name: String,
     /// The QMP socket's file name in the service's `--qmp-dir`.

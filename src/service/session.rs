@@ -658,7 +658,11 @@ mod tests {
     use super::*;
 
     fn opts() -> ServeOptions {
-        ServeOptions::new("127.0.0.1:0", "/nonexistent".into(), "/nonexistent".into())
+        ServeOptions::new(
+            "127.0.0.1:1".parse().expect("address"),
+            "/nonexistent".into(),
+            "/nonexistent".into(),
+        )
     }
 
     fn identity() -> PeerIdentity {

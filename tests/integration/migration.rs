@@ -48,7 +48,7 @@ async fn tls_on_the_wire_then_tcp_onwards_without_stale_settings() {
     let pair = Pair::start().await;
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
     let mut options = pair.options(&src_pki, &dst_pki);
-    options.source_connect = Some(tap.addr.clone());
+    options.source_connect = Some(tap.addr.parse().expect("tap address"));
 
     let tls = fixture::migrate(&options).await;
 
@@ -69,7 +69,7 @@ async fn tls_on_the_wire_then_tcp_onwards_without_stale_settings() {
     onwards.source.qmp = pair.dest.qmp_path().to_path_buf();
     onwards.dest.qmp = third.qmp_path().to_path_buf();
     onwards.transport = TransportChoice::Tcp;
-    onwards.source_connect = Some(tap.addr.clone());
+    onwards.source_connect = Some(tap.addr.parse().expect("tap address"));
 
     let tcp = fixture::migrate(&onwards).await;
 
@@ -335,7 +335,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     let priority = Some("NORMAL:-VERS-ALL:+VERS-TLS1.2".to_string());
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
     let mut there = pair.options(&host_a, &host_b);
-    there.source_connect = Some(tap.addr.clone());
+    there.source_connect = Some(tap.addr.parse().expect("tap address"));
     there.tls_priority = priority.clone();
 
     let first = fixture::migrate(&there).await;
@@ -365,7 +365,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     let mut home = pair.options(&host_b, &host_a);
     home.source.qmp = pair.dest.qmp_path().to_path_buf();
     home.dest.qmp = back.qmp_path().to_path_buf();
-    home.source_connect = Some(tap.addr.clone());
+    home.source_connect = Some(tap.addr.parse().expect("tap address"));
     home.tls_priority = priority;
 
     let second = fixture::migrate(&home).await;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use qemu_tls_migrate::addr::Address;
 use qemu_tls_migrate::migration::{
     self, Compression, Convergence, DiskSelection, DowntimeSteps, Endpoint, FinalStatus,
     MAX_MULTIFD_CHANNELS, MigrationOptions, RemoteTarget, Report, Throttle, TimeoutAction,
@@ -268,7 +269,7 @@ pub struct MigrateArgs {
     /// Migrate to another host through its `qemu-tls-migrate serve` (default port 16515); the
     /// control channel uses mutual TLS with this host's --source-pki-dir/--pki-dir.
     #[arg(long, value_name = "HOST[:PORT]")]
-    pub to: Option<String>,
+    pub to: Option<Address>,
     /// Make the destination accept only this source's certificate: an authz-simple object
     /// matching its distinguished name, set as tls-authz for the migration stream and NBD.
     #[arg(long)]
@@ -295,7 +296,7 @@ pub struct MigrateArgs {
     /// HOST:PORT the source connects to when it differs from where the destination listens
     /// (NAT, port forwarding, a proxy).
     #[arg(long, value_name = "HOST:PORT", hide = true)]
-    pub source_connect: Option<String>,
+    pub source_connect: Option<Address>,
     /// Leave the destination paused after the migration (like virsh migrate --suspend).
     #[arg(long)]
     pub dest_paused: bool,
@@ -333,7 +334,7 @@ pub struct MigrateArgs {
     /// HOST:PORT the source's NBD clients connect to when it differs from where the
     /// destination's NBD server listens (NAT, a proxy).
     #[arg(long, value_name = "HOST:PORT", hide = true)]
-    pub nbd_connect: Option<String>,
+    pub nbd_connect: Option<Address>,
     /// Copy every writable disk that is not on shared storage. Shared means a network driver
     /// (nbd, rbd, iscsi, gluster, ssh, http...) or a file on NFS, CIFS/SMB, Ceph, FUSE
     /// (GlusterFS), GFS2, OCFS2 or Lustre, as statfs reports for the image's path.
@@ -413,7 +414,7 @@ impl MigrateArgs {
         if let Some(to) = &self.to {
             // The migration and NBD ports are on the host the service runs on.
             if o.dest_address.is_none() {
-                o.dest_address = Some(host_part(to).to_string());
+                o.dest_address = Some(to.host.clone());
             }
             if self.authz {
                 // The service fills in the source certificate's name from the TLS session.
@@ -487,17 +488,6 @@ fn client_dn(pki_dir: &std::path::Path) -> anyhow::Result<String> {
             path.display()
         )
     })
-}
-
-/// The host of `HOST[:PORT]` (IPv6 in brackets).
-fn host_part(to: &str) -> &str {
-    if let Some(rest) = to.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match to.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
-        _ => to,
-    }
 }
 
 /// `--disk-copy`.
