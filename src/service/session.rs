@@ -425,7 +425,7 @@ pub async fn run(
         let idle = work.is_none();
         let dest_gone = async {
             match (&mut state, idle) {
-                (Some(State::Prepared { side, .. }), true) => side.gone().await,
+                (Some(State::Prepared { side, .. }), true) => side.lost().await,
                 _ => std::future::pending().await,
             }
         };

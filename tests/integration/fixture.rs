@@ -408,7 +408,11 @@ pub async fn migrate_observed(
     cancel: &CancellationToken,
 ) -> Report {
     let mut cb = |p: &Progress| observe(p);
-    migration::migrate(options, &mut cb, cancel).await
+    // Options a test spoils on purpose are refused as the command line's are.
+    match options.clone().validate() {
+        Ok(valid) => migration::migrate(&valid, migration::RunContext::new(&mut cb, cancel)).await,
+        Err(e) => Report::refused(e, Duration::ZERO),
+    }
 }
 
 /// Connects to a VM's watcher socket.

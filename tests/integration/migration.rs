@@ -385,7 +385,7 @@ async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
     let pair = Pair::start().await;
     let before = fixture::migrate_parameters(&pair.source).await;
     let mut options = pair.tls_options(&lab);
-    options.multifd = Some(4);
+    options.multifd = qemu_tls_migrate::migration::Multifd::Channels(4);
     options.downtime_limit = Some(Duration::from_millis(500));
 
     let report = fixture::migrate(&options).await;

@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::addr::Address;
 use qemu_tls_migrate::migration::{
-    self, Compression, Convergence, DiskSelection, DowntimeSteps, Endpoint, FinalStatus,
-    MAX_MULTIFD_CHANNELS, MigrationOptions, RemoteTarget, Report, Throttle, TimeoutAction,
-    TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
+    self, Compression, ControlReceiver, Convergence, DiskSelection, DowntimeSteps, Endpoint,
+    FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions, Multifd, RemoteTarget, Report, RunContext,
+    Throttle, TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, ValidOptions, XbzrleCache,
 };
 use qemu_tls_migrate::peer::{Authz, DiskCopy};
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
@@ -25,6 +25,17 @@ use crate::output::{ProgressOut, print_report, print_report_job};
 pub enum MirrorModeArg {
     Background,
     WriteBlocking,
+}
+
+impl TransportArg {
+    /// As the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportArg::Auto => "auto",
+            TransportArg::Tls => "tls",
+            TransportArg::Tcp => "tcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -438,8 +449,8 @@ impl TuningArgs {
         o.max_bandwidth = self.max_bandwidth;
         o.downtime_limit = self.downtime_limit.map(Duration::from_millis);
         match self.multifd {
-            Some(MultifdArg::Auto) => o.multifd_auto = true,
-            Some(MultifdArg::Channels(n)) => o.multifd = Some(n),
+            Some(MultifdArg::Auto) => o.multifd = Multifd::Auto,
+            Some(MultifdArg::Channels(n)) => o.multifd = Multifd::Channels(n),
             None => {}
         }
         o.tls_priority = self.tls_priority.clone();
@@ -587,19 +598,26 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 }
 
 /// Runs a migration with progress output and signals cancelling it (see [`cancel_on_signal`]).
-pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
-    run_migration_to(options, None, json, quiet, None).await
+pub async fn run_migration(options: MigrationOptions, json: bool, quiet: bool) -> Report {
+    match options.validate() {
+        Ok(valid) => run_migration_to(&valid, None, json, quiet, None).await,
+        Err(e) => Report::refused(e, Duration::ZERO),
+    }
 }
 
 /// [`run_migration`], to a remote service when `remote` is given, controlled through `job`'s
 /// socket when given (`jobs cancel` cancels it as a signal does).
 pub async fn run_migration_to(
-    options: &MigrationOptions,
+    options: &ValidOptions,
     remote: Option<&RemoteTarget>,
     json: bool,
     quiet: bool,
-    job: Option<&RunningJob>,
+    job: Option<(&RunningJob, ControlReceiver)>,
 ) -> Report {
+    let (job, control) = match job {
+        Some((job, control)) => (Some(job), Some(control)),
+        None => (None, None),
+    };
     let mut out = ProgressOut::new(json, quiet);
     let cancel = match job {
         Some(job) => {
@@ -615,9 +633,11 @@ pub async fn run_migration_to(
         }
         out.update(p)
     };
+    let mut cx = RunContext::new(&mut on_progress, &cancel);
+    cx.control = control;
     let report = match remote {
-        None => migration::migrate(options, &mut on_progress, &cancel).await,
-        Some(target) => migration::migrate_remote(options, target, &mut on_progress, &cancel).await,
+        None => migration::migrate(options, cx).await,
+        Some(target) => migration::migrate_remote(options, target, cx).await,
     };
     watcher.abort();
     out.finish();
@@ -785,7 +805,7 @@ async fn resolve_domain(
 }
 
 /// `--plan`: the forecast alone.
-async fn plan(options: &MigrationOptions, json: bool) -> anyhow::Result<Outcome> {
+async fn plan(options: &ValidOptions, json: bool) -> anyhow::Result<Outcome> {
     match migration::plan(options).await {
         Ok(f) => {
             crate::output::print_forecast(&f, json);
@@ -823,8 +843,16 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             }
         }
     }
+
     if args.plan {
-        return plan(&options, args.tuning.json).await;
+        return match options.validate() {
+            Ok(valid) => plan(&valid, args.tuning.json).await,
+            Err(e) => {
+                let report = Report::refused(e, Duration::ZERO);
+                print_report(&report, args.tuning.json);
+                Ok(outcome_of(&report))
+            }
+        };
     }
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),
@@ -854,8 +882,8 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
     };
-    let job = match RunningJob::start(args.job_id.as_deref(), vm, &mut options) {
-        Ok(job) => job,
+    let (job, control) = match RunningJob::start(args.job_id.as_deref(), vm) {
+        Ok(started) => started,
         Err(e) => {
             // Before anything moves: a migration that cannot be cancelled by the caller must
             // not start.
@@ -871,12 +899,22 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         }
     };
     tracing::info!(job = job.id(), "migration job started");
+    // Named to a second run on the same VM, which the VM's lock refuses.
+    options.job_id = Some(job.id().to_string());
+    let options = match options.validate() {
+        Ok(valid) => valid,
+        Err(e) => {
+            let report = Report::refused(e, Duration::ZERO);
+            print_report_job(&report, args.tuning.json, Some(job.id()));
+            return Ok(outcome_of(&report));
+        }
+    };
     let mut report = run_migration_to(
         &options,
         remote.as_ref(),
         args.tuning.json,
         quiet,
-        Some(&job),
+        Some((&job, control)),
     )
     .await;
     let job_id = job.id().to_string();
