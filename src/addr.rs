@@ -21,11 +21,11 @@ pub struct Address {
 pub enum AddrError {
     #[error("{0:?} names no host: expected HOST[:PORT] ([IPv6]:PORT for IPv6)")]
     NoHost(String),
-    #[error("{input:?}: {port:?} is not a port (1 to 65535)")]
+    #[error("{input:?}: {port:?} is not a port (0 to 65535)")]
     BadPort { input: String, port: String },
     #[error("{0:?}: an IPv6 address with a port goes in brackets, [ADDR]:PORT")]
     Brackets(String),
-    #[error("{0:?} needs a port: HOST:PORT")]
+    #[error("{0:?} needs a port to connect to: HOST:PORT, PORT 1 to 65535")]
     NoPort(String),
 }
 
@@ -35,9 +35,11 @@ impl Address {
         self.port.unwrap_or(default)
     }
 
-    /// The port, which this use requires.
+    /// The port to connect to, which this use requires (port 0 is for listening only).
     pub fn require_port(&self) -> Result<u16, AddrError> {
-        self.port.ok_or_else(|| AddrError::NoPort(self.to_string()))
+        self.port
+            .filter(|p| *p != 0)
+            .ok_or_else(|| AddrError::NoPort(self.to_string()))
     }
 
     /// `host:port` for a socket API, IPv6 in brackets.
@@ -87,11 +89,10 @@ impl FromStr for Address {
         }
         let port = match port {
             None => None,
-            Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                AddrError::BadPort {
-                    input: s.to_string(),
-                    port: p.to_string(),
-                }
+            // Port 0 is kept: to listen on it is to let the kernel choose one.
+            Some(p) => Some(p.parse::<u16>().ok().ok_or_else(|| AddrError::BadPort {
+                input: s.to_string(),
+                port: p.to_string(),
             })?),
         };
         Ok(Address {
@@ -134,7 +135,6 @@ mod tests {
         for bad in [
             "",
             ":16515",
-            "host:0",
             "host:65536",
             "host:x",
             "[::1",
@@ -147,6 +147,14 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn port_0_is_for_listening_only() {
+        let any: Address = "127.0.0.1:0".parse().expect("listen address");
+
+        assert_eq!(any.port, Some(0));
+        assert!(any.require_port().is_err());
     }
 
     #[test]
