@@ -13,12 +13,14 @@
 //! - [`pki`]: load, validate and create PKI directories; decides whether a side is *secured*.
 //! - [`bench`]: benchmark harness (TLS against TCP, interleaved, with reports).
 //! - [`host`]: secured-host state, CloudStack certificate layout, qemu.conf/libvirtd.conf, firewall.
+//! - [`addr`]: `HOST[:PORT]`, parsed once for every address the tool takes.
 //! - [`ports`]: migration and NBD port allocation, safe across concurrent migrations on one host.
 //! - [`vm_lock`]: one migration at a time per VM, across processes.
 //! - [`vm`]: launching local QEMU processes (demo, benchmarks, tests).
 //! - [`qemu`]: typed QMP commands and replies, tolerant of QEMU 7.2.
 //! - [`qmp`]: the asynchronous QMP protocol client; knows nothing of QEMU's command names.
 
+pub mod addr;
 pub mod bench;
 pub mod host;
 pub mod jobs;

@@ -602,7 +602,13 @@ impl RunContext<'_> {
         };
         let host_before = measure::host_busy_seconds().unwrap_or(0.0);
         let started = Instant::now();
-        let report = migration::migrate(&options, &mut on_progress, cancel).await;
+        let report = match options.validate() {
+            Ok(valid) => {
+                let cx = migration::RunContext::new(&mut on_progress, cancel);
+                migration::migrate(&valid, cx).await
+            }
+            Err(e) => migration::Report::refused(e, Duration::ZERO),
+        };
         let wall = started.elapsed();
         let host_cpu_s = (measure::host_busy_seconds().unwrap_or(0.0) - host_before).max(0.0);
         let timed_out = report
@@ -706,7 +712,9 @@ impl RunContext<'_> {
             Transport::Tls => TransportChoice::Tls,
             Transport::Tcp => TransportChoice::Tcp,
         };
-        o.multifd = mode.multifd;
+        o.multifd = mode
+            .multifd
+            .map_or(migration::Multifd::Off, migration::Multifd::Channels);
         o.tls_priority = mode.tls_priority.clone();
         o.timeout = Some(self.config.run_timeout);
         if let Some(cap) = self.config.max_bandwidth {

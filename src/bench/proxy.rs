@@ -44,8 +44,8 @@ pub struct ProxyPair {
     _client: Child,
     _server: Child,
     _dir: Option<tempfile::TempDir>,
-    /// `HOST:PORT` the source QEMU connects to.
-    pub source_connect: String,
+    /// Where the source QEMU connects.
+    pub source_connect: crate::addr::Address,
 }
 
 /// Why a proxy pair could not start.
@@ -116,7 +116,10 @@ impl ProxyPair {
             _client: client,
             _server: server,
             _dir: None,
-            source_connect: format!("127.0.0.1:{plain_port}"),
+            source_connect: crate::addr::Address {
+                host: "127.0.0.1".into(),
+                port: Some(plain_port),
+            },
         })
     }
 
@@ -199,7 +202,10 @@ impl ProxyPair {
             _client: client,
             _server: server,
             _dir: Some(dir),
-            source_connect: format!("127.0.0.1:{plain_port}"),
+            source_connect: crate::addr::Address {
+                host: "127.0.0.1".into(),
+                port: Some(plain_port),
+            },
         })
     }
 }

@@ -2,17 +2,15 @@
 //! binary, a test) changes the bandwidth or the downtime limit, or pauses the guest, while the
 //! driver copies disks or RAM.
 //!
-//! 1. The caller makes a channel ([`control_channel`]) and puts the [`ControlHandle`] in
-//!    [`super::MigrationOptions::control`]; it keeps the [`ControlSender`].
-//! 2. The driver takes the receiver when the migration starts and reads it in its watch loop,
-//!    during the disk copy and the RAM phase only.
+//! 1. The caller makes a channel ([`control_channel`]), hands the [`ControlReceiver`] to the
+//!    run ([`super::RunContext::with_control`]) and keeps the [`ControlSender`].
+//! 2. The run reads it in its watch loop, during the disk copy and the RAM phase only.
 //! 3. Each [`Control`] is applied on the source with one QMP command; the sender gets `Ok` or
 //!    the error, and the report's `convergence.controls` lists what was applied and when.
 //!
 //! Cancelling is not a control: it goes through the migration's `CancellationToken`, exactly
 //! as a signal does.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -91,37 +89,27 @@ impl ControlSender {
     }
 }
 
-/// The driver's end, carried in the options; the first migration to run takes it.
-#[derive(Debug, Clone)]
-pub struct ControlHandle(Arc<Mutex<Option<mpsc::Receiver<ControlRequest>>>>);
+/// The run's end: where its watch loop reads controls.
+#[derive(Debug)]
+pub struct ControlReceiver(mpsc::Receiver<ControlRequest>);
 
-impl ControlHandle {
-    /// The receiver, once.
-    pub(crate) fn take(&self) -> Option<mpsc::Receiver<ControlRequest>> {
-        self.0.lock().ok().and_then(|mut r| r.take())
+impl ControlReceiver {
+    /// The next control, or never once every sender is gone (the receiver is then dropped).
+    pub(crate) async fn next(control: &mut Option<ControlReceiver>) -> ControlRequest {
+        if let Some(rx) = control
+            && let Some(request) = rx.0.recv().await
+        {
+            return request;
+        }
+        *control = None;
+        std::future::pending().await
     }
 }
 
-/// A new control channel: keep the sender, give the handle to the migration's options.
-pub fn control_channel() -> (ControlSender, ControlHandle) {
+/// A new control channel: keep the sender, give the receiver to the run.
+pub fn control_channel() -> (ControlSender, ControlReceiver) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    (
-        ControlSender(tx),
-        ControlHandle(Arc::new(Mutex::new(Some(rx)))),
-    )
-}
-
-/// The next control, or never once every sender is gone (then the receiver is dropped).
-pub(crate) async fn next_control(
-    control: &mut Option<mpsc::Receiver<ControlRequest>>,
-) -> ControlRequest {
-    if let Some(rx) = control
-        && let Some(request) = rx.recv().await
-    {
-        return request;
-    }
-    *control = None;
-    std::future::pending().await
+    (ControlSender(tx), ControlReceiver(rx))
 }
 
 #[cfg(test)]
@@ -146,8 +134,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_control_sent_after_the_migration_ended_says_so() {
-        let (tx, handle) = control_channel();
-        drop(handle.take());
+        let (tx, receiver) = control_channel();
+        drop(receiver);
 
         let err = tx.send(Control::Pause).await.expect_err("nobody listens");
 
@@ -155,13 +143,5 @@ mod tests {
             err.to_string().contains("no longer takes controls"),
             "{err}"
         );
-    }
-
-    #[tokio::test]
-    async fn the_handle_gives_its_receiver_once() {
-        let (_tx, handle) = control_channel();
-
-        assert!(handle.take().is_some());
-        assert!(handle.clone().take().is_none());
     }
 }

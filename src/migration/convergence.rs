@@ -40,23 +40,10 @@ one whole, running copy; and QEMU 7.2 is affected by QEMU issue #1937 (GnuTLS ca
 after about 64 GB over a TLS channel with a return path, which post-copy needs). Use \
 --auto-converge, or --timeout-action pause, which finish a busy guest without that risk";
 
-/// Multifd compression methods of QEMU 7.2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    Zstd,
-    Zlib,
-}
+/// QEMU's default downtime limit (ms), when the caller sets none.
+pub(crate) const DEFAULT_DOWNTIME_MS: u64 = 300;
 
-impl Compression {
-    /// QEMU's name (`multifd-compression`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::Zstd => "zstd",
-            Compression::Zlib => "zlib",
-        }
-    }
-}
+pub use crate::qemu::Compression;
 
 /// The XBZRLE cache's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -15,9 +15,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::disks::{self, DestDisk};
+use super::options::COMPRESS_NEEDS_MULTIFD;
 use super::side::{SideCtl, object_id};
 use super::undo::Undo;
-use super::{MAX_MULTIFD_CHANNELS, MigrationError, PROGRESS_INTERVAL, Side};
+use super::{MigrationError, PROGRESS_INTERVAL, Side, check_multifd_channels};
 use crate::peer::{Authz, DestPlan, DestPrepared};
 use crate::ports::{self, PortLease, PortRange};
 use crate::qemu::{
@@ -48,11 +49,6 @@ const CONT_PROBE_AFTER: Duration = Duration::from_secs(1);
 const ASK_AGAIN_TRIES: u32 = 3;
 const ASK_AGAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const ASK_AGAIN_PAUSE: Duration = Duration::from_secs(2);
-
-/// An event's timestamp in microseconds since the epoch.
-fn event_time(e: &crate::qmp::Event) -> Option<i64> {
-    e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds)
-}
 
 /// How a destination rolled back, as the source needs to know it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,25 +142,13 @@ impl DestinationSide {
     /// Checks everything that can be checked without changing anything: the disks, the ports,
     /// the credentials. A failure here leaves the destination as it was.
     pub async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
-        if plan
-            .multifd
-            .is_some_and(|n| n == 0 || n > MAX_MULTIFD_CHANNELS)
-        {
-            return Err(MigrationError::BadRequest {
-                desc: format!(
-                    "{:?} multifd channels asked for; a destination takes 1 to \
-                     {MAX_MULTIFD_CHANNELS}",
-                    plan.multifd
-                ),
-            });
+        // What a peer sends is checked by the same rules as the options.
+        if let Some(n) = plan.multifd {
+            check_multifd_channels(n).map_err(|desc| MigrationError::BadRequest { desc })?;
         }
-        if let Some(method) = &plan.multifd_compression
-            && !(["none", "zlib", "zstd"].contains(&method.as_str()) && plan.multifd.is_some())
-        {
+        if plan.multifd_compression.is_some() && plan.multifd.is_none() {
             return Err(MigrationError::BadRequest {
-                desc: format!(
-                    "multifd compression {method:?}: use none, zlib or zstd, with multifd"
-                ),
+                desc: COMPRESS_NEEDS_MULTIFD.into(),
             });
         }
         self.dest_disks = if plan.disks.is_empty() {
@@ -200,32 +184,7 @@ impl DestinationSide {
                 desc: "destination prepared without its preflight".into(),
             });
         };
-        let creds = if plan.tls {
-            self.ctl
-                .credentials_id(plan.tls_priority.as_deref())
-                .await?
-        } else {
-            // The empty string turns TLS off, whatever an earlier migration left set.
-            String::new()
-        };
-        let authz = match (&plan.authz, plan.tls) {
-            (Authz::Identity(identity), true) => {
-                let id = object_id("authz");
-                let add = ObjectAdd::AuthzSimple {
-                    id: id.clone(),
-                    identity: identity.clone(),
-                };
-                self.ctl.add_object("object-add authz-simple", add).await?;
-                Some(id)
-            }
-            (Authz::FromPeerCert, true) => {
-                // Only the service knows the peer's certificate; it resolves this first.
-                return Err(MigrationError::BadRequest {
-                    desc: "authorization by the peer's certificate outside a service".into(),
-                });
-            }
-            _ => None,
-        };
+        let (creds, authz) = self.credentials(plan).await?;
         let mut wanted = vec![("events", true)];
         if plan.multifd.is_some() {
             wanted.push(("multifd", true));
@@ -236,86 +195,131 @@ impl DestinationSide {
                 tls_creds: Some(creds.clone()),
                 tls_authz: authz.clone().map(serde_json::Value::String),
                 multifd_channels: plan.multifd,
-                multifd_compression: plan.multifd_compression.clone(),
+                multifd_compression: plan.multifd_compression.map(|c| c.as_str().to_string()),
                 ..Default::default()
             })
             .await?;
+        let nbd_port = match nbd_port {
+            Some(port) => Some(self.export_disks(plan, port, &creds, authz).await?),
+            None => None,
+        };
+        let migration_port = self.listen(plan, migration_port).await?;
+        Ok(DestPrepared {
+            migration_port,
+            nbd_port,
+        })
+    }
 
-        let mut nbd_port = nbd_port;
-        if let Some(port) = nbd_port {
-            for d in &self.dest_disks {
-                if let Some(size) = d.grow {
-                    tracing::info!(node = %d.node, size, "growing the destination disk");
-                    let resize = BlockResize {
-                        node_name: d.node.clone(),
-                        size,
-                    };
-                    self.ctl.call("block_resize", &resize).await?;
-                }
-            }
-            self.ctl.undo.push(Undo::StopNbdServer);
-            let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
-            let started = self
-                .bind_retrying(plan.port_range, port, "nbd-server-start", |port| {
-                    let mut start = NbdServerStart::inet(&plan.listen_address, port);
-                    if plan.tls {
-                        start.tls_creds = Some(creds.clone());
-                        start.tls_authz = authz.clone();
-                    }
-                    let qmp = qmp.clone();
-                    async move { qmp.call_timeout(&start, t).await.map(drop) }
-                })
-                .await;
-            let port = match started {
-                Ok(port) => port,
-                Err(e) => {
-                    // Refused, not timed out: no server of ours runs. One that runs is another
-                    // run's ("NBD server already running"), and is not ours to stop.
-                    let maybe_ours =
-                        matches!(&e, MigrationError::Qmp { source, .. } if source.is_timeout());
-                    if !maybe_ours {
-                        self.ctl.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
-                    }
-                    return Err(e);
-                }
-            };
-            nbd_port = Some(port);
-            // The disks the preflight matched and checked, and no others.
-            for d in &self.dest_disks {
-                let export = BlockExportAdd::nbd_writable(&object_id("export"), &d.node, &d.export);
-                self.ctl.call("block-export-add", &export).await?;
-            }
-            self.has_disks = true;
-            tracing::info!(port, "destination exports its disks over NBD");
+    /// This side's credentials (the probed object; none for plain TCP, whose empty string
+    /// turns TLS off whatever an earlier migration left set) and, when asked, an
+    /// `authz-simple` object for the source's certificate.
+    async fn credentials(
+        &mut self,
+        plan: &DestPlan,
+    ) -> Result<(String, Option<String>), MigrationError> {
+        if !plan.tls {
+            return Ok((String::new(), None));
         }
+        let creds = self
+            .ctl
+            .credentials_id(plan.tls_priority.as_deref())
+            .await?;
+        let authz = match &plan.authz {
+            Authz::Identity(identity) => {
+                let id = object_id("authz");
+                let add = ObjectAdd::AuthzSimple {
+                    id: id.clone(),
+                    identity: identity.clone(),
+                };
+                self.ctl.add_object("object-add authz-simple", add).await?;
+                Some(id)
+            }
+            Authz::FromPeerCert => {
+                // Only the service knows the peer's certificate; it resolves this first.
+                return Err(MigrationError::BadRequest {
+                    desc: "authorization by the peer's certificate outside a service".into(),
+                });
+            }
+            Authz::Off => None,
+        };
+        Ok((creds, authz))
+    }
 
+    /// Grows the disks that must grow, starts the NBD server (on `port`, or another when that
+    /// was taken meanwhile) and exports the disks the preflight matched; returns the port.
+    async fn export_disks(
+        &mut self,
+        plan: &DestPlan,
+        port: u16,
+        creds: &str,
+        authz: Option<String>,
+    ) -> Result<u16, MigrationError> {
+        for d in &self.dest_disks {
+            if let Some(size) = d.grow {
+                tracing::info!(node = %d.node, size, "growing the destination disk");
+                let resize = BlockResize {
+                    node_name: d.node.clone(),
+                    size,
+                };
+                self.ctl.call("block_resize", &resize).await?;
+            }
+        }
+        self.ctl.undo.push(Undo::StopNbdServer);
+        let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
+        let started = self
+            .bind_retrying(plan.port_range, port, "nbd-server-start", |port| {
+                let mut start = NbdServerStart::inet(&plan.listen_address, port);
+                if plan.tls {
+                    start.tls_creds = Some(creds.to_string());
+                    start.tls_authz = authz.clone();
+                }
+                let qmp = qmp.clone();
+                async move { qmp.call_timeout(&start, t).await.map(drop) }
+            })
+            .await;
+        let port = match started {
+            Ok(port) => port,
+            Err(e) => {
+                // Refused, not timed out: no server of ours runs. One that runs is another
+                // run's ("NBD server already running"), and is not ours to stop.
+                let maybe_ours =
+                    matches!(&e, MigrationError::Qmp { source, .. } if source.is_timeout());
+                if !maybe_ours {
+                    self.ctl.undo.retain(|u| !matches!(u, Undo::StopNbdServer));
+                }
+                return Err(e);
+            }
+        };
+        // The disks the preflight matched and checked, and no others.
+        for d in &self.dest_disks {
+            let export = BlockExportAdd::nbd_writable(&object_id("export"), &d.node, &d.export);
+            self.ctl.call("block-export-add", &export).await?;
+        }
+        self.has_disks = true;
+        tracing::info!(port, "destination exports its disks over NBD");
+        Ok(port)
+    }
+
+    /// Turns autostart off and listens for the migration stream (`migrate-incoming`) on
+    /// `port`, or another when that was taken meanwhile; returns the port.
+    async fn listen(&mut self, plan: &DestPlan, port: u16) -> Result<u16, MigrationError> {
         self.ctl.undo.push(Undo::TearDownDestination);
         // `stop` on a QEMU in `inmigrate` turns its autostart off: started without -S, it
         // would otherwise run the guest as soon as the state is loaded, before the tool knows
         // the source has finished. From here on only `finish` resumes it.
         self.ctl.call("stop (autostart off)", &Stop).await?;
         let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
-        let migration_port = self
-            .bind_retrying(
-                plan.port_range,
-                migration_port,
-                "migrate-incoming",
-                |port| {
-                    let uri = tcp_uri(&plan.listen_address, port);
-                    tracing::info!(%uri, "destination listening");
-                    let qmp = qmp.clone();
-                    async move {
-                        qmp.call_timeout(&MigrateIncoming { uri }, t)
-                            .await
-                            .map(drop)
-                    }
-                },
-            )
-            .await?;
-        Ok(DestPrepared {
-            migration_port,
-            nbd_port,
+        self.bind_retrying(plan.port_range, port, "migrate-incoming", |port| {
+            let uri = tcp_uri(&plan.listen_address, port);
+            tracing::info!(%uri, "destination listening");
+            let qmp = qmp.clone();
+            async move {
+                qmp.call_timeout(&MigrateIncoming { uri }, t)
+                    .await
+                    .map(drop)
+            }
         })
+        .await
     }
 
     /// Runs `listen` on `port`; when QEMU finds the port taken (it was free when reserved, but
@@ -359,7 +363,7 @@ impl DestinationSide {
     }
 
     /// Resolves when the destination QEMU's QMP connection closes (QEMU exited).
-    pub async fn gone(&mut self) {
+    pub async fn lost(&mut self) {
         while self.events.next().await.is_some() {}
     }
 
@@ -495,7 +499,7 @@ impl DestinationSide {
                 }
                 event = self.events.next() => match event {
                     Some(e) if e.event == "RESUME" => {
-                        return ResumeOutcome::Running(event_time(&e));
+                        return ResumeOutcome::Running(e.timestamp_us());
                     }
                     Some(_) => {}
                     None => break,
@@ -546,7 +550,7 @@ impl DestinationSide {
         let wait = async {
             while let Some(e) = self.events.next().await {
                 if e.event == "RESUME" {
-                    return event_time(&e);
+                    return e.timestamp_us();
                 }
             }
             None
@@ -601,6 +605,66 @@ impl DestinationSide {
             stopped: true,
             problems,
         }
+    }
+}
+
+/// The destination side as the driver sees it: prepared, watched, finished or aborted.
+/// Implemented locally by [`DestinationSide`] and remotely over the control channel.
+#[allow(async_fn_in_trait)]
+pub trait Destination {
+    /// Whether anything on the destination was changed (decides "refused" versus "failed").
+    fn changed(&self) -> bool;
+    /// Where the guest may run if this destination's state becomes unknown, for the report.
+    fn holder(&self) -> String;
+    /// Whose clock the destination's event timestamps come from, next to this host's.
+    fn clock(&self) -> &'static str {
+        "one host"
+    }
+    /// The destination host's CPU count (for `--multifd auto`).
+    fn cpus(&self) -> u32 {
+        super::host_cpus()
+    }
+    /// Checks without changing anything (disks, ports, credentials).
+    async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError>;
+    /// Makes the destination ready to receive; returns its ports.
+    async fn prepare(&mut self, plan: &DestPlan) -> Result<DestPrepared, MigrationError>;
+    /// Resolves when the destination is lost (its QEMU exited, or its host stopped answering).
+    async fn lost(&mut self);
+    /// After the source completed: finish loading, resume when `resume`; returns clean-up
+    /// problems.
+    async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError>;
+    /// Rolls everything back; says whether the destination is known not to run the guest.
+    async fn abort(&mut self) -> AbortOutcome;
+    /// Once [`Destination::lost`] returned: what is known of why.
+    fn lost_reason(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Destination for DestinationSide {
+    fn changed(&self) -> bool {
+        DestinationSide::changed(self)
+    }
+    fn holder(&self) -> String {
+        DestinationSide::holder(self)
+    }
+    async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
+        DestinationSide::preflight(self, plan).await
+    }
+    async fn prepare(&mut self, plan: &DestPlan) -> Result<DestPrepared, MigrationError> {
+        DestinationSide::prepare(self, plan).await
+    }
+    async fn lost(&mut self) {
+        DestinationSide::lost(self).await
+    }
+    async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
+        DestinationSide::finish(self, resume).await
+    }
+    async fn abort(&mut self) -> AbortOutcome {
+        DestinationSide::abort(self).await
+    }
+    fn lost_reason(&self) -> Option<String> {
+        Some("its QEMU exited".into())
     }
 }
 
@@ -929,7 +993,7 @@ mod tests {
     async fn a_peer_cannot_ask_for_more_multifd_channels_than_the_bound() {
         let (mut side, _received) = incoming_destination().await;
         let mut greedy = plan();
-        greedy.multifd = Some(MAX_MULTIFD_CHANNELS + 1);
+        greedy.multifd = Some(crate::migration::MAX_MULTIFD_CHANNELS + 1);
 
         let err = side.preflight(&greedy).await.expect_err("refused");
 

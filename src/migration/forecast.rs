@@ -137,9 +137,9 @@ pub(crate) async fn measure(
         .await?;
     let ram = summary.base_memory + summary.plugged_memory.unwrap_or(0);
     // The RAM is read while QEMU samples the dirty rate, which takes a second whatever we do.
-    super::driver::start_dirty_rate(src).await?;
+    src.start_dirty_rate().await?;
     let data_share = data_share(src, ram).await?;
-    let dirty_mib = super::driver::dirty_rate_result(src).await?;
+    let dirty_mib = src.dirty_rate_result().await?;
     let (throughput, from) = if opts.max_bandwidth < UNLIMITED_BANDWIDTH {
         (opts.max_bandwidth as f64, "max-bandwidth")
     } else if transport == Transport::Tls {
@@ -152,9 +152,9 @@ pub(crate) async fn measure(
         data_share,
         dirty_rate: dirty_mib as f64 * f64::from(1u32 << 20),
         throughput,
-        downtime_limit: opts
-            .downtime_limit
-            .unwrap_or(Duration::from_millis(super::driver::DEFAULT_DOWNTIME_MS)),
+        downtime_limit: opts.downtime_limit.unwrap_or(Duration::from_millis(
+            super::convergence::DEFAULT_DOWNTIME_MS,
+        )),
         disk_bytes,
     };
     let forecast = predict(&input, from);

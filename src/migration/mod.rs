@@ -31,28 +31,32 @@ mod control;
 mod convergence;
 mod destination;
 mod disks;
-mod driver;
 mod error;
 mod forecast;
+mod options;
 mod remote;
 mod report;
+mod run;
 mod side;
 mod undo;
 
-pub use control::{AppliedControl, Control, ControlHandle, ControlSender, control_channel};
+pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
     Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
     TimeoutAction, XbzrleCache,
 };
-pub use destination::{AbortOutcome, DestinationSide, Finished};
+pub use destination::{AbortOutcome, Destination, DestinationSide, Finished};
 pub use disks::{
     CopyPlan, DiskProgress, DiskReport, DiskSelection, SourceDisk, backing_fingerprint,
 };
-pub use driver::{Destination, migrate, migrate_to};
 pub use error::MigrationError;
 pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
+pub use options::{
+    Endpoint, MigrationOptions, Multifd, ValidOptions, check_bandwidth, check_multifd_channels,
+};
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
+pub use run::{RunContext, migrate, migrate_to};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -60,11 +64,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::peer::Authz;
 use crate::pki::{self, Role, Security};
-use crate::ports::PortRange;
-use crate::qemu::CopyMode;
-use crate::vm_lock::{VmKey, VmLock};
 
 /// `max-bandwidth` meaning "no limit": the largest value QEMU accepts (libvirt uses the same).
 /// QEMU 7.2's own default is 128 MiB/s, which would throttle a loopback or 10G link.
@@ -171,233 +171,6 @@ pub enum TransportChoice {
     Tcp,
 }
 
-/// One side's QMP socket and PKI directory.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub qmp: PathBuf,
-    pub pki_dir: PathBuf,
-}
-
-/// A checked description of one migration.
-#[derive(Debug, Clone)]
-pub struct MigrationOptions {
-    pub source: Endpoint,
-    pub dest: Endpoint,
-    /// The destination host's name: what its certificate must carry (unless `tls_hostname`
-    /// says otherwise) and, unless `dest_address` is set, where it listens.
-    pub dest_host: String,
-    /// The address the destination listens on and the source connects to.
-    pub dest_address: Option<String>,
-    /// `HOST:PORT` the source connects to when it differs from where the destination listens
-    /// (NAT, port forwarding, a proxy).
-    pub source_connect: Option<String>,
-    pub transport: TransportChoice,
-    pub tls_hostname: Option<String>,
-    /// GnuTLS priority string for both credentials objects (cipher choice).
-    pub tls_priority: Option<String>,
-    /// Bytes per second; [`UNLIMITED_BANDWIDTH`] for no limit.
-    pub max_bandwidth: u64,
-    pub downtime_limit: Option<Duration>,
-    /// Number of multifd channels; `None` leaves multifd off.
-    pub multifd: Option<u8>,
-    /// Choose the channels from both hosts' CPU counts ([`auto_multifd`]); overrides `multifd`.
-    pub multifd_auto: bool,
-    pub port_range: PortRange,
-    pub qmp_timeout: Duration,
-    pub stall_timeout: Duration,
-    /// Whole-migration deadline.
-    pub timeout: Option<Duration>,
-    /// Leave the destination paused after completion (like `virsh migrate --suspend`).
-    pub dest_paused: bool,
-    /// Disks to copy over NBD before RAM moves (non-shared storage).
-    pub disks: DiskSelection,
-    /// How mirrors treat guest writes during the copy.
-    pub mirror_mode: CopyMode,
-    /// Whole chain or top image only, per disk.
-    pub disk_copy: CopyPlan,
-    /// Bytes per second each disk's mirror may copy (its `speed`); `None`: no limit. RAM's
-    /// `max_bandwidth` does not cover disks.
-    pub disk_bandwidth: Option<u64>,
-    /// Send zeroes as NBD `WRITE_ZEROES` requests (`detect-zeroes: unmap` on the source's NBD
-    /// client node) instead of as data; the destination then keeps them sparse too.
-    pub skip_zeroes: bool,
-    /// `HOST:PORT` the source's NBD clients connect to when it differs from where the
-    /// destination's NBD server listens (NAT, a proxy), like `source_connect` for RAM.
-    pub nbd_connect: Option<String>,
-    /// Grow destination disks smaller than the source's instead of refusing.
-    pub create_dest_disks: bool,
-    /// Which source certificate the destination accepts, through an `authz-simple` object
-    /// (`tls-authz`).
-    pub authz: Authz,
-    /// Writable local disks the caller declares shared (reachable from the destination), so
-    /// they are neither copied nor refused.
-    pub shared_disks: Vec<String>,
-    /// Migrate even when writable local disks are neither copied nor declared shared.
-    pub allow_unsafe: bool,
-    /// Through a service started with `--libvirt`: have it start this incoming domain first.
-    pub dest_domain: Option<DestDomain>,
-    /// What may help a busy guest's migration finish.
-    pub convergence: Convergence,
-    /// Where controls from another task arrive while the migration runs ([`control_channel`]).
-    pub control: Option<ControlHandle>,
-    /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
-    pub forecast: bool,
-    /// This run's job id (`migrate --job-id`, or the one the jobs module chose): kept in the
-    /// VM's lock ([`crate::vm_lock`]), so that a second run on the same VM is told which run
-    /// holds it.
-    pub job_id: Option<String>,
-    /// When the source is a libvirt domain: its UUID, a key of the VM's lock beside the source
-    /// socket (a passthrough socket is private to each run, so it alone would not tell two
-    /// runs on one domain apart).
-    pub source_domain_uuid: Option<String>,
-}
-
-impl MigrationOptions {
-    /// Options with this tool's defaults for everything but the two sides and the host name.
-    pub fn new(source: Endpoint, dest: Endpoint, dest_host: &str) -> MigrationOptions {
-        MigrationOptions {
-            source,
-            dest,
-            dest_host: dest_host.to_string(),
-            dest_address: None,
-            source_connect: None,
-            transport: TransportChoice::Auto,
-            tls_hostname: None,
-            tls_priority: None,
-            max_bandwidth: UNLIMITED_BANDWIDTH,
-            downtime_limit: None,
-            multifd: None,
-            multifd_auto: false,
-            port_range: crate::ports::DEFAULT_RANGE,
-            qmp_timeout: DEFAULT_QMP_TIMEOUT,
-            stall_timeout: DEFAULT_STALL_TIMEOUT,
-            timeout: None,
-            dest_paused: false,
-            disks: DiskSelection::None,
-            mirror_mode: CopyMode::Background,
-            disk_copy: CopyPlan::default(),
-            disk_bandwidth: None,
-            skip_zeroes: true,
-            nbd_connect: None,
-            create_dest_disks: false,
-            authz: Authz::Off,
-            shared_disks: Vec::new(),
-            allow_unsafe: false,
-            dest_domain: None,
-            convergence: Convergence::default(),
-            control: None,
-            forecast: false,
-            job_id: None,
-            source_domain_uuid: None,
-        }
-    }
-
-    /// Checks what the types cannot: timeouts from 1 s to [`MAX_TIMEOUT`], 1 to
-    /// [`MAX_MULTIFD_CHANNELS`] multifd channels, a non-zero bandwidth no larger than
-    /// [`UNLIMITED_BANDWIDTH`], a port range with `0 < first <= last`, a destination host name.
-    /// Every problem is named in one [`MigrationError::BadOptions`] (a refusal: nothing was
-    /// touched). Callers building options from outside input call this before migrating.
-    pub fn validate(&self) -> Result<(), MigrationError> {
-        let mut problems = Vec::new();
-        let mut timeout = |what: &str, d: Duration| {
-            if d.is_zero() || d > MAX_TIMEOUT {
-                problems.push(format!(
-                    "{what} {d:?} is outside 1 s to {} s",
-                    MAX_TIMEOUT.as_secs()
-                ));
-            }
-        };
-        timeout("qmp timeout", self.qmp_timeout);
-        timeout("stall timeout", self.stall_timeout);
-        if let Some(d) = self.timeout {
-            timeout("migration timeout", d);
-        }
-        if let Some(n) = self.multifd
-            && !(1..=MAX_MULTIFD_CHANNELS).contains(&n)
-        {
-            problems.push(format!(
-                "{n} multifd channels: use 1 to {MAX_MULTIFD_CHANNELS}"
-            ));
-        }
-        if self.max_bandwidth == 0 || self.max_bandwidth > UNLIMITED_BANDWIDTH {
-            problems.push(format!(
-                "bandwidth {} bytes/s: use 1 to {UNLIMITED_BANDWIDTH} (unlimited)",
-                self.max_bandwidth
-            ));
-        }
-        if let Some(hp) = &self.nbd_connect
-            && split_host_port(hp).is_none()
-        {
-            problems.push(format!("NBD address {hp:?}: expected HOST:PORT"));
-        }
-        if self.disk_bandwidth == Some(0) {
-            problems.push("disk bandwidth 0 bytes/s: leave it out for no limit".into());
-        }
-        let PortRange { first, last } = self.port_range;
-        if first == 0 || last < first {
-            problems.push(format!(
-                "port range {first}-{last}: expected 0 < FIRST <= LAST"
-            ));
-        }
-        if self.dest_host.trim().is_empty() {
-            problems.push("the destination host name is empty".into());
-        }
-        if self.convergence.postcopy || self.convergence.timeout_action == TimeoutAction::Postcopy {
-            problems.push(convergence::POSTCOPY_REFUSED.into());
-        }
-        if self.convergence.compress.is_some() && self.multifd.is_none() && !self.multifd_auto {
-            problems.push("compression works on multifd channels only: add --multifd N".into());
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(MigrationError::BadOptions {
-                what: problems.join("; "),
-            })
-        }
-    }
-
-    /// The name the destination's certificate is checked against.
-    pub fn effective_tls_hostname(&self) -> &str {
-        self.tls_hostname.as_deref().unwrap_or(&self.dest_host)
-    }
-
-    /// Where the destination listens.
-    pub fn listen_address(&self) -> &str {
-        self.dest_address.as_deref().unwrap_or(&self.dest_host)
-    }
-
-    /// Where the source connects to reach the destination's ports.
-    pub fn connect_host(&self) -> &str {
-        self.listen_address()
-    }
-
-    /// Where the source's NBD clients connect for a server on `port`: `nbd_connect` when set
-    /// (checked by [`MigrationOptions::validate`]), else the destination's address.
-    pub(crate) fn nbd_server(&self, port: u16) -> crate::qemu::InetAddress {
-        match self.nbd_connect.as_deref().and_then(split_host_port) {
-            Some((host, port)) => crate::qemu::InetAddress::new(host, port),
-            None => crate::qemu::InetAddress::new(self.connect_host(), port),
-        }
-    }
-}
-
-/// Takes the lock of `opts`' source VM (its socket, and its domain's UUID when it is one) for
-/// this run: a run that holds it is the only one driving that VM. Changes nothing.
-pub(crate) fn lock_source(opts: &MigrationOptions) -> Result<VmLock, MigrationError> {
-    let mut keys = vec![VmKey::socket(&opts.source.qmp)];
-    keys.extend(opts.source_domain_uuid.as_deref().map(VmKey::domain));
-    Ok(VmLock::acquire(&keys, opts.job_id.as_deref())?)
-}
-
-/// `HOST:PORT` (the host may be a bracketed IPv6 address) split in two; `None` when malformed.
-fn split_host_port(s: &str) -> Option<(&str, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = port.parse().ok().filter(|p| *p != 0)?;
-    (!host.is_empty()).then_some((host, port))
-}
-
 /// Runs `f` (libvirt's blocking calls) off the async threads, within `timeout`. A call that
 /// outlives the timeout is not cancelled (libvirt has no way to): it finishes unseen.
 pub(crate) async fn libvirt_call<T: Send + 'static>(
@@ -418,8 +191,7 @@ pub(crate) async fn libvirt_call<T: Send + 'static>(
 /// The forecast for `opts`' source (`migrate --plan`): connects to the source's QMP, measures,
 /// predicts, and changes nothing. The transport is decided from the PKI directories as for a
 /// migration (it sets the throughput estimate).
-pub async fn plan(opts: &MigrationOptions) -> Result<Forecast, MigrationError> {
-    opts.validate()?;
+pub async fn plan(opts: &ValidOptions) -> Result<Forecast, MigrationError> {
     let transport = match opts.transport {
         TransportChoice::Tcp => Transport::Tcp,
         TransportChoice::Tls => Transport::Tls,
@@ -809,61 +581,6 @@ mod tests {
         assert_eq!(auto_multifd(3, 64), None);
         assert_eq!(auto_multifd(16, 8), Some(4));
         assert_eq!(auto_multifd(64, 64), Some(AUTO_MULTIFD_MAX));
-    }
-
-    fn options() -> MigrationOptions {
-        let side = |name: &str| Endpoint {
-            qmp: PathBuf::from(format!("/run/{name}.sock")),
-            pki_dir: PathBuf::from("/etc/pki/qemu"),
-        };
-        MigrationOptions::new(side("src"), side("dst"), "host-b")
-    }
-
-    #[test]
-    fn validate_accepts_the_defaults_and_the_bounds() {
-        let mut o = options();
-        o.validate().expect("defaults");
-        o.qmp_timeout = MAX_TIMEOUT;
-        o.stall_timeout = Duration::from_secs(1);
-        o.timeout = Some(MAX_TIMEOUT);
-        o.multifd = Some(64);
-
-        o.validate().expect("bounds");
-    }
-
-    #[test]
-    fn validate_refuses_each_bad_option_naming_it_as_a_usage_refusal() {
-        type Spoil = fn(&mut MigrationOptions);
-        let cases: [(&str, Spoil); 10] = [
-            ("qmp timeout", |o| o.qmp_timeout = Duration::ZERO),
-            ("qmp timeout", |o| o.qmp_timeout = Duration::MAX),
-            ("stall timeout", |o| o.stall_timeout = Duration::ZERO),
-            ("migration timeout", |o| o.timeout = Some(Duration::ZERO)),
-            ("migration timeout", |o| {
-                o.timeout = Some(MAX_TIMEOUT + Duration::from_secs(1))
-            }),
-            ("multifd", |o| o.multifd = Some(0)),
-            ("multifd", |o| o.multifd = Some(65)),
-            ("bandwidth", |o| o.max_bandwidth = 0),
-            ("port range", |o| {
-                o.port_range = PortRange {
-                    first: 50000,
-                    last: 49999,
-                }
-            }),
-            ("destination host", |o| o.dest_host = " ".into()),
-        ];
-        for (what, spoil) in cases {
-            let mut o = options();
-            spoil(&mut o);
-
-            let err = o.validate().expect_err(what);
-
-            assert!(matches!(err, MigrationError::BadOptions { .. }), "{err}");
-            assert_eq!(err.kind(), "usage");
-            assert_eq!(err.kind(), "usage", "{err}");
-            assert!(err.to_string().contains(what), "{what}: {err}");
-        }
     }
 
     #[test]

@@ -22,10 +22,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::CancellationToken;
 
+use super::destination::Destination;
 use super::destination::{AbortOutcome, Finished};
-use super::driver::Destination;
 use super::{MigrationError, Side};
 use crate::peer::{
     self, Channel, DestPlan, DestPrepared, DiskCopy, ErrorKind, HEARTBEAT_INTERVAL,
@@ -60,8 +59,8 @@ fn busy_pause(n: u32) -> Duration {
 /// Where a source finds a destination host's service.
 #[derive(Debug, Clone)]
 pub struct RemoteTarget {
-    /// `HOST[:PORT]` of the service.
-    pub address: String,
+    /// The service's address (the port defaults to [`crate::peer::DEFAULT_PORT`]).
+    pub address: crate::addr::Address,
     /// The name the service's certificate must carry (the destination host's name).
     pub server_name: String,
     /// The QMP socket's file name in the service's `--qmp-dir`.
@@ -70,18 +69,37 @@ pub struct RemoteTarget {
     pub pki_dir: PathBuf,
 }
 
+/// Whether the control channel to the service, and the destination behind it, still stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Link {
+    Up,
+    /// Lost: the channel closed or fell silent, or the service said its QEMU went away.
+    Lost {
+        reason: String,
+    },
+}
+
+/// How far the service was asked to go; decides what a lost channel leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Asked {
+    /// Nothing that changes the destination (or a refusal of it).
+    Nothing,
+    /// `start-domain` or `prepare`: the destination may have been changed.
+    Changes,
+    /// `finish`: from then on the service may resume the destination even if the channel is
+    /// lost.
+    Finish,
+}
+
 /// The destination side, reached through the destination host's service.
 pub struct RemoteDestination {
     to_service: mpsc::UnboundedSender<Message>,
     from_service: mpsc::UnboundedReceiver<Result<Message, PeerError>>,
     qmp: String,
-    /// Why the channel or the destination was lost, once it was.
-    lost: Option<String>,
-    /// `finish` was sent: from then on the service may resume the destination even if the
-    /// channel is lost.
-    finish_sent: bool,
-    /// `prepare` was sent and not refused: the destination may have been changed.
-    changed: bool,
+    /// Whether the channel (or the destination behind it) is still there.
+    link: Link,
+    /// What the service was asked that changes its host.
+    asked: Asked,
     /// The destination host's CPU count, from its welcome.
     cpus: u32,
     /// The service's answer to `hello`: is its host secured?
@@ -109,69 +127,7 @@ fn remote_error(e: PeerError) -> MigrationError {
 impl RemoteDestination {
     /// Connects to the service with mutual TLS and says hello.
     pub async fn connect(target: &RemoteTarget) -> Result<RemoteDestination, MigrationError> {
-        let address = peer::with_default_port(&target.address);
-        let config = peer::client_config(&target.pki_dir).map_err(|e| MigrationError::Remote {
-            kind: ErrorKind::Credentials,
-            message: e.to_string(),
-            refusal: true,
-        })?;
-        let refusal = |e: PeerError| MigrationError::Remote {
-            kind: match e.kind() {
-                ErrorKind::Busy => ErrorKind::Busy,
-                _ => ErrorKind::Connect,
-            },
-            message: e.to_string(),
-            refusal: true,
-        };
-        let name =
-            rustls::pki_types::ServerName::try_from(target.server_name.clone()).map_err(|e| {
-                MigrationError::Remote {
-                    kind: ErrorKind::Usage,
-                    message: format!("bad destination host name {:?}: {e}", target.server_name),
-                    refusal: true,
-                }
-            })?;
-        let connector = TlsConnector::from(config);
-        let mut busy_retries = 0;
-        let tls = loop {
-            let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&address))
-                .await
-                .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?
-                .map_err(|source| {
-                    refusal(PeerError::Connect {
-                        addr: address.clone(),
-                        source,
-                    })
-                })?;
-            let handshake =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), tcp))
-                    .await
-                    .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?;
-            match handshake {
-                Ok(tls) => break tls,
-                // A service over its handshake or session limits says so before any handshake:
-                // a burst of migrations from one host gets through one after another.
-                Err(source) if peer::is_busy_refusal(&source) && busy_retries < BUSY_RETRIES => {
-                    let pause = busy_pause(busy_retries);
-                    tracing::info!(%address, ?pause, "the service is busy; trying again");
-                    tokio::time::sleep(pause).await;
-                    busy_retries += 1;
-                }
-                Err(source) if peer::is_busy_refusal(&source) => {
-                    return Err(refusal(PeerError::Busy {
-                        peer: address.clone(),
-                        tries: BUSY_RETRIES + 1,
-                    }));
-                }
-                Err(source) => {
-                    return Err(refusal(PeerError::Tls {
-                        peer: address.clone(),
-                        reason: peer::tls_failure_reason(&source),
-                        source,
-                    }));
-                }
-            }
-        };
+        let tls = handshake(target).await?;
         let mut channel = Channel::new(tls);
         let hello = Message::Hello {
             client: std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -192,7 +148,7 @@ impl RemoteDestination {
                     refusal: true,
                 });
             }
-            Ok(other) => return Err(refusal(PeerError::Unexpected(format!("{other:?}")))),
+            Ok(other) => return Err(refusal(PeerError::Unexpected(other.type_name().into()))),
             Err(e) => return Err(refusal(e)),
         };
         let (to_service, outgoing) = mpsc::unbounded_channel();
@@ -202,9 +158,8 @@ impl RemoteDestination {
             to_service,
             from_service,
             qmp: target.qmp.clone(),
-            lost: None,
-            finish_sent: false,
-            changed: false,
+            link: Link::Up,
+            asked: Asked::Nothing,
             cpus,
             remote_security,
             server,
@@ -217,7 +172,7 @@ impl RemoteDestination {
         msg: Message,
         timeout: Duration,
     ) -> Result<Message, MigrationError> {
-        if let Some(reason) = &self.lost {
+        if let Link::Lost { reason } = &self.link {
             return Err(MigrationError::DestinationDied {
                 desc: Some(reason.clone()),
             });
@@ -233,12 +188,12 @@ impl RemoteDestination {
             match answer {
                 None => return Err(remote_error(PeerError::Closed)),
                 Some(Err(e)) => {
-                    self.lost = Some(e.to_string());
+                    self.lose(e.to_string());
                     return Err(remote_error(e));
                 }
                 Some(Ok(Message::Pong)) => continue,
                 Some(Ok(Message::Gone { reason })) => {
-                    self.lost = Some(reason.clone());
+                    self.lose(reason.clone());
                     return Err(MigrationError::DestinationDied { desc: Some(reason) });
                 }
                 Some(Ok(Message::Error {
@@ -259,6 +214,13 @@ impl RemoteDestination {
 }
 
 impl RemoteDestination {
+    /// Notes that the channel or the destination behind it was lost (the first reason stays).
+    fn lose(&mut self, reason: String) {
+        if self.link == Link::Up {
+            self.link = Link::Lost { reason };
+        }
+    }
+
     /// Has the service (started with `--libvirt`) start the incoming domain; the following
     /// requests then name its QMP socket.
     pub async fn start_domain(&mut self, domain: &super::DestDomain) -> Result<(), MigrationError> {
@@ -266,16 +228,18 @@ impl RemoteDestination {
             xml: domain.xml.clone(),
             disks: domain.disks.clone(),
         };
-        self.changed = true;
+        self.asked = self.asked.max(Asked::Changes);
         match self.request(msg, FINISH_REQUEST_TIMEOUT).await {
             Ok(Message::DomainStarted { qmp }) => {
                 self.qmp = qmp;
                 Ok(())
             }
-            Ok(other) => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+            Ok(other) => Err(remote_error(PeerError::Unexpected(
+                other.type_name().into(),
+            ))),
             Err(e) => {
                 if matches!(e, MigrationError::Remote { refusal: true, .. }) {
-                    self.changed = false;
+                    self.asked = Asked::Nothing;
                 }
                 Err(e)
             }
@@ -301,18 +265,22 @@ impl Destination for RemoteDestination {
                     _ => Ok(()),
                 }
             }
-            other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+            other => Err(remote_error(PeerError::Unexpected(
+                other.type_name().into(),
+            ))),
         }
     }
 
     async fn prepare(&mut self, _plan: &DestPlan) -> Result<DestPrepared, MigrationError> {
-        self.changed = true;
+        self.asked = self.asked.max(Asked::Changes);
         match self.request(Message::Prepare, REQUEST_TIMEOUT).await {
             Ok(Message::Prepared { prepared }) => Ok(prepared),
-            Ok(other) => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+            Ok(other) => Err(remote_error(PeerError::Unexpected(
+                other.type_name().into(),
+            ))),
             Err(e) => {
                 if matches!(e, MigrationError::Remote { refusal: true, .. }) {
-                    self.changed = false;
+                    self.asked = Asked::Nothing;
                 }
                 Err(e)
             }
@@ -320,25 +288,25 @@ impl Destination for RemoteDestination {
     }
 
     fn changed(&self) -> bool {
-        self.changed
+        self.asked >= Asked::Changes
     }
 
-    async fn gone(&mut self) {
-        if self.lost.is_some() {
+    async fn lost(&mut self) {
+        if matches!(self.link, Link::Lost { .. }) {
             return;
         }
         loop {
             match self.from_service.recv().await {
                 None => {
-                    self.lost = Some("the control channel closed".into());
+                    self.lose("the control channel closed".into());
                     return;
                 }
                 Some(Err(e)) => {
-                    self.lost = Some(e.to_string());
+                    self.lose(e.to_string());
                     return;
                 }
                 Some(Ok(Message::Gone { reason })) => {
-                    self.lost = Some(reason);
+                    self.lose(reason);
                     return;
                 }
                 Some(Ok(_)) => {}
@@ -346,13 +314,16 @@ impl Destination for RemoteDestination {
         }
     }
 
-    fn gone_reason(&self) -> Option<String> {
-        self.lost.as_ref().map(|r| format!("destination host: {r}"))
+    fn lost_reason(&self) -> Option<String> {
+        match &self.link {
+            Link::Lost { reason } => Some(format!("destination host: {reason}")),
+            Link::Up => None,
+        }
     }
 
     async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
         // Whatever happens to the channel from here, the service may resume the destination.
-        self.finish_sent = true;
+        self.asked = Asked::Finish;
         match self
             .request(Message::Finish { resume }, FINISH_REQUEST_TIMEOUT)
             .await?
@@ -364,30 +335,32 @@ impl Destination for RemoteDestination {
                 problems,
                 resumed_at_us,
             }),
-            other => Err(remote_error(PeerError::Unexpected(format!("{other:?}")))),
+            other => Err(remote_error(PeerError::Unexpected(
+                other.type_name().into(),
+            ))),
         }
     }
 
     async fn abort(&mut self) -> AbortOutcome {
         // Without `finish`, the service never resumes the destination, and the destination
         // cannot start on its own: a lost channel then still means "not running".
-        let unknown = |problem: String, finish_sent: bool| AbortOutcome {
+        let finish_sent = self.asked == Asked::Finish;
+        let unknown = |problem: String| AbortOutcome {
             stopped: !finish_sent,
             problems: vec![problem],
         };
-        if let Some(reason) = &self.lost {
-            return unknown(
-                format!("destination: channel lost ({reason}); the service rolls back on its own"),
-                self.finish_sent,
-            );
+        if let Link::Lost { reason } = &self.link {
+            return unknown(format!(
+                "destination: channel lost ({reason}); the service rolls back on its own"
+            ));
         }
         match self.request(Message::Abort, FINISH_REQUEST_TIMEOUT).await {
             Ok(Message::Aborted { stopped, problems }) => AbortOutcome { stopped, problems },
-            Ok(other) => unknown(
-                format!("destination: unexpected answer to abort: {other:?}"),
-                self.finish_sent,
-            ),
-            Err(e) => unknown(format!("destination: {e}"), self.finish_sent),
+            Ok(other) => unknown(format!(
+                "destination: unexpected answer to abort: {}",
+                other.type_name()
+            )),
+            Err(e) => unknown(format!("destination: {e}")),
         }
     }
 
@@ -401,6 +374,79 @@ impl Destination for RemoteDestination {
 
     fn holder(&self) -> String {
         format!("the destination host {} (its service)", self.server)
+    }
+}
+
+/// A failure to reach the service: a refusal (nothing was changed anywhere).
+fn refusal(e: PeerError) -> MigrationError {
+    MigrationError::Remote {
+        kind: match e.kind() {
+            ErrorKind::Busy => ErrorKind::Busy,
+            _ => ErrorKind::Connect,
+        },
+        message: e.to_string(),
+        refusal: true,
+    }
+}
+
+/// TCP and the mutual-TLS handshake with the service at `target`; a service that says it is
+/// busy (over its handshake or session limits, before any handshake) is tried again a few
+/// times, so a burst of migrations from one host gets through one after another.
+async fn handshake(
+    target: &RemoteTarget,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, MigrationError> {
+    let address = peer::with_default_port(&target.address);
+    let config = peer::client_config(&target.pki_dir).map_err(|e| MigrationError::Remote {
+        kind: ErrorKind::Credentials,
+        message: e.to_string(),
+        refusal: true,
+    })?;
+    let name =
+        rustls::pki_types::ServerName::try_from(target.server_name.clone()).map_err(|e| {
+            MigrationError::Remote {
+                kind: ErrorKind::Usage,
+                message: format!("bad destination host name {:?}: {e}", target.server_name),
+                refusal: true,
+            }
+        })?;
+    let connector = TlsConnector::from(config);
+    let mut busy_retries = 0;
+    loop {
+        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&address))
+            .await
+            .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?
+            .map_err(|source| {
+                refusal(PeerError::Connect {
+                    addr: address.clone(),
+                    source,
+                })
+            })?;
+        let handshake =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name.clone(), tcp))
+                .await
+                .map_err(|_| refusal(PeerError::Silent(HANDSHAKE_TIMEOUT)))?;
+        match handshake {
+            Ok(tls) => return Ok(tls),
+            Err(source) if peer::is_busy_refusal(&source) && busy_retries < BUSY_RETRIES => {
+                let pause = busy_pause(busy_retries);
+                tracing::info!(%address, ?pause, "the service is busy; trying again");
+                tokio::time::sleep(pause).await;
+                busy_retries += 1;
+            }
+            Err(source) if peer::is_busy_refusal(&source) => {
+                return Err(refusal(PeerError::Busy {
+                    peer: address.clone(),
+                    tries: BUSY_RETRIES + 1,
+                }));
+            }
+            Err(source) => {
+                return Err(refusal(PeerError::Tls {
+                    peer: address.clone(),
+                    reason: peer::tls_failure_reason(&source),
+                    source,
+                }));
+            }
+        }
     }
 }
 
@@ -447,25 +493,16 @@ async fn client_pump<S: AsyncRead + AsyncWrite + Unpin>(
 /// `target`. The transport rule is applied to this host's PKI directory and the service's own
 /// verdict on its host; the JSON report is the same as for a local migration.
 pub async fn migrate_remote(
-    opts: &super::MigrationOptions,
+    opts: &super::ValidOptions,
     target: &RemoteTarget,
-    progress: &mut (dyn FnMut(&super::Progress) + Send),
-    cancel: &CancellationToken,
+    cx: super::RunContext<'_>,
 ) -> super::Report {
     let started = Instant::now();
-    progress(&super::Progress {
-        phase: super::Phase::Preflight,
-        status: None,
-        elapsed_ms: 0,
-        ram: None,
-        disks: Vec::new(),
-    });
-    if let Err(e) = opts.validate() {
-        return super::Report::refused(e, started.elapsed());
-    }
+    let cx = cx;
+    (cx.progress)(&super::Progress::phase(super::Phase::Preflight, 0));
     // Before anything else (the incoming domain included), and held until the roll-back is
     // over: no other run drives this VM.
-    let lock = match super::lock_source(opts) {
+    let lock = match opts.lock_source() {
         Ok(lock) => lock,
         Err(e) => return super::Report::refused(e, started.elapsed()),
     };
@@ -497,11 +534,9 @@ pub async fn migrate_remote(
         (decision, _) => decision,
     };
     match ready {
-        Ok(decision) => {
-            super::migrate_to(opts, decision, dest, &lock, started, progress, cancel).await
-        }
+        Ok(decision) => super::migrate_to(opts, decision, dest, &lock, started, cx).await,
         Err(e) => {
-            let refused = !dest.changed;
+            let refused = !dest.changed();
             let outcome = dest.abort().await;
             let mut report = super::Report::refused(e, started.elapsed());
             report.refused = refused;
@@ -532,9 +567,8 @@ mod tests {
             to_service,
             from_service,
             qmp: "vm1.sock".into(),
-            lost: None,
-            finish_sent: false,
-            changed: false,
+            link: Link::Up,
+            asked: Asked::Nothing,
             cpus: 2,
             remote_security: Security::Unsecured {
                 reason: String::new(),

@@ -20,6 +20,20 @@ pub enum Phase {
     Cleanup,
 }
 
+impl Phase {
+    /// As the JSON output spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preflight => "preflight",
+            Phase::Prepare => "prepare",
+            Phase::Disks => "disks",
+            Phase::Ram => "ram",
+            Phase::Finish => "finish",
+            Phase::Cleanup => "cleanup",
+        }
+    }
+}
+
 /// A progress sample, sent to the caller's callback.
 #[derive(Debug, Clone, Serialize)]
 pub struct Progress {
@@ -33,6 +47,19 @@ pub struct Progress {
     pub disks: Vec<DiskProgress>,
 }
 
+impl Progress {
+    /// A phase change with nothing measured yet.
+    pub fn phase(phase: Phase, elapsed_ms: u64) -> Progress {
+        Progress {
+            phase,
+            status: None,
+            elapsed_ms,
+            ram: None,
+            disks: Vec::new(),
+        }
+    }
+}
+
 /// How a migration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,6 +67,17 @@ pub enum FinalStatus {
     Completed,
     Failed,
     Cancelled,
+}
+
+impl FinalStatus {
+    /// As the JSON output spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Completed => "completed",
+            FinalStatus::Failed => "failed",
+            FinalStatus::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// RAM figures of a finished migration.

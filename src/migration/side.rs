@@ -10,8 +10,8 @@ use serde_json::{Map, Value};
 use super::undo::{self, Undo};
 use super::{MigrationError, OBJECT_PREFIX, Side};
 use crate::qemu::{
-    CapabilityState, MigrateSetCapabilities, MigrateSetParameters, ObjectAdd,
-    QueryMigrateCapabilities, QueryMigrateParameters, TlsEndpoint,
+    CalcDirtyRate, CapabilityState, MigrateSetCapabilities, MigrateSetParameters, ObjectAdd,
+    QueryDirtyRate, QueryMigrateCapabilities, QueryMigrateParameters, TlsEndpoint,
 };
 use crate::qmp::{Command, Qmp, QmpError};
 
@@ -253,6 +253,45 @@ impl SideCtl {
             });
         }
         undo::unwind(stack, succeeded, &self.qmp, self.timeout).await
+    }
+}
+
+/// How long [`SideCtl::sample_dirty_rate`] samples (QEMU's shortest `calc-dirty-rate`).
+const DIRTY_RATE_SAMPLE: Duration = Duration::from_secs(1);
+
+impl SideCtl {
+    /// The guest's dirty rate (MiB/s) over [`DIRTY_RATE_SAMPLE`] (`calc-dirty-rate`);
+    /// read-only.
+    pub async fn sample_dirty_rate(&self) -> Result<u64, MigrationError> {
+        self.start_dirty_rate().await?;
+        self.dirty_rate_result().await
+    }
+
+    /// Starts QEMU's dirty-rate measurement, which runs [`DIRTY_RATE_SAMPLE`] in the
+    /// background.
+    pub async fn start_dirty_rate(&self) -> Result<(), MigrationError> {
+        let calc = CalcDirtyRate {
+            calc_time: DIRTY_RATE_SAMPLE.as_secs(),
+            sample_pages: None,
+        };
+        self.call("calc-dirty-rate", &calc).await.map(drop)
+    }
+
+    /// Waits for the measurement [`SideCtl::start_dirty_rate`] started; MiB/s.
+    pub async fn dirty_rate_result(&self) -> Result<u64, MigrationError> {
+        let deadline = tokio::time::Instant::now() + DIRTY_RATE_SAMPLE + self.timeout;
+        loop {
+            let info = self.call("query-dirty-rate", &QueryDirtyRate).await?;
+            if info.status == "measured" {
+                return Ok(info.dirty_rate.unwrap_or(0).max(0) as u64);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(MigrationError::Failed {
+                    desc: format!("the dirty rate was not measured within {:?}", self.timeout),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

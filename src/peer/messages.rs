@@ -122,7 +122,7 @@ pub struct DestPlan {
     pub multifd: Option<u8>,
     /// The multifd compression method (`zstd`, `zlib`); both sides must set the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multifd_compression: Option<String>,
+    pub multifd_compression: Option<crate::qemu::Compression>,
     /// Disks to receive over NBD: node names and the source's sizes (never file names).
     pub disks: Vec<DiskSpec>,
     /// Grow smaller destination disks (to the source's size) instead of refusing.

@@ -50,14 +50,9 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(6);
 /// How long one message may take to be handed to the peer before the channel counts as dead.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `HOST[:PORT]` with [`DEFAULT_PORT`] added when no port is given (an IPv6 address goes in
-/// brackets, `[::1]`, with or without a port).
-pub fn with_default_port(address: &str) -> String {
-    if address.contains(':') && !address.ends_with(']') {
-        address.to_string()
-    } else {
-        format!("{address}:{DEFAULT_PORT}")
-    }
+/// `address` as a socket address, with [`DEFAULT_PORT`] when it names no port.
+pub fn with_default_port(address: &crate::addr::Address) -> String {
+    address.with_port(address.port_or(DEFAULT_PORT))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -116,7 +116,10 @@ fn plan() -> impl Strategy<Value = DestPlan> {
             any::<bool>(),
             proptest::option::of(text()),
             proptest::option::of(any::<u8>()),
-            proptest::option::of(text()),
+            proptest::option::of(prop_oneof![
+                Just(crate::qemu::Compression::Zstd),
+                Just(crate::qemu::Compression::Zlib),
+            ]),
         ),
         (
             proptest::collection::vec(disk(), 0..3),

@@ -6,6 +6,24 @@ use serde_json::{Map, Value};
 use super::{Empty, no_args_command};
 use crate::qmp::Command;
 
+/// Multifd compression methods of QEMU 7.2 (`multifd-compression`; `none` is no method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    Zstd,
+    Zlib,
+}
+
+impl Compression {
+    /// QEMU's name (`multifd-compression`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Zlib => "zlib",
+        }
+    }
+}
+
 /// A migration's status, as in `query-migrate` and the `MIGRATION` event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -30,6 +48,28 @@ pub enum MigrationStatus {
 }
 
 impl MigrationStatus {
+    /// QEMU's own word for it (`pre-switchover`), as `query-migrate` spells it: the one
+    /// spelling of a status in logs, messages and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStatus::None => "none",
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Cancelling => "cancelling",
+            MigrationStatus::Cancelled => "cancelled",
+            MigrationStatus::Active => "active",
+            MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::PostcopyPaused => "postcopy-paused",
+            MigrationStatus::PostcopyRecover => "postcopy-recover",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Colo => "colo",
+            MigrationStatus::PreSwitchover => "pre-switchover",
+            MigrationStatus::Device => "device",
+            MigrationStatus::WaitUnplug => "wait-unplug",
+            MigrationStatus::Unknown => "unknown",
+        }
+    }
+
     /// A status the migration will not leave by itself.
     pub fn is_final(self) -> bool {
         matches!(

@@ -56,6 +56,14 @@ pub struct Event {
     pub timestamp: Option<Timestamp>,
 }
 
+impl Event {
+    /// When QEMU emitted it, in microseconds since the epoch (its host's clock).
+    pub fn timestamp_us(&self) -> Option<i64> {
+        self.timestamp
+            .map(|t| t.seconds * 1_000_000 + t.microseconds)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Timestamp {
     pub seconds: i64,

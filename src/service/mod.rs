@@ -56,8 +56,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Settings of the destination host's service.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// `ADDR[:PORT]` to listen on.
-    pub listen: String,
+    /// Where to listen (the port defaults to [`crate::peer::DEFAULT_PORT`]).
+    pub listen: crate::addr::Address,
     pub pki_dir: PathBuf,
     /// Only QMP sockets in this directory can be named by a source.
     pub qmp_dir: PathBuf,
@@ -93,9 +93,9 @@ pub struct ServeOptions {
 impl ServeOptions {
     /// Options with this service's defaults for everything but where it listens, its PKI and
     /// its QMP directory.
-    pub fn new(listen: &str, pki_dir: PathBuf, qmp_dir: PathBuf) -> ServeOptions {
+    pub fn new(listen: crate::addr::Address, pki_dir: PathBuf, qmp_dir: PathBuf) -> ServeOptions {
         ServeOptions {
-            listen: listen.to_string(),
+            listen,
             pki_dir,
             qmp_dir,
             allow_clients: Vec::new(),

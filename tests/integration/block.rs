@@ -310,7 +310,7 @@ async fn counted_disk_options(
     options.disk_copy.default = copy;
     options.port_range = format!("{first}-{}", first + 1).parse().expect("range");
     let proxy = CountingProxy::start(first + 1).await;
-    options.nbd_connect = Some(proxy.addr.clone());
+    options.nbd_connect = Some(proxy.addr.parse().expect("proxy address"));
     (options, proxy)
 }
 

@@ -282,7 +282,7 @@ async fn zstd_on_multifd_sends_fewer_bytes() {
         32,
         1000,
         GuestRam::AsBooted,
-        |o| o.multifd = Some(2),
+        |o| o.multifd = qemu_tls_migrate::migration::Multifd::Channels(2),
         |o| o.convergence.compress = Some(Compression::Zstd),
     )
     .await;
@@ -351,7 +351,9 @@ async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
     let mut o = pair.tls_options(&lab);
     o.max_bandwidth = 64 << 20;
 
-    let forecast = qemu_tls_migrate::migration::plan(&o).await.expect("plan");
+    let forecast = qemu_tls_migrate::migration::plan(&o.clone().validate().expect("valid"))
+        .await
+        .expect("plan");
     o.forecast = true;
     let report = fixture::migrate(&o).await;
 

@@ -51,7 +51,7 @@ async fn tls_on_the_wire_then_tcp_onwards_without_stale_settings() {
     let pair = Pair::builder().start().await;
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
     let mut options = pair.options(&src_pki, &dst_pki);
-    options.source_connect = Some(tap.addr.clone());
+    options.source_connect = Some(tap.addr.parse().expect("tap address"));
 
     let tls = fixture::migrate(&options).await;
 
@@ -72,7 +72,7 @@ async fn tls_on_the_wire_then_tcp_onwards_without_stale_settings() {
     onwards.source.qmp = pair.dest.qmp_path().to_path_buf();
     onwards.dest.qmp = third.qmp_path().to_path_buf();
     onwards.transport = TransportChoice::Tcp;
-    onwards.source_connect = Some(tap.addr.clone());
+    onwards.source_connect = Some(tap.addr.parse().expect("tap address"));
 
     let tcp = fixture::migrate(&onwards).await;
 
@@ -306,7 +306,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     let priority = Some("NORMAL:-VERS-ALL:+VERS-TLS1.2".to_string());
     let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
     let mut there = pair.options(&host_a, &host_b);
-    there.source_connect = Some(tap.addr.clone());
+    there.source_connect = Some(tap.addr.parse().expect("tap address"));
     there.tls_priority = priority.clone();
 
     let first = fixture::migrate(&there).await;
@@ -336,7 +336,7 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     let mut home = pair.options(&host_b, &host_a);
     home.source.qmp = pair.dest.qmp_path().to_path_buf();
     home.dest.qmp = back.qmp_path().to_path_buf();
-    home.source_connect = Some(tap.addr.clone());
+    home.source_connect = Some(tap.addr.parse().expect("tap address"));
     home.tls_priority = priority;
 
     let second = fixture::migrate(&home).await;
@@ -356,7 +356,7 @@ async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
     let pair = Pair::builder().start().await;
     let before = fixture::migrate_parameters(&pair.source).await;
     let mut options = pair.tls_options(&lab);
-    options.multifd = Some(4);
+    options.multifd = qemu_tls_migrate::migration::Multifd::Channels(4);
     options.downtime_limit = Some(Duration::from_millis(500));
 
     let report = fixture::migrate(&options).await;

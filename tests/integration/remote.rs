@@ -378,7 +378,7 @@ async fn a_burst_of_sources_from_one_address_all_get_in_one_after_another() {
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
     let service = Service::builder(&pki_a, qmp_dir.path()).start().await;
     let target = qemu_tls_migrate::migration::RemoteTarget {
-        address: service.addr.clone(),
+        address: service.addr.parse().expect("the service's address"),
         server_name: "host-a".into(),
         qmp: "vm.sock".into(),
         pki_dir: pki_b,

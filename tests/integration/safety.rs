@@ -113,11 +113,19 @@ async fn a_channel_cut_after_the_source_completed_leaves_it_paused_and_reports_t
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
     let mut pair = Pair::builder().on(&hosts).start().await;
     let qmp_dir = tempfile::tempdir().expect("qmp dir");
-    // The destination's last step answers late, so the cut lands while `finish` is under way.
+    // The destination's last step answers late (`cont` and everything after it, so the
+    // `query-status` the service sends behind `cont` cannot settle it early), and the cut
+    // lands while `finish` is under way.
+    let from_cont = std::sync::atomic::AtomicBool::new(false);
     let proxy = QmpDelayProxy::start(
         pair.dest.qmp_path(),
         &qmp_dir.path().join("slow.sock"),
-        fixture::command_named("cont"),
+        move |cmd: &serde_json::Value| {
+            if cmd["execute"] == "cont" {
+                from_cont.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            from_cont.load(std::sync::atomic::Ordering::SeqCst)
+        },
         Duration::from_secs(15),
     )
     .await;

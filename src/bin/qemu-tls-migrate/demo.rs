@@ -116,9 +116,9 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
         .await
         .context("cannot start the destination VM")?;
     say(format!(
-        "source VM pid {:?} and destination VM pid {:?} running under {}, {} MiB RAM",
-        source.pid(),
-        dest.pid(),
+        "source VM pid {} and destination VM pid {} running under {}, {} MiB RAM",
+        pid(&source),
+        pid(&dest),
         source.accel.as_str(),
         args.ram_mib
     ));
@@ -149,11 +149,11 @@ pub async fn run(args: DemoArgs, quiet: bool) -> anyhow::Result<Outcome> {
     }
     args.tuning.apply(&mut options);
     say(format!(
-        "migrating {SOURCE_HOST} -> {DEST_HOST} (127.0.0.1), transport {:?}",
-        args.tuning.transport
+        "migrating {SOURCE_HOST} -> {DEST_HOST} (127.0.0.1), transport {}",
+        args.tuning.transport.name()
     ));
 
-    let report = run_migration(&options, args.tuning.json, quiet).await;
+    let report = run_migration(options, args.tuning.json, quiet).await;
     print_report(&report, args.tuning.json);
     let (mut source, mut dest) = (source, dest);
     source.quit(Duration::from_secs(10)).await;
@@ -203,4 +203,9 @@ fn compare_disks(source: &Path, dest: &Path) -> String {
         ),
         Err(e) => format!("qemu-img compare could not run: {e}"),
     }
+}
+
+/// A VM's process id, or "?" once it has none.
+fn pid(vm: &qemu_tls_migrate::vm::Vm) -> String {
+    vm.pid().map_or_else(|| "?".into(), |p| p.to_string())
 }

@@ -12,9 +12,9 @@ use clap::{ArgGroup, Args, Subcommand};
 use futures_util::future::BoxFuture;
 use qemu_tls_migrate::jobs::{self, JobServer, JobStatus, JobsError, Reply, Request};
 use qemu_tls_migrate::migration::{
-    Control, ControlSender, MigrationOptions, Phase, Progress, control_channel,
+    Control, ControlReceiver, ControlSender, Phase, Progress, control_channel,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::outcome::Outcome;
@@ -265,15 +265,11 @@ struct JobState {
 }
 
 impl RunningJob {
-    /// Takes `id` (or a fresh one), listens on its control socket and puts the control
-    /// channel's receiving end in `options`.
-    pub fn start(
-        id: Option<&str>,
-        vm: String,
-        options: &mut MigrationOptions,
-    ) -> Result<RunningJob, JobsError> {
+    /// Takes `id` (or a fresh one) and listens on its control socket; returns the job and
+    /// the control channel's receiving end, for the run.
+    pub fn start(id: Option<&str>, vm: String) -> Result<(RunningJob, ControlReceiver), JobsError> {
         let id = id.map_or_else(jobs::new_id, str::to_string);
-        let (control, handle) = control_channel();
+        let (control, receiver) = control_channel();
         let state = Arc::new(JobState {
             id: id.clone(),
             vm,
@@ -282,10 +278,7 @@ impl RunningJob {
             progress: Mutex::new(None),
         });
         let server = JobServer::start(&jobs::run_dir(), &id, Arc::new(Answer(state.clone())))?;
-        options.control = Some(handle);
-        // Named to a second run on the same VM, which the VM's lock refuses.
-        options.job_id = Some(id);
-        Ok(RunningJob { server, state })
+        Ok((RunningJob { server, state }, receiver))
     }
 
     pub fn id(&self) -> &str {
@@ -402,10 +395,7 @@ impl JobState {
 }
 
 fn phase_name(phase: Phase) -> String {
-    match serde_json::to_value(phase) {
-        Ok(Value::String(s)) => s,
-        _ => format!("{phase:?}").to_lowercase(),
-    }
+    phase.as_str().to_string()
 }
 
 fn describe(control: Control) -> String {

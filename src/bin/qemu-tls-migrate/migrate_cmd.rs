@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use qemu_tls_migrate::addr::Address;
 use qemu_tls_migrate::migration::{
-    self, Compression, Convergence, DiskSelection, DowntimeSteps, Endpoint, FinalStatus,
-    MAX_MULTIFD_CHANNELS, MigrationOptions, RemoteTarget, Report, Throttle, TimeoutAction,
-    TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
+    self, Compression, ControlReceiver, Convergence, DiskSelection, DowntimeSteps, Endpoint,
+    FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions, Multifd, RemoteTarget, Report, RunContext,
+    Throttle, TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, ValidOptions, XbzrleCache,
 };
 use qemu_tls_migrate::peer::{Authz, DiskCopy};
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
@@ -24,6 +25,17 @@ use crate::output::{ProgressOut, print_report, print_report_job};
 pub enum MirrorModeArg {
     Background,
     WriteBlocking,
+}
+
+impl TransportArg {
+    /// As the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportArg::Auto => "auto",
+            TransportArg::Tls => "tls",
+            TransportArg::Tcp => "tcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -268,7 +280,7 @@ pub struct MigrateArgs {
     /// Migrate to another host through its `qemu-tls-migrate serve` (default port 16515); the
     /// control channel uses mutual TLS with this host's --source-pki-dir/--pki-dir.
     #[arg(long, value_name = "HOST[:PORT]")]
-    pub to: Option<String>,
+    pub to: Option<Address>,
     /// Make the destination accept only this source's certificate: an authz-simple object
     /// matching its distinguished name, set as tls-authz for the migration stream and NBD.
     #[arg(long)]
@@ -295,7 +307,7 @@ pub struct MigrateArgs {
     /// HOST:PORT the source connects to when it differs from where the destination listens
     /// (NAT, port forwarding, a proxy).
     #[arg(long, value_name = "HOST:PORT", hide = true)]
-    pub source_connect: Option<String>,
+    pub source_connect: Option<Address>,
     /// Leave the destination paused after the migration (like virsh migrate --suspend).
     #[arg(long)]
     pub dest_paused: bool,
@@ -333,7 +345,7 @@ pub struct MigrateArgs {
     /// HOST:PORT the source's NBD clients connect to when it differs from where the
     /// destination's NBD server listens (NAT, a proxy).
     #[arg(long, value_name = "HOST:PORT", hide = true)]
-    pub nbd_connect: Option<String>,
+    pub nbd_connect: Option<Address>,
     /// Copy every writable disk that is not on shared storage. Shared means a network driver
     /// (nbd, rbd, iscsi, gluster, ssh, http...) or a file on NFS, CIFS/SMB, Ceph, FUSE
     /// (GlusterFS), GFS2, OCFS2 or Lustre, as statfs reports for the image's path.
@@ -413,7 +425,7 @@ impl MigrateArgs {
         if let Some(to) = &self.to {
             // The migration and NBD ports are on the host the service runs on.
             if o.dest_address.is_none() {
-                o.dest_address = Some(host_part(to).to_string());
+                o.dest_address = Some(to.host.clone());
             }
             if self.authz {
                 // The service fills in the source certificate's name from the TLS session.
@@ -437,8 +449,8 @@ impl TuningArgs {
         o.max_bandwidth = self.max_bandwidth;
         o.downtime_limit = self.downtime_limit.map(Duration::from_millis);
         match self.multifd {
-            Some(MultifdArg::Auto) => o.multifd_auto = true,
-            Some(MultifdArg::Channels(n)) => o.multifd = Some(n),
+            Some(MultifdArg::Auto) => o.multifd = Multifd::Auto,
+            Some(MultifdArg::Channels(n)) => o.multifd = Multifd::Channels(n),
             None => {}
         }
         o.tls_priority = self.tls_priority.clone();
@@ -487,17 +499,6 @@ fn client_dn(pki_dir: &std::path::Path) -> anyhow::Result<String> {
             path.display()
         )
     })
-}
-
-/// The host of `HOST[:PORT]` (IPv6 in brackets).
-fn host_part(to: &str) -> &str {
-    if let Some(rest) = to.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match to.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
-        _ => to,
-    }
 }
 
 /// `--disk-copy`.
@@ -597,19 +598,26 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 }
 
 /// Runs a migration with progress output and signals cancelling it (see [`cancel_on_signal`]).
-pub async fn run_migration(options: &MigrationOptions, json: bool, quiet: bool) -> Report {
-    run_migration_to(options, None, json, quiet, None).await
+pub async fn run_migration(options: MigrationOptions, json: bool, quiet: bool) -> Report {
+    match options.validate() {
+        Ok(valid) => run_migration_to(&valid, None, json, quiet, None).await,
+        Err(e) => Report::refused(e, Duration::ZERO),
+    }
 }
 
 /// [`run_migration`], to a remote service when `remote` is given, controlled through `job`'s
 /// socket when given (`jobs cancel` cancels it as a signal does).
 pub async fn run_migration_to(
-    options: &MigrationOptions,
+    options: &ValidOptions,
     remote: Option<&RemoteTarget>,
     json: bool,
     quiet: bool,
-    job: Option<&RunningJob>,
+    job: Option<(&RunningJob, ControlReceiver)>,
 ) -> Report {
+    let (job, control) = match job {
+        Some((job, control)) => (Some(job), Some(control)),
+        None => (None, None),
+    };
     let mut out = ProgressOut::new(json, quiet);
     let cancel = match job {
         Some(job) => {
@@ -625,9 +633,11 @@ pub async fn run_migration_to(
         }
         out.update(p)
     };
+    let mut cx = RunContext::new(&mut on_progress, &cancel);
+    cx.control = control;
     let report = match remote {
-        None => migration::migrate(options, &mut on_progress, &cancel).await,
-        Some(target) => migration::migrate_remote(options, target, &mut on_progress, &cancel).await,
+        None => migration::migrate(options, cx).await,
+        Some(target) => migration::migrate_remote(options, target, cx).await,
     };
     watcher.abort();
     out.finish();
@@ -795,7 +805,7 @@ async fn resolve_domain(
 }
 
 /// `--plan`: the forecast alone.
-async fn plan(options: &MigrationOptions, json: bool) -> anyhow::Result<Outcome> {
+async fn plan(options: &ValidOptions, json: bool) -> anyhow::Result<Outcome> {
     match migration::plan(options).await {
         Ok(f) => {
             crate::output::print_forecast(&f, json);
@@ -833,8 +843,16 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             }
         }
     }
+
     if args.plan {
-        return plan(&options, args.tuning.json).await;
+        return match options.validate() {
+            Ok(valid) => plan(&valid, args.tuning.json).await,
+            Err(e) => {
+                let report = Report::refused(e, Duration::ZERO);
+                print_report(&report, args.tuning.json);
+                Ok(outcome_of(&report))
+            }
+        };
     }
     let remote = args.to.as_ref().map(|to| RemoteTarget {
         address: to.clone(),
@@ -864,8 +882,8 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
     };
-    let job = match RunningJob::start(args.job_id.as_deref(), vm, &mut options) {
-        Ok(job) => job,
+    let (job, control) = match RunningJob::start(args.job_id.as_deref(), vm) {
+        Ok(started) => started,
         Err(e) => {
             // Before anything moves: a migration that cannot be cancelled by the caller must
             // not start.
@@ -881,12 +899,22 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         }
     };
     tracing::info!(job = job.id(), "migration job started");
+    // Named to a second run on the same VM, which the VM's lock refuses.
+    options.job_id = Some(job.id().to_string());
+    let options = match options.validate() {
+        Ok(valid) => valid,
+        Err(e) => {
+            let report = Report::refused(e, Duration::ZERO);
+            print_report_job(&report, args.tuning.json, Some(job.id()));
+            return Ok(outcome_of(&report));
+        }
+    };
     let mut report = run_migration_to(
         &options,
         remote.as_ref(),
         args.tuning.json,
         quiet,
-        Some(&job),
+        Some((&job, control)),
     )
     .await;
     let job_id = job.id().to_string();

@@ -51,7 +51,7 @@ impl ProgressOut {
                 eprintln!("{{\"progress\":{},\"job\":{}}}", json!(p), json!(id))
             }
             ProgressOut::Bar(bar) => {
-                bar.set_prefix(format!("{:?}", p.phase).to_lowercase());
+                bar.set_prefix(p.phase.as_str());
                 if p.ram.is_none() && !p.disks.is_empty() {
                     let len: u64 = p.disks.iter().map(|d| d.len).sum();
                     let done: u64 = p.disks.iter().map(|d| d.offset).sum();
@@ -80,7 +80,7 @@ impl ProgressOut {
                         indicatif::HumanBytes(ram.transferred),
                     ));
                 } else if let Some(status) = p.status {
-                    bar.set_message(format!("{status:?}").to_lowercase());
+                    bar.set_message(status.as_str());
                 }
             }
         }
@@ -215,8 +215,11 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
         .map(|t| t.to_string())
         .unwrap_or_else(|| "-".into());
     match job {
-        Some(id) => println!("migration {:?} over {transport} (job {id})", report.status),
-        None => println!("migration {:?} over {transport}", report.status),
+        Some(id) => println!(
+            "migration {} over {transport} (job {id})",
+            report.status.as_str()
+        ),
+        None => println!("migration {} over {transport}", report.status.as_str()),
     }
     if report.ram.total_ms > 0 {
         println!(

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use qemu_tls_migrate::addr::Address;
 use qemu_tls_migrate::migration;
 use qemu_tls_migrate::peer::DEFAULT_PORT;
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
@@ -42,8 +43,8 @@ service accepts connections."
 )]
 pub struct ServeArgs {
     /// Address and port to listen on (default port 16515, outside the migration range).
-    #[arg(long, value_name = "ADDR[:PORT]", default_value_t = format!("0.0.0.0:{DEFAULT_PORT}"))]
-    pub listen: String,
+    #[arg(long, value_name = "ADDR[:PORT]", default_value_t = default_listen())]
+    pub listen: Address,
     /// This host's PKI directory (server certificate for sources, and for QEMU).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PKI_DIR)]
     pub pki_dir: PathBuf,
@@ -162,7 +163,7 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     let pki_dir = crate::migrate_cmd::absolute_dir(&args.pki_dir)?;
-    let mut opts = ServeOptions::new(&args.listen, pki_dir, args.qmp_dir.clone());
+    let mut opts = ServeOptions::new(args.listen.clone(), pki_dir, args.qmp_dir.clone());
     opts.allow_clients = args.allow_clients.clone();
     opts.port_range = args.port_range;
     opts.qmp_timeout = Duration::from_secs(args.qmp_timeout);
@@ -194,4 +195,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     })
     .await?;
     Ok(Outcome::Success)
+}
+
+/// Every address of this host, on the service's own port.
+fn default_listen() -> Address {
+    Address {
+        host: "0.0.0.0".into(),
+        port: Some(DEFAULT_PORT),
+    }
 }

@@ -120,7 +120,7 @@ async fn idle<S: AsyncRead + AsyncWrite + Unpin>(
 /// Resolves when a prepared session's destination QEMU exits; never in any other state.
 async fn destination_gone(state: &mut State) {
     match state {
-        State::Prepared { side, .. } => side.gone().await,
+        State::Prepared { side, .. } => side.lost().await,
         _ => std::future::pending().await,
     }
 }

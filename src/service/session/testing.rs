@@ -16,7 +16,11 @@ use crate::service::ServeOptions;
 
 /// The service's defaults, with directories that do not exist.
 pub fn opts() -> ServeOptions {
-    ServeOptions::new("127.0.0.1:0", "/nonexistent".into(), "/nonexistent".into())
+    ServeOptions::new(
+        "127.0.0.1:0".parse().expect("address"),
+        "/nonexistent".into(),
+        "/nonexistent".into(),
+    )
 }
 
 /// A source that presented `CN=host-b`.

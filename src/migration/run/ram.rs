@@ -1,0 +1,263 @@
+//! Phase 4, RAM: `migrate` on the source and one watch loop to a final state, with progress,
+//! the convergence aids that act while it runs (downtime steps, the pause at the deadline),
+//! controls from another task, and the switch-over of the disks at `pre-switchover`.
+
+use std::time::Duration;
+
+use super::super::convergence::{DowntimeStep, TimeoutAction};
+use super::super::destination::Destination;
+use super::super::side::SideCtl;
+use super::super::undo::Undo;
+use super::super::{MigrationError, Phase, RamReport};
+use super::prepare::Prepared;
+use super::setup::Setup;
+use super::timeline::Mark;
+use super::watch::{AtDeadline, Seen, Watch};
+use super::{CommitPoint, Run};
+use crate::qemu::{
+    Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus, QueryMigrate,
+    Stop, tcp_uri,
+};
+use crate::qmp::Events;
+
+impl Run<'_, '_> {
+    /// Starts the RAM migration and follows it to completion; returns QEMU's last figures.
+    pub(super) async fn move_ram<D: Destination>(
+        &mut self,
+        src: &mut SideCtl,
+        dest: &mut D,
+        setup: &Setup,
+        prepared: &Prepared,
+        events: &mut Events,
+    ) -> Result<MigrationInfo, MigrationError> {
+        let opts = self.opts;
+        if setup.was_running {
+            src.undo.push(Undo::ResumeSource);
+        }
+        src.undo.push(Undo::CancelMigration);
+        let port = prepared.ports.migration_port;
+        let uri = match &opts.source_connect {
+            Some(a) => tcp_uri(&a.host, a.port_or(port)),
+            None => tcp_uri(opts.connect_host(), port),
+        };
+        tracing::info!(%uri, transport = %self.transport, "starting migration");
+        self.timeline.mark(Mark::Ram);
+        src.call("migrate", &Migrate { uri }).await?;
+        self.send_progress(Phase::Ram, Some(MigrationStatus::Setup), None);
+        let info = self.follow(src, dest, setup, events).await?;
+        let ram = info.ram.unwrap_or_default();
+        self.said.ram = RamReport::from_stats(
+            &ram,
+            info.total_time.unwrap_or(0),
+            info.downtime.unwrap_or(0),
+        );
+        Ok(info)
+    }
+
+    /// Follows the outgoing migration to a final state, reporting progress. Fails on
+    /// cancellation, the deadline, a stall, or a destination that went away.
+    async fn follow<D: Destination>(
+        &mut self,
+        src: &mut SideCtl,
+        dest: &mut D,
+        setup: &Setup,
+        events: &mut Events,
+    ) -> Result<MigrationInfo, MigrationError> {
+        let at_deadline = match self.opts.convergence.timeout_action {
+            TimeoutAction::Pause => AtDeadline::Pause,
+            _ => AtDeadline::Fail,
+        };
+        let mut watch = Watch::new(
+            self.opts,
+            setup.deadline,
+            self.started,
+            "following the migration",
+            at_deadline,
+        );
+        let mut switched = false;
+        loop {
+            let seen = watch
+                .next(events, dest, self.cx.cancel, &mut self.cx.control)
+                .await?;
+            let status = match seen {
+                Seen::Event(e) if e.event == "MIGRATION" => {
+                    match serde_json::from_value::<MigrationEvent>(e.data) {
+                        Ok(m) => m.status,
+                        Err(_) => continue,
+                    }
+                }
+                Seen::Event(e) => {
+                    self.note_stop(&e);
+                    continue;
+                }
+                Seen::Tick => self.poll_ram(src, &mut watch, setup).await?,
+                Seen::Deadline => {
+                    self.pause_at_deadline(src, setup.deadline).await?;
+                    continue;
+                }
+                Seen::Control(request) => {
+                    self.answer_control(src, request).await;
+                    continue;
+                }
+            };
+            tracing::debug!(status = status.as_str(), "source migration status");
+            self.commit.note(status);
+            if status.is_final() {
+                break;
+            }
+            if status == MigrationStatus::PreSwitchover && !switched {
+                switched = true;
+                self.timeline.mark(Mark::Switchover);
+                self.switch_over(src, &setup.disks, events).await?;
+                self.timeline.mark(Mark::Switched);
+            }
+        }
+        self.ended(src, events, &watch).await
+    }
+
+    /// On a progress tick: QEMU's figures, reported and checked for a stall or a lost
+    /// destination, and the next downtime step when one is due. Returns the status.
+    async fn poll_ram(
+        &mut self,
+        src: &SideCtl,
+        watch: &mut Watch,
+        setup: &Setup,
+    ) -> Result<MigrationStatus, MigrationError> {
+        let info = src.call("query-migrate", &QueryMigrate).await?;
+        let transferred = info.ram.unwrap_or_default().transferred;
+        self.send_progress(Phase::Ram, info.status, info.ram);
+        self.note_convergence(&info);
+        let status = info.status.unwrap_or(MigrationStatus::None);
+        if !status.is_final() {
+            watch.progressed(transferred, || status.as_str().to_string())?;
+            watch.check_dest_lost(|| info.error_desc.clone())?;
+            self.step_downtime(src, setup.downtime_start_ms).await?;
+        }
+        Ok(status)
+    }
+
+    /// `--timeout-action pause`: what is left moves while the guest is paused, as downtime.
+    async fn pause_at_deadline(
+        &mut self,
+        src: &SideCtl,
+        deadline: Option<Duration>,
+    ) -> Result<(), MigrationError> {
+        tracing::warn!(after = ?deadline, "deadline passed: pausing the guest so the migration finishes");
+        src.call("stop (timeout action)", &Stop).await?;
+        self.said.convergence.timeout_action = Some(TimeoutAction::Pause);
+        self.said.convergence.timeout_action_at_ms = Some(self.elapsed_ms());
+        Ok(())
+    }
+
+    /// The migration reached a final state: its figures when it completed, or the error that
+    /// explains best why not.
+    async fn ended(
+        &mut self,
+        src: &SideCtl,
+        events: &mut Events,
+        watch: &Watch,
+    ) -> Result<MigrationInfo, MigrationError> {
+        // A poll may have seen the end before the queued events were read: the STOP among
+        // them dates the guest's pause.
+        while let Some(e) = events.try_next() {
+            self.note_stop(&e);
+        }
+        let info = src.call("query-migrate", &QueryMigrate).await?;
+        self.send_progress(Phase::Ram, info.status, info.ram);
+        if let Some(status) = info.status {
+            self.commit.note(status);
+        }
+        if info.status == Some(MigrationStatus::Completed) {
+            let info = self.final_stats(src, info).await;
+            self.note_convergence(&info);
+            return Ok(info);
+        }
+        let desc = info.error_desc.unwrap_or_else(|| {
+            format!(
+                "QEMU reports {}",
+                info.status.map_or("no migration", MigrationStatus::as_str)
+            )
+        });
+        // The destination exits when an incoming migration fails, so a dead destination is
+        // often a consequence: the source's own words (a TLS error, say) explain more.
+        match MigrationError::from_qemu_failure(desc, self.opts.effective_tls_hostname()) {
+            MigrationError::Failed { desc } if watch.saw_dest_lost() => {
+                Err(watch.lost_error(Some(format!("source reports: {desc}"))))
+            }
+            other => Err(other),
+        }
+    }
+
+    /// Notes what the convergence aids did, from a `query-migrate` reply.
+    fn note_convergence(&mut self, info: &MigrationInfo) {
+        let conv = &mut self.said.convergence;
+        if let Some(pct) = info.cpu_throttle_percentage {
+            let max = conv.auto_converge_max_throttle_pct.unwrap_or(0);
+            conv.auto_converge_max_throttle_pct = Some(max.max(pct));
+        }
+        if let Some(x) = info.xbzrle_cache {
+            conv.xbzrle_bytes = Some(x.bytes);
+        }
+    }
+
+    /// Raises the downtime limit when a step of `--downtime-steps` is due.
+    async fn step_downtime(&mut self, src: &SideCtl, start_ms: u64) -> Result<(), MigrationError> {
+        let (Some(steps), Some(ram_start)) = (
+            self.opts.convergence.downtime_steps,
+            self.timeline.at(Mark::Ram),
+        ) else {
+            return Ok(());
+        };
+        let Some(limit) = steps.limit_at(start_ms, ram_start.elapsed()) else {
+            return Ok(());
+        };
+        let conv = &self.said.convergence;
+        if conv.controls.iter().any(|c| c.sets_downtime()) {
+            // An operator set the limit while the migration ran: theirs stands.
+            return Ok(());
+        }
+        let current = conv.downtime_steps.last().map_or(start_ms, |s| s.limit_ms);
+        if limit <= current {
+            return Ok(());
+        }
+        tracing::info!(limit_ms = limit, "raising the downtime limit");
+        let set = MigrateSetParameters {
+            downtime_limit: Some(limit),
+            ..Default::default()
+        };
+        src.call("migrate-set-parameters downtime-limit", &set)
+            .await?;
+        self.said.convergence.downtime_steps.push(DowntimeStep {
+            at_ms: ram_start.elapsed().as_millis() as u64,
+            limit_ms: limit,
+        });
+        Ok(())
+    }
+
+    /// QEMU 7.2 sets the status to `completed` a moment before it fills in `total-time` and
+    /// `downtime`; a query in between sees neither. Asks again, briefly, until they are there.
+    async fn final_stats(&mut self, src: &SideCtl, mut info: MigrationInfo) -> MigrationInfo {
+        for _ in 0..40 {
+            if info.total_time.unwrap_or(0) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            match src.call("query-migrate", &QueryMigrate).await {
+                Ok(again) => info = again,
+                Err(_) => break,
+            }
+        }
+        info
+    }
+}
+
+impl super::Commit {
+    /// Records that the source passed the point of no return, when `status` says so.
+    pub(super) fn note(&mut self, status: MigrationStatus) {
+        match status {
+            MigrationStatus::Device => self.pass(CommitPoint::DeviceState),
+            MigrationStatus::Completed => self.pass(CommitPoint::Completed),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Phase 1, set-up: look, don't touch. The source and its disks are checked, what cannot go
+//! is refused, the forecast and the convergence aids are sized, and the destination checks
+//! the plan (its preflight). Nothing is changed on either side, so a failure here is a
+//! refusal.
+
+use std::time::Duration;
+
+use super::super::convergence::{self, DEFAULT_DOWNTIME_MS, XbzrleCache};
+use super::super::destination::Destination;
+use super::super::disks::{self, SourceDisk};
+use super::super::side::SideCtl;
+use super::super::{MigrationError, Multifd, OBJECT_PREFIX, Transport, host_cpus};
+use super::Run;
+use crate::peer::DestPlan;
+use crate::qemu::{
+    BlockInfo, MigrationStatus, QueryBlock, QueryBlockJobs, QueryKvm, QueryMemorySizeSummary,
+    QueryMigrate, QueryStatus,
+};
+
+/// Why auto-converge is refused for a guest QEMU runs without KVM.
+const AUTO_CONVERGE_ON_TCG: &str = "--auto-converge is refused for a guest QEMU runs without KVM \
+(TCG): with QEMU 7.2's vCPU throttling, TCG's dirty tracking lost guest writes here (the \
+destination got a stale page of the guest's stack in every run), so the destination's memory \
+would not be the source's. Use --xbzrle, --downtime-steps or --timeout-action pause";
+
+/// What set-up settled, for every later phase.
+#[derive(Debug)]
+pub(super) struct Setup {
+    /// The guest ran before: it runs again on the destination (or here, after a roll-back).
+    pub was_running: bool,
+    pub disks: Vec<SourceDisk>,
+    /// The multifd channels (`None`: one stream).
+    pub multifd: Option<u8>,
+    pub xbzrle_cache: Option<u64>,
+    /// The whole-migration deadline (`--timeout`, or the completion timeout per GiB).
+    pub deadline: Option<Duration>,
+    /// The downtime limit the migration starts with (ms), from which steps rise.
+    pub downtime_start_ms: u64,
+    /// What the destination was asked to take, and checked.
+    pub plan: DestPlan,
+}
+
+/// The guest's RAM size and dirty rate, when set-up needed them.
+struct GuestFigures {
+    ram_bytes: u64,
+    dirty_mib_s: Option<u64>,
+}
+
+impl Run<'_, '_> {
+    pub(super) async fn set_up<D: Destination>(
+        &mut self,
+        src: &mut SideCtl,
+        dest: &mut D,
+    ) -> Result<Setup, MigrationError> {
+        let opts = self.opts;
+        let multifd = opts.multifd.channels(host_cpus(), dest.cpus());
+        if opts.multifd == Multifd::Auto {
+            tracing::info!(channels = ?multifd, "multifd auto");
+        }
+        self.said.multifd = multifd;
+        let was_running = check_source(src).await?;
+        src.save_settings().await?;
+        let blocks = src.call("query-block", &QueryBlock).await?;
+        let disks = self.pick_disks(src, &blocks).await?;
+        self.refuse_what_cannot_go(src, &blocks, &disks, multifd)
+            .await?;
+        let guest = self.measure_guest(src, &disks).await?;
+        let deadline = self.deadline(&disks, &guest);
+        let xbzrle_cache = self.xbzrle_cache(src, &guest).await?;
+        let conv = &opts.convergence;
+        self.said.convergence.compress = conv.compress;
+        let plan = DestPlan {
+            tls: self.transport == Transport::Tls,
+            tls_priority: opts.tls_priority.clone(),
+            multifd,
+            multifd_compression: conv.compress,
+            disks: disks.iter().map(SourceDisk::spec).collect(),
+            create_dest_disks: opts.create_dest_disks,
+            authz: opts.authz.clone(),
+            listen_address: opts.listen_address().to_string(),
+            port_range: opts.port_range,
+        };
+        dest.preflight(&plan).await?;
+        if plan.tls {
+            src.probe_credentials(opts.tls_priority.as_deref()).await?;
+        }
+        Ok(Setup {
+            was_running,
+            disks,
+            multifd,
+            xbzrle_cache,
+            deadline,
+            downtime_start_ms: opts
+                .downtime_limit
+                .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64),
+            plan,
+        })
+    }
+
+    /// The disks to copy, each with its backing file's fingerprint when copied top-only.
+    async fn pick_disks(
+        &mut self,
+        src: &SideCtl,
+        blocks: &[BlockInfo],
+    ) -> Result<Vec<SourceDisk>, MigrationError> {
+        let opts = self.opts;
+        let mut disks = disks::select(blocks, &opts.disks, &opts.disk_copy)?;
+        disks::fingerprint_backings(&mut disks).await?;
+        if !disks.is_empty() {
+            check_no_orphan_mirrors(src).await?;
+            tracing::info!(disks = ?disks.iter().map(|d| &d.node).collect::<Vec<_>>(), "disks to copy");
+        }
+        Ok(disks)
+    }
+
+    /// The refusals that need the source's answers: auto-converge without KVM, compression
+    /// with no multifd channel chosen, and a local disk left behind (or, with `--unsafe`, a
+    /// warning). Cheap ones, before the forecast's second of sampling.
+    async fn refuse_what_cannot_go(
+        &mut self,
+        src: &SideCtl,
+        blocks: &[BlockInfo],
+        disks: &[SourceDisk],
+        multifd: Option<u8>,
+    ) -> Result<(), MigrationError> {
+        let opts = self.opts;
+        let conv = &opts.convergence;
+        if conv.auto_converge.is_some() {
+            let kvm = src.call("query-kvm", &QueryKvm).await?;
+            if !kvm.enabled {
+                return Err(MigrationError::BadOptions {
+                    what: AUTO_CONVERGE_ON_TCG.into(),
+                });
+            }
+        }
+        if conv.compress.is_some() && multifd.is_none() {
+            return Err(MigrationError::BadOptions {
+                what: "--compress needs multifd (--multifd N; --multifd auto chose none on this \
+                       host pair)"
+                    .into(),
+            });
+        }
+        let behind = disks::left_behind(blocks, disks, &opts.shared_disks);
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if !opts.allow_unsafe {
+            return Err(MigrationError::DiskLeftBehind { nodes: behind });
+        }
+        self.warn(format!(
+            "--unsafe: local disk(s) {} are not copied; the guest will not see their contents \
+             on the destination",
+            behind.join(", ")
+        ));
+        Ok(())
+    }
+
+    /// The forecast (unless turned off), and the RAM size and dirty rate the deadline and the
+    /// XBZRLE cache need: the forecast measures both, so nothing is measured twice.
+    async fn measure_guest(
+        &mut self,
+        src: &SideCtl,
+        disks: &[SourceDisk],
+    ) -> Result<GuestFigures, MigrationError> {
+        let opts = self.opts;
+        let conv = &opts.convergence;
+        if opts.forecast {
+            let disk_bytes = disks.iter().map(SourceDisk::to_copy).sum();
+            let f = super::super::forecast::measure(src, opts, self.transport, disk_bytes).await?;
+            if !f.converges {
+                self.warn(format!(
+                    "the forecast says this migration will not converge as configured (the \
+                     guest dirties {} MiB/s against {} Mbit/s); consider: {}",
+                    f.dirty_rate_mib_s,
+                    f.throughput_mbps,
+                    f.advice.join("; ")
+                ));
+            }
+            let figures = GuestFigures {
+                ram_bytes: f.ram_bytes,
+                dirty_mib_s: Some(f.dirty_rate_mib_s as u64),
+            };
+            self.said.forecast = Some(f);
+            return Ok(figures);
+        }
+        let needs_ram_size =
+            conv.completion_timeout_per_gib.is_some() || conv.xbzrle == Some(XbzrleCache::Auto);
+        let ram_bytes = if needs_ram_size {
+            let summary = src
+                .call("query-memory-size-summary", &QueryMemorySizeSummary)
+                .await?;
+            summary.base_memory + summary.plugged_memory.unwrap_or(0)
+        } else {
+            0
+        };
+        Ok(GuestFigures {
+            ram_bytes,
+            dirty_mib_s: None,
+        })
+    }
+
+    /// `--timeout`, or the completion timeout per GiB of RAM and disk when it is earlier.
+    fn deadline(&mut self, disks: &[SourceDisk], guest: &GuestFigures) -> Option<Duration> {
+        let mut deadline = self.opts.timeout;
+        if let Some(per_gib) = self.opts.convergence.completion_timeout_per_gib {
+            let disk_bytes: u64 = disks.iter().map(|d| d.size).sum();
+            let by_size = convergence::completion_timeout(per_gib, guest.ram_bytes + disk_bytes);
+            deadline = Some(deadline.map_or(by_size, |t| t.min(by_size)));
+        }
+        self.said.convergence.deadline_ms = deadline.map(|d| d.as_millis() as u64);
+        deadline
+    }
+
+    /// The XBZRLE cache: the size asked for, or sized from the guest's dirty rate.
+    async fn xbzrle_cache(
+        &mut self,
+        src: &SideCtl,
+        guest: &GuestFigures,
+    ) -> Result<Option<u64>, MigrationError> {
+        let cache = match self.opts.convergence.xbzrle {
+            Some(XbzrleCache::Bytes(b)) => Some(b),
+            Some(XbzrleCache::Auto) => {
+                let rate = match guest.dirty_mib_s {
+                    Some(rate) => rate,
+                    None => src.sample_dirty_rate().await?,
+                };
+                let cache = convergence::auto_xbzrle_cache(rate, guest.ram_bytes);
+                tracing::info!(dirty_mib_per_s = rate, cache, "XBZRLE cache sized");
+                Some(cache)
+            }
+            None => None,
+        };
+        self.said.convergence.xbzrle_cache_bytes = cache;
+        Ok(cache)
+    }
+}
+
+/// Checks the source can be migrated; returns whether its guest is running.
+async fn check_source(src: &SideCtl) -> Result<bool, MigrationError> {
+    let status = src.call("query-status", &QueryStatus).await?;
+    let movable = ["running", "paused", "prelaunch", "suspended", "debug"];
+    if !movable.contains(&status.status.as_str()) {
+        return Err(MigrationError::SourceNotReady {
+            socket: src.socket.clone(),
+            status: status.status,
+        });
+    }
+    let info = src.call("query-migrate", &QueryMigrate).await?;
+    if let Some(s) = info.status
+        && !(s.is_final() || s == MigrationStatus::None)
+    {
+        return Err(MigrationError::SourceNotReady {
+            socket: src.socket.clone(),
+            status: format!("{} with a migration already {}", status.status, s.as_str()),
+        });
+    }
+    Ok(status.running)
+}
+
+/// Refuses to copy disks while a mirror of this tool's is still on the source: the VM's lock
+/// says no other run drives this VM, so it was left by a run that was killed before it could
+/// clean up, and it still holds its disk (a new mirror of that disk would fail half way, after
+/// the destination was prepared). Another run's job is never ours to cancel.
+async fn check_no_orphan_mirrors(src: &SideCtl) -> Result<(), MigrationError> {
+    let jobs = src.call("query-block-jobs", &QueryBlockJobs).await?;
+    let orphans: Vec<String> = jobs
+        .into_iter()
+        .map(|j| j.device)
+        .filter(|id| id.starts_with(OBJECT_PREFIX))
+        .collect();
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    Err(MigrationError::OrphanJobs {
+        socket: src.socket.clone(),
+        jobs: orphans,
+    })
+}
