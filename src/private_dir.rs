@@ -114,3 +114,109 @@ pub(crate) fn open(
         _ => Ok(Some(fd)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn dir_with_mode(parent: &Path, mode: u32) -> std::path::PathBuf {
+        let dir = parent.join("d");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        dir
+    }
+
+    fn refusal(result: Result<Option<OwnedFd>, DirProblem>) -> String {
+        match result {
+            Err(DirProblem::Unsafe(why)) => why,
+            Err(DirProblem::Io(e)) => panic!("an I/O error, not a refusal: {e}"),
+            Ok(_) => panic!("opened"),
+        }
+    }
+
+    #[test]
+    fn a_missing_directory_is_created_owner_only_or_none_for_a_reader() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("a/b");
+
+        let not_made = open(&dir, false, Strictness::OwnerOnly).expect("open");
+        let made = open(&dir, true, Strictness::OwnerOnly).expect("create");
+
+        assert!(not_made.is_none());
+        assert!(made.is_some());
+        assert_eq!(mode_of(&dir), 0o700);
+    }
+
+    #[test]
+    fn a_directory_shared_with_a_group_is_created_0770_with_that_group() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("shared");
+        let gid = nix::unistd::getegid().as_raw();
+
+        open(&dir, true, Strictness::SharedWithGroup { gid }).expect("create");
+
+        assert_eq!(mode_of(&dir), 0o770);
+    }
+
+    #[test]
+    fn a_symbolic_link_in_place_of_the_directory_is_refused() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let target = dir_with_mode(parent.path(), 0o700);
+        let link = parent.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+
+        let why = refusal(open(&link, true, Strictness::OwnerOnly));
+
+        assert!(why.contains("symbolic link"), "{why}");
+    }
+
+    #[test]
+    fn another_users_directory_is_refused_naming_its_owner() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = dir_with_mode(parent.path(), 0o700);
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("passwd")
+            .expect("user nobody");
+        nix::unistd::chown(&dir, Some(nobody.uid), None).expect("chown to nobody");
+
+        let why = refusal(open(&dir, false, Strictness::NotWritableByOthers));
+
+        assert!(why.contains(&format!("uid {}", nobody.uid)), "{why}");
+    }
+
+    #[test]
+    fn each_strictness_refuses_the_mode_bits_it_forbids() {
+        let gid = nix::unistd::getegid().as_raw();
+        let cases = [
+            (Strictness::NotWritableByOthers, 0o775, false),
+            (Strictness::NotWritableByOthers, 0o755, true),
+            (Strictness::OwnerOnly, 0o750, false),
+            (Strictness::OwnerOnly, 0o700, true),
+            (Strictness::SharedWithGroup { gid }, 0o777, false),
+            (Strictness::SharedWithGroup { gid }, 0o770, true),
+            (Strictness::SharedWithGroup { gid: gid + 1 }, 0o770, false),
+        ];
+        for (strict, mode, ok) in cases {
+            let parent = tempfile::tempdir().expect("tempdir");
+            let dir = dir_with_mode(parent.path(), mode);
+
+            let opened = open(&dir, false, strict);
+
+            assert_eq!(
+                matches!(opened, Ok(Some(_))),
+                ok,
+                "{strict:?} with mode {mode:04o}"
+            );
+        }
+    }
+}

@@ -138,13 +138,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
     /// Give up on a migration after this many seconds (default 300; 30 with --profile heavy).
-    #[arg(long, value_name = "SECS", value_parser = crate::migrate_cmd::timeout_secs())]
+    #[arg(long, value_name = "SECS", value_parser = crate::parse::timeout_secs())]
     pub timeout: Option<u64>,
     /// Cap every mode's RAM stream (bytes per second, K/M/G suffix).
-    #[arg(long, value_name = "RATE", value_parser = crate::migrate_cmd::parse_bandwidth)]
+    #[arg(long, value_name = "RATE", value_parser = crate::parse::parse_bandwidth)]
     pub max_bandwidth: Option<u64>,
     /// The pause-after mode's deadline, after which it pauses the guest (seconds).
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = crate::migrate_cmd::timeout_secs())]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = crate::parse::timeout_secs())]
     pub pause_after: u64,
     /// Where the VMs' directories go (RAM files included; default /dev/shm when present).
     #[arg(long, value_name = "DIR")]
@@ -376,7 +376,7 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let runs = u64::from(config.warmup + config.repeat) * config.modes.len() as u64;
     let progress = Progress::new(args.json, quiet, runs);
     let cancel = CancellationToken::new();
-    let watcher = tokio::spawn(crate::migrate_cmd::cancel_on_signal(cancel.clone()));
+    let watcher = tokio::spawn(crate::signals::cancel_on_signal(cancel.clone()));
     let mut on_event = |e: BenchEvent<'_>| progress.event(&e);
     let result = bench::run(&config, &mut on_event, &cancel).await;
     watcher.abort();

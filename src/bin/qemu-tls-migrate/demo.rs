@@ -15,9 +15,10 @@ use qemu_tls_migrate::vm::{DiskConfig, DiskFormat, Vm, VmConfig, create_image};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::migrate_cmd::{TuningArgs, outcome_of, run_migration};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, outcome_of};
 use crate::output::print_report;
+use crate::running::run_migration;
+use crate::tuning::TuningArgs;
 
 const SOURCE_HOST: &str = "src-host";
 const DEST_HOST: &str = "dst-host";

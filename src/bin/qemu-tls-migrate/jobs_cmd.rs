@@ -51,7 +51,7 @@ pub struct JobsArgs {
     /// How long to wait for a job's answer (a control is applied on its next progress tick; a
     /// cancel waits for the roll-back to end), in seconds.
     #[arg(long, value_name = "SECS", global = true, default_value_t = jobs::DEFAULT_REQUEST_TIMEOUT.as_secs(),
-        value_parser = crate::migrate_cmd::timeout_secs())]
+        value_parser = crate::parse::timeout_secs())]
     pub timeout: u64,
 }
 
@@ -67,7 +67,7 @@ pub enum JobsAction {
         id: String,
         /// The new cap of the RAM stream, bytes per second with an optional K/M/G suffix
         /// (powers of 1024), or "unlimited".
-        #[arg(long, value_name = "RATE", group = "what", value_parser = crate::migrate_cmd::parse_bandwidth)]
+        #[arg(long, value_name = "RATE", group = "what", value_parser = crate::parse::parse_bandwidth)]
         max_bandwidth: Option<u64>,
         /// The longest pause allowed at switch-over, milliseconds (ends --downtime-steps).
         #[arg(long, value_name = "MS", group = "what", value_parser = clap::value_parser!(u64).range(1..=2_000_000))]

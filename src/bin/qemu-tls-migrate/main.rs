@@ -10,8 +10,12 @@ mod jobs_cmd;
 mod migrate_cmd;
 mod outcome;
 mod output;
+mod parse;
 mod pki_cmd;
+mod running;
 mod serve_cmd;
+mod signals;
+mod tuning;
 
 use std::process::ExitCode;
 

@@ -1,210 +1,30 @@
-//! `qemu-tls-migrate migrate`: arguments, their validation into [`MigrationOptions`], and the
-//! run with progress and signal handling.
+//! `qemu-tls-migrate migrate`: its arguments, the options they make, the libvirt domain
+//! lookup, and the run (the job, the result file, `--destroy-source`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::addr::Address;
 use qemu_tls_migrate::migration::{
-    self, Compression, ControlReceiver, Convergence, DiskSelection, DowntimeSteps, Endpoint,
-    FinalStatus, MAX_MULTIFD_CHANNELS, MigrationOptions, Multifd, RemoteTarget, Report, RunContext,
-    Throttle, TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, ValidOptions, XbzrleCache,
+    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report,
+    UNLIMITED_BANDWIDTH, ValidOptions,
 };
 use qemu_tls_migrate::peer::{Authz, DiskCopy};
 use qemu_tls_migrate::pki::DEFAULT_PKI_DIR;
-use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 use qemu_tls_migrate::qemu::CopyMode;
-use tokio_util::sync::CancellationToken;
 
 use crate::jobs_cmd::RunningJob;
-use crate::outcome::Outcome;
-use crate::output::{ProgressOut, print_report, print_report_job};
+use crate::outcome::{Outcome, outcome_of};
+use crate::output::{print_report, print_report_job};
+use crate::parse::{absolute_dir, parse_bandwidth, parse_disk};
+use crate::running::run_migration_to;
+use crate::tuning::TuningArgs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum MirrorModeArg {
     Background,
     WriteBlocking,
-}
-
-impl TransportArg {
-    /// As the command line spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportArg::Auto => "auto",
-            TransportArg::Tls => "tls",
-            TransportArg::Tcp => "tcp",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum TransportArg {
-    /// TLS when both PKI directories are usable, TCP when neither is, refuse a mixed pair.
-    Auto,
-    /// QEMU-native TLS; refuse if either side's PKI is unusable.
-    Tls,
-    /// Plain TCP, unencrypted.
-    Tcp,
-}
-
-/// Options shared by every command that runs a migration (`migrate`, `demo`).
-#[derive(Debug, Clone, Args)]
-pub struct TuningArgs {
-    /// tls: native TLS; tcp: plain; auto: TLS between two secured hosts, TCP between two
-    /// unsecured ones (with a warning), refusal for a mixed pair.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub transport: TransportArg,
-    /// Bandwidth cap of the RAM migration stream (QEMU's max-bandwidth: RAM and device state,
-    /// not disks; see --disk-bandwidth) in bytes per second, with an optional K/M/G suffix
-    /// (powers of 1024), or "unlimited". QEMU 7.2's own default would be 128M.
-    #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
-    pub max_bandwidth: u64,
-    /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
-    /// 300).
-    #[arg(long, value_name = "MS")]
-    pub downtime_limit: Option<u64>,
-    /// Send RAM over N parallel connections (multifd), each with its own TLS session; "auto":
-    /// one channel per two CPUs of the smaller host (the service reports the destination's),
-    /// at most 8, and none (one stream) below 4 CPUs, where more channels measured no faster.
-    #[arg(long, value_name = "N|auto", value_parser = parse_multifd)]
-    pub multifd: Option<MultifdArg>,
-    /// GnuTLS priority string for both ends, to choose ciphers (e.g.
-    /// "NORMAL:-CIPHER-ALL:+AES-128-GCM").
-    #[arg(long, value_name = "PRIORITY")]
-    pub tls_priority: Option<String>,
-    /// Ports for the migration stream are taken from this range (FIRST-LAST).
-    #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
-    pub port_range: PortRange,
-    /// Give up when the migration has not completed after this many seconds (at most a week).
-    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
-    pub timeout: Option<u64>,
-    /// Give up when no byte has moved for this many seconds (a destination that stopped
-    /// answering).
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs(),
-        value_parser = timeout_secs()
-    )]
-    pub stall_timeout: u64,
-    /// Timeout for each QMP command, in seconds.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
-        value_parser = timeout_secs()
-    )]
-    pub qmp_timeout: u64,
-    /// Print progress as JSON lines on stderr and exactly one JSON object on stdout at the end.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub convergence: ConvergenceArgs,
-}
-
-/// What helps a busy guest's migration finish (see the README's "When a VM will not
-/// converge"). The report's "convergence" member says what acted.
-#[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Convergence (guests that dirty memory fast)")]
-pub struct ConvergenceArgs {
-    /// Let QEMU throttle the guest's vCPUs when passes do not converge (auto-converge): it
-    /// takes --throttle-initial percent of their time first, --throttle-increment more each
-    /// pass after.
-    #[arg(long)]
-    pub auto_converge: bool,
-    /// With --auto-converge: first throttle, percent (QEMU's default 20).
-    #[arg(long, value_name = "PCT", requires = "auto_converge", value_parser = clap::value_parser!(u8).range(1..=99))]
-    pub throttle_initial: Option<u8>,
-    /// With --auto-converge: throttle added each pass, percent (QEMU's default 10).
-    #[arg(long, value_name = "PCT", requires = "auto_converge", value_parser = clap::value_parser!(u8).range(1..=100))]
-    pub throttle_increment: Option<u8>,
-    /// Send pages sent before as XBZRLE deltas, against a cache of SIZE (K/M/G suffix); with no
-    /// SIZE, sized from the guest's dirty rate sampled for a second first (two seconds of
-    /// dirtying, 64 MiB to half the RAM).
-    #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "auto", value_parser = parse_xbzrle)]
-    pub xbzrle: Option<XbzrleCache>,
-    /// Compress pages on the multifd channels (needs --multifd N; both sides use it).
-    #[arg(long, value_enum, value_name = "METHOD")]
-    pub compress: Option<CompressArg>,
-    /// Raise the allowed downtime while the migration runs, in STEPS equal steps up to MAX_MS,
-    /// one every EVERY_S seconds of the RAM phase (like Nova's downtime steps; defaults 10
-    /// steps, 5 s).
-    #[arg(long, value_name = "MAX_MS[:STEPS[:EVERY_S]]", value_parser = DowntimeSteps::parse)]
-    pub downtime_steps: Option<DowntimeSteps>,
-    /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
-    /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
-    /// vm.migrate.pauseafter; the report's guest_pause says for how long). postcopy is refused,
-    /// as --postcopy is.
-    #[arg(long, value_enum, default_value = "abort")]
-    pub timeout_action: TimeoutActionArg,
-    /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
-    /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
-    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
-    pub completion_timeout_per_gib: Option<u64>,
-    /// Post-copy: always refused, with the reasons (a lost link would lose the VM; QEMU 7.2's
-    /// GnuTLS issue #1937 on TLS channels with a return path).
-    #[arg(long)]
-    pub postcopy: bool,
-    /// Skip the forecast made before every migration (a second sampling the guest's dirty
-    /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
-    /// no-go is a warning.
-    #[arg(long)]
-    pub no_forecast: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CompressArg {
-    Zstd,
-    Zlib,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TimeoutActionArg {
-    Abort,
-    Pause,
-    Postcopy,
-}
-
-fn parse_xbzrle(s: &str) -> Result<XbzrleCache, String> {
-    if s == "auto" {
-        return Ok(XbzrleCache::Auto);
-    }
-    match parse_bandwidth(s) {
-        Ok(bytes) if bytes >= 1 << 20 && bytes != UNLIMITED_BANDWIDTH => {
-            Ok(XbzrleCache::Bytes(bytes))
-        }
-        _ => Err(format!(
-            "{s:?}: a cache size of at least 1M (K/M/G suffix), or nothing for auto"
-        )),
-    }
-}
-
-impl ConvergenceArgs {
-    pub fn to_convergence(&self) -> Convergence {
-        Convergence {
-            auto_converge: self.auto_converge.then(|| {
-                let d = Throttle::default();
-                Throttle {
-                    initial: self.throttle_initial.unwrap_or(d.initial),
-                    increment: self.throttle_increment.unwrap_or(d.increment),
-                }
-            }),
-            xbzrle: self.xbzrle,
-            compress: self.compress.map(|c| match c {
-                CompressArg::Zstd => Compression::Zstd,
-                CompressArg::Zlib => Compression::Zlib,
-            }),
-            downtime_steps: self.downtime_steps,
-            timeout_action: match self.timeout_action {
-                TimeoutActionArg::Abort => TimeoutAction::Abort,
-                TimeoutActionArg::Pause => TimeoutAction::Pause,
-                TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
-            },
-            postcopy: self.postcopy,
-            completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -439,48 +259,6 @@ impl MigrateArgs {
     }
 }
 
-impl TuningArgs {
-    pub fn apply(&self, o: &mut MigrationOptions) {
-        o.transport = match self.transport {
-            TransportArg::Auto => TransportChoice::Auto,
-            TransportArg::Tls => TransportChoice::Tls,
-            TransportArg::Tcp => TransportChoice::Tcp,
-        };
-        o.max_bandwidth = self.max_bandwidth;
-        o.downtime_limit = self.downtime_limit.map(Duration::from_millis);
-        match self.multifd {
-            Some(MultifdArg::Auto) => o.multifd = Multifd::Auto,
-            Some(MultifdArg::Channels(n)) => o.multifd = Multifd::Channels(n),
-            None => {}
-        }
-        o.tls_priority = self.tls_priority.clone();
-        o.port_range = self.port_range;
-        o.timeout = self.timeout.map(Duration::from_secs);
-        o.stall_timeout = Duration::from_secs(self.stall_timeout);
-        o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
-        o.convergence = self.convergence.to_convergence();
-        o.forecast = !self.convergence.no_forecast;
-    }
-}
-
-/// Seconds from 1 to [`migration::MAX_TIMEOUT`], for every timeout flag: clap refuses the rest
-/// with a usage error (exit 2) that names the flag.
-pub fn timeout_secs() -> clap::builder::RangedU64ValueParser<u64> {
-    clap::value_parser!(u64).range(1..=migration::MAX_TIMEOUT.as_secs())
-}
-
-/// `dir` made absolute against the current directory: QEMU opens the PKI files itself, from
-/// its own current directory, so a relative path would name other files there.
-pub fn absolute_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::path::absolute(dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot resolve the directory {} against the current directory ({e}); give an \
-             absolute path",
-            dir.display()
-        )
-    })
-}
-
 /// The distinguished name of the client certificate in `pki_dir` (what `authz-simple` on the
 /// destination must match).
 fn client_dn(pki_dir: &std::path::Path) -> anyhow::Result<String> {
@@ -524,179 +302,6 @@ pub enum DiskZeroesArg {
     Copy,
 }
 
-/// `--disk NODE[,copy=top|full]`: the node and, when given, its copy mode.
-fn parse_disk(s: &str) -> Result<(String, Option<DiskCopy>), String> {
-    let mut parts = s.split(',');
-    let node = parts.next().unwrap_or_default().trim();
-    if node.is_empty() {
-        return Err(format!("--disk {s:?}: expected NODE[,copy=top|full]"));
-    }
-    let mut copy = None;
-    for part in parts {
-        copy = Some(match part.trim() {
-            "copy=top" => DiskCopy::Top,
-            "copy=full" => DiskCopy::Full,
-            other => {
-                return Err(format!(
-                    "--disk {s:?}: unknown setting {other:?}; expected copy=top or copy=full"
-                ));
-            }
-        });
-    }
-    Ok((node.to_string(), copy))
-}
-
-pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
-    if s.eq_ignore_ascii_case("unlimited") {
-        return Ok(UNLIMITED_BANDWIDTH);
-    }
-    let (digits, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("unknown suffix {c:?} in {s:?}: use K, M or G")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte rate like 500M, 1G or unlimited"))?;
-    if n == 0 {
-        return Err("a bandwidth of 0 would stop the migration; use \"unlimited\"".into());
-    }
-    n.checked_mul(mult)
-        .filter(|v| *v <= UNLIMITED_BANDWIDTH)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// `--multifd`: a channel count or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MultifdArg {
-    Auto,
-    Channels(u8),
-}
-
-fn parse_multifd(s: &str) -> Result<MultifdArg, String> {
-    if s.eq_ignore_ascii_case("auto") {
-        return Ok(MultifdArg::Auto);
-    }
-    match s.parse::<u8>() {
-        Ok(n) if (1..=MAX_MULTIFD_CHANNELS).contains(&n) => Ok(MultifdArg::Channels(n)),
-        _ => Err(format!(
-            "{s:?}: use a channel count from 1 to {MAX_MULTIFD_CHANNELS}, or auto"
-        )),
-    }
-}
-
-fn parse_range(s: &str) -> Result<PortRange, String> {
-    s.parse()
-        .map_err(|e: qemu_tls_migrate::ports::PortError| e.to_string())
-}
-
-/// Runs a migration with progress output and signals cancelling it (see [`cancel_on_signal`]).
-pub async fn run_migration(options: MigrationOptions, json: bool, quiet: bool) -> Report {
-    match options.validate() {
-        Ok(valid) => run_migration_to(&valid, None, json, quiet, None).await,
-        Err(e) => Report::refused(e, Duration::ZERO),
-    }
-}
-
-/// [`run_migration`], to a remote service when `remote` is given, controlled through `job`'s
-/// socket when given (`jobs cancel` cancels it as a signal does).
-pub async fn run_migration_to(
-    options: &ValidOptions,
-    remote: Option<&RemoteTarget>,
-    json: bool,
-    quiet: bool,
-    job: Option<(&RunningJob, ControlReceiver)>,
-) -> Report {
-    let (job, control) = match job {
-        Some((job, control)) => (Some(job), Some(control)),
-        None => (None, None),
-    };
-    let mut out = ProgressOut::new(json, quiet);
-    let cancel = match job {
-        Some(job) => {
-            out = out.with_job(job.id());
-            job.cancel_token()
-        }
-        None => CancellationToken::new(),
-    };
-    let watcher = tokio::spawn(cancel_on_signal(cancel.clone()));
-    let mut on_progress = |p: &migration::Progress| {
-        if let Some(job) = job {
-            job.update(p);
-        }
-        out.update(p)
-    };
-    let mut cx = RunContext::new(&mut on_progress, &cancel);
-    cx.control = control;
-    let report = match remote {
-        None => migration::migrate(options, cx).await,
-        Some(target) => migration::migrate_remote(options, target, cx).await,
-    };
-    watcher.abort();
-    out.finish();
-    report
-}
-
-/// Cancels `cancel` on the first SIGINT, SIGTERM, SIGHUP or SIGQUIT (the migration then rolls
-/// back), and keeps catching them while the rollback runs: a second Ctrl-C, or a closing
-/// terminal, must neither kill the tool half way through nor go unanswered.
-pub async fn cancel_on_signal(cancel: CancellationToken) {
-    let Some(mut signals) = Signals::register() else {
-        return;
-    };
-    let Some(name) = signals.next().await else {
-        return;
-    };
-    tracing::warn!("{name} received: cancelling the migration and rolling back");
-    cancel.cancel();
-    while let Some(name) = signals.next().await {
-        tracing::warn!("{name} received: rollback in progress, please wait");
-    }
-}
-
-/// The signals that cancel a run.
-struct Signals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn register() -> Option<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let listen = |kind: SignalKind| {
-            signal(kind)
-                .map_err(|e| tracing::warn!("cannot catch signal {}: {e}", kind.as_raw_value()))
-                .ok()
-        };
-        Some(Signals {
-            int: listen(SignalKind::interrupt())?,
-            term: listen(SignalKind::terminate())?,
-            hup: listen(SignalKind::hangup())?,
-            quit: listen(SignalKind::quit())?,
-        })
-    }
-
-    /// The name of the next signal; `None` once none can come any more.
-    async fn next(&mut self) -> Option<&'static str> {
-        tokio::select! {
-            Some(()) = self.int.recv() => Some("SIGINT"),
-            Some(()) = self.term.recv() => Some("SIGTERM"),
-            Some(()) = self.hup.recv() => Some("SIGHUP"),
-            Some(()) = self.quit.recv() => Some("SIGQUIT"),
-            else => None,
-        }
-    }
-}
-
 /// The directory `--result-file` names a file in.
 fn result_dir(path: &std::path::Path) -> &std::path::Path {
     match path.parent() {
@@ -730,16 +335,6 @@ fn write_result_file(path: &std::path::Path, result: &serde_json::Value) -> anyh
     tmp.persist(path)
         .map_err(|e| anyhow::anyhow!("--result-file {}: {}", path.display(), e.error))?;
     Ok(())
-}
-
-/// The exit outcome for a report.
-pub fn outcome_of(report: &Report) -> Outcome {
-    match report.status {
-        FinalStatus::Completed => Outcome::Success,
-        FinalStatus::Cancelled => Outcome::Cancelled,
-        FinalStatus::Failed if report.refused => Outcome::Refused,
-        FinalStatus::Failed => Outcome::Failed,
-    }
 }
 
 /// Looks the source domain up (refusing one that cannot move), names its disks for QEMU (a
@@ -944,31 +539,4 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         tracing::error!("{e:#}");
     }
     Ok(outcome_of(&report))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_disk_may_carry_its_copy_mode() {
-        assert_eq!(parse_disk("disk0"), Ok(("disk0".into(), None)));
-        assert_eq!(
-            parse_disk("disk0,copy=top"),
-            Ok(("disk0".into(), Some(DiskCopy::Top)))
-        );
-        assert!(parse_disk("disk0,copy=some").is_err());
-        assert!(parse_disk(",copy=top").is_err());
-    }
-
-    #[test]
-    fn bandwidth_accepts_suffixes_and_unlimited() {
-        assert_eq!(parse_bandwidth("500M"), Ok(500 << 20));
-        assert_eq!(parse_bandwidth("1g"), Ok(1 << 30));
-        assert_eq!(parse_bandwidth("4096"), Ok(4096));
-        assert_eq!(parse_bandwidth("unlimited"), Ok(UNLIMITED_BANDWIDTH));
-        assert!(parse_bandwidth("0").is_err());
-        assert!(parse_bandwidth("12X").is_err());
-        assert!(parse_bandwidth("fast").is_err());
-    }
 }

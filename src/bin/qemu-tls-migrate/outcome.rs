@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use qemu_tls_migrate::migration::{FinalStatus, Report};
+
 /// The end of a command, mapped to a stable exit code (documented in `--help` and README.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -27,5 +29,15 @@ impl Outcome {
             Outcome::Refused | Outcome::NotFound => 3,
             Outcome::Cancelled => 4,
         })
+    }
+}
+
+/// The exit outcome for a report.
+pub fn outcome_of(report: &Report) -> Outcome {
+    match report.status {
+        FinalStatus::Completed => Outcome::Success,
+        FinalStatus::Cancelled => Outcome::Cancelled,
+        FinalStatus::Failed if report.refused => Outcome::Refused,
+        FinalStatus::Failed => Outcome::Failed,
     }
 }

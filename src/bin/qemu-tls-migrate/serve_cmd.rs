@@ -66,7 +66,7 @@ pub struct ServeArgs {
         long,
         value_name = "SECS",
         default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
-        value_parser = crate::migrate_cmd::timeout_secs()
+        value_parser = crate::parse::timeout_secs()
     )]
     pub qmp_timeout: u64,
     /// Accept migrations in plain TCP (unencrypted RAM and a writable NBD export on the
@@ -162,7 +162,7 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
-    let pki_dir = crate::migrate_cmd::absolute_dir(&args.pki_dir)?;
+    let pki_dir = crate::parse::absolute_dir(&args.pki_dir)?;
     let mut opts = ServeOptions::new(args.listen.clone(), pki_dir, args.qmp_dir.clone());
     opts.allow_clients = args.allow_clients.clone();
     opts.port_range = args.port_range;
@@ -184,7 +184,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         qemu_group: args.qemu_group.clone(),
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(crate::migrate_cmd::cancel_on_signal(shutdown.clone()));
+    tokio::spawn(crate::signals::cancel_on_signal(shutdown.clone()));
     let json = args.json;
     service::serve(&opts, shutdown, |addr| {
         if json {

@@ -1,0 +1,216 @@
+//! The options every command that runs a migration takes (`migrate`, `demo`): transport,
+//! bandwidth, timeouts, multifd, and the convergence aids; and how they fill in
+//! [`MigrationOptions`].
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use qemu_tls_migrate::migration::{
+    self, Compression, Convergence, DowntimeSteps, MigrationOptions, Multifd, Throttle,
+    TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
+};
+use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
+
+use crate::parse::{parse_bandwidth, parse_multifd, parse_range, timeout_secs};
+
+impl TransportArg {
+    /// As the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportArg::Auto => "auto",
+            TransportArg::Tls => "tls",
+            TransportArg::Tcp => "tcp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TransportArg {
+    /// TLS when both PKI directories are usable, TCP when neither is, refuse a mixed pair.
+    Auto,
+    /// QEMU-native TLS; refuse if either side's PKI is unusable.
+    Tls,
+    /// Plain TCP, unencrypted.
+    Tcp,
+}
+
+/// Options shared by every command that runs a migration (`migrate`, `demo`).
+#[derive(Debug, Clone, Args)]
+pub struct TuningArgs {
+    /// tls: native TLS; tcp: plain; auto: TLS between two secured hosts, TCP between two
+    /// unsecured ones (with a warning), refusal for a mixed pair.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportArg,
+    /// Bandwidth cap of the RAM migration stream (QEMU's max-bandwidth: RAM and device state,
+    /// not disks; see --disk-bandwidth) in bytes per second, with an optional K/M/G suffix
+    /// (powers of 1024), or "unlimited". QEMU 7.2's own default would be 128M.
+    #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
+    pub max_bandwidth: u64,
+    /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
+    /// 300).
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+    /// Send RAM over N parallel connections (multifd), each with its own TLS session; "auto":
+    /// one channel per two CPUs of the smaller host (the service reports the destination's),
+    /// at most 8, and none (one stream) below 4 CPUs, where more channels measured no faster.
+    #[arg(long, value_name = "N|auto", value_parser = parse_multifd)]
+    pub multifd: Option<Multifd>,
+    /// GnuTLS priority string for both ends, to choose ciphers (e.g.
+    /// "NORMAL:-CIPHER-ALL:+AES-128-GCM").
+    #[arg(long, value_name = "PRIORITY")]
+    pub tls_priority: Option<String>,
+    /// Ports for the migration stream are taken from this range (FIRST-LAST).
+    #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
+    pub port_range: PortRange,
+    /// Give up when the migration has not completed after this many seconds (at most a week).
+    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
+    pub timeout: Option<u64>,
+    /// Give up when no byte has moved for this many seconds (a destination that stopped
+    /// answering).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_STALL_TIMEOUT.as_secs(),
+        value_parser = timeout_secs()
+    )]
+    pub stall_timeout: u64,
+    /// Timeout for each QMP command, in seconds.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = migration::DEFAULT_QMP_TIMEOUT.as_secs(),
+        value_parser = timeout_secs()
+    )]
+    pub qmp_timeout: u64,
+    /// Print progress as JSON lines on stderr and exactly one JSON object on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub convergence: ConvergenceArgs,
+}
+
+/// What helps a busy guest's migration finish (see the README's "When a VM will not
+/// converge"). The report's "convergence" member says what acted.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Convergence (guests that dirty memory fast)")]
+pub struct ConvergenceArgs {
+    /// Let QEMU throttle the guest's vCPUs when passes do not converge (auto-converge): it
+    /// takes --throttle-initial percent of their time first, --throttle-increment more each
+    /// pass after.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// With --auto-converge: first throttle, percent (QEMU's default 20).
+    #[arg(long, value_name = "PCT", requires = "auto_converge", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_initial: Option<u8>,
+    /// With --auto-converge: throttle added each pass, percent (QEMU's default 10).
+    #[arg(long, value_name = "PCT", requires = "auto_converge", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub throttle_increment: Option<u8>,
+    /// Send pages sent before as XBZRLE deltas, against a cache of SIZE (K/M/G suffix); with no
+    /// SIZE, sized from the guest's dirty rate sampled for a second first (two seconds of
+    /// dirtying, 64 MiB to half the RAM).
+    #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "auto", value_parser = parse_xbzrle)]
+    pub xbzrle: Option<XbzrleCache>,
+    /// Compress pages on the multifd channels (needs --multifd N; both sides use it).
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub compress: Option<CompressArg>,
+    /// Raise the allowed downtime while the migration runs, in STEPS equal steps up to MAX_MS,
+    /// one every EVERY_S seconds of the RAM phase (like Nova's downtime steps; defaults 10
+    /// steps, 5 s).
+    #[arg(long, value_name = "MAX_MS[:STEPS[:EVERY_S]]", value_parser = DowntimeSteps::parse)]
+    pub downtime_steps: Option<DowntimeSteps>,
+    /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
+    /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
+    /// vm.migrate.pauseafter; the report's guest_pause says for how long). postcopy is refused,
+    /// as --postcopy is.
+    #[arg(long, value_enum, default_value = "abort")]
+    pub timeout_action: TimeoutActionArg,
+    /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
+    /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
+    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
+    pub completion_timeout_per_gib: Option<u64>,
+    /// Post-copy: always refused, with the reasons (a lost link would lose the VM; QEMU 7.2's
+    /// GnuTLS issue #1937 on TLS channels with a return path).
+    #[arg(long)]
+    pub postcopy: bool,
+    /// Skip the forecast made before every migration (a second sampling the guest's dirty
+    /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
+    /// no-go is a warning.
+    #[arg(long)]
+    pub no_forecast: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    Zstd,
+    Zlib,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeoutActionArg {
+    Abort,
+    Pause,
+    Postcopy,
+}
+
+fn parse_xbzrle(s: &str) -> Result<XbzrleCache, String> {
+    if s == "auto" {
+        return Ok(XbzrleCache::Auto);
+    }
+    match parse_bandwidth(s) {
+        Ok(bytes) if bytes >= 1 << 20 && bytes != UNLIMITED_BANDWIDTH => {
+            Ok(XbzrleCache::Bytes(bytes))
+        }
+        _ => Err(format!(
+            "{s:?}: a cache size of at least 1M (K/M/G suffix), or nothing for auto"
+        )),
+    }
+}
+
+impl ConvergenceArgs {
+    pub fn to_convergence(&self) -> Convergence {
+        Convergence {
+            auto_converge: self.auto_converge.then(|| {
+                let d = Throttle::default();
+                Throttle {
+                    initial: self.throttle_initial.unwrap_or(d.initial),
+                    increment: self.throttle_increment.unwrap_or(d.increment),
+                }
+            }),
+            xbzrle: self.xbzrle,
+            compress: self.compress.map(|c| match c {
+                CompressArg::Zstd => Compression::Zstd,
+                CompressArg::Zlib => Compression::Zlib,
+            }),
+            downtime_steps: self.downtime_steps,
+            timeout_action: match self.timeout_action {
+                TimeoutActionArg::Abort => TimeoutAction::Abort,
+                TimeoutActionArg::Pause => TimeoutAction::Pause,
+                TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
+            },
+            postcopy: self.postcopy,
+            completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
+        }
+    }
+}
+
+impl TuningArgs {
+    pub fn apply(&self, o: &mut MigrationOptions) {
+        o.transport = match self.transport {
+            TransportArg::Auto => TransportChoice::Auto,
+            TransportArg::Tls => TransportChoice::Tls,
+            TransportArg::Tcp => TransportChoice::Tcp,
+        };
+        o.max_bandwidth = self.max_bandwidth;
+        o.downtime_limit = self.downtime_limit.map(Duration::from_millis);
+        if let Some(multifd) = self.multifd {
+            o.multifd = multifd;
+        }
+        o.tls_priority = self.tls_priority.clone();
+        o.port_range = self.port_range;
+        o.timeout = self.timeout.map(Duration::from_secs);
+        o.stall_timeout = Duration::from_secs(self.stall_timeout);
+        o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
+        o.convergence = self.convergence.to_convergence();
+        o.forecast = !self.convergence.no_forecast;
+    }
+}
