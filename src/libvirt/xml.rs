@@ -366,8 +366,10 @@ fn end_tag_start(text: &str, range: Range<usize>) -> Result<usize, LibvirtError>
         .ok_or_else(|| xml_error("an element expected to have an end tag has none"))
 }
 
-/// Escapes text for use in element content or a single- or double-quoted attribute.
-fn escape(s: &str) -> String {
+/// Escapes text for use in element content or a single- or double-quoted attribute;
+/// newlines and tabs as character references, so that an attribute keeps them through the
+/// parser's normalisation.
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -376,6 +378,8 @@ fn escape(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '\'' => out.push_str("&apos;"),
             '"' => out.push_str("&quot;"),
+            '\n' => out.push_str("&#10;"),
+            '\t' => out.push_str("&#9;"),
             c => out.push(c),
         }
     }

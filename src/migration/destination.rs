@@ -697,47 +697,28 @@ mod tests {
         blocks: serde_json::Value,
         refuse: impl Fn(&str) -> Option<String> + Send + 'static,
     ) -> (DestinationSide, Received) {
-        let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
-        let loaded = Arc::new(AtomicBool::new(false));
-        let received = peer.answer_all(move |name, _| {
-            if let Some(desc) = refuse(name) {
-                return Err(desc);
-            }
-            Ok(match name {
-                "query-block" => blocks.clone(),
-                "query-status" if loaded.load(Ordering::SeqCst) => {
-                    json!({"running": false, "status": "paused"})
-                }
-                "query-status" => json!({"running": false, "status": "inmigrate"}),
-                "query-migrate-capabilities" => json!([]),
-                "migrate-incoming" => {
-                    loaded.store(true, Ordering::SeqCst);
-                    json!({})
-                }
-                _ => json!({}),
-            })
-        });
-        let ctl = SideCtl::with_qmp(
-            Side::Destination,
-            qmp,
-            Path::new("fake.sock"),
-            Path::new("/nonexistent"),
-            T,
-        );
-        let side = DestinationSide::attach_ctl(ctl).await.expect("attach");
-        (side, received)
+        fake_destination(blocks, refuse, OnCont::Runs).await
     }
 
     /// How a fake destination treats `cont` (the state is loaded before `cont` comes).
     #[derive(Clone, Copy)]
     enum OnCont {
+        /// Carries it out and answers.
+        Runs,
         /// Carries it out, but the reply is lost; later commands are answered.
         RunsReplyLost,
         /// Neither `cont` nor anything after it is ever answered (a hung QEMU).
         Hangs,
     }
 
-    async fn loaded_destination(on_cont: OnCont) -> (DestinationSide, Received) {
+    /// A destination QEMU waiting with `-incoming defer`, that has loaded the state once
+    /// `migrate-incoming` was sent, answers `query-block` with `blocks`, the commands
+    /// `refuse` picks with its error, and `cont` as `on_cont` says.
+    async fn fake_destination(
+        blocks: serde_json::Value,
+        refuse: impl Fn(&str) -> Option<String> + Send + 'static,
+        on_cont: OnCont,
+    ) -> (DestinationSide, Received) {
         let (qmp, peer) = fake::connect(json!([]), T).await.expect("fake QEMU");
         let (loaded, running, hung) = (
             Arc::new(AtomicBool::new(false)),
@@ -748,7 +729,11 @@ mod tests {
             if hung.load(Ordering::SeqCst) {
                 return None;
             }
+            if let Some(desc) = refuse(name) {
+                return Some(Err(desc));
+            }
             Some(Ok(match name {
+                "query-block" => blocks.clone(),
                 "query-status" if running.load(Ordering::SeqCst) => {
                     json!({"running": true, "status": "running"})
                 }
@@ -761,13 +746,20 @@ mod tests {
                     loaded.store(true, Ordering::SeqCst);
                     json!({})
                 }
-                "cont" => {
-                    match on_cont {
-                        OnCont::RunsReplyLost => running.store(true, Ordering::SeqCst),
-                        OnCont::Hangs => hung.store(true, Ordering::SeqCst),
+                "cont" => match on_cont {
+                    OnCont::Runs => {
+                        running.store(true, Ordering::SeqCst);
+                        json!({})
                     }
-                    return None;
-                }
+                    OnCont::RunsReplyLost => {
+                        running.store(true, Ordering::SeqCst);
+                        return None;
+                    }
+                    OnCont::Hangs => {
+                        hung.store(true, Ordering::SeqCst);
+                        return None;
+                    }
+                },
                 _ => json!({}),
             }))
         });
@@ -778,7 +770,13 @@ mod tests {
             Path::new("/nonexistent"),
             T,
         );
-        let mut side = DestinationSide::attach_ctl(ctl).await.expect("attach");
+        let side = DestinationSide::attach_ctl(ctl).await.expect("attach");
+        (side, received)
+    }
+
+    /// A [`fake_destination`] that passed preflight and prepare.
+    async fn loaded_destination(on_cont: OnCont) -> (DestinationSide, Received) {
+        let (mut side, received) = fake_destination(json!([]), |_| None, on_cont).await;
         side.preflight(&plan()).await.expect("preflight");
         side.prepare(&plan()).await.expect("prepare");
         (side, received)

@@ -617,6 +617,15 @@ mod tests {
         .expect("decode")
     }
 
+    /// What the source of [`blocks`] sends of its local disks.
+    fn all_local_specs() -> Vec<DiskSpec> {
+        select(&blocks(), &DiskSelection::AllLocal, &CopyPlan::default())
+            .expect("select")
+            .iter()
+            .map(SourceDisk::spec)
+            .collect()
+    }
+
     fn spec(node: &str, size: u64) -> DiskSpec {
         DiskSpec {
             node: node.into(),
@@ -775,11 +784,7 @@ mod tests {
 
     #[test]
     fn a_destination_disk_qemu_gives_no_size_for_is_refused_not_taken_for_empty() {
-        let src: Vec<DiskSpec> = select(&blocks(), &DiskSelection::AllLocal, &CopyPlan::default())
-            .expect("select")
-            .iter()
-            .map(SourceDisk::spec)
-            .collect();
+        let src = all_local_specs();
         let dest: Vec<BlockInfo> = serde_json::from_value(json!([
             {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
              "file": "/d"}}
@@ -937,11 +942,7 @@ mod tests {
 
     #[test]
     fn a_smaller_destination_disk_is_refused_unless_it_may_grow() {
-        let src: Vec<DiskSpec> = select(&blocks(), &DiskSelection::AllLocal, &CopyPlan::default())
-            .expect("select")
-            .iter()
-            .map(SourceDisk::spec)
-            .collect();
+        let src = all_local_specs();
         let dest: Vec<BlockInfo> = serde_json::from_value(json!([
             {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
              "file": "/d", "image": {"virtual-size": 512}}}

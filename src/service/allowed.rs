@@ -1567,7 +1567,7 @@ fn render(out: &mut String, e: &Element, depth: usize) {
     match (&e.text, e.children.is_empty()) {
         (Some(text), _) => {
             out.push('>');
-            out.push_str(&escape(text));
+            out.push_str(&crate::libvirt::xml::escape(text));
             out.push_str(&format!("</{}>\n", e.name));
         }
         (None, true) => out.push_str("/>\n"),
@@ -1585,27 +1585,8 @@ fn push_attr(out: &mut String, name: &str, value: &str) {
     out.push(' ');
     out.push_str(name);
     out.push_str("='");
-    out.push_str(&escape(value));
+    out.push_str(&crate::libvirt::xml::escape(value));
     out.push('\'');
-}
-
-/// Escapes text for element content or a quoted attribute; newlines and tabs as character
-/// references, so that an attribute keeps them through the parser's normalisation.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            '\n' => out.push_str("&#10;"),
-            '\t' => out.push_str("&#9;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// At most 64 characters of a peer's text, for an error message.

@@ -14,7 +14,9 @@ use super::super::control::{AppliedControl, Control};
 use super::super::destination::{AbortOutcome, Destination, Finished};
 use super::super::side::SideCtl;
 use super::super::undo::Undo;
-use super::super::{Endpoint, MigrationError, MigrationOptions, Progress, Side, Transport};
+use super::super::{
+    Endpoint, MigrationError, MigrationOptions, Progress, Side, Transport, ValidOptions,
+};
 use super::{Commit, CommitPoint, Run, RunContext};
 use crate::peer::{DestPlan, DestPrepared};
 use crate::qmp::fake::{self, Received};
@@ -58,6 +60,17 @@ impl Destination for FakeDestination {
     }
 }
 
+/// Options of a run between two sockets that are never opened.
+fn options() -> ValidOptions {
+    let endpoint = || Endpoint {
+        qmp: "x".into(),
+        pki_dir: "/".into(),
+    };
+    MigrationOptions::new(endpoint(), endpoint(), "dst")
+        .validate()
+        .expect("valid")
+}
+
 /// Rolls back a migration whose source reached `committed` against a destination that
 /// reports `stopped`; returns the error, the source's commands, and how many of them came
 /// before the destination's abort.
@@ -72,13 +85,7 @@ async fn roll_back(commit: Commit, stopped: bool) -> (MigrationError, Vec<String
     });
     let mut src = SideCtl::with_qmp(Side::Source, qmp, Path::new("src.sock"), Path::new("/"), T);
     src.undo = vec![Undo::ResumeSource, Undo::CancelMigration];
-    let endpoint = || Endpoint {
-        qmp: "x".into(),
-        pki_dir: "/".into(),
-    };
-    let opts = MigrationOptions::new(endpoint(), endpoint(), "dst")
-        .validate()
-        .expect("valid");
+    let opts = options();
     let mut progress = |_: &Progress| {};
     let cancel = CancellationToken::new();
     let cx = RunContext::new(&mut progress, &cancel);
@@ -130,13 +137,7 @@ async fn apply(
         })
     });
     let mut src = SideCtl::with_qmp(Side::Source, qmp, Path::new("s"), Path::new("/"), T);
-    let endpoint = || Endpoint {
-        qmp: "x".into(),
-        pki_dir: "/".into(),
-    };
-    let opts = MigrationOptions::new(endpoint(), endpoint(), "dst")
-        .validate()
-        .expect("valid");
+    let opts = options();
     let mut progress = |_: &Progress| {};
     let cancel = CancellationToken::new();
     let cx = RunContext::new(&mut progress, &cancel);
