@@ -53,6 +53,7 @@ pub use error::MigrationError;
 pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
 pub use options::{
     Endpoint, MigrationOptions, Multifd, ValidOptions, check_bandwidth, check_multifd_channels,
+    check_pause_after, check_timeout,
 };
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
