@@ -56,7 +56,9 @@ pub use options::{
     check_pause_after, check_timeout,
 };
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
-pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
+pub use report::{
+    FinalStatus, GuestPause, Phase, Progress, RamReport, Report, SourceEnd, Timing, ToolUsage,
+};
 pub use run::{RunContext, migrate, migrate_to};
 
 use std::fmt;
