@@ -757,6 +757,7 @@ async fn a_domain_with_two_local_disks_migrates_through_serve_libvirt_with_nothi
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["source_qmp"], "declared-monitor");
     assert_eq!(json["warnings"], serde_json::json!([]), "{json}");
+    assert_eq!(json["source_end"]["destroyed"], true, "{json}");
     assert_eq!(json["disks"].as_array().map(Vec::len), Some(2), "{json}");
     assert!(
         out.stderr.is_empty(),
