@@ -19,6 +19,8 @@ pub enum Outcome {
     NotFound,
     /// Exit 4: cancelled by SIGINT, SIGTERM, SIGHUP or SIGQUIT, with everything rolled back.
     Cancelled,
+    /// The exit code of the migration's owner process, passed on by `migrate`'s foreground.
+    Relayed(u8),
 }
 
 impl Outcome {
@@ -28,6 +30,7 @@ impl Outcome {
             Outcome::Failed => 1,
             Outcome::Refused | Outcome::NotFound => 3,
             Outcome::Cancelled => 4,
+            Outcome::Relayed(code) => code,
         })
     }
 }
