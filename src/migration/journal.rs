@@ -108,6 +108,11 @@ impl JournalRecord {
         keys
     }
 
+    /// The key its file is named by ([`journal_key`]).
+    pub fn journal_key(&self) -> VmKey {
+        journal_key(&self.source_qmp, self.source_domain_uuid.as_deref())
+    }
+
     /// Whether the run changed anything that is still to undo.
     pub fn has_changes(&self) -> bool {
         !self.source.is_empty() || !self.destination.is_empty()
@@ -121,7 +126,16 @@ pub struct Journal {
     record: Mutex<JournalRecord>,
 }
 
-/// The journal file of the VM whose first lock key is `key`, in `dir`.
+/// The key a VM's journal is named by: a libvirt domain's UUID (its QMP socket may be a
+/// passthrough private to each run), else its QMP socket.
+pub fn journal_key(source_qmp: &Path, domain_uuid: Option<&str>) -> VmKey {
+    match domain_uuid {
+        Some(uuid) => VmKey::domain(uuid),
+        None => VmKey::socket(source_qmp),
+    }
+}
+
+/// The journal file of the VM keyed `key` ([`journal_key`]), in `dir`.
 pub fn journal_path(dir: &Path, key: &VmKey) -> PathBuf {
     dir.join(format!("{}{JOURNAL_SUFFIX}", key.file_stem()))
 }

@@ -138,9 +138,23 @@ impl Recovery {
 pub async fn recover_vm(source_qmp: &Path, timeout: Duration) -> Result<Recovery, JournalError> {
     let dir = crate::jobs::run_dir();
     let key = VmKey::socket(source_qmp);
-    let path = journal::journal_path(&dir, &key);
+    // A domain's journal is keyed by its UUID: found by the socket it recorded.
+    let path = journal::list(&dir)
+        .into_iter()
+        .find(|p| {
+            journal::read(p)
+                .ok()
+                .flatten()
+                .is_some_and(|r| VmKey::socket(&r.source_qmp) == key)
+        })
+        .unwrap_or_else(|| journal::journal_path(&dir, &key));
     let vm = source_qmp.display().to_string();
-    let lock = match VmLock::acquire(std::slice::from_ref(&key), None) {
+    // The keys the run held (a domain's UUID too), else the socket's.
+    let keys = match journal::read(&path)? {
+        Some(record) => record.keys(),
+        None => vec![key],
+    };
+    let lock = match VmLock::acquire(&keys, None) {
         Ok(lock) => lock,
         Err(e) => return Ok(busy(vm, e)),
     };
@@ -188,16 +202,21 @@ pub fn pending() -> Vec<JournalRecord> {
         .collect()
 }
 
-/// Before a run on the VM whose lock `lock` (with first key `key`) is held: recovers what an
-/// earlier run left. `None`: there was nothing.
+/// Before a run on the VM whose lock `lock` is held (its journal keyed `key`), reaching its
+/// QEMU at `source_qmp` (a libvirt domain's passthrough socket is this run's own): recovers
+/// what an earlier run left. `None`: there was nothing.
 pub(crate) async fn recover_before_run(
     key: &VmKey,
     lock: &VmLock,
+    source_qmp: &Path,
     timeout: Duration,
 ) -> Result<Option<Recovery>, JournalError> {
     let path = journal::journal_path(&journal::run_dir()?, key);
     match journal::read(&path)? {
-        Some(record) => Ok(Some(recover_held(&record, &path, lock, timeout).await)),
+        Some(mut record) => {
+            record.source_qmp = source_qmp.to_path_buf();
+            Ok(Some(recover_held(&record, &path, lock, timeout).await))
+        }
         None => Ok(None),
     }
 }
@@ -245,7 +264,8 @@ async fn recover_held(
     tracing::warn!(vm = %record.vm, job = ?record.job, pid = record.pid, "recovering from an interrupted run");
     let src = match Qmp::connect(&record.source_qmp, timeout).await {
         Ok(q) => Some(q),
-        Err(e) if is_gone(&e) => {
+        // A domain's socket may have been the dead run's own passthrough: not proof.
+        Err(e) if is_gone(&e) && record.source_domain_uuid.is_none() => {
             r.problems.push(format!("source: its QEMU is gone ({e})"));
             None
         }

@@ -31,18 +31,33 @@ struct Run {
 impl Run {
     async fn start(pair: &Pair, extra: &[&str]) -> Run {
         let lab = Lab::new("Test CA");
+        let args = pair.tls_args(&lab);
+        Run::launch(lab, pair, args, extra, None).await
+    }
+
+    /// `args` with `extra` and the result file, in network namespace `netns` if given.
+    async fn launch(
+        lab: Lab,
+        pair: &Pair,
+        mut args: Vec<String>,
+        extra: &[&str],
+        netns: Option<&str>,
+    ) -> Run {
         let dir = tempfile::tempdir().expect("dir");
         let run_dir = dir.path().join("jobs");
         let result = dir.path().join("result.json");
         let before = settings(pair).await;
-        let mut args = pair.tls_args(&lab);
         args.extend(
             ["--result-file", &result.display().to_string()]
                 .iter()
                 .chain(extra)
                 .map(|s| s.to_string()),
         );
-        let call = AgentCall::start(Cli::new(&args).env("QTM_RUN_DIR", &run_dir));
+        let mut cli = Cli::new(&args).env("QTM_RUN_DIR", &run_dir);
+        if let Some(ns) = netns {
+            cli = cli.in_netns(ns);
+        }
+        let call = AgentCall::start(cli);
         Run {
             _lab: lab,
             _dir: dir,
@@ -135,6 +150,27 @@ async fn assert_rolled_back(pair: &Pair, run: &Run, dest_pid: u32) {
     let (jobs, nodes) = fixture::tool_block_leftovers(&pair.source).await;
     assert!(jobs.is_empty() && nodes.is_empty(), "{jobs:?} {nodes:?}");
     fixture::wait_gone(&[dest_pid]).await;
+}
+
+/// Exactly one copy runs, and the result says which: completed, the destination runs it and
+/// the source (paused) holds nothing of the tool's; otherwise rolled back ([`assert_rolled_back`]).
+async fn assert_one_copy(pair: &Pair, run: &Run, dest_pid: u32, result: &Value) {
+    if result["status"] == "completed" {
+        assert_eq!(fixture::status(&pair.dest).await, "running");
+        assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+        assert_eq!(
+            fixture::tool_objects(&pair.source).await,
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            settings(pair).await,
+            run.before,
+            "settings as before the run"
+        );
+    } else {
+        assert_eq!(result["status"], "cancelled", "{result}");
+        assert_rolled_back(pair, run, dest_pid).await;
+    }
 }
 
 fn assert_bounded(output: &str) {
@@ -303,4 +339,89 @@ fn retarget(args: &mut [String], dest: &Path) {
         .position(|a| a == "--dest-qmp")
         .expect("--dest-qmp");
     args[at + 1] = dest.display().to_string();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_timeout_after_pre_switchover_ends_with_one_running_copy() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::builder()
+        .disks(&[("disk0", DiskFormat::Qcow2, 16)])
+        .start()
+        .await;
+    let dest_pid = pair.dest.pid().expect("pid");
+    // The source answers `migrate-continue` (sent at pre-switchover) 5 s late.
+    let proxy = fixture::QmpDelayProxy::start(
+        pair.source.qmp_path(),
+        &pair.dir.path().join("slow-source.sock"),
+        fixture::command_named("migrate-continue"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut args = pair.tls_args(&lab);
+    let at = args.iter().position(|a| a == "--source-qmp").expect("flag");
+    args[at + 1] = proxy.path.display().to_string();
+    let mut run = Run::launch(lab, &pair, args, &["--disk", "disk0"], None).await;
+    tokio::time::timeout(EVENT_TIMEOUT, proxy.holding())
+        .await
+        .expect("the run reaches pre-switchover");
+
+    run.call.time_out().await;
+    let result = fixture::wait_result_file(&run.result).await;
+
+    fixture::show("result after a kill at pre-switchover", &result["status"]);
+    assert_one_copy(&pair, &run, dest_pid, &result).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_timeout_while_the_destination_resumes_completes_the_migration() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let dest_pid = pair.dest.pid().expect("pid");
+    // The destination answers `cont` 5 s late: the kill lands after the point of no return.
+    let proxy = fixture::QmpDelayProxy::start(
+        pair.dest.qmp_path(),
+        &pair.dir.path().join("slow-dest.sock"),
+        fixture::command_named("cont"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut args = pair.tls_args(&lab);
+    retarget(&mut args, &proxy.path);
+    let mut run = Run::launch(lab, &pair, args, &[], None).await;
+    tokio::time::timeout(EVENT_TIMEOUT, proxy.holding())
+        .await
+        .expect("the run resumes the destination");
+
+    run.call.time_out().await;
+    let result = fixture::wait_result_file(&run.result).await;
+
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_one_copy(&pair, &run, dest_pid, &result).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_timeout_of_a_migration_to_another_host_rolls_both_hosts_back() {
+    let (hosts, lab, pki_a, pki_b) = fixture::two_secured_hosts();
+    let pair = Pair::builder().on(&hosts).start().await;
+    let service = fixture::Service::builder(&pki_a, &fixture::qmp_dir(&pair.dest))
+        .on(&hosts)
+        .start()
+        .await;
+    let args = fixture::migrate_to_args(&pair, &service.addr, &pki_b, "qmp.sock", &[]);
+    let mut run = Run::launch(lab, &pair, args, &["--max-bandwidth", "8M"], Some(&hosts.b)).await;
+    wait_ram_moving(&pair).await;
+    let tool = run.call.tool_pids();
+
+    run.call.time_out().await;
+    let result = fixture::wait_result_file(&run.result).await;
+    fixture::wait_gone(&tool).await;
+
+    assert_eq!(result["status"], "cancelled", "{result}");
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(
+        settings(&pair).await,
+        run.before,
+        "settings as before the run"
+    );
+    assert_ne!(fixture::status_or_gone(&pair.dest).await, "running");
 }

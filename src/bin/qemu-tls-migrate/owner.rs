@@ -59,6 +59,11 @@ pub fn start_owner() {
         .split(',')
         .filter_map(|f| f.parse().ok())
         .collect();
+    for fd in &kept {
+        // SAFETY: fcntl on a descriptor handed to this process; close-on-exec again, so no
+        // child of the owner holds its pipes.
+        unsafe { nix::libc::fcntl(*fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+    }
     let spawned = std::thread::Builder::new()
         .name("lifeline".into())
         .spawn(move || {

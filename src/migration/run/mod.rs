@@ -40,7 +40,7 @@ use super::{
     Transport, TransportDecision, ValidOptions, decide_transport,
 };
 use crate::qemu::{MigrationStatus, RamStats};
-use crate::vm_lock::{VmKey, VmLock};
+use crate::vm_lock::VmLock;
 use std::sync::Arc;
 
 pub(crate) use rollback::{Commit, CommitPoint};
@@ -185,8 +185,10 @@ pub(crate) async fn recover_first(
     opts: &ValidOptions,
     lock: &VmLock,
 ) -> Result<Vec<String>, MigrationError> {
-    let key = VmKey::socket(&opts.source.qmp);
-    match super::recover::recover_before_run(&key, lock, opts.qmp_timeout).await? {
+    let key = journal::journal_key(&opts.source.qmp, opts.source_domain_uuid.as_deref());
+    let recovered =
+        super::recover::recover_before_run(&key, lock, &opts.source.qmp, opts.qmp_timeout).await?;
+    match recovered {
         None => Ok(Vec::new()),
         Some(r) if r.settled() => Ok(vec![format!("recovered first: {}", r.describe())]),
         Some(r) => Err(MigrationError::Interrupted {
@@ -200,7 +202,7 @@ fn start_journal<D: Destination>(
     opts: &ValidOptions,
     dest: &D,
 ) -> Result<Arc<Journal>, MigrationError> {
-    let key = VmKey::socket(&opts.source.qmp);
+    let key = journal::journal_key(&opts.source.qmp, opts.source_domain_uuid.as_deref());
     let path = journal::journal_path(&journal::run_dir()?, &key);
     let record = JournalRecord {
         vm: opts.source.qmp.display().to_string(),
