@@ -586,7 +586,7 @@ impl DestinationSide {
     pub async fn abort(&mut self) -> AbortOutcome {
         self.ports.clear();
         if self.may_run() {
-            let left = std::mem::take(&mut self.ctl.undo);
+            let left = self.ctl.undo.take_all();
             tracing::error!(socket = %self.ctl.socket.display(), "the destination may run the guest: leaving it as it is");
             let mut problems = vec![format!(
                 "destination: left as it is, since it may run the guest ({}): nothing was \
@@ -639,6 +639,15 @@ pub trait Destination {
     fn lost_reason(&self) -> Option<String> {
         None
     }
+    /// How the run's journal names this destination.
+    fn journal_dest(&self) -> super::journal::JournalDest {
+        super::journal::JournalDest::Remote {
+            address: self.holder(),
+        }
+    }
+    /// From now on, record this destination's changes in `journal` (a local QEMU's; a
+    /// remote service keeps its own).
+    fn journal_to(&mut self, _journal: &std::sync::Arc<super::journal::Journal>) {}
 }
 
 impl Destination for DestinationSide {
@@ -665,6 +674,14 @@ impl Destination for DestinationSide {
     }
     fn lost_reason(&self) -> Option<String> {
         Some("its QEMU exited".into())
+    }
+    fn journal_dest(&self) -> super::journal::JournalDest {
+        super::journal::JournalDest::Local {
+            qmp: self.ctl.socket.clone(),
+        }
+    }
+    fn journal_to(&mut self, journal: &std::sync::Arc<super::journal::Journal>) {
+        self.ctl.undo.journal_to(journal.clone(), Side::Destination);
     }
 }
 

@@ -179,6 +179,11 @@ pub enum MigrationError {
     Cancelled,
     #[error("bad migration options: {what}")]
     BadOptions { what: String },
+    /// An earlier run of this VM was interrupted and its changes could not all be undone.
+    #[error("{detail}; nothing was changed by this run: see `qemu-tls-migrate recover --json`")]
+    Interrupted { detail: String },
+    #[error(transparent)]
+    Journal(#[from] super::journal::JournalError),
     /// The source's certificate has a subject QEMU's `tls-authz` cannot be set to match.
     #[error(
         "the source's certificate subject cannot be given to QEMU's tls-authz: {desc}; issue \
@@ -247,6 +252,9 @@ impl MigrationError {
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
             MigrationError::Cancelled => ErrorKind::Cancelled,
             MigrationError::BadOptions { .. } => ErrorKind::Usage,
+            MigrationError::Interrupted { .. } => ErrorKind::SourceNotReady,
+            // The run directory, like the lock directory, with the same kind of fix.
+            MigrationError::Journal(_) => ErrorKind::Ports,
             MigrationError::Libvirt(crate::libvirt::LibvirtError::NoSuchDomain { .. }) => {
                 ErrorKind::NoSuchDomain
             }

@@ -33,7 +33,9 @@ mod destination;
 mod disks;
 mod error;
 mod forecast;
+pub mod journal;
 mod options;
+pub mod recover;
 mod remote;
 mod report;
 mod run;
@@ -119,7 +121,7 @@ pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
 }
 
 /// One side of a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Source,

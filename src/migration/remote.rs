@@ -498,7 +498,7 @@ pub async fn migrate_remote(
     cx: super::RunContext<'_>,
 ) -> super::Report {
     let started = Instant::now();
-    let cx = cx;
+    let mut cx = cx;
     (cx.progress)(&super::Progress::phase(super::Phase::Preflight, 0));
     // Before anything else (the incoming domain included), and held until the roll-back is
     // over: no other run drives this VM.
@@ -506,6 +506,10 @@ pub async fn migrate_remote(
         Ok(lock) => lock,
         Err(e) => return super::Report::refused(e, started.elapsed()),
     };
+    match super::run::recover_first(opts, &lock).await {
+        Ok(notes) => cx.notes.extend(notes),
+        Err(e) => return super::Report::refused(e, started.elapsed()),
+    }
     let src_security = pki::assess(&opts.source.pki_dir, Role::Client);
     // A service only ever runs on a secured host (its channel is mutual TLS), so an unsecured
     // source makes a mixed pair: refused by the rule, before the channel fails on the missing

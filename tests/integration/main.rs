@@ -15,3 +15,4 @@ mod migration;
 mod pki;
 mod remote;
 mod safety;
+mod survival;

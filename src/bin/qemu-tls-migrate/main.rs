@@ -10,8 +10,10 @@ mod jobs_cmd;
 mod migrate_cmd;
 mod outcome;
 mod output;
+mod owner;
 mod parse;
 mod pki_cmd;
+mod recover_cmd;
 mod running;
 mod serve_cmd;
 mod signals;
@@ -68,6 +70,10 @@ enum Command {
         about = "List the migrations running on this host; cancel one, change its bandwidth or downtime limit, or pause its guest."
     )]
     Jobs(jobs_cmd::JobsArgs),
+    #[command(
+        about = "Put back a VM an interrupted migration left (from its journal), or say its state."
+    )]
+    Recover(recover_cmd::RecoverArgs),
     #[command(about = "Serve migrations into this host (the destination side of `migrate --to`).")]
     Serve(Box<serve_cmd::ServeArgs>),
     /// Check or create PKI directories (QEMU's tls-creds-x509 layout).
@@ -81,6 +87,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    if owner::is_owner() {
+        owner::start_owner();
+    }
     match run(cli) {
         Ok(outcome) => outcome.exit_code(),
         Err(err) => {
@@ -94,7 +103,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let quiet = cli.quiet;
     match cli.command {
+        // The migration runs in an owner process the caller's kill does not reach.
+        Command::Migrate(args) if !args.plan && !owner::is_owner() => owner::run_foreground(),
         Command::Migrate(args) => runtime()?.block_on(migrate_cmd::run(*args, quiet)),
+        Command::Recover(args) => runtime()?.block_on(recover_cmd::run(args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(*args, quiet)),
         Command::Bench(args) => runtime()?.block_on(bench_cmd::run(*args, quiet)),
         Command::Serve(args) => runtime()?.block_on(serve_cmd::run(*args)),

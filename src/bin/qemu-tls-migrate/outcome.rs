@@ -22,6 +22,8 @@ pub enum Outcome {
     /// Exit 5: the migration completed (the guest runs on the destination) but the source could
     /// not be ended as asked (`--destroy-source`): its paused copy is left for the caller.
     SourceNotEnded,
+    /// The exit code of the migration's owner process, passed on by `migrate`'s foreground.
+    Relayed(u8),
 }
 
 impl Outcome {
@@ -32,6 +34,7 @@ impl Outcome {
             Outcome::Refused | Outcome::NotFound => 3,
             Outcome::Cancelled => 4,
             Outcome::SourceNotEnded => 5,
+            Outcome::Relayed(code) => code,
         })
     }
 }

@@ -183,6 +183,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         socket_dir: args.libvirt_qmp_dir.clone(),
         qemu_group: args.qemu_group.clone(),
     };
+    // Before serving: what interrupted migrations of this host's VMs left (their journals).
+    for recovery in qemu_tls_migrate::migration::recover::recover_all(opts.qmp_timeout).await {
+        match recovery {
+            Ok(r) => tracing::warn!("{}", r.describe()),
+            Err(e) => tracing::error!("{}", crate::output::error_chain(&e).join(": ")),
+        }
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::signals::cancel_on_signal(shutdown.clone()));
     let json = args.json;
