@@ -42,7 +42,7 @@ mod undo;
 
 pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
-    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
+    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, OnNoGo, Throttle,
     TimeoutAction, XbzrleCache,
 };
 pub use destination::{AbortOutcome, Destination, DestinationSide, Finished};
@@ -50,9 +50,10 @@ pub use disks::{
     CopyPlan, DiskProgress, DiskReport, DiskSelection, SourceDisk, backing_fingerprint,
 };
 pub use error::MigrationError;
-pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
+pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast, ForecastMade};
 pub use options::{
-    Endpoint, MigrationOptions, Multifd, ValidOptions, check_bandwidth, check_multifd_channels,
+    Endpoint, ForecastWhen, MigrationOptions, Multifd, ValidOptions, check_bandwidth,
+    check_multifd_channels,
 };
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
