@@ -13,7 +13,9 @@
 //!   steps while the migration runs, so a guest that almost converges gets there;
 //! - **timeout action** `pause` (CloudStack's `vm.migrate.pauseafter`, libvirt's
 //!   `--timeout-suspend`): at the deadline the guest is paused, and what is left moves as
-//!   downtime, instead of the migration being abandoned.
+//!   downtime, instead of the migration being abandoned; or, with a pause deadline of its own
+//!   ([`Convergence::pause_after`]), the guest paused at one deadline and the migration
+//!   abandoned at a later one (the agent's `vm.migrate.pauseafter` beside `vm.migrate.wait`).
 
 use std::time::Duration;
 
@@ -157,6 +159,11 @@ pub struct Convergence {
     pub compress: Option<Compression>,
     pub downtime_steps: Option<DowntimeSteps>,
     pub timeout_action: TimeoutAction,
+    /// Pause the guest this long after the migration started (so the rest moves as downtime),
+    /// while the migration's own deadline, later, still abandons it: a pause deadline beside
+    /// an abort deadline. It acts in the RAM phase (at its start when it passed during the
+    /// disk copy). Not with [`TimeoutAction::Pause`], which makes the one deadline a pause.
+    pub pause_after: Option<Duration>,
     /// A deadline of this much per GiB of guest RAM plus copied disk (KubeVirt's
     /// `completionTimeoutPerGiB`), so one number fits VMs of all sizes.
     pub completion_timeout_per_gib: Option<Duration>,
@@ -218,6 +225,9 @@ pub struct ConvergenceReport {
     pub no_go_action: Option<OnNoGo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_go_action_at_ms: Option<u64>,
+    /// The pause deadline in force (`--pause-after`), beside the deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_deadline_ms: Option<u64>,
     /// Controls applied while the migration ran (`jobs set`, `jobs pause`), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub controls: Vec<super::AppliedControl>,

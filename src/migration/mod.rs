@@ -53,10 +53,12 @@ pub use error::MigrationError;
 pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast, ForecastMade};
 pub use options::{
     Endpoint, ForecastWhen, MigrationOptions, Multifd, ValidOptions, check_bandwidth,
-    check_multifd_channels,
+    check_multifd_channels, check_pause_after, check_timeout,
 };
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
-pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
+pub use report::{
+    FinalStatus, GuestPause, Phase, Progress, RamReport, Report, SourceEnd, Timing, ToolUsage,
+};
 pub use run::{RunContext, migrate, migrate_to};
 
 use std::fmt;

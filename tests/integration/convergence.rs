@@ -477,3 +477,50 @@ async fn a_destination_lost_after_the_pause_action_leaves_the_source_running_aga
     assert_ne!(fixture::error_kind(&report), Some("split-brain-risk"));
     assert_eq!(fixture::status(&pair.source).await, "running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_after_pauses_the_busy_guest_before_the_abort_deadline_and_it_finishes() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let args = |pause: &str, timeout: &str| {
+        let mut args = pair.tls_args(&lab);
+        args.extend(
+            [
+                "--max-bandwidth",
+                "16M",
+                "--no-forecast",
+                "--pause-after",
+                pause,
+                "--timeout",
+                timeout,
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    // A pause deadline that is not before the abort deadline is refused, naming both.
+    let refused = Cli::new(args("600000ms", "10m")).output().await;
+    let refusal = fixture::stdout_json(&refused);
+    assert_eq!(refused.status.code(), Some(3), "{refusal}");
+    assert_eq!(refusal["error"]["kind"], "usage", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("600s") && message.contains("pause"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+
+    // CloudStack's vm.migrate.pauseafter (ms) beside vm.migrate.wait.
+    let out = Cli::new(args("3000ms", "120s")).output().await;
+
+    let json = fixture::stdout_json(&out);
+    fixture::show("pause-after", &json["convergence"]);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    let conv = &json["convergence"];
+    assert_eq!(conv["pause_deadline_ms"], 3000, "{json}");
+    assert_eq!(conv["deadline_ms"], 120_000, "{json}");
+    assert_eq!(conv["timeout_action"], "pause", "{json}");
+    let at = conv["timeout_action_at_ms"].as_u64().unwrap_or_default();
+    assert!((3000..120_000).contains(&at), "{json}");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}

@@ -66,7 +66,7 @@ pub enum JobsAction {
     Set {
         id: String,
         /// The new cap of the RAM stream, bytes per second with an optional K/M/G suffix
-        /// (powers of 1024), or "unlimited".
+        /// (powers of 1024), or "unlimited" (or 0).
         #[arg(long, value_name = "RATE", group = "what", value_parser = crate::parse::parse_bandwidth)]
         max_bandwidth: Option<u64>,
         /// The longest pause allowed at switch-over, milliseconds (ends --downtime-steps).

@@ -36,7 +36,7 @@ Start with `qemu-tls-migrate demo` to see a whole TLS migration on this machine;
     after_help = "Every command takes --json for machine-readable output (one JSON object on \
 stdout; progress, where there is any, as JSON lines on stderr).\n\
 Exit codes: 0 success, 1 failed, 2 bad command line, 3 refused before changing anything, \
-4 cancelled (`jobs`: 3 no such job)."
+4 cancelled, 5 migration completed but --destroy-source failed (`jobs`: 3 no such job)."
 )]
 struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, with QMP traffic).

@@ -126,6 +126,9 @@ pub fn report_json(report: &Report) -> Value {
     if let Some(access) = report.source_qmp_access {
         v["source_qmp"] = json!(access);
     }
+    if let Some(end) = &report.source_end {
+        v["source_end"] = json!(end);
+    }
     if !report.convergence.is_empty() {
         v["convergence"] = json!(report.convergence);
     }
@@ -277,6 +280,17 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
             QmpAccess::LibvirtPassthrough => "libvirt's QMP passthrough",
         };
         println!("  source domain reached through {how}");
+    }
+    match &report.source_end {
+        Some(e) if e.failed() => println!(
+            "  SOURCE NOT DESTROYED: domain {} is left paused on this host ({}); the guest runs \
+             on the destination: destroy the source's copy (virsh destroy {})",
+            e.domain,
+            e.error.as_deref().unwrap_or("unknown error"),
+            e.domain
+        ),
+        Some(e) => println!("  source domain {} destroyed", e.domain),
+        None => {}
     }
     if let Some(pause) = &report.guest_pause {
         println!(

@@ -11,7 +11,9 @@ use qemu_tls_migrate::migration::{
 };
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 
-use crate::parse::{parse_bandwidth, parse_multifd, parse_range, timeout_secs};
+use crate::parse::{
+    parse_bandwidth, parse_multifd, parse_pause_after, parse_range, parse_timeout, timeout_secs,
+};
 
 impl TransportArg {
     /// As the command line spells it.
@@ -43,7 +45,8 @@ pub struct TuningArgs {
     pub transport: TransportArg,
     /// Bandwidth cap of the RAM migration stream (QEMU's max-bandwidth: RAM and device state,
     /// not disks; see --disk-bandwidth) in bytes per second, with an optional K/M/G suffix
-    /// (powers of 1024), or "unlimited". QEMU 7.2's own default would be 128M.
+    /// (powers of 1024), or "unlimited" (or 0, as CloudStack's vm.migrate.speed 0 means). QEMU
+    /// 7.2's own default would be 128M.
     #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
     pub max_bandwidth: u64,
     /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
@@ -62,9 +65,11 @@ pub struct TuningArgs {
     /// Ports for the migration stream are taken from this range (FIRST-LAST).
     #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
     pub port_range: PortRange,
-    /// Give up when the migration has not completed after this many seconds (at most a week).
-    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
-    pub timeout: Option<u64>,
+    /// Give up (roll back; the source runs on) when the migration has not completed after
+    /// DURATION: a number of seconds, or with a unit: 30000ms, 600s, 10m, 2h (1 s to a week).
+    /// With --pause-after, the guest is paused first and this still aborts.
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// Give up when no byte has moved for this many seconds (a destination that stopped
     /// answering).
     #[arg(
@@ -119,11 +124,18 @@ pub struct ConvergenceArgs {
     #[arg(long, value_name = "MAX_MS[:STEPS[:EVERY_S]]", value_parser = DowntimeSteps::parse)]
     pub downtime_steps: Option<DowntimeSteps>,
     /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
-    /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
-    /// vm.migrate.pauseafter; the report's guest_pause says for how long). postcopy is refused,
-    /// as --postcopy is.
+    /// on) or pause (pause the guest so the rest moves as downtime; the report's guest_pause
+    /// says for how long). postcopy is refused, as --postcopy is. For a pause and a later
+    /// abort, use --pause-after with --timeout.
     #[arg(long, value_enum, default_value = "abort")]
     pub timeout_action: TimeoutActionArg,
+    /// Pause the guest DURATION after the migration started, so the rest moves as downtime
+    /// (CloudStack's vm.migrate.pauseafter, in milliseconds: --pause-after 30000ms), while
+    /// --timeout, which must be later, still aborts: e.g. --pause-after 30000ms --timeout 600s.
+    /// A number of seconds, or with a unit: ms, s, m, h; 0: no pause. Acts in the RAM phase
+    /// (at its start when it passed during the disk copy). Not with --timeout-action pause.
+    #[arg(long, value_name = "DURATION", value_parser = parse_pause_after)]
+    pub pause_after: Option<Duration>,
     /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
     /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
     #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
@@ -218,6 +230,7 @@ impl ConvergenceArgs {
                 OnNoGoArg::Pause => OnNoGo::Pause,
                 OnNoGoArg::Abort => OnNoGo::Abort,
             },
+            pause_after: self.pause_after.filter(|d| !d.is_zero()),
             postcopy: self.postcopy,
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
         }
@@ -238,7 +251,7 @@ impl TuningArgs {
         }
         o.tls_priority = self.tls_priority.clone();
         o.port_range = self.port_range;
-        o.timeout = self.timeout.map(Duration::from_secs);
+        o.timeout = self.timeout;
         o.stall_timeout = Duration::from_secs(self.stall_timeout);
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
         o.convergence = self.convergence.to_convergence();

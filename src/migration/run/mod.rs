@@ -310,6 +310,7 @@ impl Run<'_, '_> {
             tool: ToolUsage::now(),
             multifd: said.multifd,
             source_qmp_access: None,
+            source_end: None,
             convergence: said.convergence,
             forecast: said.forecast,
         }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::super::convergence::{DowntimeStep, OnNoGo, TimeoutAction};
+use super::super::convergence::{Convergence, DowntimeStep, OnNoGo, TimeoutAction};
 use super::super::destination::Destination;
 use super::super::side::SideCtl;
 use super::super::undo::Undo;
@@ -12,13 +12,28 @@ use super::super::{ForecastWhen, MigrationError, Phase, RamReport, forecast};
 use super::prepare::Prepared;
 use super::setup::Setup;
 use super::timeline::Mark;
-use super::watch::{AtDeadline, Seen, Watch};
+use super::watch::{Deadlines, Seen, Watch};
 use super::{CommitPoint, Run};
 use crate::qemu::{
     Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus, QueryMigrate,
     Stop, tcp_uri,
 };
 use crate::qmp::Events;
+
+/// The RAM phase's deadlines: with the timeout action pause, the one deadline pauses the guest;
+/// otherwise it aborts, and `--pause-after`, when given, pauses the guest before.
+fn ram_deadlines(c: &Convergence, deadline: Option<Duration>) -> Deadlines {
+    match c.timeout_action {
+        TimeoutAction::Pause => Deadlines {
+            abort: None,
+            pause: deadline,
+        },
+        _ => Deadlines {
+            abort: deadline,
+            pause: c.pause_after,
+        },
+    }
+}
 
 impl Run<'_, '_> {
     /// Starts the RAM migration and follows it to completion; returns QEMU's last figures.
@@ -63,16 +78,12 @@ impl Run<'_, '_> {
         setup: &Setup,
         events: &mut Events,
     ) -> Result<MigrationInfo, MigrationError> {
-        let at_deadline = match self.opts.convergence.timeout_action {
-            TimeoutAction::Pause => AtDeadline::Pause,
-            _ => AtDeadline::Fail,
-        };
+        let deadlines = ram_deadlines(&self.opts.convergence, setup.deadline);
         let mut watch = Watch::new(
             self.opts,
-            setup.deadline,
+            deadlines,
             self.started,
             "following the migration",
-            at_deadline,
         );
         let mut switched = false;
         loop {
@@ -92,7 +103,7 @@ impl Run<'_, '_> {
                 }
                 Seen::Tick => self.poll_ram(src, &mut watch, setup).await?,
                 Seen::Deadline => {
-                    self.pause_at_deadline(src, setup.deadline).await?;
+                    self.pause_at_deadline(src, deadlines.pause).await?;
                     continue;
                 }
                 Seen::Control(request) => {
@@ -201,6 +212,8 @@ impl Run<'_, '_> {
     }
 
     /// `--timeout-action pause`: what is left moves while the guest is paused, as downtime.
+    /// `--pause-after`, or `--timeout-action pause`'s deadline: what is left moves while the
+    /// guest is paused, as downtime.
     async fn pause_at_deadline(
         &mut self,
         src: &SideCtl,
@@ -323,5 +336,35 @@ impl super::Commit {
             MigrationStatus::Completed => self.pass(CommitPoint::Completed),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ram_phase_pauses_at_pause_after_and_aborts_at_the_deadline() {
+        let secs = |s| Some(Duration::from_secs(s));
+        let mut c = Convergence {
+            pause_after: secs(30),
+            ..Convergence::default()
+        };
+        assert_eq!(
+            ram_deadlines(&c, secs(600)),
+            Deadlines {
+                abort: secs(600),
+                pause: secs(30)
+            }
+        );
+        c.pause_after = None;
+        c.timeout_action = TimeoutAction::Pause;
+        assert_eq!(
+            ram_deadlines(&c, secs(600)),
+            Deadlines {
+                abort: None,
+                pause: secs(600)
+            }
+        );
     }
 }

@@ -208,6 +208,11 @@ impl Run<'_, '_> {
             deadline = Some(deadline.map_or(by_size, |t| t.min(by_size)));
         }
         self.said.convergence.deadline_ms = deadline.map(|d| d.as_millis() as u64);
+        self.said.convergence.pause_deadline_ms = self
+            .opts
+            .convergence
+            .pause_after
+            .map(|d| d.as_millis() as u64);
         deadline
     }
 
