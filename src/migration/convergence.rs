@@ -34,6 +34,21 @@ pub enum TimeoutAction {
     Postcopy,
 }
 
+/// What to do when the judgement after the first pass (or the forecast before starting) says
+/// the migration will not converge as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoGo {
+    /// Say so in the report and go on (the deadline and the timeout action still hold).
+    #[default]
+    Warn,
+    /// Pause the guest so what is left moves as downtime (as `--timeout-action pause` does at
+    /// the deadline).
+    Pause,
+    /// Cancel and roll back: the source runs on (kind `no-go`).
+    Abort,
+}
+
 /// Why post-copy is refused, in full: what `--postcopy` and `--timeout-action postcopy` say.
 pub const POSTCOPY_REFUSED: &str = "post-copy is refused: once it starts, the guest runs on the \
 destination while part of its memory is still on the source, so a cut link or a dead host \
@@ -152,6 +167,8 @@ pub struct Convergence {
     /// A deadline of this much per GiB of guest RAM plus copied disk (KubeVirt's
     /// `completionTimeoutPerGiB`), so one number fits VMs of all sizes.
     pub completion_timeout_per_gib: Option<Duration>,
+    /// What a no-go verdict leads to.
+    pub on_no_go: OnNoGo,
     /// Post-copy was asked for (refused by [`crate::migration::MigrationOptions::validate`]).
     pub postcopy: bool,
 }
@@ -202,6 +219,12 @@ pub struct ConvergenceReport {
     /// The deadline in force (from --timeout or the completion timeout per GiB).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// The action a no-go verdict led to (`--on-no-go pause` or `abort`), and when (ms from
+    /// the start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_go_action: Option<OnNoGo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_go_action_at_ms: Option<u64>,
     /// The pause deadline in force (`--pause-after`), beside the deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_deadline_ms: Option<u64>,

@@ -175,6 +175,11 @@ pub enum MigrationError {
     Stalled { after: Duration, status: String },
     #[error("the migration did not complete within {after:?}; cancelled")]
     Timeout { after: Duration },
+    #[error(
+        "the migration will not converge as configured ({why}); --on-no-go abort: cancelled, \
+         the source runs on. Would converge with: {advice}"
+    )]
+    NoGo { why: String, advice: String },
     #[error("cancelled by signal; everything was rolled back")]
     Cancelled,
     #[error("bad migration options: {what}")]
@@ -250,6 +255,7 @@ impl MigrationError {
             | MigrationError::DestinationResumeUnknown { .. } => ErrorKind::MigrationFailed,
             MigrationError::Stalled { .. } => ErrorKind::Stalled,
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
+            MigrationError::NoGo { .. } => ErrorKind::NoGo,
             MigrationError::Cancelled => ErrorKind::Cancelled,
             MigrationError::BadOptions { .. } => ErrorKind::Usage,
             MigrationError::Interrupted { .. } => ErrorKind::SourceNotReady,

@@ -44,7 +44,7 @@ mod undo;
 
 pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
-    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
+    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, OnNoGo, Throttle,
     TimeoutAction, XbzrleCache,
 };
 pub use destination::{AbortOutcome, Destination, DestinationSide, Finished};
@@ -52,10 +52,10 @@ pub use disks::{
     CopyPlan, DiskProgress, DiskReport, DiskSelection, SourceDisk, backing_fingerprint,
 };
 pub use error::MigrationError;
-pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
+pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast, ForecastMade};
 pub use options::{
-    Endpoint, MigrationOptions, Multifd, ValidOptions, check_bandwidth, check_multifd_channels,
-    check_pause_after, check_timeout,
+    Endpoint, ForecastWhen, MigrationOptions, Multifd, ValidOptions, check_bandwidth,
+    check_multifd_channels, check_pause_after, check_timeout,
 };
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{

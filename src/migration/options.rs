@@ -174,8 +174,9 @@ pub struct MigrationOptions {
     pub dest_domain: Option<DestDomain>,
     /// What may help a busy guest's migration finish.
     pub convergence: Convergence,
-    /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
-    pub forecast: bool,
+    /// When convergence is judged: after the first pass (the default: nothing waits), before
+    /// starting (a second of sampling the guest), or not at all.
+    pub forecast: ForecastWhen,
     /// This run's job id (`migrate --job-id`, or the one the jobs module chose): kept in the
     /// VM's lock ([`crate::vm_lock`]), so that a second run on the same VM is told which run
     /// holds it.
@@ -218,7 +219,7 @@ impl MigrationOptions {
             allow_unsafe: false,
             dest_domain: None,
             convergence: Convergence::default(),
-            forecast: false,
+            forecast: ForecastWhen::FirstPass,
             job_id: None,
             source_domain_uuid: None,
         }
@@ -311,6 +312,21 @@ impl MigrationOptions {
             None => crate::qemu::InetAddress::new(self.connect_host(), port),
         }
     }
+}
+
+/// When a migration judges whether it will converge as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForecastWhen {
+    /// From QEMU's own figures once the first pass is over (its dirty-page rate, the
+    /// throughput it reached): data starts moving at once.
+    #[default]
+    FirstPass,
+    /// Before anything starts: a second of sampling the guest's dirty rate and its RAM, with
+    /// the throughput the cap or the reference machine gives (what `--plan` shows).
+    Before,
+    /// Not at all.
+    Off,
 }
 
 /// [`MigrationOptions`] that passed [`MigrationOptions::validate`]; read through `Deref`.

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qemu_tls_migrate::migration::{Forecast, Progress, QmpAccess, Report};
+use qemu_tls_migrate::migration::{Forecast, ForecastMade, Progress, QmpAccess, Report};
 use serde_json::{Value, json};
 
 /// Where progress goes.
@@ -259,11 +259,18 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
     );
     if let Some(f) = &report.forecast {
         println!(
-            "  forecast: {}, {} ms predicted ({} pass{}) against {} ms measured",
+            "  forecast ({}): {}, {} ms predicted ({} pass{}, {} Mbit/s from {}, guest dirtying {} MiB/s) against {} ms measured",
+            match f.made {
+                ForecastMade::BeforeStart => "before starting",
+                ForecastMade::FirstPass => "after the first pass",
+            },
             if f.converges { "go" } else { "no-go" },
             f.predicted_total_ms,
             f.predicted_passes,
             if f.predicted_passes == 1 { "" } else { "es" },
+            f.throughput_mbps,
+            f.throughput_from,
+            f.dirty_rate_mib_s,
             report.ram.total_ms
         );
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, Compression, Convergence, DowntimeSteps, MigrationOptions, Multifd, Throttle,
-    TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
+    self, Compression, Convergence, DowntimeSteps, ForecastWhen, MigrationOptions, Multifd, OnNoGo,
+    Throttle, TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
 };
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 
@@ -144,11 +144,37 @@ pub struct ConvergenceArgs {
     /// GnuTLS issue #1937 on TLS channels with a return path).
     #[arg(long)]
     pub postcopy: bool,
-    /// Skip the forecast made before every migration (a second sampling the guest's dirty
-    /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
-    /// no-go is a warning.
-    #[arg(long)]
+    /// When to judge whether the migration converges as configured. first-pass (default):
+    /// data moves at once, and the verdict comes from QEMU's own figures once its first pass
+    /// over the RAM is over (the throughput this host and link reached, the guest's dirty
+    /// rate). before: a second of sampling the guest before anything starts (what --plan
+    /// shows; the throughput is --max-bandwidth or a reference figure). off: no verdict. The
+    /// report's "forecast" says which was made, next to the measured time.
+    #[arg(long, value_enum, default_value = "first-pass", value_name = "WHEN")]
+    pub forecast: ForecastArg,
+    /// Same as --forecast off.
+    #[arg(long, conflicts_with = "forecast")]
     pub no_forecast: bool,
+    /// What a no-go verdict leads to: warn (the report says so, the migration goes on under
+    /// --timeout and --timeout-action), pause (pause the guest so the rest moves as downtime,
+    /// like --timeout-action pause), or abort (cancel and roll back, kind no-go, exit 1; the
+    /// source runs on).
+    #[arg(long, value_enum, default_value = "warn", value_name = "ACTION")]
+    pub on_no_go: OnNoGoArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForecastArg {
+    FirstPass,
+    Before,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnNoGoArg {
+    Warn,
+    Pause,
+    Abort,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -199,6 +225,11 @@ impl ConvergenceArgs {
                 TimeoutActionArg::Pause => TimeoutAction::Pause,
                 TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
             },
+            on_no_go: match self.on_no_go {
+                OnNoGoArg::Warn => OnNoGo::Warn,
+                OnNoGoArg::Pause => OnNoGo::Pause,
+                OnNoGoArg::Abort => OnNoGo::Abort,
+            },
             pause_after: self.pause_after.filter(|d| !d.is_zero()),
             postcopy: self.postcopy,
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
@@ -224,6 +255,11 @@ impl TuningArgs {
         o.stall_timeout = Duration::from_secs(self.stall_timeout);
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
         o.convergence = self.convergence.to_convergence();
-        o.forecast = !self.convergence.no_forecast;
+        o.forecast = match self.convergence.forecast {
+            _ if self.convergence.no_forecast => ForecastWhen::Off,
+            ForecastArg::FirstPass => ForecastWhen::FirstPass,
+            ForecastArg::Before => ForecastWhen::Before,
+            ForecastArg::Off => ForecastWhen::Off,
+        };
     }
 }

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use super::super::convergence::{Convergence, DowntimeStep, TimeoutAction};
+use super::super::convergence::{Convergence, DowntimeStep, OnNoGo, TimeoutAction};
 use super::super::destination::Destination;
 use super::super::side::SideCtl;
 use super::super::undo::Undo;
-use super::super::{MigrationError, Phase, RamReport};
+use super::super::{ForecastWhen, MigrationError, Phase, RamReport, forecast};
 use super::prepare::Prepared;
 use super::setup::Setup;
 use super::timeline::Mark;
@@ -143,10 +143,75 @@ impl Run<'_, '_> {
             watch.progressed(transferred, || status.as_str().to_string())?;
             watch.check_dest_lost(|| info.error_desc.clone())?;
             self.step_downtime(src, setup.downtime_start_ms).await?;
+            if status == MigrationStatus::Active {
+                self.judge_first_pass(src, &info, setup).await?;
+            }
         }
         Ok(status)
     }
 
+    /// `--forecast first-pass` (the default): once QEMU's first pass is over, the forecast
+    /// from its own figures, and what `--on-no-go` says to do when it is a no-go.
+    async fn judge_first_pass(
+        &mut self,
+        src: &SideCtl,
+        info: &MigrationInfo,
+        setup: &Setup,
+    ) -> Result<(), MigrationError> {
+        if self.opts.forecast != ForecastWhen::FirstPass || self.said.forecast.is_some() {
+            return Ok(());
+        }
+        let (Some(ram), Some(ram_start)) = (&info.ram, self.timeline.at(Mark::Ram)) else {
+            return Ok(());
+        };
+        let limit_ms = self
+            .said
+            .convergence
+            .downtime_steps
+            .last()
+            .map_or(setup.downtime_start_ms, |s| s.limit_ms);
+        let Some(f) =
+            forecast::from_first_pass(ram, ram_start.elapsed(), Duration::from_millis(limit_ms))
+        else {
+            return Ok(());
+        };
+        let verdict = (!f.converges).then(|| {
+            (
+                format!(
+                    "judged after the first pass: the guest dirties {} MiB/s against the {} \
+                     Mbit/s the pass reached",
+                    f.dirty_rate_mib_s, f.throughput_mbps
+                ),
+                f.advice.join("; "),
+            )
+        });
+        self.said.forecast = Some(f);
+        let Some((why, advice)) = verdict else {
+            return Ok(());
+        };
+        match self.opts.convergence.on_no_go {
+            OnNoGo::Warn => {
+                self.warn(format!(
+                    "this migration will not converge as configured ({why}); consider: {advice}"
+                ));
+                Ok(())
+            }
+            OnNoGo::Pause => {
+                tracing::warn!(%why, "no-go: pausing the guest so the migration finishes");
+                src.call("stop (on no-go)", &Stop).await?;
+                self.said.convergence.no_go_action = Some(OnNoGo::Pause);
+                self.said.convergence.no_go_action_at_ms = Some(self.elapsed_ms());
+                Ok(())
+            }
+            OnNoGo::Abort => {
+                self.said.convergence.no_go_action = Some(OnNoGo::Abort);
+                self.said.convergence.no_go_action_at_ms = Some(self.elapsed_ms());
+                Err(MigrationError::NoGo { why, advice })
+            }
+        }
+    }
+
+    /// `--timeout-action pause`: what is left moves while the guest is paused, as downtime.
     /// `--pause-after`, or `--timeout-action pause`'s deadline: what is left moves while the
     /// guest is paused, as downtime.
     async fn pause_at_deadline(

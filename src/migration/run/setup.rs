@@ -9,7 +9,7 @@ use super::super::convergence::{self, DEFAULT_DOWNTIME_MS, XbzrleCache};
 use super::super::destination::Destination;
 use super::super::disks::{self, SourceDisk};
 use super::super::side::SideCtl;
-use super::super::{MigrationError, Multifd, OBJECT_PREFIX, Transport, host_cpus};
+use super::super::{ForecastWhen, MigrationError, Multifd, OBJECT_PREFIX, Transport, host_cpus};
 use super::Run;
 use crate::peer::DestPlan;
 use crate::qemu::{
@@ -164,7 +164,7 @@ impl Run<'_, '_> {
     ) -> Result<GuestFigures, MigrationError> {
         let opts = self.opts;
         let conv = &opts.convergence;
-        if opts.forecast {
+        if opts.forecast == ForecastWhen::Before {
             let disk_bytes = disks.iter().map(SourceDisk::to_copy).sum();
             let f = super::super::forecast::measure(src, opts, self.transport, disk_bytes).await?;
             if !f.converges {
