@@ -39,6 +39,7 @@ mod report;
 mod run;
 mod side;
 mod undo;
+mod versions;
 
 pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
@@ -57,6 +58,7 @@ pub use options::{
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
 pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
 pub use run::{RunContext, migrate, migrate_to};
+pub use versions::{QemuVersions, TESTED_QEMU};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

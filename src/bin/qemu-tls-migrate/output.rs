@@ -126,6 +126,12 @@ pub fn report_json(report: &Report) -> Value {
     if let Some(access) = report.source_qmp_access {
         v["source_qmp"] = json!(access);
     }
+    if let Some(q) = &report.qemu {
+        v["qemu"] = json!({
+            "source": q.source.to_string(),
+            "destination": q.destination.to_string(),
+        });
+    }
     if !report.convergence.is_empty() {
         v["convergence"] = json!(report.convergence);
     }
@@ -241,6 +247,12 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
             indicatif::HumanBytes(d.bytes),
             d.ms,
             d.throughput_mbps
+        );
+    }
+    if let Some(q) = &report.qemu {
+        println!(
+            "  QEMU: {} on the source, {} on the destination",
+            q.source, q.destination
         );
     }
     let t = &report.timing;

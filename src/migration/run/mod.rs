@@ -191,6 +191,8 @@ struct Said {
     stopped_at_us: Option<i64>,
     convergence: ConvergenceReport,
     forecast: Option<Forecast>,
+    /// Both QEMUs' versions, once the destination's preflight told its own.
+    qemu: Option<super::QemuVersions>,
 }
 
 impl<'o, 'c> Run<'o, 'c> {
@@ -312,6 +314,7 @@ impl Run<'_, '_> {
             source_qmp_access: None,
             convergence: said.convergence,
             forecast: said.forecast,
+            qemu: said.qemu,
         }
     }
 
