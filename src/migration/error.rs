@@ -156,6 +156,20 @@ pub enum MigrationError {
         "TLS handshake failed: {desc}; check that both hosts' certificates come from the same CA and that the destination's certificate names {hostname}"
     )]
     TlsHandshake { desc: String, hostname: String },
+    #[error(
+        "the destination's QEMU {dest_qemu} has no machine type {machine}, the source guest's: \
+         it cannot load this guest; migrate it to a QEMU that has {machine} (newer QEMUs keep \
+         older machine types, never the reverse)"
+    )]
+    MachineTypeUnsupported { machine: String, dest_qemu: String },
+    #[error(
+        "the destination QEMU runs machine type {dest_machine}, the source guest {machine}: \
+         start the destination with -machine {machine}"
+    )]
+    MachineTypeMismatch {
+        machine: String,
+        dest_machine: String,
+    },
     #[error("migration failed: {desc}")]
     Failed { desc: String },
     #[error("the destination went away during the migration{}", .desc.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
@@ -248,6 +262,8 @@ impl MigrationError {
             // The same directory as the port leases, with the same fix.
             MigrationError::VmLock(_) => ErrorKind::Ports,
             MigrationError::TlsHandshake { .. } => ErrorKind::TlsHandshake,
+            MigrationError::MachineTypeUnsupported { .. }
+            | MigrationError::MachineTypeMismatch { .. } => ErrorKind::MachineType,
             MigrationError::Failed { .. } => ErrorKind::MigrationFailed,
             MigrationError::DestinationDied { .. } => ErrorKind::DestinationDied,
             MigrationError::DestinationNotFinished { .. } => ErrorKind::Timeout,

@@ -41,6 +41,7 @@ mod report;
 mod run;
 mod side;
 mod undo;
+mod versions;
 
 pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
@@ -62,6 +63,7 @@ pub use report::{
     FinalStatus, GuestPause, Phase, Progress, RamReport, Report, SourceEnd, Timing, ToolUsage,
 };
 pub use run::{RunContext, migrate, migrate_to};
+pub use versions::{QemuVersions, TESTED_QEMU};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

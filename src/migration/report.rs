@@ -230,6 +230,8 @@ pub struct Report {
     pub convergence: super::ConvergenceReport,
     /// The forecast made before starting, if one was asked for: compare with `ram`.
     pub forecast: Option<super::Forecast>,
+    /// `query-version` of both ends (`None` when refused before the destination answered).
+    pub qemu: Option<super::QemuVersions>,
 }
 
 impl Report {
@@ -261,6 +263,7 @@ impl Report {
             source_end: None,
             convergence: super::ConvergenceReport::default(),
             forecast: None,
+            qemu: None,
         }
     }
 }

@@ -129,6 +129,12 @@ pub fn report_json(report: &Report) -> Value {
     if let Some(end) = &report.source_end {
         v["source_end"] = json!(end);
     }
+    if let Some(q) = &report.qemu {
+        v["qemu"] = json!({
+            "source": q.source.to_string(),
+            "destination": q.destination.to_string(),
+        });
+    }
     if !report.convergence.is_empty() {
         v["convergence"] = json!(report.convergence);
     }
@@ -244,6 +250,12 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
             indicatif::HumanBytes(d.bytes),
             d.ms,
             d.throughput_mbps
+        );
+    }
+    if let Some(q) = &report.qemu {
+        println!(
+            "  QEMU: {} on the source, {} on the destination",
+            q.source, q.destination
         );
     }
     let t = &report.timing;

@@ -261,6 +261,8 @@ struct Said {
     stopped_at_us: Option<i64>,
     convergence: ConvergenceReport,
     forecast: Option<Forecast>,
+    /// Both QEMUs' versions, once the destination's preflight told its own.
+    qemu: Option<super::QemuVersions>,
 }
 
 impl<'o, 'c> Run<'o, 'c> {
@@ -387,6 +389,7 @@ impl Run<'_, '_> {
             source_end: None,
             convergence: said.convergence,
             forecast: said.forecast,
+            qemu: said.qemu,
         }
     }
 
