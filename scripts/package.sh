@@ -91,7 +91,7 @@ Description: live migration of QEMU/KVM VMs over QEMU-native TLS
  qemu-tls-migrate migrates running QEMU virtual machines between hosts over
  QEMU's own TLS (RAM and NBD disk copies), talking QMP to the source and
  destination QEMU. It ships the destination service (qemu-tls-migrate.service,
- installed disabled), `host secure` to install CloudStack agent certificates as
+ installed disabled), "host secure" to install CloudStack agent certificates as
  QEMU and libvirt expect them, and a unit to follow certificate renewals.
 EOF
 (cd "$ROOT" && find . -type f ! -path './DEBIAN/*' ! -path './etc/*' -printf '%P\0' |
