@@ -3,6 +3,7 @@
 
 #![allow(clippy::print_stderr)]
 
+mod assets_cmd;
 mod bench_cmd;
 mod demo;
 mod host_cmd;
@@ -20,8 +21,9 @@ mod signals;
 mod tuning;
 
 use std::process::ExitCode;
+use std::sync::LazyLock;
 
-use clap::{ArgAction, Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use outcome::Outcome;
@@ -29,7 +31,7 @@ use outcome::Outcome;
 #[derive(Debug, Parser)]
 #[command(
     name = "qemu-tls-migrate",
-    version,
+    version = VERSION.as_str(),
     about = "Live-migrate QEMU VMs over QEMU-native TLS, driving QMP directly",
     long_about = "Live-migrate QEMU/KVM virtual machines between hosts over QEMU-native TLS, \
 talking QMP to the source and destination QEMU processes (no libvirt tunnel).\n\n\
@@ -82,7 +84,24 @@ enum Command {
     /// Secure this host (CloudStack layout, qemu.conf, libvirtd.conf, firewall) or report it.
     #[command(subcommand)]
     Host(host_cmd::HostCommand),
+    /// Write man pages for every command into a directory (for packaging).
+    #[command(hide = true)]
+    Man(assets_cmd::ManArgs),
+    /// Print a shell completion script (for packaging).
+    #[command(hide = true)]
+    Completions(assets_cmd::CompletionsArgs),
 }
+
+/// What `--version` says: the version, the commit it was built from (`build.rs`), and the QEMU
+/// versions it was tested with.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (commit {}; tested with QEMU {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("QTM_GIT_COMMIT"),
+        qemu_tls_migrate::TESTED_QEMU_VERSIONS.join(", ")
+    )
+});
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -113,6 +132,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Jobs(args) => runtime()?.block_on(jobs_cmd::run(args)),
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Host(cmd) => host_cmd::run(cmd),
+        Command::Man(args) => assets_cmd::man(Cli::command(), &args),
+        Command::Completions(args) => assets_cmd::completions(Cli::command(), &args),
     }
 }
 
@@ -146,6 +167,16 @@ mod tests {
     use clap::CommandFactory;
 
     use super::Cli;
+
+    #[test]
+    fn version_names_the_commit_and_the_tested_qemus() {
+        let version = Cli::command().render_version();
+        assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+        assert!(version.contains("commit "), "{version}");
+        for qemu in qemu_tls_migrate::TESTED_QEMU_VERSIONS {
+            assert!(version.contains(qemu), "{version}");
+        }
+    }
 
     #[test]
     fn each_command_shows_its_own_long_help() {

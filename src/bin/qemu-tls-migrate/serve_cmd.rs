@@ -37,8 +37,9 @@ disks only in --storage-dir and --shared-dir, and records them in --state-dir: o
 before accepting connections, it rolls back the domains and disks a killed predecessor left.",
     after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
 --allow-client host-a\n  qemu-tls-migrate serve --libvirt --storage-dir /mnt/PRIMARY-POOL \
---graphics-listen 10.1.1.5 --allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
-service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
+--graphics-listen 10.1.1.5 --allow-client host-a\n\nThe systemd unit qemu-tls-migrate.service (the Debian \
+package's; qemu-conf/ in the source) runs it as a service, with the options in SERVE_ARGS of \
+/etc/default/qemu-tls-migrate. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
 service accepts connections."
 )]
 pub struct ServeArgs {
