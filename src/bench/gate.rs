@@ -231,4 +231,30 @@ mod tests {
         assert!(parse_threshold("fast").is_err());
         assert!(parse_threshold("-5%").is_err());
     }
+
+    /// The CI gate (scripts/bench-ci.sh: the committed baseline, 30 %, these metrics) passes
+    /// the baseline against itself and fails when TLS's throughput relative to TCP halves.
+    #[test]
+    fn the_ci_gate_fails_a_halved_tls_throughput_and_passes_the_baseline_itself() {
+        let baseline: Value =
+            serde_json::from_str(include_str!("../../benches/baseline/quick.json")).expect("json");
+        let gated = ["ram_mbps", "total_ms", "sent_ratio"].map(String::from);
+        let same = compare(&baseline, &baseline, 0.30, &gated).expect("gate");
+        assert!(!same.regressed(), "{}", same.render());
+
+        let mut halved = baseline.clone();
+        for m in halved["modes"].as_array_mut().expect("modes") {
+            if m["mode"]["name"] != "tls" {
+                continue;
+            }
+            for x in m["metrics"].as_array_mut().expect("metrics") {
+                if x["metric"] == "ram_mbps" {
+                    let r = x["ratio_to_tcp"].as_f64().expect("ratio");
+                    x["ratio_to_tcp"] = serde_json::json!(r / 2.0);
+                }
+            }
+        }
+        let gate = compare(&baseline, &halved, 0.30, &gated).expect("gate");
+        assert!(gate.regressed(), "{}", gate.render());
+    }
 }

@@ -21,6 +21,7 @@
 
 pub mod gate;
 mod measure;
+pub mod phases;
 mod proxy;
 
 pub use proxy::ProxyKind;
@@ -686,6 +687,7 @@ impl RunContext<'_> {
             disk_mbps: (disk_ms > 0)
                 .then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
             host_cpu_s,
+            phases: report.timing,
         };
         drop(src_mon);
         drop(dst_mon);

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::measure::{HostInfo, git_revision};
 use super::stats::{Stat, ratio};
 use super::{BenchConfig, Mode};
+use crate::migration::Timing;
 use crate::vm::Accel;
 
 /// The name of the baseline mode ratios are taken to.
@@ -62,6 +63,8 @@ pub struct RunResult {
     /// a design, proxies or SSH included, which the QEMU columns do not see. Other work on the
     /// machine adds to it.
     pub host_cpu_s: f64,
+    /// The tool's wall time phase by phase, as the migration's report times it.
+    pub phases: Timing,
 }
 
 impl RunResult {
@@ -639,6 +642,7 @@ mod tests {
             disk_bytes: 0,
             disk_mbps: None,
             host_cpu_s: 0.0,
+            phases: Timing::default(),
         }
     }
 

@@ -94,7 +94,8 @@ qemu-tls-migrate bench --ram-mib 1024 --working-set-mib 0 --repeat 5 --out bench
 qemu-tls-migrate bench --modes tcp,tls,tls-mfd4 --dirty-rate 50000 --json\n\n\
 With --json, progress goes to stderr as JSON lines and stdout carries the report as one JSON \
 object. --out DIR writes bench.json (the report), bench.csv (one line per mode), runs.csv (one \
-line per run) and bench.svg (a chart)."
+line per run), bench.svg (throughput per mode), phases.svg (each mode's wall by phase) and \
+summary.md (the results, the phases and the gate's verdict in Markdown, for a CI job page)."
 )]
 pub struct BenchArgs {
     /// Modes to compare, comma-separated (default: tcp,tls,tls-mfdN,tls-aes128,tls-aes256,
@@ -149,7 +150,8 @@ pub struct BenchArgs {
     /// Where the VMs' directories go (RAM files included; default /dev/shm when present).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
-    /// Write bench.json, bench.csv, runs.csv and bench.svg into DIR (created if missing).
+    /// Write bench.json, bench.csv, runs.csv, bench.svg, phases.svg and summary.md into DIR
+    /// (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Progress as JSON lines on stderr, the report as one JSON object on stdout.
@@ -418,7 +420,7 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
         }
     }
     if let Some(out) = &args.out {
-        let written = write_outputs(&report, out)?;
+        let written = write_outputs(&report, gate.as_ref(), out)?;
         if !quiet {
             eprintln!("bench: wrote {}", written.join(", "));
         }
@@ -432,13 +434,19 @@ pub async fn run(args: BenchArgs, quiet: bool) -> anyhow::Result<Outcome> {
     }
 }
 
-/// Writes the four output files; returns their paths.
-fn write_outputs(report: &BenchReport, dir: &Path) -> anyhow::Result<Vec<String>> {
+/// Writes the output files; returns their paths.
+fn write_outputs(
+    report: &BenchReport,
+    gate: Option<&bench::gate::GateReport>,
+    dir: &Path,
+) -> anyhow::Result<Vec<String>> {
     let files = [
         ("bench.json", serde_json::to_string_pretty(report)? + "\n"),
         ("bench.csv", report.to_csv()),
         ("runs.csv", report.runs_csv()),
         ("bench.svg", bench::render_svg(report)),
+        ("phases.svg", bench::phases::render_svg(report)),
+        ("summary.md", bench::phases::render_markdown(report, gate)),
     ];
     let mut written = Vec::new();
     for (name, text) in files {
