@@ -10,6 +10,8 @@
 mod block;
 mod migrate;
 mod object;
+#[cfg(test)]
+mod replies;
 
 pub use block::*;
 pub use migrate::*;
