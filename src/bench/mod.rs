@@ -80,6 +80,44 @@ pub struct Mode {
     pub proxy: Option<ProxyKind>,
     /// A convergence aid (over TLS): `auto-converge`, `xbzrle`, `zstd`, `pause-after`.
     pub conv: Option<ConvMode>,
+    /// The QEMU both VMs of this mode run; `None`: `QTM_QEMU` or the system's.
+    pub qemu: Option<QemuBinary>,
+}
+
+/// A QEMU binary the bench runs some modes on (`bench --qemu LABEL=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QemuBinary {
+    /// Short name in mode names (`tls@10.0`).
+    pub label: String,
+    pub path: PathBuf,
+}
+
+impl Mode {
+    /// This mode on the QEMU `qemu`; the name gets `@LABEL` unless `keep_name` (the first
+    /// QEMU of a comparison keeps the plain names, so that `tcp` stays the baseline).
+    pub fn on_qemu(&self, qemu: &QemuBinary, keep_name: bool) -> Mode {
+        Mode {
+            name: if keep_name {
+                self.name.clone()
+            } else {
+                format!("{}@{}", self.name, qemu.label)
+            },
+            qemu: Some(qemu.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// Every mode on every QEMU of `qemus`, grouped by mode (`tls`, `tls@10.0`, ...), so that
+    /// a round runs each mode on each QEMU in turn.
+    pub fn across(modes: &[Mode], qemus: &[QemuBinary]) -> Vec<Mode> {
+        if qemus.is_empty() {
+            return modes.to_vec();
+        }
+        modes
+            .iter()
+            .flat_map(|m| qemus.iter().enumerate().map(|(i, q)| m.on_qemu(q, i == 0)))
+            .collect()
+    }
 }
 
 /// The convergence aids the bench compares (see [`crate::migration::Convergence`]).
@@ -106,6 +144,7 @@ impl Mode {
             tls_priority: None,
             proxy: None,
             conv: None,
+            qemu: None,
         }
     }
 
@@ -118,6 +157,7 @@ impl Mode {
             tls_priority: None,
             proxy: None,
             conv: None,
+            qemu: None,
         }
     }
 
@@ -235,6 +275,9 @@ impl Mode {
         }
         if let Some(p) = &self.tls_priority {
             s.push_str(&format!(", priority {p}"));
+        }
+        if let Some(q) = &self.qemu {
+            s.push_str(&format!(", QEMU {}", q.label));
         }
         match self.conv {
             Some(ConvMode::AutoConverge) => s.push_str(", auto-converge"),
@@ -484,8 +527,12 @@ pub async fn run(
                 run: index,
                 result: &result,
             });
-            if qemu_version.is_empty() {
-                qemu_version = version;
+            // Every version the modes ran on, in the order first seen (`7.2.22, 10.0.2`).
+            if !qemu_version.split(", ").any(|v| v == version) {
+                if !qemu_version.is_empty() {
+                    qemu_version.push_str(", ");
+                }
+                qemu_version.push_str(&version);
             }
             results.push(result);
         }
@@ -544,6 +591,7 @@ impl RunContext<'_> {
         config.accel = Some(self.accel);
         config.kernel = Some(self.kernel.clone());
         config.disks = src_disks;
+        config.qemu = mode.qemu.as_ref().map(|q| q.path.clone());
         let dst_paths: Vec<PathBuf> = dst_disks.iter().map(|d| d.path.clone()).collect();
         let dest_config =
             config.destination("bench-destination", &dir.join("destination"), &dst_paths);
@@ -873,5 +921,23 @@ mod tests {
         for m in &modes {
             assert_eq!(Mode::by_name(&m.name).as_ref(), Some(m));
         }
+    }
+
+    #[test]
+    fn modes_across_qemus_keep_the_first_qemus_names_and_group_by_mode() {
+        let q = |label: &str| QemuBinary {
+            label: label.into(),
+            path: PathBuf::from(format!("/opt/{label}/qemu")),
+        };
+        let modes = Mode::across(&[Mode::tcp(), Mode::tls()], &[q("7.2"), q("10.0")]);
+        let names: Vec<&str> = modes.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["tcp", "tcp@10.0", "tls", "tls@10.0"]);
+        assert_eq!(
+            modes[3].qemu.as_ref().map(|q| q.label.as_str()),
+            Some("10.0")
+        );
+        assert_eq!(modes[3].transport, Transport::Tls);
+        assert!(modes[3].describe().contains("QEMU 10.0"));
+        assert_eq!(Mode::across(&[Mode::tls()], &[]), [Mode::tls()]);
     }
 }

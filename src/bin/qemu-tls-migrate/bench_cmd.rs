@@ -102,6 +102,12 @@ pub struct BenchArgs {
     /// tls-chacha20). Ratios are taken to tcp, so keep it in the list.
     #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
     pub modes: Vec<Mode>,
+    /// Run every mode on each of these QEMU binaries too, side by side in the same rounds
+    /// (repeatable; LABEL=PATH, e.g. --qemu 7.2=/usr/bin/qemu-system-x86_64 --qemu
+    /// 10.0=.qemu/10.0/bin/qemu-system-x86_64). The first keeps the plain mode names (its tcp
+    /// is the baseline of every ratio); the others' modes are named MODE@LABEL.
+    #[arg(long = "qemu", value_name = "LABEL=PATH", value_parser = parse_qemu)]
+    pub qemus: Vec<bench::QemuBinary>,
     /// Multifd channels of the default matrix's tls-mfdN mode.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MULTIFD,
           value_parser = clap::value_parser!(u8).range(1..=64))]
@@ -185,6 +191,30 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     })
 }
 
+/// `LABEL=PATH` of `--qemu`: the path must be an existing file.
+fn parse_qemu(s: &str) -> Result<bench::QemuBinary, String> {
+    let (label, path) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected LABEL=PATH, e.g. 10.0=.qemu/10.0/bin/qemu-system-x86_64")
+    })?;
+    if label.is_empty()
+        || !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+    {
+        return Err(format!(
+            "{label:?}: a label is letters, digits, '.', '-' or '_'"
+        ));
+    }
+    let path = std::path::PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!("{}: no such QEMU binary", path.display()));
+    }
+    Ok(bench::QemuBinary {
+        label: label.to_string(),
+        path,
+    })
+}
+
 impl BenchArgs {
     /// The checked plan.
     pub fn config(&self) -> anyhow::Result<BenchConfig> {
@@ -194,6 +224,12 @@ impl BenchArgs {
         } else {
             self.modes.clone()
         };
+        let mut labels: Vec<&str> = self.qemus.iter().map(|q| q.label.as_str()).collect();
+        labels.sort_unstable();
+        if labels.windows(2).any(|w| w[0] == w[1]) {
+            bail!("a label is given twice in --qemu");
+        }
+        let modes = Mode::across(&modes, &self.qemus);
         let mut names: Vec<&str> = modes.iter().map(|m| m.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
