@@ -12,6 +12,7 @@
 //! with `root` as `/` ([`resolve_under`]): a managed `qemu.conf -> /srv/cm/qemu.conf` is
 //! edited in `<root>/srv/cm/qemu.conf`, never outside `root`.
 
+pub mod cloudstack;
 mod conf;
 mod diff;
 mod secure;
@@ -79,6 +80,35 @@ pub enum HostError {
     /// A configuration file to edit is not a regular file, or its symlinks do not resolve.
     #[error("{}: {problem}; nothing was changed: make it a regular file or a symlink to one", path.display())]
     BadConfig { path: PathBuf, problem: String },
+    /// The PKI directory QEMU reads does not hold CloudStack's current certificates (a
+    /// renewal was not followed), and was not refreshed.
+    #[error(
+        "the PKI directory {} does not hold CloudStack's current certificates ({}); {why}; run \
+         `qemu-tls-migrate host secure` (its renewal follower, qemu-tls-migrate-renew.path, \
+         keeps them in step)",
+        pki_dir.display(),
+        files
+            .iter()
+            .map(|f| format!("{} {} from {}", f.copy.display(), f.state, f.source.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )]
+    StalePki {
+        pki_dir: PathBuf,
+        files: Vec<cloudstack::StaleFile>,
+        why: String,
+    },
+    /// CloudStack's renewed files fail the checks of `pki check`; nothing was written.
+    #[error(
+        "CloudStack's renewed certificates in {} fail the PKI checks ({}); nothing was \
+         written: fix or re-provision them through CloudStack",
+        source_dir.display(),
+        problems.join("; ")
+    )]
+    RenewedUnusable {
+        source_dir: PathBuf,
+        problems: Vec<String>,
+    },
     /// A file or directory could not be read, written or created.
     #[error("cannot {action} {}: check the path and its permissions", path.display())]
     Io {

@@ -208,34 +208,10 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
     let source_dir = options.source_dir();
     let sources = read_sources(&source_dir)?;
     let pki_dir = under(root, &options.pki_dir);
-    let key_gid = pki::qemu_group().and_then(|name| {
-        nix::unistd::Group::from_name(&name)
-            .ok()
-            .flatten()
-            .map(|g| g.gid.as_raw())
-    });
     let mut planner = Planner::default();
 
     // 2. The PKI directory, with copies.
-    let pki_files: [(&str, &[u8], u32, Option<u32>); 6] = [
-        (pki::CA_CERT, &sources.ca, CERT_MODE, None),
-        (pki::SERVER_CERT, &sources.cert, CERT_MODE, None),
-        (pki::SERVER_KEY, &sources.key, KEY_MODE, key_gid),
-        (pki::CLIENT_CERT, &sources.cert, CERT_MODE, None),
-        (pki::CLIENT_KEY, &sources.key, KEY_MODE, key_gid),
-        // A standard group, so QEMU never generates DH parameters on the migration path.
-        (
-            pki::DH_PARAMS,
-            pki::FFDHE2048_PEM.as_bytes(),
-            CERT_MODE,
-            None,
-        ),
-    ];
-    planner.dir(&pki_dir)?;
-    for (name, contents, mode, gid) in pki_files {
-        let owner = Owner { uid: None, gid };
-        planner.file(&pki_dir.join(name), contents.to_vec(), mode, owner, false)?;
-    }
+    planner.pki_files(&pki_dir, &sources)?;
 
     // 3. libvirt's paths, as relative symlinks into the PKI directory.
     let links = [
@@ -314,6 +290,32 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         pki_dir,
         actions: planner.actions,
         unchanged: planner.unchanged,
+    })
+}
+
+/// Only step 2 of [`plan_secure`]: the PKI directory `pki_dir` (a real path, not placed under
+/// a root) gets its five files and `dh-params.pem` copied from CloudStack's files in
+/// `source_dir`, exactly as `host secure` writes them. Reads only.
+pub(super) fn plan_pki_copy(source_dir: &Path, pki_dir: &Path) -> Result<SecurePlan, HostError> {
+    let sources = read_sources(source_dir)?;
+    let mut planner = Planner::default();
+    planner.pki_files(pki_dir, &sources)?;
+    Ok(SecurePlan {
+        root: PathBuf::from("/"),
+        source_dir: source_dir.to_path_buf(),
+        pki_dir: pki_dir.to_path_buf(),
+        actions: planner.actions,
+        unchanged: planner.unchanged,
+    })
+}
+
+/// The group QEMU's keys get (QEMU's group, where one exists).
+fn key_gid() -> Option<u32> {
+    pki::qemu_group().and_then(|name| {
+        nix::unistd::Group::from_name(&name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
     })
 }
 
@@ -426,6 +428,31 @@ struct Planner {
 }
 
 impl Planner {
+    /// Step 2: the PKI directory and its files, copied from CloudStack's.
+    fn pki_files(&mut self, pki_dir: &Path, sources: &Sources) -> Result<(), HostError> {
+        let key_gid = key_gid();
+        let pki_files: [(&str, &[u8], u32, Option<u32>); 6] = [
+            (pki::CA_CERT, &sources.ca, CERT_MODE, None),
+            (pki::SERVER_CERT, &sources.cert, CERT_MODE, None),
+            (pki::SERVER_KEY, &sources.key, KEY_MODE, key_gid),
+            (pki::CLIENT_CERT, &sources.cert, CERT_MODE, None),
+            (pki::CLIENT_KEY, &sources.key, KEY_MODE, key_gid),
+            // A standard group, so QEMU never generates DH parameters on the migration path.
+            (
+                pki::DH_PARAMS,
+                pki::FFDHE2048_PEM.as_bytes(),
+                CERT_MODE,
+                None,
+            ),
+        ];
+        self.dir(pki_dir)?;
+        for (name, contents, mode, gid) in pki_files {
+            let owner = Owner { uid: None, gid };
+            self.file(&pki_dir.join(name), contents.to_vec(), mode, owner, false)?;
+        }
+        Ok(())
+    }
+
     fn dir(&mut self, path: &Path) -> Result<(), HostError> {
         if path.is_dir() || self.actions.iter().any(|a| a.path() == path) {
             return Ok(());
