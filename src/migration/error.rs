@@ -43,6 +43,14 @@ pub enum MigrationError {
         dir: PathBuf,
         problems: Vec<String>,
     },
+    #[error("the {side}'s PKI directory does not follow CloudStack's certificates")]
+    CloudStackPki {
+        side: Side,
+        #[source]
+        source: crate::host::HostError,
+    },
+    #[error("refusing --transport auto on the {side}: {desc}")]
+    CloudStackDisagrees { side: Side, desc: String },
     #[error(
         "refusing to leave disk(s) {} behind: each is writable and not on shared storage, so the \
          guest would run on the destination without its data; copy them (--disk NODE or \
@@ -233,6 +241,9 @@ impl MigrationError {
             MigrationError::MixedSecurity { .. } => ErrorKind::MixedSecurity,
             MigrationError::Unsecured { .. } => ErrorKind::Unsecured,
             MigrationError::PkiBroken { .. } => ErrorKind::PkiBroken,
+            // Kinds of the peer protocol, which does not change for these.
+            MigrationError::CloudStackPki { .. } => ErrorKind::PkiBroken,
+            MigrationError::CloudStackDisagrees { .. } => ErrorKind::MixedSecurity,
             MigrationError::DiskLeftBehind { .. } => ErrorKind::DiskLeftBehind,
             MigrationError::SplitBrainRisk { .. } => ErrorKind::SplitBrainRisk,
             MigrationError::PlainRefused => ErrorKind::PlainRefused,
