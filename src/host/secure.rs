@@ -15,6 +15,13 @@
 //!    owner and group.
 //! 5. nftables rules and an iptables alternative open 16514, 16515 (the migration service) and
 //!    49152-49215 (written, not loaded).
+//! 6. The renewal follower: `qemu-tls-migrate-renew.path` watching `cloud.crt`, `cloud.ca.crt`
+//!    and `cloud.key` and `qemu-tls-migrate-renew.service` running this same `host secure`
+//!    again (the templates of `qemu-conf/`, with this run's binary, `--from` and `--pki-dir`)
+//!    in `/etc/systemd/system`, enabled by its link in `paths.target.wants` (systemd must be
+//!    told: `systemctl daemon-reload`, `systemctl start qemu-tls-migrate-renew.path`). After
+//!    `keystore-cert-import`'s `ln -sf` of libvirt's paths at `cloud.*`, the run it starts puts
+//!    step 3's links back and copies the renewed files into the PKI directory.
 //!
 //! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once (same
 //! mode, owner and group; a symlink is backed up as a symlink); what is already as wanted is left
@@ -42,9 +49,9 @@ use serde::Serialize;
 use super::conf::{self, Setting};
 use super::{
     BACKUP_SUFFIX, CLOUDSTACK_CA, CLOUDSTACK_CERT, CLOUDSTACK_KEY, DEFAULT_CLOUDSTACK_DIR,
-    HostError, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT, LIBVIRT_CLIENT_KEY,
-    LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES, QEMU_CONF, resolve_under,
-    under,
+    HostError, INSTALLED_BINARY, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT,
+    LIBVIRT_CLIENT_KEY, LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES,
+    QEMU_CONF, RENEW_PATH_UNIT, RENEW_PATH_WANTS, RENEW_SERVICE_UNIT, resolve_under, under,
 };
 use crate::pki;
 
@@ -52,6 +59,10 @@ const QEMU_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/qemu.conf");
 const LIBVIRTD_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/libvirtd.conf");
 const NFT_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.nft");
 const IPTABLES_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.iptables");
+const RENEW_PATH_TEMPLATE: &str = include_str!("../../qemu-conf/qemu-tls-migrate-renew.path");
+const RENEW_SERVICE_TEMPLATE: &str = include_str!("../../qemu-conf/qemu-tls-migrate-renew.service");
+/// The command line in the service template, replaced by the one this run was given.
+const TEMPLATE_EXEC_START: &str = "ExecStart=/usr/bin/qemu-tls-migrate host secure";
 
 const DIR_MODE: u32 = 0o755;
 const CERT_MODE: u32 = 0o644;
@@ -85,6 +96,8 @@ pub struct SecureOptions {
     pub from: Option<PathBuf>,
     /// The PKI directory as on the host (default `/etc/pki/qemu`).
     pub pki_dir: PathBuf,
+    /// The binary the renewal follower runs; `None`: the package's (`/usr/bin`).
+    pub exec: Option<PathBuf>,
 }
 
 impl SecureOptions {
@@ -94,7 +107,35 @@ impl SecureOptions {
             root: root.into(),
             from: None,
             pki_dir: PathBuf::from(pki::DEFAULT_PKI_DIR),
+            exec: None,
         }
+    }
+
+    /// The command line that repeats this run: what the renewal follower runs.
+    fn command_line(&self) -> Vec<String> {
+        let exec = self
+            .exec
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(INSTALLED_BINARY));
+        let mut argv = vec![
+            exec.display().to_string(),
+            "host".to_string(),
+            "secure".to_string(),
+        ];
+        if let Some(from) = &self.from {
+            argv.extend(["--from".to_string(), from.display().to_string()]);
+        }
+        if self.pki_dir != Path::new(pki::DEFAULT_PKI_DIR) {
+            argv.extend(["--pki-dir".to_string(), self.pki_dir.display().to_string()]);
+        }
+        argv
+    }
+
+    /// The agent directory as the host sees it (what the path unit watches).
+    fn host_source_dir(&self) -> PathBuf {
+        self.from
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CLOUDSTACK_DIR))
     }
 
     fn source_dir(&self) -> PathBuf {
@@ -199,6 +240,8 @@ pub struct SecureReport {
     pub pki: Option<pki::Report>,
     /// How to load the firewall rules (they are written, not loaded).
     pub firewall_hint: String,
+    /// How to start the renewal follower (its units are written and enabled, not started).
+    pub follower_hint: String,
 }
 
 /// Works out what `host secure` changes; reads only. Missing or unparsable CloudStack files are
@@ -284,6 +327,35 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         planner.file(&path, contents, RULES_MODE, Owner::default(), true)?;
     }
 
+    // 6. The renewal follower: a path unit on cloud.* starting `host secure` again, enabled.
+    for (unit, contents) in [
+        (
+            RENEW_PATH_UNIT,
+            render_path_unit(&options.host_source_dir()),
+        ),
+        (
+            RENEW_SERVICE_UNIT,
+            render_service_unit(&options.command_line()),
+        ),
+    ] {
+        let path = under(root, Path::new(unit));
+        if let Some(parent) = path.parent() {
+            planner.dir(parent)?;
+        }
+        planner.file(
+            &path,
+            contents.into_bytes(),
+            RULES_MODE,
+            Owner::default(),
+            true,
+        )?;
+    }
+    let wants = under(root, Path::new(RENEW_PATH_WANTS));
+    if let Some(parent) = wants.parent() {
+        planner.dir(parent)?;
+    }
+    planner.symlink(&wants, PathBuf::from(RENEW_PATH_UNIT))?;
+
     Ok(SecurePlan {
         root: root.clone(),
         source_dir,
@@ -291,6 +363,42 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         actions: planner.actions,
         unchanged: planner.unchanged,
     })
+}
+
+/// `%` as systemd reads it in a unit file (specifiers start with it).
+fn unit_escape(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// One word of an `ExecStart=` line: quoted (systemd's C-style) when it holds a space, a quote
+/// or a backslash.
+fn exec_word(word: &str) -> String {
+    let escaped = unit_escape(word);
+    if escaped.is_empty() || escaped.contains([' ', '\t', '"', '\'', '\\', ';']) {
+        format!("\"{}\"", escaped.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        escaped
+    }
+}
+
+/// The path unit, watching CloudStack's files in `agent_dir` (as on the host).
+pub(super) fn render_path_unit(agent_dir: &Path) -> String {
+    RENEW_PATH_TEMPLATE.replace(
+        &format!("={DEFAULT_CLOUDSTACK_DIR}/"),
+        &format!("={}/", unit_escape(&agent_dir.display().to_string())),
+    )
+}
+
+/// The service unit, running `argv`.
+pub(super) fn render_service_unit(argv: &[String]) -> String {
+    let line = format!(
+        "ExecStart={}",
+        argv.iter()
+            .map(|w| exec_word(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    RENEW_SERVICE_TEMPLATE.replace(TEMPLATE_EXEC_START, &line)
 }
 
 /// Only step 2 of [`plan_secure`]: the PKI directory `pki_dir` (a real path, not placed under
@@ -817,6 +925,49 @@ mod tests {
         );
         assert!(NFT_TEMPLATE.contains("16514, 16515, 49152-49215"));
         assert!(IPTABLES_TEMPLATE.contains("49152:49215"));
+    }
+
+    #[test]
+    fn the_follower_repeats_this_run_and_watches_its_agent_dir() {
+        let options = SecureOptions {
+            root: PathBuf::from("/tmp/r"),
+            from: Some(PathBuf::from("/srv/cloud stack/agent")),
+            pki_dir: PathBuf::from("/etc/pki/qemu-cs"),
+            exec: Some(PathBuf::from("/opt/qtm/bin/qemu-tls-migrate")),
+        };
+
+        let service = render_service_unit(&options.command_line());
+        let path = render_path_unit(&options.host_source_dir());
+
+        assert!(
+            service.contains(
+                "\nExecStart=/opt/qtm/bin/qemu-tls-migrate host secure --from \
+                 \"/srv/cloud stack/agent\" --pki-dir /etc/pki/qemu-cs\n"
+            ),
+            "{service}"
+        );
+        assert!(!service.contains(TEMPLATE_EXEC_START), "{service}");
+        for name in ["cloud.crt", "cloud.ca.crt", "cloud.key"] {
+            assert!(
+                path.contains(&format!("\nPathChanged=/srv/cloud stack/agent/{name}\n")),
+                "{path}"
+            );
+        }
+        assert!(!path.contains("PathChanged=/etc/cloudstack"), "{path}");
+    }
+
+    #[test]
+    fn the_default_follower_is_the_packaged_unit() {
+        let options = SecureOptions::new("/");
+
+        assert_eq!(
+            render_service_unit(&options.command_line()),
+            RENEW_SERVICE_TEMPLATE
+        );
+        assert_eq!(
+            render_path_unit(&options.host_source_dir()),
+            RENEW_PATH_TEMPLATE
+        );
     }
 
     #[test]
