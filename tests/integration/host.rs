@@ -707,3 +707,22 @@ fn host_status_names_both_verdicts_when_cloudstack_disagrees() {
     assert!(said.contains("/etc/cloudstack/agent/cloud.crt"), "{said}");
     assert!(said.contains("/etc/pki/qemu is usable"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_status_probes_the_agents_self_connect_through_libvirt() {
+    // A real libvirtd that does not listen for TLS (the test pair's): the agent's
+    // qemu+tls://<privateIp>/system self-connect fails, and says where.
+    let pair = crate::fixture::LibvirtPair::shared();
+    let ip = pair.hosts.a_addr.clone();
+
+    let out = Cli::new(["host", "status", "--private-ip", &ip, "--json"])
+        .in_host(&pair.a)
+        .output()
+        .await;
+
+    let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let probe = &status["cloudstack"]["self_connect"];
+    assert_eq!(probe["state"], "failed", "{status:#}");
+    assert_eq!(probe["uri"], format!("qemu+tls://{ip}/system"));
+    assert!(!probe["error"].as_str().expect("error").is_empty());
+}
