@@ -43,7 +43,10 @@ pub enum MigrationError {
         dir: PathBuf,
         problems: Vec<String>,
     },
-    #[error("the {side}'s PKI directory does not follow CloudStack's certificates")]
+    #[error(
+        "cannot make the {side}'s PKI directory follow CloudStack's certificates \
+         (--no-cloudstack-check skips this check)"
+    )]
     CloudStackPki {
         side: Side,
         #[source]

@@ -229,8 +229,10 @@ impl MigrationOptions {
             forecast: ForecastWhen::FirstPass,
             job_id: None,
             source_domain_uuid: None,
-            source_cloudstack_dir: Some(PathBuf::from(crate::host::DEFAULT_CLOUDSTACK_DIR)),
-            dest_cloudstack_dir: Some(PathBuf::from(crate::host::DEFAULT_CLOUDSTACK_DIR)),
+            // The command line's default is CloudStack's directory; a library caller (the
+            // demo, the benches: lab PKIs) asks for the check.
+            source_cloudstack_dir: None,
+            dest_cloudstack_dir: None,
         }
     }
 

@@ -60,8 +60,8 @@ pub struct ServeOptions {
     pub listen: crate::addr::Address,
     pub pki_dir: PathBuf,
     /// CloudStack's agent directory: before each migration is accepted, `pki_dir` is made to
-    /// follow its current certificates ([`crate::migration::cloudstack::follow`]); `None`: not
-    /// checked.
+    /// follow its current certificates ([`crate::migration::cloudstack::follow`]); `None` (the
+    /// default here; `serve`'s is CloudStack's directory): not checked.
     pub cloudstack_dir: Option<PathBuf>,
     /// Only QMP sockets in this directory can be named by a source.
     pub qmp_dir: PathBuf,
@@ -101,7 +101,7 @@ impl ServeOptions {
         ServeOptions {
             listen,
             pki_dir,
-            cloudstack_dir: Some(PathBuf::from(crate::host::DEFAULT_CLOUDSTACK_DIR)),
+            cloudstack_dir: None,
             qmp_dir,
             allow_clients: Vec::new(),
             port_range: crate::ports::DEFAULT_RANGE,
