@@ -204,13 +204,25 @@ fn not_host_secure_layout(pki_dir: &Path) -> Option<String> {
 }
 
 /// Writes CloudStack's current files into `pki_dir` as `host secure` does, after the same
-/// files written to a staging directory beside it passed every check of `pki check`. Returns
-/// the paths written.
+/// files written to a staging directory beside it passed every check of `pki check`
+/// ([`check_staged`]). Returns the paths written.
 pub fn refresh(agent_dir: &Path, pki_dir: &Path) -> Result<Vec<PathBuf>, HostError> {
-    let parent = match pki_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    check_staged(agent_dir, pki_dir)?;
+    let changes = super::secure::plan_pki_copy(agent_dir, pki_dir)?.apply_unchecked()?;
+    Ok(changes.into_iter().map(|c| c.path).collect())
+}
+
+/// Writes the PKI files `host secure` would make from `agent_dir` into a staging directory
+/// beside `pki_dir` (removed afterwards) and runs every check of `pki check` on them: an error
+/// naming each problem when they are not usable, before anything real is written.
+pub fn check_staged(agent_dir: &Path, pki_dir: &Path) -> Result<(), HostError> {
+    // The nearest directory that exists (a first `host secure` creates the PKI directory's
+    // parents later, as planned).
+    let parent = pki_dir
+        .ancestors()
+        .skip(1)
+        .find(|p| !p.as_os_str().is_empty() && p.is_dir())
+        .unwrap_or(Path::new("."));
     let staging = tempfile::Builder::new()
         .prefix(".qemu-tls-migrate-refresh-")
         .tempdir_in(parent)
@@ -220,25 +232,23 @@ pub fn refresh(agent_dir: &Path, pki_dir: &Path) -> Result<Vec<PathBuf>, HostErr
             source,
         })?;
     let staged = staging.path().join("pki");
-    super::secure::plan_pki_copy(agent_dir, &staged)?.apply()?;
+    super::secure::plan_pki_copy(agent_dir, &staged)?.apply_unchecked()?;
     let report = pki::check_dir(&staged, None);
-    if !report.usable {
-        return Err(HostError::RenewedUnusable {
-            source_dir: agent_dir.to_path_buf(),
-            problems: report
-                .findings
-                .iter()
-                .filter(|f| f.severity == pki::Severity::Error)
-                .map(|f| {
-                    f.reason()
-                        .replace(&staged.display().to_string(), "<staged>")
-                })
-                .collect(),
-        });
+    if report.usable {
+        return Ok(());
     }
-    let plan = super::secure::plan_pki_copy(agent_dir, pki_dir)?;
-    let changes = plan.apply()?;
-    Ok(changes.into_iter().map(|c| c.path).collect())
+    Err(HostError::RenewedUnusable {
+        source_dir: agent_dir.to_path_buf(),
+        problems: report
+            .findings
+            .iter()
+            .filter(|f| f.severity == pki::Severity::Error)
+            .map(|f| {
+                f.reason()
+                    .replace(&staged.display().to_string(), "<staged>")
+            })
+            .collect(),
+    })
 }
 
 /// CloudStack's own verdict on this host (`LibvirtComputingResource.isHostSecured`).

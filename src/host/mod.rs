@@ -107,10 +107,12 @@ pub enum HostError {
         files: Vec<cloudstack::StaleFile>,
         why: String,
     },
-    /// CloudStack's renewed files fail the checks of `pki check`; nothing was written.
+    /// CloudStack's files, as they would be laid out, fail the checks of `pki check`;
+    /// nothing was written.
     #[error(
-        "CloudStack's renewed certificates in {} fail the PKI checks ({}); nothing was \
-         written: fix or re-provision them through CloudStack",
+        "CloudStack's certificates in {} fail the PKI checks ({}); nothing was written: fix \
+         or re-provision them through CloudStack (a renewal caught half-way: run it again once \
+         all three files are written)",
         source_dir.display(),
         problems.join("; ")
     )]

@@ -23,6 +23,11 @@
 //!    `keystore-cert-import`'s `ln -sf` of libvirt's paths at `cloud.*`, the run it starts puts
 //!    step 3's links back and copies the renewed files into the PKI directory.
 //!
+//! Before any PKI file is written, the same files are written to a staging directory and put
+//! through every check of `pki check` ([`super::cloudstack::check_staged`]): a renewal caught
+//! half-way (a new `cloud.crt`, the old `cloud.key`) is an error that changes nothing, and
+//! the follower's `Restart=on-failure` runs it again once all three files are written.
+//!
 //! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once (same
 //! mode, owner and group; a symlink is backed up as a symlink); what is already as wanted is left
 //! alone, so a second run changes nothing.
@@ -716,8 +721,22 @@ impl SecurePlan {
     }
 
     /// Makes the changes: directories, then files (atomically), then symlinks; whatever is
-    /// replaced is first backed up once to `<path>.qemu-tls-migrate.orig`.
+    /// replaced is first backed up once to `<path>.qemu-tls-migrate.orig`. When PKI files are
+    /// to be written, the same files are first written to a staging directory beside the PKI
+    /// directory and must pass every check of `pki check` (a renewal caught half-way, a
+    /// certificate that does not match its key or CA): otherwise nothing is changed.
     pub fn apply(&self) -> Result<Vec<AppliedChange>, HostError> {
+        let writes_pki = self.actions.iter().any(
+            |a| matches!(a, Action::WriteFile { path, .. } if path.parent() == Some(&self.pki_dir)),
+        );
+        if writes_pki {
+            super::cloudstack::check_staged(&self.source_dir, &self.pki_dir)?;
+        }
+        self.apply_unchecked()
+    }
+
+    /// [`SecurePlan::apply`] without the staged check.
+    pub(super) fn apply_unchecked(&self) -> Result<Vec<AppliedChange>, HostError> {
         let changes = self.changes();
         for (action, change) in self.actions.iter().zip(&changes) {
             if let Some(backup) = &change.backup {

@@ -726,3 +726,29 @@ async fn host_status_probes_the_agents_self_connect_through_libvirt() {
     assert_eq!(probe["uri"], format!("qemu+tls://{ip}/system"));
     assert!(!probe["error"].as_str().expect("error").is_empty());
 }
+
+#[test]
+fn host_secure_midway_through_a_renewal_writes_nothing_and_says_why() {
+    let root = cloudstack_root();
+    let (first, _) = secure(root.path(), &[]);
+    // keystore-cert-import caught between its writes: a new cloud.crt, the old cloud.key.
+    let ca = LabCa::generate("CloudStack CA, renewed").expect("ca");
+    let (cert, _key) = ca
+        .issue_dual_pem(&HostCert::new(vec!["host-a".to_string()]))
+        .expect("issue");
+    fs::write(root.path().join("etc/cloudstack/agent/cloud.crt"), cert).expect("write");
+    let before = snapshot(root.path());
+
+    let (second, _) = secure(root.path(), &[]);
+
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("fail the PKI checks"), "{stderr}");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(
+        snapshot(root.path()),
+        before,
+        "nothing changed but cloud.crt"
+    );
+}
