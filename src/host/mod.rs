@@ -12,6 +12,7 @@
 //! with `root` as `/` ([`resolve_under`]): a managed `qemu.conf -> /srv/cm/qemu.conf` is
 //! edited in `<root>/srv/cm/qemu.conf`, never outside `root`.
 
+pub mod cloudstack;
 mod conf;
 mod diff;
 mod secure;
@@ -53,6 +54,15 @@ pub const LIBVIRT_CLIENT_KEY: &str = "/etc/pki/libvirt/private/clientkey.pem";
 pub const NFT_RULES: &str = "/etc/nftables.d/qemu-tls-migrate.nft";
 /// The iptables alternative (`iptables-restore --noflush`).
 pub const IPTABLES_RULES: &str = "/etc/iptables/qemu-tls-migrate.rules";
+/// The renewal follower's path unit `host secure` writes (watches `cloud.*`).
+pub const RENEW_PATH_UNIT: &str = "/etc/systemd/system/qemu-tls-migrate-renew.path";
+/// The oneshot service it starts (`host secure` again).
+pub const RENEW_SERVICE_UNIT: &str = "/etc/systemd/system/qemu-tls-migrate-renew.service";
+/// The link that enables the path unit (what `systemctl enable` makes).
+pub const RENEW_PATH_WANTS: &str =
+    "/etc/systemd/system/paths.target.wants/qemu-tls-migrate-renew.path";
+/// Where the binary is installed by the Debian package.
+pub const INSTALLED_BINARY: &str = "/usr/bin/qemu-tls-migrate";
 /// Suffix of the one-time backup of a file `host secure` changes.
 pub const BACKUP_SUFFIX: &str = ".qemu-tls-migrate.orig";
 
@@ -79,6 +89,37 @@ pub enum HostError {
     /// A configuration file to edit is not a regular file, or its symlinks do not resolve.
     #[error("{}: {problem}; nothing was changed: make it a regular file or a symlink to one", path.display())]
     BadConfig { path: PathBuf, problem: String },
+    /// The PKI directory QEMU reads does not hold CloudStack's current certificates (a
+    /// renewal was not followed), and was not refreshed.
+    #[error(
+        "the PKI directory {} does not hold CloudStack's current certificates ({}); {why}; run \
+         `qemu-tls-migrate host secure` (its renewal follower, qemu-tls-migrate-renew.path, \
+         keeps them in step)",
+        pki_dir.display(),
+        files
+            .iter()
+            .map(|f| format!("{} {} from {}", f.copy.display(), f.state, f.source.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )]
+    StalePki {
+        pki_dir: PathBuf,
+        files: Vec<cloudstack::StaleFile>,
+        why: String,
+    },
+    /// CloudStack's files, as they would be laid out, fail the checks of `pki check`;
+    /// nothing was written.
+    #[error(
+        "CloudStack's certificates in {} fail the PKI checks ({}); nothing was written: fix \
+         or re-provision them through CloudStack (a renewal caught half-way: run it again once \
+         all three files are written)",
+        source_dir.display(),
+        problems.join("; ")
+    )]
+    RenewedUnusable {
+        source_dir: PathBuf,
+        problems: Vec<String>,
+    },
     /// A file or directory could not be read, written or created.
     #[error("cannot {action} {}: check the path and its permissions", path.display())]
     Io {
@@ -172,6 +213,13 @@ pub struct HostStatus {
     /// Whether libvirt's own native-TLS migration (`virsh migrate --tls`, CloudStack's
     /// primary path, with this tool as its fallback) would work on this host.
     pub libvirt_tls_migration: LibvirtTlsStatus,
+    /// CloudStack's own verdict (`cloud.crt` next to `agent.properties`, and the
+    /// `qemu+tls://<privateIp>/system` self-connect), and whether the PKI directory holds the
+    /// agent's current certificates.
+    pub cloudstack: cloudstack::CloudStackStatus,
+    /// When CloudStack's verdict and `secured` differ: a sentence naming both (`--transport
+    /// auto` refuses then).
+    pub disagreement: Option<String>,
 }
 
 /// What `virsh migrate --tls` needs of this host: QEMU's PKI directory usable (libvirt's
@@ -186,8 +234,11 @@ pub struct LibvirtTlsStatus {
 
 /// Whether the host under `root` is secured: its PKI directory (`qemu.conf`'s
 /// `default_tls_x509_cert_dir`, else [`crate::pki::DEFAULT_PKI_DIR`]) is usable for both roles.
-/// `qemu.conf`/`libvirtd.conf` settings that differ from `host secure`'s are warnings.
-pub fn status(root: &Path) -> HostStatus {
+/// `qemu.conf`/`libvirtd.conf` settings that differ from `host secure`'s are warnings, and so
+/// is a PKI directory that does not hold CloudStack's current certificates. CloudStack's own
+/// verdict is reported beside it, with `self_connect` as the caller probed it (libvirt sits
+/// above this module).
+pub fn status(root: &Path, self_connect: cloudstack::SelfConnect) -> HostStatus {
     let pki_dir = get_setting(&read_config(root, QEMU_CONF), "default_tls_x509_cert_dir")
         .map(|v| PathBuf::from(conf::unquoted(&v)))
         .unwrap_or_else(|| PathBuf::from(crate::pki::DEFAULT_PKI_DIR));
@@ -222,13 +273,39 @@ pub fn status(root: &Path) -> HostStatus {
     }
     let secured = reasons.is_empty();
     let libvirt_tls_migration = libvirt_tls_status(root, secured);
-    tracing::debug!(secured, reasons = reasons.len(), "host status");
+    let cloudstack = cloudstack::cloudstack_status(
+        &under(root, Path::new(DEFAULT_CLOUDSTACK_DIR)),
+        Path::new(DEFAULT_CLOUDSTACK_DIR),
+        &under(root, &pki_dir),
+        self_connect,
+    );
+    if let cloudstack::Agreement::Stale { files } = &cloudstack.pki {
+        warnings.push(format!(
+            "{}: {} not hold CloudStack's current certificates (a renewal was not followed); \
+             run `qemu-tls-migrate host secure`",
+            files
+                .iter()
+                .map(|f| f.copy.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if files.len() == 1 { "does" } else { "do" }
+        ));
+    }
+    let disagreement = cloudstack::disagreement(&cloudstack, secured, &pki_dir);
+    tracing::debug!(
+        secured,
+        reasons = reasons.len(),
+        cloudstack = cloudstack.secured,
+        "host status"
+    );
     HostStatus {
         secured,
         reasons,
         pki_dir,
         warnings,
         libvirt_tls_migration,
+        cloudstack,
+        disagreement,
     }
 }
 

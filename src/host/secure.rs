@@ -15,6 +15,18 @@
 //!    owner and group.
 //! 5. nftables rules and an iptables alternative open 16514, 16515 (the migration service) and
 //!    49152-49215 (written, not loaded).
+//! 6. The renewal follower: `qemu-tls-migrate-renew.path` watching `cloud.crt`, `cloud.ca.crt`
+//!    and `cloud.key` and `qemu-tls-migrate-renew.service` running this same `host secure`
+//!    again (the templates of `qemu-conf/`, with this run's binary, `--from` and `--pki-dir`)
+//!    in `/etc/systemd/system`, enabled by its link in `paths.target.wants` (systemd must be
+//!    told: `systemctl daemon-reload`, `systemctl start qemu-tls-migrate-renew.path`). After
+//!    `keystore-cert-import`'s `ln -sf` of libvirt's paths at `cloud.*`, the run it starts puts
+//!    step 3's links back and copies the renewed files into the PKI directory.
+//!
+//! Before any PKI file is written, the same files are written to a staging directory and put
+//! through every check of `pki check` ([`super::cloudstack::check_staged`]): a renewal caught
+//! half-way (a new `cloud.crt`, the old `cloud.key`) is an error that changes nothing, and
+//! the follower's `Restart=on-failure` runs it again once all three files are written.
 //!
 //! Every file that is replaced is first copied to `<file>.qemu-tls-migrate.orig`, once (same
 //! mode, owner and group; a symlink is backed up as a symlink); what is already as wanted is left
@@ -42,9 +54,9 @@ use serde::Serialize;
 use super::conf::{self, Setting};
 use super::{
     BACKUP_SUFFIX, CLOUDSTACK_CA, CLOUDSTACK_CERT, CLOUDSTACK_KEY, DEFAULT_CLOUDSTACK_DIR,
-    HostError, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT, LIBVIRT_CLIENT_KEY,
-    LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES, QEMU_CONF, resolve_under,
-    under,
+    HostError, INSTALLED_BINARY, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT,
+    LIBVIRT_CLIENT_KEY, LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES,
+    QEMU_CONF, RENEW_PATH_UNIT, RENEW_PATH_WANTS, RENEW_SERVICE_UNIT, resolve_under, under,
 };
 use crate::pki;
 
@@ -52,6 +64,10 @@ const QEMU_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/qemu.conf");
 const LIBVIRTD_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/libvirtd.conf");
 const NFT_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.nft");
 const IPTABLES_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.iptables");
+const RENEW_PATH_TEMPLATE: &str = include_str!("../../qemu-conf/qemu-tls-migrate-renew.path");
+const RENEW_SERVICE_TEMPLATE: &str = include_str!("../../qemu-conf/qemu-tls-migrate-renew.service");
+/// The command line in the service template, replaced by the one this run was given.
+const TEMPLATE_EXEC_START: &str = "ExecStart=/usr/bin/qemu-tls-migrate host secure";
 
 const DIR_MODE: u32 = 0o755;
 const CERT_MODE: u32 = 0o644;
@@ -85,6 +101,8 @@ pub struct SecureOptions {
     pub from: Option<PathBuf>,
     /// The PKI directory as on the host (default `/etc/pki/qemu`).
     pub pki_dir: PathBuf,
+    /// The binary the renewal follower runs; `None`: the package's (`/usr/bin`).
+    pub exec: Option<PathBuf>,
 }
 
 impl SecureOptions {
@@ -94,7 +112,35 @@ impl SecureOptions {
             root: root.into(),
             from: None,
             pki_dir: PathBuf::from(pki::DEFAULT_PKI_DIR),
+            exec: None,
         }
+    }
+
+    /// The command line that repeats this run: what the renewal follower runs.
+    fn command_line(&self) -> Vec<String> {
+        let exec = self
+            .exec
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(INSTALLED_BINARY));
+        let mut argv = vec![
+            exec.display().to_string(),
+            "host".to_string(),
+            "secure".to_string(),
+        ];
+        if let Some(from) = &self.from {
+            argv.extend(["--from".to_string(), from.display().to_string()]);
+        }
+        if self.pki_dir != Path::new(pki::DEFAULT_PKI_DIR) {
+            argv.extend(["--pki-dir".to_string(), self.pki_dir.display().to_string()]);
+        }
+        argv
+    }
+
+    /// The agent directory as the host sees it (what the path unit watches).
+    fn host_source_dir(&self) -> PathBuf {
+        self.from
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CLOUDSTACK_DIR))
     }
 
     fn source_dir(&self) -> PathBuf {
@@ -199,6 +245,8 @@ pub struct SecureReport {
     pub pki: Option<pki::Report>,
     /// How to load the firewall rules (they are written, not loaded).
     pub firewall_hint: String,
+    /// How to start the renewal follower (its units are written and enabled, not started).
+    pub follower_hint: String,
 }
 
 /// Works out what `host secure` changes; reads only. Missing or unparsable CloudStack files are
@@ -208,34 +256,10 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
     let source_dir = options.source_dir();
     let sources = read_sources(&source_dir)?;
     let pki_dir = under(root, &options.pki_dir);
-    let key_gid = pki::qemu_group().and_then(|name| {
-        nix::unistd::Group::from_name(&name)
-            .ok()
-            .flatten()
-            .map(|g| g.gid.as_raw())
-    });
     let mut planner = Planner::default();
 
     // 2. The PKI directory, with copies.
-    let pki_files: [(&str, &[u8], u32, Option<u32>); 6] = [
-        (pki::CA_CERT, &sources.ca, CERT_MODE, None),
-        (pki::SERVER_CERT, &sources.cert, CERT_MODE, None),
-        (pki::SERVER_KEY, &sources.key, KEY_MODE, key_gid),
-        (pki::CLIENT_CERT, &sources.cert, CERT_MODE, None),
-        (pki::CLIENT_KEY, &sources.key, KEY_MODE, key_gid),
-        // A standard group, so QEMU never generates DH parameters on the migration path.
-        (
-            pki::DH_PARAMS,
-            pki::FFDHE2048_PEM.as_bytes(),
-            CERT_MODE,
-            None,
-        ),
-    ];
-    planner.dir(&pki_dir)?;
-    for (name, contents, mode, gid) in pki_files {
-        let owner = Owner { uid: None, gid };
-        planner.file(&pki_dir.join(name), contents.to_vec(), mode, owner, false)?;
-    }
+    planner.pki_files(&pki_dir, &sources)?;
 
     // 3. libvirt's paths, as relative symlinks into the PKI directory.
     let links = [
@@ -308,12 +332,103 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         planner.file(&path, contents, RULES_MODE, Owner::default(), true)?;
     }
 
+    // 6. The renewal follower: a path unit on cloud.* starting `host secure` again, enabled.
+    for (unit, contents) in [
+        (
+            RENEW_PATH_UNIT,
+            render_path_unit(&options.host_source_dir()),
+        ),
+        (
+            RENEW_SERVICE_UNIT,
+            render_service_unit(&options.command_line()),
+        ),
+    ] {
+        let path = under(root, Path::new(unit));
+        if let Some(parent) = path.parent() {
+            planner.dir(parent)?;
+        }
+        planner.file(
+            &path,
+            contents.into_bytes(),
+            RULES_MODE,
+            Owner::default(),
+            true,
+        )?;
+    }
+    let wants = under(root, Path::new(RENEW_PATH_WANTS));
+    if let Some(parent) = wants.parent() {
+        planner.dir(parent)?;
+    }
+    planner.symlink(&wants, PathBuf::from(RENEW_PATH_UNIT))?;
+
     Ok(SecurePlan {
         root: root.clone(),
         source_dir,
         pki_dir,
         actions: planner.actions,
         unchanged: planner.unchanged,
+    })
+}
+
+/// `%` as systemd reads it in a unit file (specifiers start with it).
+fn unit_escape(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// One word of an `ExecStart=` line: quoted (systemd's C-style) when it holds a space, a quote
+/// or a backslash.
+fn exec_word(word: &str) -> String {
+    let escaped = unit_escape(word);
+    if escaped.is_empty() || escaped.contains([' ', '\t', '"', '\'', '\\', ';']) {
+        format!("\"{}\"", escaped.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        escaped
+    }
+}
+
+/// The path unit, watching CloudStack's files in `agent_dir` (as on the host).
+pub(super) fn render_path_unit(agent_dir: &Path) -> String {
+    RENEW_PATH_TEMPLATE.replace(
+        &format!("={DEFAULT_CLOUDSTACK_DIR}/"),
+        &format!("={}/", unit_escape(&agent_dir.display().to_string())),
+    )
+}
+
+/// The service unit, running `argv`.
+pub(super) fn render_service_unit(argv: &[String]) -> String {
+    let line = format!(
+        "ExecStart={}",
+        argv.iter()
+            .map(|w| exec_word(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    RENEW_SERVICE_TEMPLATE.replace(TEMPLATE_EXEC_START, &line)
+}
+
+/// Only step 2 of [`plan_secure`]: the PKI directory `pki_dir` (a real path, not placed under
+/// a root) gets its five files and `dh-params.pem` copied from CloudStack's files in
+/// `source_dir`, exactly as `host secure` writes them. Reads only.
+pub(super) fn plan_pki_copy(source_dir: &Path, pki_dir: &Path) -> Result<SecurePlan, HostError> {
+    let sources = read_sources(source_dir)?;
+    let mut planner = Planner::default();
+    planner.pki_files(pki_dir, &sources)?;
+    Ok(SecurePlan {
+        root: PathBuf::from("/"),
+        source_dir: source_dir.to_path_buf(),
+        pki_dir: pki_dir.to_path_buf(),
+        actions: planner.actions,
+        unchanged: planner.unchanged,
+    })
+}
+
+/// The group QEMU's keys get (QEMU's group, where one exists).
+fn key_gid() -> Option<u32> {
+    pki::qemu_group().and_then(|name| {
+        nix::unistd::Group::from_name(&name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
     })
 }
 
@@ -426,6 +541,31 @@ struct Planner {
 }
 
 impl Planner {
+    /// Step 2: the PKI directory and its files, copied from CloudStack's.
+    fn pki_files(&mut self, pki_dir: &Path, sources: &Sources) -> Result<(), HostError> {
+        let key_gid = key_gid();
+        let pki_files: [(&str, &[u8], u32, Option<u32>); 6] = [
+            (pki::CA_CERT, &sources.ca, CERT_MODE, None),
+            (pki::SERVER_CERT, &sources.cert, CERT_MODE, None),
+            (pki::SERVER_KEY, &sources.key, KEY_MODE, key_gid),
+            (pki::CLIENT_CERT, &sources.cert, CERT_MODE, None),
+            (pki::CLIENT_KEY, &sources.key, KEY_MODE, key_gid),
+            // A standard group, so QEMU never generates DH parameters on the migration path.
+            (
+                pki::DH_PARAMS,
+                pki::FFDHE2048_PEM.as_bytes(),
+                CERT_MODE,
+                None,
+            ),
+        ];
+        self.dir(pki_dir)?;
+        for (name, contents, mode, gid) in pki_files {
+            let owner = Owner { uid: None, gid };
+            self.file(&pki_dir.join(name), contents.to_vec(), mode, owner, false)?;
+        }
+        Ok(())
+    }
+
     fn dir(&mut self, path: &Path) -> Result<(), HostError> {
         if path.is_dir() || self.actions.iter().any(|a| a.path() == path) {
             return Ok(());
@@ -581,8 +721,22 @@ impl SecurePlan {
     }
 
     /// Makes the changes: directories, then files (atomically), then symlinks; whatever is
-    /// replaced is first backed up once to `<path>.qemu-tls-migrate.orig`.
+    /// replaced is first backed up once to `<path>.qemu-tls-migrate.orig`. When PKI files are
+    /// to be written, the same files are first written to a staging directory beside the PKI
+    /// directory and must pass every check of `pki check` (a renewal caught half-way, a
+    /// certificate that does not match its key or CA): otherwise nothing is changed.
     pub fn apply(&self) -> Result<Vec<AppliedChange>, HostError> {
+        let writes_pki = self.actions.iter().any(
+            |a| matches!(a, Action::WriteFile { path, .. } if path.parent() == Some(&self.pki_dir)),
+        );
+        if writes_pki {
+            super::cloudstack::check_staged(&self.source_dir, &self.pki_dir)?;
+        }
+        self.apply_unchecked()
+    }
+
+    /// [`SecurePlan::apply`] without the staged check.
+    pub(super) fn apply_unchecked(&self) -> Result<Vec<AppliedChange>, HostError> {
         let changes = self.changes();
         for (action, change) in self.actions.iter().zip(&changes) {
             if let Some(backup) = &change.backup {
@@ -790,6 +944,49 @@ mod tests {
         );
         assert!(NFT_TEMPLATE.contains("16514, 16515, 49152-49215"));
         assert!(IPTABLES_TEMPLATE.contains("49152:49215"));
+    }
+
+    #[test]
+    fn the_follower_repeats_this_run_and_watches_its_agent_dir() {
+        let options = SecureOptions {
+            root: PathBuf::from("/tmp/r"),
+            from: Some(PathBuf::from("/srv/cloud stack/agent")),
+            pki_dir: PathBuf::from("/etc/pki/qemu-cs"),
+            exec: Some(PathBuf::from("/opt/qtm/bin/qemu-tls-migrate")),
+        };
+
+        let service = render_service_unit(&options.command_line());
+        let path = render_path_unit(&options.host_source_dir());
+
+        assert!(
+            service.contains(
+                "\nExecStart=/opt/qtm/bin/qemu-tls-migrate host secure --from \
+                 \"/srv/cloud stack/agent\" --pki-dir /etc/pki/qemu-cs\n"
+            ),
+            "{service}"
+        );
+        assert!(!service.contains(TEMPLATE_EXEC_START), "{service}");
+        for name in ["cloud.crt", "cloud.ca.crt", "cloud.key"] {
+            assert!(
+                path.contains(&format!("\nPathChanged=/srv/cloud stack/agent/{name}\n")),
+                "{path}"
+            );
+        }
+        assert!(!path.contains("PathChanged=/etc/cloudstack"), "{path}");
+    }
+
+    #[test]
+    fn the_default_follower_is_the_packaged_unit() {
+        let options = SecureOptions::new("/");
+
+        assert_eq!(
+            render_service_unit(&options.command_line()),
+            RENEW_SERVICE_TEMPLATE
+        );
+        assert_eq!(
+            render_path_unit(&options.host_source_dir()),
+            RENEW_PATH_TEMPLATE
+        );
     }
 
     #[test]

@@ -44,6 +44,17 @@ pub enum MigrationError {
         problems: Vec<String>,
     },
     #[error(
+        "cannot make the {side}'s PKI directory follow CloudStack's certificates \
+         (--no-cloudstack-check skips this check)"
+    )]
+    CloudStackPki {
+        side: Side,
+        #[source]
+        source: crate::host::HostError,
+    },
+    #[error("refusing --transport auto on the {side}: {desc}")]
+    CloudStackDisagrees { side: Side, desc: String },
+    #[error(
         "refusing to leave disk(s) {} behind: each is writable and not on shared storage, so the \
          guest would run on the destination without its data; copy them (--disk NODE or \
          --all-local-disks), declare them shared (--shared-disk NODE), or pass --unsafe",
@@ -233,6 +244,9 @@ impl MigrationError {
             MigrationError::MixedSecurity { .. } => ErrorKind::MixedSecurity,
             MigrationError::Unsecured { .. } => ErrorKind::Unsecured,
             MigrationError::PkiBroken { .. } => ErrorKind::PkiBroken,
+            // Kinds of the peer protocol, which does not change for these.
+            MigrationError::CloudStackPki { .. } => ErrorKind::PkiBroken,
+            MigrationError::CloudStackDisagrees { .. } => ErrorKind::MixedSecurity,
             MigrationError::DiskLeftBehind { .. } => ErrorKind::DiskLeftBehind,
             MigrationError::SplitBrainRisk { .. } => ErrorKind::SplitBrainRisk,
             MigrationError::PlainRefused => ErrorKind::PlainRefused,

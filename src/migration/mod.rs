@@ -27,6 +27,7 @@
 //! 8. **Clean up, always.** Parameters and capabilities put back as they were, objects deleted;
 //!    on failure also: migration cancelled, source resumed, destination torn down (`quit`).
 
+pub mod cloudstack;
 mod control;
 mod convergence;
 mod destination;

@@ -185,6 +185,13 @@ pub struct MigrationOptions {
     /// socket (a passthrough socket is private to each run, so it alone would not tell two
     /// runs on one domain apart).
     pub source_domain_uuid: Option<String>,
+    /// CloudStack's agent directory on the source's host (`cloud.*`, `agent.properties`):
+    /// the source's PKI directory is checked against it before the migration
+    /// ([`super::cloudstack`]); `None`: not checked.
+    pub source_cloudstack_dir: Option<PathBuf>,
+    /// The same for a destination on this host (local mode); a remote destination's service
+    /// checks its own.
+    pub dest_cloudstack_dir: Option<PathBuf>,
 }
 
 impl MigrationOptions {
@@ -222,6 +229,10 @@ impl MigrationOptions {
             forecast: ForecastWhen::FirstPass,
             job_id: None,
             source_domain_uuid: None,
+            // The command line's default is CloudStack's directory; a library caller (the
+            // demo, the benches: lab PKIs) asks for the check.
+            source_cloudstack_dir: None,
+            dest_cloudstack_dir: None,
         }
     }
 

@@ -520,6 +520,15 @@ pub async fn migrate_remote(
         Ok(notes) => cx.notes.extend(notes),
         Err(e) => return super::Report::refused(e, started.elapsed()),
     }
+    let sides = [(
+        Side::Source,
+        opts.source_cloudstack_dir.as_deref(),
+        opts.source.pki_dir.as_path(),
+    )];
+    match super::cloudstack::prepare(opts.transport, &sides) {
+        Ok(notes) => cx.notes.extend(notes),
+        Err(e) => return super::Report::refused(e, started.elapsed()),
+    }
     let src_security = pki::assess(&opts.source.pki_dir, Role::Client);
     // A service only ever runs on a secured host (its channel is mutual TLS), so an unsecured
     // source makes a mixed pair: refused by the rule, before the channel fails on the missing

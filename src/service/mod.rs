@@ -59,6 +59,10 @@ pub struct ServeOptions {
     /// Where to listen (the port defaults to [`crate::peer::DEFAULT_PORT`]).
     pub listen: crate::addr::Address,
     pub pki_dir: PathBuf,
+    /// CloudStack's agent directory: before each migration is accepted, `pki_dir` is made to
+    /// follow its current certificates ([`crate::migration::cloudstack::follow`]); `None` (the
+    /// default here; `serve`'s is CloudStack's directory): not checked.
+    pub cloudstack_dir: Option<PathBuf>,
     /// Only QMP sockets in this directory can be named by a source.
     pub qmp_dir: PathBuf,
     /// Certificate names allowed to connect; empty: any certificate from the CA. When set, the
@@ -97,6 +101,7 @@ impl ServeOptions {
         ServeOptions {
             listen,
             pki_dir,
+            cloudstack_dir: None,
             qmp_dir,
             allow_clients: Vec::new(),
             port_range: crate::ports::DEFAULT_RANGE,

@@ -583,3 +583,172 @@ fn host_secure_config_that_is_a_directory_is_an_error_touching_nothing() {
     );
     assert_eq!(snapshot(root.path()), before);
 }
+
+/// The renewal follower's command line, read off the service unit `host secure` wrote.
+fn follower_command(root: &Path) -> Vec<String> {
+    let unit = fs::read_to_string(root.join("etc/systemd/system/qemu-tls-migrate-renew.service"))
+        .expect("the follower's service unit");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=");
+    line.split_whitespace().map(str::to_string).collect()
+}
+
+fn status_json(root: &Path) -> (Option<i32>, Value) {
+    let out = Cli::new(["host", "status", "--root", path_str(root), "--json"]).output_blocking();
+    let json = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    (out.status.code(), json)
+}
+
+#[test]
+fn host_secure_follower_puts_pki_and_links_back_after_keystore_cert_import() {
+    let root = cloudstack_root();
+    fs::write(
+        root.path().join("etc/cloudstack/agent/agent.properties"),
+        "host=198.18.0.10\n",
+    )
+    .expect("write");
+    let (secured, _) = secure(root.path(), &[]);
+    let renewal_ca = LabCa::generate("CloudStack CA, renewed").expect("ca");
+    let server_link = root.path().join("etc/pki/libvirt/servercert.pem");
+
+    crate::fixture::cloudstack::keystore_cert_import(root.path(), &renewal_ca, &["host-a"], 2);
+    let (_, stale) = status_json(root.path());
+    let repointed = fs::read_link(&server_link).expect("link");
+    let mut follower = follower_command(root.path());
+    follower.extend(["--root".to_string(), path_str(root.path()).to_string()]);
+    let run = std::process::Command::new(&follower[0])
+        .args(&follower[1..])
+        .output()
+        .expect("run the follower's command");
+    let (code, after) = status_json(root.path());
+
+    assert!(secured.status.success(), "{secured:?}");
+    let wants = root
+        .path()
+        .join("etc/systemd/system/paths.target.wants/qemu-tls-migrate-renew.path");
+    assert_eq!(
+        fs::read_link(wants).expect("enabled"),
+        PathBuf::from("/etc/systemd/system/qemu-tls-migrate-renew.path")
+    );
+    let path_unit = fs::read_to_string(
+        root.path()
+            .join("etc/systemd/system/qemu-tls-migrate-renew.path"),
+    )
+    .expect("path unit");
+    assert!(
+        path_unit.contains("\nPathChanged=/etc/cloudstack/agent/cloud.crt\n"),
+        "{path_unit}"
+    );
+    assert_eq!(follower[1..4], ["host", "secure", "--root"]);
+    // The renewal left QEMU's copy stale and libvirt's links on cloud.*.
+    assert_eq!(repointed, PathBuf::from("/etc/cloudstack/agent/cloud.crt"));
+    assert_eq!(stale["cloudstack"]["pki"]["state"], "stale", "{stale:#}");
+    assert!(
+        stale["warnings"][0]
+            .as_str()
+            .expect("warning")
+            .contains("server-cert.pem"),
+        "{stale:#}"
+    );
+    // The follower's run put both back.
+    assert!(run.status.success(), "{run:?}");
+    let pki = root.path().join("etc/pki/qemu");
+    let agent = root.path().join("etc/cloudstack/agent");
+    for (copy, source) in [
+        ("server-cert.pem", "cloud.crt"),
+        ("client-key.pem", "cloud.key"),
+        ("ca-cert.pem", "cloud.ca.crt"),
+    ] {
+        assert_eq!(
+            fs::read(pki.join(copy)).expect("read"),
+            fs::read(agent.join(source)).expect("read"),
+            "{copy}"
+        );
+    }
+    assert_eq!(
+        fs::read_link(&server_link).expect("link"),
+        PathBuf::from("../qemu/server-cert.pem")
+    );
+    assert_eq!(code, Some(0), "{after:#}");
+    assert_eq!(after["secured"], true, "{after:#}");
+    assert_eq!(after["cloudstack"]["secured"], true, "{after:#}");
+    assert_eq!(after["cloudstack"]["pki"]["state"], "in-step", "{after:#}");
+    assert_eq!(after["disagreement"], Value::Null, "{after:#}");
+    assert_eq!(after["warnings"], serde_json::json!([]), "{after:#}");
+}
+
+#[test]
+fn host_status_names_both_verdicts_when_cloudstack_disagrees() {
+    let root = cloudstack_root();
+    let (secured, _) = secure(root.path(), &[]);
+    let agent = root.path().join("etc/cloudstack/agent");
+    fs::write(agent.join("agent.properties"), "host=198.18.0.10\n").expect("write");
+    fs::remove_file(agent.join("cloud.crt")).expect("rm");
+
+    let (code, status) = status_json(root.path());
+
+    assert!(secured.status.success(), "{secured:?}");
+    assert_eq!(code, Some(1), "{status:#}");
+    assert_eq!(status["secured"], true, "{status:#}");
+    assert_eq!(status["cloudstack"]["agent_installed"], true);
+    assert_eq!(status["cloudstack"]["cert_present"], false);
+    assert_eq!(status["cloudstack"]["secured"], false);
+    assert_eq!(
+        status["cloudstack"]["self_connect"]["state"], "not-checked",
+        "{status:#}"
+    );
+    let said = status["disagreement"].as_str().expect("a disagreement");
+    assert!(
+        said.contains("CloudStack calls this host not secured"),
+        "{said}"
+    );
+    assert!(said.contains("/etc/cloudstack/agent/cloud.crt"), "{said}");
+    assert!(said.contains("/etc/pki/qemu is usable"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_status_probes_the_agents_self_connect_through_libvirt() {
+    // A real libvirtd that does not listen for TLS (the test pair's): the agent's
+    // qemu+tls://<privateIp>/system self-connect fails, and says where.
+    let pair = crate::fixture::LibvirtPair::shared();
+    let ip = pair.hosts.a_addr.clone();
+
+    let out = Cli::new(["host", "status", "--private-ip", &ip, "--json"])
+        .in_host(&pair.a)
+        .output()
+        .await;
+
+    let status: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let probe = &status["cloudstack"]["self_connect"];
+    assert_eq!(probe["state"], "failed", "{status:#}");
+    assert_eq!(probe["uri"], format!("qemu+tls://{ip}/system"));
+    assert!(!probe["error"].as_str().expect("error").is_empty());
+}
+
+#[test]
+fn host_secure_midway_through_a_renewal_writes_nothing_and_says_why() {
+    let root = cloudstack_root();
+    let (first, _) = secure(root.path(), &[]);
+    // keystore-cert-import caught between its writes: a new cloud.crt, the old cloud.key.
+    let ca = LabCa::generate("CloudStack CA, renewed").expect("ca");
+    let (cert, _key) = ca
+        .issue_dual_pem(&HostCert::new(vec!["host-a".to_string()]))
+        .expect("issue");
+    fs::write(root.path().join("etc/cloudstack/agent/cloud.crt"), cert).expect("write");
+    let before = snapshot(root.path());
+
+    let (second, _) = secure(root.path(), &[]);
+
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("fail the PKI checks"), "{stderr}");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(
+        snapshot(root.path()),
+        before,
+        "nothing changed but cloud.crt"
+    );
+}

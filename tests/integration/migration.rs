@@ -350,6 +350,154 @@ async fn renewed_certificates_are_used_by_the_next_migration_without_restarts() 
     assert!(!contains(&seen, &old_a));
 }
 
+/// Two CloudStack hosts under temporary roots, each secured by `host secure` from its agent's
+/// certificate (one for both roles, carrying the name the tests connect with).
+fn cloudstack_hosts(lab: &Lab) -> [tempfile::TempDir; 2] {
+    use fixture::cloudstack;
+    use qemu_tls_migrate::host::{SecureOptions, plan_secure};
+    [("host-a", 0xA1), ("host-b", 0xB1)].map(|(name, serial)| {
+        let root = tempfile::tempdir().expect("root");
+        cloudstack::provision(root.path(), &lab.ca, &[DEST_HOST, name], serial);
+        plan_secure(&SecureOptions::new(root.path()))
+            .and_then(|plan| plan.apply())
+            .expect("host secure");
+        root
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudstack_renewal_then_migration_presents_the_new_certificate() {
+    use fixture::cloudstack;
+    let lab = Lab::new("CloudStack CA");
+    let [root_a, root_b] = cloudstack_hosts(&lab);
+    let pair = Pair::builder().start().await;
+    let (pki_a, pki_b) = (
+        cloudstack::qemu_pki_dir(root_a.path()),
+        cloudstack::qemu_pki_dir(root_b.path()),
+    );
+    let old_b = fixture::cert_der(&pki_b.join("server-cert.pem"));
+    // CloudStack renews both hosts' certificates; the follower does not run (no systemd), so
+    // /etc/pki/qemu is left stale on both.
+    cloudstack::keystore_cert_import(root_a.path(), &lab.ca, &[DEST_HOST, "host-a"], 0xA2);
+    cloudstack::keystore_cert_import(root_b.path(), &lab.ca, &[DEST_HOST, "host-b"], 0xB2);
+    let new_b = fixture::cert_der(&cloudstack::agent_dir(root_b.path()).join("cloud.crt"));
+    // TLS 1.2, so that the server's Certificate message crosses the wire in the clear.
+    let tap = WireTap::start(pair.dest.monitor_path().to_path_buf()).await;
+    let mut options = pair.options(&pki_a, &pki_b);
+    options.source_cloudstack_dir = Some(cloudstack::agent_dir(root_a.path()));
+    options.dest_cloudstack_dir = Some(cloudstack::agent_dir(root_b.path()));
+    options.source_connect = Some(tap.addr.parse().expect("tap address"));
+    options.tls_priority = Some("NORMAL:-VERS-ALL:+VERS-TLS1.2".to_string());
+
+    let report = fixture::migrate(&options).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+    assert_ne!(new_b, old_b);
+    let seen = tap.server_bytes();
+    assert!(
+        contains(&seen, &new_b),
+        "host-b presented its renewed certificate"
+    );
+    assert!(!contains(&seen, &old_b), "not the stale copy");
+    let refreshed = report
+        .warnings
+        .iter()
+        .filter(|w| w.contains("was refreshed from"))
+        .count();
+    assert_eq!(refreshed, 2, "both ends refreshed: {:?}", report.warnings);
+    assert_eq!(
+        fixture::cert_der(&pki_a.join("client-cert.pem")),
+        fixture::cert_der(&cloudstack::agent_dir(root_a.path()).join("cloud.crt"))
+    );
+}
+
+/// A report's error with its sources, joined as the binary prints them.
+fn error_chain(report: &qemu_tls_migrate::migration::Report) -> String {
+    let mut out = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> =
+        report.error.as_ref().map(|e| e as _);
+    while let Some(e) = next {
+        out.push(e.to_string());
+        next = e.source();
+    }
+    out.join(": ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cloudstack_copy_in_another_layout_is_refused_naming_the_files_and_the_fix() {
+    use fixture::cloudstack;
+    let lab = Lab::new("CloudStack CA");
+    // A PKI directory laid out by hand (a certificate per role), not by `host secure`, on a
+    // host whose agent holds another certificate from the same CA.
+    let (host_a, host_b) = (
+        lab.host("host-a", &[DEST_HOST]),
+        lab.host("host-b", &[DEST_HOST]),
+    );
+    let root = tempfile::tempdir().expect("root");
+    cloudstack::provision(root.path(), &lab.ca, &[DEST_HOST], 7);
+    let before = std::fs::read(host_a.join("client-cert.pem")).expect("read");
+    let pair = Pair::builder().start().await;
+    let mut options = pair.options(&host_a, &host_b);
+    options.source_cloudstack_dir = Some(cloudstack::agent_dir(root.path()));
+    options.dest_cloudstack_dir = None;
+
+    let report = fixture::migrate(&options).await;
+
+    assert!(report.refused, "{:?}", report.error);
+    fixture::assert_error_kind(&report, "pki-broken");
+    let text = error_chain(&report);
+    for named in [
+        host_a.join("client-cert.pem").display().to_string(),
+        cloudstack::agent_dir(root.path())
+            .join("cloud.crt")
+            .display()
+            .to_string(),
+        "`host secure`'s layout".to_string(),
+        "run `qemu-tls-migrate host secure`".to_string(),
+    ] {
+        assert!(text.contains(&named), "{named} in: {text}");
+    }
+    assert_eq!(
+        std::fs::read(host_a.join("client-cert.pem")).expect("read"),
+        before
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_auto_refuses_when_cloudstack_and_the_pki_check_disagree() {
+    let lab = Lab::new("Test CA");
+    let pair = Pair::builder().start().await;
+    // The agent is installed but CloudStack never provisioned a certificate: not secured to
+    // CloudStack, while the tool's PKI directories pass every check.
+    let agent = tempfile::tempdir().expect("agent dir");
+    std::fs::write(agent.path().join("agent.properties"), "host=198.18.0.10\n").expect("write");
+    let mut options = pair.tls_options(&lab);
+    options.transport = TransportChoice::Auto;
+    options.source_cloudstack_dir = Some(agent.path().to_path_buf());
+    options.dest_cloudstack_dir = None;
+    let mut explicit = options.clone();
+    explicit.transport = TransportChoice::Tls;
+
+    let refused = fixture::migrate(&options).await;
+
+    assert!(refused.refused, "{:?}", refused.error);
+    fixture::assert_error_kind(&refused, "mixed-security");
+    let text = error_chain(&refused);
+    assert!(
+        text.contains("CloudStack calls this host not secured"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&options.source.pki_dir.display().to_string()),
+        "{text}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+    // An explicit --transport is the operator's word: it goes ahead.
+    let report = fixture::migrate(&explicit).await;
+    assert_eq!(report.status, FinalStatus::Completed, "{:?}", report.error);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multifd_over_tls_completes_and_the_parameters_are_put_back() {
     let lab = Lab::new("Test CA");

@@ -395,3 +395,74 @@ async fn a_burst_of_sources_from_one_address_all_get_in_one_after_another() {
         .collect();
     assert!(failed.is_empty(), "{failed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_cloudstack_renewal_the_service_and_the_source_refresh_their_pki_and_migrate() {
+    use fixture::cloudstack;
+    use qemu_tls_migrate::host::{SecureOptions, plan_secure};
+    let hosts = TwoHosts::create();
+    let lab = Lab::new("CloudStack CA");
+    // host-a serves (the destination), host-b migrates from; each secured by `host secure`.
+    let [root_a, root_b] = [("host-a", 0xA1), ("host-b", 0xB1)].map(|(name, serial)| {
+        let root = tempfile::tempdir().expect("root");
+        cloudstack::provision(root.path(), &lab.ca, &[name], serial);
+        plan_secure(&SecureOptions::new(root.path()))
+            .and_then(|plan| plan.apply())
+            .expect("host secure");
+        root
+    });
+    let (pki_a, pki_b) = (
+        cloudstack::qemu_pki_dir(root_a.path()),
+        cloudstack::qemu_pki_dir(root_b.path()),
+    );
+    let (agent_a, agent_b) = (
+        cloudstack::agent_dir(root_a.path()),
+        cloudstack::agent_dir(root_b.path()),
+    );
+    let pair = Pair::builder().on(&hosts).start().await;
+    let service = Service::builder(&pki_a, &fixture::qmp_dir(&pair.dest))
+        .on(&hosts)
+        .allow(&["host-b"])
+        .args(&["--cloudstack-dir", &agent_a.display().to_string()])
+        .start()
+        .await;
+    // CloudStack renews both while the service runs; no follower runs.
+    cloudstack::keystore_cert_import(root_a.path(), &lab.ca, &["host-a"], 0xA2);
+    cloudstack::keystore_cert_import(root_b.path(), &lab.ca, &["host-b"], 0xB2);
+    let agent_b_arg = agent_b.display().to_string();
+    let args = migrate_to_args(
+        &pair,
+        &service,
+        &pki_b,
+        &["--cloudstack-dir", &agent_b_arg, "--authz"],
+    );
+
+    let out = Cli::new(&args).in_netns(&hosts.b).output().await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["transport"], "tls");
+    let warnings = json["warnings"].to_string();
+    assert!(
+        warnings.contains("the source's PKI directory") && warnings.contains("was refreshed"),
+        "{warnings}"
+    );
+    for (pki, agent, copy) in [
+        (&pki_a, &agent_a, "server-cert.pem"),
+        (&pki_b, &agent_b, "client-cert.pem"),
+    ] {
+        assert_eq!(
+            fixture::cert_der(&pki.join(copy)),
+            fixture::cert_der(&agent.join("cloud.crt")),
+            "{} follows the renewal",
+            pki.join(copy).display()
+        );
+    }
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+}

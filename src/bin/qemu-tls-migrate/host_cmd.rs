@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use qemu_tls_migrate::host::cloudstack::SelfConnect;
 use qemu_tls_migrate::host::{self, SecureOptions, SecureReport};
 use qemu_tls_migrate::pki;
 
@@ -33,7 +34,12 @@ CloudStack's \"secure this KVM host\" step. From cloud.ca.crt, cloud.crt and clo
      keeps its mode, owner and group;
   4. firewall rules opening 16514 and 49152-49215 are written to
      /etc/nftables.d/qemu-tls-migrate.nft and, for iptables hosts,
-     /etc/iptables/qemu-tls-migrate.rules (written, not loaded).
+     /etc/iptables/qemu-tls-migrate.rules (written, not loaded);
+  5. the renewal follower: /etc/systemd/system/qemu-tls-migrate-renew.path watches
+     cloud.crt, cloud.ca.crt and cloud.key, and qemu-tls-migrate-renew.service runs this
+     `host secure` again (same binary, --from, --pki-dir), enabled (paths.target.wants), not
+     started: after CloudStack's keystore-cert-import re-points libvirt's paths at cloud.*
+     with `ln -sf`, it copies the renewed files in and puts the links back.
 
 Running it again changes nothing. A file that is replaced is first copied to
 <file>.qemu-tls-migrate.orig, once, with its mode, owner and group. Every file is written to
@@ -61,7 +67,13 @@ Example:
   qemu-tls-migrate host status --json
   {\"secured\":false,\"reasons\":[\"/etc/pki/qemu/server-key.pem: does not exist; ...\"],...}
 
-Exit status: 0 when secured, 1 when not.")]
+Beside it, CloudStack's own verdict (\"cloudstack\"): the agent installed (agent.properties),
+cloud.crt next to it, and the qemu+tls://<privateIp>/system self-connect the agent makes
+(probed with --private-ip when libvirtd runs here, else \"not-checked\" with the reason), and
+whether the PKI directory holds the agent's current certificates (\"pki\": in-step, stale).
+When the two verdicts differ, \"disagreement\" names both (migrate --transport auto refuses).
+
+Exit status: 0 when secured and CloudStack agrees, 1 otherwise.")]
     Status(StatusArgs),
 }
 
@@ -89,6 +101,10 @@ pub struct StatusArgs {
     /// Look at the host under this directory instead of / (for tests and images).
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: PathBuf,
+    /// This host's private IP, as CloudStack knows it: probe qemu+tls://ADDR/system as the
+    /// agent does (without it, or with --root, the self-connect is reported as not checked).
+    #[arg(long, value_name = "ADDR")]
+    pub private_ip: Option<String>,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -102,10 +118,18 @@ pub fn run(cmd: HostCommand) -> anyhow::Result<Outcome> {
 }
 
 fn secure(args: SecureArgs) -> anyhow::Result<Outcome> {
+    // The follower runs the packaged binary when the host has it, else this one.
+    let packaged = host::under(&args.root, std::path::Path::new(host::INSTALLED_BINARY));
+    let exec = if packaged.is_file() {
+        None
+    } else {
+        std::env::current_exe().ok()
+    };
     let options = SecureOptions {
         root: args.root.clone(),
         from: args.from.clone(),
         pki_dir: args.pki_dir.clone(),
+        exec,
     };
     let plan = host::plan_secure(&options)
         .with_context(|| format!("securing the host under {}", args.root.display()))?;
@@ -124,6 +148,9 @@ fn secure(args: SecureArgs) -> anyhow::Result<Outcome> {
         diff: None,
         pki: None,
         firewall_hint,
+        follower_hint: "start the renewal follower with `systemctl daemon-reload && systemctl \
+                        start qemu-tls-migrate-renew.path` (it is enabled)"
+            .to_string(),
     };
     if args.dry_run {
         report.diff = Some(plan.diff());
@@ -174,8 +201,8 @@ fn print_secure(report: &SecureReport) {
             println!("  {:<8} {}{backup}", change.action, change.path.display());
         }
         println!(
-            "Restart libvirtd to use the new settings; {}.",
-            report.firewall_hint
+            "Restart libvirtd to use the new settings; {}; {}.",
+            report.firewall_hint, report.follower_hint
         );
     }
     if let Some(pki) = &report.pki {
@@ -191,8 +218,47 @@ fn print_secure(report: &SecureReport) {
     }
 }
 
+/// libvirt's socket: no libvirtd runs without it.
+const LIBVIRT_SOCKET: &str = "/run/libvirt/libvirt-sock";
+
+/// CloudStack's self-connect (`qemu+tls://<privateIp>/system`), when it can be made here.
+fn probe_self_connect(args: &StatusArgs) -> SelfConnect {
+    if args.root != std::path::Path::new("/") {
+        return SelfConnect::NotChecked {
+            reason: format!(
+                "--root {} is not this machine's /: its libvirtd is not that host's",
+                args.root.display()
+            ),
+        };
+    }
+    let Some(ip) = &args.private_ip else {
+        return SelfConnect::NotChecked {
+            reason: "no --private-ip given (the agent connects to qemu+tls://<its private IP>/                     system)"
+                .to_string(),
+        };
+    };
+    if !std::path::Path::new(LIBVIRT_SOCKET).exists() {
+        return SelfConnect::NotChecked {
+            reason: format!("no libvirtd here ({LIBVIRT_SOCKET} does not exist)"),
+        };
+    }
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.clone()
+    };
+    let uri = format!("qemu+tls://{host}/system");
+    match qemu_tls_migrate::libvirt::Libvirt::connect(&uri) {
+        Ok(_) => SelfConnect::Ok { uri },
+        Err(e) => SelfConnect::Failed {
+            uri,
+            error: crate::output::error_chain(&e).join(": "),
+        },
+    }
+}
+
 fn status(args: StatusArgs) -> anyhow::Result<Outcome> {
-    let status = host::status(&args.root);
+    let status = host::status(&args.root, probe_self_connect(&args));
     if args.json {
         println!("{}", serde_json::to_string(&status)?);
     } else {
@@ -207,6 +273,27 @@ fn status(args: StatusArgs) -> anyhow::Result<Outcome> {
         for warning in &status.warnings {
             println!("  warning: {warning}");
         }
+        let cs = &status.cloudstack;
+        if cs.agent_installed {
+            println!(
+                "CloudStack calls it {} ({}/cloud.crt {}; self-connect: {})",
+                if cs.secured { "secured" } else { "not secured" },
+                cs.agent_dir.display(),
+                if cs.cert_present {
+                    "present"
+                } else {
+                    "missing"
+                },
+                match &cs.self_connect {
+                    SelfConnect::Ok { uri } => format!("{uri} works"),
+                    SelfConnect::Failed { uri, error } => format!("{uri} failed: {error}"),
+                    SelfConnect::NotChecked { reason } => format!("not checked: {reason}"),
+                }
+            );
+        }
+        if let Some(d) = &status.disagreement {
+            println!("  disagreement: {d}");
+        }
         let native = &status.libvirt_tls_migration;
         if native.ready {
             println!("libvirt's own TLS migration (virsh migrate --tls): ready");
@@ -217,7 +304,7 @@ fn status(args: StatusArgs) -> anyhow::Result<Outcome> {
             }
         }
     }
-    Ok(if status.secured {
+    Ok(if status.secured && status.disagreement.is_none() {
         Outcome::Success
     } else {
         Outcome::Failed

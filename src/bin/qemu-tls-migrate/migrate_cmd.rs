@@ -127,6 +127,15 @@ pub struct MigrateArgs {
     /// PKI directory of the destination only (overrides --pki-dir).
     #[arg(long, value_name = "DIR")]
     pub dest_pki_dir: Option<PathBuf>,
+    /// CloudStack's agent directory on this host: when it holds cloud.crt, the PKI directory
+    /// handed to QEMU must hold its current certificates (a stale copy after a renewal is
+    /// refreshed when run as root with `host secure`'s layout, else refused), and
+    /// --transport auto refuses when CloudStack and the PKI check disagree on "secured".
+    #[arg(long, value_name = "DIR", default_value = qemu_tls_migrate::host::DEFAULT_CLOUDSTACK_DIR)]
+    pub cloudstack_dir: PathBuf,
+    /// Do not check the PKI directories against CloudStack's certificates.
+    #[arg(long)]
+    pub no_cloudstack_check: bool,
     /// HOST:PORT the source connects to when it differs from where the destination listens
     /// (NAT, port forwarding, a proxy).
     #[arg(long, value_name = "HOST:PORT", hide = true)]
@@ -219,6 +228,9 @@ impl MigrateArgs {
             pki_dir: absolute_dir(self.dest_pki_dir.as_ref().unwrap_or(&self.pki_dir))?,
         };
         let mut o = MigrationOptions::new(source, dest, &self.dest_host);
+        let cloudstack = (!self.no_cloudstack_check).then(|| self.cloudstack_dir.clone());
+        o.source_cloudstack_dir = cloudstack.clone();
+        o.dest_cloudstack_dir = cloudstack;
         o.dest_address = self.dest_address.clone();
         o.tls_hostname = self.tls_hostname.clone();
         o.source_connect = self.source_connect.clone();

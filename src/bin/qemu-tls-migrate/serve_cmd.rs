@@ -49,6 +49,14 @@ pub struct ServeArgs {
     /// This host's PKI directory (server certificate for sources, and for QEMU).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PKI_DIR)]
     pub pki_dir: PathBuf,
+    /// CloudStack's agent directory: when it holds cloud.crt, --pki-dir must hold its current
+    /// certificates before each migration is accepted (a stale copy after a renewal is
+    /// refreshed when run as root with `host secure`'s layout, else the migration is refused).
+    #[arg(long, value_name = "DIR", default_value = qemu_tls_migrate::host::DEFAULT_CLOUDSTACK_DIR)]
+    pub cloudstack_dir: PathBuf,
+    /// Do not check --pki-dir against CloudStack's certificates.
+    #[arg(long)]
+    pub no_cloudstack_check: bool,
     /// Directory of the destination QEMUs' QMP sockets; sources name a socket by file name.
     #[arg(
         long,
@@ -166,6 +174,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
     let pki_dir = crate::parse::absolute_dir(&args.pki_dir)?;
     let mut opts = ServeOptions::new(args.listen.clone(), pki_dir, args.qmp_dir.clone());
     opts.allow_clients = args.allow_clients.clone();
+    opts.cloudstack_dir = (!args.no_cloudstack_check).then(|| args.cloudstack_dir.clone());
     opts.port_range = args.port_range;
     opts.qmp_timeout = Duration::from_secs(args.qmp_timeout);
     opts.allow_plain = args.allow_plain;

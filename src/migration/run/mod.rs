@@ -107,6 +107,24 @@ pub async fn migrate(opts: &ValidOptions, cx: RunContext<'_>) -> Report {
         Ok(notes) => cx.notes.extend(notes),
         Err(error) => return Report::refused(error, started.elapsed()),
     }
+    // CloudStack's renewed certificates are followed (or the run refused) before the PKI
+    // directories are looked at for the transport.
+    let sides = [
+        (
+            Side::Source,
+            opts.source_cloudstack_dir.as_deref(),
+            opts.source.pki_dir.as_path(),
+        ),
+        (
+            Side::Destination,
+            opts.dest_cloudstack_dir.as_deref(),
+            opts.dest.pki_dir.as_path(),
+        ),
+    ];
+    match super::cloudstack::prepare(opts.transport, &sides) {
+        Ok(notes) => cx.notes.extend(notes),
+        Err(error) => return Report::refused(error, started.elapsed()),
+    }
     // The transport comes from the PKI directories alone: nothing is connected yet.
     let decision = decide_transport(opts.transport, &opts.source.pki_dir, &opts.dest.pki_dir);
     let attach = async {

@@ -392,6 +392,14 @@ async fn preflight_at(
     path: &Path,
     plan: DestPlan,
 ) -> Result<(DestinationSide, DestPlan), MigrationError> {
+    // A CloudStack renewal not yet followed: refreshed (or refused) before QEMU reads the files.
+    if let Some(note) = crate::migration::cloudstack::follow(
+        crate::migration::Side::Destination,
+        cx.opts.cloudstack_dir.as_deref(),
+        &cx.opts.pki_dir,
+    )? {
+        tracing::warn!("{note}");
+    }
     let security = pki::assess(&cx.opts.pki_dir, Role::Server);
     let plan = apply_policy(
         plan,
