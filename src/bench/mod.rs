@@ -27,6 +27,7 @@ mod proxy;
 pub use proxy::ProxyKind;
 mod report;
 mod stats;
+mod svg;
 
 pub use measure::{CpuInfoFast, CpuTimes, HostInfo, QueryCpusFast, git_revision};
 pub use report::{BenchReport, Metric, ModeSummary, RunResult, render_svg, render_table};

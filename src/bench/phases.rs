@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::gate::GateReport;
 use super::report::{BASELINE, BenchReport, Metric, RunResult};
 use super::stats::Stat;
+use super::svg;
 use crate::migration::Timing;
 
 /// The phases in the order they happen, with their colours in the chart.
@@ -94,27 +95,19 @@ pub fn render_svg(report: &BenchReport) -> String {
     let max = rows.iter().map(|r| r.wall_ms).fold(1.0f64, f64::max);
     let x = |v: f64| LEFT + BAR_W * v / max;
     let tcp_wall = rows.iter().find(|r| r.mode == BASELINE).map(|r| r.wall_ms);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"##
-    );
-    svg.push_str("<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n");
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">Where the wall time goes, ms (median per phase)</text>"##
-    );
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="38" fill="#555">{}</text>"##,
-        xml_escape(&format!(
+    let mut svg = svg::open(
+        width,
+        height,
+        LEFT,
+        "Where the wall time goes, ms (median per phase)",
+        &format!(
             "{} MiB guest, {} MiB disk, {}, QEMU {}, git {}",
             report.config.ram_mib,
             report.config.disk_mib,
             report.accel,
             report.qemu_version,
             report.git_revision
-        ))
+        ),
     );
     let mut lx = LEFT;
     for (name, colour) in PHASES.iter().chain([&("other", "#d3d3d3")]) {
@@ -132,7 +125,7 @@ pub fn render_svg(report: &BenchReport) -> String {
             r##"<text x="{:.0}" y="{:.1}" text-anchor="end">{}</text>"##,
             LEFT - 8.0,
             y + ROW_H / 2.0 + 4.0,
-            xml_escape(&row.mode)
+            svg::escape(&row.mode)
         );
         let mut at = 0.0;
         let parts = row
@@ -167,28 +160,17 @@ pub fn render_svg(report: &BenchReport) -> String {
             row.wall_ms
         );
     }
-    let axis_y = TOP + ROW_H * rows.len() as f64 + 4.0;
-    let _ = writeln!(
-        svg,
-        r##"<path d="M{LEFT} {axis_y:.1}H{:.1}" stroke="#222"/>"##,
-        LEFT + BAR_W
+    svg::axis_and_close(
+        &mut svg,
+        LEFT,
+        BAR_W,
+        TOP + ROW_H * rows.len() as f64 + 4.0,
+        max,
+        &format!(
+            "{} measured round(s) per mode; other: the wall beyond the phases (the bench's own work)",
+            report.config.repeat
+        ),
     );
-    for k in 0..=4 {
-        let v = max * f64::from(k) / 4.0;
-        let _ = writeln!(
-            svg,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#555">{v:.0}</text>"##,
-            x(v),
-            axis_y + 16.0
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="{:.1}" fill="#555">{} measured round(s) per mode; other: the wall beyond the phases (the bench's own work)</text>"##,
-        axis_y + 36.0,
-        report.config.repeat
-    );
-    svg.push_str("</svg>\n");
     svg
 }
 
@@ -282,13 +264,6 @@ fn verdict(gate: Option<&GateReport>) -> &'static str {
         Some(g) if g.regressed() => "REGRESSED against the baseline",
         Some(_) => "passed against the baseline",
     }
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]

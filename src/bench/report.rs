@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::measure::{HostInfo, git_revision};
 use super::stats::{Stat, ratio};
+use super::svg;
 use super::{BenchConfig, Mode};
 use crate::migration::Timing;
 use crate::vm::Accel;
@@ -500,23 +501,12 @@ pub fn render_svg(report: &BenchReport) -> String {
         .filter_map(|s| s.get(Metric::RamMbps).map(|m| m.stat.max))
         .fold(1.0f64, f64::max);
     let x = |v: f64| LEFT + BAR_W * v / max;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"##
-    );
-    let _ = writeln!(
-        svg,
-        r##"<rect width="100%" height="100%" fill="#ffffff"/>"##
-    );
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">RAM migration throughput, Mbit/s (median, min-max)</text>"##
-    );
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="38" fill="#555">{}</text>"##,
-        xml_escape(&format!(
+    let mut svg = svg::open(
+        width,
+        height,
+        LEFT,
+        "RAM migration throughput, Mbit/s (median, min-max)",
+        &format!(
             "{} MiB guest, workload {} MiB at {} pages/s, {}, QEMU {}, git {}",
             report.config.ram_mib,
             report.config.workload.working_set_mib,
@@ -524,7 +514,7 @@ pub fn render_svg(report: &BenchReport) -> String {
             report.accel,
             report.qemu_version,
             report.git_revision
-        ))
+        ),
     );
     for (i, s) in report.modes.iter().enumerate() {
         let y = TOP + ROW_H * i as f64;
@@ -538,7 +528,7 @@ pub fn render_svg(report: &BenchReport) -> String {
             r##"<text x="{:.0}" y="{:.1}" text-anchor="end">{}</text>"##,
             LEFT - 8.0,
             y + ROW_H / 2.0 + 4.0,
-            xml_escape(&s.mode.name)
+            svg::escape(&s.mode.name)
         );
         if let Some(m) = s.get(Metric::RamMbps) {
             let _ = writeln!(
@@ -579,37 +569,18 @@ pub fn render_svg(report: &BenchReport) -> String {
             );
         }
     }
-    let axis_y = TOP + ROW_H * report.modes.len() as f64 + 4.0;
-    let _ = writeln!(
-        svg,
-        r##"<path d="M{LEFT} {axis_y:.1}H{:.1}" stroke="#222"/>"##,
-        LEFT + BAR_W
+    svg::axis_and_close(
+        &mut svg,
+        LEFT,
+        BAR_W,
+        TOP + ROW_H * report.modes.len() as f64 + 4.0,
+        max,
+        &format!(
+            "{} measured round(s), {} warm-up discarded; CPU: source+destination QEMU outside vCPU threads",
+            report.config.repeat, report.config.warmup
+        ),
     );
-    for k in 0..=4 {
-        let v = max * f64::from(k) / 4.0;
-        let _ = writeln!(
-            svg,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#555">{v:.0}</text>"##,
-            x(v),
-            axis_y + 16.0
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r##"<text x="{LEFT}" y="{:.1}" fill="#555">{} measured round(s), {} warm-up discarded; CPU: source+destination QEMU outside vCPU threads</text>"##,
-        axis_y + 34.0,
-        report.config.repeat,
-        report.config.warmup
-    );
-    svg.push_str("</svg>\n");
     svg
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]
