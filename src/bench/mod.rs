@@ -737,6 +737,8 @@ impl RunContext<'_> {
                 .then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
             host_cpu_s,
             phases: report.timing,
+            forecast_ms: report.forecast.as_ref().map(|f| f.predicted_total_ms),
+            ram_ms: report.ram.total_ms,
         };
         drop(src_mon);
         drop(dst_mon);

@@ -195,8 +195,10 @@ pub fn render_markdown(report: &BenchReport, gate: Option<&GateReport>) -> Strin
         report.config.repeat,
         report.config.warmup
     );
-    md.push_str("| mode | completed | wall ms | x tcp | RAM Mbit/s | x tcp | downtime ms | guest pause ms |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|\n");
+    md.push_str(
+        "| mode | completed | wall ms | x tcp | RAM Mbit/s | x tcp | downtime ms | guest pause ms | forecast error % |\n",
+    );
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for s in &report.modes {
         let med = |m: Metric| s.median(m).map_or("-".to_string(), |v| format!("{v:.0}"));
         let x = |m: Metric| {
@@ -206,7 +208,7 @@ pub fn render_markdown(report: &BenchReport, gate: Option<&GateReport>) -> Strin
         };
         let _ = writeln!(
             md,
-            "| {} | {}/{} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
             s.mode.name,
             s.completed,
             s.runs,
@@ -215,7 +217,9 @@ pub fn render_markdown(report: &BenchReport, gate: Option<&GateReport>) -> Strin
             med(Metric::RamMbps),
             x(Metric::RamMbps),
             med(Metric::DowntimeMs),
-            med(Metric::GuestPauseMs)
+            med(Metric::GuestPauseMs),
+            s.median(Metric::ForecastErrorPct)
+                .map_or("-".to_string(), |v| format!("{v:+.1}"))
         );
     }
     md.push_str("\nWall time by phase (medians, ms):\n\n| mode |");

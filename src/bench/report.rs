@@ -66,6 +66,11 @@ pub struct RunResult {
     pub host_cpu_s: f64,
     /// The tool's wall time phase by phase, as the migration's report times it.
     pub phases: Timing,
+    /// The RAM time the migration's forecast predicted (made after QEMU's first pass, the
+    /// default), to compare with `ram_ms`; `None`: no forecast was made.
+    pub forecast_ms: Option<u64>,
+    /// The RAM phase as the migration's report measured it (what the forecast predicts).
+    pub ram_ms: u64,
 }
 
 impl RunResult {
@@ -101,10 +106,12 @@ pub enum Metric {
     DirtySyncs,
     DiskMbps,
     HostCpuS,
+    /// The forecast's error: predicted RAM time over measured, less one, in percent.
+    ForecastErrorPct,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 12] = [
+    pub const ALL: [Metric; 13] = [
         Metric::TotalMs,
         Metric::WallMs,
         Metric::OverheadMs,
@@ -117,6 +124,7 @@ impl Metric {
         Metric::DirtySyncs,
         Metric::DiskMbps,
         Metric::HostCpuS,
+        Metric::ForecastErrorPct,
     ];
 
     pub fn name(self) -> &'static str {
@@ -133,6 +141,7 @@ impl Metric {
             Metric::DirtySyncs => "dirty_syncs",
             Metric::DiskMbps => "disk_mbps",
             Metric::HostCpuS => "host_cpu_s",
+            Metric::ForecastErrorPct => "forecast_error_pct",
         }
     }
 
@@ -150,6 +159,13 @@ impl Metric {
             Metric::DirtySyncs => r.dirty_sync_count as f64,
             Metric::DiskMbps => return r.disk_mbps,
             Metric::HostCpuS => r.host_cpu_s,
+            Metric::ForecastErrorPct => {
+                let predicted = r.forecast_ms? as f64;
+                if r.ram_ms == 0 {
+                    return None;
+                }
+                (predicted / r.ram_ms as f64 - 1.0) * 100.0
+            }
         })
     }
 }
@@ -614,6 +630,8 @@ mod tests {
             disk_mbps: None,
             host_cpu_s: 0.0,
             phases: Timing::default(),
+            forecast_ms: None,
+            ram_ms: 0,
         }
     }
 

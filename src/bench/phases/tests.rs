@@ -41,6 +41,8 @@ fn run(mode: &str, warmup: bool, wall_ms: u64, setup_ms: u64, ram_ms: u64) -> Ru
             finish_ms: 5,
             cleanup_ms: 3,
         },
+        forecast_ms: Some(ram_ms + 50),
+        ram_ms,
         ..RunResult::default()
     }
 }
@@ -125,6 +127,8 @@ fn the_summary_names_the_verdict_and_marks_a_regressed_ratio() {
         "{md}"
     );
     assert!(md.contains("| tls | 3/3 | 950 | 1.86 |"), "{md}");
+    // 540 predicted against 490 measured (the median run).
+    assert!(md.contains("| +10.2 |"), "{md}");
     assert!(
         md.contains("| tls | ram_mbps | 0.600 | 0.300 | 50.0% | **REGRESSED** |"),
         "{md}"
