@@ -291,12 +291,12 @@ impl BenchReport {
             "run,round,warmup,mode,total_ms,setup_ms,downtime_ms,wall_ms,ram_bytes,\
              guest_ram_bytes,ram_mbps,sent_ratio,normal_pages,duplicate_pages,dirty_sync_count,\
              dirty_pages_rate,src_cpu_s,dst_cpu_s,src_cpu_total_s,dst_cpu_total_s,disk_bytes,\
-             disk_mbps,host_cpu_s\n",
+             disk_mbps,host_cpu_s,ram_ms,forecast_ms\n",
         );
         for r in &self.runs {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{},{:.2}",
+                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{},{:.2},{},{}",
                 r.run,
                 r.round,
                 r.warmup,
@@ -320,6 +320,8 @@ impl BenchReport {
                 r.disk_bytes,
                 r.disk_mbps.map(|v| format!("{v:.1}")).unwrap_or_default(),
                 r.host_cpu_s,
+                r.ram_ms,
+                r.forecast_ms.map(|v| v.to_string()).unwrap_or_default(),
             );
         }
         out
