@@ -446,6 +446,8 @@ pub async fn dest_domain(
                 format,
                 size,
                 backing,
+                adopt: false,
+                grow: false,
             });
         }
         Ok(DestDomain { xml, disks })

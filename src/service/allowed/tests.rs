@@ -201,6 +201,8 @@ fn root_disk() -> Vec<NewDisk> {
         format: "qcow2".into(),
         size: 64 << 20,
         backing: None,
+        adopt: false,
+        grow: false,
     }]
 }
 
@@ -251,6 +253,7 @@ fn a_cloudstack_domain_is_built_with_the_services_monitor_graphics_and_disk_path
         [PlannedDisk {
             disk: root_disk()[0].clone(),
             path: host.storage.join("root.qcow2"),
+            adopt: false,
         }]
     );
     let graphics = find("graphics").next().expect("graphics");
