@@ -14,6 +14,7 @@ fn preflight() -> Message {
     Message::Preflight {
         qmp: "vm1.sock".into(),
         plan: DestPlan {
+            machine: None,
             tls: true,
             multifd_compression: None,
             tls_priority: None,

@@ -2,7 +2,21 @@
 # Installs, idempotently, what a fresh Debian 12 machine needs to build qemu-tls-migrate and run
 # its tests, demo and benchmarks: QEMU 7.2 (qemu-system-x86 with the matching qemu-utils), and
 # the small tools the tests use. Safe to run again: it does nothing when all is in place.
+#
+# `--qemu10` also unpacks QEMU 10.0 from bookworm-backports into .qemu/10.0 (scripts/setup-qemu10.sh;
+# never installed system-wide) and prints the path of its qemu-system-x86_64 wrapper last.
 set -euo pipefail
+
+QEMU10=0
+for arg in "$@"; do
+    case "$arg" in
+        --qemu10) QEMU10=1 ;;
+        *) echo "usage: $0 [--qemu10]" >&2; exit 2 ;;
+    esac
+done
+qemu10() {
+    if [ "$QEMU10" = 1 ]; then bash "$(dirname "$0")/setup-qemu10.sh"; fi
+}
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -32,6 +46,7 @@ have_extras() {
 
 if have_qemu_72 && have_extras; then
     echo "setup: QEMU 7.2, libvirt and test tools already installed"
+    qemu10
     exit 0
 fi
 
@@ -67,3 +82,4 @@ $SUDO apt-get install -y -q --allow-downgrades --no-install-recommends \
 
 have_qemu_72 || { echo "setup: QEMU 7.2 still missing after install" >&2; exit 1; }
 echo "setup: installed QEMU $version"
+qemu10

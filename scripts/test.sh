@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
+bash scripts/setup.sh --qemu10
 # Port locks of the tests live apart from a real host's.
 export QTM_LOCK_DIR="${QTM_LOCK_DIR:-$(mktemp -d -t qtm-locks-XXXXXX)}"
 cargo build --all-targets --locked

@@ -35,3 +35,8 @@ pub mod qmp;
 pub mod service;
 pub mod vm;
 pub mod vm_lock;
+
+/// The QEMU versions this release was tested with, listed by `--version`: Debian 12's QEMU and
+/// the one in bookworm-backports (they migrate both ways with a 7.2 machine type). The one
+/// place to change when the tested versions change.
+pub const TESTED_QEMU_VERSIONS: &[&str] = &["7.2", "10.0"];

@@ -116,13 +116,19 @@ impl VmKey {
         }
     }
 
-    fn file_name(&self) -> String {
+    /// `vm-HASH`: the lock file's name without `.lock`, also the VM's journal's
+    /// ([`crate::migration::journal`]).
+    pub fn file_stem(&self) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.text().as_bytes());
         let hex: String = digest.as_ref()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        format!("vm-{hex}.lock")
+        format!("vm-{hex}")
+    }
+
+    fn file_name(&self) -> String {
+        format!("{}.lock", self.file_stem())
     }
 }
 

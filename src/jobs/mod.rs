@@ -100,6 +100,12 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
 }
 
+/// Creates the run directory (mode 0700) when missing and checks it as a job's server does,
+/// for the other files kept there (the migrations' journals).
+pub(crate) fn ensure_run_dir(dir: &Path) -> Result<(), JobsError> {
+    open_run_dir(dir, true).map(drop)
+}
+
 /// A fresh job id: 8 hexadecimal digits.
 pub fn new_id() -> String {
     use ring::rand::{SecureRandom, SystemRandom};

@@ -13,7 +13,9 @@
 //!   steps while the migration runs, so a guest that almost converges gets there;
 //! - **timeout action** `pause` (CloudStack's `vm.migrate.pauseafter`, libvirt's
 //!   `--timeout-suspend`): at the deadline the guest is paused, and what is left moves as
-//!   downtime, instead of the migration being abandoned.
+//!   downtime, instead of the migration being abandoned; or, with a pause deadline of its own
+//!   ([`Convergence::pause_after`]), the guest paused at one deadline and the migration
+//!   abandoned at a later one (the agent's `vm.migrate.pauseafter` beside `vm.migrate.wait`).
 
 use std::time::Duration;
 
@@ -30,6 +32,21 @@ pub enum TimeoutAction {
     Pause,
     /// Switch to post-copy: always refused ([`POSTCOPY_REFUSED`]).
     Postcopy,
+}
+
+/// What to do when the judgement after the first pass (or the forecast before starting) says
+/// the migration will not converge as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoGo {
+    /// Say so in the report and go on (the deadline and the timeout action still hold).
+    #[default]
+    Warn,
+    /// Pause the guest so what is left moves as downtime (as `--timeout-action pause` does at
+    /// the deadline).
+    Pause,
+    /// Cancel and roll back: the source runs on (kind `no-go`).
+    Abort,
 }
 
 /// Why post-copy is refused, in full: what `--postcopy` and `--timeout-action postcopy` say.
@@ -142,9 +159,16 @@ pub struct Convergence {
     pub compress: Option<Compression>,
     pub downtime_steps: Option<DowntimeSteps>,
     pub timeout_action: TimeoutAction,
+    /// Pause the guest this long after the migration started (so the rest moves as downtime),
+    /// while the migration's own deadline, later, still abandons it: a pause deadline beside
+    /// an abort deadline. It acts in the RAM phase (at its start when it passed during the
+    /// disk copy). Not with [`TimeoutAction::Pause`], which makes the one deadline a pause.
+    pub pause_after: Option<Duration>,
     /// A deadline of this much per GiB of guest RAM plus copied disk (KubeVirt's
     /// `completionTimeoutPerGiB`), so one number fits VMs of all sizes.
     pub completion_timeout_per_gib: Option<Duration>,
+    /// What a no-go verdict leads to.
+    pub on_no_go: OnNoGo,
     /// Post-copy was asked for (refused by [`crate::migration::MigrationOptions::validate`]).
     pub postcopy: bool,
 }
@@ -195,6 +219,15 @@ pub struct ConvergenceReport {
     /// The deadline in force (from --timeout or the completion timeout per GiB).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// The action a no-go verdict led to (`--on-no-go pause` or `abort`), and when (ms from
+    /// the start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_go_action: Option<OnNoGo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_go_action_at_ms: Option<u64>,
+    /// The pause deadline in force (`--pause-after`), beside the deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_deadline_ms: Option<u64>,
     /// Controls applied while the migration ran (`jobs set`, `jobs pause`), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub controls: Vec<super::AppliedControl>,

@@ -139,8 +139,13 @@ impl DestinationSide {
         })
     }
 
-    /// Checks everything that can be checked without changing anything: the disks, the ports,
-    /// the credentials. A failure here leaves the destination as it was.
+    /// The destination QEMU's version (its greeting's).
+    pub fn qemu_version(&self) -> crate::qmp::QemuVersion {
+        self.ctl.qmp.greeting().version.qemu
+    }
+
+    /// Checks everything that can be checked without changing anything: the machine type, the
+    /// disks, the ports, the credentials. A failure here leaves the destination as it was.
     pub async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
         // What a peer sends is checked by the same rules as the options.
         if let Some(n) = plan.multifd {
@@ -150,6 +155,9 @@ impl DestinationSide {
             return Err(MigrationError::BadRequest {
                 desc: COMPRESS_NEEDS_MULTIFD.into(),
             });
+        }
+        if let Some(machine) = &plan.machine {
+            super::versions::check_destination_machine(&self.ctl, machine).await?;
         }
         self.dest_disks = if plan.disks.is_empty() {
             Vec::new()
@@ -586,7 +594,7 @@ impl DestinationSide {
     pub async fn abort(&mut self) -> AbortOutcome {
         self.ports.clear();
         if self.may_run() {
-            let left = std::mem::take(&mut self.ctl.undo);
+            let left = self.ctl.undo.take_all();
             tracing::error!(socket = %self.ctl.socket.display(), "the destination may run the guest: leaving it as it is");
             let mut problems = vec![format!(
                 "destination: left as it is, since it may run the guest ({}): nothing was \
@@ -624,6 +632,10 @@ pub trait Destination {
     fn cpus(&self) -> u32 {
         super::host_cpus()
     }
+    /// The destination QEMU's version, once known (after the preflight at the latest).
+    fn qemu_version(&self) -> Option<crate::qmp::QemuVersion> {
+        None
+    }
     /// Checks without changing anything (disks, ports, credentials).
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError>;
     /// Makes the destination ready to receive; returns its ports.
@@ -639,6 +651,15 @@ pub trait Destination {
     fn lost_reason(&self) -> Option<String> {
         None
     }
+    /// How the run's journal names this destination.
+    fn journal_dest(&self) -> super::journal::JournalDest {
+        super::journal::JournalDest::Remote {
+            address: self.holder(),
+        }
+    }
+    /// From now on, record this destination's changes in `journal` (a local QEMU's; a
+    /// remote service keeps its own).
+    fn journal_to(&mut self, _journal: &std::sync::Arc<super::journal::Journal>) {}
 }
 
 impl Destination for DestinationSide {
@@ -647,6 +668,9 @@ impl Destination for DestinationSide {
     }
     fn holder(&self) -> String {
         DestinationSide::holder(self)
+    }
+    fn qemu_version(&self) -> Option<crate::qmp::QemuVersion> {
+        Some(DestinationSide::qemu_version(self))
     }
     async fn preflight(&mut self, plan: &DestPlan) -> Result<(), MigrationError> {
         DestinationSide::preflight(self, plan).await
@@ -665,6 +689,14 @@ impl Destination for DestinationSide {
     }
     fn lost_reason(&self) -> Option<String> {
         Some("its QEMU exited".into())
+    }
+    fn journal_dest(&self) -> super::journal::JournalDest {
+        super::journal::JournalDest::Local {
+            qmp: self.ctl.socket.clone(),
+        }
+    }
+    fn journal_to(&mut self, journal: &std::sync::Arc<super::journal::Journal>) {
+        self.ctl.undo.journal_to(journal.clone(), Side::Destination);
     }
 }
 
@@ -821,6 +853,7 @@ mod tests {
 
     fn plan() -> DestPlan {
         DestPlan {
+            machine: None,
             tls: false,
             multifd_compression: None,
             tls_priority: None,
@@ -901,6 +934,7 @@ mod tests {
     /// fingerprint is `template`'s.
     fn top_only_plan(template: &Path) -> DestPlan {
         DestPlan {
+            machine: None,
             disks: vec![crate::peer::DiskSpec {
                 node: "srcdisk".into(),
                 device: Some("vd0".into()),

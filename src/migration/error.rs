@@ -156,6 +156,20 @@ pub enum MigrationError {
         "TLS handshake failed: {desc}; check that both hosts' certificates come from the same CA and that the destination's certificate names {hostname}"
     )]
     TlsHandshake { desc: String, hostname: String },
+    #[error(
+        "the destination's QEMU {dest_qemu} has no machine type {machine}, the source guest's: \
+         it cannot load this guest; migrate it to a QEMU that has {machine} (newer QEMUs keep \
+         older machine types, never the reverse)"
+    )]
+    MachineTypeUnsupported { machine: String, dest_qemu: String },
+    #[error(
+        "the destination QEMU runs machine type {dest_machine}, the source guest {machine}: \
+         start the destination with -machine {machine}"
+    )]
+    MachineTypeMismatch {
+        machine: String,
+        dest_machine: String,
+    },
     #[error("migration failed: {desc}")]
     Failed { desc: String },
     #[error("the destination went away during the migration{}", .desc.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
@@ -175,10 +189,20 @@ pub enum MigrationError {
     Stalled { after: Duration, status: String },
     #[error("the migration did not complete within {after:?}; cancelled")]
     Timeout { after: Duration },
+    #[error(
+        "the migration will not converge as configured ({why}); --on-no-go abort: cancelled, \
+         the source runs on. Would converge with: {advice}"
+    )]
+    NoGo { why: String, advice: String },
     #[error("cancelled by signal; everything was rolled back")]
     Cancelled,
     #[error("bad migration options: {what}")]
     BadOptions { what: String },
+    /// An earlier run of this VM was interrupted and its changes could not all be undone.
+    #[error("{detail}; nothing was changed by this run: see `qemu-tls-migrate recover --json`")]
+    Interrupted { detail: String },
+    #[error(transparent)]
+    Journal(#[from] super::journal::JournalError),
     /// The source's certificate has a subject QEMU's `tls-authz` cannot be set to match.
     #[error(
         "the source's certificate subject cannot be given to QEMU's tls-authz: {desc}; issue \
@@ -238,6 +262,8 @@ impl MigrationError {
             // The same directory as the port leases, with the same fix.
             MigrationError::VmLock(_) => ErrorKind::Ports,
             MigrationError::TlsHandshake { .. } => ErrorKind::TlsHandshake,
+            MigrationError::MachineTypeUnsupported { .. }
+            | MigrationError::MachineTypeMismatch { .. } => ErrorKind::MachineType,
             MigrationError::Failed { .. } => ErrorKind::MigrationFailed,
             MigrationError::DestinationDied { .. } => ErrorKind::DestinationDied,
             MigrationError::DestinationNotFinished { .. } => ErrorKind::Timeout,
@@ -245,8 +271,12 @@ impl MigrationError {
             | MigrationError::DestinationResumeUnknown { .. } => ErrorKind::MigrationFailed,
             MigrationError::Stalled { .. } => ErrorKind::Stalled,
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
+            MigrationError::NoGo { .. } => ErrorKind::NoGo,
             MigrationError::Cancelled => ErrorKind::Cancelled,
             MigrationError::BadOptions { .. } => ErrorKind::Usage,
+            MigrationError::Interrupted { .. } => ErrorKind::SourceNotReady,
+            // The run directory, like the lock directory, with the same kind of fix.
+            MigrationError::Journal(_) => ErrorKind::Ports,
             MigrationError::Libvirt(crate::libvirt::LibvirtError::NoSuchDomain { .. }) => {
                 ErrorKind::NoSuchDomain
             }

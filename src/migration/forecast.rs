@@ -1,8 +1,9 @@
-//! The forecast: before anything starts, will this VM's migration converge as configured, and
-//! how long will it take? (`migrate --plan`, and the same check in every `migrate` unless
-//! `--no-forecast`.)
+//! The forecast: will this VM's migration converge as configured, and how long will its RAM
+//! take? Made either before anything starts (`migrate --plan`, `migrate --forecast before`)
+//! or, by default, from QEMU's own figures once the first pass is over
+//! ([`from_first_pass`]), so that no one waits a second for it before data moves.
 //!
-//! What it measures on the source, changing nothing:
+//! Before starting, it measures on the source, changing nothing:
 //! - the guest's **dirty rate**, with QEMU's `calc-dirty-rate` (one second of page sampling);
 //! - how much of its RAM **holds data** (zero pages cost nothing to send): 256 pages spread
 //!   over guest RAM, read with the monitor's `xp`;
@@ -10,6 +11,10 @@
 //! and what it assumes: the **throughput** is `--max-bandwidth` when set, otherwise a figure
 //! for the transport measured on this project's reference machine ([`ESTIMATED_TLS`],
 //! [`ESTIMATED_TCP`]), said to be an estimate in the forecast.
+//!
+//! After the first pass, it takes the throughput the pass reached (bytes on the wire over its
+//! time: this host, this link, this transport) and the dirty rate QEMU counted, and runs the
+//! same model.
 //!
 //! The model is QEMU's pre-copy: the first pass sends the RAM that holds data; each next pass
 //! sends what the guest dirtied during the previous one; the migration stops when what is left
@@ -21,7 +26,7 @@ use serde::Serialize;
 
 use super::side::SideCtl;
 use super::{MigrationError, MigrationOptions, Transport, UNLIMITED_BANDWIDTH};
-use crate::qemu::{HumanMonitorCommand, QueryMemorySizeSummary};
+use crate::qemu::{HumanMonitorCommand, QueryMemorySizeSummary, RamStats};
 
 /// Pages read to tell how much of the RAM holds data.
 const SAMPLED_PAGES: u64 = 256;
@@ -50,9 +55,29 @@ pub struct ForecastInput {
     pub disk_bytes: u64,
 }
 
+/// When a forecast was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForecastMade {
+    /// Before anything started, from a second of sampling the guest.
+    BeforeStart,
+    /// Once QEMU's first pass over the RAM was over, from its own figures.
+    FirstPass,
+}
+
+impl ForecastMade {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForecastMade::BeforeStart => "before-start",
+            ForecastMade::FirstPass => "first-pass",
+        }
+    }
+}
+
 /// The verdict, with what it rests on.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Forecast {
+    pub made: ForecastMade,
     pub converges: bool,
     pub predicted_total_ms: u64,
     pub predicted_passes: u32,
@@ -62,7 +87,8 @@ pub struct Forecast {
     pub ram_data_bytes: u64,
     pub dirty_rate_mib_s: f64,
     pub throughput_mbps: f64,
-    /// `max-bandwidth` (the cap set) or `estimate` (the reference machine's figure).
+    /// `max-bandwidth` (the cap set), `estimate` (the reference machine's figure), or
+    /// `first-pass` (what this migration's first pass reached).
     pub throughput_from: &'static str,
     pub downtime_limit_ms: u64,
     /// Settings that would make a no-go converge.
@@ -109,6 +135,7 @@ pub fn predict(input: &ForecastInput, throughput_from: &'static str) -> Forecast
         advice.push("--multifd N on hosts with more cores; --compress zstd with it".into());
     }
     Forecast {
+        made: ForecastMade::BeforeStart,
         converges,
         predicted_total_ms: ((total + downtime) * 1000.0).round() as u64,
         predicted_passes: passes,
@@ -167,6 +194,50 @@ pub(crate) async fn measure(
         "forecast"
     );
     Ok(forecast)
+}
+
+/// The guest's page size for QEMU's page counts (x86).
+const PAGE_SIZE: f64 = 4096.0;
+
+/// The forecast from QEMU's figures once its first pass is over: `ram` as `query-migrate`
+/// reports it at the first poll that sees a second dirty-bitmap sync, `elapsed` since the RAM
+/// migration started. The throughput is what the pass reached (bytes sent over its time); the
+/// dirty rate is QEMU's own count (it is only updated once a second: before that, what the
+/// pass left dirty over the pass's time). `None` while the first pass is under way.
+pub fn from_first_pass(
+    ram: &RamStats,
+    elapsed: Duration,
+    downtime_limit: Duration,
+) -> Option<Forecast> {
+    let secs = elapsed.as_secs_f64();
+    if ram.dirty_sync_count < 2 || ram.transferred == 0 || secs <= 0.0 || ram.total == 0 {
+        return None;
+    }
+    let throughput = ram.transferred as f64 / secs;
+    let dirty_rate = if ram.dirty_pages_rate > 0 {
+        ram.dirty_pages_rate as f64 * PAGE_SIZE
+    } else {
+        ram.remaining as f64 / secs
+    };
+    let input = ForecastInput {
+        ram: ram.total,
+        data_share: (ram.transferred as f64 / ram.total as f64).min(1.0),
+        dirty_rate,
+        throughput,
+        downtime_limit,
+        disk_bytes: 0,
+    };
+    let mut forecast = predict(&input, "first-pass");
+    forecast.made = ForecastMade::FirstPass;
+    tracing::info!(
+        converges = forecast.converges,
+        total_ms = forecast.predicted_total_ms,
+        passes = forecast.predicted_passes,
+        dirty_mib_s = forecast.dirty_rate_mib_s,
+        mbps = forecast.throughput_mbps,
+        "judged after the first pass"
+    );
+    Some(forecast)
 }
 
 /// The share of [`SAMPLED_PAGES`] pages, spread over guest RAM, that hold a non-zero byte.
@@ -262,6 +333,61 @@ mod tests {
         assert_eq!(f.predicted_passes, 2, "{f:?}");
         assert_eq!(f.predicted_total_ms, 1313, "{f:?}");
         assert_eq!(f.predicted_downtime_ms, 63, "{f:?}");
+    }
+
+    fn first_pass(
+        sync: u64,
+        transferred_mib: u64,
+        dirty_pages_rate: u64,
+        remaining_mib: u64,
+    ) -> RamStats {
+        RamStats {
+            transferred: transferred_mib << 20,
+            remaining: remaining_mib << 20,
+            total: 128 << 20,
+            dirty_pages_rate,
+            dirty_sync_count: sync,
+            ..RamStats::default()
+        }
+    }
+
+    #[test]
+    fn no_verdict_while_the_first_pass_is_under_way() {
+        let ram = first_pass(1, 32, 0, 96);
+
+        assert_eq!(
+            from_first_pass(&ram, Duration::from_secs(1), Duration::from_millis(300)),
+            None
+        );
+    }
+
+    #[test]
+    fn after_the_first_pass_the_throughput_is_what_it_reached_and_the_dirty_rate_qemus() {
+        // 64 MiB in 1 s; QEMU counted 4096 pages/s (16 MiB/s) dirty.
+        let ram = first_pass(2, 64, 4096, 16);
+
+        let f = from_first_pass(&ram, Duration::from_secs(1), Duration::from_millis(100))
+            .expect("verdict");
+
+        assert_eq!(f.made, ForecastMade::FirstPass);
+        assert_eq!(f.throughput_from, "first-pass");
+        assert_eq!(f.throughput_mbps, 536.9);
+        assert_eq!(f.dirty_rate_mib_s, 16.0);
+        // The same pre-copy model as before starting: 1 s, then 0.25 s, then 62.5 ms fits.
+        assert!(f.converges);
+        assert_eq!(f.predicted_total_ms, 1313, "{f:?}");
+    }
+
+    #[test]
+    fn before_qemu_counts_a_dirty_rate_what_the_pass_left_dirty_stands_for_it() {
+        // A pass of 0.5 s (QEMU's rate waits for a second between syncs) left 40 MiB dirty.
+        let ram = first_pass(2, 32, 0, 40);
+
+        let f = from_first_pass(&ram, Duration::from_millis(500), Duration::from_millis(300))
+            .expect("verdict");
+
+        assert_eq!(f.dirty_rate_mib_s, 80.0);
+        assert!(!f.converges, "{f:?}");
     }
 
     #[test]

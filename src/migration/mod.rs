@@ -33,16 +33,19 @@ mod destination;
 mod disks;
 mod error;
 mod forecast;
+pub mod journal;
 mod options;
+pub mod recover;
 mod remote;
 mod report;
 mod run;
 mod side;
 mod undo;
+mod versions;
 
 pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
-    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, Throttle,
+    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, OnNoGo, Throttle,
     TimeoutAction, XbzrleCache,
 };
 pub use destination::{AbortOutcome, Destination, DestinationSide, Finished};
@@ -50,13 +53,17 @@ pub use disks::{
     CopyPlan, DiskProgress, DiskReport, DiskSelection, SourceDisk, backing_fingerprint,
 };
 pub use error::MigrationError;
-pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast};
+pub use forecast::{ESTIMATED_TCP, ESTIMATED_TLS, Forecast, ForecastMade};
 pub use options::{
-    Endpoint, MigrationOptions, Multifd, ValidOptions, check_bandwidth, check_multifd_channels,
+    Endpoint, ForecastWhen, MigrationOptions, Multifd, ValidOptions, check_bandwidth,
+    check_multifd_channels, check_pause_after, check_timeout,
 };
 pub use remote::{RemoteDestination, RemoteTarget, migrate_remote};
-pub use report::{FinalStatus, GuestPause, Phase, Progress, RamReport, Report, Timing, ToolUsage};
+pub use report::{
+    FinalStatus, GuestPause, Phase, Progress, RamReport, Report, SourceEnd, Timing, ToolUsage,
+};
 pub use run::{RunContext, migrate, migrate_to};
+pub use versions::{QemuVersions, TESTED_QEMU};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -116,7 +123,7 @@ pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
 }
 
 /// One side of a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Source,

@@ -32,6 +32,50 @@ pub fn check_bandwidth(bytes_per_s: u64) -> Result<u64, String> {
     Ok(bytes_per_s)
 }
 
+/// A timeout (QMP, stall, the whole migration's): 1 s to [`MAX_TIMEOUT`]; `what` names it.
+pub fn check_timeout(what: &str, d: Duration) -> Result<Duration, String> {
+    if d < Duration::from_secs(1) || d > MAX_TIMEOUT {
+        return Err(format!(
+            "{what} {d:?} is outside 1 s to {} s",
+            MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+/// A pause deadline ([`Convergence::pause_after`]): 1 ms to [`MAX_TIMEOUT`] (CloudStack's
+/// `vm.migrate.pauseafter` is in milliseconds).
+pub fn check_pause_after(d: Duration) -> Result<Duration, String> {
+    if d < Duration::from_millis(1) || d > MAX_TIMEOUT {
+        return Err(format!(
+            "pause deadline {d:?} is outside 1 ms to {} s (leave it out for none)",
+            MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+/// The pause deadline against the abort deadline: both may be given, the pause first.
+fn check_deadlines(c: &Convergence, timeout: Option<Duration>) -> Result<(), String> {
+    let Some(pause) = c.pause_after else {
+        return Ok(());
+    };
+    check_pause_after(pause)?;
+    if c.timeout_action == TimeoutAction::Pause {
+        return Err(format!(
+            "pause deadline {pause:?} with the timeout action pause: both make a pause \
+             deadline; give the pause as --pause-after and the abort as --timeout"
+        ));
+    }
+    match timeout {
+        Some(t) if pause >= t => Err(format!(
+            "pause deadline {pause:?} is not before the migration timeout {t:?}, which would \
+             abandon the migration first: pause earlier or give it longer"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A multifd channel count: 1 to [`MAX_MULTIFD_CHANNELS`].
 pub fn check_multifd_channels(n: u8) -> Result<u8, String> {
     if !(1..=MAX_MULTIFD_CHANNELS).contains(&n) {
@@ -130,8 +174,9 @@ pub struct MigrationOptions {
     pub dest_domain: Option<DestDomain>,
     /// What may help a busy guest's migration finish.
     pub convergence: Convergence,
-    /// Forecast convergence before starting (a second of sampling); a no-go is a warning.
-    pub forecast: bool,
+    /// When convergence is judged: after the first pass (the default: nothing waits), before
+    /// starting (a second of sampling the guest), or not at all.
+    pub forecast: ForecastWhen,
     /// This run's job id (`migrate --job-id`, or the one the jobs module chose): kept in the
     /// VM's lock ([`crate::vm_lock`]), so that a second run on the same VM is told which run
     /// holds it.
@@ -174,13 +219,14 @@ impl MigrationOptions {
             allow_unsafe: false,
             dest_domain: None,
             convergence: Convergence::default(),
-            forecast: false,
+            forecast: ForecastWhen::FirstPass,
             job_id: None,
             source_domain_uuid: None,
         }
     }
 
-    /// Checks what the types cannot: timeouts from 1 s to [`MAX_TIMEOUT`], 1 to
+    /// Checks what the types cannot: timeouts from 1 s to [`MAX_TIMEOUT`], a pause deadline
+    /// before the migration's timeout (and not with the timeout action pause), 1 to
     /// [`MAX_MULTIFD_CHANNELS`] multifd channels, a non-zero bandwidth no larger than
     /// [`UNLIMITED_BANDWIDTH`], a port range with `0 < first <= last`, a destination host name.
     /// Every problem is named in one [`MigrationError::BadOptions`] (a refusal: nothing was
@@ -188,11 +234,8 @@ impl MigrationOptions {
     pub fn validate(self) -> Result<ValidOptions, MigrationError> {
         let mut problems = Vec::new();
         let mut timeout = |what: &str, d: Duration| {
-            if d.is_zero() || d > MAX_TIMEOUT {
-                problems.push(format!(
-                    "{what} {d:?} is outside 1 s to {} s",
-                    MAX_TIMEOUT.as_secs()
-                ));
+            if let Err(e) = check_timeout(what, d) {
+                problems.push(e);
             }
         };
         timeout("qmp timeout", self.qmp_timeout);
@@ -231,6 +274,9 @@ impl MigrationOptions {
         if self.convergence.postcopy || self.convergence.timeout_action == TimeoutAction::Postcopy {
             problems.push(convergence::POSTCOPY_REFUSED.into());
         }
+        if let Err(e) = check_deadlines(&self.convergence, self.timeout) {
+            problems.push(e);
+        }
         if self.convergence.compress.is_some() && self.multifd == Multifd::Off {
             problems.push(COMPRESS_NEEDS_MULTIFD.into());
         }
@@ -266,6 +312,21 @@ impl MigrationOptions {
             None => crate::qemu::InetAddress::new(self.connect_host(), port),
         }
     }
+}
+
+/// When a migration judges whether it will converge as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForecastWhen {
+    /// From QEMU's own figures once the first pass is over (its dirty-page rate, the
+    /// throughput it reached): data starts moving at once.
+    #[default]
+    FirstPass,
+    /// Before anything starts: a second of sampling the guest's dirty rate and its RAM, with
+    /// the throughput the cap or the reference machine gives (what `--plan` shows).
+    Before,
+    /// Not at all.
+    Off,
 }
 
 /// [`MigrationOptions`] that passed [`MigrationOptions::validate`]; read through `Deref`.
@@ -317,13 +378,30 @@ mod tests {
     #[test]
     fn validate_refuses_each_bad_option_naming_it_as_a_usage_refusal() {
         type Spoil = fn(&mut MigrationOptions);
-        let cases: [(&str, Spoil); 10] = [
+        let cases: [(&str, Spoil); 14] = [
             ("qmp timeout", |o| o.qmp_timeout = Duration::ZERO),
             ("qmp timeout", |o| o.qmp_timeout = Duration::MAX),
             ("stall timeout", |o| o.stall_timeout = Duration::ZERO),
             ("migration timeout", |o| o.timeout = Some(Duration::ZERO)),
             ("migration timeout", |o| {
                 o.timeout = Some(MAX_TIMEOUT + Duration::from_secs(1))
+            }),
+            ("migration timeout 500ms", |o| {
+                o.timeout = Some(Duration::from_millis(500))
+            }),
+            ("pause deadline 0ns", |o| {
+                o.convergence.pause_after = Some(Duration::ZERO)
+            }),
+            (
+                "pause deadline 600s is not before the migration timeout 600s",
+                |o| {
+                    o.convergence.pause_after = Some(Duration::from_secs(600));
+                    o.timeout = Some(Duration::from_secs(600));
+                },
+            ),
+            ("timeout action pause", |o| {
+                o.convergence.pause_after = Some(Duration::from_secs(30));
+                o.convergence.timeout_action = TimeoutAction::Pause;
             }),
             ("multifd", |o| o.multifd = Multifd::Channels(0)),
             ("multifd", |o| o.multifd = Multifd::Channels(65)),
@@ -347,6 +425,18 @@ mod tests {
             assert_eq!(err.kind(), "usage", "{err}");
             assert!(err.to_string().contains(what), "{what}: {err}");
         }
+    }
+
+    #[test]
+    fn a_pause_deadline_and_a_later_abort_deadline_go_together() {
+        let mut o = options();
+        o.convergence.pause_after = Some(Duration::from_millis(30_000));
+        o.timeout = Some(Duration::from_secs(600));
+        o.clone().validate().expect("pause at 30 s, abort at 600 s");
+        o.timeout = None;
+        o.clone().validate().expect("a pause deadline alone");
+        o.convergence.pause_after = Some(Duration::from_millis(1));
+        o.validate().expect("as short as 1 ms");
     }
 
     #[test]

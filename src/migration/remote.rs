@@ -102,6 +102,8 @@ pub struct RemoteDestination {
     asked: Asked,
     /// The destination host's CPU count, from its welcome.
     cpus: u32,
+    /// The destination QEMU's version, from the preflight's answer.
+    qemu: Option<crate::qmp::QemuVersion>,
     /// The service's answer to `hello`: is its host secured?
     pub remote_security: Security,
     pub server: String,
@@ -161,6 +163,7 @@ impl RemoteDestination {
             link: Link::Up,
             asked: Asked::Nothing,
             cpus,
+            qemu: None,
             remote_security,
             server,
         })
@@ -254,7 +257,11 @@ impl Destination for RemoteDestination {
             plan: plan.clone(),
         };
         match self.request(msg, REQUEST_TIMEOUT).await? {
-            Message::Preflighted { backing_checked } => {
+            Message::Preflighted {
+                backing_checked,
+                qemu,
+            } => {
+                self.qemu = qemu;
                 match plan.disks.iter().find(|d| d.copy == DiskCopy::Top) {
                     Some(disk) if !backing_checked => Err(MigrationError::BackingMismatch {
                         node: disk.node.clone(),
@@ -370,6 +377,9 @@ impl Destination for RemoteDestination {
 
     fn cpus(&self) -> u32 {
         self.cpus
+    }
+    fn qemu_version(&self) -> Option<crate::qmp::QemuVersion> {
+        self.qemu
     }
 
     fn holder(&self) -> String {
@@ -498,7 +508,7 @@ pub async fn migrate_remote(
     cx: super::RunContext<'_>,
 ) -> super::Report {
     let started = Instant::now();
-    let cx = cx;
+    let mut cx = cx;
     (cx.progress)(&super::Progress::phase(super::Phase::Preflight, 0));
     // Before anything else (the incoming domain included), and held until the roll-back is
     // over: no other run drives this VM.
@@ -506,6 +516,10 @@ pub async fn migrate_remote(
         Ok(lock) => lock,
         Err(e) => return super::Report::refused(e, started.elapsed()),
     };
+    match super::run::recover_first(opts, &lock).await {
+        Ok(notes) => cx.notes.extend(notes),
+        Err(e) => return super::Report::refused(e, started.elapsed()),
+    }
     let src_security = pki::assess(&opts.source.pki_dir, Role::Client);
     // A service only ever runs on a secured host (its channel is mutual TLS), so an unsecured
     // source makes a mixed pair: refused by the rule, before the channel fails on the missing
@@ -570,6 +584,7 @@ mod tests {
             link: Link::Up,
             asked: Asked::Nothing,
             cpus: 2,
+            qemu: None,
             remote_security: Security::Unsecured {
                 reason: String::new(),
             },
@@ -580,6 +595,7 @@ mod tests {
 
     fn plan(copy: DiskCopy) -> DestPlan {
         DestPlan {
+            machine: None,
             tls: true,
             tls_priority: None,
             multifd: None,
@@ -607,6 +623,7 @@ mod tests {
     async fn a_top_only_copy_is_refused_by_a_service_that_did_not_check_the_backing() {
         let old = Message::Preflighted {
             backing_checked: false,
+            qemu: None,
         };
         let (mut dest, _service) = answering(old.clone());
         let (mut full_dest, _full_service) = answering(old);
@@ -629,6 +646,7 @@ mod tests {
     async fn a_top_only_copy_goes_on_once_the_service_checked_the_backing() {
         let (mut dest, _service) = answering(Message::Preflighted {
             backing_checked: true,
+            qemu: None,
         });
 
         dest.preflight(&plan(DiskCopy::Top))

@@ -175,6 +175,26 @@ pub struct GuestPause {
     pub clock: &'static str,
 }
 
+/// What became of the source domain after a completed migration the caller was asked to end
+/// it after (`--destroy-source`). A failure changes nothing of the migration's outcome (the
+/// guest runs on the destination) but leaves the source's copy, paused, for someone to end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceEnd {
+    /// The source domain's name.
+    pub domain: String,
+    pub destroyed: bool,
+    /// Why it was not destroyed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SourceEnd {
+    /// Whether the source was to be ended and was not.
+    pub fn failed(&self) -> bool {
+        !self.destroyed
+    }
+}
+
 /// The result of one migration: always produced, whatever happened.
 #[derive(Debug)]
 pub struct Report {
@@ -203,10 +223,15 @@ pub struct Report {
     pub multifd: Option<u8>,
     /// For a libvirt domain: how the tool reached the source's QEMU (set by the caller).
     pub source_qmp_access: Option<super::QmpAccess>,
+    /// After a completed migration whose caller was to end the source (`--destroy-source`):
+    /// whether that worked (set by the caller).
+    pub source_end: Option<SourceEnd>,
     /// What the convergence options did.
     pub convergence: super::ConvergenceReport,
     /// The forecast made before starting, if one was asked for: compare with `ram`.
     pub forecast: Option<super::Forecast>,
+    /// `query-version` of both ends (`None` when refused before the destination answered).
+    pub qemu: Option<super::QemuVersions>,
 }
 
 impl Report {
@@ -235,8 +260,10 @@ impl Report {
             tool: ToolUsage::now(),
             multifd: None,
             source_qmp_access: None,
+            source_end: None,
             convergence: super::ConvergenceReport::default(),
             forecast: None,
+            qemu: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::undo::{self, Undo};
+use super::undo::{self, Undo, UndoStack};
 use super::{MigrationError, OBJECT_PREFIX, Side};
 use crate::qemu::{
     CalcDirtyRate, CapabilityState, MigrateSetCapabilities, MigrateSetParameters, ObjectAdd,
@@ -21,9 +21,9 @@ pub(crate) struct SideCtl {
     pub socket: PathBuf,
     pub pki_dir: PathBuf,
     pub timeout: Duration,
-    pub undo: Vec<Undo>,
-    /// Credentials created by the preflight and not yet adopted by the migration.
-    probed: Option<String>,
+    /// What was changed, with the credentials created by the preflight and not yet adopted
+    /// by the migration (journalled, but not counted as a change).
+    pub undo: UndoStack,
     caps: Vec<CapabilityState>,
     params: Map<String, Value>,
 }
@@ -61,8 +61,7 @@ impl SideCtl {
             socket: socket.to_path_buf(),
             pki_dir: pki_dir.to_path_buf(),
             timeout,
-            undo: Vec::new(),
-            probed: None,
+            undo: UndoStack::default(),
             caps: Vec::new(),
             params: Map::new(),
         }
@@ -123,6 +122,11 @@ impl SideCtl {
     ) -> Result<(), MigrationError> {
         let id = object_id("tls");
         let started = std::time::Instant::now();
+        // Journalled before it exists: a kill during the command must not leave it.
+        self.undo.set_probed(Some(Undo::DeleteObject {
+            side: self.side,
+            id: id.clone(),
+        }));
         match self
             .qmp
             .call_timeout(&self.credentials(&id, priority), self.timeout)
@@ -130,22 +134,22 @@ impl SideCtl {
         {
             Ok(_) => {
                 tracing::debug!(side = %self.side, %id, ms = started.elapsed().as_millis() as u64, "credentials loaded");
-                self.probed = Some(id);
                 Ok(())
             }
-            Err(QmpError::Qemu { desc, .. }) => Err(MigrationError::CredentialsUnusable {
-                side: self.side,
-                socket: self.socket.clone(),
-                dir: self.pki_dir.clone(),
-                desc,
-            }),
+            Err(QmpError::Qemu { desc, .. }) => {
+                self.undo.set_probed(None);
+                Err(MigrationError::CredentialsUnusable {
+                    side: self.side,
+                    socket: self.socket.clone(),
+                    dir: self.pki_dir.clone(),
+                    desc,
+                })
+            }
             Err(source) => {
                 // QEMU may still carry the command out after the timeout: remove it if so.
-                let del = Undo::DeleteObject {
-                    side: self.side,
-                    id: id.clone(),
-                };
-                let _ = undo::unwind(vec![del], false, &self.qmp, self.timeout).await;
+                let del = self.undo.take_probed().into_iter().collect();
+                let _ = undo::unwind(del, false, &self.qmp, self.timeout).await;
+                self.undo.set_probed(None);
                 Err(self.error("credentials preflight", source))
             }
         }
@@ -157,9 +161,9 @@ impl SideCtl {
         &mut self,
         priority: Option<&str>,
     ) -> Result<String, MigrationError> {
-        if let Some(id) = self.probed.take() {
+        if let Some(Undo::DeleteObject { id, side }) = self.undo.take_probed() {
             self.undo.push(Undo::DeleteObject {
-                side: self.side,
+                side,
                 id: id.clone(),
             });
             return Ok(id);
@@ -245,13 +249,7 @@ impl SideCtl {
     /// Unwinds the undo stack (and deletes probed credentials never adopted); returns what
     /// failed.
     pub async fn unwind(&mut self, succeeded: bool) -> Vec<String> {
-        let mut stack = std::mem::take(&mut self.undo);
-        if let Some(id) = self.probed.take() {
-            stack.push(Undo::DeleteObject {
-                side: self.side,
-                id,
-            });
-        }
+        let stack = self.undo.take_all();
         undo::unwind(stack, succeeded, &self.qmp, self.timeout).await
     }
 }

@@ -5,9 +5,13 @@
 //! skipped after a success; the rest (parameters and capabilities put back, objects deleted) run
 //! either way.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use super::Side;
+use super::journal::Journal;
 use crate::qemu::{
     BlockJobCancel, BlockdevDel, CapabilityState, Cont, MigrateCancel, MigrateSetCapabilities,
     MigrateSetParameters, MigrationStatus, NbdServerStop, ObjectDel, QueryBlockJobs, QueryMigrate,
@@ -15,8 +19,9 @@ use crate::qemu::{
 };
 use crate::qmp::{Qmp, QmpError};
 
-#[derive(Debug, Clone)]
-pub(crate) enum Undo {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "undo")]
+pub enum Undo {
     DeleteObject {
         side: Side,
         id: String,
@@ -51,8 +56,93 @@ pub(crate) enum Undo {
     },
 }
 
+/// One side's undo stack, mirrored into the run's journal (when it has one) at every change:
+/// an entry is recorded before the change it undoes is made.
+#[derive(Debug, Default)]
+pub(crate) struct UndoStack {
+    items: Vec<Undo>,
+    /// Credentials made by the preflight and not yet adopted: not a change of the VM's (the
+    /// run deletes them either way), but a kill must not leave them.
+    probed: Option<Undo>,
+    journal: Option<(Arc<Journal>, Side)>,
+}
+
+impl From<Vec<Undo>> for UndoStack {
+    fn from(items: Vec<Undo>) -> UndoStack {
+        UndoStack {
+            items,
+            ..UndoStack::default()
+        }
+    }
+}
+
+impl UndoStack {
+    /// From now on, every change is written to `journal` as `side`'s stack.
+    pub fn journal_to(&mut self, journal: Arc<Journal>, side: Side) {
+        self.journal = Some((journal, side));
+        self.record();
+    }
+
+    fn record(&self) {
+        if let Some((journal, side)) = &self.journal {
+            let all = self.items.iter().chain(&self.probed).cloned().collect();
+            journal.set_stack(*side, all);
+        }
+    }
+
+    pub fn push(&mut self, undo: Undo) {
+        self.items.push(undo);
+        self.record();
+    }
+
+    pub fn retain(&mut self, keep: impl FnMut(&Undo) -> bool) {
+        self.items.retain(keep);
+        self.record();
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Undo> {
+        self.items.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn set_probed(&mut self, probed: Option<Undo>) {
+        self.probed = probed;
+        self.record();
+    }
+
+    pub fn take_probed(&mut self) -> Option<Undo> {
+        self.probed.take()
+    }
+
+    /// The stack for unwinding (probed credentials last, so deleted first). The journal keeps
+    /// its entries until the run removes it: an unwind cut short is finished by a recovery.
+    pub fn take_all(&mut self) -> Vec<Undo> {
+        let mut stack = std::mem::take(&mut self.items);
+        stack.extend(self.probed.take());
+        stack
+    }
+}
+
 impl Undo {
-    fn needed_after_success(&self) -> bool {
+    /// The action in words, for a recovery's account.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Undo::DeleteObject { .. } => "object deleted",
+            Undo::RestoreCapabilities { .. } => "capabilities put back",
+            Undo::RestoreParameters { .. } => "parameters put back",
+            Undo::CancelMigration => "migration cancelled",
+            Undo::ResumeSource => "guest resumed if paused",
+            Undo::TearDownDestination => "QEMU quit",
+            Undo::StopNbdServer => "NBD server stopped",
+            Undo::DeleteBlockNode { .. } => "block node deleted",
+            Undo::CancelJob { .. } => "block job cancelled",
+        }
+    }
+
+    pub(crate) fn needed_after_success(&self) -> bool {
         !matches!(
             self,
             Undo::CancelMigration

@@ -47,6 +47,9 @@ pub enum Message {
     Preflighted {
         #[serde(default)]
         backing_checked: bool,
+        /// The destination QEMU's version (a service before this field leaves it out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        qemu: Option<crate::qmp::QemuVersion>,
     },
     /// Source → service: make the changes; answer with the ports.
     Prepare,
@@ -133,6 +136,10 @@ pub struct DestPlan {
     pub listen_address: String,
     /// A service picks its own.
     pub port_range: PortRange,
+    /// The source guest's machine type (`pc-q35-7.2`): the destination checks it can load it.
+    /// `None` from a source that could not ask (or a build before the check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 /// A disk the service creates for an incoming domain: the XML's disk with guest device
@@ -279,6 +286,7 @@ pub enum ErrorKind {
     MigrationFailed,
     DestinationDied,
     Stalled,
+    NoGo,
     QemuGone,
     Qmp,
     Cancelled,
@@ -297,6 +305,7 @@ pub enum ErrorKind {
     DomainExists,
     Libvirt,
     BackingMismatch,
+    MachineType,
     #[serde(other)]
     Other,
 }
@@ -306,6 +315,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::MixedSecurity => "mixed-security",
+            ErrorKind::MachineType => "machine-type",
             ErrorKind::Unsecured => "unsecured",
             ErrorKind::PkiBroken => "pki-broken",
             ErrorKind::PlainRefused => "plain-refused",
@@ -323,6 +333,7 @@ impl ErrorKind {
             ErrorKind::MigrationFailed => "migration-failed",
             ErrorKind::DestinationDied => "destination-died",
             ErrorKind::Stalled => "stalled",
+            ErrorKind::NoGo => "no-go",
             ErrorKind::QemuGone => "qemu-gone",
             ErrorKind::Qmp => "qmp",
             ErrorKind::Cancelled => "cancelled",
@@ -381,6 +392,7 @@ mod tests {
     fn preflighted_stays_readable_both_ways_across_the_backing_checked_field() {
         let new = serde_json::to_string(&Message::Preflighted {
             backing_checked: true,
+            qemu: None,
         })
         .expect("encode");
         let old = serde_json::to_string(&OldMessage::Preflighted).expect("encode");
@@ -392,7 +404,8 @@ mod tests {
         assert_eq!(
             new_reads_old,
             Message::Preflighted {
-                backing_checked: false
+                backing_checked: false,
+                qemu: None,
             }
         );
     }

@@ -211,6 +211,7 @@ mod tests {
         let msg = Message::Preflight {
             qmp: "vm1.sock".into(),
             plan: DestPlan {
+                machine: None,
                 tls: true,
                 multifd_compression: None,
                 tls_priority: None,

@@ -62,6 +62,7 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         ErrorKind::DomainExists,
         ErrorKind::Libvirt,
         ErrorKind::BackingMismatch,
+        ErrorKind::MachineType,
         ErrorKind::Other,
     ])
 }
@@ -143,6 +144,7 @@ fn plan() -> impl Strategy<Value = DestPlan> {
                 authz,
                 listen_address,
                 port_range,
+                machine: None,
             },
         )
 }
@@ -182,7 +184,14 @@ pub(super) fn message() -> impl Strategy<Value = Message> {
             .prop_map(|(xml, disks)| Message::StartDomain { xml, disks }),
         text().prop_map(|qmp| Message::DomainStarted { qmp }),
         (text(), plan()).prop_map(|(qmp, plan)| Message::Preflight { qmp, plan }),
-        any::<bool>().prop_map(|backing_checked| Message::Preflighted { backing_checked }),
+        (
+            any::<bool>(),
+            proptest::option::of((0u32..20, 0u32..10, 0u32..30))
+        )
+            .prop_map(|(backing_checked, qemu)| Message::Preflighted {
+                backing_checked,
+                qemu: qemu.map(|(a, b, c)| crate::qmp::QemuVersion::new(a, b, c)),
+            }),
         Just(Message::Prepare),
         (any::<u16>(), proptest::option::of(any::<u16>())).prop_map(
             |(migration_port, nbd_port)| Message::Prepared {

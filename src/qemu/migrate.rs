@@ -176,8 +176,9 @@ impl Command for MigrateSetCapabilities {
     type Output = Empty;
 }
 
-/// `migrate-set-parameters`: only the members set are sent.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+/// `migrate-set-parameters`: only the members set are sent. Deserialized from a run's journal
+/// ([`crate::migration::journal`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct MigrateSetParameters {
     /// Id of a `tls-creds-x509` object; the empty string turns TLS off.
@@ -189,7 +190,11 @@ pub struct MigrateSetParameters {
     /// Id of an `authz-*` object the destination checks the source's certificate against;
     /// `Value::Null` clears it. (An empty string would not: 7.2 would look for an authz
     /// object named "" and fail every TLS handshake.)
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_value"
+    )]
     pub tls_authz: Option<Value>,
     /// Bytes per second.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -210,6 +215,11 @@ pub struct MigrateSetParameters {
     /// Bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_size: Option<u64>,
+}
+
+/// A member that is present is `Some`, even when it is `null` (which clears `tls-authz`).
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 impl MigrateSetParameters {

@@ -118,3 +118,63 @@ impl Command for HumanMonitorCommand {
     const NAME: &'static str = "human-monitor-command";
     type Output = String;
 }
+
+no_args_command!(
+    /// The QEMU version (the same as the greeting's, asked again where the greeting was
+    /// not QEMU's own, e.g. through libvirt).
+    QueryVersion,
+    "query-version",
+    VersionInfo
+);
+no_args_command!(
+    /// The machine types this QEMU binary can run (and so load a migration of).
+    QueryMachines,
+    "query-machines",
+    Vec<MachineInfo>
+);
+
+/// `query-version`'s reply.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VersionInfo {
+    pub qemu: crate::qmp::QemuVersion,
+    #[serde(default)]
+    pub package: String,
+}
+
+/// One entry of `query-machines` (7.2 and 10.0 have more members; only these are used).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct MachineInfo {
+    /// A versioned type (`pc-q35-7.2`).
+    pub name: String,
+    /// `q35` or `pc` on the newest type of its family.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// `qom-get`: one property of a QOM object, as JSON (the type depends on the property).
+#[derive(Debug, Clone, Serialize)]
+pub struct QomGet {
+    pub path: String,
+    pub property: String,
+}
+
+impl Command for QomGet {
+    const NAME: &'static str = "qom-get";
+    type Output = serde_json::Value;
+}
+
+impl QomGet {
+    /// The running machine's QOM type: `pc-q35-7.2-machine` (the versioned type's name with
+    /// `-machine`; an alias such as `q35` is already resolved).
+    pub fn machine_type() -> QomGet {
+        QomGet {
+            path: "/machine".into(),
+            property: "type".into(),
+        }
+    }
+}
+
+/// The machine type name from its QOM type name (`pc-q35-7.2-machine` -> `pc-q35-7.2`).
+pub fn machine_name_from_qom_type(qom_type: &str) -> &str {
+    qom_type.strip_suffix("-machine").unwrap_or(qom_type)
+}

@@ -24,7 +24,7 @@ pub mod fake;
 mod wire;
 
 pub use error::QmpError;
-pub use wire::{Event, Greeting};
+pub use wire::{Event, Greeting, QemuVersion};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

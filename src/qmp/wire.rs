@@ -21,7 +21,11 @@ pub struct GreetingVersion {
     pub package: String,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+/// A QEMU version (`query-version`'s and the greeting's `qemu` member); ordered by
+/// major, minor, micro.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
 pub struct QemuVersion {
     #[serde(default)]
     pub major: u32,
@@ -29,6 +33,43 @@ pub struct QemuVersion {
     pub minor: u32,
     #[serde(default)]
     pub micro: u32,
+}
+
+impl QemuVersion {
+    pub const fn new(major: u32, minor: u32, micro: u32) -> QemuVersion {
+        QemuVersion {
+            major,
+            minor,
+            micro,
+        }
+    }
+
+    /// At least `major.minor` (any micro).
+    pub fn at_least(self, major: u32, minor: u32) -> bool {
+        (self.major, self.minor) >= (major, minor)
+    }
+
+    /// The same release series (`7.2.x` and `7.2.y`).
+    pub fn same_series(self, other: QemuVersion) -> bool {
+        (self.major, self.minor) == (other.major, other.minor)
+    }
+
+    /// From `qemu-system-x86_64 -version`'s first line: `QEMU emulator version 10.0.2 (...)`.
+    pub fn from_version_output(text: &str) -> Option<QemuVersion> {
+        let rest = text.split("version ").nth(1)?;
+        let word = rest.split_whitespace().next()?;
+        let mut parts = word.split('.').map(|p| p.parse::<u32>().ok());
+        let major = parts.next()??;
+        let minor = parts.next().flatten().unwrap_or(0);
+        let micro = parts.next().flatten().unwrap_or(0);
+        Some(QemuVersion::new(major, minor, micro))
+    }
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
 }
 
 impl Greeting {

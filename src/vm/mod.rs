@@ -11,6 +11,7 @@
 //! The process runs in its own process group (so a Ctrl-C meant for the tool does not kill the
 //! guest before the tool has rolled back) and is killed when the [`Vm`] is dropped.
 
+pub mod binary;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -125,10 +126,15 @@ pub struct VmConfig {
     /// `None`: probe (see [`probe_accel`]).
     pub accel: Option<Accel>,
     pub kernel: Option<KernelConfig>,
-    /// Drop privileges to this user after start-up (`-runas`), as libvirt runs QEMU.
+    /// Drop privileges to this user after start-up (`-runas`, or `-run-with user=` from 9.1), as libvirt runs QEMU.
     pub run_as: Option<String>,
     /// Run inside this network namespace (`ip netns exec`), to model another host.
     pub netns: Option<String>,
+    /// The QEMU binary; `None`: `QTM_QEMU`, else `qemu-system-x86_64` (see [`binary`]).
+    pub qemu: Option<PathBuf>,
+    /// The machine type (`-machine`); `None`: `q35`, the binary's newest Q35 type. A VM that
+    /// must migrate between QEMU versions needs a type both have (`pc-q35-7.2`).
+    pub machine: Option<String>,
 }
 
 impl VmConfig {
@@ -144,6 +150,8 @@ impl VmConfig {
             kernel: None,
             run_as: None,
             netns: None,
+            qemu: None,
+            machine: None,
         }
     }
 
@@ -202,6 +210,8 @@ pub enum VmError {
         path: PathBuf,
         after: Duration,
     },
+    #[error("{binary} -version did not name a QEMU version: {output}")]
+    Version { binary: PathBuf, output: String },
     #[error("cannot create disk image {path}: {detail}")]
     Image { path: PathBuf, detail: String },
     #[error("QMP on VM {name}")]
@@ -319,13 +329,14 @@ async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
         let _ = std::fs::remove_file(stale);
     }
 
-    let binary = std::env::var("QTM_QEMU").unwrap_or_else(|_| DEFAULT_QEMU.to_string());
-    let args = qemu_args(&config, accel, &qmp, &monitor, &ram, &serial);
+    let binary = binary::resolve(config.qemu.as_deref());
+    let version = binary::version(&binary)?;
+    let args = qemu_args(&config, accel, version, &qmp, &monitor, &ram, &serial);
     let mut cmd = match &config.netns {
         // `ip netns exec` execs QEMU in place: the child's pid is QEMU's.
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, &binary]);
+            c.args(["netns", "exec", ns]).arg(&binary);
             c
         }
         None => Command::new(&binary),
@@ -340,9 +351,9 @@ async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
         .stderr(Stdio::from(log_file))
         .process_group(0)
         .kill_on_drop(true);
-    tracing::info!(vm = %config.name, accel = accel.as_str(), "starting QEMU");
+    tracing::info!(vm = %config.name, accel = accel.as_str(), %version, "starting QEMU");
     let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
-        binary: binary.clone(),
+        binary: binary.display().to_string(),
         source,
     })?;
 
@@ -393,6 +404,7 @@ async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
 fn qemu_args(
     config: &VmConfig,
     accel: Accel,
+    version: crate::qmp::QemuVersion,
     qmp: &Path,
     monitor: &Path,
     ram: &Path,
@@ -402,7 +414,8 @@ fn qemu_args(
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &config.name]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    push(&["-machine", "q35,memory-backend=ram0"]);
+    let machine = config.machine.as_deref().unwrap_or("q35");
+    push(&["-machine", &format!("{machine},memory-backend=ram0")]);
     push(&["-accel", accel.as_str()]);
     push(&["-m", &format!("{}M", config.ram_mib)]);
     push(&[
@@ -445,7 +458,7 @@ fn qemu_args(
         }
     }
     if let Some(user) = &config.run_as {
-        push(&["-runas", user]);
+        a.extend(binary::run_as_args(version, user));
     }
     a
 }

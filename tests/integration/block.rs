@@ -542,7 +542,7 @@ async fn through_the_service_a_top_only_copy_under_other_node_names_checks_the_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
+async fn a_mirror_no_journal_records_is_refused_by_name_and_left_alone() {
     let lab = Lab::new("Test CA");
     let pair = Pair::builder()
         .disks(&[("disk0", DiskFormat::Qcow2, 32)])
@@ -552,9 +552,17 @@ async fn a_mirror_left_by_a_killed_run_is_refused_by_name_and_left_alone() {
     args.extend(["--disk", "disk0", "--disk-bandwidth", "1M"].map(String::from));
     let mut killed = Cli::new(&args).spawn();
     let orphan = fixture::wait_block_job(&pair.source).await;
-    let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    // Every process of the tool, and its journal: a mirror the tool has no record of.
+    let pid = killed.id().expect("pid");
+    for p in std::iter::once(pid).chain(fixture::children_of(pid)) {
+        fixture::signal(p, nix::sys::signal::Signal::SIGKILL);
+    }
     killed.wait().await.expect("reaped");
+    let journal = qemu_tls_migrate::migration::journal::journal_path(
+        &qemu_tls_migrate::jobs::run_dir(),
+        &qemu_tls_migrate::vm_lock::VmKey::socket(pair.source.qmp_path()),
+    );
+    std::fs::remove_file(&journal).expect("the killed run's journal");
     let mut options = pair.tls_options(&lab);
     options.disks = DiskSelection::Nodes(vec!["disk0".into()]);
 

@@ -100,7 +100,12 @@ async fn authz_restricts_the_destination_to_this_source_and_still_completes() {
 
 #[tokio::test]
 async fn huge_migrate_timeouts_are_usage_errors_naming_the_flag_not_panics() {
-    for flag in ["--timeout", "--stall-timeout", "--qmp-timeout"] {
+    for flag in [
+        "--timeout",
+        "--pause-after",
+        "--stall-timeout",
+        "--qmp-timeout",
+    ] {
         let out = Cli::new([
             "migrate",
             "--source-qmp",

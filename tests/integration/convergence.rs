@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use qemu_tls_migrate::migration::{
-    Compression, FinalStatus, MigrationOptions, Report, Throttle, TimeoutAction, XbzrleCache,
+    Compression, FinalStatus, ForecastMade, ForecastWhen, MigrationOptions, OnNoGo, Report,
+    Throttle, TimeoutAction, XbzrleCache,
 };
 use qemu_tls_migrate::vm::workload::workload_kernel;
 
@@ -83,6 +84,54 @@ async fn a_busy_guest_times_out_without_help_and_runs_on_at_the_source() {
     assert_eq!(report.status, FinalStatus::Failed);
     assert_eq!(fixture::error_kind(&report), Some("timeout"));
     assert_eq!(fixture::status(&pair.source).await, "running");
+}
+
+/// The default judgement: made from the first pass's own figures, a no-go for the busy guest.
+fn assert_first_pass_no_go(report: &Report) {
+    let f = report
+        .forecast
+        .as_ref()
+        .expect("a verdict after the first pass");
+    assert_eq!(f.made, ForecastMade::FirstPass, "{f:?}");
+    assert_eq!(f.throughput_from, "first-pass", "{f:?}");
+    assert!(!f.converges, "{f:?}");
+    // What the capped link (16 MiB/s, 134 Mbit/s) moved, not a reference machine's figure.
+    assert!(f.throughput_mbps <= 141.0, "{f:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_go_judged_after_the_first_pass_rolls_back_with_on_no_go_abort() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.timeout = Some(Duration::from_secs(120));
+    o.convergence.on_no_go = OnNoGo::Abort;
+
+    let report = fixture::migrate(&o).await;
+
+    show("on-no-go abort", &report);
+    assert_eq!(report.status, FinalStatus::Failed, "{report:?}");
+    fixture::assert_error_kind(&report, "no-go");
+    assert_first_pass_no_go(&report);
+    assert_eq!(report.convergence.no_go_action, Some(OnNoGo::Abort));
+    fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_go_judged_after_the_first_pass_pauses_the_guest_with_on_no_go_pause() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let mut o = capped(&pair, &lab);
+    o.timeout = Some(Duration::from_secs(120));
+    o.convergence.on_no_go = OnNoGo::Pause;
+
+    let report = fixture::migrate(&o).await;
+
+    show("on-no-go pause", &report);
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    assert_first_pass_no_go(&report);
+    assert_eq!(report.convergence.no_go_action, Some(OnNoGo::Pause));
+    assert_eq!(fixture::status(&pair.dest).await, "running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +403,7 @@ async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
     let forecast = qemu_tls_migrate::migration::plan(&o.clone().validate().expect("valid"))
         .await
         .expect("plan");
-    o.forecast = true;
+    o.forecast = ForecastWhen::Before;
     let report = fixture::migrate(&o).await;
 
     fixture::show("plan, idle guest", &format!("{forecast:?}"));
@@ -427,4 +476,51 @@ async fn a_destination_lost_after_the_pause_action_leaves_the_source_running_aga
     );
     assert_ne!(fixture::error_kind(&report), Some("split-brain-risk"));
     assert_eq!(fixture::status(&pair.source).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_after_pauses_the_busy_guest_before_the_abort_deadline_and_it_finishes() {
+    let lab = Lab::new("Test CA");
+    let pair = busy_pair().await;
+    let args = |pause: &str, timeout: &str| {
+        let mut args = pair.tls_args(&lab);
+        args.extend(
+            [
+                "--max-bandwidth",
+                "16M",
+                "--no-forecast",
+                "--pause-after",
+                pause,
+                "--timeout",
+                timeout,
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    // A pause deadline that is not before the abort deadline is refused, naming both.
+    let refused = Cli::new(args("600000ms", "10m")).output().await;
+    let refusal = fixture::stdout_json(&refused);
+    assert_eq!(refused.status.code(), Some(3), "{refusal}");
+    assert_eq!(refusal["error"]["kind"], "usage", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("600s") && message.contains("pause"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+
+    // CloudStack's vm.migrate.pauseafter (ms) beside vm.migrate.wait.
+    let out = Cli::new(args("3000ms", "120s")).output().await;
+
+    let json = fixture::stdout_json(&out);
+    fixture::show("pause-after", &json["convergence"]);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    let conv = &json["convergence"];
+    assert_eq!(conv["pause_deadline_ms"], 3000, "{json}");
+    assert_eq!(conv["deadline_ms"], 120_000, "{json}");
+    assert_eq!(conv["timeout_action"], "pause", "{json}");
+    let at = conv["timeout_action_at_ms"].as_u64().unwrap_or_default();
+    assert!((3000..120_000).contains(&at), "{json}");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
 }

@@ -387,6 +387,7 @@ async fn a_cloudstack_shaped_domain_migrates_through_the_allow_list() {
 /// A plan a source could send for a bare QEMU without disks.
 fn plan() -> DestPlan {
     DestPlan {
+        machine: None,
         tls: true,
         tls_priority: None,
         multifd: None,

@@ -154,7 +154,9 @@ async fn jobs_lists_a_running_migration_and_an_unknown_id_exits_3_naming_it() {
     let unknown = job.cli(&["jobs", "cancel", "no-such-job", "--json"]).await;
     let human = job.cli(&["jobs"]).await;
 
-    assert_eq!(listed["pid"].as_u64(), job.child.id().map(u64::from));
+    // The migration's owner process, started by the one the caller started.
+    let owner = fixture::children_of(job.child.id().expect("pid"));
+    assert_eq!(listed["pid"].as_u64(), owner.first().map(|p| u64::from(*p)));
     assert_eq!(
         listed["vm"],
         job.pair.source.qmp_path().display().to_string()
@@ -353,8 +355,11 @@ async fn a_vm_lock_left_by_a_killed_run_does_not_block_the_next_run() {
     let mut killed = Cli::new(&killed_args).spawn();
     proxy.holding().await;
     let record = held_lock_record(&killed_id).expect("the run holds its VM's lock");
-    let pid = nix::unistd::Pid::from_raw(killed.id().expect("pid") as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    // Every process of the tool: the one started and the migration's owner.
+    let pid = killed.id().expect("pid");
+    for p in std::iter::once(pid).chain(fixture::children_of(pid)) {
+        fixture::signal(p, nix::sys::signal::Signal::SIGKILL);
+    }
     killed.wait().await.expect("reaped");
     let mut next_args = fixture::migrate_args(&pair, &src, &dst);
     next_args[dest_at + 1] = next_dest.qmp_path().display().to_string();

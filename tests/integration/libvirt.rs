@@ -556,19 +556,9 @@ async fn a_domain_without_a_monitor_of_its_own_migrates_through_libvirts_qmp_pas
 async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_busy() {
     let pair = LibvirtPair::shared();
     let name = domain_name("busy");
-    // 16 MiB of data, copied at 2 MiB/s: the first run copies for some 8 s.
-    let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
-    qcow2(&disk);
-    fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x5a 0 16M");
-    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
     // No monitor of its own: each run reaches QEMU through a passthrough socket of its own, so
     // only the domain's UUID tells that two runs drive one VM.
-    std::fs::write(&xml_path, small_domain_xml(&name, &disk, None)).expect("XML");
-    pair.b
-        .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
-        .await;
-    pair.b.virsh_ok(&["start", &name]).await;
-    let dest_monitor = start_waiting_destination(&pair, &name);
+    let dest_monitor = start_slow_to_copy_domain(&pair, &name, None).await;
     let (_lab, pki_a, pki_b) = libvirt_lab();
     let args = |job: &str| {
         let extra = ["--disk", "vda", "--disk-bandwidth", "2M", "--job-id", job];
@@ -767,6 +757,7 @@ async fn a_domain_with_two_local_disks_migrates_through_serve_libvirt_with_nothi
     assert_eq!(json["transport"], "tls");
     assert_eq!(json["source_qmp"], "declared-monitor");
     assert_eq!(json["warnings"], serde_json::json!([]), "{json}");
+    assert_eq!(json["source_end"]["destroyed"], true, "{json}");
     assert_eq!(json["disks"].as_array().map(Vec::len), Some(2), "{json}");
     assert!(
         out.stderr.is_empty(),
@@ -1281,6 +1272,114 @@ async fn an_incoming_domain_frozen_right_after_cont_is_left_alone_and_the_source
         ["running", "paused"].contains(&dest_state.as_str()),
         "{dest_state}"
     );
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
+    pair.a.virsh_ok(&["destroy", &name]).await;
+    pair.b.virsh_ok(&["destroy", &name]).await;
+}
+
+/// Starts domain `name` on host b, with 16 MiB of data on its disk and the QMP monitor
+/// `monitor` if given, and the waiting destination on host a; returns the destination's
+/// monitor. Copied at `--disk-bandwidth 2M`, its disk keeps a run busy for some 8 s.
+async fn start_slow_to_copy_domain(
+    pair: &LibvirtPair,
+    name: &str,
+    monitor: Option<&Path>,
+) -> PathBuf {
+    let disk = pair.b.images_dir().join(format!("{name}.qcow2"));
+    qcow2(&disk);
+    fixture::qemu_io(&disk, DiskFormat::Qcow2, "write -P 0x5a 0 16M");
+    let xml_path = pair.b.dir.path().join(format!("{name}.xml"));
+    std::fs::write(&xml_path, small_domain_xml(name, &disk, monitor)).expect("XML");
+    pair.b
+        .virsh_ok(&["define", xml_path.to_str().expect("UTF-8 path")])
+        .await;
+    pair.b.virsh_ok(&["start", name]).await;
+    start_waiting_destination(pair, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_is_its_own_job_id_so_jobs_cancel_by_its_name_rolls_back_and_a_second_run_is_busy()
+{
+    let pair = LibvirtPair::shared();
+    // CloudStack's vmName form.
+    let name = format!("i-2-{}-VM", domain_name("job"));
+    let monitor = pair.b.qmp_dir().join(format!("{name}.sock"));
+    let dest_monitor = start_slow_to_copy_domain(&pair, &name, Some(&monitor)).await;
+    let (_lab, pki_a, pki_b) = libvirt_lab();
+    let run_dir = tempfile::tempdir().expect("run dir");
+    let extra = ["--disk", "vda", "--disk-bandwidth", "2M"];
+    let args = by_name_args(&pair, &name, &dest_monitor, (&pki_a, &pki_b), &extra);
+    let jobs = run_dir.path().join("jobs");
+    let cli = |args: &[String]| Cli::new(args).env("QTM_RUN_DIR", &jobs);
+    let first = tokio::spawn(cli(&args).output());
+    wait_block_job(&pair, &name).await;
+
+    let second = cli(&args).output().await;
+    let cancel = cli(&["jobs".into(), "cancel".into(), name.clone()])
+        .output()
+        .await;
+    let first = first.await.expect("first run");
+
+    let refusal = fixture::stdout_json(&second);
+    assert_eq!(second.status.code(), Some(3), "{refusal}");
+    assert_eq!(refusal["error"]["kind"], "busy", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(&format!("domain {name}")) && message.contains(&format!("job {name}")),
+        "{message}"
+    );
+    assert_eq!(
+        cancel.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let report = fixture::stdout_json(&first);
+    assert_eq!(first.status.code(), Some(4), "{report}");
+    assert_eq!(report["job"], name.as_str(), "{report}");
+    assert_eq!(report["status"], "cancelled", "{report}");
+    assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "running");
+    pair.b.virsh_ok(&["destroy", &name]).await;
+    pair.a.virsh(&["destroy", &name]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_source_that_fails_is_reported_as_its_own_outcome_with_exit_5() {
+    let pair = LibvirtPair::shared();
+    let (name, _) = start_domain(&pair.b, "nodestroy").await;
+    let dest_monitor = start_waiting_destination(&pair, &name);
+    let (_lab, pki_a, pki_b) = libvirt_lab();
+    // libvirtd's read-only socket: the domain is found and migrates (through its own
+    // monitor), and destroying it is forbidden.
+    let read_only = format!(
+        "qemu+unix:///system?socket={}",
+        pair.b.run_dir().join("libvirt/libvirt-sock-ro").display()
+    );
+    let extra = ["--all-local-disks", "--destroy-source"];
+    let mut args = by_name_args(&pair, &name, &dest_monitor, (&pki_a, &pki_b), &extra);
+    for a in args.iter_mut().filter(|a| **a == pair.b.uri()) {
+        *a = read_only.clone();
+    }
+    let run_dir = tempfile::tempdir().expect("run dir");
+
+    let out = Cli::new(&args)
+        .env("QTM_RUN_DIR", run_dir.path().join("jobs"))
+        .output()
+        .await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(5), "{json}");
+    assert_eq!(json["status"], "completed", "{json}");
+    assert_eq!(json["job"], name.as_str(), "{json}");
+    let end = &json["source_end"];
+    assert_eq!(end["domain"], name.as_str(), "{json}");
+    assert_eq!(end["destroyed"], false, "{json}");
+    let error = end["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&name) && error.contains("read only"),
+        "{json}"
+    );
+    assert_eq!(pair.a.virsh_ok(&["domstate", &name]).await, "running");
     assert_eq!(pair.b.virsh_ok(&["domstate", &name]).await, "paused");
     pair.a.virsh_ok(&["destroy", &name]).await;
     pair.b.virsh_ok(&["destroy", &name]).await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Subcommand};
 use futures_util::future::BoxFuture;
 use qemu_tls_migrate::jobs::{self, JobServer, JobStatus, JobsError, Reply, Request};
+use qemu_tls_migrate::migration::journal::JournalRecord;
 use qemu_tls_migrate::migration::{
     Control, ControlReceiver, ControlSender, Phase, Progress, control_channel,
 };
@@ -66,7 +67,7 @@ pub enum JobsAction {
     Set {
         id: String,
         /// The new cap of the RAM stream, bytes per second with an optional K/M/G suffix
-        /// (powers of 1024), or "unlimited".
+        /// (powers of 1024), or "unlimited" (or 0).
         #[arg(long, value_name = "RATE", group = "what", value_parser = crate::parse::parse_bandwidth)]
         max_bandwidth: Option<u64>,
         /// The longest pause allowed at switch-over, milliseconds (ends --downtime-steps).
@@ -84,7 +85,8 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Outcome> {
         JobsAction::List => {
             return Ok(match jobs::list(&dir, timeout).await {
                 Ok(listed) => {
-                    print_list(&listed, args.json);
+                    let pending = qemu_tls_migrate::migration::recover::pending();
+                    print_list(&listed, &pending, args.json);
                     Outcome::Success
                 }
                 Err(e) => {
@@ -195,10 +197,22 @@ fn print_result(id: &str, result: Result<Vec<String>, Failure>, json: bool) -> O
     }
 }
 
-fn print_list(listed: &[JobStatus], json: bool) {
+fn print_list(listed: &[JobStatus], pending: &[JournalRecord], json: bool) {
     if json {
-        println!("{}", json!({ "jobs": listed }));
+        let pending: Vec<_> = pending
+            .iter()
+            .map(|r| json!({"vm": r.vm, "job": r.job, "pid": r.pid, "stage": r.stage}))
+            .collect();
+        println!("{}", json!({ "jobs": listed, "needs_recovery": pending }));
         return;
+    }
+    for r in pending {
+        println!(
+            "needs recovery: {} (interrupted job {}, pid {}): run `qemu-tls-migrate recover`",
+            r.vm,
+            r.job.as_deref().unwrap_or("-"),
+            r.pid
+        );
     }
     if listed.is_empty() {
         println!("no migration is running on this host");

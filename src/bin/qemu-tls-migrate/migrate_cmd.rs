@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::addr::Address;
 use qemu_tls_migrate::migration::{
-    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report,
+    self, DiskSelection, Endpoint, FinalStatus, MigrationOptions, RemoteTarget, Report, SourceEnd,
     UNLIMITED_BANDWIDTH, ValidOptions,
 };
 use qemu_tls_migrate::peer::{Authz, DiskCopy};
@@ -57,10 +57,12 @@ While it runs, `qemu-tls-migrate jobs` lists it, and `jobs cancel ID`, `jobs set
 this user (ID: --job-id, or \"job\" in the JSON progress lines; see `jobs --help`).\n\n\
 Exit codes: 0 completed, 1 migration failed (rolled back; or split-brain-risk: source left \
 paused), 2 bad command line, 3 refused before anything was changed on either side, 4 cancelled by SIGINT, SIGTERM, SIGHUP, SIGQUIT or `jobs cancel` (rolled back; a second signal \
-during the rollback does not interrupt it).\n\
+during the rollback does not interrupt it), 5 completed (the guest runs on the destination) but \
+--destroy-source failed: the source's copy is left paused (\"source_end\" says why).\n\
 With --json, stdout carries one object: {\"status\": \"completed\"|\"failed\"|\"cancelled\", \
 \"transport\": \"tls\"|\"tcp\", \"ram\": {\"bytes\", \"total_ms\", \"downtime_ms\", \
-\"throughput_mbps\", ...}, \"error\": {\"kind\", \"message\"} (on failure)}."
+\"throughput_mbps\", ...}, \"error\": {\"kind\", \"message\"} (on failure), \"source_end\": {\"domain\", \"destroyed\", \"error\"} (with \
+--destroy-source, after completion)}."
 )]
 pub struct MigrateArgs {
     /// QMP socket of the running source QEMU.
@@ -89,7 +91,8 @@ pub struct MigrateArgs {
     pub dest_xml: Option<PathBuf>,
     /// With --domain: after the destination confirmed it runs the VM, destroy the source
     /// domain (`virsh destroy`; its definition and disks stay, for the caller to clean up).
-    /// Without it the source is left paused.
+    /// Without it the source is left paused. The result's "source_end" says whether it was
+    /// destroyed; when not, the migration still completed but the exit code is 5.
     #[arg(long, requires = "domain", conflicts_with = "dest_paused")]
     pub destroy_source: bool,
     /// QMP socket of the destination QEMU (started with -incoming defer). With --to: the
@@ -155,7 +158,7 @@ pub struct MigrateArgs {
     #[arg(long, value_enum, default_value = "full")]
     pub disk_copy: DiskCopyArg,
     /// Cap of each disk's copy in bytes per second (the mirror's speed; K/M/G suffixes as
-    /// --max-bandwidth). Zeroes do not count. Default: no cap.
+    /// --max-bandwidth; 0 or "unlimited": no cap). Zeroes do not count. Default: no cap.
     #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
     pub disk_bandwidth: Option<u64>,
     /// skip: blocks of zeroes cross the wire as NBD write-zeroes requests and stay sparse on the
@@ -189,8 +192,11 @@ pub struct MigrateArgs {
     /// guest then runs on the destination without their contents (libvirt's --unsafe).
     #[arg(long = "unsafe")]
     pub allow_unsafe: bool,
-    /// This migration's job id for `qemu-tls-migrate jobs` (letters, digits, '.', '_', '-';
-    /// e.g. the VM's name); default: 8 random hexadecimal digits. An id in use is refused.
+    /// This migration's job id for `qemu-tls-migrate jobs` (1 to 64 letters, digits, '.', '_',
+    /// '-', not starting with '.'). Default: with --domain, the domain's name (CloudStack's
+    /// vmName, e.g. i-2-3-VM: `jobs cancel i-2-3-VM`) when it is a valid id; otherwise 8 random
+    /// hexadecimal digits. An id in use is refused (for the domain's name: as another run
+    /// migrating that domain, kind busy).
     #[arg(long, value_name = "ID")]
     pub job_id: Option<String>,
     /// Also write the final JSON object to this file (atomically: a temporary file renamed into
@@ -399,6 +405,65 @@ async fn resolve_domain(
     Ok(source)
 }
 
+/// The job's id: `--job-id`, else the domain's name (CloudStack's vmName, so that
+/// `jobs cancel i-2-3-VM` reaches it) when it is a valid id, else `None` (a random one).
+fn job_id(args: &MigrateArgs) -> Option<String> {
+    if let Some(id) = &args.job_id {
+        return Some(id.clone());
+    }
+    let name = args.domain.as_ref()?;
+    match qemu_tls_migrate::jobs::check_id(name) {
+        Ok(()) => Some(name.clone()),
+        Err(e) => {
+            tracing::warn!("the domain's name is not a job id ({e}): a random one is used");
+            None
+        }
+    }
+}
+
+/// Why the job could not start. Its id taken when it defaulted to the domain's name means
+/// another run migrates that domain: said as the VM's lock says it (kind busy).
+fn job_refusal(
+    args: &MigrateArgs,
+    e: qemu_tls_migrate::jobs::JobsError,
+) -> migration::MigrationError {
+    use qemu_tls_migrate::jobs::JobsError;
+    use qemu_tls_migrate::vm_lock::VmLockError;
+    if let (None, Some(domain), JobsError::IdInUse { id }) = (&args.job_id, &args.domain, &e) {
+        return VmLockError::Busy {
+            vm: format!("domain {domain}"),
+            job: Some(id.clone()),
+            pid: None,
+        }
+        .into();
+    }
+    let what = crate::output::error_chain(&e).join(": ");
+    migration::MigrationError::BadOptions {
+        what: format!("control socket: {what}"),
+    }
+}
+
+/// `--destroy-source` after a completed migration: the source domain destroyed, or why not
+/// (its own member of the result and exit 5, for the caller to end the paused copy itself).
+async fn destroy_source(uri: &str, name: &str, timeout: Duration) -> SourceEnd {
+    let error = match migration::destroy_domain(uri, name, timeout).await {
+        Ok(()) => None,
+        Err(e) => {
+            let what = crate::output::error_chain(&e).join(": ");
+            tracing::error!(
+                "--destroy-source: the source domain {name} was not destroyed: {what}; the guest \
+                 runs on the destination"
+            );
+            Some(what)
+        }
+    };
+    SourceEnd {
+        domain: name.to_string(),
+        destroyed: error.is_none(),
+        error,
+    }
+}
+
 /// `--plan`: the forecast alone.
 async fn plan(options: &ValidOptions, json: bool) -> anyhow::Result<Outcome> {
     match migration::plan(options).await {
@@ -477,18 +542,13 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
     };
-    let (job, control) = match RunningJob::start(args.job_id.as_deref(), vm) {
+    let job_id = job_id(&args);
+    let (job, control) = match RunningJob::start(job_id.as_deref(), vm) {
         Ok(started) => started,
         Err(e) => {
             // Before anything moves: a migration that cannot be cancelled by the caller must
             // not start.
-            let what = crate::output::error_chain(&e).join(": ");
-            let report = Report::refused(
-                migration::MigrationError::BadOptions {
-                    what: format!("control socket: {what}"),
-                },
-                Duration::ZERO,
-            );
+            let report = Report::refused(job_refusal(&args, e), Duration::ZERO);
             print_report(&report, args.tuning.json);
             return Ok(outcome_of(&report));
         }
@@ -522,11 +582,7 @@ pub async fn run(args: MigrateArgs, quiet: bool) -> anyhow::Result<Outcome> {
         (&args.domain, args.destroy_source, report.status)
     {
         // Completed means the destination confirmed it runs the guest (--dest-paused conflicts).
-        if let Err(e) = migration::destroy_domain(&args.connect, name, options.qmp_timeout).await {
-            report.warnings.push(format!(
-                "--destroy-source: the source domain {name} was not destroyed: {e}"
-            ));
-        }
+        report.source_end = Some(destroy_source(&args.connect, name, options.qmp_timeout).await);
     }
     print_report_job(&report, args.tuning.json, Some(&job_id));
     if let Some(path) = &args.result_file

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qemu_tls_migrate::migration::{Forecast, Progress, QmpAccess, Report};
+use qemu_tls_migrate::migration::{Forecast, ForecastMade, Progress, QmpAccess, Report};
 use serde_json::{Value, json};
 
 /// Where progress goes.
@@ -126,6 +126,15 @@ pub fn report_json(report: &Report) -> Value {
     if let Some(access) = report.source_qmp_access {
         v["source_qmp"] = json!(access);
     }
+    if let Some(end) = &report.source_end {
+        v["source_end"] = json!(end);
+    }
+    if let Some(q) = &report.qemu {
+        v["qemu"] = json!({
+            "source": q.source.to_string(),
+            "destination": q.destination.to_string(),
+        });
+    }
     if !report.convergence.is_empty() {
         v["convergence"] = json!(report.convergence);
     }
@@ -243,6 +252,12 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
             d.throughput_mbps
         );
     }
+    if let Some(q) = &report.qemu {
+        println!(
+            "  QEMU: {} on the source, {} on the destination",
+            q.source, q.destination
+        );
+    }
     let t = &report.timing;
     println!(
         "  wall time: {} ms (set-up {}, disks {}, RAM {}, switch-over {}, finish {}, clean-up {})",
@@ -256,11 +271,18 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
     );
     if let Some(f) = &report.forecast {
         println!(
-            "  forecast: {}, {} ms predicted ({} pass{}) against {} ms measured",
+            "  forecast ({}): {}, {} ms predicted ({} pass{}, {} Mbit/s from {}, guest dirtying {} MiB/s) against {} ms measured",
+            match f.made {
+                ForecastMade::BeforeStart => "before starting",
+                ForecastMade::FirstPass => "after the first pass",
+            },
             if f.converges { "go" } else { "no-go" },
             f.predicted_total_ms,
             f.predicted_passes,
             if f.predicted_passes == 1 { "" } else { "es" },
+            f.throughput_mbps,
+            f.throughput_from,
+            f.dirty_rate_mib_s,
             report.ram.total_ms
         );
     }
@@ -270,6 +292,17 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
             QmpAccess::LibvirtPassthrough => "libvirt's QMP passthrough",
         };
         println!("  source domain reached through {how}");
+    }
+    match &report.source_end {
+        Some(e) if e.failed() => println!(
+            "  SOURCE NOT DESTROYED: domain {} is left paused on this host ({}); the guest runs \
+             on the destination: destroy the source's copy (virsh destroy {})",
+            e.domain,
+            e.error.as_deref().unwrap_or("unknown error"),
+            e.domain
+        ),
+        Some(e) => println!("  source domain {} destroyed", e.domain),
+        None => {}
     }
     if let Some(pause) = &report.guest_pause {
         println!(

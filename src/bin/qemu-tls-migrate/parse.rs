@@ -15,6 +15,42 @@ pub fn timeout_secs() -> clap::builder::RangedU64ValueParser<u64> {
     clap::value_parser!(u64).range(1..=migration::MAX_TIMEOUT.as_secs())
 }
 
+/// A duration: a number with a unit, `ms`, `s`, `m` or `h` (`30000ms`, `600s`, `10m`), or a
+/// bare number of seconds (what the timeout flags always took).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("{s:?}: expected a duration like 30000ms, 600s, 10m or 600 (seconds)");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms_per = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms_per)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `--timeout`: a duration ([`parse_duration`]) from 1 s to [`migration::MAX_TIMEOUT`].
+pub fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    migration::check_timeout("timeout", parse_duration(s)?)
+}
+
+/// `--pause-after`: a duration ([`parse_duration`]); 0 for none (CloudStack's
+/// `vm.migrate.pauseafter` 0), which [`crate::tuning`] leaves out.
+pub fn parse_pause_after(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Ok(d);
+    }
+    migration::check_pause_after(d)
+}
+
 /// `dir` made absolute against the current directory: QEMU opens the PKI files itself, from
 /// its own current directory, so a relative path would name other files there.
 pub fn absolute_dir(dir: &Path) -> anyhow::Result<PathBuf> {
@@ -69,7 +105,8 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a byte rate like 500M, 1G or unlimited"))?;
     if n == 0 {
-        return Err("a bandwidth of 0 would stop the migration; use \"unlimited\"".into());
+        // As CloudStack's vm.migrate.speed 0 (and libvirt's bandwidth 0) mean.
+        return Ok(UNLIMITED_BANDWIDTH);
     }
     let bytes = n
         .checked_mul(mult)
@@ -114,8 +151,55 @@ mod tests {
         assert_eq!(parse_bandwidth("1g"), Ok(1 << 30));
         assert_eq!(parse_bandwidth("4096"), Ok(4096));
         assert_eq!(parse_bandwidth("unlimited"), Ok(UNLIMITED_BANDWIDTH));
-        assert!(parse_bandwidth("0").is_err());
         assert!(parse_bandwidth("12X").is_err());
         assert!(parse_bandwidth("fast").is_err());
+    }
+
+    #[test]
+    fn bandwidth_0_is_unlimited() {
+        assert_eq!(parse_bandwidth("0"), Ok(UNLIMITED_BANDWIDTH));
+        assert_eq!(parse_bandwidth("0M"), Ok(UNLIMITED_BANDWIDTH));
+    }
+
+    #[test]
+    fn durations_take_units_and_a_bare_number_is_seconds() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30000ms"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("600s"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in [
+            "",
+            "ms",
+            "1.5s",
+            "-1s",
+            "10 min",
+            "5x",
+            &format!("{}h", u64::MAX),
+        ] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn timeouts_are_checked_by_the_library_naming_the_value() {
+        use std::time::Duration;
+        assert_eq!(parse_timeout("600s"), Ok(Duration::from_secs(600)));
+        let err = parse_timeout("500ms").expect_err("under a second");
+        assert!(err.contains("timeout 500ms"), "{err}");
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("8d").is_err());
+        assert!(parse_timeout("169h").is_err());
+    }
+
+    #[test]
+    fn pause_after_takes_milliseconds_and_0_is_none() {
+        use std::time::Duration;
+        assert_eq!(parse_pause_after("30000ms"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_pause_after("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_pause_after("0ms"), Ok(Duration::ZERO));
+        assert!(parse_pause_after("169h").is_err());
     }
 }

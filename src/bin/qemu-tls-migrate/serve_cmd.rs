@@ -37,8 +37,9 @@ disks only in --storage-dir and --shared-dir, and records them in --state-dir: o
 before accepting connections, it rolls back the domains and disks a killed predecessor left.",
     after_help = "Example:\n  qemu-tls-migrate serve --qmp-dir /run/qemu-tls-migrate/incoming \
 --allow-client host-a\n  qemu-tls-migrate serve --libvirt --storage-dir /mnt/PRIMARY-POOL \
---graphics-listen 10.1.1.5 --allow-client host-a\n\nThe systemd unit qemu-conf/qemu-tls-migrate.service runs it as a \
-service. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
+--graphics-listen 10.1.1.5 --allow-client host-a\n\nThe systemd unit qemu-tls-migrate.service (the Debian \
+package's; qemu-conf/ in the source) runs it as a service, with the options in SERVE_ARGS of \
+/etc/default/qemu-tls-migrate. With --json, one line {\"listening\": \"ADDR:PORT\"} is printed on stdout once the \
 service accepts connections."
 )]
 pub struct ServeArgs {
@@ -183,6 +184,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         socket_dir: args.libvirt_qmp_dir.clone(),
         qemu_group: args.qemu_group.clone(),
     };
+    // Before serving: what interrupted migrations of this host's VMs left (their journals).
+    for recovery in qemu_tls_migrate::migration::recover::recover_all(opts.qmp_timeout).await {
+        match recovery {
+            Ok(r) => tracing::warn!("{}", r.describe()),
+            Err(e) => tracing::error!("{}", crate::output::error_chain(&e).join(": ")),
+        }
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::signals::cancel_on_signal(shutdown.clone()));
     let json = args.json;

@@ -6,14 +6,20 @@ use tokio_util::sync::CancellationToken;
 /// Cancels `cancel` on the first SIGINT, SIGTERM, SIGHUP or SIGQUIT (the migration then rolls
 /// back), and keeps catching them while the rollback runs: a second Ctrl-C, or a closing
 /// terminal, must neither kill the tool half way through nor go unanswered.
+/// In a migration's owner process, its caller going away cancels it the same way
+/// ([`crate::owner::caller_gone`]).
 pub async fn cancel_on_signal(cancel: CancellationToken) {
     let Some(mut signals) = Signals::register() else {
         return;
     };
-    let Some(name) = signals.next().await else {
-        return;
-    };
-    tracing::warn!("{name} received: cancelling the migration and rolling back");
+    let gone = crate::owner::caller_gone();
+    tokio::select! {
+        Some(name) = signals.next() => {
+            tracing::warn!("{name} received: cancelling the migration and rolling back");
+        }
+        () = gone.cancelled() => {}
+        else => return,
+    }
     cancel.cancel();
     while let Some(name) = signals.next().await {
         tracing::warn!("{name} received: rollback in progress, please wait");
@@ -21,7 +27,7 @@ pub async fn cancel_on_signal(cancel: CancellationToken) {
 }
 
 /// The signals that cancel a run.
-struct Signals {
+pub struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
@@ -29,7 +35,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn register() -> Option<Signals> {
+    pub fn register() -> Option<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
         let listen = |kind: SignalKind| {
             signal(kind)
@@ -45,7 +51,7 @@ impl Signals {
     }
 
     /// The name of the next signal; `None` once none can come any more.
-    async fn next(&mut self) -> Option<&'static str> {
+    pub async fn next(&mut self) -> Option<&'static str> {
         tokio::select! {
             Some(()) = self.int.recv() => Some("SIGINT"),
             Some(()) = self.term.recv() => Some("SIGTERM"),

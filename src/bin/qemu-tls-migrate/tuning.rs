@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use qemu_tls_migrate::migration::{
-    self, Compression, Convergence, DowntimeSteps, MigrationOptions, Multifd, Throttle,
-    TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
+    self, Compression, Convergence, DowntimeSteps, ForecastWhen, MigrationOptions, Multifd, OnNoGo,
+    Throttle, TimeoutAction, TransportChoice, UNLIMITED_BANDWIDTH, XbzrleCache,
 };
 use qemu_tls_migrate::ports::{DEFAULT_RANGE, PortRange};
 
-use crate::parse::{parse_bandwidth, parse_multifd, parse_range, timeout_secs};
+use crate::parse::{
+    parse_bandwidth, parse_multifd, parse_pause_after, parse_range, parse_timeout, timeout_secs,
+};
 
 impl TransportArg {
     /// As the command line spells it.
@@ -43,7 +45,8 @@ pub struct TuningArgs {
     pub transport: TransportArg,
     /// Bandwidth cap of the RAM migration stream (QEMU's max-bandwidth: RAM and device state,
     /// not disks; see --disk-bandwidth) in bytes per second, with an optional K/M/G suffix
-    /// (powers of 1024), or "unlimited". QEMU 7.2's own default would be 128M.
+    /// (powers of 1024), or "unlimited" (or 0, as CloudStack's vm.migrate.speed 0 means). QEMU
+    /// 7.2's own default would be 128M.
     #[arg(long, default_value = "unlimited", value_parser = parse_bandwidth)]
     pub max_bandwidth: u64,
     /// Longest acceptable pause of the guest at switch-over, in milliseconds (QEMU's default:
@@ -62,9 +65,11 @@ pub struct TuningArgs {
     /// Ports for the migration stream are taken from this range (FIRST-LAST).
     #[arg(long, default_value_t = DEFAULT_RANGE, value_parser = parse_range)]
     pub port_range: PortRange,
-    /// Give up when the migration has not completed after this many seconds (at most a week).
-    #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
-    pub timeout: Option<u64>,
+    /// Give up (roll back; the source runs on) when the migration has not completed after
+    /// DURATION: a number of seconds, or with a unit: 30000ms, 600s, 10m, 2h (1 s to a week).
+    /// With --pause-after, the guest is paused first and this still aborts.
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// Give up when no byte has moved for this many seconds (a destination that stopped
     /// answering).
     #[arg(
@@ -119,11 +124,18 @@ pub struct ConvergenceArgs {
     #[arg(long, value_name = "MAX_MS[:STEPS[:EVERY_S]]", value_parser = DowntimeSteps::parse)]
     pub downtime_steps: Option<DowntimeSteps>,
     /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
-    /// on) or pause (pause the guest so the rest moves as downtime, like CloudStack's
-    /// vm.migrate.pauseafter; the report's guest_pause says for how long). postcopy is refused,
-    /// as --postcopy is.
+    /// on) or pause (pause the guest so the rest moves as downtime; the report's guest_pause
+    /// says for how long). postcopy is refused, as --postcopy is. For a pause and a later
+    /// abort, use --pause-after with --timeout.
     #[arg(long, value_enum, default_value = "abort")]
     pub timeout_action: TimeoutActionArg,
+    /// Pause the guest DURATION after the migration started, so the rest moves as downtime
+    /// (CloudStack's vm.migrate.pauseafter, in milliseconds: --pause-after 30000ms), while
+    /// --timeout, which must be later, still aborts: e.g. --pause-after 30000ms --timeout 600s.
+    /// A number of seconds, or with a unit: ms, s, m, h; 0: no pause. Acts in the RAM phase
+    /// (at its start when it passed during the disk copy). Not with --timeout-action pause.
+    #[arg(long, value_name = "DURATION", value_parser = parse_pause_after)]
+    pub pause_after: Option<Duration>,
     /// A deadline of SECS per GiB of guest RAM plus copied disk (like KubeVirt's
     /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
     #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
@@ -132,11 +144,37 @@ pub struct ConvergenceArgs {
     /// GnuTLS issue #1937 on TLS channels with a return path).
     #[arg(long)]
     pub postcopy: bool,
-    /// Skip the forecast made before every migration (a second sampling the guest's dirty
-    /// rate, and its RAM for data); the report's "forecast" shows it next to the result, and a
-    /// no-go is a warning.
-    #[arg(long)]
+    /// When to judge whether the migration converges as configured. first-pass (default):
+    /// data moves at once, and the verdict comes from QEMU's own figures once its first pass
+    /// over the RAM is over (the throughput this host and link reached, the guest's dirty
+    /// rate). before: a second of sampling the guest before anything starts (what --plan
+    /// shows; the throughput is --max-bandwidth or a reference figure). off: no verdict. The
+    /// report's "forecast" says which was made, next to the measured time.
+    #[arg(long, value_enum, default_value = "first-pass", value_name = "WHEN")]
+    pub forecast: ForecastArg,
+    /// Same as --forecast off.
+    #[arg(long, conflicts_with = "forecast")]
     pub no_forecast: bool,
+    /// What a no-go verdict leads to: warn (the report says so, the migration goes on under
+    /// --timeout and --timeout-action), pause (pause the guest so the rest moves as downtime,
+    /// like --timeout-action pause), or abort (cancel and roll back, kind no-go, exit 1; the
+    /// source runs on).
+    #[arg(long, value_enum, default_value = "warn", value_name = "ACTION")]
+    pub on_no_go: OnNoGoArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForecastArg {
+    FirstPass,
+    Before,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnNoGoArg {
+    Warn,
+    Pause,
+    Abort,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -187,6 +225,12 @@ impl ConvergenceArgs {
                 TimeoutActionArg::Pause => TimeoutAction::Pause,
                 TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
             },
+            on_no_go: match self.on_no_go {
+                OnNoGoArg::Warn => OnNoGo::Warn,
+                OnNoGoArg::Pause => OnNoGo::Pause,
+                OnNoGoArg::Abort => OnNoGo::Abort,
+            },
+            pause_after: self.pause_after.filter(|d| !d.is_zero()),
             postcopy: self.postcopy,
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
         }
@@ -207,10 +251,15 @@ impl TuningArgs {
         }
         o.tls_priority = self.tls_priority.clone();
         o.port_range = self.port_range;
-        o.timeout = self.timeout.map(Duration::from_secs);
+        o.timeout = self.timeout;
         o.stall_timeout = Duration::from_secs(self.stall_timeout);
         o.qmp_timeout = Duration::from_secs(self.qmp_timeout);
         o.convergence = self.convergence.to_convergence();
-        o.forecast = !self.convergence.no_forecast;
+        o.forecast = match self.convergence.forecast {
+            _ if self.convergence.no_forecast => ForecastWhen::Off,
+            ForecastArg::FirstPass => ForecastWhen::FirstPass,
+            ForecastArg::Before => ForecastWhen::Before,
+            ForecastArg::Off => ForecastWhen::Off,
+        };
     }
 }

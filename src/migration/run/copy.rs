@@ -15,7 +15,7 @@ use super::Run;
 use super::prepare::Prepared;
 use super::setup::Setup;
 use super::timeline::Mark;
-use super::watch::{AtDeadline, Seen, Watch, sleep_until_opt, source_gone};
+use super::watch::{Deadlines, Seen, Watch, sleep_until_opt, source_gone};
 use crate::peer::DiskCopy;
 use crate::qemu::{
     BlockJobCancel, BlockJobEvent, BlockdevAddNbd, BlockdevMirror, MigrateContinue,
@@ -118,14 +118,12 @@ impl Run<'_, '_> {
     ) -> Result<(), MigrationError> {
         let started = Instant::now();
         let mut ready: HashMap<String, u64> = HashMap::new();
-        // Only the RAM phase pauses at the deadline.
-        let mut watch = Watch::new(
-            self.opts,
-            setup.deadline,
-            self.started,
-            "copying disks",
-            AtDeadline::Fail,
-        );
+        // Only the RAM phase pauses the guest: here every deadline is one to abort at.
+        let deadlines = Deadlines {
+            abort: setup.deadline,
+            pause: None,
+        };
+        let mut watch = Watch::new(self.opts, deadlines, self.started, "copying disks");
         let disks = &setup.disks;
         self.send_progress(Phase::Disks, None, None);
         while ready.len() < disks.len() {

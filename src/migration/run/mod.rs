@@ -33,6 +33,7 @@ use super::convergence::ConvergenceReport;
 use super::destination::{Destination, DestinationSide, Finished};
 use super::disks::{self, DiskProgress, DiskReport};
 use super::forecast::Forecast;
+use super::journal::{self, Journal, JournalRecord, Stage};
 use super::side::SideCtl;
 use super::{
     FinalStatus, GuestPause, MigrationError, Phase, Progress, RamReport, Report, Side, ToolUsage,
@@ -40,6 +41,7 @@ use super::{
 };
 use crate::qemu::{MigrationStatus, RamStats};
 use crate::vm_lock::VmLock;
+use std::sync::Arc;
 
 pub(crate) use rollback::{Commit, CommitPoint};
 use timeline::{Mark, Timeline};
@@ -54,6 +56,8 @@ pub struct RunContext<'a> {
     pub cancel: &'a CancellationToken,
     /// Controls applied while disks or RAM move; `None`: none will come.
     pub control: Option<ControlReceiver>,
+    /// Warnings for the report from before the run (a recovery of an earlier one).
+    pub notes: Vec<String>,
 }
 
 impl std::fmt::Debug for RunContext<'_> {
@@ -75,6 +79,7 @@ impl<'a> RunContext<'a> {
             progress,
             cancel,
             control: None,
+            notes: Vec::new(),
         }
     }
 
@@ -90,13 +95,18 @@ impl<'a> RunContext<'a> {
 /// back before this returns (see [`Report`]).
 pub async fn migrate(opts: &ValidOptions, cx: RunContext<'_>) -> Report {
     let started = Instant::now();
-    let cx = cx;
+    let mut cx = cx;
     (cx.progress)(&Progress::phase(Phase::Preflight, 0));
     // Before anything else, and held until the roll-back is over: no other run drives this VM.
     let lock = match opts.lock_source() {
         Ok(lock) => lock,
         Err(error) => return Report::refused(error, started.elapsed()),
     };
+    // What an interrupted run left goes first (its QMP connections too: one client each).
+    match recover_first(opts, &lock).await {
+        Ok(notes) => cx.notes.extend(notes),
+        Err(error) => return Report::refused(error, started.elapsed()),
+    }
     // The transport comes from the PKI directories alone: nothing is connected yet.
     let decision = decide_transport(opts.transport, &opts.source.pki_dir, &opts.dest.pki_dir);
     let attach = async {
@@ -123,20 +133,35 @@ pub async fn migrate_to<D: Destination>(
     cx: RunContext<'_>,
 ) -> Report {
     let mut run = Run::new(opts, started, cx, decision.transport);
+    for note in std::mem::take(&mut run.cx.notes) {
+        run.warn(note);
+    }
     if let Some(w) = &decision.warning {
         run.warn(w.clone());
     }
-    let connected = SideCtl::connect(
-        Side::Source,
-        &opts.source.qmp,
-        &opts.source.pki_dir,
-        opts.qmp_timeout,
-    )
-    .await;
+    let connected = match start_journal(opts, &dest) {
+        Ok(journal) => SideCtl::connect(
+            Side::Source,
+            &opts.source.qmp,
+            &opts.source.pki_dir,
+            opts.qmp_timeout,
+        )
+        .await
+        .map(|src| (src, journal)),
+        Err(error) => Err(error),
+    };
     let ending = match connected {
-        Ok(mut src) => {
+        Ok((mut src, journal)) => {
+            src.undo.journal_to(journal.clone(), Side::Source);
+            dest.journal_to(&journal);
+            run.journal = Some(journal.clone());
             let result = run.execute(&mut src, &mut dest).await;
-            run.conclude(&mut src, &mut dest, result).await
+            let ending = run.conclude(&mut src, &mut dest, result).await;
+            let split = matches!(ending.error, Some(MigrationError::SplitBrainRisk { .. }));
+            if ending.cleanup_errors.is_empty() && !split {
+                journal.remove();
+            }
+            ending
         }
         // Nothing was done on the source; what the destination's preflight did goes.
         Err(error) => {
@@ -151,6 +176,49 @@ pub async fn migrate_to<D: Destination>(
         }
     };
     run.into_report(ending, dest.clock())
+}
+
+/// Recovers what an interrupted earlier run of this VM left (its journal), with the VM's lock
+/// held; returns the report's warning about it. A VM still holding an earlier run's changes is
+/// refused.
+pub(crate) async fn recover_first(
+    opts: &ValidOptions,
+    lock: &VmLock,
+) -> Result<Vec<String>, MigrationError> {
+    let key = journal::journal_key(&opts.source.qmp, opts.source_domain_uuid.as_deref());
+    let recovered =
+        super::recover::recover_before_run(&key, lock, &opts.source.qmp, opts.qmp_timeout).await?;
+    match recovered {
+        None => Ok(Vec::new()),
+        Some(r) if r.settled() => Ok(vec![format!("recovered first: {}", r.describe())]),
+        Some(r) => Err(MigrationError::Interrupted {
+            detail: r.describe(),
+        }),
+    }
+}
+
+/// Writes the run's journal before anything changes.
+fn start_journal<D: Destination>(
+    opts: &ValidOptions,
+    dest: &D,
+) -> Result<Arc<Journal>, MigrationError> {
+    let key = journal::journal_key(&opts.source.qmp, opts.source_domain_uuid.as_deref());
+    let path = journal::journal_path(&journal::run_dir()?, &key);
+    let record = JournalRecord {
+        vm: opts.source.qmp.display().to_string(),
+        job: opts.job_id.clone(),
+        pid: std::process::id(),
+        started_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        source_qmp: opts.source.qmp.clone(),
+        source_domain_uuid: opts.source_domain_uuid.clone(),
+        dest: dest.journal_dest(),
+        stage: Stage::Running,
+        source: Vec::new(),
+        destination: Vec::new(),
+    };
+    Ok(Arc::new(Journal::create(path, record)?))
 }
 
 /// How a run ended, for its report.
@@ -175,6 +243,8 @@ struct Run<'o, 'c> {
     commit: Commit,
     timeline: Timeline,
     said: Said,
+    /// Where each change is recorded before it is made.
+    journal: Option<Arc<Journal>>,
 }
 
 /// What the report will say, gathered as the phases go.
@@ -191,6 +261,8 @@ struct Said {
     stopped_at_us: Option<i64>,
     convergence: ConvergenceReport,
     forecast: Option<Forecast>,
+    /// Both QEMUs' versions, once the destination's preflight told its own.
+    qemu: Option<super::QemuVersions>,
 }
 
 impl<'o, 'c> Run<'o, 'c> {
@@ -209,6 +281,7 @@ impl<'o, 'c> Run<'o, 'c> {
             commit: Commit::NotYet,
             timeline: Timeline::default(),
             said: Said::default(),
+            journal: None,
         }
     }
 }
@@ -238,6 +311,8 @@ impl Run<'_, '_> {
         // Finish on the destination: it runs exactly when the source ran before.
         self.send_progress(Phase::Finish, info.status, info.ram);
         self.timeline.mark(Mark::Finish);
+        // From here the destination may run the guest: a recovery must not resume the source.
+        self.journal_stage(Stage::Finishing);
         let finished = dest
             .finish(setup.was_running && !self.opts.dest_paused)
             .await;
@@ -256,6 +331,7 @@ impl Run<'_, '_> {
         self.send_progress(Phase::Cleanup, None, None);
         match result {
             Ok(finished) => {
+                self.journal_stage(Stage::Completed);
                 let mut cleanup_errors = src.unwind(true).await;
                 cleanup_errors.extend(finished.problems);
                 Ending {
@@ -310,8 +386,10 @@ impl Run<'_, '_> {
             tool: ToolUsage::now(),
             multifd: said.multifd,
             source_qmp_access: None,
+            source_end: None,
             convergence: said.convergence,
             forecast: said.forecast,
+            qemu: said.qemu,
         }
     }
 
@@ -330,6 +408,12 @@ impl Run<'_, '_> {
             disks: self.said.disk_progress.clone(),
         };
         (self.cx.progress)(&p);
+    }
+
+    fn journal_stage(&self, stage: Stage) {
+        if let Some(j) = &self.journal {
+            j.set_stage(stage);
+        }
     }
 
     /// A warning for the log and the report.

@@ -4,21 +4,36 @@
 
 use std::time::Duration;
 
-use super::super::convergence::{DowntimeStep, TimeoutAction};
+use super::super::convergence::{Convergence, DowntimeStep, OnNoGo, TimeoutAction};
 use super::super::destination::Destination;
 use super::super::side::SideCtl;
 use super::super::undo::Undo;
-use super::super::{MigrationError, Phase, RamReport};
+use super::super::{ForecastWhen, MigrationError, Phase, RamReport, forecast};
 use super::prepare::Prepared;
 use super::setup::Setup;
 use super::timeline::Mark;
-use super::watch::{AtDeadline, Seen, Watch};
+use super::watch::{Deadlines, Seen, Watch};
 use super::{CommitPoint, Run};
 use crate::qemu::{
     Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus, QueryMigrate,
     Stop, tcp_uri,
 };
 use crate::qmp::Events;
+
+/// The RAM phase's deadlines: with the timeout action pause, the one deadline pauses the guest;
+/// otherwise it aborts, and `--pause-after`, when given, pauses the guest before.
+fn ram_deadlines(c: &Convergence, deadline: Option<Duration>) -> Deadlines {
+    match c.timeout_action {
+        TimeoutAction::Pause => Deadlines {
+            abort: None,
+            pause: deadline,
+        },
+        _ => Deadlines {
+            abort: deadline,
+            pause: c.pause_after,
+        },
+    }
+}
 
 impl Run<'_, '_> {
     /// Starts the RAM migration and follows it to completion; returns QEMU's last figures.
@@ -63,16 +78,12 @@ impl Run<'_, '_> {
         setup: &Setup,
         events: &mut Events,
     ) -> Result<MigrationInfo, MigrationError> {
-        let at_deadline = match self.opts.convergence.timeout_action {
-            TimeoutAction::Pause => AtDeadline::Pause,
-            _ => AtDeadline::Fail,
-        };
+        let deadlines = ram_deadlines(&self.opts.convergence, setup.deadline);
         let mut watch = Watch::new(
             self.opts,
-            setup.deadline,
+            deadlines,
             self.started,
             "following the migration",
-            at_deadline,
         );
         let mut switched = false;
         loop {
@@ -92,7 +103,7 @@ impl Run<'_, '_> {
                 }
                 Seen::Tick => self.poll_ram(src, &mut watch, setup).await?,
                 Seen::Deadline => {
-                    self.pause_at_deadline(src, setup.deadline).await?;
+                    self.pause_at_deadline(src, deadlines.pause).await?;
                     continue;
                 }
                 Seen::Control(request) => {
@@ -132,11 +143,77 @@ impl Run<'_, '_> {
             watch.progressed(transferred, || status.as_str().to_string())?;
             watch.check_dest_lost(|| info.error_desc.clone())?;
             self.step_downtime(src, setup.downtime_start_ms).await?;
+            if status == MigrationStatus::Active {
+                self.judge_first_pass(src, &info, setup).await?;
+            }
         }
         Ok(status)
     }
 
+    /// `--forecast first-pass` (the default): once QEMU's first pass is over, the forecast
+    /// from its own figures, and what `--on-no-go` says to do when it is a no-go.
+    async fn judge_first_pass(
+        &mut self,
+        src: &SideCtl,
+        info: &MigrationInfo,
+        setup: &Setup,
+    ) -> Result<(), MigrationError> {
+        if self.opts.forecast != ForecastWhen::FirstPass || self.said.forecast.is_some() {
+            return Ok(());
+        }
+        let (Some(ram), Some(ram_start)) = (&info.ram, self.timeline.at(Mark::Ram)) else {
+            return Ok(());
+        };
+        let limit_ms = self
+            .said
+            .convergence
+            .downtime_steps
+            .last()
+            .map_or(setup.downtime_start_ms, |s| s.limit_ms);
+        let Some(f) =
+            forecast::from_first_pass(ram, ram_start.elapsed(), Duration::from_millis(limit_ms))
+        else {
+            return Ok(());
+        };
+        let verdict = (!f.converges).then(|| {
+            (
+                format!(
+                    "judged after the first pass: the guest dirties {} MiB/s against the {} \
+                     Mbit/s the pass reached",
+                    f.dirty_rate_mib_s, f.throughput_mbps
+                ),
+                f.advice.join("; "),
+            )
+        });
+        self.said.forecast = Some(f);
+        let Some((why, advice)) = verdict else {
+            return Ok(());
+        };
+        match self.opts.convergence.on_no_go {
+            OnNoGo::Warn => {
+                self.warn(format!(
+                    "this migration will not converge as configured ({why}); consider: {advice}"
+                ));
+                Ok(())
+            }
+            OnNoGo::Pause => {
+                tracing::warn!(%why, "no-go: pausing the guest so the migration finishes");
+                src.call("stop (on no-go)", &Stop).await?;
+                self.said.convergence.no_go_action = Some(OnNoGo::Pause);
+                self.said.convergence.no_go_action_at_ms = Some(self.elapsed_ms());
+                Ok(())
+            }
+            OnNoGo::Abort => {
+                self.said.convergence.no_go_action = Some(OnNoGo::Abort);
+                self.said.convergence.no_go_action_at_ms = Some(self.elapsed_ms());
+                Err(MigrationError::NoGo { why, advice })
+            }
+        }
+    }
+
     /// `--timeout-action pause`: what is left moves while the guest is paused, as downtime.
+    /// `--pause-after`, or `--timeout-action pause`'s deadline: what is left moves while the
+    /// guest is paused, as downtime.
     async fn pause_at_deadline(
         &mut self,
         src: &SideCtl,
@@ -259,5 +336,35 @@ impl super::Commit {
             MigrationStatus::Completed => self.pass(CommitPoint::Completed),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ram_phase_pauses_at_pause_after_and_aborts_at_the_deadline() {
+        let secs = |s| Some(Duration::from_secs(s));
+        let mut c = Convergence {
+            pause_after: secs(30),
+            ..Convergence::default()
+        };
+        assert_eq!(
+            ram_deadlines(&c, secs(600)),
+            Deadlines {
+                abort: secs(600),
+                pause: secs(30)
+            }
+        );
+        c.pause_after = None;
+        c.timeout_action = TimeoutAction::Pause;
+        assert_eq!(
+            ram_deadlines(&c, secs(600)),
+            Deadlines {
+                abort: None,
+                pause: secs(600)
+            }
+        );
     }
 }

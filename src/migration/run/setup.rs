@@ -9,7 +9,8 @@ use super::super::convergence::{self, DEFAULT_DOWNTIME_MS, XbzrleCache};
 use super::super::destination::Destination;
 use super::super::disks::{self, SourceDisk};
 use super::super::side::SideCtl;
-use super::super::{MigrationError, Multifd, OBJECT_PREFIX, Transport, host_cpus};
+use super::super::versions::{self, QemuVersions};
+use super::super::{ForecastWhen, MigrationError, Multifd, OBJECT_PREFIX, Transport, host_cpus};
 use super::Run;
 use crate::peer::DestPlan;
 use crate::qemu::{
@@ -69,6 +70,7 @@ impl Run<'_, '_> {
         let xbzrle_cache = self.xbzrle_cache(src, &guest).await?;
         let conv = &opts.convergence;
         self.said.convergence.compress = conv.compress;
+        let machine = versions::current_machine(src).await;
         let plan = DestPlan {
             tls: self.transport == Transport::Tls,
             tls_priority: opts.tls_priority.clone(),
@@ -79,8 +81,10 @@ impl Run<'_, '_> {
             authz: opts.authz.clone(),
             listen_address: opts.listen_address().to_string(),
             port_range: opts.port_range,
+            machine,
         };
         dest.preflight(&plan).await?;
+        self.note_versions(src, dest);
         if plan.tls {
             src.probe_credentials(opts.tls_priority.as_deref()).await?;
         }
@@ -95,6 +99,22 @@ impl Run<'_, '_> {
                 .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64),
             plan,
         })
+    }
+
+    /// Both ends' QEMU versions into the report, with a warning for an untested one.
+    fn note_versions<D: Destination>(&mut self, src: &SideCtl, dest: &D) {
+        let Some(destination) = dest.qemu_version() else {
+            return;
+        };
+        let versions = QemuVersions {
+            source: src.qmp.greeting().version.qemu,
+            destination,
+        };
+        tracing::info!(source = %versions.source, destination = %versions.destination, "QEMU versions");
+        if let Some(w) = versions.untested_warning() {
+            self.warn(w);
+        }
+        self.said.qemu = Some(versions);
     }
 
     /// The disks to copy, each with its backing file's fingerprint when copied top-only.
@@ -164,7 +184,7 @@ impl Run<'_, '_> {
     ) -> Result<GuestFigures, MigrationError> {
         let opts = self.opts;
         let conv = &opts.convergence;
-        if opts.forecast {
+        if opts.forecast == ForecastWhen::Before {
             let disk_bytes = disks.iter().map(SourceDisk::to_copy).sum();
             let f = super::super::forecast::measure(src, opts, self.transport, disk_bytes).await?;
             if !f.converges {
@@ -208,6 +228,11 @@ impl Run<'_, '_> {
             deadline = Some(deadline.map_or(by_size, |t| t.min(by_size)));
         }
         self.said.convergence.deadline_ms = deadline.map(|d| d.as_millis() as u64);
+        self.said.convergence.pause_deadline_ms = self
+            .opts
+            .convergence
+            .pause_after
+            .map(|d| d.as_millis() as u64);
         deadline
     }
 

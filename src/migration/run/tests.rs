@@ -84,7 +84,7 @@ async fn roll_back(commit: Commit, stopped: bool) -> (MigrationError, Vec<String
         })
     });
     let mut src = SideCtl::with_qmp(Side::Source, qmp, Path::new("src.sock"), Path::new("/"), T);
-    src.undo = vec![Undo::ResumeSource, Undo::CancelMigration];
+    src.undo = vec![Undo::ResumeSource, Undo::CancelMigration].into();
     let opts = options();
     let mut progress = |_: &Progress| {};
     let cancel = CancellationToken::new();

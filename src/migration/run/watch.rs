@@ -1,5 +1,5 @@
 //! The one watch loop of a migration's long phases (disk copy, RAM): cancellation, the
-//! whole-migration deadline, the source's events, a lost destination, controls from another
+//! whole-migration deadline and the pause deadline, the source's events, a lost destination, controls from another
 //! task, and a tick every [`PROGRESS_INTERVAL`] on which the phase polls progress and feeds
 //! the stall check.
 
@@ -23,19 +23,20 @@ pub(super) enum Seen {
     Event(Event),
     /// Time to poll progress.
     Tick,
-    /// The deadline passed and the guest is to be paused (`--timeout-action pause`).
+    /// The pause deadline passed and the guest is to be paused (`--pause-after`, or
+    /// `--timeout-action pause`'s deadline). Seen once.
     Deadline,
     /// A control from another task, to apply and answer.
     Control(ControlRequest),
 }
 
-/// What a phase does at the whole-migration deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum AtDeadline {
+/// A phase's deadlines, each measured from the migration's start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Deadlines {
     /// Fail with [`MigrationError::Timeout`].
-    Fail,
+    pub abort: Option<Duration>,
     /// Say so once ([`Seen::Deadline`]): the phase pauses the guest and goes on.
-    Pause,
+    pub pause: Option<Duration>,
 }
 
 /// A lost destination is not an error at once: the source usually reports the failure in its
@@ -44,7 +45,7 @@ pub(super) enum AtDeadline {
 pub(super) struct Watch {
     deadline: Option<Instant>,
     timeout: Option<Duration>,
-    at_deadline: AtDeadline,
+    pause_at: Option<Instant>,
     tick: tokio::time::Interval,
     stall: StallWatch,
     lost: Lost,
@@ -60,15 +61,14 @@ enum Lost {
 impl Watch {
     pub fn new(
         opts: &MigrationOptions,
-        timeout: Option<Duration>,
+        deadlines: Deadlines,
         started: Instant,
         step: &'static str,
-        at_deadline: AtDeadline,
     ) -> Watch {
         Watch {
-            deadline: timeout.and_then(|d| started.checked_add(d)),
-            timeout,
-            at_deadline,
+            deadline: deadlines.abort.and_then(|d| started.checked_add(d)),
+            timeout: deadlines.abort,
+            pause_at: deadlines.pause.and_then(|d| started.checked_add(d)),
             tick: tokio::time::interval(PROGRESS_INTERVAL),
             stall: StallWatch::new(opts.stall_timeout),
             lost: Lost::No,
@@ -90,11 +90,11 @@ impl Watch {
                 _ = cancel.cancelled() => return Err(MigrationError::Cancelled),
                 request = ControlReceiver::next(control) => return Ok(Seen::Control(request)),
                 _ = sleep_until_opt(self.deadline) => {
-                    if self.at_deadline == AtDeadline::Pause {
-                        self.deadline = None;
-                        return Ok(Seen::Deadline);
-                    }
                     return Err(MigrationError::Timeout { after: self.timeout.unwrap_or_default() });
+                }
+                _ = sleep_until_opt(self.pause_at) => {
+                    self.pause_at = None;
+                    return Ok(Seen::Deadline);
                 }
                 event = src_events.next() => {
                     return match event {

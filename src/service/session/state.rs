@@ -239,17 +239,21 @@ async fn preflight(cx: Context, target: Target, plan: DestPlan) -> Outcome {
         }
     };
     match checked {
-        Ok((side, plan)) => (
-            State::Preflighted {
-                side: Box::new(side),
-                plan: Box::new(plan),
-                incoming,
-            },
-            // DestinationSide::preflight checks every top-only disk's backing.
-            Ok(Message::Preflighted {
-                backing_checked: true,
-            }),
-        ),
+        Ok((side, plan)) => {
+            let qemu = Some(side.qemu_version());
+            (
+                State::Preflighted {
+                    side: Box::new(side),
+                    plan: Box::new(plan),
+                    incoming,
+                },
+                // DestinationSide::preflight checks every top-only disk's backing.
+                Ok(Message::Preflighted {
+                    backing_checked: true,
+                    qemu,
+                }),
+            )
+        }
         Err(e) => (State::before_preflight(incoming), Err(e)),
     }
 }
@@ -434,6 +438,7 @@ mod tests {
             .await
             .expect("attach");
         let plan = DestPlan {
+            machine: None,
             port_range: crate::ports::DEFAULT_RANGE,
             ..plan(false)
         };

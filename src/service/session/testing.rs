@@ -35,6 +35,7 @@ pub fn identity() -> PeerIdentity {
 /// A source's plan for a migration without disks, asking for more than the service allows.
 pub fn plan(tls: bool) -> DestPlan {
     DestPlan {
+        machine: None,
         tls,
         tls_priority: Some("NORMAL:+NULL".into()),
         multifd: None,
