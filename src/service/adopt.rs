@@ -279,7 +279,9 @@ mod tests {
         create_image(&path, DiskFormat::Qcow2, 1 << 20).expect("image");
         let mut wanted = disk("qcow2", 2 << 20);
 
-        let refused = check(&path, &wanted, &dirs).expect_err("smaller").to_string();
+        let refused = check(&path, &wanted, &dirs)
+            .expect_err("smaller")
+            .to_string();
         wanted.grow = true;
         let grown = check(&path, &wanted, &dirs);
 
@@ -297,7 +299,11 @@ mod tests {
         create_image(&raw, DiskFormat::Raw, 1 << 20).expect("image");
         let used = root.path().join("used");
         create_image(&used, DiskFormat::Qcow2, 1 << 20).expect("image");
-        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 4k"], &used);
+        run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x5a 0 4k"],
+            &used,
+        );
         let overlay = root.path().join("overlay");
         let backing = raw.display().to_string();
         run(
