@@ -1180,6 +1180,10 @@ fn declared_monitor_only(node: Node<'_, '_>) -> Result<(), AllowError> {
     match args.as_slice() {
         [] => Ok(()),
         ["-qmp", spec] if is_plain_monitor(spec) => Ok(()),
+        // What a service leaves on a domain it brought in (`render`): libvirt keeps a running
+        // domain's arguments, so the next migration of that VM carries them here. Both are
+        // replaced by this service's own.
+        ["-qmp", spec, "-incoming", "defer"] if is_plain_monitor(spec) => Ok(()),
         [first, ..] if *first != "-qmp" => Err(not_allowed_because(
             format!("the QEMU argument {:?} in <qemu:commandline>", short(first)),
             "this service adds its own QMP monitor and -incoming, and nothing else",
