@@ -382,7 +382,8 @@ pub struct DestDisks {
 /// A block or network disk is not made here (the service creates files only): the
 /// destination's own checks find whether it has it (a service refuses a block disk in the
 /// XML by name). An encrypted image (qcow2 with LUKS encryption, or a LUKS volume) is refused
-/// here by name, before anything starts: its secret lives in each host's libvirt.
+/// here by name, before anything starts: its secret lives in each host's libvirt (a raw disk
+/// holding a LUKS header is the guest's own encryption, copied as bytes).
 /// `existing` says what the service may do with a path that exists (adopt it, grow it).
 pub async fn dest_domain(
     uri: &str,
@@ -426,7 +427,19 @@ pub async fn dest_domain(
         for disk in writable {
             let Some(file) = &disk.file else { continue };
             let info = image_info(file)?;
-            if info["encrypted"].as_bool() == Some(true) || info["format"] == "luks" {
+            let size = info["virtual-size"]
+                .as_u64()
+                .ok_or_else(|| MigrationError::Failed {
+                    desc: format!("qemu-img info {}: no virtual size", file.display()),
+                })?;
+            let format = disk
+                .format
+                .clone()
+                .or_else(|| info["format"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "raw".into());
+            // A raw disk holding a LUKS header is the guest's own encryption, copied as bytes (one
+            // libvirt decrypts has an <encryption> element, which the service refuses).
+            if info["encrypted"].as_bool() == Some(true) && format != "raw" {
                 return Err(MigrationError::BadOptions {
                     what: format!(
                         "disk {} of domain {name} ({}) is encrypted: encrypted (LUKS) volumes \
@@ -439,16 +452,6 @@ pub async fn dest_domain(
                     ),
                 });
             }
-            let size = info["virtual-size"]
-                .as_u64()
-                .ok_or_else(|| MigrationError::Failed {
-                    desc: format!("qemu-img info {}: no virtual size", file.display()),
-                })?;
-            let format = disk
-                .format
-                .clone()
-                .or_else(|| info["format"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "raw".into());
             let backing = match (
                 top_only.contains(&disk.target),
                 info["backing-filename"].as_str(),
