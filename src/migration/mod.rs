@@ -362,6 +362,16 @@ pub struct DestDomain {
     pub disks: Vec<crate::peer::NewDisk>,
 }
 
+/// What the destination service may do with a disk path that already exists
+/// ([`crate::peer::NewDisk::adopt`], `grow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestDisks {
+    /// Use an existing file (after the service's checks) instead of refusing it.
+    pub adopt: bool,
+    /// Grow an adopted file smaller than the source's disk.
+    pub grow: bool,
+}
+
 /// The incoming domain for the libvirt domain `name` (at `uri`): its migratable XML (or
 /// `dest_xml`, the caller's rewrite of it: other disk paths, another VNC address), and the
 /// disks to create on the destination, with the format and virtual size of the source's image
@@ -371,13 +381,18 @@ pub struct DestDomain {
 ///
 /// A disk `create` names that is not a writable disk of the domain is refused, not left out.
 /// A block or network disk is not made here (the service creates files only): the
-/// destination's own checks find whether it has it.
+/// destination's own checks find whether it has it (a service refuses a block disk in the
+/// XML by name). An encrypted image (qcow2 with LUKS encryption, or a LUKS volume) is refused
+/// here by name, before anything starts: its secret lives in each host's libvirt (a raw disk
+/// holding a LUKS header is the guest's own encryption, copied as bytes).
+/// `existing` says what the service may do with a path that exists (adopt it, grow it).
 pub async fn dest_domain(
     uri: &str,
     name: &str,
     dest_xml: Option<String>,
     create: Option<Vec<String>>,
     top_only: Vec<String>,
+    existing: DestDisks,
     timeout: Duration,
 ) -> Result<DestDomain, MigrationError> {
     use crate::libvirt::Libvirt;
@@ -423,6 +438,21 @@ pub async fn dest_domain(
                 .clone()
                 .or_else(|| info["format"].as_str().map(str::to_string))
                 .unwrap_or_else(|| "raw".into());
+            // A raw disk holding a LUKS header is the guest's own encryption, copied as bytes (one
+            // libvirt decrypts has an <encryption> element, which the service refuses).
+            if info["encrypted"].as_bool() == Some(true) && format != "raw" {
+                return Err(MigrationError::BadOptions {
+                    what: format!(
+                        "disk {} of domain {name} ({}) is encrypted: encrypted (LUKS) volumes \
+                         are not copied, their secrets being each host's libvirt's; leave it out \
+                         of --disk, or declare it shared (--shared-disk {}) if the destination \
+                         reaches it",
+                        disk.target,
+                        file.display(),
+                        disk.target
+                    ),
+                });
+            }
             let backing = match (
                 top_only.contains(&disk.target),
                 info["backing-filename"].as_str(),
@@ -454,6 +484,8 @@ pub async fn dest_domain(
                 format,
                 size,
                 backing,
+                adopt: existing.adopt,
+                grow: existing.adopt && existing.grow,
             });
         }
         Ok(DestDomain { xml, disks })

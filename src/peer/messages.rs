@@ -152,6 +152,18 @@ pub struct NewDisk {
     /// Create it as an overlay on this backing file (for a top-only copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backing: Option<NewBacking>,
+    /// When the XML's path already exists on the destination host, use that file (a volume
+    /// CloudStack's management server created there) instead of refusing it, once the service
+    /// checked it: an empty image of this format, not in use, on the template of `backing` (or
+    /// on none). An adopted file is never deleted by the service. A peer that does not send
+    /// this field means `false` (today's refusal); a service that does not know it refuses the
+    /// existing path as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
+    /// An adopted file smaller than `size` may be grown to it (`--create-dest-disks`); without
+    /// it, such a file is refused naming both sizes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grow: bool,
 }
 
 /// The backing file of a [`NewDisk`]: the file of this name in the new disk's own directory
@@ -396,6 +408,17 @@ mod tests {
                 qemu: None,
             }
         );
+    }
+
+    #[test]
+    fn a_new_disk_from_an_older_source_is_created_never_adopted() {
+        let disk: NewDisk =
+            serde_json::from_str(r#"{"target": "vda", "format": "qcow2", "size": 1024}"#)
+                .expect("decode");
+
+        assert_eq!((disk.adopt, disk.grow), (false, false));
+        let json = serde_json::to_value(&disk).expect("encode");
+        assert!(json.get("adopt").is_none(), "{json}");
     }
 
     #[test]

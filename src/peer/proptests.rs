@@ -157,12 +157,15 @@ fn new_disk() -> impl Strategy<Value = NewDisk> {
         proptest::option::of(
             (text(), text()).prop_map(|(file_name, format)| NewBacking { file_name, format }),
         ),
+        any::<(bool, bool)>(),
     )
-        .prop_map(|(target, format, size, backing)| NewDisk {
+        .prop_map(|(target, format, size, backing, (adopt, grow))| NewDisk {
             target,
             format,
             size,
             backing,
+            adopt,
+            grow,
         })
 }
 

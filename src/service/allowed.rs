@@ -927,11 +927,14 @@ impl std::fmt::Debug for Policy<'_> {
     }
 }
 
-/// A disk the service is to create, at its resolved path.
+/// A disk the service is to create, or to adopt, at its resolved path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedDisk {
     pub disk: NewDisk,
     pub path: PathBuf,
+    /// The file exists and the source asked for it to be adopted ([`NewDisk::adopt`]): it is
+    /// checked ([`super::adopt`]) and used, never created nor deleted.
+    pub adopt: bool,
 }
 
 /// A domain built from what this service allows, ready to be written out.
@@ -1177,6 +1180,10 @@ fn declared_monitor_only(node: Node<'_, '_>) -> Result<(), AllowError> {
     match args.as_slice() {
         [] => Ok(()),
         ["-qmp", spec] if is_plain_monitor(spec) => Ok(()),
+        // What a service leaves on a domain it brought in (`render`): libvirt keeps a running
+        // domain's arguments, so the next migration of that VM carries them here. Both are
+        // replaced by this service's own.
+        ["-qmp", spec, "-incoming", "defer"] if is_plain_monitor(spec) => Ok(()),
         [first, ..] if *first != "-qmp" => Err(not_allowed_because(
             format!("the QEMU argument {:?} in <qemu:commandline>", short(first)),
             "this service adds its own QMP monitor and -incoming, and nothing else",
@@ -1355,10 +1362,19 @@ fn place_disk(
                     format.unwrap_or_default()
                 )));
             }
-            let path = dirs.new_disk(&file).map_err(disk_error)?;
+            // A path that exists is adopted when asked for (a volume CloudStack made), else
+            // refused as before; either way it lies in a storage directory.
+            let adopt = new.adopt && std::fs::symlink_metadata(&file).is_ok();
+            let path = if adopt {
+                dirs.existing_file(&file, Place::Storage)
+            } else {
+                dirs.new_disk(&file)
+            }
+            .map_err(disk_error)?;
             let made = PlannedDisk {
                 disk: new.clone(),
                 path: path.clone(),
+                adopt,
             };
             (path, Some(made))
         }

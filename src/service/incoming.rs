@@ -8,13 +8,15 @@
 //!    twice);
 //! 3. write its record ([`super::records`]) before anything is created, then create each disk
 //!    to be copied exclusively (an existing path is never opened, of two sessions naming one
-//!    path one wins) and empty, with the source's format and virtual size;
+//!    path one wins) and empty, with the source's format and virtual size; or, for a disk the
+//!    source asked to adopt whose path exists (a volume CloudStack created), check that file
+//!    ([`super::adopt`]) and record it apart;
 //! 4. start it paused (`virsh create --paused`) with the service's own QMP monitor, a socket of
 //!    a name the service chooses ([`incoming_socket`]) in a directory only the service and
 //!    QEMU's group may write, and `-incoming defer`: libvirt then shows it `paused`, QEMU waits.
 //!
 //! [`IncomingDomain::remove`] undoes it all (destroy the domain, delete the disks it created,
-//! the record), unless `finish` began ([`IncomingDomain::mark_resuming`]): from then on the
+//! the record; an adopted disk is left in place), unless `finish` began ([`IncomingDomain::mark_resuming`]): from then on the
 //! domain may run the guest, and it is left as it is. After a finished migration the domain is
 //! kept, running, with its disks ([`IncomingDomain::settle`]).
 //!
@@ -27,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::adopt;
 use super::allowed::{self, AllowError, AllowedDomain, Policy};
 use super::records::{Record, RecordError, RecordFile, Records};
 use super::storage::{self, CreatedFile, StorageDirs, StorageError};
@@ -337,7 +340,7 @@ fn start_blocking(
     let qmp = incoming_socket(&host.socket_dir)?;
     let mut record = write_record(host, &domain, &qmp)?;
     let mut created = Vec::new();
-    let made = create_disks(&domain, &mut record, &mut created)
+    let made = create_disks(host, &domain, &mut record, &mut created)
         .and_then(|()| create_paused(&libvirt, &domain, &qmp));
     if let Err(e) = made {
         for p in delete_all(&created) {
@@ -348,7 +351,8 @@ fn start_blocking(
         }
         return Err(e);
     }
-    tracing::info!(domain = %domain.name, disks = created.len(), qmp = %qmp.display(), "incoming domain started paused");
+    let adopted = domain.new_disks.iter().filter(|d| d.adopt).count();
+    tracing::info!(domain = %domain.name, disks = created.len(), adopted, qmp = %qmp.display(), "incoming domain started paused");
     Ok(IncomingDomain {
         uri: host.uri.clone(),
         name: domain.name,
@@ -401,19 +405,34 @@ fn write_record(
         uuid: domain.uuid.clone(),
         qmp: qmp.to_path_buf(),
         disks: Vec::new(),
+        adopted: Vec::new(),
         resuming: false,
     };
     host.records.create(&id, record).map_err(failed)
 }
 
 /// Step 3's disks: each created exclusively, written down in `record` and pushed to `created`
-/// as soon as it exists, then made an empty image of the source's format and size.
+/// as soon as it exists, then made an empty image of the source's format and size; or, when
+/// adopted, checked and written down as adopted (never deleted).
 fn create_disks(
+    host: &Host,
     domain: &AllowedDomain,
     record: &mut RecordFile,
     created: &mut Vec<CreatedFile>,
 ) -> Result<(), MigrationError> {
     for planned in &domain.new_disks {
+        if planned.adopt {
+            let file = adopt::check(&planned.path, &planned.disk, &host.dirs).map_err(|e| {
+                MigrationError::DestDiskUnusable {
+                    node: planned.disk.target.clone(),
+                    reason: error_chain(&e),
+                }
+            })?;
+            record
+                .update(|r| r.adopted.push(file.clone()))
+                .map_err(failed)?;
+            continue;
+        }
         let file = storage::create_exclusive(&planned.path)
             .map_err(|e| disk_error(&planned.disk.target, e))?;
         created.push(file.clone());
@@ -564,11 +583,12 @@ fn recover_one(libvirt: &Libvirt, r: &Record) -> Result<Option<String>, LibvirtE
         }
         d.destroy()?;
     }
+    // Only the disks it created: an adopted volume (`r.adopted`) stays where it is.
     for p in delete_all(&r.disks) {
         tracing::warn!("{p}");
     }
     remove_socket(&r.qmp);
-    tracing::info!(domain = %r.name, disks = r.disks.len(), "incoming domain left by an earlier run rolled back");
+    tracing::info!(domain = %r.name, disks = r.disks.len(), adopted = r.adopted.len(), "incoming domain left by an earlier run rolled back");
     Ok(None)
 }
 

@@ -19,6 +19,7 @@
 //! `--allow-client` restricts the control channel, the same restriction on the migration stream
 //! and the NBD server (`tls-authz` for the certificate the source presented).
 
+pub mod adopt;
 pub mod allowed;
 pub mod held;
 pub mod incoming;

@@ -5,7 +5,8 @@
 //! One file per incoming domain, `incoming-ID.json`, in a directory only this user may open
 //! ([`crate::private_dir`], mode 0700):
 //! 1. written before anything is created for the domain, and rewritten after each disk is
-//!    created (so it never lists a file the service did not create);
+//!    created (so it never lists a file the service did not create) or adopted (listed apart,
+//!    never deleted);
 //! 2. marked `resuming` before `finish` may resume the domain: from then on it may run the
 //!    guest, and nothing of the service's destroys it;
 //! 3. removed once the session is over: finished (the domain now runs the guest) or rolled back.
@@ -61,9 +62,13 @@ pub struct Record {
     pub uuid: String,
     /// Its QMP socket, which QEMU leaves behind when killed.
     pub qmp: PathBuf,
-    /// The disks the service created for it, by device and inode.
+    /// The disks the service created for it, by device and inode: deleted by a roll-back.
     #[serde(default)]
     pub disks: Vec<CreatedFile>,
+    /// The existing volumes it adopted ([`super::adopt`]): never deleted (their owner,
+    /// CloudStack, deletes them). A record of an older build has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopted: Vec<CreatedFile>,
     /// `finish` began: the domain may run the guest, and is never destroyed.
     #[serde(default)]
     pub resuming: bool,
@@ -279,6 +284,7 @@ mod tests {
             uuid: "8e4f2a47-7d7c-4c43-a1f8-3f0d2d1b6a11".into(),
             qmp: "/run/qemu-tls-migrate/libvirt/qtm-in-1.sock".into(),
             disks: Vec::new(),
+            adopted: Vec::new(),
             resuming: false,
         }
     }

@@ -23,6 +23,8 @@ fn vda() -> Vec<NewDisk> {
         format: "qcow2".into(),
         size: 64 << 20,
         backing: None,
+        adopt: false,
+        grow: false,
     }]
 }
 

@@ -31,7 +31,7 @@ fn source_xml(pair: &LibvirtPair, name: &str) -> DomainXml {
 }
 
 /// A lab PKI: host-a's directory (readable by libvirt's QEMU) and host-b's.
-fn libvirt_lab() -> (Lab, PathBuf, PathBuf) {
+pub(crate) fn libvirt_lab() -> (Lab, PathBuf, PathBuf) {
     let lab = Lab::new("Test CA");
     let (pki_a, pki_b) = (
         lab.host("host-a", &["host-a"]),
@@ -589,7 +589,7 @@ async fn a_second_migrate_of_a_domain_driven_through_the_passthrough_is_refused_
 
 /// Waits (60 s at most) until the source domain `name` runs a block job (asked through
 /// libvirt's own monitor).
-async fn wait_block_job(pair: &LibvirtPair, name: &str) {
+pub(crate) async fn wait_block_job(pair: &LibvirtPair, name: &str) {
     let seen = source_monitor_says(pair, name, r#"{"execute":"query-block-jobs"}"#, |v| {
         v["return"].as_array().is_some_and(|jobs| !jobs.is_empty())
     })

@@ -6,6 +6,7 @@ mod authz_dn;
 mod bench;
 mod block;
 mod cli;
+mod cloudstack;
 mod convergence;
 mod cross_version;
 mod fixture;

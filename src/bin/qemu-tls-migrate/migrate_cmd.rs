@@ -89,6 +89,16 @@ pub struct MigrateArgs {
     /// paths this XML names, and never overwrites an existing file.
     #[arg(long, value_name = "FILE", requires = "domain", requires = "to")]
     pub dest_xml: Option<PathBuf>,
+    /// With --domain and --to a service started with --libvirt: a disk to be copied whose path
+    /// (in --dest-xml) already exists on the destination is used, not refused: a volume
+    /// CloudStack's management server created there for this migration. The service checks
+    /// it first: inside its --storage-dir, a regular file no process has open and no QEMU
+    /// holds locked, an empty image of the source's format and at least its virtual size
+    /// (smaller only with --create-dest-disks, then grown), an overlay on a local template for
+    /// a top-only copy and without backing file for a full one. An adopted file is never
+    /// deleted, not even by a roll-back.
+    #[arg(long, requires = "domain", requires = "to")]
+    pub adopt_dest_disks: bool,
     /// With --domain: after the destination confirmed it runs the VM, destroy the source
     /// domain (`virsh destroy`; its definition and disks stay, for the caller to clean up).
     /// Without it the source is left paused. The result's "source_end" says whether it was
@@ -405,6 +415,10 @@ async fn resolve_domain(
             dest_xml,
             create,
             top_only,
+            migration::DestDisks {
+                adopt: args.adopt_dest_disks,
+                grow: options.create_dest_disks,
+            },
             options.qmp_timeout,
         )
         .await?;

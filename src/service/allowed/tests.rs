@@ -201,6 +201,8 @@ fn root_disk() -> Vec<NewDisk> {
         format: "qcow2".into(),
         size: 64 << 20,
         backing: None,
+        adopt: false,
+        grow: false,
     }]
 }
 
@@ -251,6 +253,7 @@ fn a_cloudstack_domain_is_built_with_the_services_monitor_graphics_and_disk_path
         [PlannedDisk {
             disk: root_disk()[0].clone(),
             path: host.storage.join("root.qcow2"),
+            adopt: false,
         }]
     );
     let graphics = find("graphics").next().expect("graphics");
@@ -1135,4 +1138,31 @@ fn a_mutated_cloudstack_domain_is_refused_or_built_inside_the_list() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+#[test]
+fn a_domain_a_service_brought_in_earlier_is_taken_again_with_this_services_arguments_only() {
+    let host = Host::new();
+    let earlier = host.xml().replace(
+        "<qemu:arg value='unix:/run/qtm/i-2-3-VM.sock,server=on,wait=off'/>",
+        "<qemu:arg value='unix:/run/qemu-tls-migrate/libvirt/qtm-in-0a1b.sock,server=on,\
+         wait=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/>",
+    );
+    assert_ne!(
+        earlier,
+        host.xml(),
+        "the XML has the arguments a service leaves"
+    );
+
+    let out = host
+        .build(&earlier)
+        .expect("allowed")
+        .render(Path::new(MONITOR));
+
+    assert!(!out.contains("qtm-in-0a1b"), "{out}");
+    assert_eq!(
+        out.matches("'-incoming'").count() + out.matches("\"-incoming\"").count(),
+        1,
+        "{out}"
+    );
 }
