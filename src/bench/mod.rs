@@ -738,7 +738,6 @@ impl RunContext<'_> {
             host_cpu_s,
             phases: report.timing,
             forecast_ms: report.forecast.as_ref().map(|f| f.predicted_total_ms),
-            ram_ms: report.ram.total_ms,
         };
         drop(src_mon);
         drop(dst_mon);
