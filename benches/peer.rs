@@ -15,6 +15,7 @@ fn preflight() -> Message {
         qmp: "vm1.sock".into(),
         plan: DestPlan {
             machine: None,
+            postcopy: false,
             tls: true,
             multifd_compression: None,
             tls_priority: None,

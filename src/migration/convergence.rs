@@ -30,7 +30,7 @@ pub enum TimeoutAction {
     Abort,
     /// Pause the guest so the migration finishes; the rest moves as downtime.
     Pause,
-    /// Switch to post-copy: always refused ([`POSTCOPY_REFUSED`]).
+    /// Switch to post-copy at the deadline (see [`crate::migration::postcopy`]).
     Postcopy,
 }
 
@@ -48,14 +48,6 @@ pub enum OnNoGo {
     /// Cancel and roll back: the source runs on (kind `no-go`).
     Abort,
 }
-
-/// Why post-copy is refused, in full: what `--postcopy` and `--timeout-action postcopy` say.
-pub const POSTCOPY_REFUSED: &str = "post-copy is refused: once it starts, the guest runs on the \
-destination while part of its memory is still on the source, so a cut link or a dead host \
-loses the VM (neither host holds a whole copy), against this tool's rule that a failure leaves \
-one whole, running copy; and QEMU 7.2 is affected by QEMU issue #1937 (GnuTLS can crash QEMU \
-after about 64 GB over a TLS channel with a return path, which post-copy needs). Use \
---auto-converge, or --timeout-action pause, which finish a busy guest without that risk";
 
 /// QEMU's default downtime limit (ms), when the caller sets none.
 pub(crate) const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -169,8 +161,20 @@ pub struct Convergence {
     pub completion_timeout_per_gib: Option<Duration>,
     /// What a no-go verdict leads to.
     pub on_no_go: OnNoGo,
-    /// Post-copy was asked for (refused by [`crate::migration::MigrationOptions::validate`]).
+    /// Switch to post-copy once the first pass over the RAM is over (libvirt's
+    /// `--postcopy-after-precopy`); see [`crate::migration::postcopy`].
     pub postcopy: bool,
+    /// How long a post-copy whose link was cut is retried (`None`:
+    /// [`crate::migration::postcopy::DEFAULT_RECOVER_TIMEOUT`]).
+    pub postcopy_recover_timeout: Option<Duration>,
+}
+
+impl Convergence {
+    /// Whether post-copy may start in this migration (`--postcopy` or `--timeout-action
+    /// postcopy`): the capability is then on, on both ends.
+    pub fn wants_postcopy(&self) -> bool {
+        self.postcopy || self.timeout_action == TimeoutAction::Postcopy
+    }
 }
 
 /// The deadline for `bytes` of RAM and disk at `per_gib` per GiB (at least one second).

@@ -22,8 +22,9 @@ use super::{MigrationError, PROGRESS_INTERVAL, Side, check_multifd_channels};
 use crate::peer::{Authz, DestPlan, DestPrepared};
 use crate::ports::{self, PortLease, PortRange};
 use crate::qemu::{
-    BlockExportAdd, BlockResize, Cont, MigrateIncoming, MigrateSetParameters, NbdServerStart,
-    NbdServerStop, ObjectAdd, QueryBlock, QueryStatus, Stop, tcp_uri,
+    BlockExportAdd, BlockResize, Cont, MigrateIncoming, MigrateRecover, MigrateSetParameters,
+    MigrationStatus, NbdServerStart, NbdServerStop, ObjectAdd, QueryBlock, QueryMigrate,
+    QueryStatus, Stop, tcp_uri,
 };
 use crate::qmp::{Events, QmpError};
 
@@ -71,6 +72,9 @@ pub struct DestinationSide {
     dest_disks: Vec<DestDisk>,
     /// Whether this QEMU may run the guest; decides what a roll-back may do to it.
     resume: Resume,
+    /// Where `prepare` listened (address, port range): a post-copy recovery listens there
+    /// again.
+    listen: Option<(String, PortRange)>,
 }
 
 /// Whether a destination may run the guest. Its autostart is off before it gets the
@@ -136,6 +140,7 @@ impl DestinationSide {
             has_disks: false,
             dest_disks: Vec::new(),
             resume: Resume::NotSent,
+            listen: None,
         })
     }
 
@@ -196,6 +201,9 @@ impl DestinationSide {
         let mut wanted = vec![("events", true)];
         if plan.multifd.is_some() {
             wanted.push(("multifd", true));
+        }
+        if plan.postcopy {
+            wanted.push(("postcopy-ram", true));
         }
         self.ctl.set_capabilities(&wanted).await?;
         self.ctl
@@ -311,6 +319,7 @@ impl DestinationSide {
     /// Turns autostart off and listens for the migration stream (`migrate-incoming`) on
     /// `port`, or another when that was taken meanwhile; returns the port.
     async fn listen(&mut self, plan: &DestPlan, port: u16) -> Result<u16, MigrationError> {
+        self.listen = Some((plan.listen_address.clone(), plan.port_range));
         self.ctl.undo.push(Undo::TearDownDestination);
         // `stop` on a QEMU in `inmigrate` turns its autostart off: started without -S, it
         // would otherwise run the guest as soon as the state is loaded, before the tool knows
@@ -569,6 +578,42 @@ impl DestinationSide {
             .flatten()
     }
 
+    /// Post-copy: turns autostart back on (`cont` on a QEMU still `inmigrate` does only
+    /// that), so the guest runs here as soon as the source hands it over. From here the guest
+    /// may run on this host: nothing of the tool's stops or quits it again.
+    pub async fn autostart(&mut self) -> Result<(), MigrationError> {
+        self.resume = Resume::MayRun;
+        self.ctl.call("cont (post-copy autostart)", &Cont).await?;
+        Ok(())
+    }
+
+    /// Post-copy recovery: `migrate-recover` on a port of its own from the range, with the
+    /// credentials and parameters `prepare` set. Returns the port.
+    pub async fn listen_again(&mut self) -> Result<u16, MigrationError> {
+        let Some((address, range)) = self.listen.clone() else {
+            return Err(MigrationError::Failed {
+                desc: "post-copy recovery on a destination that never listened".into(),
+            });
+        };
+        let lease = ports::allocate(range)?;
+        let port = lease.port();
+        self.ports.push(lease);
+        let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
+        self.bind_retrying(range, port, "migrate-recover", |port| {
+            let uri = tcp_uri(&address, port);
+            tracing::info!(%uri, "destination listening again (post-copy recovery)");
+            let qmp = qmp.clone();
+            async move { qmp.call_timeout(&MigrateRecover { uri }, t).await.map(drop) }
+        })
+        .await
+    }
+
+    /// The incoming migration's status (`postcopy-paused` while the link is cut).
+    pub async fn incoming_status(&self) -> Result<Option<MigrationStatus>, MigrationError> {
+        let info = self.ctl.call("query-migrate", &QueryMigrate).await?;
+        Ok(info.status)
+    }
+
     /// Whether anything was changed on this destination (and not yet put back).
     pub fn changed(&self) -> bool {
         !self.ctl.undo.is_empty()
@@ -616,6 +661,12 @@ impl DestinationSide {
     }
 }
 
+fn no_postcopy() -> MigrationError {
+    MigrationError::Failed {
+        desc: "post-copy is not offered with this destination".into(),
+    }
+}
+
 /// The destination side as the driver sees it: prepared, watched, finished or aborted.
 /// Implemented locally by [`DestinationSide`] and remotely over the control channel.
 #[allow(async_fn_in_trait)]
@@ -647,6 +698,22 @@ pub trait Destination {
     async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError>;
     /// Rolls everything back; says whether the destination is known not to run the guest.
     async fn abort(&mut self) -> AbortOutcome;
+    /// Whether post-copy can be driven on this destination (autostart, recovery).
+    fn offers_postcopy(&self) -> bool {
+        false
+    }
+    /// Post-copy: the guest may run here from now on ([`DestinationSide::autostart`]).
+    async fn autostart(&mut self) -> Result<(), MigrationError> {
+        Err(no_postcopy())
+    }
+    /// Post-copy recovery: listen again; returns the port ([`DestinationSide::listen_again`]).
+    async fn listen_again(&mut self) -> Result<u16, MigrationError> {
+        Err(no_postcopy())
+    }
+    /// The incoming migration's status, as the destination QEMU says.
+    async fn incoming_status(&mut self) -> Result<Option<MigrationStatus>, MigrationError> {
+        Err(no_postcopy())
+    }
     /// Once [`Destination::lost`] returned: what is known of why.
     fn lost_reason(&self) -> Option<String> {
         None
@@ -686,6 +753,18 @@ impl Destination for DestinationSide {
     }
     async fn abort(&mut self) -> AbortOutcome {
         DestinationSide::abort(self).await
+    }
+    fn offers_postcopy(&self) -> bool {
+        true
+    }
+    async fn autostart(&mut self) -> Result<(), MigrationError> {
+        DestinationSide::autostart(self).await
+    }
+    async fn listen_again(&mut self) -> Result<u16, MigrationError> {
+        DestinationSide::listen_again(self).await
+    }
+    async fn incoming_status(&mut self) -> Result<Option<MigrationStatus>, MigrationError> {
+        DestinationSide::incoming_status(self).await
     }
     fn lost_reason(&self) -> Option<String> {
         Some("its QEMU exited".into())
@@ -854,6 +933,7 @@ mod tests {
     fn plan() -> DestPlan {
         DestPlan {
             machine: None,
+            postcopy: false,
             tls: false,
             multifd_compression: None,
             tls_priority: None,

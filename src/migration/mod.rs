@@ -36,6 +36,7 @@ mod error;
 mod forecast;
 pub mod journal;
 mod options;
+pub mod postcopy;
 pub mod recover;
 mod remote;
 mod report;

@@ -7,7 +7,7 @@ use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::convergence::{self, Convergence, TimeoutAction};
+use super::convergence::{Convergence, TimeoutAction};
 use super::disks::{CopyPlan, DiskSelection};
 use super::{
     DEFAULT_QMP_TIMEOUT, DEFAULT_STALL_TIMEOUT, DestDomain, MAX_MULTIFD_CHANNELS, MAX_TIMEOUT,
@@ -282,8 +282,10 @@ impl MigrationOptions {
         if self.dest_host.trim().is_empty() {
             problems.push("the destination host name is empty".into());
         }
-        if self.convergence.postcopy || self.convergence.timeout_action == TimeoutAction::Postcopy {
-            problems.push(convergence::POSTCOPY_REFUSED.into());
+        if self.convergence.postcopy_recover_timeout == Some(Duration::ZERO) {
+            problems.push(
+                "--postcopy-recover-timeout 0: a cut post-copy needs time to be recovered".into(),
+            );
         }
         if let Err(e) = check_deadlines(&self.convergence, self.timeout) {
             problems.push(e);

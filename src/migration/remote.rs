@@ -605,6 +605,7 @@ mod tests {
     fn plan(copy: DiskCopy) -> DestPlan {
         DestPlan {
             machine: None,
+            postcopy: false,
             tls: true,
             tls_priority: None,
             multifd: None,

@@ -140,6 +140,10 @@ pub struct DestPlan {
     /// `None` from a source that could not ask (or a build before the check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// Post-copy may start: the destination turns on `postcopy-ram` too. Only a local
+    /// destination takes it today (a service is not offered post-copy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 /// A disk the service creates for an incoming domain: the XML's disk with guest device

@@ -212,6 +212,7 @@ mod tests {
             qmp: "vm1.sock".into(),
             plan: DestPlan {
                 machine: None,
+                postcopy: false,
                 tls: true,
                 multifd_compression: None,
                 tls_priority: None,

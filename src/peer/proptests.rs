@@ -145,6 +145,7 @@ fn plan() -> impl Strategy<Value = DestPlan> {
                 listen_address,
                 port_range,
                 machine: None,
+                postcopy: false,
             },
         )
 }

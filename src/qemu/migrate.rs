@@ -36,6 +36,9 @@ pub enum MigrationStatus {
     PostcopyActive,
     PostcopyPaused,
     PostcopyRecover,
+    /// QEMU 9.1 and later: a post-copy recovery connecting; back to `postcopy-paused` when
+    /// it fails.
+    PostcopyRecoverSetup,
     Completed,
     Failed,
     Colo,
@@ -60,6 +63,7 @@ impl MigrationStatus {
             MigrationStatus::PostcopyActive => "postcopy-active",
             MigrationStatus::PostcopyPaused => "postcopy-paused",
             MigrationStatus::PostcopyRecover => "postcopy-recover",
+            MigrationStatus::PostcopyRecoverSetup => "postcopy-recover-setup",
             MigrationStatus::Completed => "completed",
             MigrationStatus::Failed => "failed",
             MigrationStatus::Colo => "colo",
@@ -275,6 +279,37 @@ impl Command for Migrate {
     const NAME: &'static str = "migrate";
     type Output = Empty;
 }
+
+/// `migrate` with `resume: true`: a paused post-copy reconnects to a destination that listens
+/// again ([`MigrateRecover`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateResume {
+    pub uri: String,
+    pub resume: bool,
+}
+
+impl Command for MigrateResume {
+    const NAME: &'static str = "migrate";
+    type Output = Empty;
+}
+
+/// `migrate-recover` on a destination in `postcopy-paused`: listen for the source's resume.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateRecover {
+    pub uri: String,
+}
+
+impl Command for MigrateRecover {
+    const NAME: &'static str = "migrate-recover";
+    type Output = Empty;
+}
+
+no_args_command!(
+    /// Switch a running pre-copy migration to post-copy (`postcopy-ram` on both ends).
+    MigrateStartPostcopy,
+    "migrate-start-postcopy",
+    Empty
+);
 
 /// `migrate-continue`: leave a paused state (`pre-switchover`) and go on.
 #[derive(Debug, Clone, Serialize)]

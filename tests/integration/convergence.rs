@@ -420,9 +420,10 @@ async fn the_plan_says_go_for_an_idle_guest_and_the_migration_completes() {
 }
 
 #[tokio::test]
-async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
+async fn post_copy_is_refused_on_qemu_7_2_naming_issue_1937_before_anything_changes() {
     let lab = Lab::new("Test CA");
-    let pair = Pair::builder().start().await;
+    let qemu = fixture::qemu_7_2();
+    let pair = Pair::builder().qemu(qemu.clone(), qemu).start().await;
     let mut o = pair.tls_options(&lab);
     o.convergence.postcopy = true;
 
@@ -431,10 +432,13 @@ async fn post_copy_is_refused_with_its_reasons_before_anything_changes() {
     assert!(report.refused, "{report:?}");
     let message = fixture::error_message(&report);
     assert!(
-        message.contains("post-copy is refused") && message.contains("#1937"),
+        message.contains("post-copy is refused")
+            && message.contains("#1937")
+            && message.contains("QEMU 9.1 or later"),
         "{message}"
     );
     fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,6 +388,7 @@ async fn a_cloudstack_shaped_domain_migrates_through_the_allow_list() {
 fn plan() -> DestPlan {
     DestPlan {
         machine: None,
+        postcopy: false,
         tls: true,
         tls_priority: None,
         multifd: None,

@@ -125,8 +125,9 @@ pub struct ConvergenceArgs {
     pub downtime_steps: Option<DowntimeSteps>,
     /// What to do at --timeout (or the completion timeout): abort (roll back; the source runs
     /// on) or pause (pause the guest so the rest moves as downtime; the report's guest_pause
-    /// says for how long). postcopy is refused, as --postcopy is. For a pause and a later
-    /// abort, use --pause-after with --timeout.
+    /// says for how long) or postcopy (switch to post-copy, as --postcopy does but only at the
+    /// deadline; same conditions and risk). For a pause and a later abort, use --pause-after
+    /// with --timeout.
     #[arg(long, value_enum, default_value = "abort")]
     pub timeout_action: TimeoutActionArg,
     /// Pause the guest DURATION after the migration started, so the rest moves as downtime
@@ -140,10 +141,23 @@ pub struct ConvergenceArgs {
     /// completionTimeoutPerGiB); with --timeout too, the earlier one holds.
     #[arg(long, value_name = "SECS", value_parser = timeout_secs())]
     pub completion_timeout_per_gib: Option<u64>,
-    /// Post-copy: always refused, with the reasons (a lost link would lose the VM; QEMU 7.2's
-    /// GnuTLS issue #1937 on TLS channels with a return path).
+    /// Post-copy, an explicit opt-in: switch to post-copy once QEMU's first pass over the RAM
+    /// is over (libvirt's --postcopy-after-precopy), so a guest that dirties memory faster
+    /// than the link moves it still finishes, without pausing it. Needs QEMU 9.1 or later on
+    /// both ends and a destination driven by this process (--dest-qmp), with no disk to copy;
+    /// refused otherwise (exit 3, nothing changed; QEMU 7.2 is refused). Its TLS is kept at
+    /// version 1.2 (QEMU issue #1937: GnuTLS's TLS 1.3 rekey breaks a channel with a return
+    /// path; no QEMU release fixes it). The risk that stays: the guest then runs on the
+    /// destination while part of its memory is still on the source; a cut link pauses it on
+    /// both ends and the tool retries the recovery until --postcopy-recover-timeout, but a
+    /// lost host (either one) loses the VM. The source is never resumed once post-copy began.
     #[arg(long)]
     pub postcopy: bool,
+    /// How long a post-copy whose link was cut is retried (migrate-recover on the destination,
+    /// migrate resume=true on the source) before the tool gives up and reports both ends
+    /// paused (default 300 s). A number of seconds, or with a unit: ms, s, m, h.
+    #[arg(long, value_name = "DURATION", value_parser = parse_pause_after)]
+    pub postcopy_recover_timeout: Option<Duration>,
     /// When to judge whether the migration converges as configured. first-pass (default):
     /// data moves at once, and the verdict comes from QEMU's own figures once its first pass
     /// over the RAM is over (the throughput this host and link reached, the guest's dirty
@@ -232,6 +246,7 @@ impl ConvergenceArgs {
             },
             pause_after: self.pause_after.filter(|d| !d.is_zero()),
             postcopy: self.postcopy,
+            postcopy_recover_timeout: self.postcopy_recover_timeout,
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
         }
     }

@@ -32,7 +32,8 @@ impl Run<'_, '_> {
         self.said.ports.push(ports.migration_port);
         self.said.ports.extend(ports.nbd_port);
         let creds = if tls {
-            src.credentials_id(opts.tls_priority.as_deref()).await?
+            src.credentials_id(self.source_tls_priority().as_deref())
+                .await?
         } else {
             String::new()
         };
@@ -74,6 +75,9 @@ fn capabilities(opts: &super::super::MigrationOptions, setup: &Setup) -> Vec<(&'
     }
     if setup.xbzrle_cache.is_some() {
         wanted.push(("xbzrle", true));
+    }
+    if setup.plan.postcopy {
+        wanted.push(("postcopy-ram", true));
     }
     wanted
 }

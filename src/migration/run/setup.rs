@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::super::convergence::{self, DEFAULT_DOWNTIME_MS, XbzrleCache};
 use super::super::destination::Destination;
 use super::super::disks::{self, SourceDisk};
+use super::super::postcopy;
 use super::super::side::SideCtl;
 use super::super::versions::{self, QemuVersions};
 use super::super::{ForecastWhen, MigrationError, Multifd, OBJECT_PREFIX, Transport, host_cpus};
@@ -82,11 +83,16 @@ impl Run<'_, '_> {
             listen_address: opts.listen_address().to_string(),
             port_range: opts.port_range,
             machine,
+            postcopy: conv.wants_postcopy(),
         };
         dest.preflight(&plan).await?;
         self.note_versions(src, dest);
+        if plan.postcopy {
+            self.check_postcopy(dest, &disks)?;
+        }
         if plan.tls {
-            src.probe_credentials(opts.tls_priority.as_deref()).await?;
+            src.probe_credentials(self.source_tls_priority().as_deref())
+                .await?;
         }
         Ok(Setup {
             was_running,
@@ -99,6 +105,56 @@ impl Run<'_, '_> {
                 .map_or(DEFAULT_DOWNTIME_MS, |d| d.as_millis() as u64),
             plan,
         })
+    }
+
+    /// Refuses post-copy where this tool does not offer it: a QEMU before
+    /// [`postcopy::FIRST_QEMU`] at either end, disks to copy (their mirrors end at
+    /// `pre-switchover`, which post-copy skips), or a destination that cannot take it.
+    fn check_postcopy<D: Destination>(
+        &self,
+        dest: &D,
+        disks: &[SourceDisk],
+    ) -> Result<(), MigrationError> {
+        let refuse = |what: String| Err(MigrationError::BadOptions { what });
+        let Some(versions) = self.said.qemu else {
+            return refuse(
+                "post-copy is refused: the destination's QEMU version is unknown".into(),
+            );
+        };
+        if let Err(why) = postcopy::check_versions(versions.source, versions.destination) {
+            return refuse(why);
+        }
+        if !dest.offers_postcopy() {
+            return refuse(
+                "post-copy is refused: it is offered only with a destination QEMU this process \
+                 drives (--dest-qmp), not through a destination service (--to)"
+                    .into(),
+            );
+        }
+        if !disks.is_empty() {
+            return refuse(format!(
+                "post-copy is refused with disks to copy ({}): their mirrors end at \
+                 pre-switchover, which post-copy does not pass; use shared storage \
+                 (--shared-disk) or leave --postcopy out",
+                disks
+                    .iter()
+                    .map(|d| d.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// The GnuTLS priority of the source's credentials: the caller's, or without TLS 1.3 when
+    /// post-copy may start ([`postcopy::tls_priority`]).
+    pub(super) fn source_tls_priority(&self) -> Option<String> {
+        let asked = self.opts.tls_priority.as_deref();
+        if self.opts.convergence.wants_postcopy() {
+            Some(postcopy::tls_priority(asked))
+        } else {
+            asked.map(str::to_string)
+        }
     }
 
     /// Both ends' QEMU versions into the report, with a warning for an untested one.

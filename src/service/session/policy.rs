@@ -61,6 +61,8 @@ pub fn apply_policy(
         tracing::info!(asked = ?plan.tls_priority, applied = ?opts.tls_priority, "ignoring the source's TLS priority");
     }
     plan.tls_priority = opts.tls_priority.clone();
+    // Post-copy is offered only to a destination the source's own process drives.
+    plan.postcopy = false;
     if let Some(addr) = local_address {
         plan.listen_address = addr.to_string();
     }

@@ -36,6 +36,7 @@ pub fn identity() -> PeerIdentity {
 pub fn plan(tls: bool) -> DestPlan {
     DestPlan {
         machine: None,
+        postcopy: false,
         tls,
         tls_priority: Some("NORMAL:+NULL".into()),
         multifd: None,
