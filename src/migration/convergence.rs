@@ -235,6 +235,22 @@ pub struct ConvergenceReport {
     /// Controls applied while the migration ran (`jobs set`, `jobs pause`), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub controls: Vec<super::AppliedControl>,
+    /// When post-copy started (ms from the start): from then on the source is never resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_at_ms: Option<u64>,
+    /// Each recovery of a post-copy whose link was cut, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub postcopy_recoveries: Vec<PostcopyRecovery>,
+}
+
+/// One post-copy recovery: when the link was found cut, how many attempts it took, and how
+/// long until the migration ran again (`None`: it never did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PostcopyRecovery {
+    pub paused_at_ms: u64,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered_after_ms: Option<u64>,
 }
 
 impl ConvergenceReport {

@@ -714,6 +714,10 @@ pub trait Destination {
     async fn incoming_status(&mut self) -> Result<Option<MigrationStatus>, MigrationError> {
         Err(no_postcopy())
     }
+    /// Post-copy: break the destination's end of a stalled channel (`migrate-pause`).
+    async fn pause_incoming(&mut self) -> Result<(), MigrationError> {
+        Err(no_postcopy())
+    }
     /// Once [`Destination::lost`] returned: what is known of why.
     fn lost_reason(&self) -> Option<String> {
         None
@@ -765,6 +769,12 @@ impl Destination for DestinationSide {
     }
     async fn incoming_status(&mut self) -> Result<Option<MigrationStatus>, MigrationError> {
         DestinationSide::incoming_status(self).await
+    }
+    async fn pause_incoming(&mut self) -> Result<(), MigrationError> {
+        self.ctl
+            .call("migrate-pause", &crate::qemu::MigratePause)
+            .await?;
+        Ok(())
     }
     fn lost_reason(&self) -> Option<String> {
         Some("its QEMU exited".into())

@@ -198,6 +198,18 @@ pub enum MigrationError {
         "no progress for {after:?} (migration state {status}): the destination does not answer; cancelled"
     )]
     Stalled { after: Duration, status: String },
+    #[error(
+        "post-copy could not be recovered within {after:?} ({attempts} attempts; last: {last}): \
+         the guest is paused on both ends, and only the destination holds its newest state \
+         while the source holds the pages not yet sent; neither is resumed. When the link is \
+         back, migrate-recover on the destination and migrate with resume=true on the source \
+         finish it"
+    )]
+    PostcopyNotRecovered {
+        after: Duration,
+        attempts: u32,
+        last: String,
+    },
     #[error("the migration did not complete within {after:?}; cancelled")]
     Timeout { after: Duration },
     #[error(
@@ -284,6 +296,7 @@ impl MigrationError {
             MigrationError::DestinationNotResumed { .. }
             | MigrationError::DestinationResumeUnknown { .. } => ErrorKind::MigrationFailed,
             MigrationError::Stalled { .. } => ErrorKind::Stalled,
+            MigrationError::PostcopyNotRecovered { .. } => ErrorKind::Stalled,
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
             MigrationError::NoGo { .. } => ErrorKind::NoGo,
             MigrationError::Cancelled => ErrorKind::Cancelled,

@@ -47,8 +47,8 @@ mod versions;
 
 pub use control::{AppliedControl, Control, ControlReceiver, ControlSender, control_channel};
 pub use convergence::{
-    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, OnNoGo, Throttle,
-    TimeoutAction, XbzrleCache,
+    Compression, Convergence, ConvergenceReport, DowntimeStep, DowntimeSteps, OnNoGo,
+    PostcopyRecovery, Throttle, TimeoutAction, XbzrleCache,
 };
 pub use destination::{AbortOutcome, Destination, DestinationSide, Finished};
 pub use disks::{

@@ -305,6 +305,12 @@ impl Command for MigrateRecover {
 }
 
 no_args_command!(
+    /// Break a post-copy's channel on purpose (either end), so it can be recovered.
+    MigratePause,
+    "migrate-pause",
+    Empty
+);
+no_args_command!(
     /// Switch a running pre-copy migration to post-copy (`postcopy-ram` on both ends).
     MigrateStartPostcopy,
     "migrate-start-postcopy",

@@ -135,6 +135,10 @@ pub struct VmConfig {
     /// The machine type (`-machine`); `None`: `q35`, the binary's newest Q35 type. A VM that
     /// must migrate between QEMU versions needs a type both have (`pc-q35-7.2`).
     pub machine: Option<String>,
+    /// Where the RAM file goes instead of the VM's directory: post-copy needs it on tmpfs
+    /// (`/dev/shm`), since QEMU refuses `postcopy-ram` for a file on another file system. The
+    /// file is removed when the [`Vm`] is dropped.
+    pub ram_dir: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -152,6 +156,7 @@ impl VmConfig {
             netns: None,
             qemu: None,
             machine: None,
+            ram_dir: None,
         }
     }
 
@@ -234,6 +239,14 @@ pub struct Vm {
     log: PathBuf,
     serial: PathBuf,
     pub config: VmConfig,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.config.ram_dir.is_some() {
+            let _ = std::fs::remove_file(&self.ram);
+        }
+    }
 }
 
 impl Vm {
@@ -322,7 +335,18 @@ async fn launch_with(config: VmConfig, accel: Accel) -> Result<Vm, VmError> {
     let dir = &config.dir;
     let qmp = dir.join("qmp.sock");
     let monitor = dir.join("monitor.sock");
-    let ram = dir.join("ram");
+    let ram = match &config.ram_dir {
+        Some(ram_dir) => {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ram_dir.join(format!(
+                "qtm-{}-{n}-{}.ram",
+                std::process::id(),
+                config.name
+            ))
+        }
+        None => dir.join("ram"),
+    };
     let log = dir.join("qemu.log");
     let serial = dir.join("serial.log");
     for stale in [&qmp, &monitor] {

@@ -16,6 +16,7 @@ mod jobs;
 mod libvirt;
 mod migration;
 mod pki;
+mod postcopy;
 mod remote;
 mod safety;
 mod survival;

@@ -18,6 +18,7 @@
 
 mod controls;
 mod copy;
+mod postcopy;
 mod prepare;
 mod ram;
 mod rollback;
@@ -281,6 +282,8 @@ struct Said {
     forecast: Option<Forecast>,
     /// Both QEMUs' versions, once the destination's preflight told its own.
     qemu: Option<super::QemuVersions>,
+    /// QEMU's dirty syncs so far (2: the first pass is over).
+    dirty_syncs: u64,
 }
 
 impl<'o, 'c> Run<'o, 'c> {

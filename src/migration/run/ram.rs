@@ -24,7 +24,7 @@ use crate::qmp::Events;
 /// otherwise it aborts, and `--pause-after`, when given, pauses the guest before.
 fn ram_deadlines(c: &Convergence, deadline: Option<Duration>) -> Deadlines {
     match c.timeout_action {
-        TimeoutAction::Pause => Deadlines {
+        TimeoutAction::Pause | TimeoutAction::Postcopy => Deadlines {
             abort: None,
             pause: deadline,
         },
@@ -85,6 +85,10 @@ impl Run<'_, '_> {
             self.started,
             "following the migration",
         );
+        let connect_host = match &self.opts.source_connect {
+            Some(a) => a.host.clone(),
+            None => self.opts.connect_host().to_string(),
+        };
         let mut switched = false;
         loop {
             let seen = watch
@@ -101,7 +105,26 @@ impl Run<'_, '_> {
                     self.note_stop(&e);
                     continue;
                 }
-                Seen::Tick => self.poll_ram(src, &mut watch, setup).await?,
+                Seen::Tick => match self.poll_ram(src, &mut watch, setup).await {
+                    Ok(status) => status,
+                    Err(MigrationError::Stalled { .. }) if self.in_postcopy() => {
+                        self.pause_stalled_postcopy(src).await;
+                        watch = self.postcopy_watch();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Seen::Deadline
+                    if self.opts.convergence.timeout_action == TimeoutAction::Postcopy
+                        && !self.in_postcopy() =>
+                {
+                    self.start_postcopy(src, dest, setup.was_running, "the deadline passed")
+                        .await?;
+                    self.said.convergence.timeout_action = Some(TimeoutAction::Postcopy);
+                    self.said.convergence.timeout_action_at_ms = Some(self.elapsed_ms());
+                    watch = self.postcopy_watch();
+                    continue;
+                }
                 Seen::Deadline => {
                     self.pause_at_deadline(src, deadlines.pause).await?;
                     continue;
@@ -115,6 +138,22 @@ impl Run<'_, '_> {
             self.commit.note(status);
             if status.is_final() {
                 break;
+            }
+            if status == MigrationStatus::PostcopyPaused {
+                self.recover_postcopy(src, dest, &connect_host).await?;
+                watch = self.postcopy_watch();
+                continue;
+            }
+            if self.postcopy_due(status) {
+                self.start_postcopy(
+                    src,
+                    dest,
+                    setup.was_running,
+                    "--postcopy: the first pass is over",
+                )
+                .await?;
+                watch = self.postcopy_watch();
+                continue;
             }
             if status == MigrationStatus::PreSwitchover && !switched {
                 switched = true;
@@ -136,6 +175,7 @@ impl Run<'_, '_> {
     ) -> Result<MigrationStatus, MigrationError> {
         let info = src.call("query-migrate", &QueryMigrate).await?;
         let transferred = info.ram.unwrap_or_default().transferred;
+        self.said.dirty_syncs = info.ram.map_or(0, |r| r.dirty_sync_count);
         self.send_progress(Phase::Ram, info.status, info.ram);
         self.note_convergence(&info);
         let status = info.status.unwrap_or(MigrationStatus::None);
@@ -148,6 +188,29 @@ impl Run<'_, '_> {
             }
         }
         Ok(status)
+    }
+
+    /// Whether post-copy started.
+    fn in_postcopy(&self) -> bool {
+        self.commit == super::Commit::Passed(CommitPoint::Postcopy)
+    }
+
+    /// `--postcopy`: due once QEMU's first pass over the RAM is over (its second dirty sync).
+    fn postcopy_due(&self, status: MigrationStatus) -> bool {
+        self.opts.convergence.postcopy
+            && !self.in_postcopy()
+            && status == MigrationStatus::Active
+            && self.said.dirty_syncs >= 2
+    }
+
+    /// The watch once post-copy started: no deadline acts any more (neither side may be
+    /// rolled back), and the stall rule pauses the post-copy to recover it.
+    fn postcopy_watch(&self) -> Watch {
+        let none = Deadlines {
+            abort: None,
+            pause: None,
+        };
+        Watch::new(self.opts, none, self.started, "following the post-copy")
     }
 
     /// `--forecast first-pass` (the default): once QEMU's first pass is over, the forecast
@@ -334,6 +397,10 @@ impl super::Commit {
         match status {
             MigrationStatus::Device => self.pass(CommitPoint::DeviceState),
             MigrationStatus::Completed => self.pass(CommitPoint::Completed),
+            MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup => self.pass(CommitPoint::Postcopy),
             _ => {}
         }
     }

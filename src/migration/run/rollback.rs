@@ -25,6 +25,9 @@ pub(crate) enum CommitPoint {
     SwitchOver,
     /// It completed the migration.
     Completed,
+    /// Post-copy started (`migrate-start-postcopy` was sent): the guest's memory is split
+    /// between the two, so neither side is ever rolled back.
+    Postcopy,
     /// `migrate` was sent and its state could not be learnt.
     Unknown,
 }
@@ -36,6 +39,10 @@ impl CommitPoint {
             CommitPoint::DeviceState => "the source sent its device state",
             CommitPoint::SwitchOver => "the source passed the switch-over",
             CommitPoint::Completed => "the source completed the migration",
+            CommitPoint::Postcopy => {
+                "post-copy started: the destination runs the guest while part of its memory is \
+                 still on the source, so neither side is resumed, stopped or rolled back"
+            }
             CommitPoint::Unknown => "the source's migration state is unknown",
         }
     }
@@ -64,6 +71,9 @@ impl Run<'_, '_> {
         dest: &mut D,
         error: MigrationError,
     ) -> (Vec<String>, MigrationError) {
+        if self.commit == Commit::Passed(CommitPoint::Postcopy) {
+            return self.leave_postcopy(src, dest, error);
+        }
         let mut problems = Vec::new();
         if src.undo.iter().any(|u| matches!(u, Undo::CancelMigration)) {
             src.undo.retain(|u| !matches!(u, Undo::CancelMigration));
@@ -102,6 +112,36 @@ impl Run<'_, '_> {
                 }
             }
             None => error,
+        };
+        (problems, error)
+    }
+
+    /// After post-copy started, a failure leaves both QEMUs exactly as they are: the source
+    /// holds the pages the destination lacks, the destination the guest's newest state, and a
+    /// later `migrate-recover` / `migrate resume=true` (which needs the credentials and
+    /// settings the tool made) can still finish it. Nothing is cancelled, stopped or deleted.
+    fn leave_postcopy<D: Destination>(
+        &mut self,
+        src: &mut SideCtl,
+        dest: &mut D,
+        error: MigrationError,
+    ) -> (Vec<String>, MigrationError) {
+        let mut problems = vec![format!(
+            "source: left as it is after post-copy started ({}): nothing was cancelled, \
+             resumed or removed there",
+            src.socket.display()
+        )];
+        problems.extend(src.undo.take_all().iter().filter_map(Undo::left_behind));
+        problems.push(format!(
+            "destination: left as it is after post-copy started ({})",
+            dest.holder()
+        ));
+        let reason = CommitPoint::Postcopy.describe();
+        tracing::error!(%reason, holder = %dest.holder(), "post-copy failed: both sides left as they are");
+        let error = MigrationError::SplitBrainRisk {
+            reason: reason.to_string(),
+            holder: dest.holder(),
+            cause: Box::new(error),
         };
         (problems, error)
     }
