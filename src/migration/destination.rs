@@ -578,12 +578,15 @@ impl DestinationSide {
             .flatten()
     }
 
-    /// Post-copy: turns autostart back on (`cont` on a QEMU still `inmigrate` does only
-    /// that), so the guest runs here as soon as the source hands it over. From here the guest
-    /// may run on this host: nothing of the tool's stops or quits it again.
-    pub async fn autostart(&mut self) -> Result<(), MigrationError> {
+    /// Post-copy starts: from here this QEMU holds the guest's newest state, so nothing of
+    /// the tool's stops, quits or undoes anything here again (as after `cont`). With
+    /// `autostart`, turns autostart back on (`cont` on a QEMU still `inmigrate` does only
+    /// that), so the guest runs here as soon as the source hands it over.
+    pub async fn enter_postcopy(&mut self, autostart: bool) -> Result<(), MigrationError> {
         self.resume = Resume::MayRun;
-        self.ctl.call("cont (post-copy autostart)", &Cont).await?;
+        if autostart {
+            self.ctl.call("cont (post-copy autostart)", &Cont).await?;
+        }
         Ok(())
     }
 
@@ -702,8 +705,9 @@ pub trait Destination {
     fn offers_postcopy(&self) -> bool {
         false
     }
-    /// Post-copy: the guest may run here from now on ([`DestinationSide::autostart`]).
-    async fn autostart(&mut self) -> Result<(), MigrationError> {
+    /// Post-copy starts; the guest runs here with `autostart`
+    /// ([`DestinationSide::enter_postcopy`]).
+    async fn enter_postcopy(&mut self, _autostart: bool) -> Result<(), MigrationError> {
         Err(no_postcopy())
     }
     /// Post-copy recovery: listen again; returns the port ([`DestinationSide::listen_again`]).
@@ -761,8 +765,8 @@ impl Destination for DestinationSide {
     fn offers_postcopy(&self) -> bool {
         true
     }
-    async fn autostart(&mut self) -> Result<(), MigrationError> {
-        DestinationSide::autostart(self).await
+    async fn enter_postcopy(&mut self, autostart: bool) -> Result<(), MigrationError> {
+        DestinationSide::enter_postcopy(self, autostart).await
     }
     async fn listen_again(&mut self) -> Result<u16, MigrationError> {
         DestinationSide::listen_again(self).await

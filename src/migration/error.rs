@@ -296,7 +296,7 @@ impl MigrationError {
             MigrationError::DestinationNotResumed { .. }
             | MigrationError::DestinationResumeUnknown { .. } => ErrorKind::MigrationFailed,
             MigrationError::Stalled { .. } => ErrorKind::Stalled,
-            MigrationError::PostcopyNotRecovered { .. } => ErrorKind::Stalled,
+            MigrationError::PostcopyNotRecovered { .. } => ErrorKind::SplitBrainRisk,
             MigrationError::Timeout { .. } => ErrorKind::Timeout,
             MigrationError::NoGo { .. } => ErrorKind::NoGo,
             MigrationError::Cancelled => ErrorKind::Cancelled,

@@ -66,6 +66,10 @@ pub enum Stage {
     Finishing,
     /// The destination runs the guest; what is left is the source's clean-up.
     Completed,
+    /// Post-copy started and has not completed: the guest's memory is split between the two
+    /// QEMUs, so a recovery touches neither (only `migrate-recover` / `migrate resume=true`
+    /// can finish it).
+    Postcopy,
 }
 
 /// The destination of a journalled run.

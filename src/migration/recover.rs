@@ -262,6 +262,17 @@ async fn recover_held(
     r.pid = Some(record.pid);
     r.journal = Some(path.to_path_buf());
     tracing::warn!(vm = %record.vm, job = ?record.job, pid = record.pid, "recovering from an interrupted run");
+    if record.stage == Stage::Postcopy {
+        r.outcome = RecoveryOutcome::SplitBrainRisk;
+        r.check = Some(
+            "post-copy had started: the destination holds the guest's newest state and the \
+             source the pages not yet sent, so neither was touched; finish it with \
+             migrate-recover on the destination and migrate resume=true on the source, and \
+             never resume the source"
+                .into(),
+        );
+        return r;
+    }
     let src = match Qmp::connect(&record.source_qmp, timeout).await {
         Ok(q) => Some(q),
         // A domain's socket may have been the dead run's own passthrough: not proof.
@@ -316,7 +327,7 @@ async fn recover_held(
         },
         JournalDest::Remote { .. } => match record.stage {
             Stage::Completed => Some(true),
-            Stage::Finishing => None,
+            Stage::Finishing | Stage::Postcopy => None,
             Stage::Running => Some(false),
         },
     };

@@ -84,3 +84,112 @@ async fn timeout_action_postcopy_switches_at_the_deadline_and_completes_on_10_0(
     );
     fixture::assert_ram_identical(&pair);
 }
+
+/// A [`busy_pair_10_0`] on two hosts (network namespaces), with options that migrate over
+/// the link between them, switch to post-copy after the first pass, pause a post-copy that
+/// stalls for 2 s (as a cut link that resets nothing does) and retry its recovery for
+/// `recover`.
+async fn busy_pair_on_two_hosts(
+    test: &str,
+    hosts: &fixture::TwoHosts,
+    lab: &Lab,
+    recover: Duration,
+) -> Option<(Pair, MigrationOptions)> {
+    let qemu = fixture::qemu_10_0_or_skip(test)?;
+    let kernel = workload_kernel(64, 20_000).expect("workload");
+    let pair = Pair::builder()
+        .on(hosts)
+        .qemu(qemu.clone(), qemu)
+        .tweak(|c| {
+            c.kernel = Some(kernel);
+            c.accel = Some(qemu_tls_migrate::vm::Accel::Tcg);
+            c.ram_dir = Some("/dev/shm".into());
+        })
+        .start()
+        .await;
+    pass_beyond(pair.source.serial_path(), 0).await;
+    let mut o = capped(&pair, lab);
+    o.dest_address = Some(hosts.a_addr.clone());
+    o.convergence.postcopy = true;
+    o.convergence.postcopy_recover_timeout = Some(recover);
+    o.stall_timeout = Duration::from_secs(2);
+    Some((pair, o))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_during_postcopy_and_restored_in_time_is_recovered_with_ram_intact() {
+    let (hosts, lab) = (fixture::TwoHosts::create(), Lab::new("Test CA"));
+    let Some((pair, o)) = busy_pair_on_two_hosts(
+        "postcopy::a_link_cut_restored",
+        &hosts,
+        &lab,
+        Duration::from_secs(60),
+    )
+    .await
+    else {
+        return;
+    };
+    let cut_and_restore = async {
+        fixture::wait_migration_status(&pair.source, "postcopy-active").await;
+        hosts.link(false);
+        fixture::wait_migration_status(&pair.source, "postcopy-paused").await;
+        hosts.link(true);
+    };
+
+    let (report, ()) = tokio::join!(fixture::migrate(&o), cut_and_restore);
+
+    fixture::show(
+        "recovered",
+        &serde_json::to_string(&report.convergence).unwrap_or_default(),
+    );
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    let recoveries = &report.convergence.postcopy_recoveries;
+    assert!(
+        !recoveries.is_empty() && recoveries.iter().all(|r| r.recovered_after_ms.is_some()),
+        "{recoveries:?}"
+    );
+    assert_eq!(fixture::status(&pair.dest).await, "paused");
+    fixture::assert_ram_identical(&pair);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_past_the_recovery_deadline_reports_both_sides_paused_and_resumes_neither() {
+    let (hosts, lab) = (fixture::TwoHosts::create(), Lab::new("Test CA"));
+    let Some((pair, o)) = busy_pair_on_two_hosts(
+        "postcopy::a_link_cut_past_the_deadline",
+        &hosts,
+        &lab,
+        Duration::from_secs(3),
+    )
+    .await
+    else {
+        return;
+    };
+    let cut = async {
+        fixture::wait_migration_status(&pair.source, "postcopy-active").await;
+        hosts.link(false);
+    };
+
+    let (report, ()) = tokio::join!(fixture::migrate(&o), cut);
+
+    assert_eq!(report.status, FinalStatus::Failed, "{report:?}");
+    fixture::assert_error_kind(&report, "split-brain-risk");
+    let message = fixture::error_message(&report);
+    assert!(
+        message.contains("could not be recovered") && message.contains("only the destination"),
+        "{message}"
+    );
+    let recoveries = &report.convergence.postcopy_recoveries;
+    assert!(
+        recoveries
+            .last()
+            .is_some_and(|r| r.recovered_after_ms.is_none()),
+        "{recoveries:?}"
+    );
+    // Neither side runs the guest: the source never resumes after post-copy began, and both
+    // wait, paused, for a recovery.
+    fixture::wait_migration_status(&pair.source, "postcopy-paused").await;
+    fixture::wait_migration_status(&pair.dest, "postcopy-paused").await;
+    assert_ne!(fixture::status(&pair.source).await, "running");
+    assert_ne!(fixture::status(&pair.dest).await, "running");
+}

@@ -176,7 +176,13 @@ pub async fn migrate_to<D: Destination>(
             run.journal = Some(journal.clone());
             let result = run.execute(&mut src, &mut dest).await;
             let ending = run.conclude(&mut src, &mut dest, result).await;
-            let split = matches!(ending.error, Some(MigrationError::SplitBrainRisk { .. }));
+            let split = matches!(
+                ending.error,
+                Some(
+                    MigrationError::SplitBrainRisk { .. }
+                        | MigrationError::PostcopyNotRecovered { .. }
+                )
+            );
             if ending.cleanup_errors.is_empty() && !split {
                 journal.remove();
             }

@@ -3,9 +3,10 @@
 //!
 //! The switch:
 //! 1. the point of no return is passed ([`CommitPoint::Postcopy`]) and journalled
-//!    (`finishing`: a later recovery never resumes the source);
-//! 2. the destination's autostart goes back on (`cont`), when the guest ran before, so it runs
-//!    there as soon as the source hands it over;
+//!    (`postcopy`: a later recovery touches neither side);
+//! 2. the destination is held as one that may run the guest (never stopped, quit or rolled
+//!    back again), and its autostart goes back on (`cont`) when the guest ran before, so it
+//!    runs there as soon as the source hands it over;
 //! 3. `migrate-start-postcopy` on the source.
 //!
 //! The recovery, when the source says `postcopy-paused` (or post-copy stalls, which a link
@@ -43,16 +44,15 @@ impl Run<'_, '_> {
     ) -> Result<(), MigrationError> {
         tracing::warn!(%why, "switching to post-copy: {}", postcopy::RISK);
         self.commit = Commit::Passed(CommitPoint::Postcopy);
-        self.journal_stage(Stage::Finishing);
+        self.journal_stage(Stage::Postcopy);
         self.said.convergence.postcopy_at_ms = Some(self.elapsed_ms());
         self.warn(format!(
             "post-copy started {} ms in ({why}): {}",
             self.elapsed_ms(),
             postcopy::RISK
         ));
-        if was_running && !self.opts.dest_paused {
-            dest.autostart().await?;
-        }
+        dest.enter_postcopy(was_running && !self.opts.dest_paused)
+            .await?;
         src.call("migrate-start-postcopy", &MigrateStartPostcopy)
             .await?;
         Ok(())
@@ -77,6 +77,7 @@ impl Run<'_, '_> {
         tracing::warn!(?timeout, "post-copy paused (link cut?): recovering");
         let mut attempts = 0u32;
         let mut last = String::from("no attempt yet");
+        let mut listening = None;
         let result = loop {
             if Instant::now() >= deadline {
                 break Err(MigrationError::PostcopyNotRecovered {
@@ -86,7 +87,10 @@ impl Run<'_, '_> {
                 });
             }
             attempts += 1;
-            match self.recover_once(src, dest, connect_host).await {
+            match self
+                .recover_once(src, dest, connect_host, &mut listening)
+                .await
+            {
                 Ok(true) => break Ok(()),
                 Ok(false) => last = "the source did not reconnect".into(),
                 Err(e) => last = e.to_string(),
@@ -105,13 +109,15 @@ impl Run<'_, '_> {
         result
     }
 
-    /// One attempt: the destination listens again once it is paused too, the source
-    /// reconnects; returns whether the migration runs again.
+    /// One attempt: the destination listens again once it is paused too (`listening`: the
+    /// port it already listens on, kept while a resume that never reached it failed), the
+    /// source reconnects; returns whether the migration runs again.
     async fn recover_once<D: Destination>(
         &mut self,
         src: &SideCtl,
         dest: &mut D,
         connect_host: &str,
+        listening: &mut Option<u16>,
     ) -> Result<bool, MigrationError> {
         match dest.incoming_status().await? {
             Some(MigrationStatus::PostcopyPaused) => {}
@@ -131,8 +137,21 @@ impl Run<'_, '_> {
                 });
             }
         }
-        let port = dest.listen_again().await?;
-        self.said.ports.push(port);
+        let port = match dest.listen_again().await {
+            Ok(port) => {
+                self.said.ports.push(port);
+                *listening = Some(port);
+                port
+            }
+            // Still listening from the last attempt, which did not reach it.
+            Err(e) if e.to_string().contains("already") && listening.is_some() => {
+                listening.unwrap_or_default()
+            }
+            Err(e) => {
+                *listening = None;
+                return Err(e);
+            }
+        };
         let uri = tcp_uri(connect_host, port);
         tracing::info!(%uri, "source resuming post-copy");
         src.call("migrate resume=true", &MigrateResume { uri, resume: true })

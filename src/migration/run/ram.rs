@@ -140,7 +140,17 @@ impl Run<'_, '_> {
                 break;
             }
             if status == MigrationStatus::PostcopyPaused {
+                // An event may be stale (queued before a recovery): QEMU's word now decides,
+                // or a working post-copy would be broken again on purpose.
+                let now = src.call("query-migrate", &QueryMigrate).await?;
+                if now.status != Some(MigrationStatus::PostcopyPaused) {
+                    continue;
+                }
                 self.recover_postcopy(src, dest, &connect_host).await?;
+                // What was queued meanwhile is history: recovery polled QEMU itself.
+                while let Some(e) = events.try_next() {
+                    self.note_stop(&e);
+                }
                 watch = self.postcopy_watch();
                 continue;
             }

@@ -72,7 +72,7 @@ impl Run<'_, '_> {
         error: MigrationError,
     ) -> (Vec<String>, MigrationError) {
         if self.commit == Commit::Passed(CommitPoint::Postcopy) {
-            return self.leave_postcopy(src, dest, error);
+            return self.leave_postcopy(src, dest, error).await;
         }
         let mut problems = Vec::new();
         if src.undo.iter().any(|u| matches!(u, Undo::CancelMigration)) {
@@ -120,7 +120,7 @@ impl Run<'_, '_> {
     /// holds the pages the destination lacks, the destination the guest's newest state, and a
     /// later `migrate-recover` / `migrate resume=true` (which needs the credentials and
     /// settings the tool made) can still finish it. Nothing is cancelled, stopped or deleted.
-    fn leave_postcopy<D: Destination>(
+    async fn leave_postcopy<D: Destination>(
         &mut self,
         src: &mut SideCtl,
         dest: &mut D,
@@ -132,16 +132,16 @@ impl Run<'_, '_> {
             src.socket.display()
         )];
         problems.extend(src.undo.take_all().iter().filter_map(Undo::left_behind));
-        problems.push(format!(
-            "destination: left as it is after post-copy started ({})",
-            dest.holder()
-        ));
-        let reason = CommitPoint::Postcopy.describe();
-        tracing::error!(%reason, holder = %dest.holder(), "post-copy failed: both sides left as they are");
-        let error = MigrationError::SplitBrainRisk {
-            reason: reason.to_string(),
-            holder: dest.holder(),
-            cause: Box::new(error),
+        // Held since the switch: its abort takes nothing down and undoes nothing.
+        problems.extend(dest.abort().await.problems);
+        tracing::error!(holder = %dest.holder(), "post-copy failed: both sides left as they are");
+        let error = match error {
+            e @ MigrationError::PostcopyNotRecovered { .. } => e,
+            other => MigrationError::SplitBrainRisk {
+                reason: CommitPoint::Postcopy.describe().to_string(),
+                holder: dest.holder(),
+                cause: Box::new(other),
+            },
         };
         (problems, error)
     }
