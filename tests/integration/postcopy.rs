@@ -66,6 +66,27 @@ async fn a_busy_guest_completes_with_postcopy_over_tls_on_10_0_with_its_ram_inta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_postcopy_the_guest_runs_on_the_destination_and_never_again_on_the_source() {
+    let Some(pair) = busy_pair_10_0("postcopy::after_postcopy_the_guest_runs").await else {
+        return;
+    };
+    let lab = Lab::new("Test CA");
+    let mut o = capped(&pair, &lab);
+    o.dest_paused = false;
+    o.convergence.postcopy = true;
+
+    let before = pass_beyond(pair.source.serial_path(), 0).await.passes;
+    let report = fixture::migrate(&o).await;
+
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    assert!(report.convergence.postcopy_at_ms.is_some(), "{report:?}");
+    assert_eq!(fixture::status(&pair.dest).await, "running");
+    assert_eq!(fixture::status(&pair.source).await, "postmigrate");
+    // The workload goes on counting its passes there, from where the source left it.
+    pass_beyond(pair.dest.serial_path(), before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_action_postcopy_switches_at_the_deadline_and_completes_on_10_0() {
     let Some(pair) = busy_pair_10_0("postcopy::timeout_action_postcopy").await else {
         return;
