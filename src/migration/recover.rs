@@ -262,17 +262,6 @@ async fn recover_held(
     r.pid = Some(record.pid);
     r.journal = Some(path.to_path_buf());
     tracing::warn!(vm = %record.vm, job = ?record.job, pid = record.pid, "recovering from an interrupted run");
-    if record.stage == Stage::Postcopy {
-        r.outcome = RecoveryOutcome::SplitBrainRisk;
-        r.check = Some(
-            "post-copy had started: the destination holds the guest's newest state and the \
-             source the pages not yet sent, so neither was touched; finish it with \
-             migrate-recover on the destination and migrate resume=true on the source, and \
-             never resume the source"
-                .into(),
-        );
-        return r;
-    }
     let src = match Qmp::connect(&record.source_qmp, timeout).await {
         Ok(q) => Some(q),
         // A domain's socket may have been the dead run's own passthrough: not proof.
@@ -286,6 +275,9 @@ async fn recover_held(
             return r;
         }
     };
+    if record.stage == Stage::Postcopy {
+        return recover_postcopy(r, src, path, timeout).await;
+    }
     // 1. Nothing more reaches the destination.
     let mut source_stack = record.source.clone();
     let mut completed = false;
@@ -397,6 +389,45 @@ async fn recover_held(
     }
     journal_done(path);
     tracing::warn!("{}", r.describe());
+    r
+}
+
+/// A run interrupted after post-copy started touches neither side: the destination holds the
+/// guest's newest state and the source the pages not yet sent. Once the source says
+/// `completed` (the post-copy was finished, by the run before it died or by hand), the journal
+/// goes; until then it stays, so every later run of this VM is refused with what to do.
+async fn recover_postcopy(
+    mut r: Recovery,
+    src: Option<Qmp>,
+    path: &Path,
+    timeout: Duration,
+) -> Recovery {
+    let status = match &src {
+        Some(q) => q
+            .call_timeout(&QueryMigrate, timeout)
+            .await
+            .ok()
+            .and_then(|i| i.status),
+        None => None,
+    };
+    if let Some(q) = src {
+        q.close().await;
+    }
+    if status == Some(MigrationStatus::Completed) {
+        r.outcome = RecoveryOutcome::Completed;
+        r.actions
+            .push("post-copy had completed: nothing to put back".into());
+        journal_done(path);
+        return r;
+    }
+    r.outcome = RecoveryOutcome::SplitBrainRisk;
+    r.check = Some(format!(
+        "post-copy had started and the source's migration is {}: the destination holds the \
+         guest's newest state and the source the pages not yet sent, so neither was touched; \
+         finish it with migrate-recover on the destination and migrate resume=true on the \
+         source, and never resume the source",
+        status.map_or("unknown", MigrationStatus::as_str)
+    ));
     r
 }
 

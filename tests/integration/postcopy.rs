@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use qemu_tls_migrate::migration::recover::{self, RecoveryOutcome};
 use qemu_tls_migrate::migration::{FinalStatus, MigrationOptions, TimeoutAction};
 use qemu_tls_migrate::vm::workload::workload_kernel;
 
@@ -213,4 +214,40 @@ async fn a_link_cut_past_the_recovery_deadline_reports_both_sides_paused_and_res
     fixture::wait_migration_status(&pair.dest, "postcopy-paused").await;
     assert_ne!(fixture::status(&pair.source).await, "running");
     assert_ne!(fixture::status(&pair.dest).await, "running");
+    // The journal stays, and a recovery of the VM touches neither side.
+    let recovery = recover::recover_vm(pair.source.qmp_path(), Duration::from_secs(5))
+        .await
+        .expect("recover");
+    assert_eq!(
+        recovery.outcome,
+        RecoveryOutcome::SplitBrainRisk,
+        "{}",
+        recovery.describe()
+    );
+    assert!(
+        recovery.describe().contains("migrate-recover"),
+        "{}",
+        recovery.describe()
+    );
+    fixture::wait_migration_status(&pair.source, "postcopy-paused").await;
+    fixture::wait_migration_status(&pair.dest, "postcopy-paused").await;
+}
+
+#[tokio::test]
+async fn the_cli_refuses_postcopy_on_7_2_with_exit_3_naming_the_issue_and_changes_nothing() {
+    let lab = Lab::new("Test CA");
+    let qemu = fixture::qemu_7_2();
+    let pair = Pair::builder().qemu(qemu.clone(), qemu).start().await;
+    let mut args = pair.tls_args(&lab);
+    args.push("--postcopy".into());
+
+    let out = fixture::Cli::new(&args).output().await;
+
+    let json = fixture::stdout_json(&out);
+    assert_eq!(out.status.code(), Some(3), "{json}");
+    assert_eq!(json["status"], "failed", "{json}");
+    let text = json.to_string();
+    assert!(text.contains("#1937") && text.contains("9.1"), "{json}");
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
 }
