@@ -151,6 +151,8 @@ pub struct ConvergenceArgs {
     /// destination while part of its memory is still on the source; a cut link pauses it on
     /// both ends and the tool retries the recovery until --postcopy-recover-timeout, but a
     /// lost host (either one) loses the VM. The source is never resumed once post-copy began.
+    /// A no-go verdict after the first pass is then not acted on (--on-no-go): post-copy is
+    /// the remedy.
     #[arg(long)]
     pub postcopy: bool,
     /// How long a post-copy whose link was cut is retried (migrate-recover on the destination,

@@ -262,6 +262,11 @@ impl Run<'_, '_> {
         let Some((why, advice)) = verdict else {
             return Ok(());
         };
+        if self.opts.convergence.postcopy {
+            // --postcopy is the remedy chosen for this: it switches now, whatever --on-no-go.
+            tracing::info!(%why, "no-go after the first pass: post-copy takes over");
+            return Ok(());
+        }
         match self.opts.convergence.on_no_go {
             OnNoGo::Warn => {
                 self.warn(format!(
