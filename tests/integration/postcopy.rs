@@ -88,6 +88,37 @@ async fn after_postcopy_the_guest_runs_on_the_destination_and_never_again_on_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_during_postcopy_is_noted_and_the_migration_finished() {
+    let Some(pair) = busy_pair_10_0("postcopy::a_cancellation_during_postcopy").await else {
+        return;
+    };
+    let lab = Lab::new("Test CA");
+    let mut o = capped(&pair, &lab);
+    o.convergence.postcopy = true;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let cancel_in_postcopy = async {
+        fixture::wait_migration_status(&pair.source, "postcopy-active").await;
+        cancel.cancel();
+    };
+
+    let (report, ()) = tokio::join!(
+        fixture::migrate_observed(&o, |_| {}, &cancel),
+        cancel_in_postcopy
+    );
+
+    assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("cannot be cancelled")),
+        "{:?}",
+        report.warnings
+    );
+    fixture::assert_ram_identical(&pair);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_action_postcopy_switches_at_the_deadline_and_completes_on_10_0() {
     let Some(pair) = busy_pair_10_0("postcopy::timeout_action_postcopy").await else {
         return;

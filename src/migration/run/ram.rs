@@ -19,6 +19,7 @@ use crate::qemu::{
     Stop, tcp_uri,
 };
 use crate::qmp::Events;
+use tokio_util::sync::CancellationToken;
 
 /// The RAM phase's deadlines: with the timeout action pause, the one deadline pauses the guest;
 /// otherwise it aborts, and `--pause-after`, when given, pauses the guest before.
@@ -90,9 +91,26 @@ impl Run<'_, '_> {
             None => self.opts.connect_host().to_string(),
         };
         let mut switched = false;
+        // Post-copy cannot be cancelled (neither side holds the whole guest): once it started,
+        // a cancellation is noted and the migration finished.
+        let uncancellable = CancellationToken::new();
+        let mut cancel_noted = false;
         loop {
+            let cancel = if self.in_postcopy() {
+                if self.cx.cancel.is_cancelled() && !cancel_noted {
+                    cancel_noted = true;
+                    self.warn(
+                        "cancellation asked during post-copy, which cannot be cancelled (neither \
+                         side holds the whole guest): the migration is finished instead"
+                            .into(),
+                    );
+                }
+                &uncancellable
+            } else {
+                self.cx.cancel
+            };
             let seen = watch
-                .next(events, dest, self.cx.cancel, &mut self.cx.control)
+                .next(events, dest, cancel, &mut self.cx.control)
                 .await?;
             let status = match seen {
                 Seen::Event(e) if e.event == "MIGRATION" => {
