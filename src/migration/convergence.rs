@@ -15,7 +15,10 @@
 //!   `--timeout-suspend`): at the deadline the guest is paused, and what is left moves as
 //!   downtime, instead of the migration being abandoned; or, with a pause deadline of its own
 //!   ([`Convergence::pause_after`]), the guest paused at one deadline and the migration
-//!   abandoned at a later one (the agent's `vm.migrate.pauseafter` beside `vm.migrate.wait`).
+//!   abandoned at a later one (the agent's `vm.migrate.pauseafter` beside `vm.migrate.wait`);
+//! - **post-copy** (`--postcopy` after the first pass, `--timeout-action postcopy` at the
+//!   deadline): the guest moves to the destination and the rest of its memory follows on
+//!   demand; offered only where [`crate::migration::postcopy`] says, with its recovery.
 
 use std::time::Duration;
 
