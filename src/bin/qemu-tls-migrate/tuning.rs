@@ -152,7 +152,9 @@ pub struct ConvergenceArgs {
     /// both ends and the tool retries the recovery until --postcopy-recover-timeout, but a
     /// lost host (either one) loses the VM. The source is never resumed once post-copy began.
     /// A no-go verdict after the first pass is then not acted on (--on-no-go): post-copy is
-    /// the remedy.
+    /// the remedy. A post-copy that moves nothing for --stall-timeout (a link that drops
+    /// packets) is paused and recovered; once post-copy began, a cancellation is noted and
+    /// the migration finished.
     #[arg(long)]
     pub postcopy: bool,
     /// How long a post-copy whose link was cut is retried (migrate-recover on the destination,
