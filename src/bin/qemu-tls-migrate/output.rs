@@ -258,6 +258,21 @@ pub fn print_report_job(report: &Report, json: bool, job: Option<&str>) {
             q.source, q.destination
         );
     }
+    if let Some(at) = report.convergence.postcopy_at_ms {
+        println!("  post-copy from {at} ms (from then on only a lost host loses the VM)");
+    }
+    for r in &report.convergence.postcopy_recoveries {
+        match r.recovered_after_ms {
+            Some(ms) => println!(
+                "  post-copy paused at {} ms (link cut?), recovered in {ms} ms ({} attempts)",
+                r.paused_at_ms, r.attempts
+            ),
+            None => println!(
+                "  post-copy paused at {} ms, NOT recovered ({} attempts): both ends paused",
+                r.paused_at_ms, r.attempts
+            ),
+        }
+    }
     let t = &report.timing;
     println!(
         "  wall time: {} ms (set-up {}, disks {}, RAM {}, switch-over {}, finish {}, clean-up {})",
