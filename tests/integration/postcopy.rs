@@ -282,3 +282,24 @@ async fn the_cli_refuses_postcopy_on_7_2_with_exit_3_naming_the_issue_and_change
     fixture::assert_source_untouched(&pair.source).await;
     assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
 }
+
+#[tokio::test]
+async fn postcopy_with_multifd_channels_is_refused_on_10_0_before_anything_changes() {
+    let Some(qemu) = fixture::qemu_10_0_or_skip("postcopy::postcopy_with_multifd") else {
+        return;
+    };
+    let lab = Lab::new("Test CA");
+    let pair = Pair::builder().qemu(qemu.clone(), qemu).start().await;
+    let mut o = pair.tls_options(&lab);
+    o.convergence.postcopy = true;
+    o.multifd = qemu_tls_migrate::migration::Multifd::Channels(2);
+
+    let report = fixture::migrate(&o).await;
+
+    assert!(report.refused, "{report:?}");
+    assert!(
+        fixture::error_message(&report).contains("--multifd 2"),
+        "{report:?}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+}

@@ -55,7 +55,12 @@ impl Run<'_, '_> {
         dest: &mut D,
     ) -> Result<Setup, MigrationError> {
         let opts = self.opts;
-        let multifd = opts.multifd.channels(host_cpus(), dest.cpus());
+        // QEMU 10.0 refuses multifd with post-copy ("not yet compatible"): auto picks none.
+        let multifd = if opts.convergence.wants_postcopy() && opts.multifd == Multifd::Auto {
+            None
+        } else {
+            opts.multifd.channels(host_cpus(), dest.cpus())
+        };
         if opts.multifd == Multifd::Auto {
             tracing::info!(channels = ?multifd, "multifd auto");
         }
@@ -130,6 +135,12 @@ impl Run<'_, '_> {
                  drives (--dest-qmp), not through a destination service (--to)"
                     .into(),
             );
+        }
+        if let Multifd::Channels(n) = self.opts.multifd {
+            return refuse(format!(
+                "post-copy is refused with --multifd {n}: QEMU does not run post-copy over \
+                 multifd channels (leave --multifd out, or --multifd auto, which then picks none)"
+            ));
         }
         if !disks.is_empty() {
             return refuse(format!(
