@@ -22,9 +22,9 @@ use super::{MigrationError, PROGRESS_INTERVAL, Side, check_multifd_channels};
 use crate::peer::{Authz, DestPlan, DestPrepared};
 use crate::ports::{self, PortLease, PortRange};
 use crate::qemu::{
-    BlockExportAdd, BlockResize, Cont, MigrateIncoming, MigrateRecover, MigrateSetParameters,
-    MigrationStatus, NbdServerStart, NbdServerStop, ObjectAdd, QueryBlock, QueryMigrate,
-    QueryStatus, Stop, tcp_uri,
+    BlockExportAdd, BlockResize, CapabilityState, Cont, MigrateIncoming, MigrateRecover,
+    MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, NbdServerStart, NbdServerStop,
+    ObjectAdd, QueryBlock, QueryMigrate, QueryStatus, Stop, tcp_uri,
 };
 use crate::qmp::{Events, QmpError};
 
@@ -163,6 +163,9 @@ impl DestinationSide {
         }
         if let Some(machine) = &plan.machine {
             super::versions::check_destination_machine(&self.ctl, machine).await?;
+        }
+        if plan.postcopy {
+            self.probe_postcopy().await?;
         }
         self.dest_disks = if plan.disks.is_empty() {
             Vec::new()
@@ -576,6 +579,39 @@ impl DestinationSide {
             .await
             .ok()
             .flatten()
+    }
+
+    /// Whether this QEMU can take post-copy: QEMU checks only when `postcopy-ram` is turned
+    /// on (its RAM must be anonymous, tmpfs or hugetlbfs, userfaultfd must work), so it is
+    /// turned on and straight off again. Left to the version check on a QEMU older than
+    /// [`super::postcopy::FIRST_QEMU`], which refuses it anyway.
+    async fn probe_postcopy(&mut self) -> Result<(), MigrationError> {
+        let v = self.qemu_version();
+        if (v.major, v.minor) < super::postcopy::FIRST_QEMU {
+            return Ok(());
+        }
+        let set = |state| MigrateSetCapabilities {
+            capabilities: vec![CapabilityState {
+                capability: "postcopy-ram".into(),
+                state,
+            }],
+        };
+        let qmp = &self.ctl.qmp;
+        match qmp.call_timeout(&set(true), self.ctl.timeout).await {
+            Ok(_) => {
+                if let Err(e) = qmp.call_timeout(&set(false), self.ctl.timeout).await {
+                    tracing::warn!("postcopy-ram probe: turning it off again: {e}");
+                }
+                Ok(())
+            }
+            Err(e) => Err(MigrationError::BadOptions {
+                what: format!(
+                    "post-copy is refused: the destination QEMU cannot take it ({})",
+                    e.qemu_error()
+                        .map_or(e.to_string(), |(_, desc)| desc.to_string())
+                ),
+            }),
+        }
     }
 
     /// Post-copy starts: from here this QEMU holds the guest's newest state, so nothing of

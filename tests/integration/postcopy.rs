@@ -289,7 +289,11 @@ async fn postcopy_with_multifd_channels_is_refused_on_10_0_before_anything_chang
         return;
     };
     let lab = Lab::new("Test CA");
-    let pair = Pair::builder().qemu(qemu.clone(), qemu).start().await;
+    let pair = Pair::builder()
+        .qemu(qemu.clone(), qemu)
+        .tweak(|c| c.ram_dir = Some("/dev/shm".into()))
+        .start()
+        .await;
     let mut o = pair.tls_options(&lab);
     o.convergence.postcopy = true;
     o.multifd = qemu_tls_migrate::migration::Multifd::Channels(2);
@@ -302,4 +306,27 @@ async fn postcopy_with_multifd_channels_is_refused_on_10_0_before_anything_chang
         "{report:?}"
     );
     fixture::assert_source_untouched(&pair.source).await;
+}
+
+#[tokio::test]
+async fn a_destination_whose_ram_cannot_take_postcopy_is_refused_before_anything_changes() {
+    let Some(qemu) = fixture::qemu_10_0_or_skip("postcopy::a_destination_whose_ram") else {
+        return;
+    };
+    let lab = Lab::new("Test CA");
+    // The fixture's RAM file on the test's disk, not tmpfs: QEMU refuses postcopy-ram there.
+    let pair = Pair::builder().qemu(qemu.clone(), qemu).start().await;
+    let mut o = pair.tls_options(&lab);
+    o.convergence.postcopy = true;
+
+    let report = fixture::migrate(&o).await;
+
+    assert!(report.refused, "{report:?}");
+    let message = fixture::error_message(&report);
+    assert!(
+        message.contains("cannot take it") && message.contains("TMPFS"),
+        "{message}"
+    );
+    fixture::assert_source_untouched(&pair.source).await;
+    assert_eq!(fixture::status(&pair.dest).await, "inmigrate");
 }
