@@ -587,7 +587,10 @@ impl DestinationSide {
     /// [`super::postcopy::FIRST_QEMU`], which refuses it anyway.
     async fn probe_postcopy(&mut self) -> Result<(), MigrationError> {
         let v = self.qemu_version();
-        if (v.major, v.minor) < super::postcopy::FIRST_QEMU {
+        if (v.major, v.minor) < super::postcopy::FIRST_QEMU
+            || self.ctl.capability_on("postcopy-ram")
+        {
+            // Already on: QEMU accepted it, and turning it off here would leave it off.
             return Ok(());
         }
         let set = |state| MigrateSetCapabilities {

@@ -191,6 +191,11 @@ impl SideCtl {
 
     /// Sets the `wanted` capabilities that differ from the saved ones, remembering the old
     /// states.
+    /// Whether capability `name` was on when the settings were saved.
+    pub fn capability_on(&self, name: &str) -> bool {
+        self.caps.iter().any(|c| c.capability == name && c.state)
+    }
+
     pub async fn set_capabilities(
         &mut self,
         wanted: &[(&str, bool)],
