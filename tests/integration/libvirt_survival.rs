@@ -392,10 +392,6 @@ async fn a_domain_whose_caller_times_out_while_ram_moves_runs_on_the_source_unto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "WIP: passes alone (10 s); beside the other tests of this file it fails in about \
-            one run of two with \"the migration never reached its RAM phase\" after 60 s \
-            (the service then logs a destination that did not answer quit within 10 s): \
-            not diagnosed yet"]
 async fn a_domain_paused_by_pause_after_whose_caller_times_out_is_resumed_on_the_source() {
     let result = killed_at(Phase::AfterPause, "k-paused").await;
 
