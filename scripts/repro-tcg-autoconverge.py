@@ -28,6 +28,13 @@ pages were compared:
 - --stop-source-after S: `stop` the source S seconds into the migration (the tool's
   --timeout-action pause), a control that needs no auto-converge.
 
+What it showed (2026-12, README "When a VM will not converge"): QEMU 7.2.22 loses the
+guest's stack and tick page (0x105000) in every settled comparison, with auto-converge and
+without (--no-auto-converge --rate 2000, or --stop-source-after 10): TCG marks a page dirty
+only when its TLB entry is refilled, and this guest (paging off) never flushes its TLB. 10.0.2
+loses nothing. Not an artefact: the artefacts (--compare dest-ran, src-ran) look different,
+hundreds of working-set pages.
+
 Prints one line per run: the QEMU version, the mode, the throttle reached, the time, and the
 differing pages (guest-physical addresses). Exit status 1 when a `settled` comparison found a
 difference, else 0.
