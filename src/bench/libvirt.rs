@@ -399,7 +399,12 @@ impl LibvirtPair {
             .arg(&self.boot_dir)
             .arg("--state-dir")
             .arg(self.dst.dir.join("service-state"))
-            .args(["--allow-client", SOURCE_HOST, "--no-cloudstack-check"])
+            .args([
+                "--allow-client",
+                SOURCE_HOST,
+                "--no-cloudstack-check",
+                "--allow-plain",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::File::create(self.dst.dir.join("service.log"))
