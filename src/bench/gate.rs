@@ -78,6 +78,32 @@ impl GateReport {
         }
         out
     }
+
+    /// The same table in Markdown, for a CI job page.
+    pub fn render_markdown(&self) -> String {
+        let mut md = format!(
+            "Against the baseline (a ratio to tcp that moved the bad way by more than {:.0}% \
+             fails):\n\n| mode | metric (x tcp) | baseline | now | worse by | |\n\
+             |---|---|---|---|---|---|\n",
+            self.max_regression * 100.0
+        );
+        for c in &self.comparisons {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.3} | {:.3} | {:.1}% | {} |",
+                c.mode,
+                c.metric,
+                c.baseline_ratio,
+                c.ratio,
+                c.worse_by * 100.0,
+                if c.regressed { "**REGRESSED**" } else { "ok" }
+            );
+        }
+        for m in &self.new_modes {
+            let _ = writeln!(md, "| {m} | (not in the baseline) | | | | |");
+        }
+        md
+    }
 }
 
 /// Why a baseline cannot be used.

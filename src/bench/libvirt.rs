@@ -160,7 +160,6 @@ pub struct DomainRun {
     pub disk_bytes: u64,
     pub disk_mbps: Option<f64>,
     pub phases: Timing,
-    pub ram_ms: u64,
     pub forecast_ms: Option<u64>,
 }
 
@@ -903,7 +902,6 @@ fn libvirt_run(stats: &std::collections::HashMap<String, f64>, wall_ms: u64) -> 
         dirty_sync_count: get("memory_iteration") as u64,
         disk_bytes,
         disk_mbps: (disk_bps > 0.0).then_some(disk_bps * 8.0 / 1e6),
-        ram_ms: setup_ms + transfer_ms,
         ..DomainRun::default()
     }
 }
@@ -935,8 +933,7 @@ fn tool_run(r: &Value, wall_ms: u64) -> DomainRun {
         dirty_sync_count: u(&r["ram"]["dirty_sync_count"]),
         disk_bytes,
         disk_mbps: (disk_ms > 0).then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
-        ram_ms: phases.ram_ms,
         phases,
-        forecast_ms: r["forecast"]["ram_ms"].as_u64(),
+        forecast_ms: r["forecast"]["predicted_total_ms"].as_u64(),
     }
 }

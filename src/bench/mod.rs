@@ -670,7 +670,6 @@ impl RunContext<'_> {
             host_cpu_s,
             phases: run.phases,
             forecast_ms: run.forecast_ms,
-            ram_ms: run.ram_ms,
             ..RunResult::default()
         };
         Ok((result, "libvirt's (system)".into()))
@@ -847,7 +846,6 @@ impl RunContext<'_> {
             host_cpu_s,
             phases: report.timing,
             forecast_ms: report.forecast.as_ref().map(|f| f.predicted_total_ms),
-            ram_ms: report.ram.total_ms,
         };
         drop(src_mon);
         drop(dst_mon);

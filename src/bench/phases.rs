@@ -235,29 +235,8 @@ pub fn render_markdown(report: &BenchReport, gate: Option<&GateReport>) -> Strin
         let _ = writeln!(md, " {:.0} |", row.other_ms());
     }
     if let Some(g) = gate {
-        let _ = writeln!(
-            md,
-            "\nAgainst the baseline (a ratio to tcp that moved the bad way by more than {:.0}% fails):\n",
-            g.max_regression * 100.0
-        );
-        md.push_str(
-            "| mode | metric (x tcp) | baseline | now | worse by | |\n|---|---|---|---|---|---|\n",
-        );
-        for c in &g.comparisons {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {:.3} | {:.3} | {:.1}% | {} |",
-                c.mode,
-                c.metric,
-                c.baseline_ratio,
-                c.ratio,
-                c.worse_by * 100.0,
-                if c.regressed { "**REGRESSED**" } else { "ok" }
-            );
-        }
-        for m in &g.new_modes {
-            let _ = writeln!(md, "| {m} | (not in the baseline) | | | | |");
-        }
+        md.push('\n');
+        md.push_str(&g.render_markdown());
     }
     md
 }

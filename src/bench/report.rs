@@ -66,11 +66,9 @@ pub struct RunResult {
     pub host_cpu_s: f64,
     /// The tool's wall time phase by phase, as the migration's report times it.
     pub phases: Timing,
-    /// The RAM time the migration's forecast predicted (made after QEMU's first pass, the
-    /// default), to compare with `ram_ms`; `None`: no forecast was made.
+    /// The `total_ms` the migration's forecast predicted (made after QEMU's first pass, the
+    /// default); `None`: no forecast was made.
     pub forecast_ms: Option<u64>,
-    /// The RAM phase as the migration's report measured it (what the forecast predicts).
-    pub ram_ms: u64,
 }
 
 impl RunResult {
@@ -161,10 +159,10 @@ impl Metric {
             Metric::HostCpuS => r.host_cpu_s,
             Metric::ForecastErrorPct => {
                 let predicted = r.forecast_ms? as f64;
-                if r.ram_ms == 0 {
+                if r.total_ms == 0 {
                     return None;
                 }
-                (predicted / r.ram_ms as f64 - 1.0) * 100.0
+                (predicted / r.total_ms as f64 - 1.0) * 100.0
             }
         })
     }
@@ -291,12 +289,12 @@ impl BenchReport {
             "run,round,warmup,mode,total_ms,setup_ms,downtime_ms,wall_ms,ram_bytes,\
              guest_ram_bytes,ram_mbps,sent_ratio,normal_pages,duplicate_pages,dirty_sync_count,\
              dirty_pages_rate,src_cpu_s,dst_cpu_s,src_cpu_total_s,dst_cpu_total_s,disk_bytes,\
-             disk_mbps,host_cpu_s,ram_ms,forecast_ms\n",
+             disk_mbps,host_cpu_s,forecast_ms\n",
         );
         for r in &self.runs {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{},{:.2},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{:.2},{:.2},{:.2},{:.2},{},{},{:.2},{}",
                 r.run,
                 r.round,
                 r.warmup,
@@ -320,7 +318,6 @@ impl BenchReport {
                 r.disk_bytes,
                 r.disk_mbps.map(|v| format!("{v:.1}")).unwrap_or_default(),
                 r.host_cpu_s,
-                r.ram_ms,
                 r.forecast_ms.map(|v| v.to_string()).unwrap_or_default(),
             );
         }
@@ -633,7 +630,6 @@ mod tests {
             host_cpu_s: 0.0,
             phases: Timing::default(),
             forecast_ms: None,
-            ram_ms: 0,
         }
     }
 

@@ -599,7 +599,7 @@ pub(crate) async fn wait_block_job(pair: &LibvirtPair, name: &str) {
 
 /// Asks the source domain `name`'s QEMU `command` through libvirt's own monitor (beside the
 /// tool's declared one) until its reply satisfies `done`, 60 s at most; whether it did.
-async fn source_monitor_says(
+pub(crate) async fn source_monitor_says(
     pair: &LibvirtPair,
     name: &str,
     command: &'static str,
@@ -711,7 +711,7 @@ fn busy_dest_xml(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, PathBu
 }
 
 /// The agent's command line for a [`start_busy_domain`] domain: its disks named by target.
-fn agent_args(name: &str, to: &str, pki: &str, dest_xml: &Path) -> Vec<String> {
+pub(crate) fn agent_args(name: &str, to: &str, pki: &str, dest_xml: &Path) -> Vec<String> {
     let mut args = served_args(name, to, pki, &dest_xml.display().to_string());
     args.retain(|a| a != "--all-local-disks");
     args.extend(["--disk", "vda", "--disk", "vdb"].map(String::from));
@@ -861,7 +861,7 @@ async fn assert_moved(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, P
 
 /// Waits until the source domain's own migration is sending RAM (asked through libvirt's
 /// monitor, beside the tool's declared one), within 60 s.
-async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
+pub(crate) async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
     let seen = source_monitor_says(pair, name, r#"{"execute":"query-migrate"}"#, |v| {
         v["return"]["status"] == "active" && v["return"]["ram"]["transferred"].as_u64() > Some(0)
     })

@@ -14,6 +14,7 @@ mod host;
 mod incoming;
 mod jobs;
 mod libvirt;
+mod libvirt_survival;
 mod migration;
 mod pki;
 mod remote;

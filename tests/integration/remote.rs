@@ -21,6 +21,21 @@ fn migrate_to_args(
     fixture::migrate_to_args(pair, &service.addr, pki, "qmp.sock", extra)
 }
 
+/// The JSON report of a `migrate --to` run that exited 0 and completed over TLS (its stderr
+/// in the message when it did not).
+fn completed_over_tls(out: &std::process::Output) -> serde_json::Value {
+    let json = fixture::stdout_json(out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["transport"], "tls");
+    json
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
     let (hosts, _lab, pki_a, pki_b) = fixture::two_secured_hosts();
@@ -43,15 +58,7 @@ async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
 
     let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
-    let json = fixture::stdout_json(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{json}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(json["status"], "completed");
-    assert_eq!(json["transport"], "tls");
+    let json = completed_over_tls(&out);
     assert_eq!(json["disks"][0]["device"], "disk0");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
     fixture::assert_ram_identical(&pair);
@@ -439,15 +446,7 @@ async fn after_a_cloudstack_renewal_the_service_and_the_source_refresh_their_pki
 
     let out = Cli::new(&args).in_netns(&hosts.b).output().await;
 
-    let json = fixture::stdout_json(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{json}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(json["status"], "completed");
-    assert_eq!(json["transport"], "tls");
+    let json = completed_over_tls(&out);
     let warnings = json["warnings"].to_string();
     assert!(
         warnings.contains("the source's PKI directory") && warnings.contains("was refreshed"),

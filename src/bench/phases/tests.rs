@@ -41,8 +41,8 @@ fn run(mode: &str, warmup: bool, wall_ms: u64, setup_ms: u64, ram_ms: u64) -> Ru
             finish_ms: 5,
             cleanup_ms: 3,
         },
+        total_ms: ram_ms,
         forecast_ms: Some(ram_ms + 50),
-        ram_ms,
         ..RunResult::default()
     }
 }

@@ -1166,3 +1166,49 @@ fn a_domain_a_service_brought_in_earlier_is_taken_again_with_this_services_argum
         "{out}"
     );
 }
+
+/// The source asks to adopt the root disk's path: a regular file in the storage directory is
+/// planned as adopted; a symbolic link there (to another VM's disk outside it) or a path that
+/// escapes the storage directory through `..` is refused naming the path, and the file it
+/// points at is left as it was.
+#[test]
+fn an_adopted_path_must_be_a_regular_file_inside_the_storage_dir() {
+    let host = Host::new();
+    let emulators = [EMULATOR.to_string()];
+    let policy = Policy {
+        dirs: &host.dirs,
+        graphics_listen: LISTEN,
+        emulators: &emulators,
+        bridge_exists: &|b| b == "cloudbr0",
+        network_active: &|n| n == "default",
+    };
+    let adopting = vec![NewDisk {
+        adopt: true,
+        ..root_disk()[0].clone()
+    }];
+    let root = host.storage.join("root.qcow2");
+
+    std::fs::write(&root, b"").expect("a volume made for the migration");
+    let allowed = build(&host.xml(), &adopting, &policy).expect("a regular file is adopted");
+    assert_eq!(allowed.new_disks[0].path, root);
+    assert!(allowed.new_disks[0].adopt);
+
+    std::fs::remove_file(&root).expect("remove");
+    let victim = host.shared.join("another-vm.qcow2");
+    std::fs::write(&victim, b"another VM's disk").expect("victim");
+    std::os::unix::fs::symlink(&victim, &root).expect("link");
+    let through_link = refusal(build(&host.xml(), &adopting, &policy));
+    assert!(through_link.contains("symbolic link"), "{through_link}");
+
+    let escaping = host.xml().replace(
+        &format!("{}/root.qcow2", host.storage.display()),
+        &format!("{}/../nfs/another-vm.qcow2", host.storage.display()),
+    );
+    let outside = refusal(build(&escaping, &adopting, &policy));
+    assert!(outside.contains("outside"), "{outside}");
+    assert_eq!(
+        std::fs::read(&victim).expect("victim"),
+        b"another VM's disk",
+        "nothing was written to the file a link or a path pointed at"
+    );
+}
