@@ -160,6 +160,8 @@ pub struct DomainRun {
     pub disk_bytes: u64,
     pub disk_mbps: Option<f64>,
     pub phases: Timing,
+    /// libvirt's: its set-up and disk copy, not split ([`libvirt_run`]).
+    pub setup_disks_ms: Option<u64>,
     pub forecast_ms: Option<u64>,
 }
 
@@ -321,8 +323,9 @@ impl LibvirtPair {
         let started = Instant::now();
         self.src.virsh(&args).await?;
         let wall_ms = started.elapsed().as_millis() as u64;
+        // The source's: the destination's lacks the disk copy and starts later.
         let stats = self
-            .dst
+            .src
             .virsh(&["domjobinfo", "--completed", "--rawstats", name])
             .await?;
         Ok(libvirt_run(&parse_job_stats(&stats), wall_ms))
@@ -876,9 +879,11 @@ fn parse_job_stats(text: &str) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
-/// A libvirt run from its completed job's statistics: QEMU's RAM time is the setup time plus
-/// the RAM bytes over QEMU's final rate (libvirt reports no `total-time`; QEMU computes that
-/// rate over the time after set-up).
+/// A libvirt run from the source's completed job statistics. libvirt reports no `total-time`:
+/// QEMU's RAM time is the setup time plus the RAM bytes over QEMU's final rate (QEMU computes
+/// that rate over the time after set-up). The job ran from libvirt's begin phase on the source
+/// to the destination's finish, so what it leaves beside the RAM time is the set-up and the
+/// disk copy (with the finish, a few ms); libvirt reports no time of the disk copy of its own.
 fn libvirt_run(stats: &std::collections::HashMap<String, f64>, wall_ms: u64) -> DomainRun {
     let get = |k: &str| stats.get(k).copied().unwrap_or(0.0);
     let ram_bytes = get("memory_processed") as u64;
@@ -889,20 +894,34 @@ fn libvirt_run(stats: &std::collections::HashMap<String, f64>, wall_ms: u64) -> 
     } else {
         0
     };
-    let disk_bytes = get("disk_processed") as u64;
-    let disk_bps = get("disk_bps");
+    let total_ms = setup_ms + transfer_ms;
+    let job_ms = get("time_elapsed") as u64;
     DomainRun {
         wall_ms,
-        total_ms: setup_ms + transfer_ms,
+        total_ms,
         setup_ms,
         downtime_ms: get("downtime") as u64,
         ram_bytes,
         guest_ram_bytes: get("memory_total") as u64,
-        ram_mbps: bps * 8.0 / 1e6,
+        // Over QEMU's total time, as the tool's runs are, not over the time after set-up.
+        ram_mbps: mbps(ram_bytes, total_ms),
         dirty_sync_count: get("memory_iteration") as u64,
-        disk_bytes,
-        disk_mbps: (disk_bps > 0.0).then_some(disk_bps * 8.0 / 1e6),
+        disk_bytes: get("disk_processed") as u64,
+        disk_mbps: None,
+        phases: Timing {
+            ram_ms: total_ms,
+            ..Timing::default()
+        },
+        setup_disks_ms: (job_ms > 0).then(|| job_ms.saturating_sub(total_ms)),
         ..DomainRun::default()
+    }
+}
+
+fn mbps(bytes: u64, ms: u64) -> f64 {
+    if ms == 0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / 1e6 / (ms as f64 / 1e3)
     }
 }
 
@@ -934,6 +953,7 @@ fn tool_run(r: &Value, wall_ms: u64) -> DomainRun {
         disk_bytes,
         disk_mbps: (disk_ms > 0).then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
         phases,
+        setup_disks_ms: None,
         forecast_ms: r["forecast"]["predicted_total_ms"].as_u64(),
     }
 }

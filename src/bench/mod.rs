@@ -669,6 +669,7 @@ impl RunContext<'_> {
             disk_mbps: run.disk_mbps,
             host_cpu_s,
             phases: run.phases,
+            setup_disks_ms: run.setup_disks_ms,
             forecast_ms: run.forecast_ms,
             ..RunResult::default()
         };
@@ -845,6 +846,7 @@ impl RunContext<'_> {
                 .then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
             host_cpu_s,
             phases: report.timing,
+            setup_disks_ms: None,
             forecast_ms: report.forecast.as_ref().map(|f| f.predicted_total_ms),
         };
         drop(src_mon);
