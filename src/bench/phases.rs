@@ -97,7 +97,7 @@ pub fn render_svg(report: &BenchReport) -> String {
     const TOP: f64 = 76.0;
     let rows = per_mode(report);
     let width = LEFT + BAR_W + 280.0;
-    let height = TOP + ROW_H * rows.len() as f64 + 50.0;
+    let height = TOP + ROW_H * rows.len() as f64 + 66.0;
     let max = rows.iter().map(|r| r.wall_ms).fold(1.0f64, f64::max);
     let x = |v: f64| LEFT + BAR_W * v / max;
     let tcp_wall = rows.iter().find(|r| r.mode == BASELINE).map(|r| r.wall_ms);
@@ -184,7 +184,8 @@ pub fn render_svg(report: &BenchReport) -> String {
              the source's end){}",
             report.config.repeat,
             if unsplit {
-                "; libvirt modes: RAM is QEMU's total time, switch-over included"
+                "\nlibvirt's modes: set-up + disks from its job's time less QEMU's RAM time; RAM: \
+                 QEMU's total time, switch-over included"
             } else {
                 ""
             }
