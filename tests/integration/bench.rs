@@ -163,4 +163,11 @@ async fn bench_migrates_a_libvirt_domain_by_libvirt_and_by_the_tool_between_its_
         "the tool's phases: {}",
         runs[1]
     );
+    for r in runs {
+        assert_eq!(r["disk_bytes"], 8 << 20, "both copied the whole disk: {r}");
+    }
+    // libvirt's job statistics (the source's) time set-up and disk copy only together.
+    assert!(runs[0]["setup_disks_ms"].as_u64() > Some(0), "{}", runs[0]);
+    assert_eq!(runs[1]["setup_disks_ms"], serde_json::Value::Null);
+    assert_eq!(report["accel"], "tcg (libvirt domains)");
 }
