@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qemu_tls_migrate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
-use qemu_tls_migrate::qemu::QueryStatus;
+use qemu_tls_migrate::qemu::{QueryStatus, QueryVersion};
 use qemu_tls_migrate::qmp::Qmp;
-use qemu_tls_migrate::vm::{DiskFormat, create_image};
+use qemu_tls_migrate::vm::{DiskFormat, binary, create_image};
 
 use crate::fixture::{
     self, Cli, Lab, LibvirtHost, LibvirtPair, Service, domain_name, open_path_for_others,
@@ -74,8 +74,23 @@ async fn libvirt_domain_is_found_with_its_declared_monitor_answering_qmp() {
     let declared = domain.declared_monitor().expect("monitor");
     let qmp = Qmp::connect(&monitor, QMP_TIMEOUT).await.expect("QMP");
     let status = qmp.call(&QueryStatus).await.expect("query-status").status;
+    let running = qmp.call(&QueryVersion).await.expect("query-version").qemu;
     drop(qmp);
+    // The domain runs the suite's QEMU (QTM_QEMU in the 10.0 pass), through the emulator libvirt
+    // lists.
+    let expected = binary::version(fixture::emulator()).expect("the emulator's -version");
+    let listed = libvirt.emulators().expect("the host's emulators");
 
+    assert_eq!(
+        (running.major, running.minor, running.micro),
+        (expected.major, expected.minor, expected.micro),
+        "the domain's QEMU is {}'s",
+        fixture::emulator().display()
+    );
+    assert!(
+        listed.iter().any(|e| Path::new(e) == fixture::emulator()),
+        "libvirt lists the test domains' emulator: {listed:?}"
+    );
     assert_eq!(state.kind, StateKind::Running);
     assert!(!job, "no libvirt job runs on a freshly started domain");
     assert_eq!(xml.name().expect("name"), name);
