@@ -79,6 +79,15 @@ done
 [[ -f /usr/share/doc/$NAME/README.Debian ]] || fail "README.Debian missing"
 step "units verify; templates and README.Debian in place"
 
+# libvirt's qemu hook: run as libvirt runs it, it strips what a service gave a domain.
+hook=/etc/libvirt/hooks/qemu.d/$NAME
+[[ -x "$hook" ]] || fail "$hook missing or not executable"
+xml="<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>v</name>
+<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/q/qtm-in-1.sock,server=on,wait=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline></domain>"
+out="$(printf '%s' "$xml" | "$hook" v migrate begin -)" || fail "$hook exited $?"
+[[ "$out" == *"<name>v</name>"* && "$out" != *qtm-in-* ]] || fail "$hook printed: $out"
+step "the libvirt hook strips a service's arguments"
+
 /usr/bin/$NAME demo --json --quiet >"$OUT/demo.json" || fail "demo: $(cat "$OUT/demo.json")"
 grep -q '"status":"completed"' "$OUT/demo.json" || fail "demo: $(cat "$OUT/demo.json")"
 step "the installed binary ran the demo"
@@ -100,9 +109,11 @@ dpkg -r "$NAME" >/dev/null
 [[ "$(dpkg-query -W -f '${Status}' "$NAME")" == "deinstall ok config-files" ]] ||
     fail "after dpkg -r: $(dpkg-query -W -f '${Status}' "$NAME")"
 for f in "${files[@]}"; do
-    [[ "$f" == /etc/default/$NAME || ! -e "$f" ]] || fail "dpkg -r left $f"
+    [[ "$f" == /etc/default/$NAME || "$f" == "$hook" || ! -e "$f" ]] || fail "dpkg -r left $f"
 done
-[[ -f /etc/default/$NAME ]] || fail "dpkg -r removed the conffile"
+[[ -f /etc/default/$NAME && -f "$hook" ]] || fail "dpkg -r removed a conffile"
+# Kept without its binary, the hook must not stop libvirt's migrations.
+printf '%s' "$xml" | "$hook" v migrate begin - >/dev/null || fail "$hook fails without the binary"
 dpkg -P "$NAME" >/dev/null
 ! dpkg -s "$NAME" >/dev/null 2>&1 || fail "still known to dpkg after purge"
 for f in "${files[@]}" /var/lib/$NAME; do

@@ -34,7 +34,7 @@ SHARE="$ROOT/usr/share/$NAME"
 UNITS="$ROOT/lib/systemd/system"
 install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT/usr/share/man/man1" "$DOC" "$SHARE" "$UNITS" \
     "$ROOT/usr/share/bash-completion/completions" "$ROOT/usr/share/zsh/vendor-completions" \
-    "$ROOT/etc/default"
+    "$ROOT/etc/default" "$ROOT/etc/libvirt/hooks/qemu.d"
 
 install -m 0755 --strip "$BIN" "$ROOT/usr/bin/$NAME"
 "$BIN" man --out "$STAGE/man" >/dev/null
@@ -49,6 +49,7 @@ chmod 0644 "$ROOT/usr/share/bash-completion/completions/$NAME" \
 install -m 0644 qemu-conf/* "$SHARE/"
 install -m 0644 qemu-conf/*.service qemu-conf/*.path "$UNITS/"
 install -m 0644 packaging/debian/qemu-tls-migrate.default "$ROOT/etc/default/$NAME"
+install -m 0755 packaging/debian/libvirt-hook "$ROOT/etc/libvirt/hooks/qemu.d/$NAME"
 install -m 0644 packaging/debian/README.Debian README.md "$DOC/"
 cat >"$DOC/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
@@ -65,7 +66,7 @@ printf '%s (%s) unstable; urgency=medium\n\n  * Built from commit %s.\n\n -- %s 
 for script in postinst prerm postrm; do
     install -m 0755 "packaging/debian/$script" "$ROOT/DEBIAN/$script"
 done
-echo "/etc/default/$NAME" >"$ROOT/DEBIAN/conffiles"
+printf '%s\n' "/etc/default/$NAME" "/etc/libvirt/hooks/qemu.d/$NAME" >"$ROOT/DEBIAN/conffiles"
 
 # Library dependencies as Debian computes them (libc6, libgcc-s1, libvirt0 with versions).
 SHLIBS="libc6, libgcc-s1, libvirt0"

@@ -2,7 +2,8 @@
 # Fetches QEMU 10.0 from Debian's bookworm-backports into a directory of the project's own
 # (default: .qemu/10.0 under the repository, gitignored; QTM_QEMU10_DIR overrides it), never
 # installing it: the system's QEMU 7.2 stays what `qemu-system-x86_64` is, for the tests and for
-# libvirt. Idempotent: does nothing when the wrapper already runs the pinned version.
+# libvirt. Idempotent: does nothing when the wrapper already runs the pinned version, unpacked
+# from the same packages.
 #
 # Result: DIR/bin/qemu-system-x86_64, a wrapper that runs the unpacked QEMU with its own data
 # and module directories; the tests take it through `QTM_QEMU=DIR/bin/qemu-system-x86_64`.
@@ -15,15 +16,27 @@ VERSION="1:10.0.2+ds-2+deb13u1~bpo12+1"
 # The upstream version `qemu-system-x86_64 --version` reports for it.
 UPSTREAM="10.0.2"
 # qemu-system-x86 needs -common (the binary's helpers) and -data (firmware descriptors, option
-# ROMs, keymaps); qemu-utils brings qemu-img/qemu-nbd of the same build.
-PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
+# ROMs, keymaps); qemu-utils brings qemu-img/qemu-nbd of the same build. The two module packages
+# are there because QEMU looks for a module in QEMU_MODULE_DIR and then in its built-in module
+# directory, /usr/lib/x86_64-linux-gnu/qemu, which is 7.2's: a module 10.0 knows that its own
+# directory lacks is taken from 7.2's, refused ("Only modules from the same build can be
+# loaded") and QEMU aborts. `qom-list-types` loads every module, and libvirt's capability probe
+# asks it: without these (7.2's qemu-system-common ships its opengl and spice modules, 10.0
+# splits them out) libvirt 9.0 cannot use this QEMU as an emulator.
+PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils
+    qemu-system-modules-opengl qemu-system-modules-spice)
 DIR="${QTM_QEMU10_DIR:-$PWD/.qemu/10.0}"
 WRAPPER="$DIR/bin/qemu-system-x86_64"
+# What was unpacked (packages and version), written last: a directory unpacked from another
+# package list is unpacked again.
+STAMP="$DIR/packages"
+stamp_text() { for p in "${PACKAGES[@]}"; do echo "$p=$VERSION"; done; }
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-if [ -x "$WRAPPER" ] && "$WRAPPER" --version 2>/dev/null | head -n1 | grep -q "version $UPSTREAM "; then
+if [ -x "$WRAPPER" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$(stamp_text)" ] &&
+    "$WRAPPER" --version 2>/dev/null | head -n1 | grep -q "version $UPSTREAM "; then
     echo "setup-qemu10: QEMU $UPSTREAM already unpacked in $DIR" >&2
     echo "$WRAPPER"
     exit 0
@@ -101,6 +114,7 @@ exec "$root/usr/bin/$tool" $extra "\$@"
 EOF
     chmod 755 "$DIR.new/bin/$tool"
 done
+stamp_text >"$DIR.new/packages"
 rm -rf "$DIR"
 mv "$DIR.new" "$DIR"
 

@@ -20,6 +20,7 @@
 //! file system costs write-back I/O that has nothing to do with migration.
 
 pub mod gate;
+pub mod libvirt;
 mod measure;
 pub mod phases;
 mod proxy;
@@ -83,6 +84,9 @@ pub struct Mode {
     pub conv: Option<ConvMode>,
     /// The QEMU both VMs of this mode run; `None`: `QTM_QEMU` or the system's.
     pub qemu: Option<QemuBinary>,
+    /// A libvirt domain between the bench's two libvirtd hosts, migrated by libvirt or by
+    /// the tool ([`libvirt`]); `None`: a pair of the bench's own VMs.
+    pub domain: Option<libvirt::DomainMode>,
 }
 
 /// A QEMU binary the bench runs some modes on (`bench --qemu LABEL=PATH`).
@@ -146,6 +150,7 @@ impl Mode {
             proxy: None,
             conv: None,
             qemu: None,
+            domain: None,
         }
     }
 
@@ -159,6 +164,7 @@ impl Mode {
             proxy: None,
             conv: None,
             qemu: None,
+            domain: None,
         }
     }
 
@@ -237,6 +243,17 @@ impl Mode {
         ]
     }
 
+    /// A libvirt-domain mode (`libvirt-tls`, `libvirt-tcp`, `tool-domain-tls`,
+    /// `tool-domain-tcp`).
+    pub fn domain(mode: libvirt::DomainMode) -> Mode {
+        let base = if mode.tls() { Mode::tls() } else { Mode::tcp() };
+        Mode {
+            name: mode.name().into(),
+            domain: Some(mode),
+            ..base
+        }
+    }
+
     /// A mode by name: `tcp`, `tls`, `tls-mfdN`, `tcp-mfdN`, `tls-aes128`, `tls-aes256`,
     /// `tls-chacha20`.
     pub fn by_name(name: &str) -> Option<Mode> {
@@ -257,6 +274,10 @@ impl Mode {
             "tls-aes128" => Some(Mode::tls_cipher(name, PRIORITY_AES128_GCM)),
             "tls-aes256" => Some(Mode::tls_cipher(name, PRIORITY_AES256_GCM)),
             "tls-chacha20" => Some(Mode::tls_cipher(name, PRIORITY_CHACHA20)),
+            "libvirt-tls" => Some(Mode::domain(libvirt::DomainMode::LibvirtTls)),
+            "libvirt-tcp" => Some(Mode::domain(libvirt::DomainMode::LibvirtTcp)),
+            "tool-domain-tls" => Some(Mode::domain(libvirt::DomainMode::ToolTls)),
+            "tool-domain-tcp" => Some(Mode::domain(libvirt::DomainMode::ToolTcp)),
             _ => channels("tls-mfd")
                 .map(Mode::tls_multifd)
                 .or_else(|| channels("tcp-mfd").map(Mode::tcp_multifd)),
@@ -265,6 +286,9 @@ impl Mode {
 
     /// What the mode is, in words.
     pub fn describe(&self) -> String {
+        if let Some(d) = self.domain {
+            return d.describe().into();
+        }
         match self.proxy {
             Some(ProxyKind::Socat) => return "tcp through a socat/OpenSSL TLS proxy pair".into(),
             Some(ProxyKind::Ssh) => return "tcp through an SSH port forward (ssh -L)".into(),
@@ -456,6 +480,17 @@ pub enum BenchError {
         #[source]
         source: Option<Box<migration::MigrationError>>,
     },
+    #[error("run {run} ({mode}) on the libvirt pair")]
+    Libvirt {
+        run: usize,
+        mode: String,
+        #[source]
+        source: Box<libvirt::LibvirtBenchError>,
+    },
+    #[error("cannot start the libvirt pair")]
+    LibvirtPair(#[source] Box<libvirt::LibvirtBenchError>),
+    #[error("cannot find the tool's own executable for the libvirt modes")]
+    Executable(#[source] std::io::Error),
     #[error("cancelled")]
     Cancelled,
 }
@@ -494,6 +529,19 @@ pub async fn run(
         Some(a) => a,
         None => vm::probe_accel().await,
     };
+    // The libvirt modes' two hosts, started once for the whole bench (as a host's daemons
+    // run all the time).
+    let mut pair = if config.modes.iter().any(|m| m.domain.is_some()) {
+        let exe = std::env::current_exe().map_err(BenchError::Executable)?;
+        let boot = kernel.path.parent().unwrap_or(root.path()).to_path_buf();
+        Some(
+            libvirt::LibvirtPair::start(root.path(), &lab.out, &boot, exe)
+                .await
+                .map_err(|e| BenchError::LibvirtPair(Box::new(e)))?,
+        )
+    } else {
+        None
+    };
     let ctx = RunContext {
         config,
         root: root.path(),
@@ -521,9 +569,16 @@ pub async fn run(
                 warmup,
                 mode,
             });
-            let (result, version) = ctx
-                .run_once(index, round, warmup, mode, on_event, cancel)
-                .await?;
+            let (result, version) = match (mode.domain, pair.as_mut()) {
+                (Some(d), Some(pair)) => {
+                    ctx.run_domain(pair, index, round, warmup, mode, d, on_event)
+                        .await?
+                }
+                _ => {
+                    ctx.run_once(index, round, warmup, mode, on_event, cancel)
+                        .await?
+                }
+            };
             on_event(BenchEvent::RunFinished {
                 run: index,
                 result: &result,
@@ -567,6 +622,60 @@ struct RunContext<'a> {
 }
 
 impl RunContext<'_> {
+    /// One migration of a fresh libvirt domain between the libvirt pair's hosts, in domain
+    /// mode `d` (verified by [`libvirt::LibvirtPair::migrate`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_domain(
+        &self,
+        pair: &mut libvirt::LibvirtPair,
+        index: usize,
+        round: u32,
+        warmup: bool,
+        mode: &Mode,
+        d: libvirt::DomainMode,
+        on_event: &mut (dyn FnMut(BenchEvent<'_>) + Send),
+    ) -> Result<(RunResult, String), BenchError> {
+        let err = |e| BenchError::Libvirt {
+            run: index,
+            mode: mode.name.clone(),
+            source: Box::new(e),
+        };
+        let name = format!("qtm-bench-{}-{index:03}", std::process::id());
+        // The disk is what the libvirt modes are for: at least 1 MiB even without --disk-mib.
+        let disk_mib = self.config.disk_mib.max(1);
+        pair.start_domain(&name, self.config.ram_mib, disk_mib, &self.kernel)
+            .await
+            .map_err(err)?;
+        on_event(BenchEvent::Migrating { run: index });
+        let host_before = measure::host_busy_seconds().unwrap_or(0.0);
+        let run = pair.migrate(&name, d).await.map_err(err)?;
+        let host_cpu_s = (measure::host_busy_seconds().unwrap_or(0.0) - host_before).max(0.0);
+        let result = RunResult {
+            run: index,
+            round,
+            warmup,
+            mode: mode.name.clone(),
+            completed: true,
+            total_ms: run.total_ms,
+            setup_ms: run.setup_ms,
+            downtime_ms: run.downtime_ms,
+            guest_pause_ms: run.guest_pause_ms,
+            wall_ms: run.wall_ms,
+            ram_bytes: run.ram_bytes,
+            guest_ram_bytes: run.guest_ram_bytes,
+            ram_mbps: run.ram_mbps,
+            dirty_sync_count: run.dirty_sync_count,
+            disk_bytes: run.disk_bytes,
+            disk_mbps: run.disk_mbps,
+            host_cpu_s,
+            phases: run.phases,
+            setup_disks_ms: run.setup_disks_ms,
+            forecast_ms: run.forecast_ms,
+            ..RunResult::default()
+        };
+        Ok((result, "libvirt's (system)".into()))
+    }
+
     /// One migration between fresh VMs; returns its measurements and QEMU's version.
     async fn run_once(
         &self,
@@ -737,6 +846,7 @@ impl RunContext<'_> {
                 .then(|| disk_bytes as f64 * 8.0 / 1e6 / (disk_ms as f64 / 1e3)),
             host_cpu_s,
             phases: report.timing,
+            setup_disks_ms: None,
             forecast_ms: report.forecast.as_ref().map(|f| f.predicted_total_ms),
         };
         drop(src_mon);

@@ -14,10 +14,11 @@ use super::gate::GateReport;
 use super::report::{BASELINE, BenchReport, Metric, RunResult};
 use super::stats::Stat;
 use super::svg;
-use crate::migration::Timing;
 
-/// The phases in the order they happen, with their colours in the chart.
-const PHASES: [(&str, &str); 6] = [
+/// The phases in the order they happen, with their colours in the chart. The first is only
+/// for a migrator that reports set-up and disk copy together (libvirt's own modes).
+const PHASES: [(&str, &str); 7] = [
+    ("set-up + disks, not split", "#d4a6c8"),
     ("set-up", "#b07aa1"),
     ("disks", "#edc948"),
     ("RAM", "#4e79a7"),
@@ -26,8 +27,10 @@ const PHASES: [(&str, &str); 6] = [
     ("clean-up", "#9c755f"),
 ];
 
-fn phase_ms(t: &Timing) -> [u64; 6] {
+fn phase_ms(r: &RunResult) -> [u64; 7] {
+    let t = &r.phases;
     [
+        r.setup_disks_ms.unwrap_or(0),
         t.setup_ms,
         t.disks_ms,
         t.ram_ms,
@@ -43,7 +46,9 @@ pub struct ModePhases {
     pub mode: String,
     pub wall_ms: f64,
     /// In the order of [`PHASES`].
-    pub phases_ms: [f64; 6],
+    pub phases_ms: [f64; 7],
+    /// QEMU's downtime (median), shown beside the wall.
+    pub downtime_ms: f64,
 }
 
 impl ModePhases {
@@ -69,14 +74,15 @@ pub fn per_mode(report: &BenchReport) -> Vec<ModePhases> {
                 Stat::of(&runs.iter().map(|r| f(r)).collect::<Vec<_>>()).map(|s| s.median)
             };
             let wall_ms = median(&|r| r.wall_ms as f64)?;
-            let mut phases_ms = [0.0; 6];
+            let mut phases_ms = [0.0; 7];
             for (i, p) in phases_ms.iter_mut().enumerate() {
-                *p = median(&|r| phase_ms(&r.phases)[i] as f64).unwrap_or(0.0);
+                *p = median(&|r| phase_ms(r)[i] as f64).unwrap_or(0.0);
             }
             Some(ModePhases {
                 mode: s.mode.name.clone(),
                 wall_ms,
                 phases_ms,
+                downtime_ms: median(&|r| r.downtime_ms as f64).unwrap_or(0.0),
             })
         })
         .collect()
@@ -90,8 +96,8 @@ pub fn render_svg(report: &BenchReport) -> String {
     const ROW_H: f64 = 34.0;
     const TOP: f64 = 76.0;
     let rows = per_mode(report);
-    let width = LEFT + BAR_W + 170.0;
-    let height = TOP + ROW_H * rows.len() as f64 + 50.0;
+    let width = LEFT + BAR_W + 280.0;
+    let height = TOP + ROW_H * rows.len() as f64 + 66.0;
     let max = rows.iter().map(|r| r.wall_ms).fold(1.0f64, f64::max);
     let x = |v: f64| LEFT + BAR_W * v / max;
     let tcp_wall = rows.iter().find(|r| r.mode == BASELINE).map(|r| r.wall_ms);
@@ -110,7 +116,13 @@ pub fn render_svg(report: &BenchReport) -> String {
         ),
     );
     let mut lx = LEFT;
-    for (name, colour) in PHASES.iter().chain([&("other", "#d3d3d3")]) {
+    let unsplit = rows.iter().any(|r| r.phases_ms[0] > 0.0);
+    let legend = PHASES
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i > 0 || unsplit)
+        .map(|(_, p)| p);
+    for (name, colour) in legend.chain([&("other", "#d3d3d3")]) {
         let _ = writeln!(
             svg,
             r##"<rect x="{lx:.1}" y="48" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="57">{name}</text>"##,
@@ -154,10 +166,11 @@ pub fn render_svg(report: &BenchReport) -> String {
         };
         let _ = writeln!(
             svg,
-            r##"<text x="{:.1}" y="{:.1}">{:.0} ms{ratio}</text>"##,
+            r##"<text x="{:.1}" y="{:.1}">{:.0} ms{ratio}, downtime {:.0} ms</text>"##,
             x(at.max(row.wall_ms)) + 8.0,
             y + ROW_H / 2.0 + 4.0,
-            row.wall_ms
+            row.wall_ms,
+            row.downtime_ms
         );
     }
     svg::axis_and_close(
@@ -167,8 +180,15 @@ pub fn render_svg(report: &BenchReport) -> String {
         TOP + ROW_H * rows.len() as f64 + 4.0,
         max,
         &format!(
-            "{} measured round(s) per mode; other: the wall beyond the phases (the bench's own work)",
-            report.config.repeat
+            "{} measured round(s) per mode; other: the wall beyond the phases (process start, \
+             the source's end){}",
+            report.config.repeat,
+            if unsplit {
+                "\nlibvirt's modes: set-up + disks from its job's time less QEMU's RAM time; RAM: \
+                 QEMU's total time, switch-over included"
+            } else {
+                ""
+            }
         ),
     );
     svg
@@ -226,7 +246,7 @@ pub fn render_markdown(report: &BenchReport, gate: Option<&GateReport>) -> Strin
     for (name, _) in PHASES {
         let _ = write!(md, " {name} |");
     }
-    md.push_str(" other |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str(" other |\n|---|---|---|---|---|---|---|---|---|\n");
     for row in per_mode(report) {
         let _ = write!(md, "| {} |", row.mode);
         for ms in row.phases_ms {

@@ -64,8 +64,13 @@ pub struct RunResult {
     /// a design, proxies or SSH included, which the QEMU columns do not see. Other work on the
     /// machine adds to it.
     pub host_cpu_s: f64,
-    /// The tool's wall time phase by phase, as the migration's report times it.
+    /// The tool's wall time phase by phase, as the migration's report times it. For libvirt's
+    /// own modes only `ram_ms` (QEMU's RAM time, its switch-over included) is known.
     pub phases: Timing,
+    /// Set-up and disk copy together, where the migrator reports them only together: libvirt's
+    /// own modes (its migration job's time on the source less QEMU's RAM time; its short
+    /// finish on the destination is in it too). `None`: `phases` splits them.
+    pub setup_disks_ms: Option<u64>,
     /// The `total_ms` the migration's forecast predicted (made after QEMU's first pass, the
     /// default); `None`: no forecast was made.
     pub forecast_ms: Option<u64>,
@@ -199,6 +204,16 @@ impl ModeSummary {
     }
 }
 
+/// What ran the guests: `accel` for the bench's own VMs, TCG for libvirt domains.
+fn accel_label(accel: Accel, modes: &[Mode]) -> String {
+    let domains = modes.iter().filter(|m| m.domain.is_some()).count();
+    match domains {
+        0 => accel.as_str().to_string(),
+        n if n == modes.len() => "tcg (libvirt domains)".to_string(),
+        _ => format!("{} (bench VMs), tcg (libvirt domains)", accel.as_str()),
+    }
+}
+
 /// Everything a benchmark produced; serialised as the JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -206,7 +221,9 @@ pub struct BenchReport {
     pub git_revision: String,
     pub host: HostInfo,
     pub qemu_version: String,
-    pub accel: &'static str,
+    /// The guests' accelerator: the bench's own VMs' (`kvm`, `tcg`), and the libvirt modes'
+    /// domains, which always run TCG (libvirt's QEMU may not open `/dev/kvm` here).
+    pub accel: String,
     pub work_dir: PathBuf,
     pub started_unix: u64,
     pub duration_s: f64,
@@ -230,7 +247,7 @@ impl BenchReport {
             git_revision: git_revision(),
             host: HostInfo::probe(),
             qemu_version,
-            accel: accel.as_str(),
+            accel: accel_label(accel, &config.modes),
             work_dir,
             started_unix: started
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -629,6 +646,7 @@ mod tests {
             disk_mbps: None,
             host_cpu_s: 0.0,
             phases: Timing::default(),
+            setup_disks_ms: None,
             forecast_ms: None,
         }
     }

@@ -27,7 +27,7 @@ pub fn open(width: f64, height: f64, left: f64, title: &str, subtitle: &str) -> 
 }
 
 /// A horizontal value axis at `y` from `left` over `width`, five ticks from 0 to `max`, and a
-/// grey `note` below it; closes the document.
+/// grey `note` below it (a line per line of it); closes the document.
 pub fn axis_and_close(svg: &mut String, left: f64, width: f64, y: f64, max: f64, note: &str) {
     let x = |v: f64| left + width * v / max;
     let _ = writeln!(
@@ -44,12 +44,14 @@ pub fn axis_and_close(svg: &mut String, left: f64, width: f64, y: f64, max: f64,
             y + 16.0
         );
     }
-    let _ = writeln!(
-        svg,
-        r##"<text x="{left}" y="{:.1}" fill="#555">{}</text>"##,
-        y + 34.0,
-        escape(note)
-    );
+    for (i, line) in note.lines().enumerate() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{left}" y="{:.1}" fill="#555">{}</text>"##,
+            y + 34.0 + 16.0 * i as f64,
+            escape(line)
+        );
+    }
     svg.push_str("</svg>\n");
 }
 

@@ -206,10 +206,102 @@ fn not_host_secure_layout(pki_dir: &Path) -> Option<String> {
 /// Writes CloudStack's current files into `pki_dir` as `host secure` does, after the same
 /// files written to a staging directory beside it passed every check of `pki check`
 /// ([`check_staged`]). Returns the paths written.
+///
+/// The new files replace the old all at once: a copy of the directory (every entry, with its
+/// mode and owner, and the directory's own) gets them, and one `renameat2(RENAME_EXCHANGE)`
+/// swaps it with `pki_dir`, so a QEMU creating its credentials meanwhile reads either the old
+/// set or the new one, never a new certificate beside the old key. A directory holding
+/// anything but regular files and symbolic links is written file by file instead (each file
+/// still replaced atomically).
 pub fn refresh(agent_dir: &Path, pki_dir: &Path) -> Result<Vec<PathBuf>, HostError> {
     check_staged(agent_dir, pki_dir)?;
+    if let Some(written) = refresh_by_exchange(agent_dir, pki_dir)? {
+        return Ok(written);
+    }
     let changes = super::secure::plan_pki_copy(agent_dir, pki_dir)?.apply_unchecked()?;
     Ok(changes.into_iter().map(|c| c.path).collect())
+}
+
+/// [`refresh`]'s swap; `None` when `pki_dir` cannot be copied whole (it does not exist yet,
+/// or holds a directory or a special file).
+fn refresh_by_exchange(
+    agent_dir: &Path,
+    pki_dir: &Path,
+) -> Result<Option<Vec<PathBuf>>, HostError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| HostError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let (Ok(meta), Some(parent)) = (std::fs::symlink_metadata(pki_dir), pki_dir.parent()) else {
+        return Ok(None);
+    };
+    if !meta.is_dir() {
+        return Ok(None);
+    }
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(pki_dir)
+        .map_err(io("read", pki_dir))?
+        .collect::<Result<_, _>>()
+        .map_err(io("read", pki_dir))?;
+    let copyable = entries
+        .iter()
+        .all(|e| e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()));
+    if !copyable {
+        tracing::info!(dir = %pki_dir.display(), "the PKI directory holds more than files: refreshed file by file");
+        return Ok(None);
+    }
+    // Beside it, on the same file system (the swap needs that).
+    let staging = tempfile::Builder::new()
+        .prefix(".qemu-tls-migrate-swap-")
+        .tempdir_in(parent)
+        .map_err(io("create a staging directory in", parent))?;
+    let new = staging.path().join("pki");
+    std::fs::create_dir(&new).map_err(io("create", &new))?;
+    for entry in &entries {
+        let (from, to) = (entry.path(), new.join(entry.file_name()));
+        let m = std::fs::symlink_metadata(&from).map_err(io("read", &from))?;
+        if m.file_type().is_symlink() {
+            let target = std::fs::read_link(&from).map_err(io("read", &from))?;
+            std::os::unix::fs::symlink(target, &to).map_err(io("create", &to))?;
+        } else {
+            std::fs::copy(&from, &to).map_err(io("copy", &from))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+                .map_err(io("set the mode of", &to))?;
+        }
+        std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()))
+            .map_err(io("set the owner of", &to))?;
+    }
+    let changes = super::secure::plan_pki_copy(agent_dir, &new)?.apply_unchecked()?;
+    if changes.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(io("set the mode of", &new))?;
+    std::os::unix::fs::lchown(&new, Some(meta.uid()), Some(meta.gid()))
+        .map_err(io("set the owner of", &new))?;
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &new,
+        nix::fcntl::AT_FDCWD,
+        pki_dir,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .map_err(|e| HostError::Io {
+        action: "swap the refreshed copy with",
+        path: pki_dir.to_path_buf(),
+        source: e.into(),
+    })?;
+    // `new` now names the old directory: the staging directory's removal takes it.
+    Ok(Some(
+        changes
+            .into_iter()
+            .map(|c| pki_dir.join(c.path.strip_prefix(&new).unwrap_or(&c.path)))
+            .collect(),
+    ))
 }
 
 /// Writes the PKI files `host secure` would make from `agent_dir` into a staging directory
@@ -438,6 +530,48 @@ mod tests {
             compare(&h.agent, &h.pki).expect("compare"),
             Agreement::NotCloudStack { .. }
         ));
+    }
+
+    #[test]
+    fn a_refresh_swaps_the_whole_directory_keeping_what_else_it_holds() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let h = host();
+        fs::write(h.pki.join("operator-notes.txt"), "operator's own\n").expect("write");
+        std::os::unix::fs::symlink("ca-cert.pem", h.pki.join("ca-link.pem")).expect("link");
+        fs::set_permissions(&h.pki, fs::Permissions::from_mode(0o750)).expect("chmod");
+        let before = fs::metadata(&h.pki).expect("meta").ino();
+        renew(&h.agent, &h.ca, 2);
+
+        let written = refresh(&h.agent, &h.pki).expect("refresh");
+
+        let meta = fs::metadata(&h.pki).expect("meta");
+        assert_ne!(meta.ino(), before, "a new directory, swapped in at once");
+        assert_eq!(meta.mode() & 0o777, 0o750);
+        assert!(
+            written.contains(&h.pki.join(pki::SERVER_CERT)),
+            "{written:?}"
+        );
+        assert_eq!(
+            fs::read_to_string(h.pki.join("operator-notes.txt")).expect("kept"),
+            "operator's own\n"
+        );
+        assert_eq!(
+            fs::read_link(h.pki.join("ca-link.pem")).expect("link kept"),
+            PathBuf::from("ca-cert.pem")
+        );
+        assert_eq!(
+            fs::read(h.pki.join(pki::SERVER_CERT)).expect("read"),
+            fs::read(h.agent.join(CLOUDSTACK_CERT)).expect("read")
+        );
+        let parent = h.pki.parent().expect("parent");
+        let left: Vec<_> = fs::read_dir(parent)
+            .expect("read")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".qemu-tls-migrate"))
+            .collect();
+        assert!(left.is_empty(), "staging left behind: {left:?}");
+        assert!(pki::check_dir(&h.pki, None).usable);
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub const RENEW_SERVICE_UNIT: &str = "/etc/systemd/system/qemu-tls-migrate-renew
 /// The link that enables the path unit (what `systemctl enable` makes).
 pub const RENEW_PATH_WANTS: &str =
     "/etc/systemd/system/paths.target.wants/qemu-tls-migrate-renew.path";
+/// libvirt's qemu hook `host secure` writes (the Debian package ships the same file): it runs
+/// `host libvirt-hook`.
+pub const LIBVIRT_HOOK: &str = "/etc/libvirt/hooks/qemu.d/qemu-tls-migrate";
 /// Where the binary is installed by the Debian package.
 pub const INSTALLED_BINARY: &str = "/usr/bin/qemu-tls-migrate";
 /// Suffix of the one-time backup of a file `host secure` changes.

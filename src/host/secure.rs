@@ -22,6 +22,10 @@
 //!    told: `systemctl daemon-reload`, `systemctl start qemu-tls-migrate-renew.path`). After
 //!    `keystore-cert-import`'s `ln -sf` of libvirt's paths at `cloud.*`, the run it starts puts
 //!    step 3's links back and copies the renewed files into the PKI directory.
+//! 7. libvirt's qemu hook (`/etc/libvirt/hooks/qemu.d/qemu-tls-migrate`, the package's file
+//!    with this run's binary): a domain libvirt migrates in loses the `-qmp` and
+//!    `-incoming defer` a `serve --libvirt` gave it (`host libvirt-hook`); libvirtd reads its
+//!    hooks when it starts.
 //!
 //! Before any PKI file is written, the same files are written to a staging directory and put
 //! through every check of `pki check` ([`super::cloudstack::check_staged`]): a renewal caught
@@ -55,8 +59,9 @@ use super::conf::{self, Setting};
 use super::{
     BACKUP_SUFFIX, CLOUDSTACK_CA, CLOUDSTACK_CERT, CLOUDSTACK_KEY, DEFAULT_CLOUDSTACK_DIR,
     HostError, INSTALLED_BINARY, IPTABLES_RULES, LIBVIRT_CA_CERT, LIBVIRT_CLIENT_CERT,
-    LIBVIRT_CLIENT_KEY, LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF, NFT_RULES,
-    QEMU_CONF, RENEW_PATH_UNIT, RENEW_PATH_WANTS, RENEW_SERVICE_UNIT, resolve_under, under,
+    LIBVIRT_CLIENT_KEY, LIBVIRT_HOOK, LIBVIRT_SERVER_CERT, LIBVIRT_SERVER_KEY, LIBVIRTD_CONF,
+    NFT_RULES, QEMU_CONF, RENEW_PATH_UNIT, RENEW_PATH_WANTS, RENEW_SERVICE_UNIT, resolve_under,
+    under,
 };
 use crate::pki;
 
@@ -65,6 +70,7 @@ const LIBVIRTD_CONF_TEMPLATE: &str = include_str!("../../qemu-conf/libvirtd.conf
 const NFT_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.nft");
 const IPTABLES_TEMPLATE: &str = include_str!("../../qemu-conf/firewall.iptables");
 const RENEW_PATH_TEMPLATE: &str = include_str!("../../qemu-conf/qemu-tls-migrate-renew.path");
+const LIBVIRT_HOOK_TEMPLATE: &str = include_str!("../../packaging/debian/libvirt-hook");
 const RENEW_SERVICE_TEMPLATE: &str = include_str!("../../qemu-conf/qemu-tls-migrate-renew.service");
 /// The command line in the service template, replaced by the one this run was given.
 const TEMPLATE_EXEC_START: &str = "ExecStart=/usr/bin/qemu-tls-migrate host secure";
@@ -73,6 +79,8 @@ const DIR_MODE: u32 = 0o755;
 const CERT_MODE: u32 = 0o644;
 const KEY_MODE: u32 = 0o640;
 const RULES_MODE: u32 = 0o644;
+/// libvirt runs its hooks as programs.
+const HOOK_MODE: u32 = 0o755;
 /// Mode of a newly created `qemu.conf` (Debian ships it 0600: it may hold passwords).
 const NEW_QEMU_CONF_MODE: u32 = 0o600;
 /// Mode of a newly created `libvirtd.conf` (as Debian ships it).
@@ -360,6 +368,22 @@ pub fn plan_secure(options: &SecureOptions) -> Result<SecurePlan, HostError> {
         planner.dir(parent)?;
     }
     planner.symlink(&wants, PathBuf::from(RENEW_PATH_UNIT))?;
+
+    // 7. libvirt's qemu hook, running this binary.
+    let hook = under(root, Path::new(LIBVIRT_HOOK));
+    if let Some(parent) = hook.parent() {
+        planner.dir(parent)?;
+    }
+    let exec = options.command_line()[0].clone();
+    let quoted = format!("'{}'", exec.replace('\'', "'\\''"));
+    let contents = LIBVIRT_HOOK_TEMPLATE.replace(INSTALLED_BINARY, &quoted);
+    planner.file(
+        &hook,
+        contents.into_bytes(),
+        HOOK_MODE,
+        Owner::default(),
+        true,
+    )?;
 
     Ok(SecurePlan {
         root: root.clone(),

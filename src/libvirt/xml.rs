@@ -232,6 +232,48 @@ impl DomainXml {
         }
     }
 
+    /// The same XML without the `<qemu:commandline>` a `serve --libvirt` gives a domain it
+    /// brings in (exactly `-qmp unix:DIR/qtm-in-ID.sock,server=on,wait=off -incoming defer`),
+    /// or `None` when the domain has none. libvirt keeps a running domain's arguments, so a
+    /// domain the service brought in carries them into its next migration by libvirt; a
+    /// destination's libvirt hook ([`crate::libvirt`]'s `host libvirt-hook`) removes them there.
+    pub fn without_service_commandline(&self) -> Result<Option<DomainXml>, LibvirtError> {
+        let doc = self.doc()?;
+        let root = doc.root_element();
+        let service = root
+            .children()
+            .filter(|n| n.tag_name().namespace() == Some(QEMU_NS) && n.has_tag_name("commandline"))
+            .find(|c| {
+                let args: Vec<&str> = c
+                    .children()
+                    .filter(|n| n.is_element())
+                    .map(|n| {
+                        if n.tag_name().namespace() == Some(QEMU_NS) && n.has_tag_name("arg") {
+                            n.attribute("value").unwrap_or("")
+                        } else {
+                            ""
+                        }
+                    })
+                    .collect();
+                matches!(args.as_slice(),
+                    ["-qmp", spec, "-incoming", "defer"] if is_service_monitor(spec))
+            });
+        let Some(element) = service else {
+            return Ok(None);
+        };
+        let range = element.range();
+        // The element's own line goes with it: the indentation before it, the newline after.
+        let start = self.text[..range.start]
+            .rfind(|c: char| c != ' ' && c != '\t')
+            .map_or(range.start, |i| i + 1);
+        let end = if self.text[range.end..].starts_with('\n') {
+            range.end + 1
+        } else {
+            range.end
+        };
+        self.spliced(start..end, "").map(Some)
+    }
+
     fn doc(&self) -> Result<Document<'_>, LibvirtError> {
         let doc =
             Document::parse(&self.text).map_err(|source| LibvirtError::XmlParse { source })?;
@@ -305,6 +347,23 @@ fn parse_unix_server(spec: &str) -> Option<PathBuf> {
     let path = parts.next().filter(|p| !p.is_empty())?;
     let server = parts.any(|o| matches!(o.as_str(), "server" | "server=on" | "server=yes"));
     server.then(|| PathBuf::from(path))
+}
+
+/// A `-qmp` spec naming a socket of the service's incoming domains: `qtm-in-ID.sock`,
+/// listening, not waiting.
+fn is_service_monitor(spec: &str) -> bool {
+    let opts: Vec<String> = spec
+        .strip_prefix("unix:")
+        .map(split_options)
+        .unwrap_or_default();
+    let named = opts
+        .first()
+        .and_then(|p| Path::new(p).file_name())
+        .is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with("qtm-in-") && n.ends_with(".sock")
+        });
+    named && opts[1..] == ["server=on", "wait=off"]
 }
 
 /// Splits QEMU's `a,b=c,d` option syntax, where `,,` stands for a literal comma.
@@ -410,6 +469,52 @@ mod tests {
 
     fn xml(s: &str) -> DomainXml {
         DomainXml::parse(s).expect("valid domain XML")
+    }
+
+    #[test]
+    fn the_services_commandline_is_removed_and_nothing_else() {
+        let brought_in = "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vm1</name>
+  <devices/>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:/run/qemu-tls-migrate/libvirt/qtm-in-0123456789abcdef.sock,server=on,wait=off'/>
+    <qemu:arg value='-incoming'/>
+    <qemu:arg value='defer'/>
+  </qemu:commandline>
+</domain>
+";
+        let cleaned = xml(brought_in)
+            .without_service_commandline()
+            .expect("edit")
+            .expect("found");
+
+        assert_eq!(
+            cleaned.as_str(),
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vm1</name>
+  <devices/>
+</domain>
+"
+        );
+        // A monitor of the operator's own, or anything beside the service's arguments, stays.
+        for kept in [
+            WITH_MONITOR.to_string(),
+            brought_in.replace("qtm-in-0123456789abcdef", "mine"),
+            brought_in.replace(
+                "<qemu:arg value='defer'/>",
+                "<qemu:arg value='defer'/>\n    <qemu:arg value='-S'/>",
+            ),
+            PLAIN.to_string(),
+        ] {
+            assert!(
+                xml(&kept)
+                    .without_service_commandline()
+                    .expect("edit")
+                    .is_none(),
+                "{kept}"
+            );
+        }
     }
 
     #[test]

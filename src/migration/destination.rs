@@ -22,9 +22,9 @@ use super::{MigrationError, PROGRESS_INTERVAL, Side, check_multifd_channels};
 use crate::peer::{Authz, DestPlan, DestPrepared};
 use crate::ports::{self, PortLease, PortRange};
 use crate::qemu::{
-    BlockExportAdd, BlockResize, CapabilityState, Cont, MigrateIncoming, MigrateRecover,
-    MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, NbdServerStart, NbdServerStop,
-    ObjectAdd, QueryBlock, QueryMigrate, QueryStatus, Stop, tcp_uri,
+    BlockExportAdd, CapabilityState, Cont, MigrateIncoming, MigrateRecover, MigrateSetCapabilities,
+    MigrateSetParameters, MigrationStatus, NbdServerStart, NbdServerStop, ObjectAdd, QueryBlock,
+    QueryMigrate, QueryStatus, Stop, tcp_uri,
 };
 use crate::qmp::{Events, QmpError};
 
@@ -264,7 +264,7 @@ impl DestinationSide {
         Ok((creds, authz))
     }
 
-    /// Grows the disks that must grow, starts the NBD server (on `port`, or another when that
+    /// Starts the NBD server (on `port`, or another when that
     /// was taken meanwhile) and exports the disks the preflight matched; returns the port.
     async fn export_disks(
         &mut self,
@@ -273,16 +273,6 @@ impl DestinationSide {
         creds: &str,
         authz: Option<String>,
     ) -> Result<u16, MigrationError> {
-        for d in &self.dest_disks {
-            if let Some(size) = d.grow {
-                tracing::info!(node = %d.node, size, "growing the destination disk");
-                let resize = BlockResize {
-                    node_name: d.node.clone(),
-                    size,
-                };
-                self.ctl.call("block_resize", &resize).await?;
-            }
-        }
         self.ctl.undo.push(Undo::StopNbdServer);
         let (qmp, t) = (self.ctl.qmp.clone(), self.ctl.timeout);
         let started = self

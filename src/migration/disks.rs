@@ -429,8 +429,6 @@ pub(crate) struct DestDisk {
     pub export: String,
     /// The destination's root node for the disk.
     pub node: String,
-    /// Smaller than the source: grow it (`--create-dest-disks`) to this many bytes.
-    pub grow: Option<u64>,
     /// For a top-only copy: the destination's backing file, which must have the source's
     /// fingerprint ([`verify_backing_fingerprints`]).
     pub backing: Option<BackingCheck>,
@@ -447,10 +445,15 @@ pub(crate) struct BackingCheck {
 
 /// Checks the destination has, for each disk, the root node attached to the same guest device
 /// (or, for a disk named by node alone or whose device the destination lacks, a root node of
-/// that name), writable and as large as the source's (or smaller and allowed to grow to exactly
-/// the source's size); for a top-only disk, a backing image of the source's format and size,
+/// that name), writable and as large as the source's; for a top-only disk, a backing image of the source's format and size,
 /// whose file is then compared by [`verify_backing_fingerprints`]. A disk asked for twice, or
 /// two source disks on one destination disk, are refused.
+///
+/// A smaller disk is refused even when the source may grow it (`may_grow`, only shapes the
+/// message): a QEMU waiting for an incoming migration holds its images inactive and cannot
+/// resize them (7.2 aborts on `block_resize`, 10.0 refuses it:
+/// `scripts/repro-resize-inactive.py`), so the file must be grown before that QEMU opens it,
+/// as `serve --libvirt` does for a volume it adopts.
 pub(crate) fn check_destination(
     dest_blocks: &[BlockInfo],
     disks: &[DiskSpec],
@@ -496,21 +499,22 @@ pub(crate) fn check_destination(
                 node.node_name
             )));
         };
-        let grow = match (size >= disk.size, may_grow) {
-            (true, _) => None,
-            (false, true) => Some(disk.size),
-            (false, false) => {
-                return Err(unusable(&format!(
-                    "it holds {size} bytes, the source disk {} bytes; grow it, or pass \
-                     --create-dest-disks",
-                    disk.size
-                )));
-            }
-        };
+        if size < disk.size {
+            let why = if may_grow {
+                " (--create-dest-disks grows only a volume serve --libvirt adopts: a QEMU \
+                 waiting for an incoming migration cannot resize its disks)"
+            } else {
+                ""
+            };
+            return Err(unusable(&format!(
+                "it holds {size} bytes, the source disk {} bytes; grow its image to that size \
+                 (qemu-img resize) before starting the destination QEMU{why}",
+                disk.size
+            )));
+        }
         found.push(DestDisk {
             export: disk.node.clone(),
             node: node.node_name.clone(),
-            grow,
             backing,
         });
     }
@@ -707,7 +711,6 @@ mod tests {
             [DestDisk {
                 export: "srcdisk".into(),
                 node: "dstdisk".into(),
-                grow: None,
                 backing: Some(BackingCheck {
                     path: "/dst/t.img".into(),
                     fingerprint: "sha256-sampled:source".into(),
@@ -725,7 +728,6 @@ mod tests {
         let disk = DestDisk {
             export: "srcdisk".into(),
             node: "dstdisk".into(),
-            grow: None,
             backing: Some(BackingCheck {
                 path: theirs.clone(),
                 fingerprint: backing_fingerprint(&mine).expect("fingerprint"),
@@ -941,23 +943,22 @@ mod tests {
     }
 
     #[test]
-    fn a_smaller_destination_disk_is_refused_unless_it_may_grow() {
+    fn a_smaller_destination_disk_is_refused_even_when_it_may_grow() {
         let src = all_local_specs();
         let dest: Vec<BlockInfo> = serde_json::from_value(json!([
             {"device": "", "inserted": {"node-name": "disk0", "ro": false, "drv": "qcow2",
              "file": "/d", "image": {"virtual-size": 512}}}
         ]))
         .expect("decode");
-        assert!(check_destination(&dest, &src, false).is_err());
-        assert_eq!(
-            check_destination(&dest, &src, true).expect("grow"),
-            vec![DestDisk {
-                export: "disk0".into(),
-                node: "disk0".into(),
-                grow: Some(1024),
-                backing: None,
-            }]
-        );
+        for may_grow in [false, true] {
+            let msg = check_destination(&dest, &src, may_grow)
+                .expect_err("smaller")
+                .to_string();
+            assert!(
+                msg.contains("512") && msg.contains("1024") && msg.contains("qemu-img resize"),
+                "{msg}"
+            );
+        }
         assert!(matches!(
             check_destination(&[], &src, true),
             Err(MigrationError::DestDiskMissing { .. })

@@ -160,7 +160,8 @@ pub struct MigrationOptions {
     /// `HOST:PORT` the source's NBD clients connect to when it differs from where the
     /// destination's NBD server listens (NAT, a proxy), like `source_connect` for RAM.
     pub nbd_connect: Option<crate::addr::Address>,
-    /// Grow destination disks smaller than the source's instead of refusing.
+    /// Grow an adopted destination volume smaller than the source's disk instead of refusing
+    /// (`serve --libvirt` does, before its QEMU opens it: an incoming QEMU cannot resize).
     pub create_dest_disks: bool,
     /// Which source certificate the destination accepts, through an `authz-simple` object
     /// (`tls-authz`).

@@ -73,10 +73,25 @@ pub struct RemoteTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Link {
     Up,
-    /// Lost: the channel closed or fell silent, or the service said its QEMU went away.
+    /// Lost: the channel closed or fell silent.
     Lost {
         reason: String,
     },
+    /// The service said its destination QEMU exited (`gone`); it then ends the session and
+    /// rolls its side back on its own.
+    QemuGone {
+        reason: String,
+    },
+}
+
+impl Link {
+    /// Why it is down; `None` while it is up.
+    fn down(&self) -> Option<&str> {
+        match self {
+            Link::Up => None,
+            Link::Lost { reason } | Link::QemuGone { reason } => Some(reason),
+        }
+    }
 }
 
 /// How far the service was asked to go; decides what a lost channel leaves behind.
@@ -175,9 +190,9 @@ impl RemoteDestination {
         msg: Message,
         timeout: Duration,
     ) -> Result<Message, MigrationError> {
-        if let Link::Lost { reason } = &self.link {
+        if let Some(reason) = self.link.down() {
             return Err(MigrationError::DestinationDied {
-                desc: Some(reason.clone()),
+                desc: Some(reason.to_string()),
             });
         }
         self.to_service
@@ -196,7 +211,7 @@ impl RemoteDestination {
                 }
                 Some(Ok(Message::Pong)) => continue,
                 Some(Ok(Message::Gone { reason })) => {
-                    self.lose(reason.clone());
+                    self.qemu_gone(reason.clone());
                     return Err(MigrationError::DestinationDied { desc: Some(reason) });
                 }
                 Some(Ok(Message::Error {
@@ -217,10 +232,18 @@ impl RemoteDestination {
 }
 
 impl RemoteDestination {
-    /// Notes that the channel or the destination behind it was lost (the first reason stays).
+    /// Notes that the channel was lost (the first reason stays).
     fn lose(&mut self, reason: String) {
         if self.link == Link::Up {
             self.link = Link::Lost { reason };
+        }
+    }
+
+    /// Notes that the service said its destination QEMU exited (unless the link was down
+    /// before).
+    fn qemu_gone(&mut self, reason: String) {
+        if self.link == Link::Up {
+            self.link = Link::QemuGone { reason };
         }
     }
 
@@ -299,7 +322,7 @@ impl Destination for RemoteDestination {
     }
 
     async fn lost(&mut self) {
-        if matches!(self.link, Link::Lost { .. }) {
+        if self.link.down().is_some() {
             return;
         }
         loop {
@@ -313,7 +336,7 @@ impl Destination for RemoteDestination {
                     return;
                 }
                 Some(Ok(Message::Gone { reason })) => {
-                    self.lose(reason);
+                    self.qemu_gone(reason);
                     return;
                 }
                 Some(Ok(_)) => {}
@@ -322,10 +345,9 @@ impl Destination for RemoteDestination {
     }
 
     fn lost_reason(&self) -> Option<String> {
-        match &self.link {
-            Link::Lost { reason } => Some(format!("destination host: {reason}")),
-            Link::Up => None,
-        }
+        self.link
+            .down()
+            .map(|reason| format!("destination host: {reason}"))
     }
 
     async fn finish(&mut self, resume: bool) -> Result<Finished, MigrationError> {
@@ -356,13 +378,33 @@ impl Destination for RemoteDestination {
             stopped: !finish_sent,
             problems: vec![problem],
         };
-        if let Link::Lost { reason } = &self.link {
+        // Before `finish`, a destination QEMU that exited (as one does once the source
+        // cancels the stream it was loading) never ran the guest, and the service, which said
+        // so, rolls back the rest on its own: nothing is left to report. (Whether the `gone`
+        // came before the abort or instead of its answer is a race.)
+        let gone_unresumed = |link: &Link| !finish_sent && matches!(link, Link::QemuGone { .. });
+        if gone_unresumed(&self.link) {
+            return AbortOutcome {
+                stopped: true,
+                problems: Vec::new(),
+            };
+        }
+        if let Some(reason) = self.link.down() {
             return unknown(format!(
                 "destination: channel lost ({reason}); the service rolls back on its own"
             ));
         }
         match self.request(Message::Abort, FINISH_REQUEST_TIMEOUT).await {
             Ok(Message::Aborted { stopped, problems }) => AbortOutcome { stopped, problems },
+            Err(_) if gone_unresumed(&self.link) => {
+                tracing::info!(
+                    "the destination QEMU exited before the abort: the service rolls back"
+                );
+                AbortOutcome {
+                    stopped: true,
+                    problems: Vec::new(),
+                }
+            }
             Ok(other) => unknown(format!(
                 "destination: unexpected answer to abort: {}",
                 other.type_name()
@@ -650,6 +692,44 @@ mod tests {
         assert_eq!(err.kind(), "backing-mismatch");
         assert!(err.to_string().contains("too old"), "{err}");
         assert!(!dest.changed(), "a refusal: nothing was prepared");
+    }
+
+    #[tokio::test]
+    async fn an_abort_answered_by_gone_before_finish_is_a_clean_roll_back() {
+        let (mut dest, _service) = answering(Message::Gone {
+            reason: "the destination QEMU exited".into(),
+        });
+
+        let outcome = dest.abort().await;
+
+        assert!(outcome.stopped);
+        assert_eq!(outcome.problems, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_destination_gone_after_finish_or_a_lost_channel_is_still_reported() {
+        let (mut after_finish, _service) = answering(Message::Gone {
+            reason: "the destination QEMU exited".into(),
+        });
+        after_finish.asked = Asked::Finish;
+        let (mut lost, _lost_service) = answering(Message::Pong);
+        lost.lose("the control channel closed".into());
+
+        let (after_finish, lost) = (after_finish.abort().await, lost.abort().await);
+
+        assert!(!after_finish.stopped, "it may have run the guest");
+        assert_eq!(
+            after_finish.problems.len(),
+            1,
+            "{:?}",
+            after_finish.problems
+        );
+        assert!(lost.stopped, "no finish: it cannot run the guest");
+        assert!(
+            lost.problems[0].contains("channel lost"),
+            "{:?}",
+            lost.problems
+        );
     }
 
     #[tokio::test]

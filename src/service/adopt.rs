@@ -12,8 +12,10 @@
 //!    can take its lock (a QEMU, `qemu-nbd` or `qemu-io` elsewhere holds it otherwise);
 //! 3. it is an image of the source's format, not encrypted (LUKS volumes are refused: their
 //!    secrets live in libvirt on each host), of at least the source's virtual size (smaller
-//!    only when the source allows growing it, `--create-dest-disks`: the preflight then grows
-//!    it);
+//!    only when the source allows growing it, `--create-dest-disks`: once every check passed,
+//!    [`check`] grows it with `qemu-img resize`, before any QEMU opens it; the incoming QEMU
+//!    could not: it holds its images inactive, and QEMU 7.2 aborts on `block_resize` of one,
+//!    `scripts/repro-resize-inactive.py`);
 //! 4. for a top-only copy, an overlay on a template inside a storage directory, of the format
 //!    the source's overlay names (the template's content is compared with the source's
 //!    fingerprint by the preflight, as for a disk the service created); for a full copy, no
@@ -53,7 +55,7 @@ pub enum AdoptError {
 }
 
 /// Steps 2-5 of the module docs for the file `path` (step 1 done by the caller), to receive
-/// `disk`; returns the file by device and inode.
+/// `disk`, then the growth step 3 allows; returns the file by device and inode.
 pub fn check(path: &Path, disk: &NewDisk, dirs: &StorageDirs) -> Result<CreatedFile, AdoptError> {
     let unusable = |reason: String| AdoptError::Unusable {
         path: path.to_path_buf(),
@@ -73,7 +75,7 @@ pub fn check(path: &Path, disk: &NewDisk, dirs: &StorageDirs) -> Result<CreatedF
         });
     }
     let info = qemu_img(path, &["info", "--output=json"])?;
-    check_image(&info, disk).map_err(unusable)?;
+    let size = check_image(&info, disk).map_err(unusable)?;
     check_backing(&info, disk, dirs).map_err(unusable)?;
     let map = qemu_img(path, &["map", "--output=json"])?;
     if let Some(offset) = own_data(&map) {
@@ -82,12 +84,16 @@ pub fn check(path: &Path, disk: &NewDisk, dirs: &StorageDirs) -> Result<CreatedF
              migration is adopted"
         )));
     }
+    if size < disk.size {
+        tracing::info!(disk = %path.display(), from = size, to = disk.size, "growing the adopted volume");
+        resize(path, &disk.format, disk.size)?;
+    }
     tracing::info!(disk = %path.display(), target = %disk.target, "adopting the existing volume");
     Ok(file)
 }
 
 /// Step 3: format, encryption, size.
-fn check_image(info: &serde_json::Value, disk: &NewDisk) -> Result<(), String> {
+fn check_image(info: &serde_json::Value, disk: &NewDisk) -> Result<u64, String> {
     let format = info["format"].as_str().unwrap_or("unknown");
     if format != disk.format {
         return Err(format!(
@@ -112,7 +118,30 @@ fn check_image(info: &serde_json::Value, disk: &NewDisk) -> Result<(), String> {
             disk.target, disk.size
         ));
     }
-    Ok(())
+    Ok(size)
+}
+
+/// `qemu-img resize` of `path` (a `format` image no process holds) to `size` bytes.
+fn resize(path: &Path, format: &str, size: u64) -> Result<(), AdoptError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["resize", "-q", "-f", format])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(|source| AdoptError::QemuImg {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(AdoptError::Unusable {
+        path: path.to_path_buf(),
+        reason: format!(
+            "qemu-img resize to {size} bytes failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    })
 }
 
 /// Step 4: the backing file a top-only copy needs, or none for a full copy.
@@ -273,7 +302,7 @@ mod tests {
     }
 
     #[test]
-    fn a_smaller_volume_is_refused_naming_both_sizes_unless_it_may_grow() {
+    fn a_smaller_volume_is_refused_naming_both_sizes_unless_it_may_grow_then_it_is_grown() {
         let (root, dirs) = pool();
         let path = root.path().join("vol");
         create_image(&path, DiskFormat::Qcow2, 1 << 20).expect("image");
@@ -284,12 +313,19 @@ mod tests {
             .to_string();
         wanted.grow = true;
         let grown = check(&path, &wanted, &dirs);
+        let size =
+            qemu_img(&path, &["info", "--output=json"]).expect("info")["virtual-size"].as_u64();
 
         assert!(
             refused.contains("1048576") && refused.contains("2097152"),
             "{refused}"
         );
         assert!(grown.is_ok(), "{grown:?}");
+        assert_eq!(
+            size,
+            Some(2 << 20),
+            "grown by the check, before any QEMU opens it"
+        );
     }
 
     #[test]
@@ -325,5 +361,36 @@ mod tests {
                 "{what}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn an_encrypted_volume_is_refused_by_name() {
+        let (root, dirs) = pool();
+        let path = root.path().join("luks.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "--object",
+                "secret,id=s0,data=secret",
+                "-f",
+                "qcow2",
+            ])
+            .args([
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            ])
+            .arg(&path)
+            .arg("1M")
+            .status()
+            .expect("qemu-img");
+        assert!(status.success());
+        let err = check(&path, &disk("qcow2", 1 << 20), &dirs)
+            .expect_err("encrypted")
+            .to_string();
+        assert!(
+            err.contains("encrypted") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 }

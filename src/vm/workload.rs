@@ -179,13 +179,30 @@ pub fn read_status(ram_file: &Path) -> io::Result<Option<WorkloadStatus>> {
 /// its serial console says, checking every 50 ms up to `timeout`. Returns the console's last
 /// lines when it does not.
 pub async fn wait_ready(vm: &super::Vm, timeout: std::time::Duration) -> Result<(), String> {
+    wait_ready_in(vm.serial_path(), timeout)
+        .await
+        .map_err(|tail| {
+            if tail.is_empty() {
+                format!("(empty serial console); QEMU: {}", vm.log_tail())
+            } else {
+                tail
+            }
+        })
+}
+
+/// [`wait_ready`] for a guest whose serial console is the file `serial` (a libvirt domain's);
+/// the error is the console's last lines, empty when it is.
+pub async fn wait_ready_in(
+    serial_path: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let ready = [
         format!("{SERIAL_PREFIX}filled"),
         format!("{SERIAL_PREFIX}idle"),
     ];
     loop {
-        let serial = std::fs::read_to_string(vm.serial_path()).unwrap_or_default();
+        let serial = std::fs::read_to_string(serial_path).unwrap_or_default();
         if serial
             .lines()
             .any(|l| ready.iter().any(|r| l.starts_with(r.as_str())))
@@ -194,11 +211,7 @@ pub async fn wait_ready(vm: &super::Vm, timeout: std::time::Duration) -> Result<
         }
         if tokio::time::Instant::now() >= deadline {
             let tail: Vec<&str> = serial.lines().rev().take(3).collect();
-            return Err(if tail.is_empty() {
-                format!("(empty serial console); QEMU: {}", vm.log_tail())
-            } else {
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            });
+            return Err(tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

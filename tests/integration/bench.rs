@@ -114,3 +114,60 @@ async fn bench_quick_writes_a_report_csv_and_chart_that_parse() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("tls"), "no table on stdout: {stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_migrates_a_libvirt_domain_by_libvirt_and_by_the_tool_between_its_own_libvirtds() {
+    let out = tempfile::tempdir().expect("out dir");
+    let out_dir = out.path().to_str().expect("utf-8 path");
+
+    // The bench starts its own pair of libvirtds (TLS listeners with its lab PKI) and verifies
+    // each run itself: the domain running on the destination, the disks equal.
+    let run = Cli::new([
+        "bench",
+        "--quick",
+        "--modes",
+        "libvirt-tls,tool-domain-tls",
+        "--warmup",
+        "0",
+        "--repeat",
+        "1",
+        "--ram-mib",
+        "64",
+        "--working-set-mib",
+        "8",
+        "--disk-mib",
+        "8",
+        "--out",
+        out_dir,
+    ])
+    .output()
+    .await;
+
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "stderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("bench.json")).expect("bench.json"),
+    )
+    .expect("bench.json parses");
+    let runs = report["runs"].as_array().expect("runs");
+    let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, ["libvirt-tls", "tool-domain-tls"]);
+    for r in runs {
+        assert_eq!(r["completed"], true, "{r}");
+        assert!(r["wall_ms"].as_u64() > Some(0), "{r}");
+        assert!(r["total_ms"].as_u64() > Some(0), "QEMU's RAM time: {r}");
+        assert!(r["ram_bytes"].as_u64() > Some(0), "{r}");
+    }
+    assert!(
+        runs[1]["phases"]["ram_ms"].as_u64() > Some(0),
+        "the tool's phases: {}",
+        runs[1]
+    );
+    for r in runs {
+        assert_eq!(r["disk_bytes"], 8 << 20, "both copied the whole disk: {r}");
+    }
+    // libvirt's job statistics (the source's) time set-up and disk copy only together.
+    assert!(runs[0]["setup_disks_ms"].as_u64() > Some(0), "{}", runs[0]);
+    assert_eq!(runs[1]["setup_disks_ms"], serde_json::Value::Null);
+    assert_eq!(report["accel"], "tcg (libvirt domains)");
+}

@@ -38,6 +38,16 @@ struct CloudStackVm {
 /// makes its destination volumes on host a: `qemu-img create` of an overlay on a's template
 /// copy, an empty qcow2 of the data disk's size; `--dest-xml` points at them.
 async fn start_cloudstack_vm(pair: &LibvirtPair, what: &str) -> CloudStackVm {
+    start_cloudstack_vm_sized(pair, what, DATA_MIB).await
+}
+
+/// [`start_cloudstack_vm`] with a data volume of `dest_data_mib` on host a (a smaller one
+/// than the source's disk: a volume that must grow).
+async fn start_cloudstack_vm_sized(
+    pair: &LibvirtPair,
+    what: &str,
+    dest_data_mib: u64,
+) -> CloudStackVm {
     let name = domain_name(what);
     let template = format!("{name}-template.raw");
     for dir in [pair.b.images_dir(), pair.a.images_dir()] {
@@ -70,7 +80,7 @@ async fn start_cloudstack_vm(pair: &LibvirtPair, what: &str) -> CloudStackVm {
         dest.join(format!("{name}-data-dest.qcow2")),
     );
     fixture::create_overlay(&dest_root, &dest.join(&template));
-    create_image(&dest_data, DiskFormat::Qcow2, DATA_MIB << 20).expect("data volume");
+    create_image(&dest_data, DiskFormat::Qcow2, dest_data_mib << 20).expect("data volume");
     let migratable = qemu_tls_migrate::libvirt::Libvirt::connect(&pair.b.uri())
         .and_then(|l| l.domain(&name))
         .and_then(|d| d.migratable_xml())
@@ -145,6 +155,50 @@ async fn a_cloudstack_vm_migrates_onto_the_volumes_made_for_it_which_keep_their_
         "the root volume still sits on the destination's template"
     );
     fixture::images_identical(&vm.root, &vm.dest_root).expect("root disk equal");
+    fixture::images_identical(&vm.data, &vm.dest_data).expect("data disk equal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_volume_is_refused_untouched_and_grown_in_place_with_create_dest_disks() {
+    let pair = LibvirtPair::shared();
+    let vm = start_cloudstack_vm_sized(&pair, "csgrow", DATA_MIB / 2).await;
+    let before = identity(&vm.dest_data);
+    let (_lab, service, pki) = libvirt_service(&pair).await;
+    let args = adopting_args(&vm, &service.addr, &pki);
+
+    let refused = Cli::new(args.clone()).in_host(&pair.b).output().await;
+    let refused_json = fixture::stdout_json(&refused);
+    let refused_size = fixture::image_info(&vm.dest_data)["virtual-size"].as_u64();
+    let grown = Cli::new(
+        args.iter()
+            .map(String::as_str)
+            .chain(["--create-dest-disks"]),
+    )
+    .in_host(&pair.b)
+    .output()
+    .await;
+
+    assert_ne!(refused.status.code(), Some(0), "{refused_json}");
+    let error = refused_json["error"].to_string();
+    assert!(
+        error.contains(&vm.dest_data.display().to_string())
+            && error.contains(&((DATA_MIB / 2) << 20).to_string()),
+        "the refusal names the volume and its size: {error}"
+    );
+    assert_eq!(refused_size, Some((DATA_MIB / 2) << 20), "left as it was");
+    let json = fixture::stdout_json(&grown);
+    assert_eq!(grown.status.code(), Some(0), "{json}");
+    assert_eq!(pair.a.virsh_ok(&["domstate", &vm.name]).await, "running");
+    pair.a.virsh_ok(&["destroy", &vm.name]).await;
+    assert_eq!(
+        identity(&vm.dest_data),
+        before,
+        "grown in place, not replaced"
+    );
+    assert_eq!(
+        fixture::image_info(&vm.dest_data)["virtual-size"].as_u64(),
+        Some(DATA_MIB << 20)
+    );
     fixture::images_identical(&vm.data, &vm.dest_data).expect("data disk equal");
 }
 
@@ -370,18 +424,14 @@ async fn a_vm_moved_there_and_back_by_the_tool_then_moves_with_libvirts_own_tls_
     assert_eq!(pair.b.virsh_ok(&["domstate", &vm.name]).await, "shut off");
     let live = pair.a.virsh_ok(&["dumpxml", &vm.name]).await;
     let persistent = pair.b.virsh_ok(&["dumpxml", "--inactive", &vm.name]).await;
-    // What is left of the tool: the persistent definition on b is the one the VM was
-    // defined with, but libvirt cannot change a running domain's arguments, so the live XML
-    // keeps the last service's `-qmp` and `-incoming defer` (libvirt's own migration passes
-    // `-incoming defer` too; the monitor is made on each host it lands on).
-    assert_eq!(
-        live.matches("<qemu:arg value=").count(),
-        4,
-        "only the last service's -qmp and -incoming defer: {live}"
-    );
+    // Nothing of the tool's is left: the persistent definition on b is the one the VM was
+    // defined with; the running domain the service on b brought in kept its `-qmp` and
+    // `-incoming defer` (libvirt cannot change a running domain's arguments), and host a's
+    // libvirt hook (`host libvirt-hook`) took them out of the XML libvirt's own migration
+    // brought in.
     assert!(
-        live.contains("/run/qemu-tls-migrate/libvirt/qtm-in-"),
-        "{live}"
+        !live.contains("qtm-in-") && !live.contains("-incoming"),
+        "host a's live XML after virsh migrate: {live}"
     );
     assert!(
         !persistent.contains("qtm-in-") && !persistent.contains("-incoming"),

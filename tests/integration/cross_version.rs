@@ -61,7 +61,7 @@ async fn assert_moved(mut pair: Pair, code: Option<i32>, json: &Value, from: &st
         "a tested pair gets no version warning"
     );
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
     pair.quit_both().await;
     for (src, dst) in pair.disk_images() {
         fixture::images_identical(&src, &dst).expect("disk identical on the other host");

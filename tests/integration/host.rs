@@ -752,3 +752,58 @@ fn host_secure_midway_through_a_renewal_writes_nothing_and_says_why() {
         "nothing changed but cloud.crt"
     );
 }
+
+#[test]
+fn host_secure_installs_the_libvirt_hook_which_strips_a_services_arguments_from_incoming_xml() {
+    let root = cloudstack_root();
+    let (out, _) = secure(root.path(), &[]);
+    let hook = root
+        .path()
+        .join("etc/libvirt/hooks/qemu.d/qemu-tls-migrate");
+    let brought_in = "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vm1</name>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:/run/qemu-tls-migrate/libvirt/qtm-in-0123456789abcdef.sock,server=on,wait=off'/>
+    <qemu:arg value='-incoming'/>
+    <qemu:arg value='defer'/>
+  </qemu:commandline>
+</domain>
+";
+    // As libvirt calls it: the domain XML on standard input.
+    let call = |op: &str, sub: &str| {
+        let mut child = std::process::Command::new(&hook)
+            .args(["vm1", op, sub, "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run the hook");
+        std::io::Write::write_all(
+            &mut child.stdin.take().expect("stdin"),
+            brought_in.as_bytes(),
+        )
+        .expect("write XML");
+        child.wait_with_output().expect("hook output")
+    };
+    let migrate = call("migrate", "begin");
+    let start = call("start", "begin");
+
+    assert!(out.status.success(), "{out:?}");
+    let mode = fs::metadata(&hook).expect("the hook").permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert!(migrate.status.success() && start.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&migrate.stdout),
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vm1</name>
+</domain>
+"
+    );
+    assert!(
+        start.stdout.is_empty(),
+        "other operations keep libvirt's XML"
+    );
+    let (again, json) = secure(root.path(), &[]);
+    assert!(again.status.success());
+    assert_eq!(json["changes"].as_array().map(Vec::len), Some(0), "{json}");
+}

@@ -66,7 +66,8 @@ async fn assert_nothing_made(pair: &LibvirtPair, name: &str, disk: &Path) {
 }
 
 /// Each construct that would let a source run what it likes on the destination, and what the
-/// refusal names (spliced into the source domain's real migratable XML).
+/// refusal names (spliced into the source domain's real migratable XML; `{EMULATOR}` stands for
+/// the test domains' emulator, [`fixture::emulator`]).
 const FORBIDDEN: &[(&str, &str, &str)] = &[
     (
         "<devices>",
@@ -109,7 +110,7 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
     ),
     ("<os>", "<os><kernel>/etc/passwd</kernel>", "kernel"),
     (
-        "<emulator>/usr/bin/qemu-system-x86_64</emulator>",
+        "<emulator>{EMULATOR}</emulator>",
         "<emulator>/bin/sh</emulator>",
         "/bin/sh",
     ),
@@ -128,9 +129,11 @@ async fn each_forbidden_construct_is_refused_by_the_service_and_nothing_is_made_
     let base = dest_xml(&pair, &name, &disk);
     let (_lab, service, pki_b) = libvirt_service(&pair).await;
 
+    let emulator = fixture::emulator().display().to_string();
     for (from, to, what) in FORBIDDEN {
-        assert!(base.contains(from), "the source's XML has {from}");
-        let xml = base.replacen(from, to, 1);
+        let from = from.replace("{EMULATOR}", &emulator);
+        assert!(base.contains(&from), "the source's XML has {from}");
+        let xml = base.replacen(&from, to, 1);
 
         let reply = start_domain_request(&pair, &service.addr, &pki_b, xml).await;
 

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qemu_tls_migrate::libvirt::{DomainXml, Libvirt, LibvirtError, StateKind};
-use qemu_tls_migrate::qemu::QueryStatus;
+use qemu_tls_migrate::qemu::{QueryStatus, QueryVersion};
 use qemu_tls_migrate::qmp::Qmp;
-use qemu_tls_migrate::vm::{DiskFormat, create_image};
+use qemu_tls_migrate::vm::{DiskFormat, binary, create_image};
 
 use crate::fixture::{
     self, Cli, Lab, LibvirtHost, LibvirtPair, Service, domain_name, open_path_for_others,
@@ -74,8 +74,23 @@ async fn libvirt_domain_is_found_with_its_declared_monitor_answering_qmp() {
     let declared = domain.declared_monitor().expect("monitor");
     let qmp = Qmp::connect(&monitor, QMP_TIMEOUT).await.expect("QMP");
     let status = qmp.call(&QueryStatus).await.expect("query-status").status;
+    let running = qmp.call(&QueryVersion).await.expect("query-version").qemu;
     drop(qmp);
+    // The domain runs the suite's QEMU (QTM_QEMU in the 10.0 pass), through the emulator libvirt
+    // lists.
+    let expected = binary::version(fixture::emulator()).expect("the emulator's -version");
+    let listed = libvirt.emulators().expect("the host's emulators");
 
+    assert_eq!(
+        (running.major, running.minor, running.micro),
+        (expected.major, expected.minor, expected.micro),
+        "the domain's QEMU is {}'s",
+        fixture::emulator().display()
+    );
+    assert!(
+        listed.iter().any(|e| Path::new(e) == fixture::emulator()),
+        "libvirt lists the test domains' emulator: {listed:?}"
+    );
     assert_eq!(state.kind, StateKind::Running);
     assert!(!job, "no libvirt job runs on a freshly started domain");
     assert_eq!(xml.name().expect("name"), name);
@@ -599,7 +614,7 @@ pub(crate) async fn wait_block_job(pair: &LibvirtPair, name: &str) {
 
 /// Asks the source domain `name`'s QEMU `command` through libvirt's own monitor (beside the
 /// tool's declared one) until its reply satisfies `done`, 60 s at most; whether it did.
-async fn source_monitor_says(
+pub(crate) async fn source_monitor_says(
     pair: &LibvirtPair,
     name: &str,
     command: &'static str,
@@ -711,7 +726,7 @@ fn busy_dest_xml(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, PathBu
 }
 
 /// The agent's command line for a [`start_busy_domain`] domain: its disks named by target.
-fn agent_args(name: &str, to: &str, pki: &str, dest_xml: &Path) -> Vec<String> {
+pub(crate) fn agent_args(name: &str, to: &str, pki: &str, dest_xml: &Path) -> Vec<String> {
     let mut args = served_args(name, to, pki, &dest_xml.display().to_string());
     args.retain(|a| a != "--all-local-disks");
     args.extend(["--disk", "vda", "--disk", "vdb"].map(String::from));
@@ -861,7 +876,7 @@ async fn assert_moved(pair: &LibvirtPair, name: &str, disks: &[(&str, PathBuf, P
 
 /// Waits until the source domain's own migration is sending RAM (asked through libvirt's
 /// monitor, beside the tool's declared one), within 60 s.
-async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
+pub(crate) async fn wait_ram_phase(pair: &LibvirtPair, name: &str) {
     let seen = source_monitor_says(pair, name, r#"{"execute":"query-migrate"}"#, |v| {
         v["return"]["status"] == "active" && v["return"]["ram"]["transferred"].as_u64() > Some(0)
     })

@@ -1,5 +1,5 @@
-//! Integration tests against real QEMU processes (7.2; the QEMU-only part again on 10.0 in
-//! scripts/test.sh's second pass), real TLS and real sockets.
+//! Integration tests against real QEMU processes (7.2; all but the cross-version tests again on
+//! 10.0 in scripts/test.sh's second pass, libvirt's domains included), real TLS and real sockets.
 //! One test binary; every QEMU is started through `fixture`.
 
 mod authz_dn;
@@ -14,6 +14,7 @@ mod host;
 mod incoming;
 mod jobs;
 mod libvirt;
+mod libvirt_survival;
 mod migration;
 mod pki;
 mod postcopy;

@@ -30,7 +30,7 @@ async fn tls_migration_completes_and_guest_ram_is_identical() {
     assert!(report.ram.bytes >= u64::from(fixture::RAM_MIB / 2) << 20);
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
     assert_eq!(
         fixture::tool_objects(&pair.source).await,
         Vec::<String>::new()

@@ -63,7 +63,7 @@ async fn a_busy_guest_completes_with_postcopy_over_tls_on_10_0_with_its_ram_inta
         report.warnings
     );
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +115,7 @@ async fn a_cancellation_during_postcopy_is_noted_and_the_migration_finished() {
         "{:?}",
         report.warnings
     );
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +135,7 @@ async fn timeout_action_postcopy_switches_at_the_deadline_and_completes_on_10_0(
         report.convergence.timeout_action,
         Some(TimeoutAction::Postcopy)
     );
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
 }
 
 /// A [`busy_pair_10_0`] on two hosts (network namespaces), with options that migrate over
@@ -202,7 +202,7 @@ async fn a_link_cut_during_postcopy_and_restored_in_time_is_recovered_with_ram_i
         "{recoveries:?}"
     );
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,7 +61,7 @@ async fn a_vm_with_a_local_disk_migrates_over_tls_between_two_hosts() {
     let json = completed_over_tls(&out);
     assert_eq!(json["disks"][0]["device"], "disk0");
     assert_eq!(fixture::status(&pair.dest).await, "paused");
-    fixture::assert_ram_identical(&pair);
+    fixture::assert_ram_identical(&pair).await;
     assert!(service.is_running());
     assert_eq!(
         service.stop().await,

@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime};
 use super::*;
 use crate::bench::gate::{Better, Comparison};
 use crate::bench::{BenchConfig, Mode, Profile, WorkloadConfig};
+use crate::migration::Timing;
 use crate::vm::Accel;
 
 fn config() -> BenchConfig {
@@ -75,7 +76,7 @@ fn phases_are_medians_of_the_measured_runs_and_other_is_what_they_leave_of_the_w
     let tls = &rows[1];
     assert_eq!(tls.mode, "tls");
     assert_eq!(tls.wall_ms, 950.0);
-    assert_eq!(tls.phases_ms, [350.0, 100.0, 490.0, 2.0, 5.0, 3.0]);
+    assert_eq!(tls.phases_ms, [0.0, 350.0, 100.0, 490.0, 2.0, 5.0, 3.0]);
     assert_eq!(
         tls.other_ms(),
         0.0,
@@ -83,7 +84,7 @@ fn phases_are_medians_of_the_measured_runs_and_other_is_what_they_leave_of_the_w
     );
     let tcp = &rows[0];
     assert_eq!(
-        tcp.phases_ms[0], 25.0,
+        tcp.phases_ms[1], 25.0,
         "the warm-up's 9000 ms set-up is not counted"
     );
     assert_eq!(
@@ -101,6 +102,44 @@ fn the_chart_stacks_a_bar_per_phase_and_writes_the_wall_and_its_ratio_to_tcp() {
     assert_eq!(svg.matches("<rect x=").count(), 6 + 1 + 7 + 6, "{svg}");
     assert!(svg.contains("950 ms (1.86x tcp)"), "{svg}");
     assert!(svg.contains("<title>350 ms</title>"), "{svg}");
+}
+
+#[test]
+fn a_libvirt_mode_shows_its_unsplit_set_up_and_disks_its_ram_and_the_accelerator_of_its_domains() {
+    let mut config = config();
+    config.modes = vec![Mode::domain(crate::bench::libvirt::DomainMode::LibvirtTls)];
+    let libvirt = |wall_ms, before, ram_ms| RunResult {
+        mode: "libvirt-tls".into(),
+        completed: true,
+        wall_ms,
+        total_ms: ram_ms,
+        downtime_ms: 40,
+        phases: Timing {
+            ram_ms,
+            ..Timing::default()
+        },
+        setup_disks_ms: Some(before),
+        ..RunResult::default()
+    };
+    let report = BenchReport::new(
+        &config,
+        Accel::Kvm,
+        "libvirt's (system)".into(),
+        PathBuf::from("/tmp"),
+        SystemTime::now(),
+        vec![libvirt(1900, 560, 1100), libvirt(2000, 600, 1150)],
+    );
+
+    let rows = per_mode(&report);
+    assert_eq!(rows[0].phases_ms, [580.0, 0.0, 0.0, 1125.0, 0.0, 0.0, 0.0]);
+    assert_eq!(rows[0].other_ms(), 1950.0 - 580.0 - 1125.0);
+    let svg = render_svg(&report);
+    assert!(svg.contains("set-up + disks, not split"), "{svg}");
+    assert!(svg.contains("1950 ms, downtime 40 ms"), "{svg}");
+    assert!(
+        svg.contains("tcg (libvirt domains)") && !svg.contains("kvm"),
+        "the domains run TCG whatever the bench's VMs would: {svg}"
+    );
 }
 
 #[test]
@@ -134,7 +173,7 @@ fn the_summary_names_the_verdict_and_marks_a_regressed_ratio() {
         "{md}"
     );
     assert!(
-        md.contains("| tls | 350 | 100 | 490 | 2 | 5 | 3 | 0 |"),
+        md.contains("| tls | 0 | 350 | 100 | 490 | 2 | 5 | 3 | 0 |"),
         "{md}"
     );
     let plain = render_markdown(&report, None);

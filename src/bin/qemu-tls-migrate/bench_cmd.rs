@@ -99,7 +99,10 @@ summary.md (the results, the phases and the gate's verdict in Markdown, for a CI
 )]
 pub struct BenchArgs {
     /// Modes to compare, comma-separated (default: tcp,tls,tls-mfdN,tls-aes128,tls-aes256,
-    /// tls-chacha20). Ratios are taken to tcp, so keep it in the list.
+    /// tls-chacha20). Ratios are taken to tcp, so keep it in the list. libvirt-tls,
+    /// libvirt-tcp, tool-domain-tls, tool-domain-tcp: a libvirt domain between two libvirtds
+    /// the bench starts, migrated by virsh migrate --p2p or by migrate --domain into serve
+    /// --libvirt (README, "Performance").
     #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
     pub modes: Vec<Mode>,
     /// Run every mode on each of these QEMU binaries too, side by side in the same rounds

@@ -75,6 +75,30 @@ When the two verdicts differ, \"disagreement\" names both (migrate --transport a
 
 Exit status: 0 when secured and CloudStack agrees, 1 otherwise.")]
     Status(StatusArgs),
+    /// libvirt's qemu hook: a domain migrated in by libvirt loses what serve --libvirt added.
+    #[command(long_about = "\
+libvirt's qemu hook (install as /etc/libvirt/hooks/qemu.d/qemu-tls-migrate, a script running
+`qemu-tls-migrate host libvirt-hook \"$@\"`; the Debian package ships it; restart libvirtd
+once). libvirt keeps a running domain's arguments: a domain that `serve --libvirt` brought in
+runs with the service's `<qemu:commandline>` (-qmp unix:.../qtm-in-ID.sock,server=on,wait=off
+-incoming defer), and libvirt's own next migration of it (virsh migrate, CloudStack's agent)
+carries them to the next host. For `migrate begin` and `restore begin` (the domain XML on
+standard input), this prints the XML without exactly those arguments, which libvirt then uses;
+any other domain, operation or input gets no output (libvirt keeps its XML) and exit 0, so the
+hook never stops a migration.")]
+    LibvirtHook(LibvirtHookArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LibvirtHookArgs {
+    /// The domain's name (libvirt's first argument).
+    pub guest: String,
+    /// The operation: migrate, restore, start, ...
+    pub operation: String,
+    /// The sub-operation: begin, end, ...
+    pub sub_operation: String,
+    /// libvirt's extra arguments ("-").
+    pub extra: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -114,7 +138,35 @@ pub fn run(cmd: HostCommand) -> anyhow::Result<Outcome> {
     match cmd {
         HostCommand::Secure(args) => secure(args),
         HostCommand::Status(args) => status(args),
+        HostCommand::LibvirtHook(args) => libvirt_hook(&args),
     }
+}
+
+fn libvirt_hook(args: &LibvirtHookArgs) -> anyhow::Result<Outcome> {
+    use std::io::{Read, Write};
+    if !matches!(
+        (args.operation.as_str(), args.sub_operation.as_str()),
+        ("migrate" | "restore", "begin")
+    ) {
+        return Ok(Outcome::Success);
+    }
+    let mut text = String::new();
+    if std::io::stdin().read_to_string(&mut text).is_err() {
+        return Ok(Outcome::Success);
+    }
+    let cleaned = qemu_tls_migrate::libvirt::DomainXml::parse(text)
+        .and_then(|x| x.without_service_commandline());
+    match cleaned {
+        Ok(Some(xml)) => {
+            tracing::info!(domain = %args.guest, "libvirt hook: the service's QMP monitor and -incoming defer removed");
+            std::io::stdout()
+                .write_all(xml.as_str().as_bytes())
+                .context("writing the domain XML for libvirt")?;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(domain = %args.guest, "libvirt hook: XML left as it is: {e}"),
+    }
+    Ok(Outcome::Success)
 }
 
 fn secure(args: SecureArgs) -> anyhow::Result<Outcome> {

@@ -198,9 +198,11 @@ pub struct MigrateArgs {
     /// than the network still converges.
     #[arg(long, value_enum, default_value = "background")]
     pub mirror_mode: MirrorModeArg,
-    /// Grow destination disks smaller than the source's to the source's size (the destination
-    /// QEMU must already have a disk with the same node name).
-    #[arg(long)]
+    /// With --adopt-dest-disks: a volume smaller than the source's disk is grown to its size
+    /// (qemu-img resize, by the service, before the destination QEMU opens it). A destination
+    /// QEMU already waiting for the migration cannot resize its disks (QEMU 7.2 aborts, 10.0
+    /// refuses): grow those with qemu-img resize before starting it.
+    #[arg(long, requires = "adopt_dest_disks")]
     pub create_dest_disks: bool,
     /// Declare this writable local disk (named as for --disk) shared: reachable from the
     /// destination by other means, so it is not copied. Repeat for several. Without it, a

@@ -101,7 +101,9 @@ pub struct TuningArgs {
 pub struct ConvergenceArgs {
     /// Let QEMU throttle the guest's vCPUs when passes do not converge (auto-converge): it
     /// takes --throttle-initial percent of their time first, --throttle-increment more each
-    /// pass after.
+    /// pass after. Under KVM and TCG alike (QEMU 7.2's TCG can miss writes of a guest that
+    /// never flushes its TLB in any migration of more than one pass, with this or without:
+    /// see the README).
     #[arg(long)]
     pub auto_converge: bool,
     /// With --auto-converge: first throttle, percent (QEMU's default 20).
