@@ -176,7 +176,18 @@ async fn auto_converge_moves_the_busy_guest_intact(pair: &Pair) {
         "{:?}",
         report.convergence
     );
-    let source_qemu = report.qemu.expect("both QEMU versions reported").source;
+    assert_ram_intact_but_known_pages(pair, &report, "auto-converge").await;
+}
+
+/// Checks the guest's RAM is the same on both sides page for page, but for the one page the
+/// set-up misses in any migration of more than one pass (see
+/// [`auto_converge_moves_the_busy_guest_intact`]).
+async fn assert_ram_intact_but_known_pages(pair: &Pair, report: &Report, what: &str) {
+    let source_qemu = report
+        .qemu
+        .as_ref()
+        .expect("both QEMU versions reported")
+        .source;
     let known: &[usize] = match pair.source.accel {
         qemu_tls_migrate::vm::Accel::Kvm => &[0xe8],
         qemu_tls_migrate::vm::Accel::Tcg if source_qemu.major < 10 => &[0x105],
@@ -186,7 +197,7 @@ async fn auto_converge_moves_the_busy_guest_intact(pair: &Pair) {
     fixture::show("pages differing", &format!("{differing:x?}"));
     assert!(
         differing.iter().all(|page| known.contains(page)),
-        "pages {differing:x?} differ after auto-converge under {} on QEMU {source_qemu}",
+        "pages {differing:x?} differ after {what} under {} on QEMU {source_qemu}",
         pair.source.accel.as_str()
     );
 }
@@ -219,7 +230,8 @@ async fn timeout_action_pause_finishes_the_busy_guest_as_downtime_with_its_ram_i
     );
     assert_eq!(fixture::status(&pair.dest).await, "paused");
     assert_eq!(fixture::status(&pair.source).await, "postmigrate");
-    fixture::assert_ram_identical(&pair).await;
+    // More than one pass before the pause: QEMU 7.2's TCG may miss the tick page.
+    assert_ram_intact_but_known_pages(&pair, &report, "the pause action").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
