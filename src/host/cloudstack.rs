@@ -228,15 +228,8 @@ fn refresh_by_exchange(
     agent_dir: &Path,
     pki_dir: &Path,
 ) -> Result<Option<Vec<PathBuf>>, HostError> {
+    use super::secure::{copy_entry, io_err as io, sync_parent};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let io = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source: std::io::Error| HostError::Io {
-            action,
-            path,
-            source,
-        }
-    };
     let (Ok(meta), Some(parent)) = (std::fs::symlink_metadata(pki_dir), pki_dir.parent()) else {
         return Ok(None);
     };
@@ -262,18 +255,7 @@ fn refresh_by_exchange(
     let new = staging.path().join("pki");
     std::fs::create_dir(&new).map_err(io("create", &new))?;
     for entry in &entries {
-        let (from, to) = (entry.path(), new.join(entry.file_name()));
-        let m = std::fs::symlink_metadata(&from).map_err(io("read", &from))?;
-        if m.file_type().is_symlink() {
-            let target = std::fs::read_link(&from).map_err(io("read", &from))?;
-            std::os::unix::fs::symlink(target, &to).map_err(io("create", &to))?;
-        } else {
-            std::fs::copy(&from, &to).map_err(io("copy", &from))?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(m.mode() & 0o7777))
-                .map_err(io("set the mode of", &to))?;
-        }
-        std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()))
-            .map_err(io("set the owner of", &to))?;
+        copy_entry(&entry.path(), &new.join(entry.file_name()))?;
     }
     let changes = super::secure::plan_pki_copy(agent_dir, &new)?.apply_unchecked()?;
     if changes.is_empty() {
@@ -295,6 +277,7 @@ fn refresh_by_exchange(
         path: pki_dir.to_path_buf(),
         source: e.into(),
     })?;
+    sync_parent(pki_dir)?;
     // `new` now names the old directory: the staging directory's removal takes it.
     Ok(Some(
         changes

@@ -764,7 +764,8 @@ impl SecurePlan {
         let changes = self.changes();
         for (action, change) in self.actions.iter().zip(&changes) {
             if let Some(backup) = &change.backup {
-                make_backup(action.path(), backup)?;
+                copy_entry(action.path(), backup)?;
+                tracing::info!(path = %action.path().display(), backup = %backup.display(), "backed up");
             }
             match action {
                 Action::CreateDir { path, mode } => create_dir(path, *mode)?,
@@ -790,7 +791,10 @@ impl SecurePlan {
     }
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
+pub(super) fn io_err(
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> HostError {
     let path = path.to_path_buf();
     move |source| HostError::Io {
         action,
@@ -799,9 +803,10 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> H
     }
 }
 
-/// Copies what is at `path` to `backup` once: a symlink as the same symlink, a file with its
-/// mode, owner and group; an existing backup is never replaced.
-fn make_backup(path: &Path, backup: &Path) -> Result<(), HostError> {
+/// Copies what is at `path` to `backup`, durably: a symlink as the same symlink, a file with
+/// its mode, owner and group; an existing `backup` is never replaced. (A file's one-time
+/// backup; each entry of the PKI directory's copy a refresh swaps in.)
+pub(super) fn copy_entry(path: &Path, backup: &Path) -> Result<(), HostError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
     if meta.file_type().is_symlink() {
         let target = fs::read_link(path).map_err(io_err("read the link", path))?;
@@ -823,7 +828,6 @@ fn make_backup(path: &Path, backup: &Path) -> Result<(), HostError> {
             .map_err(|e| io_err("back up to", backup)(e.error))?;
         sync_parent(backup)?;
     }
-    tracing::info!(path = %path.display(), backup = %backup.display(), "backed up");
     Ok(())
 }
 
@@ -903,7 +907,7 @@ fn parent_dir(path: &Path) -> &Path {
 }
 
 /// `fsync`s the directory holding `path`, so that a rename or new entry there is durable.
-fn sync_parent(path: &Path) -> Result<(), HostError> {
+pub(super) fn sync_parent(path: &Path) -> Result<(), HostError> {
     let dir = parent_dir(path);
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
