@@ -123,25 +123,7 @@ fn check_image(info: &serde_json::Value, disk: &NewDisk) -> Result<u64, String> 
 
 /// `qemu-img resize` of `path` (a `format` image no process holds) to `size` bytes.
 fn resize(path: &Path, format: &str, size: u64) -> Result<(), AdoptError> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["resize", "-q", "-f", format])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .map_err(|source| AdoptError::QemuImg {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(AdoptError::Unusable {
-        path: path.to_path_buf(),
-        reason: format!(
-            "qemu-img resize to {size} bytes failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-    })
+    run_qemu_img(path, &["resize", "-q", "-f", format], &[&size.to_string()]).map(drop)
 }
 
 /// Step 4: the backing file a top-only copy needs, or none for a full copy.
@@ -205,9 +187,20 @@ fn own_data(map: &serde_json::Value) -> Option<u64> {
 
 /// `qemu-img ARGS path` (without `-U`: it takes the image's lock), its JSON output.
 fn qemu_img(path: &Path, args: &[&str]) -> Result<serde_json::Value, AdoptError> {
+    let stdout = run_qemu_img(path, args, &[])?;
+    serde_json::from_slice(&stdout).map_err(|e| AdoptError::Unusable {
+        path: path.to_path_buf(),
+        reason: format!("qemu-img {} answered no JSON ({e})", args[0]),
+    })
+}
+
+/// `qemu-img <before> <path> <after>`: its standard output, or why it failed (a lock held
+/// elsewhere apart).
+fn run_qemu_img(path: &Path, before: &[&str], after: &[&str]) -> Result<Vec<u8>, AdoptError> {
     let out = std::process::Command::new("qemu-img")
-        .args(args)
+        .args(before)
         .arg(path)
+        .args(after)
         .output()
         .map_err(|source| AdoptError::QemuImg {
             path: path.to_path_buf(),
@@ -223,13 +216,13 @@ fn qemu_img(path: &Path, args: &[&str]) -> Result<serde_json::Value, AdoptError>
         }
         return Err(AdoptError::Unusable {
             path: path.to_path_buf(),
-            reason: format!("qemu-img {} failed: {stderr}", args[0]),
+            reason: format!(
+                "qemu-img {} failed: {stderr}",
+                before.first().unwrap_or(&"")
+            ),
         });
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| AdoptError::Unusable {
-        path: path.to_path_buf(),
-        reason: format!("qemu-img {} answered no JSON ({e})", args[0]),
-    })
+    Ok(out.stdout)
 }
 
 /// The processes (other than this one) with `file` open, as `pid N (command)`.
