@@ -392,11 +392,6 @@ async fn a_domain_whose_caller_times_out_while_ram_moves_runs_on_the_source_unto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky, not diagnosed: in about one run in five (once in the QEMU 10.0 pass of a \
-            full test.sh, earlier on 7.2 beside its siblings) the migration never reaches its \
-            RAM phase: the source stays in migration set-up until --timeout cancels it \
-            (QEMU: migration_connect_set_error: Illegal migration status (cancelled)); a raw-QMP \
-            stop during set-up over TLS did not reproduce it"]
 async fn a_domain_paused_by_pause_after_whose_caller_times_out_is_resumed_on_the_source() {
     let result = killed_at(Phase::AfterPause, "k-paused").await;
 

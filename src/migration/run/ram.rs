@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::super::control::{Control, ControlRequest};
 use super::super::convergence::{Convergence, DowntimeStep, OnNoGo, TimeoutAction};
 use super::super::destination::Destination;
 use super::super::side::SideCtl;
@@ -34,6 +35,22 @@ fn ram_deadlines(c: &Convergence, deadline: Option<Duration>) -> Deadlines {
             pause: c.pause_after,
         },
     }
+}
+
+/// A pause asked for while the migration is in `setup`, applied once it has left it.
+///
+/// Until the TLS handshake of every migration channel is over, the destination's main loop may
+/// sit in a blocking read of the source's first TLS record (QEMU 7.2 and 10.0:
+/// scripts/repro-tls-incoming-blocks.py). `stop` on the source flushes every block node, the
+/// NBD mirror targets served by that same destination main loop included, so a `stop` then
+/// waits for ever, and with it the source's main loop that would send the record: both QEMUs
+/// hang until the deadline cancels the migration. QEMU sets `active` once its channels are up.
+#[derive(Debug, Default)]
+struct HeldPause {
+    /// The pause deadline passed.
+    deadline: bool,
+    /// `jobs pause` asked, answered once applied.
+    controls: Vec<ControlRequest>,
 }
 
 impl Run<'_, '_> {
@@ -91,6 +108,8 @@ impl Run<'_, '_> {
             None => self.opts.connect_host().to_string(),
         };
         let mut switched = false;
+        let mut now = MigrationStatus::Setup;
+        let mut held = HeldPause::default();
         // Post-copy cannot be cancelled (neither side holds the whole guest): once it started,
         // a cancellation is noted and the migration finished.
         let uncancellable = CancellationToken::new();
@@ -143,8 +162,22 @@ impl Run<'_, '_> {
                     watch = self.postcopy_watch();
                     continue;
                 }
+                Seen::Deadline if now == MigrationStatus::Setup => {
+                    tracing::info!(
+                        "the pause deadline passed during set-up: the guest is paused once the \
+                         TLS handshake is over"
+                    );
+                    held.deadline = true;
+                    continue;
+                }
                 Seen::Deadline => {
                     self.pause_at_deadline(src, deadlines.pause).await?;
+                    continue;
+                }
+                Seen::Control(request)
+                    if request.control == Control::Pause && now == MigrationStatus::Setup =>
+                {
+                    held.controls.push(request);
                     continue;
                 }
                 Seen::Control(request) => {
@@ -153,6 +186,15 @@ impl Run<'_, '_> {
                 }
             };
             tracing::debug!(status = status.as_str(), "source migration status");
+            now = status;
+            if status != MigrationStatus::Setup && !status.is_final() {
+                if std::mem::take(&mut held.deadline) {
+                    self.pause_at_deadline(src, deadlines.pause).await?;
+                }
+                for request in std::mem::take(&mut held.controls) {
+                    self.answer_control(src, request).await;
+                }
+            }
             self.commit.note(status);
             if status.is_final() {
                 break;
