@@ -222,6 +222,66 @@ pub fn refresh(agent_dir: &Path, pki_dir: &Path) -> Result<Vec<PathBuf>, HostErr
     Ok(changes.into_iter().map(|c| c.path).collect())
 }
 
+/// The staging directories beside a PKI directory: [`refresh`]'s copy to swap in, and
+/// [`check_staged`]'s files to check. Each name carries its process's pid after the prefix.
+const SWAP_PREFIX: &str = ".qemu-tls-migrate-swap-";
+const CHECK_PREFIX: &str = ".qemu-tls-migrate-refresh-";
+/// A staging directory whose name carries no pid (an older version's) is stale after this.
+const UNOWNED_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The prefix of a staging directory of this process.
+fn staging_prefix(kind: &str) -> String {
+    format!("{kind}{}-", std::process::id())
+}
+
+/// Removes the staging directories a killed refresh or check left in `parent` (they hold
+/// copies of the private keys): those whose process is gone, and those without a pid in their
+/// name that are older than [`UNOWNED_STALE_AFTER`]. A failure is logged: the refresh goes on.
+fn remove_stale_staging(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(rest) = [SWAP_PREFIX, CHECK_PREFIX]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+        else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let owner = rest
+            .split_once('-')
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+            .filter(|&pid| pid > 0);
+        let stale = match owner {
+            Some(pid) => {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH)
+            }
+            None => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m.elapsed().is_ok_and(|age| age > UNOWNED_STALE_AFTER)),
+        };
+        if !stale {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), "removed a staging directory a killed refresh left")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), "cannot remove a stale staging directory: {e}")
+            }
+        }
+    }
+}
+
 /// [`refresh`]'s swap; `None` when `pki_dir` cannot be copied whole (it does not exist yet,
 /// or holds a directory or a special file).
 fn refresh_by_exchange(
@@ -249,7 +309,7 @@ fn refresh_by_exchange(
     }
     // Beside it, on the same file system (the swap needs that).
     let staging = tempfile::Builder::new()
-        .prefix(".qemu-tls-migrate-swap-")
+        .prefix(&staging_prefix(SWAP_PREFIX))
         .tempdir_in(parent)
         .map_err(io("create a staging directory in", parent))?;
     let new = staging.path().join("pki");
@@ -289,7 +349,8 @@ fn refresh_by_exchange(
 
 /// Writes the PKI files `host secure` would make from `agent_dir` into a staging directory
 /// beside `pki_dir` (removed afterwards) and runs every check of `pki check` on them: an error
-/// naming each problem when they are not usable, before anything real is written.
+/// naming each problem when they are not usable, before anything real is written. Staging
+/// directories a killed run left there go first ([`remove_stale_staging`]).
 pub fn check_staged(agent_dir: &Path, pki_dir: &Path) -> Result<(), HostError> {
     // The nearest directory that exists (a first `host secure` creates the PKI directory's
     // parents later, as planned).
@@ -298,8 +359,9 @@ pub fn check_staged(agent_dir: &Path, pki_dir: &Path) -> Result<(), HostError> {
         .skip(1)
         .find(|p| !p.as_os_str().is_empty() && p.is_dir())
         .unwrap_or(Path::new("."));
+    remove_stale_staging(parent);
     let staging = tempfile::Builder::new()
-        .prefix(".qemu-tls-migrate-refresh-")
+        .prefix(&staging_prefix(CHECK_PREFIX))
         .tempdir_in(parent)
         .map_err(|source| HostError::Io {
             action: "create a staging directory in",
@@ -555,6 +617,36 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "staging left behind: {left:?}");
         assert!(pki::check_dir(&h.pki, None).usable);
+    }
+
+    #[test]
+    fn a_refresh_removes_the_staging_a_killed_refresh_left_and_keeps_a_live_ones() {
+        let h = host();
+        let parent = h.pki.parent().expect("parent").to_path_buf();
+        // A process that is gone: its pid, once reaped, names no process.
+        let mut gone = std::process::Command::new("true").spawn().expect("spawn");
+        let dead = gone.id();
+        gone.wait().expect("wait");
+        let left = parent.join(format!("{SWAP_PREFIX}{dead}-abc123"));
+        fs::create_dir_all(left.join("pki")).expect("mkdir");
+        fs::write(left.join("pki/server-key.pem"), "a key copy").expect("write");
+        let checking = parent.join(format!("{CHECK_PREFIX}{dead}-def456"));
+        fs::create_dir(&checking).expect("mkdir");
+        let live = parent.join(format!("{SWAP_PREFIX}{}-ghi789", std::process::id()));
+        fs::create_dir(&live).expect("mkdir");
+        let unowned_new = parent.join(format!("{SWAP_PREFIX}jkl012"));
+        fs::create_dir(&unowned_new).expect("mkdir");
+        renew(&h.agent, &h.ca, 2);
+
+        refresh(&h.agent, &h.pki).expect("refresh");
+
+        assert!(!left.exists(), "a dead refresh's copy of the keys was left");
+        assert!(!checking.exists(), "a dead check's staging was left");
+        assert!(live.exists(), "a running refresh's staging was removed");
+        assert!(
+            unowned_new.exists(),
+            "a recent staging without a pid was removed"
+        );
     }
 
     #[test]
