@@ -807,3 +807,58 @@ fn host_secure_installs_the_libvirt_hook_which_strips_a_services_arguments_from_
     assert!(again.status.success());
     assert_eq!(json["changes"].as_array().map(Vec::len), Some(0), "{json}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_status_calls_a_host_secured_when_the_agents_self_connect_works() {
+    // CloudStack's two conditions met on a real libvirtd listening for TLS: cloud.crt beside
+    // agent.properties, and qemu+tls://<privateIp>/system answering with the client
+    // certificates libvirt reads from /etc/pki (seen through an overlay: this machine has
+    // none). A host of its own, so the shared pair keeps not listening for TLS.
+    let hosts = crate::fixture::TwoHosts::create();
+    let ip = hosts.a_addr.clone();
+    let scratch = TempDir::new().expect("tempdir");
+    let ca = LabCa::generate("CloudStack CA").expect("ca");
+    let pki = scratch.path().join("pki");
+    ca.write_host_dir(&pki, &HostCert::new(vec![ip.clone()]))
+        .expect("host PKI");
+    let properties = scratch.path().join("agent.properties");
+    fs::write(&properties, format!("host={ip}\n")).expect("write");
+    let host = crate::fixture::LibvirtHost::start_with(&hosts.a, Some(&pki));
+    let (ca_cert, client_cert, client_key, server_cert) = (
+        pki.join("ca-cert.pem"),
+        pki.join("client-cert.pem"),
+        pki.join("client-key.pem"),
+        pki.join("server-cert.pem"),
+    );
+    let files = [
+        (ca_cert.as_path(), "/etc/pki/CA/cacert.pem"),
+        (client_cert.as_path(), "/etc/pki/libvirt/clientcert.pem"),
+        (
+            client_key.as_path(),
+            "/etc/pki/libvirt/private/clientkey.pem",
+        ),
+        (server_cert.as_path(), "/etc/cloudstack/agent/cloud.crt"),
+        (
+            properties.as_path(),
+            "/etc/cloudstack/agent/agent.properties",
+        ),
+    ];
+
+    let out = Cli::new(["host", "status", "--private-ip", &ip, "--json"])
+        .in_host_with_etc(&host, &scratch.path().join("etc"), &files)
+        .output()
+        .await;
+
+    let status: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("one JSON object ({e}): {out:?}"));
+    let cloudstack = &status["cloudstack"];
+    crate::fixture::show("CloudStack's verdict", cloudstack);
+    assert_eq!(cloudstack["self_connect"]["state"], "ok", "{status:#}");
+    assert_eq!(
+        cloudstack["self_connect"]["uri"],
+        format!("qemu+tls://{ip}/system")
+    );
+    assert_eq!(cloudstack["agent_installed"], true, "{status:#}");
+    assert_eq!(cloudstack["cert_present"], true, "{status:#}");
+    assert_eq!(cloudstack["secured"], true, "{status:#}");
+}
