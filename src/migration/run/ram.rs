@@ -37,7 +37,21 @@ fn ram_deadlines(c: &Convergence, deadline: Option<Duration>) -> Deadlines {
     }
 }
 
-/// A pause asked for while the migration is in `setup`, applied once it has left it.
+/// Whether QEMU's migration channels are up, every TLS handshake over: from `setup` QEMU moves
+/// on only once they are. Before that, and while cancelling, a pause is held ([`HeldPause`]).
+fn channels_up(status: MigrationStatus) -> bool {
+    matches!(
+        status,
+        MigrationStatus::Active
+            | MigrationStatus::WaitUnplug
+            | MigrationStatus::PreSwitchover
+            | MigrationStatus::Device
+            | MigrationStatus::PostcopyActive
+    )
+}
+
+/// A pause asked for before the migration's channels are up ([`channels_up`]), applied once
+/// they are.
 ///
 /// Until the TLS handshake of every migration channel is over, the destination's main loop may
 /// sit in a blocking read of the source's first TLS record (QEMU 7.2 and 10.0:
@@ -162,7 +176,7 @@ impl Run<'_, '_> {
                     watch = self.postcopy_watch();
                     continue;
                 }
-                Seen::Deadline if now == MigrationStatus::Setup => {
+                Seen::Deadline if !channels_up(now) => {
                     tracing::info!(
                         "the pause deadline passed during set-up: the guest is paused once the \
                          TLS handshake is over"
@@ -175,7 +189,7 @@ impl Run<'_, '_> {
                     continue;
                 }
                 Seen::Control(request)
-                    if request.control == Control::Pause && now == MigrationStatus::Setup =>
+                    if request.control == Control::Pause && !channels_up(now) =>
                 {
                     held.controls.push(request);
                     continue;
@@ -187,7 +201,7 @@ impl Run<'_, '_> {
             };
             tracing::debug!(status = status.as_str(), "source migration status");
             now = status;
-            if status != MigrationStatus::Setup && !status.is_final() {
+            if channels_up(status) {
                 if std::mem::take(&mut held.deadline) {
                     self.pause_at_deadline(src, deadlines.pause).await?;
                 }
@@ -484,6 +498,21 @@ impl super::Commit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_waits_while_the_migration_sets_up_or_is_cancelled() {
+        for held in [
+            MigrationStatus::None,
+            MigrationStatus::Setup,
+            MigrationStatus::Cancelling,
+            MigrationStatus::Unknown,
+        ] {
+            assert!(!channels_up(held), "{held:?}");
+        }
+        for up in [MigrationStatus::Active, MigrationStatus::PreSwitchover] {
+            assert!(channels_up(up), "{up:?}");
+        }
+    }
 
     #[test]
     fn the_ram_phase_pauses_at_pause_after_and_aborts_at_the_deadline() {
