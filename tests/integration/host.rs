@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use qemu_tls_migrate::pki::{HostCert, LabCa};
+use qemu_tls_migrate::pki::{CA_CERT, CLIENT_CERT, CLIENT_KEY, HostCert, LabCa, SERVER_CERT};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -824,12 +824,8 @@ async fn host_status_calls_a_host_secured_when_the_agents_self_connect_works() {
     let properties = scratch.path().join("agent.properties");
     fs::write(&properties, format!("host={ip}\n")).expect("write");
     let host = crate::fixture::LibvirtHost::start_with(&hosts.a, Some(&pki));
-    let (ca_cert, client_cert, client_key, server_cert) = (
-        pki.join("ca-cert.pem"),
-        pki.join("client-cert.pem"),
-        pki.join("client-key.pem"),
-        pki.join("server-cert.pem"),
-    );
+    let [ca_cert, client_cert, client_key, server_cert] =
+        [CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT].map(|f| pki.join(f));
     let files = [
         (ca_cert.as_path(), "/etc/pki/CA/cacert.pem"),
         (client_cert.as_path(), "/etc/pki/libvirt/clientcert.pem"),
