@@ -178,8 +178,9 @@ impl Run<'_, '_> {
                 }
                 Seen::Deadline if !channels_up(now) => {
                     tracing::info!(
-                        "the pause deadline passed during set-up: the guest is paused once the \
-                         TLS handshake is over"
+                        status = now.as_str(),
+                        "the pause deadline passed before QEMU's migration channels were up: \
+                         the guest is paused once they are"
                     );
                     held.deadline = true;
                     continue;
