@@ -21,7 +21,7 @@ migration listener and sends nothing. No project code needed:
 Prints QEMU's version, whether `query-status` answers within 3 s while the connection is open
 (QEMU 7.2 and 10.0: it does not), and again once the connection is closed (it does).
 """
-import json, os, socket, subprocess, sys, tempfile, time
+import atexit, json, os, socket, subprocess, sys, tempfile, time
 
 qemu = sys.argv[1] if len(sys.argv) > 1 else "qemu-system-x86_64"
 d = tempfile.mkdtemp()
@@ -41,6 +41,7 @@ ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key
 p = subprocess.Popen([qemu, "-nodefaults", "-display", "none", "-machine", "pc", "-accel", "tcg",
                       "-m", "64", "-qmp", f"unix:{sock},server=on,wait=off",
                       "-incoming", "defer"], stderr=subprocess.PIPE, text=True)
+atexit.register(p.kill)  # also when a step fails or the monitor closes
 for _ in range(100):
     if os.path.exists(sock):
         break
@@ -96,5 +97,4 @@ peer.close()
 if frozen:
     reply(time.time() + 5)  # the late answer to the query sent while frozen
 print("after closing it, query-status answers:", answers_within(5))
-p.kill()
 print("RESULT:", "the destination's main loop froze" if frozen else "not reproduced")
