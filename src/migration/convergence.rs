@@ -170,6 +170,10 @@ pub struct Convergence {
     /// How long a post-copy whose link was cut is retried (`None`:
     /// [`crate::migration::postcopy::DEFAULT_RECOVER_TIMEOUT`]).
     pub postcopy_recover_timeout: Option<Duration>,
+    /// Bytes per second the RAM stream may take once post-copy started (QEMU's
+    /// `max-postcopy-bandwidth`); `None`: no limit, so the pages still on the source move as
+    /// fast as the link allows (the guest waits on each one it touches).
+    pub postcopy_bandwidth: Option<u64>,
 }
 
 impl Convergence {

@@ -288,6 +288,17 @@ impl MigrationOptions {
                 "--postcopy-recover-timeout 0: a cut post-copy needs time to be recovered".into(),
             );
         }
+        if let Some(b) = self.convergence.postcopy_bandwidth {
+            if let Err(e) = check_bandwidth(b) {
+                problems.push(format!("--postcopy-bandwidth: {e}"));
+            } else if !self.convergence.wants_postcopy() {
+                problems.push(
+                    "--postcopy-bandwidth without --postcopy or --timeout-action postcopy: \
+                     it would never act"
+                        .into(),
+                );
+            }
+        }
         if let Err(e) = check_deadlines(&self.convergence, self.timeout) {
             problems.push(e);
         }
@@ -392,7 +403,7 @@ mod tests {
     #[test]
     fn validate_refuses_each_bad_option_naming_it_as_a_usage_refusal() {
         type Spoil = fn(&mut MigrationOptions);
-        let cases: [(&str, Spoil); 14] = [
+        let cases: [(&str, Spoil); 16] = [
             ("qmp timeout", |o| o.qmp_timeout = Duration::ZERO),
             ("qmp timeout", |o| o.qmp_timeout = Duration::MAX),
             ("stall timeout", |o| o.stall_timeout = Duration::ZERO),
@@ -420,6 +431,13 @@ mod tests {
             ("multifd", |o| o.multifd = Multifd::Channels(0)),
             ("multifd", |o| o.multifd = Multifd::Channels(65)),
             ("bandwidth", |o| o.max_bandwidth = 0),
+            ("--postcopy-bandwidth: bandwidth 0", |o| {
+                o.convergence.postcopy = true;
+                o.convergence.postcopy_bandwidth = Some(0);
+            }),
+            ("--postcopy-bandwidth without --postcopy", |o| {
+                o.convergence.postcopy_bandwidth = Some(1 << 20)
+            }),
             ("port range", |o| {
                 o.port_range = PortRange {
                     first: 50000,

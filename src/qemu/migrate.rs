@@ -203,6 +203,9 @@ pub struct MigrateSetParameters {
     /// Bytes per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bandwidth: Option<u64>,
+    /// Bytes per second once post-copy started (0: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_postcopy_bandwidth: Option<u64>,
     /// Milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_limit: Option<u64>,
@@ -243,6 +246,7 @@ impl MigrateSetParameters {
                     .unwrap_or(Value::Null),
             ),
             max_bandwidth: n("max-bandwidth"),
+            max_postcopy_bandwidth: n("max-postcopy-bandwidth"),
             downtime_limit: n("downtime-limit"),
             multifd_channels: n("multifd-channels").and_then(|v| u8::try_from(v).ok()),
             multifd_compression: s("multifd-compression"),

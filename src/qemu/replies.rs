@@ -222,6 +222,7 @@ fn every_capability_and_parameter_the_tool_sets_exists_on_both_versions() {
         cpu_throttle_initial: Some(1),
         cpu_throttle_increment: Some(1),
         xbzrle_cache_size: Some(0),
+        max_postcopy_bandwidth: Some(0),
     };
     let params: Vec<String> = serde_json::to_value(&all)
         .expect("encode")
@@ -230,7 +231,7 @@ fn every_capability_and_parameter_the_tool_sets_exists_on_both_versions() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(params.len(), 10, "every member set: {params:?}");
+    assert_eq!(params.len(), 11, "every member set: {params:?}");
     each_version(|v| {
         let have = names(v, "query-migrate-capabilities");
         for c in caps {

@@ -31,6 +31,11 @@ async fn busy_pair_10_0(test: &str) -> Option<Pair> {
     Some(pair)
 }
 
+/// The post-copy cap of the tests that act while post-copy runs (`--postcopy-bandwidth`):
+/// the rest of the 64 MiB then takes seconds to move, not the few milliseconds it can take at
+/// no limit, which a test waiting for `postcopy-active` may miss.
+const POSTCOPY_CAP: u64 = 16 << 20;
+
 /// TLS options with the link capped at 16 MiB/s and the destination left paused (so its RAM
 /// can be compared with the source's once both stand still).
 fn capped(pair: &Pair, lab: &Lab) -> MigrationOptions {
@@ -95,17 +100,22 @@ async fn a_cancellation_during_postcopy_is_noted_and_the_migration_finished() {
     let lab = Lab::new("Test CA");
     let mut o = capped(&pair, &lab);
     o.convergence.postcopy = true;
+    // Post-copy capped too, so that it is still under way when the tool next looks: at no
+    // limit it may move the rest in less time than that.
+    o.convergence.postcopy_bandwidth = Some(POSTCOPY_CAP);
     let cancel = tokio_util::sync::CancellationToken::new();
     let cancel_in_postcopy = async {
         fixture::wait_migration_status(&pair.source, "postcopy-active").await;
         cancel.cancel();
+        fixture::migrate_parameters(&pair.source).await["max-postcopy-bandwidth"].clone()
     };
 
-    let (report, ()) = tokio::join!(
+    let (report, cap) = tokio::join!(
         fixture::migrate_observed(&o, |_| {}, &cancel),
         cancel_in_postcopy
     );
 
+    assert_eq!(cap, POSTCOPY_CAP, "max-postcopy-bandwidth during post-copy");
     assert_eq!(report.status, FinalStatus::Completed, "{report:?}");
     assert!(
         report
@@ -165,6 +175,7 @@ async fn busy_pair_on_two_hosts(
     o.dest_address = Some(hosts.a_addr.clone());
     o.convergence.postcopy = true;
     o.convergence.postcopy_recover_timeout = Some(recover);
+    o.convergence.postcopy_bandwidth = Some(POSTCOPY_CAP);
     o.stall_timeout = Duration::from_secs(2);
     Some((pair, o))
 }

@@ -164,6 +164,14 @@ pub struct ConvergenceArgs {
     /// paused (default 300 s). A number of seconds, or with a unit: ms, s, m, h.
     #[arg(long, value_name = "DURATION", value_parser = parse_pause_after)]
     pub postcopy_recover_timeout: Option<Duration>,
+    /// Bandwidth cap of the RAM stream once post-copy started (QEMU's max-postcopy-bandwidth;
+    /// libvirt's --postcopy-bandwidth, here in bytes per second with an optional K/M/G
+    /// suffix), so post-copy leaves room on a shared link. Default unlimited: the pages still
+    /// on the source move as fast as the link allows, since the guest, now on the
+    /// destination, waits on each one it touches and a lost host loses the VM until they
+    /// are all over. Only with --postcopy or --timeout-action postcopy.
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
+    pub postcopy_bandwidth: Option<u64>,
     /// When to judge whether the migration converges as configured. first-pass (default):
     /// data moves at once, and the verdict comes from QEMU's own figures once its first pass
     /// over the RAM is over (the throughput this host and link reached, the guest's dirty
@@ -253,6 +261,9 @@ impl ConvergenceArgs {
             pause_after: self.pause_after.filter(|d| !d.is_zero()),
             postcopy: self.postcopy,
             postcopy_recover_timeout: self.postcopy_recover_timeout,
+            postcopy_bandwidth: self
+                .postcopy_bandwidth
+                .filter(|&b| b != UNLIMITED_BANDWIDTH),
             completion_timeout_per_gib: self.completion_timeout_per_gib.map(Duration::from_secs),
         }
     }

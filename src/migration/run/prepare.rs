@@ -47,6 +47,10 @@ impl Run<'_, '_> {
                 String::new()
             }),
             max_bandwidth: Some(opts.max_bandwidth),
+            max_postcopy_bandwidth: setup
+                .plan
+                .postcopy
+                .then(|| conv.postcopy_bandwidth.unwrap_or(0)),
             downtime_limit: opts.downtime_limit.map(|d| d.as_millis() as u64),
             multifd_channels: setup.multifd,
             multifd_compression: conv.compress.map(|c| c.as_str().to_string()),
