@@ -4,9 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use serde::{Deserialize, Serialize};
-
-use crate::qmp::Command as QmpCommand;
+use serde::Serialize;
 
 /// Clock ticks per second of `/proc/*/stat` times: `USER_HZ`, 100 on every Linux ABI this
 /// tool runs on (x86-64, arm64).
@@ -95,22 +93,6 @@ fn parse_stat_cpu_seconds(text: &str) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / USER_HZ)
-}
-
-/// `query-cpus-fast`: the host thread of each vCPU. (Only the harness needs it.)
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct QueryCpusFast;
-
-impl QmpCommand for QueryCpusFast {
-    const NAME: &'static str = "query-cpus-fast";
-    type Output = Vec<CpuInfoFast>;
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct CpuInfoFast {
-    pub cpu_index: u32,
-    pub thread_id: u32,
 }
 
 /// The machine a benchmark ran on.

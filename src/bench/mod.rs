@@ -30,7 +30,8 @@ mod report;
 mod stats;
 mod svg;
 
-pub use measure::{CpuInfoFast, CpuTimes, HostInfo, QueryCpusFast, git_revision};
+pub use crate::qemu::{CpuInfoFast, QueryCpusFast};
+pub use measure::{CpuTimes, HostInfo, git_revision};
 pub use report::{BenchReport, Metric, ModeSummary, RunResult, render_svg, render_table};
 pub use stats::Stat;
 

@@ -396,6 +396,72 @@ impl Domain {
             .map_err(|e| self.error("pass a QMP command to", e))
     }
 
+    /// [`Domain::monitor_command`] with file descriptors passed to QEMU alongside the command
+    /// (`virDomainQemuMonitorCommandWithFiles`, libvirt 8.2+), as `getfd` takes one. libvirt
+    /// sends its own duplicates; the caller's stay open.
+    pub fn monitor_command_with_files(
+        &self,
+        command: &str,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<String, LibvirtError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let Ok(cmd) = std::ffi::CString::new(command) else {
+            return Err(LibvirtError::Passthrough {
+                name: self.name.clone(),
+                reason: "a command with a NUL byte".into(),
+            });
+        };
+        let mut infiles: Vec<std::ffi::c_int> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let Ok(ninfiles) = std::ffi::c_uint::try_from(infiles.len()) else {
+            return Err(LibvirtError::Passthrough {
+                name: self.name.clone(),
+                reason: "too many file descriptors".into(),
+            });
+        };
+        let mut noutfiles: std::ffi::c_uint = 0;
+        let mut outfiles: *mut std::ffi::c_int = std::ptr::null_mut();
+        let mut result: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; libvirt allocates `result` and
+        // `outfiles`, freed below.
+        let ret = unsafe {
+            sys::virDomainQemuMonitorCommandWithFiles(
+                self.dom.as_ptr(),
+                cmd.as_ptr(),
+                ninfiles,
+                infiles.as_mut_ptr(),
+                &mut noutfiles,
+                &mut outfiles,
+                &mut result,
+                0,
+            )
+        };
+        if ret == -1 {
+            return Err(self.error(
+                "pass a QMP command with a file descriptor to",
+                virt::error::Error::last_error(),
+            ));
+        }
+        if !outfiles.is_null() {
+            // QEMU's commands here return none; any that came are closed, not leaked.
+            for i in 0..noutfiles as usize {
+                // SAFETY: libvirt returned `noutfiles` descriptors, now ours.
+                drop(unsafe { OwnedFd::from_raw_fd(*outfiles.add(i)) });
+            }
+            // SAFETY: allocated by libvirt with malloc.
+            unsafe { nix::libc::free(outfiles.cast()) };
+        }
+        if result.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: a NUL-terminated string libvirt allocated with malloc.
+        let text = unsafe { std::ffi::CStr::from_ptr(result) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: as above.
+        unsafe { nix::libc::free(result.cast()) };
+        Ok(text)
+    }
+
     /// Resumes its CPUs through libvirt (`virsh resume`), so libvirt's state is `running`.
     pub fn resume(&self) -> Result<(), LibvirtError> {
         self.dom.resume().map_err(|e| self.error("resume", e))?;

@@ -22,15 +22,16 @@
 //! delivers events (and keepalives) only on connections opened after it.
 
 use std::ffi::{CStr, c_char, c_int, c_longlong, c_uint, c_void};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
+use tokio::io::Interest;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use virt::sys;
 
@@ -204,10 +205,11 @@ async fn serve(stream: UnixStream, inner: Arc<Inner>) {
         }
     };
     let commands = async {
-        let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
-        while let Some(Ok(line)) = lines.next().await {
+        let mut lines = FdLines::new(read);
+        while let Some((line, fds)) = lines.next().await {
             let inner = inner.clone();
-            let reply = match tokio::task::spawn_blocking(move || answer(&inner, &line)).await {
+            let reply = match tokio::task::spawn_blocking(move || answer(&inner, &line, &fds)).await
+            {
                 Ok(reply) => reply,
                 Err(_) => error_reply(None, "the passthrough failed"),
             };
@@ -222,8 +224,9 @@ async fn serve(stream: UnixStream, inner: Arc<Inner>) {
     }
 }
 
-/// The reply to one command line, QEMU's through libvirt or one of our own.
-fn answer(inner: &Inner, line: &str) -> String {
+/// The reply to one command line, QEMU's through libvirt or one of our own; `fds` came with
+/// the line and go to QEMU with it.
+fn answer(inner: &Inner, line: &str, fds: &[OwnedFd]) -> String {
     let Ok(Value::Object(mut cmd)) = serde_json::from_str::<Value>(line) else {
         return error_reply(None, "JSON parse error");
     };
@@ -237,10 +240,15 @@ fn answer(inner: &Inner, line: &str) -> String {
         Some("qmp_capabilities") => return with_id(json!({"return": {}}), id),
         Some(_) => {}
     }
-    match inner
-        .domain
-        .monitor_command(&Value::Object(cmd).to_string())
-    {
+    let cmd = Value::Object(cmd).to_string();
+    let sent = match fds.is_empty() {
+        true => inner.domain.monitor_command(&cmd),
+        false => {
+            let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            inner.domain.monitor_command_with_files(&cmd, &fds)
+        }
+    };
+    match sent {
         Ok(text) => match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(mut reply)) => {
                 // libvirt's own id for the command it sent.
@@ -254,6 +262,88 @@ fn answer(inner: &Inner, line: &str) -> String {
         },
         Err(e) => error_reply(id, &format!("libvirt: {e}")),
     }
+}
+
+/// Command lines from a client, each with the descriptors that came with it (`SCM_RIGHTS`,
+/// as QMP's `getfd` expects): a descriptor belongs to the line its bytes' chunk started in.
+struct FdLines {
+    read: OwnedReadHalf,
+    buf: Vec<u8>,
+    /// Received descriptors, each with the offset in `buf` of the chunk that carried it.
+    fds: Vec<(usize, OwnedFd)>,
+}
+
+impl FdLines {
+    fn new(read: OwnedReadHalf) -> FdLines {
+        FdLines {
+            read,
+            buf: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    /// The next line (without its end) and its descriptors; `None` at the end of the stream,
+    /// on an error, or on a line longer than [`MAX_LINE`].
+    async fn next(&mut self) -> Option<(String, Vec<OwnedFd>)> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let (mine, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fds)
+                    .into_iter()
+                    .partition(|(at, _)| *at <= end);
+                self.fds = later
+                    .into_iter()
+                    .map(|(at, fd)| (at - end - 1, fd))
+                    .collect();
+                let text = String::from_utf8_lossy(&line[..end]);
+                let text = text.strip_suffix('\r').unwrap_or(&text).to_string();
+                return Some((text, mine.into_iter().map(|(_, fd)| fd).collect()));
+            }
+            if self.buf.len() > MAX_LINE {
+                tracing::warn!("passthrough socket: a command line over {MAX_LINE} bytes");
+                return None;
+            }
+            let at = self.buf.len();
+            let (data, fds) = self
+                .read
+                .as_ref()
+                .async_io(Interest::READABLE, || receive(self.read.as_ref()))
+                .await
+                .ok()?;
+            if data.is_empty() {
+                return None;
+            }
+            self.buf.extend_from_slice(&data);
+            self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
+        }
+    }
+}
+
+/// One `recvmsg` on a non-blocking socket: the bytes and any descriptors with them.
+fn receive(socket: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+    let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let n = msg.bytes;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this process for us.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    chunk.truncate(n);
+    Ok((chunk, fds))
 }
 
 fn with_id(mut reply: Value, id: Option<Value>) -> String {
@@ -380,5 +470,54 @@ unsafe extern "C" fn free_sinks(opaque: *mut c_void) {
     if !opaque.is_null() {
         // SAFETY: made by `Box::into_raw` at registration; libvirt calls this once.
         drop(unsafe { Box::from_raw(opaque.cast::<Arc<Sinks>>()) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+
+    fn send(socket: &std::os::unix::net::UnixStream, bytes: &[u8], fd: Option<BorrowedFd<'_>>) {
+        let fds: Vec<_> = fd.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg: Vec<_> = match fd {
+            Some(_) => vec![ControlMessage::ScmRights(&fds)],
+            None => vec![],
+        };
+        let iov = [std::io::IoSlice::new(bytes)];
+        let sent = sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+            .expect("sendmsg");
+        assert_eq!(sent, bytes.len());
+    }
+
+    /// A descriptor goes to the line its chunk started in, never to a later one.
+    #[tokio::test]
+    async fn descriptors_belong_to_the_line_they_came_with() {
+        let (client, server) = std::os::unix::net::UnixStream::pair().expect("pair");
+        server.set_nonblocking(true).expect("nonblocking");
+        let (read, _write) = UnixStream::from_std(server).expect("tokio").into_split();
+        let mut lines = FdLines::new(read);
+        let file = tempfile::tempfile().expect("tempfile");
+
+        send(
+            &client,
+            b"{\"execute\":\"getfd\"}\r\n{\"execute\":\"x\"}\n",
+            Some(file.as_fd()),
+        );
+        send(&client, b"{\"execute\":\"par", None);
+        send(&client, b"t\"}\n", Some(file.as_fd()));
+        drop(client);
+
+        let (line, fds) = lines.next().await.expect("first line");
+        assert_eq!(line, "{\"execute\":\"getfd\"}");
+        assert_eq!(fds.len(), 1);
+        let (line, fds) = lines.next().await.expect("second line");
+        assert_eq!(line, "{\"execute\":\"x\"}");
+        assert!(fds.is_empty());
+        // The descriptor came with the end of a line started earlier: it is that line's.
+        let (line, fds) = lines.next().await.expect("third line");
+        assert_eq!(line, "{\"execute\":\"part\"}");
+        assert_eq!(fds.len(), 1);
+        assert!(lines.next().await.is_none(), "the end of the stream");
     }
 }

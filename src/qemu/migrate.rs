@@ -284,6 +284,29 @@ impl Command for Migrate {
     type Output = Empty;
 }
 
+/// `getfd` on the source: QEMU keeps the descriptor sent with this command under `fdname`, for
+/// a `migrate` to `fd:NAME`, which takes it over.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetFd {
+    pub fdname: String,
+}
+
+impl Command for GetFd {
+    const NAME: &'static str = "getfd";
+    type Output = Empty;
+}
+
+/// `closefd`: QEMU closes a descriptor it keeps from [`GetFd`] that no command took.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloseFd {
+    pub fdname: String,
+}
+
+impl Command for CloseFd {
+    const NAME: &'static str = "closefd";
+    type Output = Empty;
+}
+
 /// `migrate` with `resume: true`: a paused post-copy reconnects to a destination that listens
 /// again ([`MigrateRecover`]).
 #[derive(Debug, Clone, Serialize)]

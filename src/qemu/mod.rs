@@ -70,6 +70,21 @@ no_args_command!(
     KvmInfo
 );
 
+no_args_command!(
+    /// The host thread of each vCPU.
+    QueryCpusFast,
+    "query-cpus-fast",
+    Vec<CpuInfoFast>
+);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuInfoFast {
+    pub cpu_index: u32,
+    /// The vCPU's thread id, in QEMU's PID namespace.
+    pub thread_id: u32,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct StatusInfo {
     pub running: bool,

@@ -18,6 +18,9 @@
 //! - A closed socket, or bytes that are not QMP, fail every pending and future command with an
 //!   error; nothing waits forever and nothing panics. An unknown event or an unknown field in a
 //!   reply is not an error.
+//! - A file descriptor can go with a command ([`Qmp::call_with_fd`], as QEMU's `getfd` takes
+//!   one) over a Unix socket; a peer that cannot take it answers with an error, as QEMU does
+//!   to a `getfd` without one.
 
 mod error;
 pub mod fake;
@@ -27,6 +30,7 @@ pub use error::QmpError;
 pub use wire::{Event, Greeting, QemuVersion};
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -88,6 +92,11 @@ pub struct Qmp {
     writer: Writer,
     greeting: Arc<Greeting>,
     oob: bool,
+    /// A duplicate of the Unix socket, for a command that carries a file descriptor
+    /// (`SCM_RIGHTS`); `None` when the peer cannot take one.
+    fd_socket: Option<Arc<OwnedFd>>,
+    /// The peer's process id (`SO_PEERCRED`), when the socket is a Unix socket.
+    peer_pid: Option<u32>,
 }
 
 impl std::fmt::Debug for Qmp {
@@ -147,8 +156,54 @@ impl Qmp {
                 path: PathBuf::from(path),
                 source,
             })?;
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|pid| u32::try_from(pid).ok());
+        let fd_socket = stream.as_fd().try_clone_to_owned().ok().map(Arc::new);
         let (read, write) = stream.into_split();
-        Self::handshake(peer, read, write, timeout).await
+        let mut qmp = Self::handshake(peer, read, write, timeout).await?;
+        qmp.fd_socket = fd_socket;
+        qmp.peer_pid = peer_pid;
+        Ok(qmp)
+    }
+
+    /// The process id of the monitor's peer, as the kernel reports it for a Unix socket
+    /// (`None` for any other stream): QEMU's, or this process's own for a socket it serves
+    /// itself (libvirt's passthrough).
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
+    }
+
+    /// Whether [`Qmp::call_with_fd`] can pass a descriptor to this peer.
+    pub fn can_pass_fds(&self) -> bool {
+        self.fd_socket.is_some()
+    }
+
+    /// Executes a typed command with `fd` passed alongside it (`SCM_RIGHTS`), as `getfd` and
+    /// `add-fd` expect. Fails with [`QmpError::Protocol`] at once when the peer cannot take a
+    /// descriptor ([`Qmp::can_pass_fds`]).
+    pub async fn call_with_fd<C: Command>(
+        &self,
+        cmd: &C,
+        fd: BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<C::Output, QmpError> {
+        if self.fd_socket.is_none() {
+            return Err(QmpError::protocol(
+                &self.shared.peer,
+                format!(
+                    "{} needs a file descriptor, which this monitor cannot take",
+                    C::NAME
+                ),
+            ));
+        }
+        let args = encode_args(C::NAME, cmd)?;
+        let value = self
+            .send_with(C::NAME, args, timeout, false, Some(fd))
+            .await?;
+        decode_reply::<C::Output>(C::NAME, value)
     }
 
     /// Runs the protocol over any byte stream; `peer` names it in errors. Used by
@@ -197,6 +252,8 @@ impl Qmp {
             writer: Arc::new(tokio::sync::Mutex::new(Box::new(write))),
             greeting: Arc::new(greeting),
             oob,
+            fd_socket: None,
+            peer_pid: None,
         };
         let enable: Vec<&str> = if oob { vec!["oob"] } else { vec![] };
         let args = if enable.is_empty() {
@@ -296,6 +353,17 @@ impl Qmp {
         timeout: Duration,
         oob: bool,
     ) -> Result<Value, QmpError> {
+        self.send_with(name, args, timeout, oob, None).await
+    }
+
+    async fn send_with(
+        &self,
+        name: &str,
+        args: Option<Value>,
+        timeout: Duration,
+        oob: bool,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -328,7 +396,15 @@ impl Qmp {
         let deadline = tokio::time::Instant::now().checked_add(timeout);
         let write = async {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await?;
+            let mut bytes = line.as_bytes();
+            if let (Some(fd), Some(socket)) = (fd, &self.fd_socket) {
+                // Whatever the writer holds goes first; the descriptor rides on the first
+                // byte of this line, the rest through the writer.
+                w.flush().await?;
+                let sent = send_with_fd(socket.as_fd(), bytes, fd).await?;
+                bytes = &bytes[sent..];
+            }
+            w.write_all(bytes).await?;
             w.flush().await
         };
         match until(deadline, write).await {
@@ -382,6 +458,37 @@ async fn until<F: std::future::Future>(
     match deadline {
         Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
         None => Some(fut.await),
+    }
+}
+
+/// Sends the start of `bytes` with `fd` attached (`SCM_RIGHTS`) on the non-blocking Unix
+/// socket `socket`; returns how many bytes went.
+async fn send_with_fd(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        let iov = [std::io::IoSlice::new(bytes)];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        match sendmsg::<UnixAddr>(
+            socket.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => return Ok(n),
+            // The socket's buffer is full (QEMU not reading yet): the caller's deadline bounds
+            // the wait.
+            Err(nix::errno::Errno::EAGAIN) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -265,3 +265,82 @@ async fn a_command_with_a_duration_max_timeout_gets_its_reply_without_panicking(
     let reply = call.await.expect("the call does not panic").expect("reply");
     assert_eq!(reply["status"], "running");
 }
+
+/// A command with a descriptor: the peer gets the line and the descriptor with it, and a
+/// stream that is not a Unix socket refuses at once.
+#[tokio::test]
+async fn a_descriptor_rides_with_its_command_over_a_unix_socket() {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    #[derive(Serialize)]
+    struct GetFd {
+        fdname: &'static str,
+    }
+    impl Command for GetFd {
+        const NAME: &'static str = "getfd";
+        type Output = Value;
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let peer = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let (mut s, _) = listener.accept().expect("accept");
+        s.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}, \"package\": \"\"}, \"capabilities\": []}}\n")
+            .expect("greet");
+        let mut reader = BufReader::new(s.try_clone().expect("clone"));
+        let mut caps = String::new();
+        reader.read_line(&mut caps).expect("capabilities");
+        let id = serde_json::from_str::<Value>(&caps).expect("json")["id"].clone();
+        s.write_all(format!("{}\n", json!({"return": {}, "id": id})).as_bytes())
+            .expect("reply");
+        // The getfd line, read with its descriptor.
+        let mut buf = vec![0u8; 4096];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+            .expect("recvmsg");
+        let mut fds = vec![];
+        for c in msg.cmsgs().expect("cmsgs") {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                fds.extend(r);
+            }
+        }
+        let n = msg.bytes;
+        let mut line = String::from_utf8_lossy(&buf[..n]).to_string();
+        if !line.ends_with('\n') {
+            reader.read_line(&mut line).expect("rest of the line");
+        }
+        let cmd: Value = serde_json::from_str(line.trim()).expect("json");
+        assert_eq!(fds.len(), 1, "one descriptor with {line}");
+        // SAFETY: received just now, ours to close.
+        let got = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        s.write_all(format!("{}\n", json!({"return": {}, "id": cmd["id"]})).as_bytes())
+            .expect("reply");
+        (cmd, got.metadata().expect("fstat").len())
+    });
+    let qmp = Qmp::connect(&path, T).await.expect("connect");
+    assert!(qmp.can_pass_fds());
+    assert_eq!(qmp.peer_pid(), Some(std::process::id()));
+    let mut file = tempfile::tempfile().expect("tempfile");
+    std::io::Write::write_all(&mut file, b"12345").expect("write");
+    qmp.call_with_fd(&GetFd { fdname: "x" }, file.as_fd(), T)
+        .await
+        .expect("getfd");
+    let (cmd, len) = peer.join().expect("peer");
+    assert_eq!(cmd["execute"], "getfd");
+    assert_eq!(cmd["arguments"]["fdname"], "x");
+    assert_eq!(len, 5, "the peer got this very file");
+
+    let (qmp, _fake) = connect().await;
+    assert!(!qmp.can_pass_fds());
+    let refused = qmp
+        .call_with_fd(&GetFd { fdname: "x" }, file.as_fd(), T)
+        .await;
+    assert!(
+        matches!(refused, Err(QmpError::Protocol { .. })),
+        "{refused:?}"
+    );
+}

@@ -2,6 +2,7 @@
 //! the convergence aids that act while it runs (downtime steps, the pause at the deadline),
 //! controls from another task, and the switch-over of the disks at `pre-switchover`.
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use super::super::control::{Control, ControlRequest};
@@ -16,8 +17,8 @@ use super::timeline::Mark;
 use super::watch::{Deadlines, Seen, Watch};
 use super::{CommitPoint, Run};
 use crate::qemu::{
-    Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus, QueryMigrate,
-    Stop, tcp_uri,
+    CloseFd, GetFd, Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
+    QueryCpusFast, QueryMigrate, Stop, tcp_uri,
 };
 use crate::qmp::Events;
 use tokio_util::sync::CancellationToken;
@@ -83,13 +84,21 @@ impl Run<'_, '_> {
         }
         src.undo.push(Undo::CancelMigration);
         let port = prepared.ports.migration_port;
-        let uri = match &opts.source_connect {
-            Some(a) => tcp_uri(&a.host, a.port_or(port)),
-            None => tcp_uri(opts.connect_host(), port),
+        let (host, port) = match &opts.source_connect {
+            Some(a) => (a.host.as_str(), a.port_or(port)),
+            None => (opts.connect_host(), port),
         };
-        tracing::info!(%uri, transport = %self.transport, "starting migration");
+        let uri = tcp_uri(host, port);
         self.timeline.mark(Mark::Ram);
-        src.call("migrate", &Migrate { uri }).await?;
+        // multifd opens its channels from the URI's address, and a post-copy recovery
+        // reconnects to it: those keep QEMU's own connection.
+        let own = setup.multifd.is_none()
+            && !setup.plan.postcopy
+            && self.migrate_over_own_socket(src, host, port).await?;
+        if !own {
+            tracing::info!(%uri, transport = %self.transport, "starting migration");
+            src.call("migrate", &Migrate { uri }).await?;
+        }
         self.send_progress(Phase::Ram, Some(MigrationStatus::Setup), None);
         let info = self.follow(src, dest, setup, events).await?;
         let ram = info.ram.unwrap_or_default();
@@ -99,6 +108,106 @@ impl Run<'_, '_> {
             info.downtime.unwrap_or(0),
         );
         Ok(info)
+    }
+
+    /// Starts the migration over a TCP connection the tool makes itself, with Nagle's algorithm
+    /// off, handed to QEMU as libvirt does (`getfd`, `migrate fd:`). QEMU's own `tcp:`
+    /// connection keeps Nagle on, and over TLS, which QEMU writes as many small records, that
+    /// cost up to 4x the RAM time (scripts/repro-tls-nodelay.py).
+    ///
+    /// Returns `Ok(false)`, with nothing sent to the destination, when QEMU cannot take the
+    /// socket (a monitor that drops descriptors, QEMU in another network namespace, where this
+    /// process's connection would take another route): the caller then uses `tcp:`.
+    async fn migrate_over_own_socket(
+        &self,
+        src: &SideCtl,
+        host: &str,
+        port: u16,
+    ) -> Result<bool, MigrationError> {
+        const FDNAME: &str = "qtm-migration";
+        if !src.qmp.can_pass_fds() {
+            return Ok(false);
+        }
+        match qemu_pid(src).await {
+            Some(pid) if same_network_namespace(pid) => {}
+            pid => {
+                tracing::debug!(
+                    ?pid,
+                    "source QEMU not known to share this network namespace: it connects the \
+                     migration stream itself"
+                );
+                return Ok(false);
+            }
+        }
+        let connect_error = |what: String| MigrationError::Failed {
+            desc: format!(
+                "connecting the migration stream to {host} port {port}: {what}; the \
+                 destination's migration ports (49152-49215) must be reachable from this host"
+            ),
+        };
+        let target = host.trim_start_matches('[').trim_end_matches(']');
+        let lookup = tokio::net::lookup_host((target, port));
+        let addr = match tokio::time::timeout(self.opts.qmp_timeout, lookup).await {
+            Ok(Ok(mut addrs)) => addrs.next(),
+            Ok(Err(e)) => return Err(connect_error(format!("cannot resolve it: {e}"))),
+            Err(_) => return Err(connect_error("name resolution timed out".into())),
+        };
+        let Some(addr) = addr else {
+            return Err(connect_error("the name has no address".into()));
+        };
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        };
+        let socket = socket.map_err(|e| connect_error(format!("no socket: {e}")))?;
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::warn!("TCP_NODELAY on the migration stream: {e}");
+        }
+        // QEMU takes the socket before it is connected: a monitor that refuses it leaves the
+        // destination's listener untouched, for QEMU's own `tcp:` connection.
+        let fdname = FDNAME.to_string();
+        if let Err(e) = src
+            .qmp
+            .call_with_fd(&GetFd { fdname }, socket.as_fd(), src.timeout)
+            .await
+        {
+            tracing::debug!("getfd refused ({e}); QEMU connects the migration stream itself");
+            return Ok(false);
+        }
+        let close = || async {
+            let fdname = FDNAME.to_string();
+            if let Err(e) = src.call("closefd", &CloseFd { fdname }).await {
+                tracing::debug!("closefd {FDNAME}: {e}");
+            }
+        };
+        // Connecting this copy connects the one QEMU holds: they are one socket.
+        let stream = match tokio::time::timeout(self.opts.qmp_timeout, socket.connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                close().await;
+                return Err(connect_error(e.to_string()));
+            }
+            Err(_) => {
+                close().await;
+                return Err(connect_error(format!(
+                    "no answer within {:?}",
+                    self.opts.qmp_timeout
+                )));
+            }
+        };
+        drop(stream);
+        tracing::info!(
+            uri = %format!("fd:{FDNAME}"),
+            to = %addr,
+            transport = %self.transport,
+            "starting migration over a socket with TCP_NODELAY"
+        );
+        let uri = format!("fd:{FDNAME}");
+        if let Err(e) = src.call("migrate", &Migrate { uri }).await {
+            close().await;
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Follows the outgoing migration to a final state, reporting progress. Fails on
@@ -494,6 +603,42 @@ impl super::Commit {
             _ => {}
         }
     }
+}
+
+/// Whether the process `pid` shares this process's network namespace (so a connection made
+/// here takes the route QEMU's own would).
+fn same_network_namespace(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    match (
+        ns("/proc/self/ns/net".into()),
+        ns(format!("/proc/{pid}/ns/net")),
+    ) {
+        (Some(own), Some(peer)) => own == peer,
+        _ => false,
+    }
+}
+
+/// The source QEMU's process id in this PID namespace: the monitor socket's peer, or, through
+/// a socket this process serves (libvirt's passthrough), the process of QEMU's first vCPU
+/// thread, when that is a QEMU.
+async fn qemu_pid(src: &SideCtl) -> Option<u32> {
+    if let Some(pid) = src.qmp.peer_pid().filter(|p| *p != std::process::id()) {
+        return Some(pid);
+    }
+    let cpus = src.qmp.call(&QueryCpusFast).await.ok()?;
+    let tid = cpus.first()?.thread_id;
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let tgid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    // A thread id from another PID namespace can name any process here.
+    let exe = std::fs::read_link(format!("/proc/{tgid}/exe")).ok()?;
+    let name = exe.file_name()?.to_string_lossy();
+    name.starts_with("qemu").then_some(tgid)
 }
 
 #[cfg(test)]
