@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::Side;
 use super::journal::Journal;
 use crate::qemu::{
-    BlockJobCancel, BlockdevDel, CapabilityState, Cont, MigrateCancel, MigrateSetCapabilities,
-    MigrateSetParameters, MigrationStatus, NbdServerStop, ObjectDel, QueryBlockJobs, QueryMigrate,
-    QueryStatus, Quit, Yank, YankInstance,
+    BlockJobCancel, BlockdevDel, CapabilityState, CloseFd, Cont, MigrateCancel,
+    MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, NbdServerStop, ObjectDel,
+    QueryBlockJobs, QueryMigrate, QueryStatus, Quit, Yank, YankInstance,
 };
 use crate::qmp::{Qmp, QmpError};
 
@@ -53,6 +53,11 @@ pub enum Undo {
     CancelJob {
         job: String,
         target: String,
+    },
+    /// `closefd` on the source: a descriptor passed with `getfd` that no command took (the
+    /// migration's socket before `migrate fd:` took it over).
+    CloseFd {
+        fdname: String,
     },
 }
 
@@ -139,6 +144,7 @@ impl Undo {
             Undo::StopNbdServer => "NBD server stopped",
             Undo::DeleteBlockNode { .. } => "block node deleted",
             Undo::CancelJob { .. } => "block job cancelled",
+            Undo::CloseFd { .. } => "descriptor closed",
         }
     }
 
@@ -169,6 +175,7 @@ impl Undo {
                 Some(format!("{side}: block node {node} left in place"))
             }
             Undo::CancelJob { job, .. } => Some(format!("{side}: block job {job} left running")),
+            Undo::CloseFd { fdname } => Some(format!("{side}: descriptor {fdname} left open")),
             Undo::CancelMigration | Undo::ResumeSource | Undo::TearDownDestination => None,
         }
     }
@@ -177,7 +184,10 @@ impl Undo {
     fn may_not_exist(&self) -> bool {
         matches!(
             self,
-            Undo::DeleteObject { .. } | Undo::DeleteBlockNode { .. } | Undo::CancelJob { .. }
+            Undo::DeleteObject { .. }
+                | Undo::DeleteBlockNode { .. }
+                | Undo::CancelJob { .. }
+                | Undo::CloseFd { .. }
         )
     }
 
@@ -187,7 +197,10 @@ impl Undo {
             | Undo::RestoreCapabilities { side, .. }
             | Undo::RestoreParameters { side, .. }
             | Undo::DeleteBlockNode { side, .. } => *side,
-            Undo::CancelMigration | Undo::ResumeSource | Undo::CancelJob { .. } => Side::Source,
+            Undo::CancelMigration
+            | Undo::ResumeSource
+            | Undo::CancelJob { .. }
+            | Undo::CloseFd { .. } => Side::Source,
             Undo::TearDownDestination | Undo::StopNbdServer => Side::Destination,
         }
     }
@@ -295,6 +308,15 @@ async fn run(action: &Undo, qmp: &Qmp, timeout: Duration) -> Result<(), QmpError
             yank_nbd(qmp, target, timeout).await;
             cancel_job(qmp, job, timeout).await?
         }
+        Undo::CloseFd { fdname } => {
+            qmp.call_timeout(
+                &CloseFd {
+                    fdname: fdname.clone(),
+                },
+                timeout,
+            )
+            .await?;
+        }
     }
     Ok(())
 }
@@ -371,4 +393,39 @@ async fn cancel_job(qmp: &Qmp, job: &str, timeout: Duration) -> Result<(), QmpEr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The migration's socket handed over with `getfd` is closed by an unwind, and an unwind
+    /// after `migrate` took it (QEMU: "not found") is not a failure.
+    #[tokio::test]
+    async fn a_descriptor_no_command_took_is_closed_and_a_taken_one_is_no_error() {
+        let t = Duration::from_secs(5);
+        let (qmp, fake) = crate::qmp::fake::connect(json!([]), t).await.expect("fake");
+        let asked = fake.answer_all(|name, args| match (name, args["fdname"].as_str()) {
+            ("closefd", Some("open")) => Ok(json!({})),
+            ("closefd", Some(other)) => Err(format!("File descriptor named '{other}' not found")),
+            _ => Err("unexpected".into()),
+        });
+        let stack = vec![
+            Undo::CloseFd {
+                fdname: "taken".into(),
+            },
+            Undo::CloseFd {
+                fdname: "open".into(),
+            },
+        ];
+        let errors = unwind(stack, false, &qmp, t).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let asked = asked.lock().expect("record").clone();
+        let names: Vec<_> = asked
+            .iter()
+            .map(|(n, a)| format!("{n} {}", a["fdname"].as_str().unwrap_or_default()))
+            .collect();
+        assert_eq!(names, ["closefd open", "closefd taken"]);
+    }
 }

@@ -17,7 +17,7 @@ use super::timeline::Mark;
 use super::watch::{Deadlines, Seen, Watch};
 use super::{CommitPoint, Run};
 use crate::qemu::{
-    CloseFd, GetFd, Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
+    GetFd, Migrate, MigrateSetParameters, MigrationEvent, MigrationInfo, MigrationStatus,
     QueryCpusFast, QueryMigrate, Stop, tcp_uri,
 };
 use crate::qmp::Events;
@@ -120,7 +120,7 @@ impl Run<'_, '_> {
     /// process's connection would take another route): the caller then uses `tcp:`.
     async fn migrate_over_own_socket(
         &self,
-        src: &SideCtl,
+        src: &mut SideCtl,
         host: &str,
         port: u16,
     ) -> Result<bool, MigrationError> {
@@ -164,31 +164,29 @@ impl Run<'_, '_> {
             tracing::warn!("TCP_NODELAY on the migration stream: {e}");
         }
         // QEMU takes the socket before it is connected: a monitor that refuses it leaves the
-        // destination's listener untouched, for QEMU's own `tcp:` connection.
+        // destination's listener untouched, for QEMU's own `tcp:` connection. Until `migrate`
+        // takes it over, the descriptor QEMU keeps is the tool's to close, a roll-back's or a
+        // recovery's included.
         let fdname = FDNAME.to_string();
+        let is_ours = |u: &Undo| matches!(u, Undo::CloseFd { fdname } if fdname == FDNAME);
+        src.undo.push(Undo::CloseFd {
+            fdname: fdname.clone(),
+        });
         if let Err(e) = src
             .qmp
             .call_with_fd(&GetFd { fdname }, socket.as_fd(), src.timeout)
             .await
         {
             tracing::debug!("getfd refused ({e}); QEMU connects the migration stream itself");
+            src.undo.retain(|u| !is_ours(u));
             return Ok(false);
         }
-        let close = || async {
-            let fdname = FDNAME.to_string();
-            if let Err(e) = src.call("closefd", &CloseFd { fdname }).await {
-                tracing::debug!("closefd {FDNAME}: {e}");
-            }
-        };
         // Connecting this copy connects the one QEMU holds: they are one socket.
-        let stream = match tokio::time::timeout(self.opts.qmp_timeout, socket.connect(addr)).await {
+        let connect = tokio::time::timeout(self.opts.qmp_timeout, socket.connect(addr));
+        let stream = match connect.await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                close().await;
-                return Err(connect_error(e.to_string()));
-            }
+            Ok(Err(e)) => return Err(connect_error(e.to_string())),
             Err(_) => {
-                close().await;
                 return Err(connect_error(format!(
                     "no answer within {:?}",
                     self.opts.qmp_timeout
@@ -203,10 +201,8 @@ impl Run<'_, '_> {
             "starting migration over a socket with TCP_NODELAY"
         );
         let uri = format!("fd:{FDNAME}");
-        if let Err(e) = src.call("migrate", &Migrate { uri }).await {
-            close().await;
-            return Err(e);
-        }
+        src.call("migrate", &Migrate { uri }).await?;
+        src.undo.retain(|u| !is_ours(u));
         Ok(true)
     }
 
