@@ -386,10 +386,7 @@ impl Domain {
     pub fn monitor_command(&self, command: &str) -> Result<String, LibvirtError> {
         if command.contains('\0') {
             // The bindings would panic on it.
-            return Err(LibvirtError::Passthrough {
-                name: self.name.clone(),
-                reason: "a command with a NUL byte".into(),
-            });
+            return Err(self.refused("a command with a NUL byte"));
         }
         self.dom
             .qemu_monitor_command(command, 0)
@@ -406,17 +403,11 @@ impl Domain {
     ) -> Result<String, LibvirtError> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let Ok(cmd) = std::ffi::CString::new(command) else {
-            return Err(LibvirtError::Passthrough {
-                name: self.name.clone(),
-                reason: "a command with a NUL byte".into(),
-            });
+            return Err(self.refused("a command with a NUL byte"));
         };
         let mut infiles: Vec<std::ffi::c_int> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         let Ok(ninfiles) = std::ffi::c_uint::try_from(infiles.len()) else {
-            return Err(LibvirtError::Passthrough {
-                name: self.name.clone(),
-                reason: "too many file descriptors".into(),
-            });
+            return Err(self.refused("too many file descriptors"));
         };
         let mut noutfiles: std::ffi::c_uint = 0;
         let mut outfiles: *mut std::ffi::c_int = std::ptr::null_mut();
@@ -474,6 +465,14 @@ impl Domain {
         self.dom.destroy().map_err(|e| self.error("destroy", e))?;
         tracing::info!(domain = %self.name, uri = %self.uri, "destroyed domain");
         Ok(())
+    }
+
+    /// A command the passthrough will not send to this domain, and why.
+    fn refused(&self, reason: &str) -> LibvirtError {
+        LibvirtError::Passthrough {
+            name: self.name.clone(),
+            reason: reason.into(),
+        }
     }
 
     fn error(&self, action: &'static str, source: virt::error::Error) -> LibvirtError {

@@ -269,6 +269,8 @@ fn answer(inner: &Inner, line: &str, fds: &[OwnedFd]) -> String {
 struct FdLines {
     read: OwnedReadHalf,
     buf: Vec<u8>,
+    /// One `recvmsg`'s room, kept from read to read.
+    chunk: Vec<u8>,
     /// Received descriptors, each with the offset in `buf` of the chunk that carried it.
     fds: Vec<(usize, OwnedFd)>,
 }
@@ -278,6 +280,7 @@ impl FdLines {
         FdLines {
             read,
             buf: Vec::new(),
+            chunk: vec![0; 64 * 1024],
             fds: Vec::new(),
         }
     }
@@ -304,27 +307,27 @@ impl FdLines {
                 return None;
             }
             let at = self.buf.len();
-            let (data, fds) = self
-                .read
-                .as_ref()
-                .async_io(Interest::READABLE, || receive(self.read.as_ref()))
+            let socket = self.read.as_ref();
+            let chunk = &mut self.chunk;
+            let (n, fds) = socket
+                .async_io(Interest::READABLE, || receive(socket, chunk))
                 .await
                 .ok()?;
-            if data.is_empty() {
+            if n == 0 {
                 return None;
             }
-            self.buf.extend_from_slice(&data);
+            self.buf.extend_from_slice(&self.chunk[..n]);
             self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
         }
     }
 }
 
-/// One `recvmsg` on a non-blocking socket: the bytes and any descriptors with them.
-fn receive(socket: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+/// One `recvmsg` on a non-blocking socket into `chunk`: how many bytes came, and any
+/// descriptors with them.
+fn receive(socket: &UnixStream, chunk: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut chunk = vec![0u8; 64 * 1024];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
-    let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+    let mut iov = [std::io::IoSliceMut::new(chunk)];
     let msg = recvmsg::<()>(
         socket.as_raw_fd(),
         &mut iov,
@@ -342,8 +345,7 @@ fn receive(socket: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
             );
         }
     }
-    chunk.truncate(n);
-    Ok((chunk, fds))
+    Ok((n, fds))
 }
 
 fn with_id(mut reply: Value, id: Option<Value>) -> String {
