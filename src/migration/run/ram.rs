@@ -177,8 +177,9 @@ impl Run<'_, '_> {
             .call_with_fd(&GetFd { fdname }, socket.as_fd(), src.timeout)
             .await
         {
+            // The undo stays: a reply lost on the way may hide a descriptor QEMU kept (an
+            // unwind's `closefd` of one it does not have is no error).
             tracing::debug!("getfd refused ({e}); QEMU connects the migration stream itself");
-            src.undo.retain(|u| !is_ours(u));
             return Ok(false);
         }
         // Connecting this copy connects the one QEMU holds: they are one socket.
